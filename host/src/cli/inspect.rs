@@ -1,0 +1,79 @@
+//! `orch inspect`: what a component is and what it asks for.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use orch::kv::KvStore;
+use orch::units::format_size;
+use orch::{Agent, Limits};
+
+use super::{load_error_code, Output};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The component (.wasm) to inspect.
+    component: PathBuf,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+pub async fn run(home: &Path, args: Args) -> u8 {
+    let engine = match super::engine(home) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return load_error_code(&e);
+        }
+    };
+    let kv = Arc::new(KvStore::new(home.join("kv.redb")));
+    let agent = match Agent::load(&engine, &args.component, kv, &Limits::default()).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return load_error_code(&e);
+        }
+    };
+    let d = agent.descriptor();
+    let info = agent.info();
+    match args.output {
+        Output::Json => {
+            let json = serde_json::json!({
+                "path": info.path,
+                "sha256": info.sha256,
+                "size": info.size,
+                "descriptor": d,
+                "imports": info.imports,
+                "exports": info.exports,
+            });
+            println!("{json:#}");
+        }
+        Output::Text => {
+            println!("{} {}", d.name, d.version);
+            println!("  file:    {} ({})", info.path.display(), format_size_text(info.size));
+            println!("  sha256:  {}", info.sha256);
+            println!("  capabilities:");
+            for c in &d.capabilities {
+                println!("    {} {}: {}", c.name, c.version, c.description);
+            }
+            println!("  imports:");
+            for i in &info.imports {
+                println!("    {i}");
+            }
+            println!("  exports:");
+            for e in &info.exports {
+                println!("    {e}");
+            }
+        }
+    }
+    0
+}
+
+fn format_size_text(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB, {bytes} bytes", bytes as f64 / (1 << 20) as f64)
+    } else if bytes >= 1 << 10 {
+        format!("{:.1} KiB, {bytes} bytes", bytes as f64 / (1 << 10) as f64)
+    } else {
+        format_size(bytes)
+    }
+}

@@ -1,0 +1,310 @@
+//! The one place that configures wasmtime: engine settings (pooling
+//! allocator, fuel, epoch interruption, stack size), the epoch ticker, the
+//! linker with every host import, the on-disk cache of compiled components,
+//! and checking a component against the `agent` world.
+
+mod cache;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Linker;
+use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::error::LoadError;
+use crate::sandbox::bindings::{Agent as AgentWorld, AgentPre};
+use crate::sandbox::StoreData;
+use crate::WORLD;
+
+/// Host-wide engine settings. Per-task limits are in [`crate::Limits`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Largest linear memory any one instance may have, in bytes. Each pool
+    /// slot is sized for it, and a task's memory limit cannot exceed it.
+    pub max_memory: u64,
+    /// How many instances may be alive at once; past this, tasks fail with
+    /// `no free instance` instead of silently using another allocator.
+    pub instance_slots: u32,
+    /// How often the epoch advances; a running guest yields to the host at
+    /// every tick, so deadlines are enforced to within about one tick.
+    pub epoch_tick: Duration,
+    /// Maximum wasm stack per instance, in bytes.
+    pub max_wasm_stack: usize,
+    /// Where compiled components are cached; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_memory: 1 << 30,
+            instance_slots: 256,
+            epoch_tick: Duration::from_millis(10),
+            max_wasm_stack: 512 << 10,
+            cache_dir: None,
+        }
+    }
+}
+
+/// A shared, cheaply cloned handle to the wasmtime engine and linker.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    wasmtime: wasmtime::Engine,
+    linker: Linker<StoreData>,
+    config: EngineConfig,
+    /// Hex digest of wasmtime's compatibility hash: part of every cache key.
+    compat: String,
+    _ticker: EpochTicker,
+}
+
+/// Facts about a loaded component, for `orch inspect` and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ComponentInfo {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    /// Whether the compiled code came from the on-disk cache.
+    pub from_cache: bool,
+}
+
+/// A component that passed the world check, pre-linked and ready to
+/// instantiate once per task.
+pub struct Compiled {
+    pub pre: AgentPre<StoreData>,
+    pub info: ComponentInfo,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Result<Engine, LoadError> {
+        let engine_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        let max_memory = usize::try_from(config.max_memory)
+            .map_err(|_| LoadError::Engine("max_memory does not fit this platform".into()))?;
+        let slots = config.instance_slots.max(1);
+
+        let mut pool = PoolingAllocationConfig::default();
+        // Slot counts are derived from the instance count: components built
+        // from JS or Python hold several core instances, memories and tables.
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(4))
+            .total_stacks(slots)
+            .max_memory_size(max_memory)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .max_core_instances_per_component(64)
+            .table_elements(100_000);
+
+        let mut wt = wasmtime::Config::new();
+        wt.wasm_component_model(true)
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_wasm_stack)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let wasmtime = wasmtime::Engine::new(&wt).map_err(engine_err)?;
+
+        let mut linker = Linker::new(&wasmtime);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
+        AgentWorld::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(
+            &mut linker,
+            |data| data,
+        )
+        .map_err(engine_err)?;
+
+        let compat = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            wasmtime.precompile_compatibility_hash().hash(&mut h);
+            format!("{:016x}", h.finish())
+        };
+        let ticker = EpochTicker::start(wasmtime.clone(), config.epoch_tick);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                wasmtime,
+                linker,
+                config,
+                compat,
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn wasmtime(&self) -> &wasmtime::Engine {
+        &self.inner.wasmtime
+    }
+
+    /// Reads, checks, compiles (or loads from the cache) and pre-links a
+    /// component. CPU-heavy for large components: call it off the async
+    /// executor.
+    pub fn compile_file(&self, path: &Path) -> Result<Compiled, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.compile(path, &bytes)
+    }
+
+    /// Like [`Engine::compile_file`] for bytes already in memory; `path` is
+    /// only used in messages and [`ComponentInfo`].
+    pub fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Compiled, LoadError> {
+        check_header(path, bytes)?;
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let (component, from_cache) = cache::load_or_compile(self, path, bytes, &sha256)?;
+        let wasmtime = &self.inner.wasmtime;
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(wasmtime).map(|(n, _)| n.to_string()).collect();
+        let exports: Vec<String> = ty.exports(wasmtime).map(|(n, _)| n.to_string()).collect();
+        check_world(path, &imports, &exports)?;
+
+        let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
+            path: path.to_path_buf(),
+            world: WORLD,
+            details: format!("{e:#}"),
+        };
+        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let pre = AgentPre::new(instance_pre).map_err(wrong_world)?;
+        Ok(Compiled {
+            pre,
+            info: ComponentInfo {
+                path: path.to_path_buf(),
+                sha256,
+                size: bytes.len() as u64,
+                imports,
+                exports,
+                from_cache,
+            },
+        })
+    }
+}
+
+/// Distinguishes "not wasm" and "core module" from a broken component, so
+/// that the error tells the user what they actually have.
+fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(LoadError::NotWasm {
+            path: path.to_path_buf(),
+        });
+    }
+    // Bytes 4..8 are the version and layer: 1.0 for core modules, 0x0d with
+    // layer 1 for components.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(LoadError::CoreModule {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Imports the host can serve: our own interfaces at any 0.1 version and WASI
+/// preview 2 (checked precisely by the linker afterwards).
+fn import_offered(name: &str) -> bool {
+    name.starts_with("orch:agent/") || name.starts_with("wasi:")
+}
+
+fn check_world(path: &Path, imports: &[String], exports: &[String]) -> Result<(), LoadError> {
+    let missing: Vec<&str> = ["describe", "handle"]
+        .into_iter()
+        .filter(|e| !exports.iter().any(|x| x == e))
+        .collect();
+    let unsupported: Vec<&str> = imports
+        .iter()
+        .map(String::as_str)
+        .filter(|i| !import_offered(i))
+        .collect();
+    if missing.is_empty() && unsupported.is_empty() {
+        return Ok(());
+    }
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing exports: {}", missing.join(", ")));
+    }
+    if !unsupported.is_empty() {
+        parts.push(format!(
+            "imports this host does not offer: {}",
+            unsupported.join(", ")
+        ));
+    }
+    Err(LoadError::WrongWorld {
+        path: path.to_path_buf(),
+        world: WORLD,
+        details: parts.join("; "),
+    })
+}
+
+/// Advances the engine's epoch on a background thread. Running guests yield
+/// at each tick, which lets the task's timeout fire even inside a tight loop.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: wasmtime::Engine, tick: Duration) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("orch-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the epoch ticker; deadlines will not interrupt running guests"));
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_classification() {
+        let p = Path::new("x.wasm");
+        assert!(matches!(check_header(p, b"hello world"), Err(LoadError::NotWasm { .. })));
+        assert!(matches!(check_header(p, b"\0asm"), Err(LoadError::NotWasm { .. })));
+        assert!(matches!(
+            check_header(p, b"\0asm\x01\0\0\0"),
+            Err(LoadError::CoreModule { .. })
+        ));
+        assert!(check_header(p, b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    #[test]
+    fn world_check_names_what_is_wrong() {
+        let p = Path::new("x.wasm");
+        let ok = check_world(
+            p,
+            &["orch:agent/log@0.1.0".into(), "wasi:clocks/wall-clock@0.2.3".into()],
+            &["describe".into(), "handle".into()],
+        );
+        assert!(ok.is_ok());
+        let err = check_world(p, &["test:other/clock@0.1.0".into()], &["add".into()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("missing exports: describe, handle"), "{err}");
+        assert!(err.contains("imports this host does not offer: test:other/clock@0.1.0"), "{err}");
+    }
+}

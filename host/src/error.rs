@@ -1,0 +1,134 @@
+//! Typed errors. Every message names the thing that went wrong and, for
+//! limits, the limit, so that an operator can act on it without reading code.
+
+use std::path::PathBuf;
+
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not a WebAssembly file (it does not start with the \\0asm magic bytes)")]
+    NotWasm { path: PathBuf },
+
+    #[error(
+        "{path} is a core WebAssembly module, not a component; turn it into a component \
+         (for example with orch-componentize or `wasm-tools component new`)"
+    )]
+    CoreModule { path: PathBuf },
+
+    #[error("{path} is not a valid component: {reason}")]
+    InvalidComponent { path: PathBuf, reason: String },
+
+    #[error("{path} does not implement the world {world}: {details}")]
+    WrongWorld {
+        path: PathBuf,
+        world: &'static str,
+        details: String,
+    },
+
+    #[error("{path}: describe failed: {source}")]
+    Describe {
+        path: PathBuf,
+        #[source]
+        source: Box<TaskError>,
+    },
+
+    #[error("{path}: invalid descriptor: {reason}")]
+    InvalidDescriptor { path: PathBuf, reason: String },
+
+    #[error("component cache at {path}: {reason}")]
+    Cache { path: PathBuf, reason: String },
+
+    #[error("engine setup failed: {0}")]
+    Engine(String),
+}
+
+/// Why a task did not produce a result. The host reports these to whoever
+/// submitted the task; the instance that produced one is always discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    #[error("fuel exhausted: the task used all of its {limit} fuel")]
+    FuelExhausted { limit: u64 },
+
+    #[error("memory limit: the agent asked for {requested} bytes of linear memory, past the limit of {limit} bytes")]
+    MemoryLimit { limit: u64, requested: u64 },
+
+    #[error("deadline exceeded: the task ran past its deadline of {ms} ms")]
+    DeadlineExceeded { ms: u64 },
+
+    #[error("payload too large: {size} bytes, past the limit of {limit} bytes")]
+    PayloadTooLarge { size: u64, limit: u64 },
+
+    #[error("result too large: the agent returned {size} bytes, past the limit of {limit} bytes")]
+    ResultTooLarge { size: u64, limit: u64 },
+
+    #[error("host call data limit: the agent passed more than {limit} bytes to one host call")]
+    HostCallDataLimit { limit: u64 },
+
+    #[error("no free instance: all {limit} instance slots of this host are in use")]
+    NoCapacity { limit: u64 },
+
+    #[error("guest trap: {}", trap_text(.message, .panic))]
+    Trap {
+        message: String,
+        /// The guest's panic text, when the guest reported one before trapping.
+        panic: Option<String>,
+    },
+
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    #[error("agent failed: {0}")]
+    Failed(String),
+
+    #[error("retryable failure: {0}")]
+    Retryable(String),
+
+    #[error("host error: {0}")]
+    Host(String),
+}
+
+fn trap_text(message: &str, panic: &Option<String>) -> String {
+    match panic {
+        Some(p) => format!("{message}; the agent {p}"),
+        None => message.to_string(),
+    }
+}
+
+impl TaskError {
+    /// A stable, machine-readable name for the kind of failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskError::FuelExhausted { .. } => "fuel-exhausted",
+            TaskError::MemoryLimit { .. } => "memory-limit",
+            TaskError::DeadlineExceeded { .. } => "deadline-exceeded",
+            TaskError::PayloadTooLarge { .. } => "payload-too-large",
+            TaskError::ResultTooLarge { .. } => "result-too-large",
+            TaskError::HostCallDataLimit { .. } => "host-call-data-limit",
+            TaskError::NoCapacity { .. } => "no-capacity",
+            TaskError::Trap { .. } => "trap",
+            TaskError::InvalidInput(_) => "invalid-input",
+            TaskError::Failed(_) => "failed",
+            TaskError::Retryable(_) => "retryable",
+            TaskError::Host(_) => "host",
+        }
+    }
+
+    /// Whether the task stopped because it hit one of the host's limits.
+    pub fn is_limit(&self) -> bool {
+        matches!(
+            self,
+            TaskError::FuelExhausted { .. }
+                | TaskError::MemoryLimit { .. }
+                | TaskError::DeadlineExceeded { .. }
+                | TaskError::ResultTooLarge { .. }
+                | TaskError::HostCallDataLimit { .. }
+        )
+    }
+}

@@ -1,0 +1,27 @@
+//! orch: a host runtime for sandboxed agents compiled to WebAssembly components.
+//!
+//! The library loads components that implement the `orch:agent/agent` world
+//! (see `wit/agent.wit`), checks them, and runs tasks against them in fresh
+//! stores under fuel, memory, time and data limits. The `orch` binary is a thin
+//! command-line layer over it.
+//!
+//! Module map:
+//! - [`engine`]: the only module that configures wasmtime; compiles, caches and
+//!   pre-links components.
+//! - [`sandbox`]: per-task store state, host imports (`log`, `kv`), limits and
+//!   the mapping of traps to typed errors.
+//! - [`kv`]: the embedded key-value store behind the `kv` import.
+//! - [`units`]: parsing of sizes and durations given by users.
+
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod sandbox;
+pub mod units;
+
+pub use engine::{ComponentInfo, Engine, EngineConfig};
+pub use error::{LoadError, TaskError};
+pub use sandbox::{Agent, Capability, Descriptor, Limits, TaskOutput, TaskRequest};
+
+/// The WIT world every agent implements.
+pub const WORLD: &str = "orch:agent/agent@0.1.0";

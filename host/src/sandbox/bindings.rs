@@ -1,0 +1,13 @@
+//! Host-side bindings for the `orch:agent/agent` world. `bindgen!` runs here
+//! and only here; everything else imports the generated types from this module.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "agent",
+    imports: {
+        // kv touches the disk, so it runs off the wasm thread and under the
+        // task's deadline.
+        "orch:agent/kv": async,
+    },
+    exports: { default: async },
+});

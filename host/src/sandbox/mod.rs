@@ -1,0 +1,395 @@
+//! Running tasks: a fresh store per call with fuel, a memory limiter, a
+//! deadline and host-call data caps; the host imports (`log`, `kv`, WASI with
+//! nothing granted); and the mapping of every way a call can end to a
+//! [`TaskError`].
+
+pub mod bindings;
+mod host;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::engine::{ComponentInfo, Compiled, Engine};
+use crate::error::{LoadError, TaskError};
+use crate::kv::KvStore;
+use bindings::{orch::agent::types as wit, AgentPre};
+
+/// Per-task limits. Every field is enforced; see each for what happens past it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) for one task, instantiation included.
+    pub fuel: u64,
+    /// Total linear memory of the instance, in bytes.
+    pub memory: u64,
+    /// Wall-clock time for one task, instantiation and host calls included.
+    pub timeout: Duration,
+    /// Largest payload accepted, in bytes.
+    pub max_payload: u64,
+    /// Largest result accepted from the agent, in bytes.
+    pub max_result: u64,
+    /// Most bytes the agent may pass to the host in one host call.
+    pub max_hostcall_data: u64,
+    /// Largest value the agent may store under one kv key, in bytes.
+    pub max_kv_value: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: 1_000_000_000,
+            memory: 128 << 20,
+            timeout: Duration::from_secs(10),
+            max_payload: 16 << 20,
+            max_result: 16 << 20,
+            max_hostcall_data: 4 << 20,
+            max_kv_value: 1 << 20,
+        }
+    }
+}
+
+/// What the agent says about itself (from `describe`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Descriptor {
+    pub name: String,
+    pub version: String,
+    pub capabilities: Vec<Capability>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Capability {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+}
+
+/// One task as the host hands it to an agent.
+#[derive(Debug, Clone, Default)]
+pub struct TaskRequest {
+    pub id: String,
+    pub capability: String,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub attempt: u32,
+}
+
+/// A successful task.
+#[derive(Debug, Clone)]
+pub struct TaskOutput {
+    pub result: Vec<u8>,
+    pub fuel_used: u64,
+    pub elapsed: Duration,
+}
+
+/// Everything a task's store holds. Dropped with the store after every call.
+pub struct StoreData {
+    limiter: MemoryLimiter,
+    table: ResourceTable,
+    /// Created on first use: agents that never call WASI do not pay for it.
+    wasi: Option<WasiCtx>,
+    kv: Option<KvAccess>,
+    agent: Arc<str>,
+    /// Text of a guest panic reported through `log` just before a trap.
+    panic: Option<String>,
+}
+
+struct KvAccess {
+    store: Arc<KvStore>,
+    namespace: Arc<str>,
+    max_value: u64,
+}
+
+impl WasiView for StoreData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        // An empty context: no environment, arguments, preopened directories
+        // or network. Clocks and randomness work.
+        let ctx = self.wasi.get_or_insert_with(|| WasiCtx::builder().build());
+        WasiCtxView {
+            ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps the instance's total linear memory (all memories together) and
+/// remembers the request it refused, so a later trap can be reported as a
+/// memory limit rather than a bare `unreachable`.
+struct MemoryLimiter {
+    limit: u64,
+    used: u64,
+    refused: Option<u64>,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let growth = desired.saturating_sub(current) as u64;
+        let total = self.used.saturating_add(growth);
+        if total > self.limit {
+            self.refused = Some(total);
+            return Ok(false);
+        }
+        self.used = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        _desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Table size is bounded by the pool's `table_elements`.
+        Ok(true)
+    }
+}
+
+/// A loaded agent: a checked, pre-linked component and its descriptor.
+/// Cheap to share between tasks; every task gets a fresh instance.
+pub struct Agent {
+    engine: Engine,
+    pre: AgentPre<StoreData>,
+    info: ComponentInfo,
+    descriptor: Descriptor,
+    kv: Arc<KvStore>,
+    name: Arc<str>,
+}
+
+impl Agent {
+    /// Compiles (or loads from the cache) the component at `path`, checks it
+    /// against the world, and calls `describe` under `limits`.
+    pub async fn load(
+        engine: &Engine,
+        path: &Path,
+        kv: Arc<KvStore>,
+        limits: &Limits,
+    ) -> Result<Agent, LoadError> {
+        let compiled = {
+            let engine = engine.clone();
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || engine.compile_file(&path))
+                .await
+                .map_err(|e| LoadError::Engine(format!("compile task failed: {e}")))??
+        };
+        Agent::from_compiled(engine, compiled, kv, limits).await
+    }
+
+    pub async fn from_compiled(
+        engine: &Engine,
+        compiled: Compiled,
+        kv: Arc<KvStore>,
+        limits: &Limits,
+    ) -> Result<Agent, LoadError> {
+        let Compiled { pre, info } = compiled;
+        let path = info.path.clone();
+        let mut agent = Agent {
+            engine: engine.clone(),
+            pre,
+            info,
+            descriptor: Descriptor {
+                name: String::new(),
+                version: String::new(),
+                capabilities: Vec::new(),
+            },
+            kv,
+            name: Arc::from(""),
+        };
+        let descriptor = agent.describe(limits).await.map_err(|e| LoadError::Describe {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        validate_descriptor(&descriptor).map_err(|reason| LoadError::InvalidDescriptor {
+            path,
+            reason,
+        })?;
+        agent.name = Arc::from(descriptor.name.as_str());
+        agent.descriptor = descriptor;
+        Ok(agent)
+    }
+
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+
+    pub fn info(&self) -> &ComponentInfo {
+        &self.info
+    }
+
+    /// Calls `describe` in a fresh instance. kv is not available here: the
+    /// agent's namespace is not known until `describe` has answered.
+    pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
+        let mut store = self.new_store(limits, None);
+        let outcome = tokio::time::timeout(limits.timeout, async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            instance.call_describe(&mut store).await
+        })
+        .await;
+        match outcome {
+            Err(_) => Err(deadline(limits)),
+            Ok(Err(e)) => Err(classify(e, store.data(), limits, self.slots())),
+            Ok(Ok(d)) => Ok(Descriptor {
+                name: d.name,
+                version: d.version,
+                capabilities: d
+                    .capabilities
+                    .into_iter()
+                    .map(|c| Capability {
+                        name: c.name,
+                        version: c.version,
+                        description: c.description,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Runs one task in a fresh instance under `limits`. The instance is
+    /// dropped afterwards whatever happened, so a trap never leaks into the
+    /// next task.
+    pub async fn handle(&self, task: TaskRequest, limits: &Limits) -> Result<TaskOutput, TaskError> {
+        let size = task.payload.len() as u64;
+        if size > limits.max_payload {
+            return Err(TaskError::PayloadTooLarge {
+                size,
+                limit: limits.max_payload,
+            });
+        }
+        let started = Instant::now();
+        let kv = KvAccess {
+            store: self.kv.clone(),
+            namespace: self.name.clone(),
+            max_value: limits.max_kv_value,
+        };
+        let mut store = self.new_store(limits, Some(kv));
+        let task = wit::Task {
+            id: task.id,
+            capability: task.capability,
+            payload: task.payload,
+            content_type: task.content_type,
+            attempt: task.attempt,
+            deadline_ms: Some(limits.timeout.as_millis() as u64),
+        };
+        let outcome = tokio::time::timeout(limits.timeout, async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            instance.call_handle(&mut store, &task).await
+        })
+        .await;
+        let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let result = match outcome {
+            Err(_) => return Err(deadline(limits)),
+            Ok(Err(e)) => return Err(classify(e, store.data(), limits, self.slots())),
+            Ok(Ok(Err(wit::TaskError::InvalidInput(m)))) => return Err(TaskError::InvalidInput(m)),
+            Ok(Ok(Err(wit::TaskError::Failed(m)))) => return Err(TaskError::Failed(m)),
+            Ok(Ok(Err(wit::TaskError::Retryable(m)))) => return Err(TaskError::Retryable(m)),
+            Ok(Ok(Ok(result))) => result,
+        };
+        let size = result.len() as u64;
+        if size > limits.max_result {
+            return Err(TaskError::ResultTooLarge {
+                size,
+                limit: limits.max_result,
+            });
+        }
+        Ok(TaskOutput {
+            result,
+            fuel_used,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    fn slots(&self) -> u32 {
+        self.engine.config().instance_slots
+    }
+
+    fn new_store(&self, limits: &Limits, kv: Option<KvAccess>) -> Store<StoreData> {
+        let data = StoreData {
+            limiter: MemoryLimiter {
+                limit: limits.memory.min(self.engine.config().max_memory),
+                used: 0,
+                refused: None,
+            },
+            table: ResourceTable::new(),
+            wasi: None,
+            kv,
+            agent: self.name.clone(),
+            panic: None,
+        };
+        let mut store = Store::new(self.engine.wasmtime(), data);
+        store.limiter(|d| &mut d.limiter);
+        // Fuel cannot fail to be set: the engine always has fuel enabled.
+        let _ = store.set_fuel(limits.fuel);
+        store.set_hostcall_fuel(usize::try_from(limits.max_hostcall_data).unwrap_or(usize::MAX));
+        // Arm the epoch before anything runs: the guest yields to the executor
+        // at every tick from the first instruction on, so the timeout around
+        // the call can always fire.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        store
+    }
+}
+
+fn deadline(limits: &Limits) -> TaskError {
+    TaskError::DeadlineExceeded {
+        ms: limits.timeout.as_millis() as u64,
+    }
+}
+
+/// Maps a wasmtime error (trap, instantiation failure, host error) to the
+/// typed error a user sees.
+fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32) -> TaskError {
+    if let Some(trap) = err.downcast_ref::<Trap>() {
+        match trap {
+            Trap::OutOfFuel => return TaskError::FuelExhausted { limit: limits.fuel },
+            Trap::Interrupt => return deadline(limits),
+            _ => {}
+        }
+    }
+    if let Some(requested) = data.limiter.refused {
+        return TaskError::MemoryLimit {
+            limit: data.limiter.limit,
+            requested,
+        };
+    }
+    let text = format!("{err:#}");
+    if text.contains("fuel allocated for hostcalls has been exhausted") {
+        return TaskError::HostCallDataLimit {
+            limit: limits.max_hostcall_data,
+        };
+    }
+    if text.contains("maximum concurrent") {
+        return TaskError::NoCapacity {
+            limit: u64::from(slots),
+        };
+    }
+    let message = match err.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => text,
+    };
+    TaskError::Trap {
+        message,
+        panic: data.panic.clone(),
+    }
+}
+
+fn validate_descriptor(d: &Descriptor) -> Result<(), String> {
+    if d.name.trim().is_empty() {
+        return Err("name is empty".into());
+    }
+    if d.capabilities.is_empty() {
+        return Err(format!("agent {} declares no capabilities", d.name));
+    }
+    for c in &d.capabilities {
+        if c.name.trim().is_empty() || c.name.contains(char::is_whitespace) {
+            return Err(format!("capability name {:?} is empty or has spaces", c.name));
+        }
+    }
+    Ok(())
+}
