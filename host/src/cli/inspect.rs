@@ -44,6 +44,7 @@ pub async fn run(home: &Path, args: Args) -> u8 {
                 "descriptor": d,
                 "imports": info.imports,
                 "exports": info.exports,
+                "compiled": if info.from_cache { "cache" } else { "fresh" },
             });
             println!("{json:#}");
         }

@@ -32,7 +32,10 @@ pub struct Limits {
     pub max_payload: u64,
     /// Largest result accepted from the agent, in bytes.
     pub max_result: u64,
-    /// Most bytes the agent may pass to the host in one host call.
+    /// Most bytes the agent may pass to the host in one host call (a log
+    /// line, a kv value). wasmtime counts the lifting of the task's result
+    /// against the same budget, so the budget in force is at least
+    /// `max_result` plus a small allowance; see [`Limits::hostcall_budget`].
     pub max_hostcall_data: u64,
     /// Largest value the agent may store under one kv key, in bytes.
     pub max_kv_value: u64,
@@ -49,6 +52,18 @@ impl Default for Limits {
             max_hostcall_data: 4 << 20,
             max_kv_value: 1 << 20,
         }
+    }
+}
+
+/// Room for the `result<list<u8>, task-error>` framing around a result of
+/// `max_result` bytes.
+const RESULT_FRAMING: u64 = 64 << 10;
+
+impl Limits {
+    /// The per-call data budget given to wasmtime (`set_hostcall_fuel`).
+    pub fn hostcall_budget(&self) -> u64 {
+        self.max_hostcall_data
+            .max(self.max_result.saturating_add(RESULT_FRAMING))
     }
 }
 
@@ -326,7 +341,7 @@ impl Agent {
         store.limiter(|d| &mut d.limiter);
         // Fuel cannot fail to be set: the engine always has fuel enabled.
         let _ = store.set_fuel(limits.fuel);
-        store.set_hostcall_fuel(usize::try_from(limits.max_hostcall_data).unwrap_or(usize::MAX));
+        store.set_hostcall_fuel(usize::try_from(limits.hostcall_budget()).unwrap_or(usize::MAX));
         // Arm the epoch before anything runs: the guest yields to the executor
         // at every tick from the first instruction on, so the timeout around
         // the call can always fire.
@@ -361,7 +376,7 @@ fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32)
     let text = format!("{err:#}");
     if text.contains("fuel allocated for hostcalls has been exhausted") {
         return TaskError::HostCallDataLimit {
-            limit: limits.max_hostcall_data,
+            limit: limits.hostcall_budget(),
         };
     }
     if text.contains("maximum concurrent") {

@@ -1,0 +1,194 @@
+//! The `orch` binary as a user runs it: real processes, real components from
+//! plugins/ (built by `plugins/build.sh`), a temporary ORCH_HOME each.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn plugin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins")
+        .join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run `bash plugins/build.sh`", path.display());
+    path
+}
+
+struct Orch {
+    home: tempfile::TempDir,
+}
+
+impl Orch {
+    fn new() -> Orch {
+        Orch {
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orch"));
+        cmd.args(args)
+            .env("ORCH_HOME", self.home.path())
+            .env_remove("ORCH_LOG")
+            .env_remove("RUST_BACKTRACE");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn p(name: &str) -> String {
+    plugin(name).display().to_string()
+}
+
+#[test]
+fn run_prints_the_result_bytes() {
+    let orch = Orch::new();
+    let out = orch.run_stdin(&["run", &p("wordcount"), "--input", "-"], b"one two three\nfour\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), r#"{"words":4,"lines":2,"bytes":19}"#);
+
+    let file = orch.home.path().join("input.txt");
+    std::fs::write(&file, "from a file").unwrap();
+    let out = orch.run(&["run", &p("echo"), "--input", file.to_str().unwrap()]);
+    assert_eq!(stdout(&out), "from a file");
+}
+
+#[test]
+fn run_json_output_has_result_and_figures() {
+    let orch = Orch::new();
+    let out = orch.run_stdin(&["run", &p("echo"), "-i", "-", "--output", "json"], b"hi");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["result"], "hi");
+    assert_eq!(v["agent"], "echo");
+    assert!(v["fuel_used"].as_u64().unwrap() > 0);
+
+    let out = orch.run(&["run", &p("spin"), "--fuel", "10000", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(4));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["error"]["kind"], "fuel-exhausted");
+}
+
+#[test]
+fn counter_survives_a_process_restart() {
+    let orch = Orch::new();
+    for expected in ["1", "2", "3"] {
+        let out = orch.run(&["run", &p("counter")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), expected);
+    }
+}
+
+#[test]
+fn exit_codes_tell_bad_input_from_limits_from_agent_failures() {
+    let orch = Orch::new();
+    let text = orch.home.path().join("text.wasm");
+    std::fs::write(&text, "hello").unwrap();
+
+    let out = orch.run(&["run", text.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not a WebAssembly file"), "{}", stderr(&out));
+
+    let out = orch.run(&["run", &p("other-world")]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("does not implement the world orch:agent/agent@0.1.0"), "{}", stderr(&out));
+
+    let out = orch.run_stdin(&["run", &p("wordcount"), "-i", "-"], &[0xff, 0xfe]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("invalid input: payload is not UTF-8"), "{}", stderr(&out));
+
+    let out = orch.run(&["run", &p("spin"), "--fuel", "1000000"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("fuel exhausted: the task used all of its 1000000 fuel"), "{}", stderr(&out));
+
+    let out = orch.run(&["run", &p("spin"), "--fuel", "100000000000", "--timeout", "100ms"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("deadline exceeded: the task ran past its deadline of 100 ms"), "{}", stderr(&out));
+
+    let out = orch.run(&["run", &p("hog"), "--memory", "8MiB"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("past the limit of 8388608 bytes"), "{}", stderr(&out));
+
+    let out = orch.run_stdin(&["run", &p("panic"), "-i", "-"], b"oh no");
+    assert_eq!(out.status.code(), Some(5));
+    assert!(stderr(&out).contains("agent gave up: oh no"), "{}", stderr(&out));
+}
+
+#[test]
+fn oversized_input_is_refused_before_loading() {
+    let orch = Orch::new();
+    let big = vec![b'a'; (16 << 20) + 1];
+    let out = orch.run_stdin(&["run", &p("echo"), "-i", "-"], &big);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("payload too large"), "{}", stderr(&out));
+    let ok = vec![b'a'; 16 << 20];
+    let out = orch.run_stdin(&["run", &p("echo"), "-i", "-"], &ok);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 16 << 20);
+}
+
+#[test]
+fn unknown_capability_is_refused() {
+    let orch = Orch::new();
+    let out = orch.run(&["run", &p("echo"), "--capability", "text.wordcount"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("does not provide capability text.wordcount; it provides: echo"), "{}", stderr(&out));
+}
+
+#[test]
+fn inspect_shows_descriptor_imports_exports_and_size() {
+    let orch = Orch::new();
+    let out = orch.run(&["inspect", &p("counter")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for want in ["counter 0.1.0", "counter 1.0.0: increments", "orch:agent/kv@0.1.0", "handle", "describe"] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+
+    let out = orch.run(&["inspect", &p("counter"), "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["descriptor"]["name"], "counter");
+    assert_eq!(v["descriptor"]["capabilities"][0]["name"], "counter");
+    assert_eq!(v["size"].as_u64().unwrap(), std::fs::metadata(plugin("counter")).unwrap().len());
+    let imports: Vec<&str> = v["imports"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+    assert!(imports.contains(&"orch:agent/kv@0.1.0"), "{imports:?}");
+    assert!(imports.iter().all(|i| !i.starts_with("wasi:")), "a wasm32-unknown-unknown agent imports no WASI: {imports:?}");
+    let exports = v["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 2, "{exports:?}");
+}
+
+#[test]
+fn second_run_uses_the_compiled_cache() {
+    let orch = Orch::new();
+    let out = orch.run(&["inspect", &p("wordcount"), "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["compiled"], "fresh");
+    let out = orch.run(&["inspect", &p("wordcount"), "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["compiled"], "cache");
+}
