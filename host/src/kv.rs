@@ -90,7 +90,10 @@ impl KvStore {
         &self,
         f: impl FnOnce(&mut redb::Table<(&str, &str), &[u8]>) -> Result<(), redb::StorageError>,
     ) -> Result<(), KvError> {
-        let txn = self.db()?.begin_write().map_err(|e| self.storage_error(e))?;
+        let txn = self
+            .db()?
+            .begin_write()
+            .map_err(|e| self.storage_error(e))?;
         {
             let mut table = txn.open_table(TABLE).map_err(|e| self.storage_error(e))?;
             f(&mut table).map_err(|e| self.storage_error(e))?;

@@ -5,7 +5,9 @@
 pub enum UnitError {
     #[error("invalid size {0:?}: expected a number of bytes with an optional unit (B, KiB, MiB, GiB, K, M, G), e.g. 64MiB")]
     Size(String),
-    #[error("invalid duration {0:?}: expected a number with a unit (ms, s, m, h), e.g. 500ms or 2s")]
+    #[error(
+        "invalid duration {0:?}: expected a number with a unit (ms, s, m, h), e.g. 500ms or 2s"
+    )]
     Duration(String),
 }
 

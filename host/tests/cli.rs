@@ -10,7 +10,11 @@ fn plugin(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/plugins")
         .join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run `bash plugins/build.sh`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash plugins/build.sh`",
+        path.display()
+    );
     path
 }
 
@@ -66,7 +70,10 @@ fn p(name: &str) -> String {
 #[test]
 fn run_prints_the_result_bytes() {
     let orch = Orch::new();
-    let out = orch.run_stdin(&["run", &p("wordcount"), "--input", "-"], b"one two three\nfour\n");
+    let out = orch.run_stdin(
+        &["run", &p("wordcount"), "--input", "-"],
+        b"one two three\nfour\n",
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), r#"{"words":4,"lines":2,"bytes":19}"#);
 
@@ -112,31 +119,66 @@ fn exit_codes_tell_bad_input_from_limits_from_agent_failures() {
 
     let out = orch.run(&["run", text.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("is not a WebAssembly file"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a WebAssembly file"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = orch.run(&["run", &p("other-world")]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("does not implement the world orch:agent/agent@0.1.0"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not implement the world orch:agent/agent@0.1.0"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = orch.run_stdin(&["run", &p("wordcount"), "-i", "-"], &[0xff, 0xfe]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("invalid input: payload is not UTF-8"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid input: payload is not UTF-8"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = orch.run(&["run", &p("spin"), "--fuel", "1000000"]);
     assert_eq!(out.status.code(), Some(4));
-    assert!(stderr(&out).contains("fuel exhausted: the task used all of its 1000000 fuel"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("fuel exhausted: the task used all of its 1000000 fuel"),
+        "{}",
+        stderr(&out)
+    );
 
-    let out = orch.run(&["run", &p("spin"), "--fuel", "100000000000", "--timeout", "100ms"]);
+    let out = orch.run(&[
+        "run",
+        &p("spin"),
+        "--fuel",
+        "100000000000",
+        "--timeout",
+        "100ms",
+    ]);
     assert_eq!(out.status.code(), Some(4));
-    assert!(stderr(&out).contains("deadline exceeded: the task ran past its deadline of 100 ms"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("deadline exceeded: the task ran past its deadline of 100 ms"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = orch.run(&["run", &p("hog"), "--memory", "8MiB"]);
     assert_eq!(out.status.code(), Some(4));
-    assert!(stderr(&out).contains("past the limit of 8388608 bytes"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("past the limit of 8388608 bytes"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = orch.run_stdin(&["run", &p("panic"), "-i", "-"], b"oh no");
     assert_eq!(out.status.code(), Some(5));
-    assert!(stderr(&out).contains("agent gave up: oh no"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("agent gave up: oh no"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -145,7 +187,11 @@ fn oversized_input_is_refused_before_loading() {
     let big = vec![b'a'; (16 << 20) + 1];
     let out = orch.run_stdin(&["run", &p("echo"), "-i", "-"], &big);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("payload too large"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("payload too large"),
+        "{}",
+        stderr(&out)
+    );
     let ok = vec![b'a'; 16 << 20];
     let out = orch.run_stdin(&["run", &p("echo"), "-i", "-"], &ok);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -157,7 +203,11 @@ fn unknown_capability_is_refused() {
     let orch = Orch::new();
     let out = orch.run(&["run", &p("echo"), "--capability", "text.wordcount"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("does not provide capability text.wordcount; it provides: echo"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not provide capability text.wordcount; it provides: echo"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -166,7 +216,13 @@ fn inspect_shows_descriptor_imports_exports_and_size() {
     let out = orch.run(&["inspect", &p("counter")]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    for want in ["counter 0.1.0", "counter 1.0.0: increments", "orch:agent/kv@0.1.0", "handle", "describe"] {
+    for want in [
+        "counter 0.1.0",
+        "counter 1.0.0: increments",
+        "orch:agent/kv@0.1.0",
+        "handle",
+        "describe",
+    ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
 
@@ -174,10 +230,21 @@ fn inspect_shows_descriptor_imports_exports_and_size() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["descriptor"]["name"], "counter");
     assert_eq!(v["descriptor"]["capabilities"][0]["name"], "counter");
-    assert_eq!(v["size"].as_u64().unwrap(), std::fs::metadata(plugin("counter")).unwrap().len());
-    let imports: Vec<&str> = v["imports"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();
+    assert_eq!(
+        v["size"].as_u64().unwrap(),
+        std::fs::metadata(plugin("counter")).unwrap().len()
+    );
+    let imports: Vec<&str> = v["imports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap())
+        .collect();
     assert!(imports.contains(&"orch:agent/kv@0.1.0"), "{imports:?}");
-    assert!(imports.iter().all(|i| !i.starts_with("wasi:")), "a wasm32-unknown-unknown agent imports no WASI: {imports:?}");
+    assert!(
+        imports.iter().all(|i| !i.starts_with("wasi:")),
+        "a wasm32-unknown-unknown agent imports no WASI: {imports:?}"
+    );
     let exports = v["exports"].as_array().unwrap();
     assert_eq!(exports.len(), 2, "{exports:?}");
 }

@@ -24,6 +24,8 @@
 //! `plugins/build.sh`.
 
 #[doc(hidden)]
+// Generated code: the export glue takes one argument per flattened WIT value.
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",

@@ -19,7 +19,9 @@ pub fn repo_root() -> PathBuf {
 /// Path of a component built by `plugins/build.sh`. Panics with the command
 /// to run when it is missing, so a forgotten build reads as such.
 pub fn plugin(name: &str) -> PathBuf {
-    let path = repo_root().join("target/plugins").join(format!("{name}.wasm"));
+    let path = repo_root()
+        .join("target/plugins")
+        .join(format!("{name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: build the plugins first with `bash plugins/build.sh`",
@@ -31,7 +33,11 @@ pub fn plugin(name: &str) -> PathBuf {
 /// The core module (not a component) that the build keeps for echo.
 pub fn core_module() -> PathBuf {
     let path = repo_root().join("target/plugins/core/echo.wasm");
-    assert!(path.exists(), "{} is missing: run `bash plugins/build.sh`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash plugins/build.sh`",
+        path.display()
+    );
     path
 }
 

@@ -50,7 +50,11 @@ pub async fn run(home: &Path, args: Args) -> u8 {
         }
         Output::Text => {
             println!("{} {}", d.name, d.version);
-            println!("  file:    {} ({})", info.path.display(), format_size_text(info.size));
+            println!(
+                "  file:    {} ({})",
+                info.path.display(),
+                format_size_text(info.size)
+            );
             println!("  sha256:  {}", info.sha256);
             println!("  capabilities:");
             for c in &d.capabilities {

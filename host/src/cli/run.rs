@@ -112,7 +112,11 @@ pub async fn run(home: &Path, args: Args) -> u8 {
             match args.output {
                 Output::Text => {
                     let mut stdout = std::io::stdout().lock();
-                    if stdout.write_all(&out.result).and_then(|_| stdout.flush()).is_err() {
+                    if stdout
+                        .write_all(&out.result)
+                        .and_then(|_| stdout.flush())
+                        .is_err()
+                    {
                         return exit::ERROR;
                     }
                 }
@@ -167,7 +171,10 @@ fn read_payload(input: Option<&str>, limit: u64) -> Result<Vec<u8>, (u8, String)
     let mut buf = Vec::new();
     let read = match input {
         None => return Ok(buf),
-        Some("-") => std::io::stdin().lock().take(limit + 1).read_to_end(&mut buf),
+        Some("-") => std::io::stdin()
+            .lock()
+            .take(limit + 1)
+            .read_to_end(&mut buf),
         Some(path) => std::fs::File::open(path)
             .and_then(|f| f.take(limit + 1).read_to_end(&mut buf))
             .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}"))),

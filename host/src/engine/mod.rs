@@ -174,7 +174,11 @@ impl Engine {
             world: WORLD,
             details: format!("{e:#}"),
         };
-        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
         let pre = AgentPre::new(instance_pre).map_err(wrong_world)?;
         Ok(Compiled {
             pre,
@@ -282,8 +286,14 @@ mod tests {
     #[test]
     fn header_classification() {
         let p = Path::new("x.wasm");
-        assert!(matches!(check_header(p, b"hello world"), Err(LoadError::NotWasm { .. })));
-        assert!(matches!(check_header(p, b"\0asm"), Err(LoadError::NotWasm { .. })));
+        assert!(matches!(
+            check_header(p, b"hello world"),
+            Err(LoadError::NotWasm { .. })
+        ));
+        assert!(matches!(
+            check_header(p, b"\0asm"),
+            Err(LoadError::NotWasm { .. })
+        ));
         assert!(matches!(
             check_header(p, b"\0asm\x01\0\0\0"),
             Err(LoadError::CoreModule { .. })
@@ -296,7 +306,10 @@ mod tests {
         let p = Path::new("x.wasm");
         let ok = check_world(
             p,
-            &["orch:agent/log@0.1.0".into(), "wasi:clocks/wall-clock@0.2.3".into()],
+            &[
+                "orch:agent/log@0.1.0".into(),
+                "wasi:clocks/wall-clock@0.2.3".into(),
+            ],
             &["describe".into(), "handle".into()],
         );
         assert!(ok.is_ok());
@@ -305,6 +318,9 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("missing exports: describe, handle"), "{err}");
-        assert!(err.contains("imports this host does not offer: test:other/clock@0.1.0"), "{err}");
+        assert!(
+            err.contains("imports this host does not offer: test:other/clock@0.1.0"),
+            "{err}"
+        );
     }
 }

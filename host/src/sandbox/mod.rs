@@ -14,7 +14,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::engine::{ComponentInfo, Compiled, Engine};
+use crate::engine::{Compiled, ComponentInfo, Engine};
 use crate::error::{LoadError, TaskError};
 use crate::kv::KvStore;
 use bindings::{orch::agent::types as wit, AgentPre};
@@ -217,14 +217,15 @@ impl Agent {
             kv,
             name: Arc::from(""),
         };
-        let descriptor = agent.describe(limits).await.map_err(|e| LoadError::Describe {
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
-        validate_descriptor(&descriptor).map_err(|reason| LoadError::InvalidDescriptor {
-            path,
-            reason,
-        })?;
+        let descriptor = agent
+            .describe(limits)
+            .await
+            .map_err(|e| LoadError::Describe {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+        validate_descriptor(&descriptor)
+            .map_err(|reason| LoadError::InvalidDescriptor { path, reason })?;
         agent.name = Arc::from(descriptor.name.as_str());
         agent.descriptor = descriptor;
         Ok(agent)
@@ -269,7 +270,11 @@ impl Agent {
     /// Runs one task in a fresh instance under `limits`. The instance is
     /// dropped afterwards whatever happened, so a trap never leaks into the
     /// next task.
-    pub async fn handle(&self, task: TaskRequest, limits: &Limits) -> Result<TaskOutput, TaskError> {
+    pub async fn handle(
+        &self,
+        task: TaskRequest,
+        limits: &Limits,
+    ) -> Result<TaskOutput, TaskError> {
         let size = task.payload.len() as u64;
         if size > limits.max_payload {
             return Err(TaskError::PayloadTooLarge {
@@ -403,7 +408,10 @@ fn validate_descriptor(d: &Descriptor) -> Result<(), String> {
     }
     for c in &d.capabilities {
         if c.name.trim().is_empty() || c.name.contains(char::is_whitespace) {
-            return Err(format!("capability name {:?} is empty or has spaces", c.name));
+            return Err(format!(
+                "capability name {:?} is empty or has spaces",
+                c.name
+            ));
         }
     }
     Ok(())

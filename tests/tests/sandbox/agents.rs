@@ -38,7 +38,11 @@ async fn wordcount_counts_like_wc() {
         ("grüße, 世界\n", r#"{"words":2,"lines":1,"bytes":16}"#),
     ];
     for (input, expected) in cases {
-        assert_eq!(run_ok(&wc, input.as_bytes(), &Limits::default()).await, *expected, "input {input:?}");
+        assert_eq!(
+            run_ok(&wc, input.as_bytes(), &Limits::default()).await,
+            *expected,
+            "input {input:?}"
+        );
     }
 }
 
@@ -46,7 +50,9 @@ async fn wordcount_counts_like_wc() {
 async fn wordcount_refuses_non_utf8_as_invalid_input() {
     let h = Harness::new();
     let wc = h.load("wordcount").await;
-    let err = run(&wc, &[0x66, 0xff, 0xfe], &Limits::default()).await.unwrap_err();
+    let err = run(&wc, &[0x66, 0xff, 0xfe], &Limits::default())
+        .await
+        .unwrap_err();
     match err {
         TaskError::InvalidInput(msg) => assert!(msg.contains("not UTF-8"), "{msg}"),
         other => panic!("expected invalid-input, got {other}"),
@@ -60,7 +66,12 @@ async fn tasks_run_concurrently_on_one_agent() {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..32u32 {
         let echo = echo.clone();
-        set.spawn(async move { (i, run(&echo, i.to_string().as_bytes(), &Limits::default()).await) });
+        set.spawn(async move {
+            (
+                i,
+                run(&echo, i.to_string().as_bytes(), &Limits::default()).await,
+            )
+        });
     }
     let mut seen = 0;
     while let Some(joined) = set.join_next().await {

@@ -12,7 +12,10 @@ async fn counter_persists_across_tasks_and_instances() {
     let h = Harness::new();
     let counter = h.load("counter").await;
     for expected in 1..=5 {
-        assert_eq!(run_ok(&counter, b"", &Limits::default()).await, expected.to_string());
+        assert_eq!(
+            run_ok(&counter, b"", &Limits::default()).await,
+            expected.to_string()
+        );
     }
     // A second load of the same component is a new set of instances over the
     // same namespace.
@@ -46,11 +49,24 @@ async fn agents_cannot_see_each_others_keys() {
     let kvtool = h.load("kvtool").await;
     assert_eq!(run_ok(&counter, b"", &Limits::default()).await, "1");
     // counter keeps its value under "count"; kvtool's namespace has no such key.
-    let err = run(&kvtool, b"get count", &Limits::default()).await.unwrap_err();
+    let err = run(&kvtool, b"get count", &Limits::default())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no value for count"), "{err}");
-    assert_eq!(run_ok(&kvtool, b"set count 99", &Limits::default()).await, "ok");
+    assert_eq!(
+        run_ok(&kvtool, b"set count 99", &Limits::default()).await,
+        "ok"
+    );
     assert_eq!(run_ok(&counter, b"", &Limits::default()).await, "2");
-    assert_eq!(run_ok(&kvtool, b"get count", &Limits::default()).await, "99");
-    assert_eq!(run_ok(&kvtool, b"delete count", &Limits::default()).await, "ok");
-    assert!(run(&kvtool, b"get count", &Limits::default()).await.is_err());
+    assert_eq!(
+        run_ok(&kvtool, b"get count", &Limits::default()).await,
+        "99"
+    );
+    assert_eq!(
+        run_ok(&kvtool, b"delete count", &Limits::default()).await,
+        "ok"
+    );
+    assert!(run(&kvtool, b"get count", &Limits::default())
+        .await
+        .is_err());
 }

@@ -16,11 +16,20 @@ const MIB: u64 = 1 << 20;
 async fn fuel_exactly_enough_passes_half_fails() {
     let h = Harness::new();
     let echo = h.load("echo").await;
-    let used = run(&echo, b"hi", &Limits::default()).await.unwrap().fuel_used;
-    let exact = Limits { fuel: used, ..Limits::default() };
+    let used = run(&echo, b"hi", &Limits::default())
+        .await
+        .unwrap()
+        .fuel_used;
+    let exact = Limits {
+        fuel: used,
+        ..Limits::default()
+    };
     let out = run(&echo, b"hi", &exact).await.unwrap();
     assert_eq!((out.result.as_slice(), out.fuel_used), (&b"hi"[..], used));
-    let short = Limits { fuel: used / 2, ..Limits::default() };
+    let short = Limits {
+        fuel: used / 2,
+        ..Limits::default()
+    };
     assert_eq!(
         run(&echo, b"hi", &short).await.unwrap_err(),
         TaskError::FuelExhausted { limit: used / 2 }
@@ -31,7 +40,10 @@ async fn fuel_exactly_enough_passes_half_fails() {
 async fn an_endless_loop_is_cut_off_by_fuel() {
     let h = Harness::new();
     let spin = h.load("spin").await;
-    let limits = Limits { fuel: 5_000_000, ..Limits::default() };
+    let limits = Limits {
+        fuel: 5_000_000,
+        ..Limits::default()
+    };
     let err = run(&spin, b"", &limits).await.unwrap_err();
     assert_eq!(err, TaskError::FuelExhausted { limit: 5_000_000 });
     assert!(err.to_string().contains("5000000 fuel"), "{err}");
@@ -41,7 +53,10 @@ async fn an_endless_loop_is_cut_off_by_fuel() {
 async fn memory_inside_the_cap_passes_past_it_fails() {
     let h = Harness::new();
     let hog = h.load("hog").await;
-    let limits = Limits { memory: 16 * MIB, ..Limits::default() };
+    let limits = Limits {
+        memory: 16 * MIB,
+        ..Limits::default()
+    };
     assert_eq!(run_ok(&hog, b"4", &limits).await, "4");
     match run(&hog, b"64", &limits).await.unwrap_err() {
         TaskError::MemoryLimit { limit, requested } => {
@@ -56,9 +71,15 @@ async fn memory_inside_the_cap_passes_past_it_fails() {
 async fn unbounded_allocation_stops_at_the_cap() {
     let h = Harness::new();
     let hog = h.load("hog").await;
-    let limits = Limits { memory: 32 * MIB, ..Limits::default() };
+    let limits = Limits {
+        memory: 32 * MIB,
+        ..Limits::default()
+    };
     let err = run(&hog, b"forever", &limits).await.unwrap_err();
-    assert!(matches!(err, TaskError::MemoryLimit { limit, .. } if limit == 32 * MIB), "{err}");
+    assert!(
+        matches!(err, TaskError::MemoryLimit { limit, .. } if limit == 32 * MIB),
+        "{err}"
+    );
     assert!(err.to_string().contains(&(32 * MIB).to_string()), "{err}");
 }
 
@@ -67,16 +88,25 @@ async fn instantiation_over_the_memory_cap_is_refused() {
     let h = Harness::new();
     let echo = h.load("echo").await;
     // Smaller than the initial memory of any Rust guest.
-    let limits = Limits { memory: 64 << 10, ..Limits::default() };
+    let limits = Limits {
+        memory: 64 << 10,
+        ..Limits::default()
+    };
     let err = run(&echo, b"x", &limits).await.unwrap_err();
-    assert!(matches!(err, TaskError::MemoryLimit { limit, .. } if limit == 64 << 10), "{err}");
+    assert!(
+        matches!(err, TaskError::MemoryLimit { limit, .. } if limit == 64 << 10),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn work_within_the_deadline_passes_past_it_fails() {
     let h = Harness::new();
     let sleep = h.load("sleep").await;
-    let generous = Limits { timeout: Duration::from_secs(5), ..Limits::default() };
+    let generous = Limits {
+        timeout: Duration::from_secs(5),
+        ..Limits::default()
+    };
     let slept: u64 = run_ok(&sleep, b"20", &generous).await.parse().unwrap();
     assert!(slept >= 20, "slept {slept} ms");
 
@@ -89,7 +119,11 @@ async fn work_within_the_deadline_passes_past_it_fails() {
     let err = run(&sleep, b"10000", &tight).await.unwrap_err();
     assert_eq!(err, TaskError::DeadlineExceeded { ms: 100 });
     // Tolerant bound: the point is that the guest was stopped, not waited for.
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -101,7 +135,10 @@ async fn an_endless_loop_with_unlimited_fuel_is_cut_off_by_the_deadline() {
         timeout: Duration::from_millis(50),
         ..Limits::default()
     };
-    assert_eq!(run(&spin, b"", &limits).await.unwrap_err(), TaskError::DeadlineExceeded { ms: 50 });
+    assert_eq!(
+        run(&spin, b"", &limits).await.unwrap_err(),
+        TaskError::DeadlineExceeded { ms: 50 }
+    );
 }
 
 /// A 1 ms deadline, many times over: the deadline is armed before the guest
@@ -116,7 +153,10 @@ async fn tiny_deadlines_never_hang() {
         ..Limits::default()
     };
     for _ in 0..300 {
-        assert_eq!(run(&spin, b"", &limits).await.unwrap_err(), TaskError::DeadlineExceeded { ms: 1 });
+        assert_eq!(
+            run(&spin, b"", &limits).await.unwrap_err(),
+            TaskError::DeadlineExceeded { ms: 1 }
+        );
     }
 }
 
@@ -124,12 +164,18 @@ async fn tiny_deadlines_never_hang() {
 async fn payload_at_the_limit_passes_one_byte_more_fails() {
     let h = Harness::new();
     let echo = h.load("echo").await;
-    let limits = Limits { max_payload: 1024, ..Limits::default() };
+    let limits = Limits {
+        max_payload: 1024,
+        ..Limits::default()
+    };
     let ok = vec![b'a'; 1024];
     assert_eq!(run(&echo, &ok, &limits).await.unwrap().result, ok);
     assert_eq!(
         run(&echo, &[b'a'; 1025], &limits).await.unwrap_err(),
-        TaskError::PayloadTooLarge { size: 1025, limit: 1024 }
+        TaskError::PayloadTooLarge {
+            size: 1025,
+            limit: 1024
+        }
     );
 }
 
@@ -137,11 +183,24 @@ async fn payload_at_the_limit_passes_one_byte_more_fails() {
 async fn result_at_the_limit_passes_one_byte_more_fails() {
     let h = Harness::new();
     let echo = h.load("echo").await;
-    let limits = Limits { max_result: 1024, ..Limits::default() };
-    assert_eq!(run(&echo, &[b'r'; 1024], &limits).await.unwrap().result.len(), 1024);
+    let limits = Limits {
+        max_result: 1024,
+        ..Limits::default()
+    };
+    assert_eq!(
+        run(&echo, &[b'r'; 1024], &limits)
+            .await
+            .unwrap()
+            .result
+            .len(),
+        1024
+    );
     assert_eq!(
         run(&echo, &[b'r'; 1025], &limits).await.unwrap_err(),
-        TaskError::ResultTooLarge { size: 1025, limit: 1024 }
+        TaskError::ResultTooLarge {
+            size: 1025,
+            limit: 1024
+        }
     );
 }
 
@@ -160,9 +219,14 @@ async fn host_call_data_inside_the_cap_passes_past_it_fails() {
     };
     assert_eq!(limits.hostcall_budget(), 128 << 10);
     let small = run(&panic, &[b's'; 100 << 10], &limits).await.unwrap_err();
-    assert!(matches!(small, TaskError::Trap { panic: Some(_), .. }), "{small}");
+    assert!(
+        matches!(small, TaskError::Trap { panic: Some(_), .. }),
+        "{small}"
+    );
     assert_eq!(
-        run(&panic, &vec![b'b'; 256 << 10], &limits).await.unwrap_err(),
+        run(&panic, &vec![b'b'; 256 << 10], &limits)
+            .await
+            .unwrap_err(),
         TaskError::HostCallDataLimit { limit: 128 << 10 }
     );
 }
@@ -179,19 +243,28 @@ async fn result_larger_than_the_host_call_cap_is_bounded_by_max_result() {
         ..Limits::default()
     };
     let big = vec![b'e'; 1 << 20];
-    assert_eq!(run(&echo, &big, &limits).await.unwrap().result.len(), 1 << 20);
+    assert_eq!(
+        run(&echo, &big, &limits).await.unwrap().result.len(),
+        1 << 20
+    );
 }
 
 #[tokio::test]
 async fn kv_value_at_the_limit_is_stored_one_byte_more_is_refused() {
     let h = Harness::new();
     let kv = h.load("kvtool").await;
-    let limits = Limits { max_kv_value: 4096, ..Limits::default() };
+    let limits = Limits {
+        max_kv_value: 4096,
+        ..Limits::default()
+    };
     assert_eq!(run_ok(&kv, b"fill big 4096", &limits).await, "ok");
     assert_eq!(run_ok(&kv, b"get big", &limits).await.len(), 4096);
     match run(&kv, b"fill big 4097", &limits).await.unwrap_err() {
         TaskError::Failed(msg) => {
-            assert!(msg.contains("4097 bytes") && msg.contains("4096 bytes"), "{msg}")
+            assert!(
+                msg.contains("4097 bytes") && msg.contains("4096 bytes"),
+                "{msg}"
+            )
         }
         other => panic!("expected the agent to report the refused write, got {other}"),
     }

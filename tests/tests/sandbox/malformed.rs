@@ -13,23 +13,50 @@ async fn each_kind_of_bad_file_gets_its_own_error() {
     std::fs::write(&text, "this is not wasm").unwrap();
     let err = h.try_load(&text).await.err().expect("text file loads");
     assert!(matches!(err, LoadError::NotWasm { .. }), "{err}");
-    assert!(err.to_string().contains("notes.wasm is not a WebAssembly file"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("notes.wasm is not a WebAssembly file"),
+        "{err}"
+    );
 
     let full = std::fs::read(plugin("echo")).unwrap();
     let truncated = dir.join("truncated.wasm");
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
-    let err = h.try_load(&truncated).await.err().expect("truncated file loads");
+    let err = h
+        .try_load(&truncated)
+        .await
+        .err()
+        .expect("truncated file loads");
     assert!(matches!(err, LoadError::InvalidComponent { .. }), "{err}");
-    assert!(err.to_string().contains("truncated.wasm is not a valid component"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("truncated.wasm is not a valid component"),
+        "{err}"
+    );
 
-    let err = h.try_load(&core_module()).await.err().expect("core module loads");
+    let err = h
+        .try_load(&core_module())
+        .await
+        .err()
+        .expect("core module loads");
     assert!(matches!(err, LoadError::CoreModule { .. }), "{err}");
-    assert!(err.to_string().contains("is a core WebAssembly module, not a component"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is a core WebAssembly module, not a component"),
+        "{err}"
+    );
 
-    let err = h.try_load(&plugin("other-world")).await.err().expect("other world loads");
+    let err = h
+        .try_load(&plugin("other-world"))
+        .await
+        .err()
+        .expect("other world loads");
     match &err {
         LoadError::WrongWorld { details, .. } => {
-            assert!(details.contains("missing exports: describe, handle"), "{details}");
+            assert!(
+                details.contains("missing exports: describe, handle"),
+                "{details}"
+            );
             assert!(details.contains("test:other/clock@0.1.0"), "{details}");
         }
         other => panic!("expected a wrong-world error, got {other}"),
@@ -37,10 +64,17 @@ async fn each_kind_of_bad_file_gets_its_own_error() {
     assert!(err.to_string().contains("orch:agent/agent@0.1.0"), "{err}");
 
     let missing = dir.join("missing.wasm");
-    let err = h.try_load(&missing).await.err().expect("missing file loads");
+    let err = h
+        .try_load(&missing)
+        .await
+        .err()
+        .expect("missing file loads");
     assert!(matches!(err, LoadError::Io { .. }), "{err}");
 
     // None of that disturbed the engine.
     let echo = h.load("echo").await;
-    assert_eq!(run_ok(&echo, b"still here", &Default::default()).await, "still here");
+    assert_eq!(
+        run_ok(&echo, b"still here", &Default::default()).await,
+        "still here"
+    );
 }

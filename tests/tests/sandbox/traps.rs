@@ -10,16 +10,24 @@ use orch_tests::{run, run_ok, Harness};
 async fn panic_message_reaches_the_error() {
     let h = Harness::new();
     let panic = h.load("panic").await;
-    let err = run(&panic, b"disk on fire", &Limits::default()).await.unwrap_err();
+    let err = run(&panic, b"disk on fire", &Limits::default())
+        .await
+        .unwrap_err();
     match &err {
-        TaskError::Trap { message, panic: Some(text) } => {
+        TaskError::Trap {
+            message,
+            panic: Some(text),
+        } => {
             assert!(message.contains("unreachable"), "{message}");
             assert!(text.contains("agent gave up: disk on fire"), "{text}");
             assert!(text.starts_with("panicked at "), "{text}");
         }
         other => panic!("expected a trap with the panic text, got {other}"),
     }
-    assert!(err.to_string().contains("agent gave up: disk on fire"), "{err}");
+    assert!(
+        err.to_string().contains("agent gave up: disk on fire"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -31,8 +39,14 @@ async fn host_keeps_serving_after_each_kind_of_trap() {
     let panic = h.load("panic").await;
     let sleep = h.load("sleep").await;
 
-    let fuel = Limits { fuel: 1_000_000, ..Limits::default() };
-    let memory = Limits { memory: 8 << 20, ..Limits::default() };
+    let fuel = Limits {
+        fuel: 1_000_000,
+        ..Limits::default()
+    };
+    let memory = Limits {
+        memory: 8 << 20,
+        ..Limits::default()
+    };
     let deadline = Limits {
         timeout: Duration::from_millis(30),
         fuel: u64::MAX,
@@ -42,12 +56,21 @@ async fn host_keeps_serving_after_each_kind_of_trap() {
 
     for round in 0..3 {
         let e = run(&spin, b"", &fuel).await.unwrap_err();
-        assert!(matches!(e, TaskError::FuelExhausted { .. }), "round {round}: {e}");
+        assert!(
+            matches!(e, TaskError::FuelExhausted { .. }),
+            "round {round}: {e}"
+        );
         assert_eq!(run_ok(&echo, b"after fuel", &normal).await, "after fuel");
 
         let e = run(&hog, b"forever", &memory).await.unwrap_err();
-        assert!(matches!(e, TaskError::MemoryLimit { .. }), "round {round}: {e}");
-        assert_eq!(run_ok(&echo, b"after memory", &normal).await, "after memory");
+        assert!(
+            matches!(e, TaskError::MemoryLimit { .. }),
+            "round {round}: {e}"
+        );
+        assert_eq!(
+            run_ok(&echo, b"after memory", &normal).await,
+            "after memory"
+        );
         // The same agent gets a fresh instance and works again.
         assert_eq!(run_ok(&hog, b"2", &memory).await, "2");
 
@@ -56,9 +79,15 @@ async fn host_keeps_serving_after_each_kind_of_trap() {
         assert_eq!(run_ok(&echo, b"after panic", &normal).await, "after panic");
 
         let e = run(&sleep, b"60000", &deadline).await.unwrap_err();
-        assert!(matches!(e, TaskError::DeadlineExceeded { .. }), "round {round}: {e}");
-        assert_eq!(run_ok(&echo, b"after deadline", &normal).await, "after deadline");
-        assert_eq!(run_ok(&sleep, b"1", &normal).await.is_empty(), false);
+        assert!(
+            matches!(e, TaskError::DeadlineExceeded { .. }),
+            "round {round}: {e}"
+        );
+        assert_eq!(
+            run_ok(&echo, b"after deadline", &normal).await,
+            "after deadline"
+        );
+        assert!(!run_ok(&sleep, b"1", &normal).await.is_empty());
     }
 }
 
@@ -81,9 +110,18 @@ async fn a_looping_task_does_not_hold_up_others() {
     // While the loop runs, other tasks complete.
     for i in 0..20 {
         let text = format!("task {i}");
-        assert_eq!(run_ok(&echo, text.as_bytes(), &Limits::default()).await, text);
+        assert_eq!(
+            run_ok(&echo, text.as_bytes(), &Limits::default()).await,
+            text
+        );
     }
-    assert!(!looping.is_finished(), "the loop ended before the other tasks ran");
+    assert!(
+        !looping.is_finished(),
+        "the loop ended before the other tasks ran"
+    );
     let err = looping.await.unwrap().unwrap_err();
-    assert!(matches!(err, TaskError::DeadlineExceeded { ms: 3000 }), "{err}");
+    assert!(
+        matches!(err, TaskError::DeadlineExceeded { ms: 3000 }),
+        "{err}"
+    );
 }

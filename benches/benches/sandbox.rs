@@ -1,0 +1,115 @@
+//! Per-task cost of `echo` through orch's sandbox (fresh store, fuel, memory
+//! limiter, deadline, instantiate, `handle`) against a bare wasmtime
+//! instantiate + call of the same component, measured in the same run.
+//!
+//! The baseline uses wasmtime directly: the same pooling allocator and async
+//! calls, no fuel, no epoch interruption, no limiter, and host imports that
+//! do nothing. Run with `cargo bench -p orch-benches --bench sandbox` after
+//! `bash plugins/build.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use orch::kv::KvStore;
+use orch::sandbox::bindings::{self, orch::agent as wit};
+use orch::{Agent, Engine, EngineConfig, Limits, TaskRequest};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+fn echo_path() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/echo.wasm");
+    assert!(path.exists(), "run `bash plugins/build.sh` first");
+    path
+}
+
+/// Host state of the bare baseline: imports that do nothing.
+struct Bare;
+
+impl wit::types::Host for Bare {}
+impl wit::log::Host for Bare {
+    fn log(&mut self, _level: wit::log::Level, _message: String) {}
+}
+impl wit::kv::Host for Bare {
+    async fn get(&mut self, _key: String) -> Option<Vec<u8>> {
+        None
+    }
+    async fn set(&mut self, _key: String, _value: Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
+    async fn delete(&mut self, _key: String) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn bare_pre() -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
+    let mut config = wasmtime::Config::new();
+    config
+        .wasm_component_model(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(
+            PoolingAllocationConfig::default(),
+        ));
+    let engine = wasmtime::Engine::new(&config).unwrap();
+    let component = Component::from_file(&engine, echo_path()).unwrap();
+    let mut linker = Linker::new(&engine);
+    bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
+    let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    (engine, pre)
+}
+
+fn task(payload: &[u8]) -> TaskRequest {
+    TaskRequest {
+        id: "bench".into(),
+        capability: "echo".into(),
+        payload: payload.to_vec(),
+        content_type: "application/octet-stream".into(),
+        attempt: 1,
+    }
+}
+
+fn echo(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let payload = b"hello, orch".to_vec();
+
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let kv = Arc::new(KvStore::new(dir.path().join("kv.redb")));
+    let limits = Limits::default();
+    let agent = rt
+        .block_on(Agent::load(&engine, &echo_path(), kv, &limits))
+        .unwrap();
+
+    let (bare_engine, bare) = bare_pre();
+    let wit_task = bindings::orch::agent::types::Task {
+        id: "bench".into(),
+        capability: "echo".into(),
+        payload: payload.clone(),
+        content_type: "application/octet-stream".into(),
+        attempt: 1,
+        deadline_ms: None,
+    };
+
+    let mut group = c.benchmark_group("echo_task");
+    group.bench_function("bare_wasmtime", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut store = Store::new(&bare_engine, Bare);
+            let instance = bare.instantiate_async(&mut store).await.unwrap();
+            let out = instance.call_handle(&mut store, &wit_task).await.unwrap();
+            assert_eq!(out.as_deref().ok(), Some(payload.as_slice()));
+        })
+    });
+    group.bench_function("orch_sandbox", |b| {
+        b.to_async(&rt).iter(|| async {
+            let out = agent.handle(task(&payload), &limits).await.unwrap();
+            assert_eq!(out.result, payload);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, echo);
+criterion_main!(benches);
