@@ -74,11 +74,13 @@ pub enum TaskError {
     #[error("no free instance: all {limit} instance slots of this host are in use")]
     NoCapacity { limit: u64 },
 
-    #[error("guest trap: {}", trap_text(.message, .panic))]
+    #[error("guest trap: {}", trap_text(.message, .guest))]
     Trap {
         message: String,
-        /// The guest's panic text, when the guest reported one before trapping.
-        panic: Option<String>,
+        /// The guest's own account of the failure, when it gave one before
+        /// trapping: a Rust panic message ("panicked at ...") or the tail of
+        /// its stderr ("wrote to stderr: ...", e.g. a Python traceback).
+        guest: Option<String>,
     },
 
     #[error("invalid input: {0}")]
@@ -94,8 +96,8 @@ pub enum TaskError {
     Host(String),
 }
 
-fn trap_text(message: &str, panic: &Option<String>) -> String {
-    match panic {
+fn trap_text(message: &str, guest: &Option<String>) -> String {
+    match guest {
         Some(p) => format!("{message}; the agent {p}"),
         None => message.to_string(),
     }

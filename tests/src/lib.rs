@@ -49,10 +49,14 @@ pub struct Harness {
 
 impl Harness {
     /// An engine with a small instance pool (tests run in parallel, and each
-    /// pool reserves address space) and no component cache.
+    /// pool reserves address space) and a compile cache shared by all tests
+    /// under `target/test-cache`, so the large JS and Python components are
+    /// compiled once rather than once per test. Entries are keyed by content
+    /// hash and engine, so a rebuilt plugin never hits a stale entry.
     pub fn new() -> Harness {
         Harness::with_config(EngineConfig {
             instance_slots: 16,
+            cache_dir: Some(repo_root().join("target/test-cache/components")),
             ..EngineConfig::default()
         })
     }
@@ -83,9 +87,20 @@ impl Default for Harness {
 
 /// Runs one task with `payload` under `limits` against the agent's first capability.
 pub async fn run(agent: &Agent, payload: &[u8], limits: &Limits) -> Result<TaskOutput, TaskError> {
+    let capability = agent.descriptor().capabilities[0].name.clone();
+    run_capability(agent, &capability, payload, limits).await
+}
+
+/// Runs one task for a named capability of the agent.
+pub async fn run_capability(
+    agent: &Agent,
+    capability: &str,
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<TaskOutput, TaskError> {
     let task = TaskRequest {
         id: "test-task".into(),
-        capability: agent.descriptor().capabilities[0].name.clone(),
+        capability: capability.into(),
         payload: payload.to_vec(),
         content_type: "application/octet-stream".into(),
         attempt: 1,

@@ -5,6 +5,7 @@
 
 pub mod bindings;
 mod host;
+mod stderr;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -110,7 +111,12 @@ pub struct StoreData {
     agent: Arc<str>,
     /// Text of a guest panic reported through `log` just before a trap.
     panic: Option<String>,
+    /// The guest's stderr, present once WASI is in use.
+    stderr: Option<stderr::StderrTail>,
 }
+
+/// How much of a guest's stderr is kept for error messages.
+const STDERR_TAIL: usize = 4 << 10;
 
 struct KvAccess {
     store: Arc<KvStore>,
@@ -121,8 +127,14 @@ struct KvAccess {
 impl WasiView for StoreData {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         // An empty context: no environment, arguments, preopened directories
-        // or network. Clocks and randomness work.
-        let ctx = self.wasi.get_or_insert_with(|| WasiCtx::builder().build());
+        // or network. Clocks and randomness work; stderr is kept (its tail)
+        // for error messages.
+        let stderr = &mut self.stderr;
+        let ctx = self.wasi.get_or_insert_with(|| {
+            let tail = stderr::StderrTail::new(STDERR_TAIL);
+            *stderr = Some(tail.clone());
+            WasiCtx::builder().stderr(tail).build()
+        });
         WasiCtxView {
             ctx,
             table: &mut self.table,
@@ -341,6 +353,7 @@ impl Agent {
             kv,
             agent: self.name.clone(),
             panic: None,
+            stderr: None,
         };
         let mut store = Store::new(self.engine.wasmtime(), data);
         store.limiter(|d| &mut d.limiter);
@@ -393,10 +406,13 @@ fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32)
         Some(trap) => trap.to_string(),
         None => text,
     };
-    TaskError::Trap {
-        message,
-        panic: data.panic.clone(),
-    }
+    let guest = data.panic.clone().or_else(|| {
+        data.stderr
+            .as_ref()
+            .and_then(|s| s.text())
+            .map(|text| format!("wrote to stderr: {text}"))
+    });
+    TaskError::Trap { message, guest }
 }
 
 fn validate_descriptor(d: &Descriptor) -> Result<(), String> {

@@ -220,7 +220,7 @@ async fn host_call_data_inside_the_cap_passes_past_it_fails() {
     assert_eq!(limits.hostcall_budget(), 128 << 10);
     let small = run(&panic, &[b's'; 100 << 10], &limits).await.unwrap_err();
     assert!(
-        matches!(small, TaskError::Trap { panic: Some(_), .. }),
+        matches!(small, TaskError::Trap { guest: Some(_), .. }),
         "{small}"
     );
     assert_eq!(

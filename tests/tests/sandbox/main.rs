@@ -4,6 +4,7 @@
 
 mod agents;
 mod cache;
+mod conformance;
 mod kv;
 mod limits;
 mod malformed;

@@ -16,7 +16,7 @@ async fn panic_message_reaches_the_error() {
     match &err {
         TaskError::Trap {
             message,
-            panic: Some(text),
+            guest: Some(text),
         } => {
             assert!(message.contains("unreachable"), "{message}");
             assert!(text.contains("agent gave up: disk on fire"), "{text}");
