@@ -169,7 +169,7 @@ for dir in "$root"/plugins/*/; do
         ensure_py
         log "building $name (Python)"
         t=$(date +%s)
-        "$componentize_py" -d "$root/wit" -w agent componentize -p "$dir" app \
+        PYTHONDONTWRITEBYTECODE=1 "$componentize_py" -d "$root/wit" -w agent componentize -p "$dir" app \
             -o "$target_file.tmp" >/dev/null
         mv "$target_file.tmp" "$target_file"
         log "built $name in $(( $(date +%s) - t ))s"
