@@ -96,8 +96,18 @@ for name in "${unknown[@]}" "${wasip1[@]}"; do
     "$componentize" "$core" "$out/$name.wasm"
 done
 cp "$wasm_target_dir/wasm32-unknown-unknown/release/echo.wasm" "$out/core/echo.wasm"
+# Manifests travel beside their components (NAME.toml for NAME.wasm).
+copy_manifests() {
+    local manifest name
+    for manifest in "$root"/plugins/*/orch.toml; do
+        name=$(basename "$(dirname "$manifest")")
+        if [ -f "$out/$name.wasm" ]; then cp "$manifest" "$out/$name.toml"; fi
+    done
+}
+
 log "Rust plugins built in $(( $(date +%s) - start ))s"
 if [ "${ORCH_PLUGINS:-all}" = rust ]; then
+    copy_manifests
     exit 0
 fi
 
@@ -186,4 +196,5 @@ for dir in "$root"/plugins/*/; do
         "$componentize" "$wasm_target_dir/c/$name/core.wasm" "$target_file"
     fi
 done
+copy_manifests
 log "built $(ls "$out"/*.wasm | wc -l) components into target/plugins in $(( $(date +%s) - start ))s"

@@ -23,7 +23,7 @@ echo "hello from orch" | $orch run $p/echo.wasm --input -
 step $orch run $p/counter.wasm --output json
 step $orch run $p/counter.wasm --output json
 step $orch run $p/spin.wasm --fuel 10000000
-step $orch run $p/spin.wasm --fuel 100000000000 --timeout 250ms
+step $orch run $p/spin.wasm --fuel 10000000000 --timeout 250ms
 step $orch run $p/hog.wasm --memory 32MiB
 printf '\n$ echo -n "out of coffee" | %s run %s/panic.wasm --input -\n' "$orch" "$p"
 echo -n "out of coffee" | $orch run $p/panic.wasm --input - || printf '(exit code %s)\n' "$?"

@@ -78,7 +78,13 @@ fn languages(c: &mut Criterion) {
     let mut task = c.benchmark_group("task");
     for &(lang, name, capability) in LANGUAGES {
         let agent = rt
-            .block_on(Agent::load(&engine, &plugin(name), kv.clone(), &limits))
+            .block_on(Agent::load(
+                &engine,
+                &plugin(name),
+                kv.clone(),
+                Default::default(),
+                &limits,
+            ))
             .unwrap();
         let payload = b"hello, orch".to_vec();
         task.bench_function(lang, |b| {

@@ -80,7 +80,13 @@ fn echo(c: &mut Criterion) {
     let kv = Arc::new(KvStore::new(dir.path().join("kv.redb")));
     let limits = Limits::default();
     let agent = rt
-        .block_on(Agent::load(&engine, &echo_path(), kv, &limits))
+        .block_on(Agent::load(
+            &engine,
+            &echo_path(),
+            kv,
+            Default::default(),
+            &limits,
+        ))
         .unwrap();
 
     let (bare_engine, bare) = bare_pre();

@@ -42,6 +42,9 @@ pub enum LoadError {
     #[error("{path}: invalid descriptor: {reason}")]
     InvalidDescriptor { path: PathBuf, reason: String },
 
+    #[error("{path}: grant refused: {reason}")]
+    Grant { path: PathBuf, reason: String },
+
     #[error("component cache at {path}: {reason}")]
     Cache { path: PathBuf, reason: String },
 

@@ -11,17 +11,23 @@
 //! - [`sandbox`]: per-task store state, host imports (`log`, `kv`), limits and
 //!   the mapping of traps to typed errors.
 //! - [`kv`]: the embedded key-value store behind the `kv` import.
+//! - [`plugin`]: manifests, grants, signatures and the install store.
+//! - [`config`]: the host's configuration file (limit maxima, signature policy).
 //! - [`units`]: parsing of sizes and durations given by users.
 
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod kv;
+pub mod plugin;
 pub mod sandbox;
 pub mod units;
 
 pub use engine::{ComponentInfo, Engine, EngineConfig};
 pub use error::{LoadError, TaskError};
-pub use sandbox::{Agent, Capability, Descriptor, Limits, TaskOutput, TaskRequest};
+pub use sandbox::{
+    Agent, Capability, Descriptor, DirGrant, Grants, Limits, TaskOutput, TaskRequest,
+};
 
 /// The WIT world every agent implements.
 pub const WORLD: &str = "orch:agent/agent@0.1.0";

@@ -56,7 +56,7 @@ pub fn parse_duration(input: &str) -> Result<std::time::Duration, UnitError> {
 /// Formats a byte count the way [`parse_size`] reads it back.
 pub fn format_size(bytes: u64) -> String {
     for (mult, unit) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
-        if bytes >= mult && bytes % mult == 0 {
+        if bytes >= mult && bytes.is_multiple_of(mult) {
             return format!("{}{unit}", bytes / mult);
         }
     }

@@ -153,7 +153,7 @@ fn exit_codes_tell_bad_input_from_limits_from_agent_failures() {
         "run",
         &p("spin"),
         "--fuel",
-        "100000000000",
+        "10000000000",
         "--timeout",
         "100ms",
     ]);
@@ -196,6 +196,42 @@ fn oversized_input_is_refused_before_loading() {
     let out = orch.run_stdin(&["run", &p("echo"), "-i", "-"], &ok);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout.len(), 16 << 20);
+}
+
+#[test]
+fn limit_flags_within_the_host_maximum_pass_above_it_are_refused() {
+    let orch = Orch::new();
+    let out = orch.run_stdin(
+        &["run", &p("echo"), "-i", "-", "--fuel", "10000000000"],
+        b"at max",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = orch.run_stdin(
+        &["run", &p("echo"), "-i", "-", "--fuel", "10000000001"],
+        b"over",
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("--fuel is above this host's maximum of 10000000000"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The operator lowers the maximum in config.toml.
+    std::fs::write(
+        orch.home.path().join("config.toml"),
+        "[limits]\nmax_memory = \"64MiB\"\n",
+    )
+    .unwrap();
+    let out = orch.run_stdin(&["run", &p("echo"), "-i", "-", "--memory", "64MiB"], b"ok");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = orch.run_stdin(&["run", &p("echo"), "-i", "-", "--memory", "65MiB"], b"no");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("--memory is above this host's maximum of 64MiB"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

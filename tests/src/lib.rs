@@ -8,8 +8,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use orch::config::HostConfig;
 use orch::kv::KvStore;
-use orch::{Agent, Engine, EngineConfig, Limits, LoadError, TaskError, TaskOutput, TaskRequest};
+use orch::plugin::PluginError;
+use orch::{Agent, Engine, EngineConfig, Limits, TaskError, TaskOutput, TaskRequest};
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
@@ -74,8 +76,12 @@ impl Harness {
             .unwrap_or_else(|e| panic!("loading {name}: {e}"))
     }
 
-    pub async fn try_load(&self, path: &std::path::Path) -> Result<Agent, LoadError> {
-        Agent::load(&self.engine, path, self.kv.clone(), &Limits::default()).await
+    /// Loads a component file as `orch run` does: with the grants and limits
+    /// of its manifest when it has one, with none otherwise.
+    pub async fn try_load(&self, path: &std::path::Path) -> Result<Agent, PluginError> {
+        orch::plugin::load_file(&self.engine, self.kv.clone(), &HostConfig::default(), path)
+            .await
+            .map(|(agent, _limits)| agent)
     }
 }
 

@@ -1,37 +1,27 @@
 //! `orch inspect`: what a component is and what it asks for.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
-use orch::kv::KvStore;
 use orch::units::format_size;
-use orch::{Agent, Limits};
 
-use super::{load_error_code, Output};
+use super::{Context, Output};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The component (.wasm) to inspect.
-    component: PathBuf,
+    /// A component file (.wasm), or the name of an installed plugin.
+    component: String,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
 }
 
 pub async fn run(home: &Path, args: Args) -> u8 {
-    let engine = match super::engine(home) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return load_error_code(&e);
-        }
+    let ctx = match Context::open(home) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let kv = Arc::new(KvStore::new(home.join("kv.redb")));
-    let agent = match Agent::load(&engine, &args.component, kv, &Limits::default()).await {
+    let (agent, _limits) = match super::load_agent(&ctx, &args.component).await {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return load_error_code(&e);
-        }
+        Err(code) => return code,
     };
     let d = agent.descriptor();
     let info = agent.info();

@@ -2,12 +2,19 @@
 //! directory and prints; all behaviour lives in the library.
 
 mod inspect;
+mod key;
+mod plugin;
 mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand, ValueEnum};
+use orch::config::HostConfig;
+use orch::kv::KvStore;
+use orch::plugin::{PluginError, PluginStore, StoreError};
 use orch::{Engine, EngineConfig, LoadError, TaskError};
 
 /// Exit codes. Scripts can tell a refused input from a limit from a failing agent.
@@ -27,7 +34,8 @@ const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 error, 2 usage, 3 bad input (file, component, payload, invalid-input),
 4 limit exceeded (fuel, memory, deadline, result size), 5 agent failed (trap, panic, failed).
 
-Environment: ORCH_HOME is the data directory (default ~/.orch): kv store and compiled-component cache.
+Environment: ORCH_HOME is the data directory (default ~/.orch): installed plugins, kv store,
+compiled-component cache, and config.toml (limit maxima, signature policy).
 ORCH_LOG sets the log filter (default: warn), e.g. ORCH_LOG=info or ORCH_LOG=orch::guest=debug.";
 
 #[derive(Parser)]
@@ -43,10 +51,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one task against a component and print the result bytes to stdout.
+    /// Run one task against a component file or an installed plugin and print the result bytes to stdout.
     Run(run::Args),
     /// Show a component's descriptor, imports, exports and size.
     Inspect(inspect::Args),
+    /// Install, list, inspect, upgrade, roll back, remove and sign plugins.
+    #[command(subcommand)]
+    Plugin(plugin::Command),
+    /// Manage signing keys.
+    #[command(subcommand)]
+    Key(key::Command),
 }
 
 #[derive(Clone, Copy, Default, ValueEnum)]
@@ -74,6 +88,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(&home, args).await,
             Command::Inspect(args) => inspect::run(&home, args).await,
+            Command::Plugin(cmd) => plugin::run(&home, cmd).await,
+            Command::Key(cmd) => key::run(cmd),
         }
     });
     ExitCode::from(code)
@@ -103,6 +119,76 @@ pub fn engine(home: &std::path::Path) -> Result<Engine, LoadError> {
         cache_dir: Some(home.join("cache").join("components")),
         ..EngineConfig::default()
     })
+}
+
+/// What most commands need: configuration, engine, kv store, plugin store.
+pub struct Context {
+    pub config: HostConfig,
+    pub engine: Engine,
+    pub kv: Arc<KvStore>,
+    pub store: PluginStore,
+}
+
+impl Context {
+    /// Opens the data directory; on failure prints the error and returns the exit code.
+    pub fn open(home: &std::path::Path) -> Result<Context, u8> {
+        let config = HostConfig::load(&home.join("config.toml")).map_err(|e| {
+            eprintln!("error: {e}");
+            exit::ERROR
+        })?;
+        let engine = engine(home).map_err(|e| {
+            eprintln!("error: {e}");
+            load_error_code(&e)
+        })?;
+        Ok(Context {
+            config,
+            engine,
+            kv: Arc::new(KvStore::new(home.join("kv.redb"))),
+            store: PluginStore::new(home),
+        })
+    }
+}
+
+/// Loads what a user named on the command line: a component file (checked
+/// with its manifest when it has one; with no manifest it gets no grants and
+/// the host's default limits) or the active version of an installed plugin.
+/// Returns the agent and the limits its manifest gives it.
+pub async fn load_agent(ctx: &Context, target: &str) -> Result<(orch::Agent, orch::Limits), u8> {
+    let path = std::path::Path::new(target);
+    if path.exists() {
+        return orch::plugin::load_file(&ctx.engine, ctx.kv.clone(), &ctx.config, path)
+            .await
+            .map_err(|e| plugin_error(&e));
+    }
+    let is_name = !target.contains('/') && !target.ends_with(".wasm");
+    if !is_name {
+        return Err(plugin_error(&PluginError::Load(LoadError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })));
+    }
+    match ctx
+        .store
+        .load(target, &ctx.engine, ctx.kv.clone(), &ctx.config)
+        .await
+    {
+        Ok((agent, limits, _)) => Ok((agent, limits)),
+        Err(PluginError::Store(StoreError::NotInstalled { .. })) => {
+            eprintln!("error: {target} is neither a file nor an installed plugin (see `orch plugin list`)");
+            Err(exit::BAD_INPUT)
+        }
+        Err(e) => Err(plugin_error(&e)),
+    }
+}
+
+/// Prints a plugin error and returns its exit code.
+pub fn plugin_error(e: &PluginError) -> u8 {
+    eprintln!("error: {e}");
+    match e {
+        PluginError::Load(l) => load_error_code(l),
+        PluginError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => exit::ERROR,
+        _ => exit::BAD_INPUT,
+    }
 }
 
 pub fn load_error_code(e: &LoadError) -> u8 {

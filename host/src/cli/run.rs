@@ -1,20 +1,20 @@
 //! `orch run`: one task against one component.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
-use orch::kv::KvStore;
 use orch::units::{format_size, parse_duration, parse_size};
 use orch::{Agent, Limits, TaskRequest};
 
-use super::{exit, load_error_code, task_error_code, Output};
+use super::{exit, task_error_code, Context, Output};
 
 fn defaults_help() -> String {
     let l = Limits::default();
     format!(
         "Limit defaults: --fuel {}, --memory {}, --timeout {}ms, payload and result at most {} each, \
-         at most {} of data per host call, kv values at most {}.",
+         at most {} of data per host call, kv values at most {}. A manifest beside the component \
+         (NAME.toml) or an installed plugin's manifest may set others, within the host's maxima \
+         ($ORCH_HOME/config.toml); flags override both, within the maxima.",
         l.fuel,
         format_size(l.memory),
         l.timeout.as_millis(),
@@ -27,8 +27,8 @@ fn defaults_help() -> String {
 #[derive(clap::Args)]
 #[command(after_help = defaults_help())]
 pub struct Args {
-    /// The component (.wasm) to run.
-    component: PathBuf,
+    /// A component file (.wasm), or the name of an installed plugin.
+    component: String,
     /// File whose bytes are the task payload; `-` reads standard input. Empty payload if absent.
     #[arg(long, short)]
     input: Option<String>,
@@ -50,7 +50,53 @@ pub struct Args {
 }
 
 pub async fn run(home: &Path, args: Args) -> u8 {
-    let mut limits = Limits::default();
+    if args.timeout.is_some_and(|t| t.is_zero()) {
+        eprintln!("error: --timeout must be greater than zero");
+        return exit::BAD_INPUT;
+    }
+    let ctx = match Context::open(home) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let max = &ctx.config.limits;
+    let over = [
+        (
+            args.fuel.is_some_and(|f| f > max.max_fuel),
+            format!("--fuel is above this host's maximum of {}", max.max_fuel),
+        ),
+        (
+            args.memory.is_some_and(|m| m > max.max_memory),
+            format!(
+                "--memory is above this host's maximum of {}",
+                format_size(max.max_memory)
+            ),
+        ),
+        (
+            args.timeout.is_some_and(|t| t > max.max_timeout),
+            format!(
+                "--timeout is above this host's maximum of {}ms",
+                max.max_timeout.as_millis()
+            ),
+        ),
+    ];
+    if let Some((_, message)) = over.iter().find(|(is_over, _)| *is_over) {
+        eprintln!("error: {message}");
+        return exit::BAD_INPUT;
+    }
+    let payload = match read_payload(
+        args.input.as_deref(),
+        ctx.config.limits.defaults.max_payload,
+    ) {
+        Ok(p) => p,
+        Err((code, message)) => {
+            eprintln!("error: {message}");
+            return code;
+        }
+    };
+    let (agent, mut limits) = match super::load_agent(&ctx, &args.component).await {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     if let Some(f) = args.fuel {
         limits.fuel = f;
     }
@@ -58,35 +104,8 @@ pub async fn run(home: &Path, args: Args) -> u8 {
         limits.memory = m;
     }
     if let Some(t) = args.timeout {
-        if t.is_zero() {
-            eprintln!("error: --timeout must be greater than zero");
-            return exit::BAD_INPUT;
-        }
         limits.timeout = t;
     }
-    let payload = match read_payload(args.input.as_deref(), limits.max_payload) {
-        Ok(p) => p,
-        Err((code, message)) => {
-            eprintln!("error: {message}");
-            return code;
-        }
-    };
-
-    let engine = match super::engine(home) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return load_error_code(&e);
-        }
-    };
-    let kv = Arc::new(KvStore::new(home.join("kv.redb")));
-    let agent = match Agent::load(&engine, &args.component, kv, &limits).await {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return load_error_code(&e);
-        }
-    };
     let capability = match args.capability {
         Some(c) if agent.descriptor().capabilities.iter().any(|x| x.name == c) => c,
         Some(c) => {

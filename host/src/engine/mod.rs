@@ -196,7 +196,7 @@ impl Engine {
 
 /// Distinguishes "not wasm" and "core module" from a broken component, so
 /// that the error tells the user what they actually have.
-fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+pub fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     const MAGIC: &[u8] = b"\0asm";
     if bytes.len() < 8 || &bytes[..4] != MAGIC {
         return Err(LoadError::NotWasm {

@@ -40,10 +40,16 @@ impl log::Host for StoreData {
 
 impl StoreData {
     fn kv_access(&self, key: &str) -> Result<&super::KvAccess, String> {
-        let access = self
-            .kv
-            .as_ref()
-            .ok_or_else(|| "kv is not available during describe".to_string())?;
+        let access = match &self.kv {
+            super::KvState::Granted(access) => access,
+            super::KvState::Describe => return Err("kv is not available during describe".into()),
+            super::KvState::NotGranted => {
+                return Err(format!(
+                    "no kv namespace is granted to {} (the manifest needs [grants] kv = \"...\")",
+                    self.agent
+                ))
+            }
+        };
         if key.len() > MAX_KV_KEY {
             return Err(format!(
                 "kv key of {} bytes is longer than the limit of {MAX_KV_KEY} bytes",

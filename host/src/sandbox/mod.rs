@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use crate::engine::{Compiled, ComponentInfo, Engine};
 use crate::error::{LoadError, TaskError};
@@ -68,6 +68,25 @@ impl Limits {
     }
 }
 
+/// What a plugin may touch beyond its own memory. The default grants nothing:
+/// no kv namespace, an empty environment, no directories, no network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// The kv namespace the agent's `kv` calls use.
+    pub kv: Option<String>,
+    /// Environment variables the agent sees, with their values.
+    pub env: Vec<(String, String)>,
+    /// Host directories mapped into the agent's filesystem.
+    pub dirs: Vec<DirGrant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirGrant {
+    pub host: std::path::PathBuf,
+    pub guest: String,
+    pub writable: bool,
+}
+
 /// What the agent says about itself (from `describe`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Descriptor {
@@ -107,7 +126,8 @@ pub struct StoreData {
     table: ResourceTable,
     /// Created on first use: agents that never call WASI do not pay for it.
     wasi: Option<WasiCtx>,
-    kv: Option<KvAccess>,
+    kv: KvState,
+    grants: Arc<Grants>,
     agent: Arc<str>,
     /// Text of a guest panic reported through `log` just before a trap.
     panic: Option<String>,
@@ -118,6 +138,13 @@ pub struct StoreData {
 /// How much of a guest's stderr is kept for error messages.
 const STDERR_TAIL: usize = 4 << 10;
 
+enum KvState {
+    /// `describe` runs before the host has checked anything; no kv there.
+    Describe,
+    NotGranted,
+    Granted(KvAccess),
+}
+
 struct KvAccess {
     store: Arc<KvStore>,
     namespace: Arc<str>,
@@ -126,14 +153,27 @@ struct KvAccess {
 
 impl WasiView for StoreData {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        // An empty context: no environment, arguments, preopened directories
-        // or network. Clocks and randomness work; stderr is kept (its tail)
-        // for error messages.
+        // Only what the grants name: environment variables and directories.
+        // No arguments and no network (the default socket check denies every
+        // address). Clocks and randomness work; stderr is kept (its tail) for
+        // error messages.
         let stderr = &mut self.stderr;
+        let grants = &self.grants;
+        let agent = &self.agent;
         let ctx = self.wasi.get_or_insert_with(|| {
             let tail = stderr::StderrTail::new(STDERR_TAIL);
             *stderr = Some(tail.clone());
-            WasiCtx::builder().stderr(tail).build()
+            let mut builder = WasiCtx::builder();
+            builder.stderr(tail).envs(&grants.env);
+            for dir in &grants.dirs {
+                let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+                if let Err(error) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
+                    // Checked at load; a directory removed since then is
+                    // simply not there for this task.
+                    tracing::error!(agent = &**agent, dir = %dir.host.display(), error = %error, "cannot open granted directory");
+                }
+            }
+            builder.build()
         });
         WasiCtxView {
             ctx,
@@ -187,6 +227,9 @@ pub struct Agent {
     info: ComponentInfo,
     descriptor: Descriptor,
     kv: Arc<KvStore>,
+    grants: Arc<Grants>,
+    /// Bounds the plugin's instances alive at once (`max_instances`).
+    instances: Option<Arc<tokio::sync::Semaphore>>,
     name: Arc<str>,
 }
 
@@ -197,6 +240,7 @@ impl Agent {
         engine: &Engine,
         path: &Path,
         kv: Arc<KvStore>,
+        grants: Grants,
         limits: &Limits,
     ) -> Result<Agent, LoadError> {
         let compiled = {
@@ -206,15 +250,27 @@ impl Agent {
                 .await
                 .map_err(|e| LoadError::Engine(format!("compile task failed: {e}")))??
         };
-        Agent::from_compiled(engine, compiled, kv, limits).await
+        Agent::from_compiled(engine, compiled, kv, grants, limits).await
     }
 
     pub async fn from_compiled(
         engine: &Engine,
         compiled: Compiled,
         kv: Arc<KvStore>,
+        grants: Grants,
         limits: &Limits,
     ) -> Result<Agent, LoadError> {
+        for dir in &grants.dirs {
+            if !dir.host.is_dir() {
+                return Err(LoadError::Grant {
+                    path: compiled.info.path.clone(),
+                    reason: format!(
+                        "granted directory {} does not exist or is not a directory",
+                        dir.host.display()
+                    ),
+                });
+            }
+        }
         let Compiled { pre, info } = compiled;
         let path = info.path.clone();
         let mut agent = Agent {
@@ -227,6 +283,8 @@ impl Agent {
                 capabilities: Vec::new(),
             },
             kv,
+            grants: Arc::new(grants),
+            instances: None,
             name: Arc::from(""),
         };
         let descriptor = agent
@@ -251,10 +309,20 @@ impl Agent {
         &self.info
     }
 
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    /// Caps how many tasks of this agent run at once; later tasks wait for a
+    /// free slot (their deadline keeps counting).
+    pub fn set_max_instances(&mut self, max: Option<u32>) {
+        self.instances = max.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
+    }
+
     /// Calls `describe` in a fresh instance. kv is not available here: the
     /// agent's namespace is not known until `describe` has answered.
     pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
-        let mut store = self.new_store(limits, None);
+        let mut store = self.new_store(limits, KvState::Describe);
         let outcome = tokio::time::timeout(limits.timeout, async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             instance.call_describe(&mut store).await
@@ -295,12 +363,15 @@ impl Agent {
             });
         }
         let started = Instant::now();
-        let kv = KvAccess {
-            store: self.kv.clone(),
-            namespace: self.name.clone(),
-            max_value: limits.max_kv_value,
+        let kv = match &self.grants.kv {
+            Some(namespace) => KvState::Granted(KvAccess {
+                store: self.kv.clone(),
+                namespace: Arc::from(namespace.as_str()),
+                max_value: limits.max_kv_value,
+            }),
+            None => KvState::NotGranted,
         };
-        let mut store = self.new_store(limits, Some(kv));
+        let mut store = self.new_store(limits, kv);
         let task = wit::Task {
             id: task.id,
             capability: task.capability,
@@ -310,6 +381,16 @@ impl Agent {
             deadline_ms: Some(limits.timeout.as_millis() as u64),
         };
         let outcome = tokio::time::timeout(limits.timeout, async {
+            // Waiting for a free instance slot counts against the deadline.
+            let _permit = match &self.instances {
+                Some(s) => Some(
+                    s.clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(wasmtime::Error::msg)?,
+                ),
+                None => None,
+            };
             let instance = self.pre.instantiate_async(&mut store).await?;
             instance.call_handle(&mut store, &task).await
         })
@@ -341,7 +422,7 @@ impl Agent {
         self.engine.config().instance_slots
     }
 
-    fn new_store(&self, limits: &Limits, kv: Option<KvAccess>) -> Store<StoreData> {
+    fn new_store(&self, limits: &Limits, kv: KvState) -> Store<StoreData> {
         let data = StoreData {
             limiter: MemoryLimiter {
                 limit: limits.memory.min(self.engine.config().max_memory),
@@ -351,6 +432,7 @@ impl Agent {
             table: ResourceTable::new(),
             wasi: None,
             kv,
+            grants: self.grants.clone(),
             agent: self.name.clone(),
             panic: None,
             stderr: None,

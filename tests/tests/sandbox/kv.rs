@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use orch::kv::KvStore;
-use orch::{Agent, Limits};
+use orch::Limits;
 use orch_tests::{plugin, run, run_ok, Harness};
 
 #[tokio::test]
@@ -35,9 +35,10 @@ async fn counter_persists_when_the_store_is_reopened() {
         })
         .unwrap();
         let kv = Arc::new(KvStore::new(&path));
-        let counter = Agent::load(&engine, &plugin("counter"), kv, &Limits::default())
-            .await
-            .unwrap();
+        let (counter, _) =
+            orch::plugin::load_file(&engine, kv, &Default::default(), &plugin("counter"))
+                .await
+                .unwrap();
         assert_eq!(run_ok(&counter, b"", &Limits::default()).await, expected);
     }
 }

@@ -1,6 +1,7 @@
 //! Bad files get an error that says what the file is and what is wrong, and
 //! the engine keeps loading good components afterwards.
 
+use orch::plugin::PluginError;
 use orch::LoadError;
 use orch_tests::{core_module, plugin, run_ok, Harness};
 
@@ -12,7 +13,10 @@ async fn each_kind_of_bad_file_gets_its_own_error() {
     let text = dir.join("notes.wasm");
     std::fs::write(&text, "this is not wasm").unwrap();
     let err = h.try_load(&text).await.err().expect("text file loads");
-    assert!(matches!(err, LoadError::NotWasm { .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::Load(LoadError::NotWasm { .. })),
+        "{err}"
+    );
     assert!(
         err.to_string()
             .contains("notes.wasm is not a WebAssembly file"),
@@ -27,7 +31,10 @@ async fn each_kind_of_bad_file_gets_its_own_error() {
         .await
         .err()
         .expect("truncated file loads");
-    assert!(matches!(err, LoadError::InvalidComponent { .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::Load(LoadError::InvalidComponent { .. })),
+        "{err}"
+    );
     assert!(
         err.to_string()
             .contains("truncated.wasm is not a valid component"),
@@ -39,7 +46,10 @@ async fn each_kind_of_bad_file_gets_its_own_error() {
         .await
         .err()
         .expect("core module loads");
-    assert!(matches!(err, LoadError::CoreModule { .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::Load(LoadError::CoreModule { .. })),
+        "{err}"
+    );
     assert!(
         err.to_string()
             .contains("is a core WebAssembly module, not a component"),
@@ -52,7 +62,7 @@ async fn each_kind_of_bad_file_gets_its_own_error() {
         .err()
         .expect("other world loads");
     match &err {
-        LoadError::WrongWorld { details, .. } => {
+        PluginError::Load(LoadError::WrongWorld { details, .. }) => {
             assert!(
                 details.contains("missing exports: describe, handle"),
                 "{details}"
@@ -69,7 +79,10 @@ async fn each_kind_of_bad_file_gets_its_own_error() {
         .await
         .err()
         .expect("missing file loads");
-    assert!(matches!(err, LoadError::Io { .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::Load(LoadError::Io { .. })),
+        "{err}"
+    );
 
     // None of that disturbed the engine.
     let echo = h.load("echo").await;

@@ -1,0 +1,429 @@
+//! `orch plugin ...`: the install store as operators use it.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use orch::plugin::store::Mode;
+use orch::plugin::{gated_imports, manifest, signature, Checked, PluginError, PluginRecord};
+use orch::units::format_size;
+
+use super::{exit, plugin_error, Context, Output};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Check a plugin (component + NAME.toml manifest beside it, or embedded), show
+    /// what it asks for, and install it after confirmation.
+    Install(InstallArgs),
+    /// Install a new version of an installed plugin and make it active; the old one is kept.
+    Upgrade {
+        name: String,
+        #[command(flatten)]
+        args: InstallArgs,
+    },
+    /// Make the previously active version active again.
+    Rollback { name: String },
+    /// Remove a plugin and all its versions (its kv data stays).
+    Remove { name: String },
+    /// List installed plugins.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show an installed plugin: versions, manifest, grants, limits.
+    Inspect {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Sign a component and its manifest with a key from `orch key generate`;
+    /// writes COMPONENT.sig beside it.
+    Sign {
+        component: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct InstallArgs {
+    /// The component file. Its manifest is NAME.toml beside it or an
+    /// `orch-manifest` custom section; a signature, if any, is NAME.wasm.sig.
+    path: String,
+    /// Refuse the file unless its sha256 is this (hex).
+    #[arg(long)]
+    sha256: Option<String>,
+    /// Install without asking for confirmation.
+    #[arg(long, short)]
+    yes: bool,
+}
+
+pub async fn run(home: &Path, cmd: Command) -> u8 {
+    let ctx = match Context::open(home) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cmd {
+        Command::Install(args) => install(&ctx, args, Mode::Install, None).await,
+        Command::Upgrade { name, args } => install(&ctx, args, Mode::Upgrade, Some(name)).await,
+        Command::Rollback { name } => match ctx.store.rollback(&name) {
+            Ok((from, to)) => {
+                println!("{name}: {from} -> {to}");
+                0
+            }
+            Err(e) => plugin_error(&e.into()),
+        },
+        Command::Remove { name } => match ctx.store.remove(&name) {
+            Ok(record) => {
+                let versions: Vec<&str> =
+                    record.versions.iter().map(|v| v.version.as_str()).collect();
+                println!("removed {name} ({})", versions.join(", "));
+                0
+            }
+            Err(e) => plugin_error(&e.into()),
+        },
+        Command::List { output } => list(&ctx, output),
+        Command::Inspect { name, output } => inspect(&ctx, &name, output),
+        Command::Sign { component, key } => sign(&component, &key),
+    }
+}
+
+async fn install(ctx: &Context, args: InstallArgs, mode: Mode, upgrade_name: Option<String>) -> u8 {
+    if args.path.starts_with("http://") || args.path.starts_with("https://") {
+        eprintln!(
+            "error: installing from a URL is not supported by this build; download {} and install the file with --sha256",
+            args.path
+        );
+        return exit::BAD_INPUT;
+    }
+    let path = PathBuf::from(&args.path);
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let progress = Progress::start(&path, size);
+    let checked = orch::plugin::check(
+        &ctx.engine,
+        ctx.kv.clone(),
+        &ctx.config,
+        &path,
+        args.sha256.as_deref(),
+    )
+    .await;
+    progress.finish();
+    let checked = match checked {
+        Ok(c) => c,
+        Err(e) => return plugin_error(&e),
+    };
+    let name = &checked.manifest.manifest.plugin.name;
+    if let Some(expected) = upgrade_name {
+        if &expected != name {
+            return plugin_error(&PluginError::DescriptorMismatch {
+                path,
+                field: "the plugin name",
+                manifest: name.clone(),
+                component: expected,
+            });
+        }
+    }
+    print_summary(&checked, &path);
+    if !args.yes && !confirm(mode) {
+        eprintln!("not installed");
+        return exit::BAD_INPUT;
+    }
+    match ctx.store.commit(&checked, mode) {
+        Ok(record) => {
+            println!(
+                "installed {name} {} ({})",
+                record.version,
+                &record.sha256[..12]
+            );
+            0
+        }
+        Err(e) => plugin_error(&e.into()),
+    }
+}
+
+fn confirm(mode: Mode) -> bool {
+    let verb = if mode == Mode::Install {
+        "install"
+    } else {
+        "upgrade"
+    };
+    eprint!("{verb} this plugin with these grants? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    match std::io::stdin().lock().read_line(&mut line) {
+        Ok(0) => {
+            eprintln!();
+            eprintln!("no answer on standard input; pass --yes to install without asking");
+            false
+        }
+        Ok(_) => matches!(line.trim(), "y" | "Y" | "yes"),
+        Err(_) => false,
+    }
+}
+
+/// Shows elapsed time on stderr while a large component compiles, when
+/// stderr is a terminal.
+struct Progress {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Progress {
+    fn start(path: &Path, size: u64) -> Progress {
+        if size < (1 << 20) || !std::io::stderr().is_terminal() {
+            return Progress { stop: None };
+        }
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let label = format!(
+            "checking and compiling {} ({})",
+            path.display(),
+            size_text(size)
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                eprint!("\r{label} ... {}s", started.elapsed().as_secs());
+                let _ = std::io::stderr().flush();
+                tokio::select! {
+                    _ = &mut rx => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            eprintln!(
+                "\r{label} ... done in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+        });
+        Progress { stop: Some(tx) }
+    }
+
+    fn finish(self) {
+        if let Some(tx) = self.stop {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn size_text(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+fn print_summary(c: &Checked, path: &Path) {
+    let m = &c.manifest.manifest;
+    let l = &c.limits;
+    println!(
+        "plugin {} {}: {}",
+        m.plugin.name, m.plugin.version, m.plugin.description
+    );
+    println!(
+        "  file:         {} ({})",
+        path.display(),
+        size_text(c.bytes.len() as u64)
+    );
+    println!("  sha256:       {}", c.sha256);
+    match &c.signed_by {
+        Some(k) => println!("  signed by:    {k}"),
+        None => println!("  signed by:    (not signed)"),
+    }
+    println!("  capabilities: {}", m.plugin.capabilities.join(", "));
+    println!(
+        "  limits:       fuel {}, memory {}, timeout {}ms, instances {}",
+        l.fuel,
+        format_size(l.memory),
+        l.timeout.as_millis(),
+        m.limits
+            .max_instances
+            .map_or("unbounded".to_string(), |n| n.to_string())
+    );
+    println!("  grants:");
+    let g = &m.grants;
+    println!("    kv namespace: {}", g.kv.as_deref().unwrap_or("(none)"));
+    println!(
+        "    environment:  {}",
+        if g.env.is_empty() {
+            "(none)".to_string()
+        } else {
+            g.env.join(", ")
+        }
+    );
+    if g.dirs.is_empty() {
+        println!("    directories:  (none)");
+    }
+    for d in &g.dirs {
+        let mode = match d.mode {
+            manifest::DirMode::ReadOnly => "read-only",
+            manifest::DirMode::ReadWrite => "read-write",
+        };
+        println!(
+            "    directory:    {} as {} ({mode})",
+            d.host.display(),
+            d.guest
+        );
+    }
+    let gated = gated_imports(&c.agent.info().imports);
+    if !gated.is_empty() {
+        println!("  imports that need a grant:");
+        for (grant, imports) in gated {
+            let granted = match grant {
+                "kv" => g.kv.is_some(),
+                "dirs" => !g.dirs.is_empty(),
+                "env" => !g.env.is_empty(),
+                _ => false,
+            };
+            let status = if granted {
+                "granted"
+            } else {
+                "not granted: calls are refused or see nothing"
+            };
+            println!("    {grant}: {} import(s), {status}", imports.len());
+        }
+    }
+}
+
+fn list(ctx: &Context, output: Output) -> u8 {
+    let plugins = match ctx.store.list() {
+        Ok(p) => p,
+        Err(e) => return plugin_error(&e.into()),
+    };
+    match output {
+        Output::Json => {
+            let items: Vec<serde_json::Value> = plugins
+                .iter()
+                .map(|(name, r)| record_json(name, r))
+                .collect();
+            println!("{}", serde_json::Value::Array(items));
+        }
+        Output::Text => {
+            if plugins.is_empty() {
+                println!("no plugins installed");
+            }
+            for (name, r) in &plugins {
+                let caps = r
+                    .active_version()
+                    .and_then(|v| manifest::Manifest::parse(&v.manifest, name).ok())
+                    .map(|m| m.plugin.capabilities.join(", "))
+                    .unwrap_or_default();
+                let versions: Vec<&str> = r.versions.iter().map(|v| v.version.as_str()).collect();
+                println!(
+                    "{name} {} [{caps}] (versions: {})",
+                    r.active,
+                    versions.join(", ")
+                );
+            }
+        }
+    }
+    0
+}
+
+fn record_json(name: &str, r: &PluginRecord) -> serde_json::Value {
+    let manifest = r
+        .active_version()
+        .and_then(|v| manifest::Manifest::parse(&v.manifest, name).ok());
+    serde_json::json!({
+        "name": name,
+        "active": r.active,
+        "capabilities": manifest.as_ref().map(|m| m.plugin.capabilities.clone()).unwrap_or_default(),
+        "versions": r.versions.iter().map(|v| serde_json::json!({
+            "version": v.version,
+            "sha256": v.sha256,
+            "size": v.size,
+            "signed_by": v.signed_by,
+            "installed_at": v.installed_at,
+        })).collect::<Vec<_>>(),
+        "history": r.history,
+    })
+}
+
+fn inspect(ctx: &Context, name: &str, output: Output) -> u8 {
+    let record = match ctx.store.get(name) {
+        Ok(r) => r,
+        Err(e) => return plugin_error(&e.into()),
+    };
+    let Some(active) = record.active_version() else {
+        eprintln!(
+            "error: {name}: the active version {} has no record",
+            record.active
+        );
+        return exit::ERROR;
+    };
+    let manifest = match manifest::Manifest::parse(&active.manifest, name) {
+        Ok(m) => m,
+        Err(e) => return plugin_error(&e.into()),
+    };
+    match output {
+        Output::Json => {
+            let mut v = record_json(name, &record);
+            v["manifest"] = serde_json::to_value(&manifest).unwrap_or_default();
+            v["blob"] = serde_json::json!(ctx.store.blob_path(&active.sha256));
+            println!("{v:#}");
+        }
+        Output::Text => {
+            println!("{name} {} (active)", record.active);
+            println!("  description:  {}", manifest.plugin.description);
+            println!(
+                "  capabilities: {}",
+                manifest.plugin.capabilities.join(", ")
+            );
+            println!("  sha256:       {}", active.sha256);
+            println!(
+                "  signed by:    {}",
+                active.signed_by.as_deref().unwrap_or("(not signed)")
+            );
+            println!("  versions:");
+            for v in &record.versions {
+                let mark = if v.version == record.active { "*" } else { " " };
+                println!(
+                    "    {mark} {} {} ({})",
+                    v.version,
+                    &v.sha256[..12],
+                    size_text(v.size)
+                );
+            }
+            println!("  manifest:");
+            for line in active.manifest.lines() {
+                println!("    {line}");
+            }
+        }
+    }
+    0
+}
+
+fn sign(component: &Path, key: &Path) -> u8 {
+    let seed = match std::fs::read_to_string(key) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read key {}: {e}", key.display());
+            return exit::BAD_INPUT;
+        }
+    };
+    let bytes = match std::fs::read(component) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", component.display());
+            return exit::BAD_INPUT;
+        }
+    };
+    let loaded = match manifest::require(component, &bytes) {
+        Ok(m) => m,
+        Err(e) => return plugin_error(&e.into()),
+    };
+    let sig = match signature::sign(&seed, &bytes, &loaded.text) {
+        Ok(s) => s,
+        Err(e) => return plugin_error(&e.into()),
+    };
+    let out = signature::path_for(component);
+    if let Err(e) = std::fs::write(&out, sig.to_text()) {
+        eprintln!("error: cannot write {}: {e}", out.display());
+        return exit::ERROR;
+    }
+    println!(
+        "signed {} with {}; wrote {}",
+        component.display(),
+        sig.key,
+        out.display()
+    );
+    0
+}

@@ -1,0 +1,123 @@
+//! Host configuration: `$ORCH_HOME/config.toml`. Every key is optional.
+//!
+//! ```toml
+//! [limits]                     # the most any plugin's manifest may ask for
+//! max_fuel = 10000000000
+//! max_memory = "1GiB"
+//! max_timeout = "5m"
+//!
+//! [plugins]
+//! require_signed = true        # refuse plugins without a trusted signature
+//! trusted_keys = ["UC3Z..."]   # Ed25519 public keys in NATS nkey form
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sandbox::Limits;
+use crate::units::{parse_duration, parse_size};
+
+/// Per-task limits a plugin gets by default, and the most it may ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLimits {
+    pub defaults: Limits,
+    pub max_fuel: u64,
+    pub max_memory: u64,
+    pub max_timeout: Duration,
+}
+
+impl Default for HostLimits {
+    fn default() -> Self {
+        HostLimits {
+            defaults: Limits::default(),
+            max_fuel: 10_000_000_000,
+            max_memory: 1 << 30,
+            max_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Which plugins this host accepts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginPolicy {
+    pub require_signed: bool,
+    pub trusted_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostConfig {
+    pub limits: HostLimits,
+    pub plugins: PluginPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {reason}")]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    plugins: PluginsFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_fuel: Option<u64>,
+    max_memory: Option<String>,
+    max_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PluginsFile {
+    #[serde(default)]
+    require_signed: bool,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+}
+
+impl HostConfig {
+    /// Reads `path`; a missing file means the defaults.
+    pub fn load(path: &Path) -> Result<HostConfig, ConfigError> {
+        let err = |reason: String| ConfigError {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HostConfig::default()),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let file: File = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+        let mut config = HostConfig::default();
+        if let Some(f) = file.limits.max_fuel {
+            config.limits.max_fuel = f;
+        }
+        if let Some(m) = file.limits.max_memory {
+            config.limits.max_memory =
+                parse_size(&m).map_err(|e| err(format!("limits.max_memory: {e}")))?;
+        }
+        if let Some(t) = file.limits.max_timeout {
+            config.limits.max_timeout =
+                parse_duration(&t).map_err(|e| err(format!("limits.max_timeout: {e}")))?;
+        }
+        for key in &file.plugins.trusted_keys {
+            crate::plugin::signature::check_public_key(key)
+                .map_err(|reason| err(format!("plugins.trusted_keys: {key}: {reason}")))?;
+        }
+        config.plugins = PluginPolicy {
+            require_signed: file.plugins.require_signed,
+            trusted_keys: file.plugins.trusted_keys,
+        };
+        Ok(config)
+    }
+}

@@ -1,0 +1,369 @@
+//! Installed plugins under `$ORCH_HOME/plugins/`:
+//!
+//! - `blobs/<sha256>.wasm`: component bytes, named by their hash;
+//! - `registry.json`: per plugin, its versions (hash, manifest text, signer,
+//!   install time), the active one, and the activation history for rollback.
+//!
+//! Every change writes a new file and renames it over the old one (after
+//! fsync), under an exclusive lock, so an interrupted or failed install
+//! leaves the store as it was: at most an unreferenced blob, never a
+//! registry entry without its blob.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::manifest::{LoadedManifest, Manifest};
+use super::{Checked, PluginError};
+use crate::config::HostConfig;
+use crate::engine::Engine;
+use crate::kv::KvStore;
+use crate::sandbox::{Agent, Limits};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("plugin store {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("plugin store {path} is damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("no plugin named {name} is installed")]
+    NotInstalled { name: String },
+    #[error("plugin {name} is already installed (version {active}); use `orch plugin upgrade {name} <path>` for a new version")]
+    AlreadyInstalled { name: String, active: String },
+    #[error(
+        "plugin {name} {version} is already installed; a new version needs a new version number"
+    )]
+    DuplicateVersion { name: String, version: String },
+    #[error("plugin {name} has no earlier version to roll back to")]
+    NoPrevious { name: String },
+    #[error("kv namespace {namespace} is already granted to plugin {owner}; namespaces are private to one plugin")]
+    KvNamespaceTaken { namespace: String, owner: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    /// The manifest text exactly as installed (signatures cover it).
+    pub manifest: String,
+    pub signed_by: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub installed_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    pub active: String,
+    pub versions: Vec<VersionRecord>,
+    /// Versions in the order they were made active; the last is `active`.
+    pub history: Vec<String>,
+}
+
+impl PluginRecord {
+    pub fn active_version(&self) -> Option<&VersionRecord> {
+        self.versions.iter().find(|v| v.version == self.active)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Registry {
+    plugins: BTreeMap<String, PluginRecord>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Install,
+    Upgrade,
+}
+
+pub struct PluginStore {
+    dir: PathBuf,
+}
+
+impl PluginStore {
+    pub fn new(home: &Path) -> PluginStore {
+        PluginStore {
+            dir: home.join("plugins"),
+        }
+    }
+
+    fn io(&self, path: &Path, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn registry_path(&self) -> PathBuf {
+        self.dir.join("registry.json")
+    }
+
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join("blobs").join(format!("{sha256}.wasm"))
+    }
+
+    /// Holds the store's lock until dropped, so concurrent `orch` commands
+    /// change the registry one at a time.
+    fn lock(&self) -> Result<std::fs::File, StoreError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.io(&self.dir, e))?;
+        let path = self.dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| self.io(&path, e))?;
+        file.lock().map_err(|e| self.io(&path, e))?;
+        Ok(file)
+    }
+
+    fn read(&self) -> Result<Registry, StoreError> {
+        let path = self.registry_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Err(e) => Err(self.io(&path, e)),
+        }
+    }
+
+    fn write(&self, registry: &Registry) -> Result<(), StoreError> {
+        let path = self.registry_path();
+        let bytes = serde_json::to_vec_pretty(registry).map_err(|e| self.io(&path, e))?;
+        write_atomic(&path, &bytes).map_err(|e| self.io(&path, e))
+    }
+
+    pub fn list(&self) -> Result<BTreeMap<String, PluginRecord>, StoreError> {
+        Ok(self.read()?.plugins)
+    }
+
+    pub fn get(&self, name: &str) -> Result<PluginRecord, StoreError> {
+        self.read()?
+            .plugins
+            .remove(name)
+            .ok_or_else(|| StoreError::NotInstalled {
+                name: name.to_string(),
+            })
+    }
+
+    /// Stores a checked plugin: the blob first, then the registry entry that
+    /// makes it the active version.
+    pub fn commit(&self, checked: &Checked, mode: Mode) -> Result<VersionRecord, StoreError> {
+        let _lock = self.lock()?;
+        let mut registry = self.read()?;
+        let m = &checked.manifest.manifest;
+        let name = m.plugin.name.clone();
+        let version = m.plugin.version.clone();
+        match (mode, registry.plugins.get(&name)) {
+            (Mode::Install, Some(existing)) => {
+                return Err(StoreError::AlreadyInstalled {
+                    name,
+                    active: existing.active.clone(),
+                })
+            }
+            (Mode::Upgrade, None) => return Err(StoreError::NotInstalled { name }),
+            (Mode::Upgrade, Some(existing))
+                if existing.versions.iter().any(|v| v.version == version) =>
+            {
+                return Err(StoreError::DuplicateVersion { name, version })
+            }
+            _ => {}
+        }
+        if let Some(namespace) = &m.grants.kv {
+            for (owner, record) in &registry.plugins {
+                if owner == &name {
+                    continue;
+                }
+                let taken = record.versions.iter().any(|v| {
+                    Manifest::parse(&v.manifest, owner)
+                        .map(|other| other.grants.kv.as_ref() == Some(namespace))
+                        .unwrap_or(false)
+                });
+                if taken {
+                    return Err(StoreError::KvNamespaceTaken {
+                        namespace: namespace.clone(),
+                        owner: owner.clone(),
+                    });
+                }
+            }
+        }
+
+        let blob = self.blob_path(&checked.sha256);
+        if !blob.exists() {
+            if let Some(parent) = blob.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| self.io(parent, e))?;
+            }
+            write_atomic(&blob, &checked.bytes).map_err(|e| self.io(&blob, e))?;
+        }
+        let record = VersionRecord {
+            version: version.clone(),
+            sha256: checked.sha256.clone(),
+            size: checked.bytes.len() as u64,
+            manifest: checked.manifest.text.clone(),
+            signed_by: checked.signed_by.clone(),
+            installed_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let entry = registry
+            .plugins
+            .entry(name)
+            .or_insert_with(|| PluginRecord {
+                active: version.clone(),
+                versions: Vec::new(),
+                history: Vec::new(),
+            });
+        entry.versions.push(record.clone());
+        entry.active = version.clone();
+        entry.history.push(version);
+        self.write(&registry)?;
+        Ok(record)
+    }
+
+    /// Removes a plugin and every version of it; blobs no other plugin uses
+    /// are deleted.
+    pub fn remove(&self, name: &str) -> Result<PluginRecord, StoreError> {
+        let _lock = self.lock()?;
+        let mut registry = self.read()?;
+        let record = registry
+            .plugins
+            .remove(name)
+            .ok_or_else(|| StoreError::NotInstalled {
+                name: name.to_string(),
+            })?;
+        self.write(&registry)?;
+        for v in &record.versions {
+            let used = registry
+                .plugins
+                .values()
+                .any(|r| r.versions.iter().any(|o| o.sha256 == v.sha256));
+            if !used {
+                // A blob left behind costs disk, not correctness.
+                let _ = std::fs::remove_file(self.blob_path(&v.sha256));
+            }
+        }
+        Ok(record)
+    }
+
+    /// Makes the version that was active before the current one active
+    /// again. Returns (from, to).
+    pub fn rollback(&self, name: &str) -> Result<(String, String), StoreError> {
+        let _lock = self.lock()?;
+        let mut registry = self.read()?;
+        let record = registry
+            .plugins
+            .get_mut(name)
+            .ok_or_else(|| StoreError::NotInstalled {
+                name: name.to_string(),
+            })?;
+        if record.history.len() < 2 {
+            return Err(StoreError::NoPrevious {
+                name: name.to_string(),
+            });
+        }
+        let from = record.history.pop().unwrap_or_default();
+        let to = record.history.last().cloned().unwrap_or_default();
+        record.active = to.clone();
+        self.write(&registry)?;
+        Ok((from, to))
+    }
+
+    /// Loads the active version of an installed plugin: checks the stored
+    /// bytes against their hash and the signature policy, then compiles (or
+    /// loads from the cache) and describes it.
+    pub async fn load(
+        &self,
+        name: &str,
+        engine: &Engine,
+        kv: Arc<KvStore>,
+        config: &HostConfig,
+    ) -> Result<(Agent, Limits, VersionRecord), PluginError> {
+        let record = self.get(name)?;
+        let version = record
+            .active_version()
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt {
+                path: self.registry_path(),
+                reason: format!("{name}: active version {} has no record", record.active),
+            })?;
+        let blob = self.blob_path(&version.sha256);
+        let bytes = std::fs::read(&blob).map_err(|e| self.io(&blob, e))?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != version.sha256 {
+            return Err(StoreError::Corrupt {
+                path: blob,
+                reason: format!("content hash is {actual}, expected {}", version.sha256),
+            }
+            .into());
+        }
+        if config.plugins.require_signed {
+            let trusted = version
+                .signed_by
+                .as_ref()
+                .is_some_and(|k| config.plugins.trusted_keys.contains(k));
+            if !trusted {
+                return Err(super::signature::SignatureError::Unsigned {
+                    path: PathBuf::from(name),
+                    sig: PathBuf::from(format!(
+                        "a signature by a trusted key for {name} {}",
+                        version.version
+                    )),
+                }
+                .into());
+            }
+        }
+        let source_name = format!("{name} {} (installed)", version.version);
+        let manifest = LoadedManifest {
+            manifest: Manifest::parse(&version.manifest, &source_name)?,
+            text: version.manifest.clone(),
+            source_name,
+        };
+        let limits = manifest
+            .manifest
+            .limits(&config.limits, &manifest.source_name)?;
+        let grants = manifest.manifest.grants(|n| std::env::var(n).ok());
+        let compiled = {
+            let engine = engine.clone();
+            let display = PathBuf::from(format!("{name}@{}", version.version));
+            tokio::task::spawn_blocking(move || engine.compile(&display, &bytes))
+                .await
+                .map_err(|e| {
+                    crate::error::LoadError::Engine(format!("compile task failed: {e}"))
+                })??
+        };
+        let mut agent = Agent::from_compiled(engine, compiled, kv, grants, &limits).await?;
+        agent.set_max_instances(manifest.manifest.limits.max_instances);
+        Ok((agent, limits, version))
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the whole
+/// new one: a temporary file in the same directory, fsync, rename, fsync of
+/// the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
