@@ -36,6 +36,17 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Embed a manifest in a component (custom section `orch-manifest`), so the
+    /// plugin is one file.
+    Pack {
+        component: PathBuf,
+        /// The manifest; defaults to NAME.toml beside the component.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Where to write the packed component.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Sign a component and its manifest with a key from `orch key generate`;
     /// writes COMPONENT.sig beside it.
     Sign {
@@ -85,6 +96,11 @@ pub async fn run(home: &Path, cmd: Command) -> u8 {
         Command::List { output } => list(&ctx, output),
         Command::Inspect { name, output } => inspect(&ctx, &name, output),
         Command::Sign { component, key } => sign(&component, &key),
+        Command::Pack {
+            component,
+            manifest,
+            out,
+        } => pack(&component, manifest, &out),
     }
 }
 
@@ -117,7 +133,7 @@ async fn install(ctx: &Context, args: InstallArgs, mode: Mode, upgrade_name: Opt
         if &expected != name {
             return plugin_error(&PluginError::DescriptorMismatch {
                 path,
-                field: "the plugin name",
+                field: "its name",
                 manifest: name.clone(),
                 component: expected,
             });
@@ -424,6 +440,46 @@ fn sign(component: &Path, key: &Path) -> u8 {
         component.display(),
         sig.key,
         out.display()
+    );
+    0
+}
+
+fn pack(component: &Path, manifest_path: Option<PathBuf>, out: &Path) -> u8 {
+    let manifest_path = manifest_path.unwrap_or_else(|| manifest::beside(component));
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let (bytes, text) = match (read(component), read(&manifest_path)) {
+        (Ok(b), Ok(t)) => (b, t),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    let text = match String::from_utf8(text) {
+        Ok(t) => t,
+        Err(_) => {
+            eprintln!("error: {} is not UTF-8", manifest_path.display());
+            return exit::BAD_INPUT;
+        }
+    };
+    if let Err(e) = manifest::Manifest::parse(&text, &manifest_path.display().to_string()) {
+        return plugin_error(&e.into());
+    }
+    if orch::plugin::section::find(&bytes, manifest::SECTION).is_some() {
+        eprintln!(
+            "error: {} already has an embedded manifest",
+            component.display()
+        );
+        return exit::BAD_INPUT;
+    }
+    let packed = orch::plugin::section::append(&bytes, manifest::SECTION, text.as_bytes());
+    if let Err(e) = std::fs::write(out, packed) {
+        eprintln!("error: cannot write {}: {e}", out.display());
+        return exit::ERROR;
+    }
+    println!(
+        "wrote {} with the manifest of {} embedded",
+        out.display(),
+        manifest_path.display()
     );
     0
 }

@@ -148,6 +148,7 @@ pub async fn run(home: &Path, args: Args) -> u8 {
                         "id": id,
                         "status": "completed",
                         "agent": agent.descriptor().name,
+                        "version": agent.descriptor().version,
                         "result": result,
                         "result_hex": result_hex,
                         "fuel_used": out.fuel_used,

@@ -37,7 +37,7 @@ pub enum PluginError {
         expected: String,
         actual: String,
     },
-    #[error("{path}: the manifest says {field} is {manifest}, but the component's describe says {component}")]
+    #[error("{path}: the manifest and the component's describe disagree on {field}: the manifest says {manifest}, describe says {component}")]
     DescriptorMismatch {
         path: PathBuf,
         field: &'static str,
@@ -189,7 +189,7 @@ fn check_descriptor(path: &Path, m: &LoadedManifest, agent: &Agent) -> Result<()
         component,
     };
     if d.name != p.name {
-        return Err(mismatch("the name", p.name.clone(), d.name.clone()));
+        return Err(mismatch("its name", p.name.clone(), d.name.clone()));
     }
     if d.version != p.version {
         return Err(mismatch(

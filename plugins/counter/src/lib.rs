@@ -9,7 +9,7 @@ struct Counter;
 
 impl Agent for Counter {
     fn describe() -> Descriptor {
-        Descriptor::new("counter", "0.1.0").capability(
+        Descriptor::new("counter", env!("CARGO_PKG_VERSION")).capability(
             "counter",
             "1.0.0",
             "increments a stored counter and returns the new value",

@@ -5,6 +5,7 @@
 mod agents;
 mod cache;
 mod conformance;
+mod grants;
 mod kv;
 mod limits;
 mod malformed;

@@ -1,0 +1,633 @@
+//! `orch plugin` and `orch key` as operators use them: real processes, real
+//! components from plugins/, a fresh ORCH_HOME per test. Error messages are
+//! checked against golden files in tests/golden/ (ORCH_UPDATE_GOLDEN=1
+//! rewrites them after a deliberate change).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn built(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash plugins/build.sh`",
+        path.display()
+    );
+    path
+}
+
+struct Orch {
+    home: tempfile::TempDir,
+    work: tempfile::TempDir,
+}
+
+impl Orch {
+    fn new() -> Orch {
+        Orch {
+            home: tempfile::tempdir().unwrap(),
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run_with(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orch"))
+            .args(args)
+            .env("ORCH_HOME", self.home.path())
+            .env_remove("ORCH_LOG")
+            .env_remove("RUST_BACKTRACE")
+            .current_dir(self.work.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, b"")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "orch {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Copies a built plugin (component and manifest) into the work dir as
+    /// `as_name`, optionally rewriting the manifest.
+    fn stage(&self, plugin: &str, as_name: &str, edit: impl Fn(String) -> String) -> String {
+        let wasm = self.work.path().join(format!("{as_name}.wasm"));
+        std::fs::copy(built(&format!("{plugin}.wasm")), &wasm).unwrap();
+        let manifest = std::fs::read_to_string(built(&format!("{plugin}.toml"))).unwrap();
+        std::fs::write(
+            self.work.path().join(format!("{as_name}.toml")),
+            edit(manifest),
+        )
+        .unwrap();
+        wasm.display().to_string()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn config(&self, text: &str) {
+        std::fs::write(self.home.path().join("config.toml"), text).unwrap();
+    }
+
+    fn key(&self, file: &str) -> String {
+        self.ok(&["key", "generate", "--out", file])
+            .trim()
+            .to_string()
+    }
+}
+
+fn same(x: String) -> String {
+    x
+}
+
+#[test]
+fn install_run_upgrade_rollback_remove() {
+    let orch = Orch::new();
+    let v1 = orch.stage("counter", "counter", same);
+    let v2 = orch.stage("counter-next", "counter-next", same);
+
+    assert!(orch
+        .ok(&["plugin", "install", &v1, "--yes"])
+        .contains("installed counter 0.1.0"));
+    let list = orch.json(&["plugin", "list", "--output", "json"]);
+    assert_eq!(list[0]["name"], "counter");
+    assert_eq!(list[0]["active"], "0.1.0");
+    assert_eq!(list[0]["capabilities"][0], "counter");
+    assert_eq!(orch.ok(&["run", "counter"]), "1");
+
+    assert!(orch
+        .ok(&["plugin", "upgrade", "counter", &v2, "--yes"])
+        .contains("installed counter 0.2.0"));
+    let out = orch.json(&["run", "counter", "--output", "json"]);
+    assert_eq!(
+        (out["version"].as_str(), out["result"].as_str()),
+        (Some("0.2.0"), Some("2"))
+    );
+
+    assert_eq!(
+        orch.ok(&["plugin", "rollback", "counter"]).trim(),
+        "counter: 0.2.0 -> 0.1.0"
+    );
+    let out = orch.json(&["run", "counter", "--output", "json"]);
+    assert_eq!(
+        (out["version"].as_str(), out["result"].as_str()),
+        (Some("0.1.0"), Some("3"))
+    );
+
+    let info = orch.json(&["plugin", "inspect", "counter", "--output", "json"]);
+    assert_eq!(info["active"], "0.1.0");
+    let versions: Vec<&str> = info["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["0.1.0", "0.2.0"]);
+    assert_eq!(info["manifest"]["grants"]["kv"], "counter");
+    let blob = PathBuf::from(info["blob"].as_str().unwrap());
+    assert!(blob.exists());
+
+    // Nothing is left to roll back to now.
+    let out = orch.run(&["plugin", "rollback", "counter"]);
+    assert_eq!(out.status.code(), Some(3));
+
+    assert!(orch
+        .ok(&["plugin", "remove", "counter"])
+        .contains("removed counter (0.1.0, 0.2.0)"));
+    assert_eq!(
+        orch.json(&["plugin", "list", "--output", "json"]),
+        serde_json::json!([])
+    );
+    assert!(!blob.exists(), "the blob of a removed plugin is deleted");
+    let out = orch.run(&["run", "counter"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither a file nor an installed plugin"));
+}
+
+#[test]
+fn install_asks_before_granting() {
+    let orch = Orch::new();
+    let wasm = orch.stage("counter", "counter", same);
+    let out = orch.run_with(&["plugin", "install", &wasm], b"n\n");
+    assert_eq!(out.status.code(), Some(3));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("kv namespace: counter"),
+        "the grants are shown: {shown}"
+    );
+    assert_eq!(
+        orch.json(&["plugin", "list", "--output", "json"]),
+        serde_json::json!([])
+    );
+
+    let out = orch.run(&["plugin", "install", &wasm]);
+    assert_eq!(out.status.code(), Some(3), "no answer means no");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --yes"));
+
+    let out = orch.run_with(&["plugin", "install", &wasm], b"y\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(orch.ok(&["run", "counter"]), "1");
+}
+
+#[test]
+fn embedded_manifest_makes_a_one_file_plugin() {
+    let orch = Orch::new();
+    let loose = orch.stage("counter", "counter", same);
+    let packed = orch.work.path().join("packed").join("counter.wasm");
+    std::fs::create_dir(packed.parent().unwrap()).unwrap();
+    orch.ok(&["plugin", "pack", &loose, "-o", packed.to_str().unwrap()]);
+    assert!(!packed.with_extension("toml").exists());
+    assert_eq!(orch.ok(&["run", packed.to_str().unwrap()]), "1");
+    orch.ok(&["plugin", "install", packed.to_str().unwrap(), "--yes"]);
+    assert_eq!(orch.ok(&["run", "counter"]), "2");
+}
+
+#[test]
+fn signed_plugins_install_when_required() {
+    let orch = Orch::new();
+    let public = orch.key("k.nk");
+    assert!(public.starts_with('U') && public.len() == 56, "{public}");
+    orch.config(&format!(
+        "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
+    ));
+    let wasm = orch.stage("counter", "counter", same);
+    orch.ok(&["plugin", "sign", &wasm, "--key", "k.nk"]);
+    assert!(orch
+        .ok(&["plugin", "install", &wasm, "--yes"])
+        .contains(&format!("signed by:    {public}")));
+    let info = orch.json(&["plugin", "inspect", "counter", "--output", "json"]);
+    assert_eq!(info["versions"][0]["signed_by"], public.as_str());
+    assert_eq!(orch.ok(&["run", "counter"]), "1");
+}
+
+/// Replaces what changes from run to run (temporary paths, hashes, keys)
+/// with stable placeholders.
+fn normalize(text: &str, orch: &Orch) -> String {
+    let mut s = text
+        .replace(&orch.work.path().display().to_string(), "$WORK")
+        .replace(&orch.home.path().display().to_string(), "$HOME");
+    let words: Vec<String> = s
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| {
+            (w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+                || (w.len() == 56
+                    && w.starts_with('U')
+                    && w.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
+        })
+        .map(str::to_string)
+        .collect();
+    for w in words {
+        let placeholder = if w.len() == 64 { "<sha256>" } else { "<key>" };
+        s = s.replace(&w, placeholder);
+    }
+    s
+}
+
+/// One bad input per case: what to set up, the command, and the exit code.
+/// The message must match tests/golden/NAME.err.
+#[test]
+fn every_bad_input_gets_its_own_message() {
+    type Setup = fn(&Orch) -> Vec<String>;
+    let cases: Vec<(&str, Setup, i32)> = vec![
+        (
+            "not_a_file",
+            |o| {
+                std::fs::create_dir(o.work.path().join("dir.wasm")).unwrap();
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "dir.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "missing_file",
+            |_| {
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "nothing.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "not_wasm",
+            |o| {
+                std::fs::write(o.work.path().join("text.wasm"), "hello").unwrap();
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "text.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "core_module",
+            |o| {
+                std::fs::copy(built("core/echo.wasm"), o.work.path().join("core.wasm")).unwrap();
+                std::fs::copy(built("echo.toml"), o.work.path().join("core.toml")).unwrap();
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "core.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "wrong_world",
+            |o| {
+                std::fs::copy(built("other-world.wasm"), o.work.path().join("other.wasm")).unwrap();
+                std::fs::write(
+                    o.work.path().join("other.toml"),
+                    "[plugin]\nname = \"other\"\nversion = \"0.1.0\"\ncapabilities = [\"add\"]\n",
+                )
+                .unwrap();
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "other.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "missing_manifest",
+            |o| {
+                std::fs::copy(built("counter.wasm"), o.work.path().join("lonely.wasm")).unwrap();
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "lonely.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "manifest_missing_field",
+            |o| {
+                o.stage("counter", "counter", |m| {
+                    m.replace("version = \"0.1.0\"\n", "")
+                });
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "manifest_invalid_field",
+            |o| {
+                o.stage("counter", "counter", |m| {
+                    m.replace("version = \"0.1.0\"", "version = \"one\"")
+                });
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "manifest_unknown_field",
+            |o| {
+                o.stage("counter", "counter", |m| {
+                    m.replace("[grants]", "[grants]\nnetwork = true")
+                });
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "manifest_relative_dir",
+            |o| {
+                o.stage("counter", "counter", |m| {
+                    m + "dirs = [{ host = \"data\", guest = \"/data\" }]\n"
+                });
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "capability_mismatch",
+            |o| {
+                o.stage("counter", "counter", |m| {
+                    m.replace("[\"counter\"]", "[\"counter\", \"counter.reset\"]")
+                });
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "limit_above_maximum",
+            |o| {
+                o.stage("counter", "counter", |m| {
+                    m + "\n[limits]\nfuel = 20000000000\n"
+                });
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "sha256_mismatch",
+            |o| {
+                o.stage("counter", "counter", same);
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                    "--sha256".into(),
+                    "0".repeat(64),
+                ]
+            },
+            3,
+        ),
+        (
+            "already_installed",
+            |o| {
+                let w = o.stage("counter", "counter", same);
+                o.ok(&["plugin", "install", &w, "--yes"]);
+                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+            },
+            3,
+        ),
+        (
+            "duplicate_version",
+            |o| {
+                let w = o.stage("counter", "counter", same);
+                o.ok(&["plugin", "install", &w, "--yes"]);
+                vec![
+                    "plugin".into(),
+                    "upgrade".into(),
+                    "counter".into(),
+                    w,
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "upgrade_not_installed",
+            |o| {
+                let w = o.stage("counter", "counter", same);
+                vec![
+                    "plugin".into(),
+                    "upgrade".into(),
+                    "counter".into(),
+                    w,
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "kv_namespace_taken",
+            |o| {
+                let w = o.stage("counter", "counter", same);
+                o.ok(&["plugin", "install", &w, "--yes"]);
+                let k = o.stage("kvtool", "kvtool", |m| {
+                    m.replace("kv = \"kvtool\"", "kv = \"counter\"")
+                });
+                vec!["plugin".into(), "install".into(), k, "--yes".into()]
+            },
+            3,
+        ),
+        (
+            "unsigned",
+            |o| {
+                let public = o.key("k.nk");
+                o.config(&format!(
+                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
+                ));
+                o.stage("counter", "counter", same);
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "counter.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+        (
+            "tampered_component",
+            |o| {
+                let public = o.key("k.nk");
+                o.config(&format!(
+                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
+                ));
+                let w = o.stage("counter", "counter", same);
+                o.ok(&["plugin", "sign", &w, "--key", "k.nk"]);
+                let mut bytes = std::fs::read(&w).unwrap();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 1;
+                std::fs::write(&w, bytes).unwrap();
+                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+            },
+            3,
+        ),
+        (
+            "tampered_manifest",
+            |o| {
+                let public = o.key("k.nk");
+                o.config(&format!(
+                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
+                ));
+                let w = o.stage("counter", "counter", same);
+                o.ok(&["plugin", "sign", &w, "--key", "k.nk"]);
+                let toml = o.work.path().join("counter.toml");
+                let m = std::fs::read_to_string(&toml).unwrap();
+                std::fs::write(&toml, m + "env = [\"HOME\"]\n").unwrap();
+                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+            },
+            3,
+        ),
+        (
+            "wrong_key",
+            |o| {
+                let trusted = o.key("trusted.nk");
+                o.key("other.nk");
+                o.config(&format!(
+                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{trusted}\"]\n"
+                ));
+                let w = o.stage("counter", "counter", same);
+                o.ok(&["plugin", "sign", &w, "--key", "other.nk"]);
+                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+            },
+            3,
+        ),
+        (
+            "signature_checked_before_compiling",
+            |o| {
+                // A broken component: the signature error comes first, so an
+                // unsigned file is never compiled.
+                let public = o.key("k.nk");
+                o.config(&format!(
+                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
+                ));
+                let w = o.stage("counter", "counter", same);
+                let bytes = std::fs::read(&w).unwrap();
+                std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+            },
+            3,
+        ),
+        (
+            "store_write_fails",
+            |o| {
+                // The blob directory cannot be created (a file is in its place):
+                // the install fails and leaves no registry entry behind.
+                std::fs::create_dir_all(o.home.path().join("plugins")).unwrap();
+                std::fs::write(o.home.path().join("plugins/blobs"), "in the way").unwrap();
+                let w = o.stage("counter", "counter", same);
+                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+            },
+            1,
+        ),
+        (
+            "from_url",
+            |_| {
+                vec![
+                    "plugin".into(),
+                    "install".into(),
+                    "https://example.com/a.wasm".into(),
+                    "--yes".into(),
+                ]
+            },
+            3,
+        ),
+    ];
+
+    let update = std::env::var_os("ORCH_UPDATE_GOLDEN").is_some();
+    let golden_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut failures = Vec::new();
+    for (name, setup, code) in cases {
+        let orch = Orch::new();
+        let args = setup(&orch);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = orch.run(&args);
+        let stderr = normalize(&String::from_utf8_lossy(&out.stderr), &orch);
+        let file = golden_dir.join(format!("{name}.err"));
+        if update {
+            std::fs::write(&file, &stderr).unwrap();
+        }
+        let want = std::fs::read_to_string(&file)
+            .unwrap_or_else(|_| format!("<no golden file {}>", file.display()));
+        if stderr != want || out.status.code() != Some(code) {
+            failures.push(format!(
+                "{name}: exit {:?} (want {code})\n--- got\n{stderr}--- want\n{want}",
+                out.status.code()
+            ));
+        }
+        // A refused install never leaves a plugin behind.
+        if name != "already_installed"
+            && name != "duplicate_version"
+            && name != "kv_namespace_taken"
+        {
+            let list = orch.run(&["plugin", "list", "--output", "json"]);
+            assert_eq!(
+                String::from_utf8_lossy(&list.stdout).trim(),
+                "[]",
+                "{name} left a plugin installed"
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
