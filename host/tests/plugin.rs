@@ -221,6 +221,110 @@ fn signed_plugins_install_when_required() {
     assert_eq!(orch.ok(&["run", "counter"]), "1");
 }
 
+/// Serves the files of `dir` over HTTP/1.1 on a free loopback port until the
+/// returned sender is dropped. Missing files are 404.
+fn serve(dir: PathBuf) -> (u16, std::sync::mpsc::Sender<()>) {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || loop {
+        if let Err(std::sync::mpsc::TryRecvError::Disconnected) = stopped.try_recv() {
+            return;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        };
+        stream.set_nonblocking(false).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request = String::new();
+        reader.read_line(&mut request).unwrap();
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
+                break;
+            }
+        }
+        let name = request
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .trim_start_matches('/')
+            .to_string();
+        let mut stream = stream;
+        match std::fs::read(dir.join(&name)) {
+            Ok(body) => {
+                write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .unwrap();
+                stream.write_all(&body).unwrap();
+            }
+            Err(_) => {
+                write!(
+                    stream,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+            }
+        }
+    });
+    (port, stop)
+}
+
+#[test]
+fn install_from_a_url_fetches_the_manifest_and_signature_too() {
+    let orch = Orch::new();
+    let public = orch.key("k.nk");
+    let wasm = orch.stage("counter", "counter", same);
+    orch.ok(&["plugin", "sign", &wasm, "--key", "k.nk"]);
+    orch.config(&format!(
+        "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
+    ));
+    let (port, _stop) = serve(orch.work.path().to_path_buf());
+
+    let url = format!("http://127.0.0.1:{port}/counter.wasm");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&wasm).unwrap()))
+    };
+    let out = orch.run(&[
+        "plugin",
+        "install",
+        &url,
+        "--sha256",
+        &"f".repeat(64),
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was expected"));
+
+    let text = orch.ok(&["plugin", "install", &url, "--sha256", &sha, "--yes"]);
+    assert!(text.contains(&format!("signed by:    {public}")), "{text}");
+    assert_eq!(orch.ok(&["run", "counter"]), "1");
+    let downloads = orch.home.path().join("plugins/downloads");
+    assert_eq!(
+        std::fs::read_dir(&downloads)
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "downloads are cleaned up"
+    );
+
+    let out = orch.run(&[
+        "plugin",
+        "install",
+        &format!("http://127.0.0.1:{port}/missing.wasm"),
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found (404)"));
+}
+
 /// Replaces what changes from run to run (temporary paths, hashes, keys)
 /// with stable placeholders.
 fn normalize(text: &str, orch: &Orch) -> String {
@@ -582,12 +686,12 @@ fn every_bad_input_gets_its_own_message() {
             1,
         ),
         (
-            "from_url",
+            "plain_http_url",
             |_| {
                 vec![
                     "plugin".into(),
                     "install".into(),
-                    "https://example.com/a.wasm".into(),
+                    "http://example.com/a.wasm".into(),
                     "--yes".into(),
                 ]
             },

@@ -1,6 +1,7 @@
 //! clap commands of `orch`. This layer parses arguments, opens the data
 //! directory and prints; all behaviour lives in the library.
 
+mod fetch;
 mod inspect;
 mod key;
 mod plugin;
@@ -41,7 +42,7 @@ ORCH_LOG sets the log filter (default: warn), e.g. ORCH_LOG=info or ORCH_LOG=orc
 #[derive(Parser)]
 #[command(name = "orch", version, about = "Run sandboxed agents compiled to WebAssembly components", after_help = AFTER_HELP)]
 struct Cli {
-    /// Data directory: kv store and component cache.
+    /// Data directory: installed plugins, kv store, component cache, config.toml.
     #[arg(long, env = "ORCH_HOME", global = true)]
     home: Option<PathBuf>,
 
@@ -56,7 +57,7 @@ enum Command {
     /// Show a component's descriptor, imports, exports and size.
     Inspect(inspect::Args),
     /// Install, list, inspect, upgrade, roll back, remove and sign plugins.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = plugin::WORKFLOW)]
     Plugin(plugin::Command),
     /// Manage signing keys.
     #[command(subcommand)]
@@ -123,6 +124,7 @@ pub fn engine(home: &std::path::Path) -> Result<Engine, LoadError> {
 
 /// What most commands need: configuration, engine, kv store, plugin store.
 pub struct Context {
+    pub home: std::path::PathBuf,
     pub config: HostConfig,
     pub engine: Engine,
     pub kv: Arc<KvStore>,
@@ -141,6 +143,7 @@ impl Context {
             load_error_code(&e)
         })?;
         Ok(Context {
+            home: home.to_path_buf(),
             config,
             engine,
             kv: Arc::new(KvStore::new(home.join("kv.redb"))),

@@ -10,6 +10,23 @@ use orch::units::format_size;
 
 use super::{exit, plugin_error, Context, Output};
 
+pub const WORKFLOW: &str = "\
+A plugin is a component (NAME.wasm) plus a manifest: NAME.toml beside it, or embedded with
+`orch plugin pack`. The manifest names the plugin and its capabilities, may ask for limits
+(within the host's maxima in $ORCH_HOME/config.toml) and lists its grants: a kv namespace,
+environment variables, directories. Nothing is granted that the manifest does not list.
+
+Workflow:
+  orch plugin install counter.wasm        check, show grants and limits, confirm, store
+  orch run counter --input -              run the active version by name
+  orch plugin upgrade counter next.wasm   new version becomes active; the old one is kept
+  orch plugin rollback counter            the previously active version again
+  orch plugin remove counter              all versions (kv data stays)
+
+Signing: `orch key generate --out k.nk`, then `orch plugin sign counter.wasm --key k.nk`.
+A host with `require_signed = true` and `trusted_keys = [...]` under [plugins] in config.toml
+refuses unsigned, tampered or untrusted plugins before compiling them.";
+
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Check a plugin (component + NAME.toml manifest beside it, or embedded), show
@@ -58,8 +75,9 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct InstallArgs {
-    /// The component file. Its manifest is NAME.toml beside it or an
-    /// `orch-manifest` custom section; a signature, if any, is NAME.wasm.sig.
+    /// The component file, or an https:// URL of one. Its manifest is NAME.toml
+    /// beside it (fetched from beside the URL too) or an `orch-manifest` custom
+    /// section; a signature, if any, is NAME.wasm.sig.
     path: String,
     /// Refuse the file unless its sha256 is this (hex).
     #[arg(long)]
@@ -105,14 +123,30 @@ pub async fn run(home: &Path, cmd: Command) -> u8 {
 }
 
 async fn install(ctx: &Context, args: InstallArgs, mode: Mode, upgrade_name: Option<String>) -> u8 {
-    if args.path.starts_with("http://") || args.path.starts_with("https://") {
-        eprintln!(
-            "error: installing from a URL is not supported by this build; download {} and install the file with --sha256",
-            args.path
-        );
-        return exit::BAD_INPUT;
-    }
-    let path = PathBuf::from(&args.path);
+    // Kept alive until the install is done: dropping it removes the download.
+    let mut _download = None;
+    let path = if super::fetch::is_url(&args.path) {
+        let url = args.path.clone();
+        let home = ctx.home.clone();
+        match tokio::task::spawn_blocking(move || super::fetch::fetch(&home, &url)).await {
+            Ok(Ok(d)) => {
+                let path = d.component.clone();
+                eprintln!("downloaded {}", args.path);
+                _download = Some(d);
+                path
+            }
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                return exit::BAD_INPUT;
+            }
+            Err(e) => {
+                eprintln!("error: download failed: {e}");
+                return exit::ERROR;
+            }
+        }
+    } else {
+        PathBuf::from(&args.path)
+    };
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let progress = Progress::start(&path, size);
     let checked = orch::plugin::check(
