@@ -2,70 +2,9 @@
 //! plugins/ (built by `plugins/build.sh`), a temporary ORCH_HOME each.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn plugin(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/plugins")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `bash plugins/build.sh`",
-        path.display()
-    );
-    path
-}
-
-struct Orch {
-    home: tempfile::TempDir,
-}
-
-impl Orch {
-    fn new() -> Orch {
-        Orch {
-            home: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_orch"));
-        cmd.args(args)
-            .env("ORCH_HOME", self.home.path())
-            .env_remove("ORCH_LOG")
-            .env_remove("RUST_BACKTRACE");
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .cmd(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        child.wait_with_output().unwrap()
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn p(name: &str) -> String {
-    plugin(name).display().to_string()
-}
+use common::{p, stderr, stdout, Orch};
 
 #[test]
 fn run_prints_the_result_bytes() {
@@ -77,7 +16,7 @@ fn run_prints_the_result_bytes() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), r#"{"words":4,"lines":2,"bytes":19}"#);
 
-    let file = orch.home.path().join("input.txt");
+    let file = orch.work.path().join("input.txt");
     std::fs::write(&file, "from a file").unwrap();
     let out = orch.run(&["run", &p("echo"), "--input", file.to_str().unwrap()]);
     assert_eq!(stdout(&out), "from a file");
@@ -114,7 +53,7 @@ fn counter_survives_a_process_restart() {
 #[test]
 fn exit_codes_tell_bad_input_from_limits_from_agent_failures() {
     let orch = Orch::new();
-    let text = orch.home.path().join("text.wasm");
+    let text = orch.work.path().join("text.wasm");
     std::fs::write(&text, "hello").unwrap();
 
     let out = orch.run(&["run", text.to_str().unwrap()]);
@@ -268,7 +207,9 @@ fn inspect_shows_descriptor_imports_exports_and_size() {
     assert_eq!(v["descriptor"]["capabilities"][0]["name"], "counter");
     assert_eq!(
         v["size"].as_u64().unwrap(),
-        std::fs::metadata(plugin("counter")).unwrap().len()
+        std::fs::metadata(common::built("counter.wasm"))
+            .unwrap()
+            .len()
     );
     let imports: Vec<&str> = v["imports"]
         .as_array()

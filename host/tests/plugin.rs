@@ -4,94 +4,12 @@
 //! rewrites them after a deliberate change).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
-fn built(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/plugins")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `bash plugins/build.sh`",
-        path.display()
-    );
-    path
-}
-
-struct Orch {
-    home: tempfile::TempDir,
-    work: tempfile::TempDir,
-}
-
-impl Orch {
-    fn new() -> Orch {
-        Orch {
-            home: tempfile::tempdir().unwrap(),
-            work: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn run_with(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_orch"))
-            .args(args)
-            .env("ORCH_HOME", self.home.path())
-            .env_remove("ORCH_LOG")
-            .env_remove("RUST_BACKTRACE")
-            .current_dir(self.work.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_with(args, b"")
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "orch {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Copies a built plugin (component and manifest) into the work dir as
-    /// `as_name`, optionally rewriting the manifest.
-    fn stage(&self, plugin: &str, as_name: &str, edit: impl Fn(String) -> String) -> String {
-        let wasm = self.work.path().join(format!("{as_name}.wasm"));
-        std::fs::copy(built(&format!("{plugin}.wasm")), &wasm).unwrap();
-        let manifest = std::fs::read_to_string(built(&format!("{plugin}.toml"))).unwrap();
-        std::fs::write(
-            self.work.path().join(format!("{as_name}.toml")),
-            edit(manifest),
-        )
-        .unwrap();
-        wasm.display().to_string()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
-    fn config(&self, text: &str) {
-        std::fs::write(self.home.path().join("config.toml"), text).unwrap();
-    }
-
-    fn key(&self, file: &str) -> String {
-        self.ok(&["key", "generate", "--out", file])
-            .trim()
-            .to_string()
-    }
-}
+use common::{built, stderr, Orch};
 
 fn same(x: String) -> String {
     x
@@ -158,14 +76,14 @@ fn install_run_upgrade_rollback_remove() {
     assert!(!blob.exists(), "the blob of a removed plugin is deleted");
     let out = orch.run(&["run", "counter"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("neither a file nor an installed plugin"));
+    assert!(stderr(&out).contains("neither a file nor an installed plugin"));
 }
 
 #[test]
 fn install_asks_before_granting() {
     let orch = Orch::new();
     let wasm = orch.stage("counter", "counter", same);
-    let out = orch.run_with(&["plugin", "install", &wasm], b"n\n");
+    let out = orch.run_stdin(&["plugin", "install", &wasm], b"n\n");
     assert_eq!(out.status.code(), Some(3));
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -179,14 +97,10 @@ fn install_asks_before_granting() {
 
     let out = orch.run(&["plugin", "install", &wasm]);
     assert_eq!(out.status.code(), Some(3), "no answer means no");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --yes"));
+    assert!(stderr(&out).contains("pass --yes"));
 
-    let out = orch.run_with(&["plugin", "install", &wasm], b"y\n");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = orch.run_stdin(&["plugin", "install", &wasm], b"y\n");
+    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(orch.ok(&["run", "counter"]), "1");
 }
 
@@ -206,11 +120,8 @@ fn embedded_manifest_makes_a_one_file_plugin() {
 #[test]
 fn signed_plugins_install_when_required() {
     let orch = Orch::new();
-    let public = orch.key("k.nk");
+    let public = orch.require_signed("k.nk");
     assert!(public.starts_with('U') && public.len() == 56, "{public}");
-    orch.config(&format!(
-        "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
-    ));
     let wasm = orch.stage("counter", "counter", same);
     orch.ok(&["plugin", "sign", &wasm, "--key", "k.nk"]);
     assert!(orch
@@ -279,12 +190,9 @@ fn serve(dir: PathBuf) -> (u16, std::sync::mpsc::Sender<()>) {
 #[test]
 fn install_from_a_url_fetches_the_manifest_and_signature_too() {
     let orch = Orch::new();
-    let public = orch.key("k.nk");
+    let public = orch.require_signed("k.nk");
     let wasm = orch.stage("counter", "counter", same);
     orch.ok(&["plugin", "sign", &wasm, "--key", "k.nk"]);
-    orch.config(&format!(
-        "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
-    ));
     let (port, _stop) = serve(orch.work.path().to_path_buf());
 
     let url = format!("http://127.0.0.1:{port}/counter.wasm");
@@ -301,7 +209,7 @@ fn install_from_a_url_fetches_the_manifest_and_signature_too() {
         "--yes",
     ]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("was expected"));
+    assert!(stderr(&out).contains("was expected"));
 
     let text = orch.ok(&["plugin", "install", &url, "--sha256", &sha, "--yes"]);
     assert!(text.contains(&format!("signed by:    {public}")), "{text}");
@@ -322,7 +230,7 @@ fn install_from_a_url_fetches_the_manifest_and_signature_too() {
         "--yes",
     ]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not found (404)"));
+    assert!(stderr(&out).contains("not found (404)"));
 }
 
 /// Replaces what changes from run to run (temporary paths, hashes, keys)
@@ -596,10 +504,7 @@ fn every_bad_input_gets_its_own_message() {
         (
             "unsigned",
             |o| {
-                let public = o.key("k.nk");
-                o.config(&format!(
-                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
-                ));
+                o.require_signed("k.nk");
                 o.stage("counter", "counter", same);
                 vec![
                     "plugin".into(),
@@ -613,10 +518,7 @@ fn every_bad_input_gets_its_own_message() {
         (
             "tampered_component",
             |o| {
-                let public = o.key("k.nk");
-                o.config(&format!(
-                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
-                ));
+                o.require_signed("k.nk");
                 let w = o.stage("counter", "counter", same);
                 o.ok(&["plugin", "sign", &w, "--key", "k.nk"]);
                 let mut bytes = std::fs::read(&w).unwrap();
@@ -630,10 +532,7 @@ fn every_bad_input_gets_its_own_message() {
         (
             "tampered_manifest",
             |o| {
-                let public = o.key("k.nk");
-                o.config(&format!(
-                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
-                ));
+                o.require_signed("k.nk");
                 let w = o.stage("counter", "counter", same);
                 o.ok(&["plugin", "sign", &w, "--key", "k.nk"]);
                 let toml = o.work.path().join("counter.toml");
@@ -662,10 +561,7 @@ fn every_bad_input_gets_its_own_message() {
             |o| {
                 // A broken component: the signature error comes first, so an
                 // unsigned file is never compiled.
-                let public = o.key("k.nk");
-                o.config(&format!(
-                    "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
-                ));
+                o.require_signed("k.nk");
                 let w = o.stage("counter", "counter", same);
                 let bytes = std::fs::read(&w).unwrap();
                 std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
@@ -707,7 +603,7 @@ fn every_bad_input_gets_its_own_message() {
         let args = setup(&orch);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = orch.run(&args);
-        let stderr = normalize(&String::from_utf8_lossy(&out.stderr), &orch);
+        let stderr = normalize(&stderr(&out), &orch);
         let file = golden_dir.join(format!("{name}.err"));
         if update {
             std::fs::write(&file, &stderr).unwrap();

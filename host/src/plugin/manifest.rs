@@ -313,19 +313,21 @@ pub fn beside(component: &Path) -> PathBuf {
 /// Finds the manifest of a component: the file beside it first, then an
 /// embedded `orch-manifest` section. `Ok(None)` when there is neither.
 pub fn find(component: &Path, bytes: &[u8]) -> Result<Option<LoadedManifest>, ManifestError> {
+    let loaded = |text: String, source_name: String| {
+        let manifest = Manifest::parse(&text, &source_name)?;
+        Ok(Some(LoadedManifest {
+            manifest,
+            text,
+            source_name,
+        }))
+    };
     let file = beside(component);
     if file.exists() {
         let text = std::fs::read_to_string(&file).map_err(|e| ManifestError::Io {
             path: file.clone(),
             reason: e.to_string(),
         })?;
-        let source_name = file.display().to_string();
-        let manifest = Manifest::parse(&text, &source_name)?;
-        return Ok(Some(LoadedManifest {
-            manifest,
-            text,
-            source_name,
-        }));
+        return loaded(text, file.display().to_string());
     }
     if let Some(data) = super::section::find(bytes, SECTION) {
         let source_name = format!("{} (embedded)", component.display());
@@ -333,12 +335,7 @@ pub fn find(component: &Path, bytes: &[u8]) -> Result<Option<LoadedManifest>, Ma
             source_name: source_name.clone(),
             reason: "the orch-manifest section is not UTF-8".into(),
         })?;
-        let manifest = Manifest::parse(&text, &source_name)?;
-        return Ok(Some(LoadedManifest {
-            manifest,
-            text,
-            source_name,
-        }));
+        return loaded(text, source_name);
     }
     Ok(None)
 }
