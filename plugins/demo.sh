@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
 # The main job on one machine with no broker: builds the example agents and
-# the orch binary, then runs tasks through `orch run` and shows what the host
-# reports when an agent hits a limit. Data goes to $ORCH_HOME
-# (default: target/demo-home, so the demo does not touch ~/.orch).
+# the orch binary, installs agents as plugins (Rust and JavaScript), runs
+# tasks by plugin name, and shows what the host reports when an agent hits a
+# limit. Data goes to $ORCH_HOME; by default a fresh target/demo-home, so the
+# demo does not touch ~/.orch.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash plugins/build.sh
 cargo build --quiet --release -p orch
-export ORCH_HOME=${ORCH_HOME:-$root/target/demo-home}
+if [ -z "${ORCH_HOME:-}" ]; then
+    export ORCH_HOME=$root/target/demo-home
+    rm -rf "$ORCH_HOME"
+fi
 orch=target/release/orch
 p=target/plugins
 
 step() { printf '\n$ %s\n' "$*"; "$@" || printf '(exit code %s)\n' "$?"; }
 
-step $orch inspect $p/wordcount.wasm
-step $orch run $p/wordcount.wasm --input README.md
+step $orch plugin install $p/wordcount.wasm --yes
+step $orch plugin install $p/counter.wasm --yes
+step $orch plugin install $p/wordcount-js.wasm --yes
+step $orch plugin list
+step $orch run wordcount --input README.md
+echo
+step $orch run wordcount-js --input README.md --output json
+step $orch run counter
+echo
+step $orch run counter
 echo
 printf '\n$ echo "hello from orch" | %s run %s/echo.wasm --input -\n' "$orch" "$p"
 echo "hello from orch" | $orch run $p/echo.wasm --input -
-step $orch run $p/counter.wasm --output json
-step $orch run $p/counter.wasm --output json
 step $orch run $p/spin.wasm --fuel 10000000
 step $orch run $p/spin.wasm --fuel 10000000000 --timeout 250ms
 step $orch run $p/hog.wasm --memory 32MiB

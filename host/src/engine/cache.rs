@@ -57,7 +57,7 @@ fn store(component: &Component, dir: &Path, file: &Path) -> Result<(), LoadError
     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
     // Write to a temporary file and rename, so that a crash or a concurrent
     // writer never leaves a half-written entry under the final name.
-    let tmp = tempfile_in(dir).map_err(|e| err(e.to_string()))?;
+    let tmp = temp_name(dir);
     std::fs::write(&tmp, &bytes).map_err(|e| err(e.to_string()))?;
     std::fs::rename(&tmp, file).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -65,10 +65,9 @@ fn store(component: &Component, dir: &Path, file: &Path) -> Result<(), LoadError
     })
 }
 
-fn tempfile_in(dir: &Path) -> std::io::Result<std::path::PathBuf> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    Ok(dir.join(format!(".tmp-{}-{nanos}", std::process::id())))
+/// A name no other writer uses: the process id and a per-process counter.
+fn temp_name(dir: &Path) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!(".tmp-{}-{n}", std::process::id()))
 }

@@ -313,6 +313,14 @@ impl Agent {
         &self.grants
     }
 
+    /// How many instance slots are taken, when the agent has a
+    /// `max_instances` limit.
+    pub fn instances_in_use(&self, max: u32) -> Option<usize> {
+        self.instances
+            .as_ref()
+            .map(|s| (max as usize).saturating_sub(s.available_permits()))
+    }
+
     /// Caps how many tasks of this agent run at once; later tasks wait for a
     /// free slot (their deadline keeps counting).
     pub fn set_max_instances(&mut self, max: Option<u32>) {

@@ -271,3 +271,57 @@ async fn kv_value_at_the_limit_is_stored_one_byte_more_is_refused() {
     // The refused write left the old value in place.
     assert_eq!(run_ok(&kv, b"get big", &limits).await.len(), 4096);
 }
+
+/// `max_instances` from the manifest: with one slot, a second task waits for
+/// it and runs out of time; with two slots the same task completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_instances_inside_the_limit_runs_past_it_waits() {
+    for (slots, second_completes) in [(2u32, true), (1, false)] {
+        let h = Harness::new();
+        let wasm = h.dir.path().join("sleep.wasm");
+        std::fs::copy(orch_tests::plugin("sleep"), &wasm).unwrap();
+        std::fs::write(
+            h.dir.path().join("sleep.toml"),
+            format!("[plugin]\nname = \"sleep\"\nversion = \"0.1.0\"\ncapabilities = [\"test.sleep\"]\n[limits]\nmax_instances = {slots}\n"),
+        )
+        .unwrap();
+        let agent = std::sync::Arc::new(h.try_load(&wasm).await.unwrap());
+        let first = {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                // Busy-waiting burns fuel quickly: give it enough.
+                let limits = Limits {
+                    timeout: Duration::from_secs(5),
+                    fuel: u64::MAX,
+                    ..Limits::default()
+                };
+                run(&agent, b"1500", &limits).await
+            })
+        };
+        // Wait until the first task holds its slot (bounded: 5 s).
+        let started = Instant::now();
+        while agent.instances_in_use(slots) != Some(1) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the first task never started"
+            );
+            tokio::task::yield_now().await;
+        }
+        let tight = Limits {
+            timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let second = run(&agent, b"1", &tight).await;
+        if second_completes {
+            assert!(second.is_ok(), "{slots} slots: {second:?}");
+        } else {
+            assert_eq!(
+                second.unwrap_err(),
+                TaskError::DeadlineExceeded { ms: 300 },
+                "{slots} slot"
+            );
+        }
+        let first = first.await.unwrap();
+        assert!(first.is_ok(), "{first:?}");
+    }
+}
