@@ -12,6 +12,7 @@
 //!   the mapping of traps to typed errors.
 //! - [`kv`]: the embedded key-value store behind the `kv` import.
 //! - [`plugin`]: manifests, grants, signatures and the install store.
+//! - [`scheduler`]: queues by capability, placement, retries, breakers.
 //! - [`config`]: the host's configuration file (limit maxima, signature policy).
 //! - [`units`]: parsing of sizes and durations given by users.
 
@@ -21,6 +22,7 @@ pub mod error;
 pub mod kv;
 pub mod plugin;
 pub mod sandbox;
+pub mod scheduler;
 pub mod units;
 
 pub use engine::{ComponentInfo, Engine, EngineConfig};

@@ -9,4 +9,5 @@ mod grants;
 mod kv;
 mod limits;
 mod malformed;
+mod scheduler;
 mod traps;

@@ -1,0 +1,598 @@
+//! The in-process scheduler: tasks are submitted by capability, wait in one
+//! queue per capability (highest priority first, then earliest deadline,
+//! then first come), and are placed on an agent that provides the
+//! capability, has a free slot and whose circuit breaker lets tasks through.
+//! Among those, the choice is random, weighted by each agent's reliability
+//! score (an EWMA of success and latency), so identical agents share work
+//! evenly and a failing or slow one gets less. Retryable failures and traps
+//! are retried with exponential backoff and jitter; a task that fails every
+//! attempt becomes a dead letter carrying each attempt's error.
+
+pub mod breaker;
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::error::TaskError;
+use crate::sandbox::{Agent, Limits, TaskOutput, TaskRequest};
+use breaker::Breaker;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Attempts per task, the first one included.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles for each later one.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Consecutive failures that open an agent's breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker keeps tasks away before one probe.
+    pub breaker_cool_down: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            breaker_threshold: 5,
+            breaker_cool_down: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A task as submitted.
+#[derive(Debug, Clone, Default)]
+pub struct Submit {
+    pub id: String,
+    pub capability: String,
+    pub payload: Vec<u8>,
+    /// Higher runs first.
+    pub priority: i32,
+    pub deadline: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("no agent provides capability {0}")]
+    UnknownCapability(String),
+    #[error("the task's deadline has already passed")]
+    DeadlinePassed,
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptError {
+    pub agent: String,
+    pub error: TaskError,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completed {
+    pub id: String,
+    pub agent: String,
+    pub output: TaskOutput,
+    /// When the successful attempt was handed to the agent.
+    pub started_at: Instant,
+    /// Attempts that failed before the one that succeeded.
+    pub failed_attempts: Vec<AttemptError>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub id: String,
+    pub capability: String,
+    /// The last error.
+    pub error: TaskError,
+    /// Every failed attempt, in order (empty when the task never ran).
+    pub attempts: Vec<AttemptError>,
+    /// Whether the task used up its attempts on retryable failures.
+    pub dead_letter: bool,
+}
+
+/// Per-agent figures, for `orch status` and tests.
+#[derive(Debug, Clone)]
+pub struct AgentStats {
+    pub label: String,
+    pub completed: u64,
+    pub failed: u64,
+    pub in_flight: u32,
+    pub score: f64,
+    pub breaker: breaker::State,
+}
+
+/// Waits for one task's end.
+pub struct TaskHandle {
+    pub id: String,
+    rx: oneshot::Receiver<Result<Completed, Failure>>,
+}
+
+impl TaskHandle {
+    pub async fn wait(self) -> Result<Completed, Failure> {
+        let id = self.id;
+        self.rx.await.unwrap_or_else(|_| {
+            Err(Failure {
+                id,
+                capability: String::new(),
+                error: TaskError::Host("the scheduler stopped before the task ended".into()),
+                attempts: Vec::new(),
+                dead_letter: false,
+            })
+        })
+    }
+}
+
+struct Pending {
+    id: String,
+    capability: String,
+    payload: Vec<u8>,
+    priority: i32,
+    deadline: Option<Instant>,
+    attempts: Vec<AttemptError>,
+    reply: oneshot::Sender<Result<Completed, Failure>>,
+}
+
+struct Queued {
+    seq: u64,
+    task: Pending,
+}
+
+impl Ord for Queued {
+    /// Greater runs first: higher priority, then earlier deadline (none is
+    /// latest), then earlier submission.
+    fn cmp(&self, other: &Self) -> Ordering {
+        let (a, b) = (&self.task, &other.task);
+        a.priority
+            .cmp(&b.priority)
+            .then_with(|| match (a.deadline, b.deadline) {
+                (Some(x), Some(y)) => y.cmp(&x),
+                (Some(_), None) => Ordering::Greater,
+                (None, Some(_)) => Ordering::Less,
+                (None, None) => Ordering::Equal,
+            })
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq
+    }
+}
+
+impl Eq for Queued {}
+
+struct Entry {
+    label: String,
+    agent: Arc<Agent>,
+    limits: Limits,
+    max_in_flight: u32,
+    in_flight: u32,
+    /// EWMA of 1 for success, 0 for failure.
+    success: f64,
+    /// EWMA of task latency in milliseconds.
+    latency_ms: f64,
+    breaker: Breaker,
+    completed: u64,
+    failed: u64,
+}
+
+impl Entry {
+    /// The reliability score: failures weigh heavily, latency gently.
+    fn score(&self) -> f64 {
+        self.success.powi(4) / (1.0 + self.latency_ms / 100.0)
+    }
+}
+
+struct State {
+    agents: Vec<Entry>,
+    index: HashMap<String, Vec<usize>>,
+    queues: HashMap<String, BinaryHeap<Queued>>,
+    dead: Vec<Failure>,
+    seq: u64,
+    rng: u64,
+}
+
+impl State {
+    fn random(&mut self) -> f64 {
+        // xorshift64: placement and jitter need spread, not cryptography.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// An agent for `capability` with a free slot and a closed (or probing)
+    /// breaker, chosen at random weighted by score.
+    fn pick(&mut self, capability: &str, now: Instant) -> Option<usize> {
+        let candidates: Vec<(usize, f64)> = self
+            .index
+            .get(capability)?
+            .iter()
+            .filter(|&&i| {
+                let e = &self.agents[i];
+                e.in_flight < e.max_in_flight && e.breaker.allows(now)
+            })
+            .map(|&i| (i, self.agents[i].score().max(1e-6)))
+            .collect();
+        let total: f64 = candidates.iter().map(|c| c.1).sum();
+        let mut r = self.random() * total;
+        for &(i, w) in &candidates {
+            if r < w {
+                return Some(i);
+            }
+            r -= w;
+        }
+        candidates.last().map(|c| c.0)
+    }
+}
+
+/// A task placed on an agent, waiting for a runner.
+struct Job {
+    agent_index: usize,
+    agent: Arc<Agent>,
+    label: String,
+    limits: Limits,
+    task: Pending,
+}
+
+struct Inner {
+    config: SchedulerConfig,
+    state: Mutex<State>,
+    /// Placed tasks in placement order. Each spawned runner takes the oldest,
+    /// so tasks run in the order they were placed even though tokio may poll
+    /// a newly spawned runner first; without this an agent whose slot frees
+    /// first keeps winning the next slot, and identical agents drift apart.
+    ready: Mutex<std::collections::VecDeque<Job>>,
+    wake: Notify,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// Stops the dispatcher when the last [`Scheduler`] handle is dropped.
+struct StopOnDrop(Arc<Inner>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.0.wake.notify_one();
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every
+        // update is a few field writes), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A cheaply cloned handle; the dispatcher runs while any handle exists.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+    _stop: Arc<StopOnDrop>,
+}
+
+impl Scheduler {
+    /// Starts the dispatcher on the current tokio runtime.
+    pub fn new(config: SchedulerConfig) -> Scheduler {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15)
+            | 1;
+        let inner = Arc::new(Inner {
+            config,
+            state: Mutex::new(State {
+                agents: Vec::new(),
+                index: HashMap::new(),
+                queues: HashMap::new(),
+                dead: Vec::new(),
+                seq: 0,
+                rng: seed,
+            }),
+            ready: Mutex::new(std::collections::VecDeque::new()),
+            wake: Notify::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(dispatch(inner.clone()));
+        Scheduler {
+            _stop: Arc::new(StopOnDrop(inner.clone())),
+            inner,
+        }
+    }
+
+    /// Makes an agent available for the capabilities it declares. `label`
+    /// names it in stats and errors; `max_in_flight` bounds its tasks at once.
+    pub fn add_agent(&self, label: &str, agent: Arc<Agent>, limits: Limits, max_in_flight: u32) {
+        let mut state = self.inner.state();
+        let i = state.agents.len();
+        for c in &agent.descriptor().capabilities {
+            state.index.entry(c.name.clone()).or_default().push(i);
+        }
+        state.agents.push(Entry {
+            label: label.to_string(),
+            agent,
+            limits,
+            max_in_flight: max_in_flight.max(1),
+            in_flight: 0,
+            success: 1.0,
+            latency_ms: 0.0,
+            breaker: Breaker::new(
+                self.inner.config.breaker_threshold,
+                self.inner.config.breaker_cool_down,
+            ),
+            completed: 0,
+            failed: 0,
+        });
+        drop(state);
+        self.inner.wake.notify_one();
+    }
+
+    /// Queues a task. Refused at once when no agent provides the capability
+    /// or the deadline has passed.
+    pub fn submit(&self, task: Submit) -> Result<TaskHandle, SubmitError> {
+        if task.deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(SubmitError::DeadlinePassed);
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = task.id.clone();
+        {
+            let mut state = self.inner.state();
+            if !state.index.contains_key(&task.capability) {
+                return Err(SubmitError::UnknownCapability(task.capability));
+            }
+            let pending = Pending {
+                id: task.id,
+                capability: task.capability,
+                payload: task.payload,
+                priority: task.priority,
+                deadline: task.deadline,
+                attempts: Vec::new(),
+                reply: tx,
+            };
+            enqueue(&mut state, pending);
+        }
+        self.inner.wake.notify_one();
+        Ok(TaskHandle { id, rx })
+    }
+
+    /// Tasks that failed every attempt, oldest first.
+    pub fn dead_letters(&self) -> Vec<Failure> {
+        self.inner.state().dead.clone()
+    }
+
+    pub fn stats(&self) -> Vec<AgentStats> {
+        let now = Instant::now();
+        self.inner
+            .state()
+            .agents
+            .iter()
+            .map(|e| AgentStats {
+                label: e.label.clone(),
+                completed: e.completed,
+                failed: e.failed,
+                in_flight: e.in_flight,
+                score: e.score(),
+                breaker: e.breaker.state(now),
+            })
+            .collect()
+    }
+}
+
+fn enqueue(state: &mut State, task: Pending) {
+    state.seq += 1;
+    let seq = state.seq;
+    state
+        .queues
+        .entry(task.capability.clone())
+        .or_default()
+        .push(Queued { seq, task });
+}
+
+/// The dispatcher: places queued tasks while agents have room, then sleeps
+/// until something changes (a submit, a finished task, a retry coming due)
+/// or an open breaker's cool-down ends.
+async fn dispatch(inner: Arc<Inner>) {
+    loop {
+        if inner.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        let mut starts = Vec::new();
+        let mut expired = Vec::new();
+        let next_breaker = {
+            let mut state = inner.state();
+            let caps: Vec<String> = state.queues.keys().cloned().collect();
+            for cap in caps {
+                loop {
+                    let Some(head) = state.queues.get(&cap).and_then(|q| q.peek()) else {
+                        break;
+                    };
+                    if head.task.deadline.is_some_and(|d| d <= now) {
+                        if let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) {
+                            expired.push(q.task);
+                        }
+                        continue;
+                    }
+                    let Some(i) = state.pick(&cap, now) else {
+                        break;
+                    };
+                    let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) else {
+                        break;
+                    };
+                    let e = &mut state.agents[i];
+                    e.in_flight += 1;
+                    e.breaker.on_send(now);
+                    starts.push(Job {
+                        agent_index: i,
+                        agent: e.agent.clone(),
+                        label: e.label.clone(),
+                        limits: e.limits.clone(),
+                        task: q.task,
+                    });
+                }
+            }
+            let waiting = state.queues.values().any(|q| !q.is_empty());
+            if waiting {
+                state
+                    .agents
+                    .iter()
+                    .filter_map(|e| e.breaker.open_until())
+                    .min()
+            } else {
+                None
+            }
+        };
+        for task in expired {
+            fail(&inner, task, TaskError::DeadlineExceeded { ms: 0 }, false);
+        }
+        let runners = starts.len();
+        inner
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(starts);
+        for _ in 0..runners {
+            tokio::spawn(run_oldest(inner.clone()));
+        }
+        let notified = inner.wake.notified();
+        match next_breaker {
+            Some(until) => {
+                let _ = tokio::time::timeout_at(until.into(), notified).await;
+            }
+            None => notified.await,
+        }
+    }
+}
+
+fn fail(inner: &Inner, task: Pending, error: TaskError, dead_letter: bool) {
+    let failure = Failure {
+        id: task.id,
+        capability: task.capability,
+        error,
+        attempts: task.attempts,
+        dead_letter,
+    };
+    if dead_letter {
+        inner.state().dead.push(failure.clone());
+    }
+    let _ = task.reply.send(Err(failure));
+}
+
+/// Errors worth another attempt: the agent said so, or it trapped (which
+/// may be a bad instance rather than bad input). Limits are deterministic
+/// for the same input, and invalid input or a declared failure will not
+/// change, so those are final.
+fn retryable(e: &TaskError) -> bool {
+    matches!(
+        e,
+        TaskError::Retryable(_)
+            | TaskError::Trap { .. }
+            | TaskError::NoCapacity { .. }
+            | TaskError::Host(_)
+    )
+}
+
+async fn run_oldest(inner: Arc<Inner>) {
+    let job = inner
+        .ready
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop_front();
+    if let Some(job) = job {
+        run(inner, job).await;
+    }
+}
+
+async fn run(inner: Arc<Inner>, job: Job) {
+    let Job {
+        agent_index: i,
+        agent,
+        label,
+        mut limits,
+        mut task,
+    } = job;
+    let started = Instant::now();
+    if let Some(deadline) = task.deadline {
+        limits.timeout = limits
+            .timeout
+            .min(deadline.saturating_duration_since(started));
+    }
+    let request = TaskRequest {
+        id: task.id.clone(),
+        capability: task.capability.clone(),
+        payload: task.payload.clone(),
+        content_type: "application/octet-stream".into(),
+        attempt: task.attempts.len() as u32 + 1,
+    };
+    let result = agent.handle(request, &limits).await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let now = Instant::now();
+    let backoff = {
+        let mut state = inner.state();
+        let e = &mut state.agents[i];
+        e.in_flight -= 1;
+        e.latency_ms = 0.9 * e.latency_ms + 0.1 * elapsed_ms;
+        match &result {
+            Ok(_) => {
+                e.completed += 1;
+                e.success = 0.9 * e.success + 0.1;
+                e.breaker.on_success();
+            }
+            // Bad input says nothing about the agent's health.
+            Err(TaskError::InvalidInput(_)) => e.completed += 1,
+            Err(_) => {
+                e.failed += 1;
+                e.success *= 0.9;
+                e.breaker.on_failure(now);
+            }
+        }
+        let attempt = task.attempts.len() as u32 + 1;
+        let exp = inner.config.backoff_base.as_secs_f64() * 2f64.powi(attempt as i32 - 1);
+        let jitter = 0.5 + state.random();
+        Duration::from_secs_f64(exp.min(inner.config.backoff_max.as_secs_f64()) * jitter)
+    };
+    inner.wake.notify_one();
+    match result {
+        Ok(output) => {
+            let _ = task.reply.send(Ok(Completed {
+                id: task.id,
+                agent: label,
+                output,
+                started_at: started,
+                failed_attempts: task.attempts,
+            }));
+        }
+        Err(error) => {
+            task.attempts.push(AttemptError {
+                agent: label,
+                error: error.clone(),
+            });
+            if !retryable(&error) {
+                fail(&inner, task, error, false);
+            } else if task.attempts.len() as u32 >= inner.config.max_attempts
+                || task.deadline.is_some_and(|d| d <= now + backoff)
+            {
+                fail(&inner, task, error, true);
+            } else {
+                tokio::time::sleep(backoff).await;
+                enqueue(&mut inner.state(), task);
+                inner.wake.notify_one();
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The in-process scheduler with real agents: routing by capability, queue
+//! order, retries with backoff, the circuit breaker, dead letters, deadlines
+//! and fairness between identical agents.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use orch::scheduler::breaker::State;
+use orch::scheduler::{Scheduler, SchedulerConfig, Submit, SubmitError};
+use orch::{Limits, TaskError};
+use orch_tests::Harness;
+
+fn task(capability: &str, payload: &str) -> Submit {
+    Submit {
+        id: format!("{capability}:{payload}"),
+        capability: capability.into(),
+        payload: payload.as_bytes().to_vec(),
+        ..Submit::default()
+    }
+}
+
+/// Busy-waiting fixtures need more fuel than the default.
+fn generous() -> Limits {
+    Limits {
+        fuel: u64::MAX,
+        ..Limits::default()
+    }
+}
+
+async fn scheduler_with(
+    h: &Harness,
+    config: SchedulerConfig,
+    agents: &[(&str, &str, u32)],
+) -> Scheduler {
+    let s = Scheduler::new(config);
+    for &(label, plugin, slots) in agents {
+        s.add_agent(label, Arc::new(h.load(plugin).await), generous(), slots);
+    }
+    s
+}
+
+/// Waits (bounded) until the agent `label` runs `n` tasks.
+async fn until_in_flight(s: &Scheduler, label: &str, n: u32) {
+    let started = Instant::now();
+    while s
+        .stats()
+        .iter()
+        .find(|a| a.label == label)
+        .map(|a| a.in_flight)
+        != Some(n)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{label} never had {n} tasks in flight"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_go_only_to_agents_with_the_capability() {
+    let h = Harness::new();
+    let s = scheduler_with(
+        &h,
+        SchedulerConfig::default(),
+        &[("echo", "echo", 4), ("wc", "wordcount", 4)],
+    )
+    .await;
+    for _ in 0..20 {
+        let done = s
+            .submit(task("text.wordcount", "a b c"))
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(done.agent, "wc");
+        assert_eq!(done.output.result, br#"{"words":3,"lines":0,"bytes":5}"#);
+        let done = s.submit(task("echo", "hi")).unwrap().wait().await.unwrap();
+        assert_eq!(
+            (done.agent.as_str(), done.output.result.as_slice()),
+            ("echo", &b"hi"[..])
+        );
+    }
+    assert_eq!(
+        s.submit(task("image.resize", "")).err(),
+        Some(SubmitError::UnknownCapability("image.resize".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_order_is_priority_then_deadline_then_arrival() {
+    let h = Harness::new();
+    let s = scheduler_with(&h, SchedulerConfig::default(), &[("sleep", "sleep", 1)]).await;
+    // Occupy the only slot, then queue the rest behind it.
+    let blocker = s.submit(task("test.sleep", "300")).unwrap();
+    until_in_flight(&s, "sleep", 1).await;
+    let soon = Instant::now() + Duration::from_secs(20);
+    let later = Instant::now() + Duration::from_secs(30);
+    let queued = [
+        ("low-first", 0, None),
+        ("low-later-deadline", 0, Some(later)),
+        ("high", 5, None),
+        ("low-second", 0, None),
+        ("low-soon-deadline", 0, Some(soon)),
+    ];
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waits = Vec::new();
+    for (id, priority, deadline) in queued {
+        let handle = s
+            .submit(Submit {
+                id: id.into(),
+                capability: "test.sleep".into(),
+                payload: b"1".to_vec(),
+                priority,
+                deadline,
+            })
+            .unwrap();
+        let order = order.clone();
+        waits.push(tokio::spawn(async move {
+            let done = handle.wait().await.unwrap();
+            order.lock().unwrap().push((done.started_at, done.id));
+        }));
+    }
+    blocker.wait().await.unwrap();
+    for w in waits {
+        w.await.unwrap();
+    }
+    // The only slot runs one task at a time, so start times give the order.
+    let mut order = order.lock().unwrap().clone();
+    order.sort();
+    let ids: Vec<&str> = order.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "high",
+            "low-soon-deadline",
+            "low-later-deadline",
+            "low-first",
+            "low-second"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_are_retried_with_backoff() {
+    let h = Harness::new();
+    let config = SchedulerConfig {
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(100),
+        ..SchedulerConfig::default()
+    };
+    let s = scheduler_with(&h, config, &[("flaky", "flaky", 4)]).await;
+    let started = Instant::now();
+    let done = s
+        .submit(task("test.flaky", "recover k1 2"))
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(done.output.result, b"3", "the third call succeeded");
+    assert_eq!(done.failed_attempts.len(), 2);
+    assert!(
+        matches!(&done.failed_attempts[0].error, TaskError::Retryable(m) if m == "call 1 of k1 fails")
+    );
+    // Backoff with jitter in [0.5, 1.5): at least 50 ms + 100 ms before the third call.
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // One attempt fewer than needed: the task fails after max_attempts.
+    let failure = s
+        .submit(task("test.flaky", "recover k2 3"))
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(failure.attempts.len(), 3);
+    assert!(failure.dead_letter);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_errors_are_not_retried() {
+    let h = Harness::new();
+    let s = scheduler_with(
+        &h,
+        SchedulerConfig::default(),
+        &[("wc", "wordcount", 2), ("spin", "spin", 2)],
+    )
+    .await;
+    let failure = s.submit(task("text.wordcount", "\u{fffd}")).unwrap();
+    assert!(failure.wait().await.is_ok());
+    let bad = Submit {
+        payload: vec![0xff],
+        ..task("text.wordcount", "")
+    };
+    let failure = s.submit(bad).unwrap().wait().await.unwrap_err();
+    assert!(matches!(failure.error, TaskError::InvalidInput(_)));
+    assert_eq!(failure.attempts.len(), 1);
+    assert!(!failure.dead_letter);
+    assert!(s.dead_letters().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_probes_and_closes() {
+    let h = Harness::new();
+    let config = SchedulerConfig {
+        max_attempts: 1,
+        breaker_threshold: 3,
+        breaker_cool_down: Duration::from_millis(300),
+        ..SchedulerConfig::default()
+    };
+    let s = scheduler_with(&h, config, &[("flaky", "flaky", 4)]).await;
+    for _ in 0..3 {
+        s.submit(task("test.flaky", "fail"))
+            .unwrap()
+            .wait()
+            .await
+            .unwrap_err();
+    }
+    assert_eq!(s.stats()[0].breaker, State::Open);
+    let opened = Instant::now();
+    // While open, a task waits; after the cool-down it is the half-open
+    // probe, and its success closes the breaker.
+    let done = s
+        .submit(task("test.flaky", "ok"))
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(done.output.result, b"ok");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(250),
+        "ran while open: {:?}",
+        opened.elapsed()
+    );
+    assert_eq!(s.stats()[0].breaker, State::Closed);
+
+    // Open it again; a failed probe keeps it open.
+    for _ in 0..3 {
+        s.submit(task("test.flaky", "fail"))
+            .unwrap()
+            .wait()
+            .await
+            .unwrap_err();
+    }
+    s.submit(task("test.flaky", "fail"))
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(s.stats()[0].breaker, State::Open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_tasks_become_dead_letters_while_others_flow() {
+    let h = Harness::new();
+    let config = SchedulerConfig {
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(10),
+        breaker_threshold: 100,
+        ..SchedulerConfig::default()
+    };
+    let s = scheduler_with(&h, config, &[("panic", "panic", 2), ("echo", "echo", 2)]).await;
+    let poison = s.submit(task("test.panic", "poison")).unwrap();
+    let mut good = Vec::new();
+    for i in 0..50 {
+        good.push(s.submit(task("echo", &i.to_string())).unwrap());
+    }
+    for (i, handle) in good.into_iter().enumerate() {
+        assert_eq!(
+            handle.wait().await.unwrap().output.result,
+            i.to_string().into_bytes()
+        );
+    }
+    let failure = poison.wait().await.unwrap_err();
+    assert!(failure.dead_letter);
+    assert_eq!(failure.attempts.len(), 3);
+    for attempt in &failure.attempts {
+        assert!(
+            matches!(&attempt.error, TaskError::Trap { guest: Some(g), .. } if g.contains("poison"))
+        );
+    }
+    let dead = s.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, "test.panic:poison");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_past_their_deadline_fail_without_running() {
+    let h = Harness::new();
+    let s = scheduler_with(&h, SchedulerConfig::default(), &[("sleep", "sleep", 1)]).await;
+    let past = Submit {
+        deadline: Some(Instant::now() - Duration::from_millis(1)),
+        ..task("test.sleep", "1")
+    };
+    assert_eq!(s.submit(past).err(), Some(SubmitError::DeadlinePassed));
+
+    let blocker = s.submit(task("test.sleep", "500")).unwrap();
+    until_in_flight(&s, "sleep", 1).await;
+    let short = Submit {
+        deadline: Some(Instant::now() + Duration::from_millis(100)),
+        ..task("test.sleep", "1")
+    };
+    let failure = s.submit(short).unwrap().wait().await.unwrap_err();
+    assert!(
+        matches!(failure.error, TaskError::DeadlineExceeded { .. }),
+        "{:?}",
+        failure.error
+    );
+    assert!(failure.attempts.is_empty(), "it never ran");
+    blocker.wait().await.unwrap();
+}
+
+/// Gini coefficient of non-negative counts: 0 is perfectly even.
+fn gini(counts: &[u64]) -> f64 {
+    let n = counts.len() as f64;
+    let mean = counts.iter().sum::<u64>() as f64 / n;
+    let diffs: f64 = counts
+        .iter()
+        .flat_map(|a| counts.iter().map(move |b| (*a as f64 - *b as f64).abs()))
+        .sum();
+    diffs / (2.0 * n * n * mean)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_agents_share_work_evenly() {
+    let h = Harness::new();
+    let s = scheduler_with(
+        &h,
+        SchedulerConfig::default(),
+        &[
+            ("a", "echo", 4),
+            ("b", "echo", 4),
+            ("c", "echo", 4),
+            ("d", "echo", 4),
+        ],
+    )
+    .await;
+    let handles: Vec<_> = (0..10_000)
+        .map(|i| s.submit(task("echo", &i.to_string())).unwrap())
+        .collect();
+    for h in handles {
+        h.wait().await.unwrap();
+    }
+    let counts: Vec<u64> = s.stats().iter().map(|a| a.completed).collect();
+    assert_eq!(counts.iter().sum::<u64>(), 10_000);
+    let g = gini(&counts);
+    eprintln!("fairness: Gini {g:.4} over {counts:?}");
+    assert!(g <= 0.05, "Gini {g:.4} over {counts:?}");
+}
