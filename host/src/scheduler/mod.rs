@@ -8,6 +8,10 @@
 //! are retried with exponential backoff and jitter; a task that fails every
 //! attempt becomes a dead letter carrying each attempt's error.
 
+// A task's outcome (`Result<Completed, Failure>`) crosses one oneshot channel
+// per task; boxing the large error side would add an allocation for nothing.
+#![allow(clippy::result_large_err)]
+
 pub mod breaker;
 
 use std::cmp::Ordering;
@@ -418,10 +422,7 @@ async fn dispatch(inner: Arc<Inner>) {
             let mut state = inner.state();
             let caps: Vec<String> = state.queues.keys().cloned().collect();
             for cap in caps {
-                loop {
-                    let Some(head) = state.queues.get(&cap).and_then(|q| q.peek()) else {
-                        break;
-                    };
+                while let Some(head) = state.queues.get(&cap).and_then(|q| q.peek()) {
                     if head.task.deadline.is_some_and(|d| d <= now) {
                         if let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) {
                             expired.push(q.task);
