@@ -1,0 +1,177 @@
+//! Throughput of `echo` tasks through the in-process scheduler (submit,
+//! queue, placement, sandboxed run, result) against a bare wasmtime
+//! instantiate + call loop of the same component, both on a 2-worker tokio
+//! runtime in the same run. Also prints p50/p99 submit-to-result latency at a
+//! steady 16 tasks in flight.
+//!
+//! `cargo bench -p orch-benches --bench scheduler` after `bash plugins/build.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use orch::kv::KvStore;
+use orch::sandbox::bindings::{self, orch::agent as wit};
+use orch::scheduler::{Scheduler, SchedulerConfig, Submit};
+use orch::{Agent, Engine, EngineConfig, Limits};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+const BATCH: u64 = 4_000;
+
+fn echo_path() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/echo.wasm");
+    assert!(path.exists(), "run `bash plugins/build.sh` first");
+    path
+}
+
+struct Bare;
+impl wit::types::Host for Bare {}
+impl wit::log::Host for Bare {
+    fn log(&mut self, _level: wit::log::Level, _message: String) {}
+}
+impl wit::kv::Host for Bare {
+    async fn get(&mut self, _key: String) -> Option<Vec<u8>> {
+        None
+    }
+    async fn set(&mut self, _key: String, _value: Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
+    async fn delete(&mut self, _key: String) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn bare_pre() -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
+    let mut config = wasmtime::Config::new();
+    config
+        .wasm_component_model(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(PoolingAllocationConfig::default()));
+    let engine = wasmtime::Engine::new(&config).unwrap();
+    let component = Component::from_file(&engine, echo_path()).unwrap();
+    let mut linker = Linker::new(&engine);
+    bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
+    let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    (engine, pre)
+}
+
+fn echo_task(i: u64) -> Submit {
+    Submit {
+        id: i.to_string(),
+        capability: "echo".into(),
+        payload: b"hello, orch".to_vec(),
+        ..Submit::default()
+    }
+}
+
+fn scheduler(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let kv = Arc::new(KvStore::new(dir.path().join("kv.redb")));
+    let s = rt.block_on(async {
+        let s = Scheduler::new(SchedulerConfig::default());
+        for label in ["echo-1", "echo-2"] {
+            let agent = Agent::load(&engine, &echo_path(), kv.clone(), Default::default(), &Limits::default())
+                .await
+                .unwrap();
+            s.add_agent(label, Arc::new(agent), Limits::default(), 8);
+        }
+        s
+    });
+    let (bare_engine, bare) = bare_pre();
+    let bare = Arc::new(bare);
+    let bare_engine = Arc::new(bare_engine);
+
+    let mut group = c.benchmark_group("echo_throughput");
+    group.throughput(Throughput::Elements(BATCH)).sample_size(20);
+    group.bench_function("bare_wasmtime_2_threads", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (engine, pre) = (bare_engine.clone(), bare.clone());
+            async move {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let mut workers = Vec::new();
+                    for _ in 0..2 {
+                        let (engine, pre) = (engine.clone(), pre.clone());
+                        workers.push(tokio::spawn(async move {
+                            let task = wit::types::Task {
+                                id: "bench".into(),
+                                capability: "echo".into(),
+                                payload: b"hello, orch".to_vec(),
+                                content_type: String::new(),
+                                attempt: 1,
+                                deadline_ms: None,
+                            };
+                            for _ in 0..BATCH / 2 {
+                                let mut store = Store::new(&engine, Bare);
+                                let instance = pre.instantiate_async(&mut store).await.unwrap();
+                                instance.call_handle(&mut store, &task).await.unwrap().unwrap();
+                            }
+                        }));
+                    }
+                    for w in workers {
+                        w.await.unwrap();
+                    }
+                }
+                started.elapsed()
+            }
+        })
+    });
+    group.bench_function("orch_scheduler", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let s = s.clone();
+            async move {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let handles: Vec<_> = (0..BATCH).map(|i| s.submit(echo_task(i)).unwrap()).collect();
+                    for h in handles {
+                        h.wait().await.unwrap();
+                    }
+                }
+                started.elapsed()
+            }
+        })
+    });
+    group.finish();
+
+    // Latency at a steady load: 16 submitters, each waiting for its result.
+    let latencies = rt.block_on(async {
+        let mut all = Vec::new();
+        let mut workers = Vec::new();
+        for w in 0..16u64 {
+            let s = s.clone();
+            workers.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                for i in 0..1_000 {
+                    let t = Instant::now();
+                    s.submit(echo_task(w * 1_000 + i)).unwrap().wait().await.unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        all
+    });
+    let mut sorted: Vec<Duration> = latencies;
+    sorted.sort();
+    let pct = |p: f64| sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)];
+    println!(
+        "scheduler latency, 16 in flight, {} tasks: p50 {:?}, p99 {:?}",
+        sorted.len(),
+        pct(0.50),
+        pct(0.99)
+    );
+}
+
+criterion_group!(benches, scheduler);
+criterion_main!(benches);
