@@ -116,7 +116,14 @@ pub async fn run(home: &Path, args: Args) -> u8 {
             );
             return exit::BAD_INPUT;
         }
-        None => agent.descriptor().capabilities[0].name.clone(),
+        // Loading refuses descriptors without capabilities, so there is a first one.
+        None => match agent.descriptor().capabilities.first() {
+            Some(c) => c.name.clone(),
+            None => {
+                eprintln!("error: agent {} declares no capabilities", agent.descriptor().name);
+                return exit::BAD_INPUT;
+            }
+        },
     };
     let task = TaskRequest {
         id: task_id(),
