@@ -43,10 +43,14 @@ impl wit::kv::Host for Bare {
     }
 }
 
-fn bare_pre() -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
+/// `metered`: turn on the same fuel and epoch instrumentation orch uses, to
+/// separate wasmtime's metering cost from orch's own.
+fn bare_pre(metered: bool) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
     let mut config = wasmtime::Config::new();
     config
         .wasm_component_model(true)
+        .consume_fuel(metered)
+        .epoch_interruption(metered)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(
             PoolingAllocationConfig::default(),
         ));
@@ -89,7 +93,8 @@ fn echo(c: &mut Criterion) {
         ))
         .unwrap();
 
-    let (bare_engine, bare) = bare_pre();
+    let (bare_engine, bare) = bare_pre(false);
+    let (metered_engine, metered) = bare_pre(true);
     let wit_task = bindings::orch::agent::types::Task {
         id: "bench".into(),
         capability: "echo".into(),
@@ -104,6 +109,16 @@ fn echo(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let mut store = Store::new(&bare_engine, Bare);
             let instance = bare.instantiate_async(&mut store).await.unwrap();
+            let out = instance.call_handle(&mut store, &wit_task).await.unwrap();
+            assert_eq!(out.as_deref().ok(), Some(payload.as_slice()));
+        })
+    });
+    group.bench_function("bare_wasmtime_fuel_epoch", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut store = Store::new(&metered_engine, Bare);
+            store.set_fuel(u64::MAX).unwrap();
+            store.set_epoch_deadline(u64::MAX / 2);
+            let instance = metered.instantiate_async(&mut store).await.unwrap();
             let out = instance.call_handle(&mut store, &wit_task).await.unwrap();
             assert_eq!(out.as_deref().ok(), Some(payload.as_slice()));
         })

@@ -48,7 +48,9 @@ fn bare_pre() -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
     let mut config = wasmtime::Config::new();
     config
         .wasm_component_model(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(PoolingAllocationConfig::default()));
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(
+            PoolingAllocationConfig::default(),
+        ));
     let engine = wasmtime::Engine::new(&config).unwrap();
     let component = Component::from_file(&engine, echo_path()).unwrap();
     let mut linker = Linker::new(&engine);
@@ -78,9 +80,15 @@ fn scheduler(c: &mut Criterion) {
     let s = rt.block_on(async {
         let s = Scheduler::new(SchedulerConfig::default());
         for label in ["echo-1", "echo-2"] {
-            let agent = Agent::load(&engine, &echo_path(), kv.clone(), Default::default(), &Limits::default())
-                .await
-                .unwrap();
+            let agent = Agent::load(
+                &engine,
+                &echo_path(),
+                kv.clone(),
+                Default::default(),
+                &Limits::default(),
+            )
+            .await
+            .unwrap();
             s.add_agent(label, Arc::new(agent), Limits::default(), 8);
         }
         s
@@ -90,7 +98,9 @@ fn scheduler(c: &mut Criterion) {
     let bare_engine = Arc::new(bare_engine);
 
     let mut group = c.benchmark_group("echo_throughput");
-    group.throughput(Throughput::Elements(BATCH)).sample_size(20);
+    group
+        .throughput(Throughput::Elements(BATCH))
+        .sample_size(20);
     group.bench_function("bare_wasmtime_2_threads", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let (engine, pre) = (bare_engine.clone(), bare.clone());
@@ -112,7 +122,11 @@ fn scheduler(c: &mut Criterion) {
                             for _ in 0..BATCH / 2 {
                                 let mut store = Store::new(&engine, Bare);
                                 let instance = pre.instantiate_async(&mut store).await.unwrap();
-                                instance.call_handle(&mut store, &task).await.unwrap().unwrap();
+                                instance
+                                    .call_handle(&mut store, &task)
+                                    .await
+                                    .unwrap()
+                                    .unwrap();
                             }
                         }));
                     }
@@ -130,7 +144,9 @@ fn scheduler(c: &mut Criterion) {
             async move {
                 let started = Instant::now();
                 for _ in 0..iters {
-                    let handles: Vec<_> = (0..BATCH).map(|i| s.submit(echo_task(i)).unwrap()).collect();
+                    let handles: Vec<_> = (0..BATCH)
+                        .map(|i| s.submit(echo_task(i)).unwrap())
+                        .collect();
                     for h in handles {
                         h.wait().await.unwrap();
                     }
@@ -151,7 +167,11 @@ fn scheduler(c: &mut Criterion) {
                 let mut lat = Vec::new();
                 for i in 0..1_000 {
                     let t = Instant::now();
-                    s.submit(echo_task(w * 1_000 + i)).unwrap().wait().await.unwrap();
+                    s.submit(echo_task(w * 1_000 + i))
+                        .unwrap()
+                        .wait()
+                        .await
+                        .unwrap();
                     lat.push(t.elapsed());
                 }
                 lat

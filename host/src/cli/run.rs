@@ -120,7 +120,10 @@ pub async fn run(home: &Path, args: Args) -> u8 {
         None => match agent.descriptor().capabilities.first() {
             Some(c) => c.name.clone(),
             None => {
-                eprintln!("error: agent {} declares no capabilities", agent.descriptor().name);
+                eprintln!(
+                    "error: agent {} declares no capabilities",
+                    agent.descriptor().name
+                );
                 return exit::BAD_INPUT;
             }
         },
