@@ -10,13 +10,13 @@
 //! `bash plugins/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use orch::kv::KvStore;
 use orch::{Agent, Engine, EngineConfig, Limits, TaskRequest};
+use orch_benches::plugin;
 
 /// (language, plugin, capability that echoes the payload)
 const LANGUAGES: &[(&str, &str, &str)] = &[
@@ -25,14 +25,6 @@ const LANGUAGES: &[(&str, &str, &str)] = &[
     ("javascript", "fixture-js", "test.echo"),
     ("python", "fixture-py", "test.echo"),
 ];
-
-fn plugin(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/plugins")
-        .join(format!("{name}.wasm"));
-    assert!(path.exists(), "run `bash plugins/build.sh` first");
-    path
-}
 
 fn languages(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -8,59 +8,14 @@
 //! `bash plugins/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use orch::kv::KvStore;
-use orch::sandbox::bindings::{self, orch::agent as wit};
+use orch::sandbox::bindings;
 use orch::{Agent, Engine, EngineConfig, Limits, TaskRequest};
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-
-fn echo_path() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/echo.wasm");
-    assert!(path.exists(), "run `bash plugins/build.sh` first");
-    path
-}
-
-/// Host state of the bare baseline: imports that do nothing.
-struct Bare;
-
-impl wit::types::Host for Bare {}
-impl wit::log::Host for Bare {
-    fn log(&mut self, _level: wit::log::Level, _message: String) {}
-}
-impl wit::kv::Host for Bare {
-    async fn get(&mut self, _key: String) -> Option<Vec<u8>> {
-        None
-    }
-    async fn set(&mut self, _key: String, _value: Vec<u8>) -> Result<(), String> {
-        Ok(())
-    }
-    async fn delete(&mut self, _key: String) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// `metered`: turn on the same fuel and epoch instrumentation orch uses, to
-/// separate wasmtime's metering cost from orch's own.
-fn bare_pre(metered: bool) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
-    let mut config = wasmtime::Config::new();
-    config
-        .wasm_component_model(true)
-        .consume_fuel(metered)
-        .epoch_interruption(metered)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(
-            PoolingAllocationConfig::default(),
-        ));
-    let engine = wasmtime::Engine::new(&config).unwrap();
-    let component = Component::from_file(&engine, echo_path()).unwrap();
-    let mut linker = Linker::new(&engine);
-    bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
-    let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
-    (engine, pre)
-}
+use orch_benches::{bare_echo, plugin, Bare};
+use wasmtime::Store;
 
 fn task(payload: &[u8]) -> TaskRequest {
     TaskRequest {
@@ -86,15 +41,15 @@ fn echo(c: &mut Criterion) {
     let agent = rt
         .block_on(Agent::load(
             &engine,
-            &echo_path(),
+            &plugin("echo"),
             kv,
             Default::default(),
             &limits,
         ))
         .unwrap();
 
-    let (bare_engine, bare) = bare_pre(false);
-    let (metered_engine, metered) = bare_pre(true);
+    let (bare_engine, bare) = bare_echo(false);
+    let (metered_engine, metered) = bare_echo(true);
     let wit_task = bindings::orch::agent::types::Task {
         id: "bench".into(),
         capability: "echo".into(),

@@ -7,57 +7,18 @@
 //! `cargo bench -p orch-benches --bench scheduler` after `bash plugins/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use orch::kv::KvStore;
-use orch::sandbox::bindings::{self, orch::agent as wit};
+use orch::sandbox::bindings;
 use orch::scheduler::{Scheduler, SchedulerConfig, Submit};
 use orch::{Agent, Engine, EngineConfig, Limits};
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use orch_benches::{bare_echo, plugin, Bare};
+use wasmtime::Store;
 
 const BATCH: u64 = 4_000;
-
-fn echo_path() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/echo.wasm");
-    assert!(path.exists(), "run `bash plugins/build.sh` first");
-    path
-}
-
-struct Bare;
-impl wit::types::Host for Bare {}
-impl wit::log::Host for Bare {
-    fn log(&mut self, _level: wit::log::Level, _message: String) {}
-}
-impl wit::kv::Host for Bare {
-    async fn get(&mut self, _key: String) -> Option<Vec<u8>> {
-        None
-    }
-    async fn set(&mut self, _key: String, _value: Vec<u8>) -> Result<(), String> {
-        Ok(())
-    }
-    async fn delete(&mut self, _key: String) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-fn bare_pre() -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
-    let mut config = wasmtime::Config::new();
-    config
-        .wasm_component_model(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(
-            PoolingAllocationConfig::default(),
-        ));
-    let engine = wasmtime::Engine::new(&config).unwrap();
-    let component = Component::from_file(&engine, echo_path()).unwrap();
-    let mut linker = Linker::new(&engine);
-    bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
-    let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
-    (engine, pre)
-}
 
 fn echo_task(i: u64) -> Submit {
     Submit {
@@ -82,7 +43,7 @@ fn scheduler(c: &mut Criterion) {
         for label in ["echo-1", "echo-2"] {
             let agent = Agent::load(
                 &engine,
-                &echo_path(),
+                &plugin("echo"),
                 kv.clone(),
                 Default::default(),
                 &Limits::default(),
@@ -93,7 +54,7 @@ fn scheduler(c: &mut Criterion) {
         }
         s
     });
-    let (bare_engine, bare) = bare_pre();
+    let (bare_engine, bare) = bare_echo(false);
     let bare = Arc::new(bare);
     let bare_engine = Arc::new(bare_engine);
 
@@ -111,7 +72,7 @@ fn scheduler(c: &mut Criterion) {
                     for _ in 0..2 {
                         let (engine, pre) = (engine.clone(), pre.clone());
                         workers.push(tokio::spawn(async move {
-                            let task = wit::types::Task {
+                            let task = bindings::orch::agent::types::Task {
                                 id: "bench".into(),
                                 capability: "echo".into(),
                                 payload: b"hello, orch".to_vec(),

@@ -1,1 +1,64 @@
-//! Benchmarks live in `benches/`; see README.md for the latest figures.
+//! Shared pieces of the benchmarks in `benches/`: where the built plugins
+//! are, and a bare wasmtime host for the same-run baselines. Figures are in
+//! README.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use orch::sandbox::bindings::{self, orch::agent as wit};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// A component built by `plugins/build.sh`.
+pub fn plugin(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash plugins/build.sh` first",
+        path.display()
+    );
+    path
+}
+
+/// Host state of the bare baseline: imports that do nothing.
+pub struct Bare;
+
+impl wit::types::Host for Bare {}
+
+impl wit::log::Host for Bare {
+    fn log(&mut self, _level: wit::log::Level, _message: String) {}
+}
+
+impl wit::kv::Host for Bare {
+    async fn get(&mut self, _key: String) -> Option<Vec<u8>> {
+        None
+    }
+    async fn set(&mut self, _key: String, _value: Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
+    async fn delete(&mut self, _key: String) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A bare wasmtime engine and the pre-linked echo component. `metered`
+/// turns on the same fuel and epoch instrumentation orch uses, to separate
+/// wasmtime's metering cost from orch's own.
+pub fn bare_echo(metered: bool) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
+    let mut config = wasmtime::Config::new();
+    config
+        .wasm_component_model(true)
+        .consume_fuel(metered)
+        .epoch_interruption(metered)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(
+            PoolingAllocationConfig::default(),
+        ));
+    let engine = wasmtime::Engine::new(&config).unwrap();
+    let component = Component::from_file(&engine, plugin("echo")).unwrap();
+    let mut linker = Linker::new(&engine);
+    bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
+    let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    (engine, pre)
+}

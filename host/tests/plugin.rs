@@ -15,6 +15,13 @@ fn same(x: String) -> String {
     x
 }
 
+/// The command line of `orch plugin install PATH --yes`.
+fn install(path: &str) -> Vec<String> {
+    ["plugin", "install", path, "--yes"]
+        .map(String::from)
+        .to_vec()
+}
+
 #[test]
 fn install_run_upgrade_rollback_remove() {
     let orch = Orch::new();
@@ -267,37 +274,16 @@ fn every_bad_input_gets_its_own_message() {
             "not_a_file",
             |o| {
                 std::fs::create_dir(o.work.path().join("dir.wasm")).unwrap();
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "dir.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("dir.wasm")
             },
             3,
         ),
-        (
-            "missing_file",
-            |_| {
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "nothing.wasm".into(),
-                    "--yes".into(),
-                ]
-            },
-            3,
-        ),
+        ("missing_file", |_| install("nothing.wasm"), 3),
         (
             "not_wasm",
             |o| {
                 std::fs::write(o.work.path().join("text.wasm"), "hello").unwrap();
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "text.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("text.wasm")
             },
             3,
         ),
@@ -306,12 +292,7 @@ fn every_bad_input_gets_its_own_message() {
             |o| {
                 std::fs::copy(built("core/echo.wasm"), o.work.path().join("core.wasm")).unwrap();
                 std::fs::copy(built("echo.toml"), o.work.path().join("core.toml")).unwrap();
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "core.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("core.wasm")
             },
             3,
         ),
@@ -324,12 +305,7 @@ fn every_bad_input_gets_its_own_message() {
                     "[plugin]\nname = \"other\"\nversion = \"0.1.0\"\ncapabilities = [\"add\"]\n",
                 )
                 .unwrap();
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "other.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("other.wasm")
             },
             3,
         ),
@@ -337,12 +313,7 @@ fn every_bad_input_gets_its_own_message() {
             "missing_manifest",
             |o| {
                 std::fs::copy(built("counter.wasm"), o.work.path().join("lonely.wasm")).unwrap();
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "lonely.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("lonely.wasm")
             },
             3,
         ),
@@ -352,12 +323,7 @@ fn every_bad_input_gets_its_own_message() {
                 o.stage("counter", "counter", |m| {
                     m.replace("version = \"0.1.0\"\n", "")
                 });
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "counter.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("counter.wasm")
             },
             3,
         ),
@@ -367,12 +333,7 @@ fn every_bad_input_gets_its_own_message() {
                 o.stage("counter", "counter", |m| {
                     m.replace("version = \"0.1.0\"", "version = \"one\"")
                 });
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "counter.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("counter.wasm")
             },
             3,
         ),
@@ -382,12 +343,7 @@ fn every_bad_input_gets_its_own_message() {
                 o.stage("counter", "counter", |m| {
                     m.replace("[grants]", "[grants]\nnetwork = true")
                 });
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "counter.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("counter.wasm")
             },
             3,
         ),
@@ -397,12 +353,7 @@ fn every_bad_input_gets_its_own_message() {
                 o.stage("counter", "counter", |m| {
                     m + "dirs = [{ host = \"data\", guest = \"/data\" }]\n"
                 });
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "counter.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("counter.wasm")
             },
             3,
         ),
@@ -412,12 +363,7 @@ fn every_bad_input_gets_its_own_message() {
                 o.stage("counter", "counter", |m| {
                     m.replace("[\"counter\"]", "[\"counter\", \"counter.reset\"]")
                 });
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "counter.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("counter.wasm")
             },
             3,
         ),
@@ -427,12 +373,7 @@ fn every_bad_input_gets_its_own_message() {
                 o.stage("counter", "counter", |m| {
                     m + "\n[limits]\nfuel = 20000000000\n"
                 });
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "counter.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("counter.wasm")
             },
             3,
         ),
@@ -456,7 +397,7 @@ fn every_bad_input_gets_its_own_message() {
             |o| {
                 let w = o.stage("counter", "counter", same);
                 o.ok(&["plugin", "install", &w, "--yes"]);
-                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+                install(&w)
             },
             3,
         ),
@@ -497,7 +438,7 @@ fn every_bad_input_gets_its_own_message() {
                 let k = o.stage("kvtool", "kvtool", |m| {
                     m.replace("kv = \"kvtool\"", "kv = \"counter\"")
                 });
-                vec!["plugin".into(), "install".into(), k, "--yes".into()]
+                install(&k)
             },
             3,
         ),
@@ -506,12 +447,7 @@ fn every_bad_input_gets_its_own_message() {
             |o| {
                 o.require_signed("k.nk");
                 o.stage("counter", "counter", same);
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "counter.wasm".into(),
-                    "--yes".into(),
-                ]
+                install("counter.wasm")
             },
             3,
         ),
@@ -525,7 +461,7 @@ fn every_bad_input_gets_its_own_message() {
                 let last = bytes.len() - 1;
                 bytes[last] ^= 1;
                 std::fs::write(&w, bytes).unwrap();
-                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+                install(&w)
             },
             3,
         ),
@@ -538,7 +474,7 @@ fn every_bad_input_gets_its_own_message() {
                 let toml = o.work.path().join("counter.toml");
                 let m = std::fs::read_to_string(&toml).unwrap();
                 std::fs::write(&toml, m + "env = [\"HOME\"]\n").unwrap();
-                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+                install(&w)
             },
             3,
         ),
@@ -552,7 +488,7 @@ fn every_bad_input_gets_its_own_message() {
                 ));
                 let w = o.stage("counter", "counter", same);
                 o.ok(&["plugin", "sign", &w, "--key", "other.nk"]);
-                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+                install(&w)
             },
             3,
         ),
@@ -565,7 +501,7 @@ fn every_bad_input_gets_its_own_message() {
                 let w = o.stage("counter", "counter", same);
                 let bytes = std::fs::read(&w).unwrap();
                 std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
-                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+                install(&w)
             },
             3,
         ),
@@ -577,20 +513,13 @@ fn every_bad_input_gets_its_own_message() {
                 std::fs::create_dir_all(o.home.path().join("plugins")).unwrap();
                 std::fs::write(o.home.path().join("plugins/blobs"), "in the way").unwrap();
                 let w = o.stage("counter", "counter", same);
-                vec!["plugin".into(), "install".into(), w, "--yes".into()]
+                install(&w)
             },
             1,
         ),
         (
             "plain_http_url",
-            |_| {
-                vec![
-                    "plugin".into(),
-                    "install".into(),
-                    "http://example.com/a.wasm".into(),
-                    "--yes".into(),
-                ]
-            },
+            |_| install("http://example.com/a.wasm"),
             3,
         ),
     ];
