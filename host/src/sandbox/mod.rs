@@ -228,8 +228,9 @@ pub struct Agent {
     descriptor: Descriptor,
     kv: Arc<KvStore>,
     grants: Arc<Grants>,
-    /// Bounds the plugin's instances alive at once (`max_instances`).
-    instances: Option<Arc<tokio::sync::Semaphore>>,
+    /// Bounds the plugin's instances alive at once (`max_instances`): the
+    /// slots and how many there are.
+    instances: Option<(Arc<tokio::sync::Semaphore>, u32)>,
     name: Arc<str>,
 }
 
@@ -315,16 +316,16 @@ impl Agent {
 
     /// How many instance slots are taken, when the agent has a
     /// `max_instances` limit.
-    pub fn instances_in_use(&self, max: u32) -> Option<usize> {
+    pub fn instances_in_use(&self) -> Option<usize> {
         self.instances
             .as_ref()
-            .map(|s| (max as usize).saturating_sub(s.available_permits()))
+            .map(|(slots, max)| (*max as usize).saturating_sub(slots.available_permits()))
     }
 
     /// Caps how many tasks of this agent run at once; later tasks wait for a
     /// free slot (their deadline keeps counting).
     pub fn set_max_instances(&mut self, max: Option<u32>) {
-        self.instances = max.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
+        self.instances = max.map(|n| (Arc::new(tokio::sync::Semaphore::new(n as usize)), n));
     }
 
     /// Calls `describe` in a fresh instance. kv is not available here: the
@@ -391,8 +392,9 @@ impl Agent {
         let outcome = tokio::time::timeout(limits.timeout, async {
             // Waiting for a free instance slot counts against the deadline.
             let _permit = match &self.instances {
-                Some(s) => Some(
-                    s.clone()
+                Some((slots, _)) => Some(
+                    slots
+                        .clone()
                         .acquire_owned()
                         .await
                         .map_err(wasmtime::Error::msg)?,
