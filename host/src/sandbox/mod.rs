@@ -228,6 +228,8 @@ pub struct Agent {
     descriptor: Descriptor,
     kv: Arc<KvStore>,
     grants: Arc<Grants>,
+    /// `grants.kv`, built once so that tasks do not allocate it.
+    kv_namespace: Option<Arc<str>>,
     /// Bounds the plugin's instances alive at once (`max_instances`): the
     /// slots and how many there are.
     instances: Option<(Arc<tokio::sync::Semaphore>, u32)>,
@@ -284,6 +286,7 @@ impl Agent {
                 capabilities: Vec::new(),
             },
             kv,
+            kv_namespace: grants.kv.as_deref().map(Arc::from),
             grants: Arc::new(grants),
             instances: None,
             name: Arc::from(""),
@@ -372,10 +375,10 @@ impl Agent {
             });
         }
         let started = Instant::now();
-        let kv = match &self.grants.kv {
+        let kv = match &self.kv_namespace {
             Some(namespace) => KvState::Granted(KvAccess {
                 store: self.kv.clone(),
-                namespace: Arc::from(namespace.as_str()),
+                namespace: namespace.clone(),
                 max_value: limits.max_kv_value,
             }),
             None => KvState::NotGranted,
