@@ -87,6 +87,7 @@ fn languages(c: &mut Criterion) {
                     payload: payload.clone(),
                     content_type: "application/octet-stream".into(),
                     attempt: 1,
+                    calls: None,
                 };
                 let out = agent.handle(request, &limits).await.unwrap();
                 assert_eq!(out.result, payload);

@@ -24,6 +24,7 @@ fn task(payload: &[u8]) -> TaskRequest {
         payload: payload.to_vec(),
         content_type: "application/octet-stream".into(),
         attempt: 1,
+        calls: None,
     }
 }
 

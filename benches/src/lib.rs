@@ -43,6 +43,26 @@ impl wit::kv::Host for Bare {
     }
 }
 
+impl wit::tasks::Host for Bare {
+    async fn call(
+        &mut self,
+        _capability: String,
+        _payload: Vec<u8>,
+        _timeout_ms: u32,
+    ) -> Result<Vec<u8>, wit::tasks::CallError> {
+        Err(wit::tasks::CallError::Refused("not in a bare host".into()))
+    }
+    async fn call_all(
+        &mut self,
+        requests: Vec<wit::tasks::CallRequest>,
+    ) -> Vec<Result<Vec<u8>, wit::tasks::CallError>> {
+        requests
+            .iter()
+            .map(|_| Err(wit::tasks::CallError::Refused("not in a bare host".into())))
+            .collect()
+    }
+}
+
 /// A bare wasmtime engine and the pre-linked echo component. `metered`
 /// turns on the same fuel and epoch instrumentation orch uses, to separate
 /// wasmtime's metering cost from orch's own.

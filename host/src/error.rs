@@ -95,6 +95,9 @@ pub enum TaskError {
     #[error("retryable failure: {0}")]
     Retryable(String),
 
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+
     #[error("host error: {0}")]
     Host(String),
 }
@@ -121,6 +124,7 @@ impl TaskError {
             TaskError::InvalidInput(_) => "invalid-input",
             TaskError::Failed(_) => "failed",
             TaskError::Retryable(_) => "retryable",
+            TaskError::Unavailable(_) => "unavailable",
             TaskError::Host(_) => "host",
         }
     }

@@ -110,6 +110,7 @@ pub async fn run_capability(
         payload: payload.to_vec(),
         content_type: "application/octet-stream".into(),
         attempt: 1,
+        calls: None,
     };
     agent.handle(task, limits).await
 }

@@ -1,11 +1,14 @@
 //! clap commands of `orch`. This layer parses arguments, opens the data
 //! directory and prints; all behaviour lives in the library.
 
+mod client;
 mod fetch;
+mod host;
 mod inspect;
 mod key;
 mod plugin;
 mod run;
+mod task;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,7 +39,8 @@ Exit codes: 0 success, 1 error, 2 usage, 3 bad input (file, component, payload, 
 4 limit exceeded (fuel, memory, deadline, result size), 5 agent failed (trap, panic, failed).
 
 Environment: ORCH_HOME is the data directory (default ~/.orch): installed plugins, kv store,
-compiled-component cache, and config.toml (limit maxima, signature policy).
+compiled-component cache, task journal, and config.toml (limit maxima, signature policy, host).
+ORCH_API is the URL of a running host's API for `orch task` and `orch status`.
 ORCH_LOG sets the log filter (default: warn), e.g. ORCH_LOG=info or ORCH_LOG=orch::guest=debug.";
 
 #[derive(Parser)]
@@ -62,6 +66,14 @@ enum Command {
     /// Manage signing keys.
     #[command(subcommand)]
     Key(key::Command),
+    /// Run the long-lived host that serves installed plugins over an HTTP API.
+    #[command(subcommand)]
+    Host(host::Command),
+    /// Submit, show and list tasks on a running host.
+    #[command(subcommand)]
+    Task(task::Command),
+    /// Show a running host: tasks, agents, capabilities, breakers.
+    Status(task::ApiArgs),
 }
 
 #[derive(Clone, Copy, Default, ValueEnum)]
@@ -91,9 +103,18 @@ pub fn main() -> ExitCode {
             Command::Inspect(args) => inspect::run(&home, args).await,
             Command::Plugin(cmd) => plugin::run(&home, cmd).await,
             Command::Key(cmd) => key::run(cmd),
+            Command::Host(cmd) => host::run(&home, cmd).await,
+            // The API client is blocking (ureq); keep it off the runtime's
+            // worker threads.
+            Command::Task(cmd) => blocking(move || task::run(&home, cmd)).await,
+            Command::Status(api) => blocking(move || task::status(&home, api)).await,
         }
     });
     ExitCode::from(code)
+}
+
+async fn blocking(f: impl FnOnce() -> u8 + Send + 'static) -> u8 {
+    tokio::task::spawn_blocking(f).await.unwrap_or(exit::ERROR)
 }
 
 fn init_tracing() {
@@ -206,7 +227,9 @@ pub fn task_error_code(e: &TaskError) -> u8 {
     match e {
         TaskError::PayloadTooLarge { .. } | TaskError::InvalidInput(_) => exit::BAD_INPUT,
         e if e.is_limit() => exit::LIMIT,
-        TaskError::Host(_) | TaskError::NoCapacity { .. } => exit::ERROR,
+        TaskError::Host(_) | TaskError::NoCapacity { .. } | TaskError::Unavailable(_) => {
+            exit::ERROR
+        }
         _ => exit::AGENT_FAILED,
     }
 }

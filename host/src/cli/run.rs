@@ -134,6 +134,7 @@ pub async fn run(home: &Path, args: Args) -> u8 {
         payload,
         content_type: "application/octet-stream".into(),
         attempt: 1,
+        calls: None,
     };
     let id = task.id.clone();
     match agent.handle(task, &limits).await {

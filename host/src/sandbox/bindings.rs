@@ -8,6 +8,8 @@ wasmtime::component::bindgen!({
         // kv touches the disk, so it runs off the wasm thread and under the
         // task's deadline.
         "orch:agent/kv": async,
+        // A call suspends the guest until the sub-task ends.
+        "orch:agent/tasks": async,
     },
     exports: { default: async },
 });

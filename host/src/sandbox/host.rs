@@ -1,7 +1,10 @@
 //! Implementations of the host imports for one task's store.
 
-use super::bindings::orch::agent::{kv, log, types};
-use super::StoreData;
+use std::time::{Duration, Instant};
+
+use super::bindings::orch::agent::{kv, log, tasks, types};
+use super::{StoreData, SubCall};
+use crate::error::TaskError;
 
 /// Longest log message kept; longer ones are cut so that a guest cannot
 /// flood the host's log.
@@ -110,5 +113,123 @@ impl kv::Host for StoreData {
         };
         let (store, ns) = (access.store.clone(), access.namespace.clone());
         blocking(move || store.delete(&ns, &key)).await
+    }
+}
+
+type CallResult = Result<Vec<u8>, tasks::CallError>;
+
+impl tasks::Host for StoreData {
+    async fn call(
+        &mut self,
+        capability: String,
+        payload: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<Vec<u8>, tasks::CallError> {
+        let request = tasks::CallRequest {
+            capability,
+            payload,
+            timeout_ms,
+        };
+        self.sub_tasks(vec![request])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(tasks::CallError::Refused("no result".into())))
+    }
+
+    async fn call_all(&mut self, requests: Vec<tasks::CallRequest>) -> Vec<CallResult> {
+        self.sub_tasks(requests).await
+    }
+}
+
+impl StoreData {
+    /// Starts every request as a sub-task at once and waits for all of them.
+    async fn sub_tasks(&mut self, requests: Vec<tasks::CallRequest>) -> Vec<CallResult> {
+        let n = requests.len() as u32;
+        let refuse = |message: String| -> Vec<CallResult> {
+            (0..n)
+                .map(|_| Err(tasks::CallError::Refused(message.clone())))
+                .collect()
+        };
+        let Some(state) = self.calls.as_mut() else {
+            return refuse(format!(
+                "tasks.call is not available to {}: it needs a host with a scheduler (`orch host start`)",
+                self.agent
+            ));
+        };
+        let depth = state.ctx.depth + 1;
+        if depth > state.max_depth {
+            return refuse(format!(
+                "call depth {depth} is past the limit of {} (tasks.call from task {})",
+                state.max_depth, state.task_id
+            ));
+        }
+        if state.started.saturating_add(n) > state.max_subtasks {
+            return refuse(format!(
+                "fan-out limit: task {} has started {} sub-tasks and asked for {n} more, past the limit of {}",
+                state.task_id, state.started, state.max_subtasks
+            ));
+        }
+        state.started += n;
+        let now = Instant::now();
+        // Calls made together share what the caller has left.
+        let share = (state.fuel_left / u64::from(n.max(1))).max(1);
+        let mut running = tokio::task::JoinSet::new();
+        for (i, request) in requests.into_iter().enumerate() {
+            let deadline = match request.timeout_ms {
+                0 => state.deadline,
+                ms => state
+                    .deadline
+                    .min(now + Duration::from_millis(u64::from(ms))),
+            };
+            let call = state.ctx.tasks.call(SubCall {
+                parent: state.task_id.clone(),
+                capability: request.capability,
+                payload: request.payload,
+                deadline,
+                fuel: share,
+                depth,
+            });
+            running.spawn(async move { (i, call.await) });
+        }
+        let mut results: Vec<CallResult> = (0..n)
+            .map(|_| {
+                Err(tasks::CallError::Unavailable(
+                    "the sub-task did not report".into(),
+                ))
+            })
+            .collect();
+        while let Some(joined) = running.join_next().await {
+            let Ok((i, outcome)) = joined else { continue };
+            let (charge, result) = match outcome {
+                Ok(output) => (output.fuel_used, Ok(output.result)),
+                // The callee used its whole share.
+                Err(e @ TaskError::FuelExhausted { .. }) => (share, Err(call_error(e))),
+                Err(e) => (0, Err(call_error(e))),
+            };
+            state.charge += charge;
+            state.charged += charge;
+            if let Some(slot) = results.get_mut(i) {
+                *slot = result;
+            }
+        }
+        results
+    }
+}
+
+fn call_error(e: TaskError) -> tasks::CallError {
+    use tasks::CallError as C;
+    match e {
+        TaskError::InvalidInput(m) => C::Task(types::TaskError::InvalidInput(m)),
+        TaskError::Failed(m) => C::Task(types::TaskError::Failed(m)),
+        TaskError::Retryable(m) => C::Task(types::TaskError::Retryable(m)),
+        TaskError::Trap { .. } => C::Trapped(e.to_string()),
+        TaskError::DeadlineExceeded { .. } => C::DeadlineExceeded,
+        TaskError::FuelExhausted { .. }
+        | TaskError::MemoryLimit { .. }
+        | TaskError::PayloadTooLarge { .. }
+        | TaskError::ResultTooLarge { .. }
+        | TaskError::HostCallDataLimit { .. } => C::Limit(e.to_string()),
+        TaskError::Unavailable(m) => C::Unavailable(m),
+        TaskError::NoCapacity { .. } | TaskError::Host(_) => C::Unavailable(e.to_string()),
     }
 }

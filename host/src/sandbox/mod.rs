@@ -7,12 +7,14 @@ pub mod bindings;
 mod host;
 mod stderr;
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, Trap};
+use wasmtime::{CallHook, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use crate::engine::{Compiled, ComponentInfo, Engine};
@@ -40,6 +42,11 @@ pub struct Limits {
     pub max_hostcall_data: u64,
     /// Largest value the agent may store under one kv key, in bytes.
     pub max_kv_value: u64,
+    /// Deepest chain of `tasks.call`: a top-level task is depth 0, the
+    /// sub-tasks it calls are depth 1, and so on.
+    pub max_call_depth: u32,
+    /// Most sub-tasks one task may start through `tasks.call` in total.
+    pub max_subtasks: u32,
 }
 
 impl Default for Limits {
@@ -52,6 +59,8 @@ impl Default for Limits {
             max_result: 16 << 20,
             max_hostcall_data: 4 << 20,
             max_kv_value: 1 << 20,
+            max_call_depth: 4,
+            max_subtasks: 32,
         }
     }
 }
@@ -110,14 +119,79 @@ pub struct TaskRequest {
     pub payload: Vec<u8>,
     pub content_type: String,
     pub attempt: u32,
+    /// How the task reaches other agents through `tasks.call`; without it
+    /// every call is refused (a lone agent under `orch run`).
+    pub calls: Option<CallContext>,
 }
 
 /// A successful task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TaskOutput {
     pub result: Vec<u8>,
+    /// Fuel the task used, the fuel charged for its sub-tasks included.
     pub fuel_used: u64,
     pub elapsed: Duration,
+    /// Sub-tasks started through `tasks.call`.
+    pub subtasks: u32,
+    /// The part of `fuel_used` charged for sub-tasks.
+    pub subtask_fuel: u64,
+}
+
+/// A sub-task an agent asked for through `tasks.call`.
+#[derive(Debug, Clone)]
+pub struct SubCall {
+    /// The calling task's id.
+    pub parent: String,
+    pub capability: String,
+    pub payload: Vec<u8>,
+    /// The caller's own deadline, or earlier when the call set a timeout.
+    pub deadline: Instant,
+    /// The most fuel the sub-task may use: the caller's remaining fuel
+    /// (shared evenly among the calls of one `call-all`).
+    pub fuel: u64,
+    /// The sub-task's depth in the call tree (1 for a call from a top-level task).
+    pub depth: u32,
+}
+
+pub type SubCallFuture = Pin<Box<dyn Future<Output = Result<TaskOutput, TaskError>> + Send>>;
+
+/// Runs the sub-tasks of `tasks.call`. The scheduler implements it; the
+/// sandbox knows nothing else about how sub-tasks are placed.
+pub trait SubTasks: Send + Sync {
+    fn call(&self, call: SubCall) -> SubCallFuture;
+}
+
+/// Where a task sits in a call tree and how it reaches other agents.
+#[derive(Clone)]
+pub struct CallContext {
+    /// 0 for a top-level task.
+    pub depth: u32,
+    pub tasks: Arc<dyn SubTasks>,
+}
+
+impl std::fmt::Debug for CallContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallContext")
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A task's `tasks.call` state, kept in its store.
+struct CallState {
+    ctx: CallContext,
+    task_id: String,
+    deadline: Instant,
+    max_depth: u32,
+    max_subtasks: u32,
+    started: u32,
+    /// The store's fuel when the guest last entered the host, set by the
+    /// call hook: the budget the next sub-tasks may use.
+    fuel_left: u64,
+    /// Fuel the sub-tasks used that the call hook has not yet taken from
+    /// the caller's store.
+    charge: u64,
+    charged: u64,
 }
 
 /// Everything a task's store holds. Dropped with the store after every call.
@@ -133,6 +207,8 @@ pub struct StoreData {
     panic: Option<String>,
     /// The guest's stderr, present once WASI is in use.
     stderr: Option<stderr::StderrTail>,
+    /// `tasks.call` state; `None` refuses every call.
+    calls: Option<CallState>,
 }
 
 /// How much of a guest's stderr is kept for error messages.
@@ -325,6 +401,11 @@ impl Agent {
             .map(|(slots, max)| (*max as usize).saturating_sub(slots.available_permits()))
     }
 
+    /// The `max_instances` limit, if the agent has one.
+    pub fn max_instances(&self) -> Option<u32> {
+        self.instances.as_ref().map(|(_, max)| *max)
+    }
+
     /// Caps how many tasks of this agent run at once; later tasks wait for a
     /// free slot (their deadline keeps counting).
     pub fn set_max_instances(&mut self, max: Option<u32>) {
@@ -334,7 +415,7 @@ impl Agent {
     /// Calls `describe` in a fresh instance. kv is not available here: the
     /// agent's namespace is not known until `describe` has answered.
     pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
-        let mut store = self.new_store(limits, KvState::Describe);
+        let mut store = self.new_store(limits, KvState::Describe, None);
         let outcome = tokio::time::timeout(limits.timeout, async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             instance.call_describe(&mut store).await
@@ -383,7 +464,18 @@ impl Agent {
             }),
             None => KvState::NotGranted,
         };
-        let mut store = self.new_store(limits, kv);
+        let calls = task.calls.map(|ctx| CallState {
+            ctx,
+            task_id: task.id.clone(),
+            deadline: started + limits.timeout,
+            max_depth: limits.max_call_depth,
+            max_subtasks: limits.max_subtasks,
+            started: 0,
+            fuel_left: 0,
+            charge: 0,
+            charged: 0,
+        });
+        let mut store = self.new_store(limits, kv, calls);
         let task = wit::Task {
             id: task.id,
             capability: task.capability,
@@ -409,6 +501,11 @@ impl Agent {
         })
         .await;
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let (subtasks, subtask_fuel) = store
+            .data()
+            .calls
+            .as_ref()
+            .map_or((0, 0), |c| (c.started, c.charged));
         let result = match outcome {
             Err(_) => return Err(deadline(limits)),
             Ok(Err(e)) => return Err(classify(e, store.data(), limits, self.slots())),
@@ -428,6 +525,8 @@ impl Agent {
             result,
             fuel_used,
             elapsed: started.elapsed(),
+            subtasks,
+            subtask_fuel,
         })
     }
 
@@ -435,7 +534,13 @@ impl Agent {
         self.engine.config().instance_slots
     }
 
-    fn new_store(&self, limits: &Limits, kv: KvState) -> Store<StoreData> {
+    fn new_store(
+        &self,
+        limits: &Limits,
+        kv: KvState,
+        calls: Option<CallState>,
+    ) -> Store<StoreData> {
+        let metered_calls = calls.is_some();
         let data = StoreData {
             limiter: MemoryLimiter {
                 limit: limits.memory.min(self.engine.config().max_memory),
@@ -449,9 +554,13 @@ impl Agent {
             agent: self.name.clone(),
             panic: None,
             stderr: None,
+            calls,
         };
         let mut store = Store::new(self.engine.wasmtime(), data);
         store.limiter(|d| &mut d.limiter);
+        if metered_calls {
+            store.call_hook(charge_subtask_fuel);
+        }
         // Fuel cannot fail to be set: the engine always has fuel enabled.
         let _ = store.set_fuel(limits.fuel);
         store.set_hostcall_fuel(usize::try_from(limits.hostcall_budget()).unwrap_or(usize::MAX));
@@ -462,6 +571,37 @@ impl Agent {
         store.epoch_deadline_async_yield_and_update(1);
         store
     }
+}
+
+/// Host functions cannot touch the store's fuel, so `tasks.call` works
+/// through this hook: on the way into the host it notes the fuel left (the
+/// budget for sub-tasks), and on the way back it takes what the sub-tasks
+/// used. A caller left with no fuel traps on its next instruction.
+fn charge_subtask_fuel(
+    mut store: wasmtime::StoreContextMut<'_, StoreData>,
+    hook: CallHook,
+) -> wasmtime::Result<()> {
+    match hook {
+        CallHook::CallingHost => {
+            let fuel = store.get_fuel()?;
+            if let Some(calls) = store.data_mut().calls.as_mut() {
+                calls.fuel_left = fuel;
+            }
+        }
+        CallHook::ReturningFromHost => {
+            let charge = store
+                .data_mut()
+                .calls
+                .as_mut()
+                .map_or(0, |c| std::mem::take(&mut c.charge));
+            if charge > 0 {
+                let fuel = store.get_fuel()?;
+                store.set_fuel(fuel.saturating_sub(charge))?;
+            }
+        }
+        CallHook::CallingWasm | CallHook::ReturningFromWasm => {}
+    }
+    Ok(())
 }
 
 fn deadline(limits: &Limits) -> TaskError {

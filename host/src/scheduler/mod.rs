@@ -16,13 +16,16 @@ pub mod breaker;
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::TaskError;
-use crate::sandbox::{Agent, Limits, TaskOutput, TaskRequest};
+use crate::sandbox::{
+    Agent, CallContext, Limits, SubCall, SubCallFuture, SubTasks, TaskOutput, TaskRequest,
+};
 use breaker::Breaker;
 
 #[derive(Debug, Clone)]
@@ -67,7 +70,25 @@ pub enum SubmitError {
     UnknownCapability(String),
     #[error("the task's deadline has already passed")]
     DeadlinePassed,
+    #[error("the host is shutting down and takes no new tasks")]
+    ShuttingDown,
 }
+
+/// What happens to a task between submission and its end, for whoever shows
+/// task states (the daemon).
+#[derive(Debug, Clone, Copy)]
+pub enum AttemptEvent<'a> {
+    /// An attempt starts on `agent`; `attempt` is 1 for the first.
+    Started {
+        id: &'a str,
+        agent: &'a str,
+        attempt: u32,
+    },
+    /// An attempt failed and the task waits for its next one.
+    Retrying { id: &'a str },
+}
+
+pub type AttemptHook = Arc<dyn Fn(AttemptEvent<'_>) + Send + Sync>;
 
 /// One failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +124,8 @@ pub struct Failure {
 #[derive(Debug, Clone)]
 pub struct AgentStats {
     pub label: String,
+    pub capabilities: Vec<String>,
+    pub max_in_flight: u32,
     pub completed: u64,
     pub failed: u64,
     pub in_flight: u32,
@@ -139,6 +162,22 @@ struct Pending {
     deadline: Option<Instant>,
     attempts: Vec<AttemptError>,
     reply: oneshot::Sender<Result<Completed, Failure>>,
+    /// 0 for a submitted task; sub-tasks of `tasks.call` count up.
+    depth: u32,
+    /// For sub-tasks: the caller's remaining fuel, which caps the callee's.
+    fuel_cap: Option<u64>,
+}
+
+impl Pending {
+    /// Sub-tasks get one attempt: their caller decides what to do with a
+    /// failure, and a retry would spend fuel the caller cannot see.
+    fn max_attempts(&self, config: &SchedulerConfig) -> u32 {
+        if self.depth > 0 {
+            1
+        } else {
+            config.max_attempts
+        }
+    }
 }
 
 struct Queued {
@@ -190,6 +229,8 @@ struct Entry {
     breaker: Breaker,
     completed: u64,
     failed: u64,
+    /// Removed or replaced: takes no new tasks; its running tasks finish.
+    retired: bool,
 }
 
 impl Entry {
@@ -253,6 +294,13 @@ struct Job {
 
 struct Inner {
     config: SchedulerConfig,
+    on_attempt: Option<AttemptHook>,
+    /// Attempts running now, for draining at shutdown.
+    running: AtomicU64,
+    /// Signalled whenever an attempt ends.
+    finished: Notify,
+    /// Set by [`Scheduler::drain`]: nothing new is placed or accepted.
+    draining: AtomicBool,
     state: Mutex<State>,
     /// Placed tasks in placement order. Each spawned runner takes the oldest,
     /// so tasks run in the order they were placed even though tokio may poll
@@ -293,6 +341,16 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the dispatcher on the current tokio runtime.
     pub fn new(config: SchedulerConfig) -> Scheduler {
+        Scheduler::build(config, None)
+    }
+
+    /// Like [`Scheduler::new`], with a hook called as attempts start and
+    /// as failed ones wait for a retry.
+    pub fn with_attempt_hook(config: SchedulerConfig, hook: AttemptHook) -> Scheduler {
+        Scheduler::build(config, Some(hook))
+    }
+
+    fn build(config: SchedulerConfig, on_attempt: Option<AttemptHook>) -> Scheduler {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -300,6 +358,10 @@ impl Scheduler {
             | 1;
         let inner = Arc::new(Inner {
             config,
+            on_attempt,
+            running: AtomicU64::new(0),
+            finished: Notify::new(),
+            draining: AtomicBool::new(false),
             state: Mutex::new(State {
                 agents: Vec::new(),
                 index: HashMap::new(),
@@ -322,11 +384,57 @@ impl Scheduler {
     /// Makes an agent available for the capabilities it declares. `label`
     /// names it in stats and errors; `max_in_flight` bounds its tasks at once.
     pub fn add_agent(&self, label: &str, agent: Arc<Agent>, limits: Limits, max_in_flight: u32) {
+        self.replace_agent(None, Some((label, agent, limits, max_in_flight)));
+    }
+
+    /// Takes the agent labelled `label` out of placement; tasks it is running
+    /// finish. Queued tasks whose capability nobody provides any more fail
+    /// as unavailable. Returns whether there was such an agent.
+    pub fn remove_agent(&self, label: &str) -> bool {
+        self.replace_agent(Some(label), None)
+    }
+
+    /// Removes `old` and adds `new` under one lock, so that no task sees a
+    /// moment with neither (a hot upgrade). Returns whether `old` was found.
+    pub fn replace_agent(
+        &self,
+        old: Option<&str>,
+        new: Option<(&str, Arc<Agent>, Limits, u32)>,
+    ) -> bool {
         let mut state = self.inner.state();
-        let i = state.agents.len();
-        for c in &agent.descriptor().capabilities {
-            state.index.entry(c.name.clone()).or_default().push(i);
+        let mut found = false;
+        if let Some(old) = old {
+            for i in 0..state.agents.len() {
+                if state.agents[i].label == old && !state.agents[i].retired {
+                    state.agents[i].retired = true;
+                    found = true;
+                    for list in state.index.values_mut() {
+                        list.retain(|&j| j != i);
+                    }
+                }
+            }
+            state.index.retain(|_, list| !list.is_empty());
         }
+        if let Some((label, agent, limits, max_in_flight)) = new {
+            let i = state.agents.len();
+            for c in &agent.descriptor().capabilities {
+                state.index.entry(c.name.clone()).or_default().push(i);
+            }
+            self.push_entry(&mut state, label, agent, limits, max_in_flight);
+        }
+        drop(state);
+        self.inner.wake.notify_one();
+        found
+    }
+
+    fn push_entry(
+        &self,
+        state: &mut State,
+        label: &str,
+        agent: Arc<Agent>,
+        limits: Limits,
+        max_in_flight: u32,
+    ) {
         state.agents.push(Entry {
             label: label.to_string(),
             agent,
@@ -341,37 +449,62 @@ impl Scheduler {
             ),
             completed: 0,
             failed: 0,
+            retired: false,
         });
-        drop(state);
-        self.inner.wake.notify_one();
+    }
+
+    /// Whether some agent provides `capability` now.
+    pub fn provides(&self, capability: &str) -> bool {
+        self.inner.state().index.contains_key(capability)
+    }
+
+    /// The capabilities some agent provides now.
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut caps: Vec<String> = self.inner.state().index.keys().cloned().collect();
+        caps.sort();
+        caps
+    }
+
+    /// Tasks waiting in the queues, per capability.
+    pub fn queued(&self) -> Vec<(String, usize)> {
+        let mut q: Vec<(String, usize)> = self
+            .inner
+            .state()
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(c, q)| (c.clone(), q.len()))
+            .collect();
+        q.sort();
+        q
+    }
+
+    /// Attempts running now.
+    pub fn running(&self) -> u64 {
+        self.inner.running.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Stops placing and accepting tasks, then waits up to `grace` for the
+    /// running attempts to end. Returns how many were still running.
+    pub async fn drain(&self, grace: Duration) -> u64 {
+        self.inner.draining.store(true, AtomicOrdering::Relaxed);
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            let finished = self.inner.finished.notified();
+            let running = self.running();
+            if running == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(until, finished).await.is_err() {
+                return self.running();
+            }
+        }
     }
 
     /// Queues a task. Refused at once when no agent provides the capability
     /// or the deadline has passed.
     pub fn submit(&self, task: Submit) -> Result<TaskHandle, SubmitError> {
-        if task.deadline.is_some_and(|d| d <= Instant::now()) {
-            return Err(SubmitError::DeadlinePassed);
-        }
-        let (tx, rx) = oneshot::channel();
-        let id = task.id.clone();
-        {
-            let mut state = self.inner.state();
-            if !state.index.contains_key(&task.capability) {
-                return Err(SubmitError::UnknownCapability(task.capability));
-            }
-            let pending = Pending {
-                id: task.id,
-                capability: task.capability,
-                payload: task.payload,
-                priority: task.priority,
-                deadline: task.deadline,
-                attempts: Vec::new(),
-                reply: tx,
-            };
-            enqueue(&mut state, pending);
-        }
-        self.inner.wake.notify_one();
-        Ok(TaskHandle { id, rx })
+        submit(&self.inner, task, 0, None)
     }
 
     /// Tasks that failed every attempt, oldest first.
@@ -385,8 +518,17 @@ impl Scheduler {
             .state()
             .agents
             .iter()
+            .filter(|e| !e.retired || e.in_flight > 0)
             .map(|e| AgentStats {
                 label: e.label.clone(),
+                capabilities: e
+                    .agent
+                    .descriptor()
+                    .capabilities
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect(),
+                max_in_flight: e.max_in_flight,
                 completed: e.completed,
                 failed: e.failed,
                 in_flight: e.in_flight,
@@ -395,6 +537,42 @@ impl Scheduler {
             })
             .collect()
     }
+}
+
+fn submit(
+    inner: &Inner,
+    task: Submit,
+    depth: u32,
+    fuel_cap: Option<u64>,
+) -> Result<TaskHandle, SubmitError> {
+    if inner.draining.load(AtomicOrdering::Relaxed) {
+        return Err(SubmitError::ShuttingDown);
+    }
+    if task.deadline.is_some_and(|d| d <= Instant::now()) {
+        return Err(SubmitError::DeadlinePassed);
+    }
+    let (tx, rx) = oneshot::channel();
+    let id = task.id.clone();
+    {
+        let mut state = inner.state();
+        if !state.index.contains_key(&task.capability) {
+            return Err(SubmitError::UnknownCapability(task.capability));
+        }
+        let pending = Pending {
+            id: task.id,
+            capability: task.capability,
+            payload: task.payload,
+            priority: task.priority,
+            deadline: task.deadline,
+            attempts: Vec::new(),
+            reply: tx,
+            depth,
+            fuel_cap,
+        };
+        enqueue(&mut state, pending);
+    }
+    inner.wake.notify_one();
+    Ok(TaskHandle { id, rx })
 }
 
 fn enqueue(state: &mut State, task: Pending) {
@@ -418,10 +596,22 @@ async fn dispatch(inner: Arc<Inner>) {
         let now = Instant::now();
         let mut starts = Vec::new();
         let mut expired = Vec::new();
+        let mut orphaned = Vec::new();
+        let draining = inner.draining.load(std::sync::atomic::Ordering::Relaxed);
         let next_breaker = {
             let mut state = inner.state();
             let caps: Vec<String> = state.queues.keys().cloned().collect();
             for cap in caps {
+                if !state.index.contains_key(&cap) {
+                    // The last agent for it was removed.
+                    if let Some(q) = state.queues.remove(&cap) {
+                        orphaned.extend(q.into_iter().map(|q| q.task));
+                    }
+                    continue;
+                }
+                if draining {
+                    continue;
+                }
                 while let Some(head) = state.queues.get(&cap).and_then(|q| q.peek()) {
                     if head.task.deadline.is_some_and(|d| d <= now) {
                         if let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) {
@@ -460,6 +650,13 @@ async fn dispatch(inner: Arc<Inner>) {
         };
         for task in expired {
             fail(&inner, task, TaskError::DeadlineExceeded { ms: 0 }, false);
+        }
+        for task in orphaned {
+            let error = TaskError::Unavailable(format!(
+                "no agent provides capability {} any more",
+                task.capability
+            ));
+            fail(&inner, task, error, false);
         }
         let runners = starts.len();
         inner
@@ -515,7 +712,10 @@ async fn run_oldest(inner: Arc<Inner>) {
         .unwrap_or_else(|p| p.into_inner())
         .pop_front();
     if let Some(job) = job {
-        run(inner, job).await;
+        inner.running.fetch_add(1, AtomicOrdering::Relaxed);
+        run(inner.clone(), job).await;
+        inner.running.fetch_sub(1, AtomicOrdering::Relaxed);
+        inner.finished.notify_waiters();
     }
 }
 
@@ -533,12 +733,35 @@ async fn run(inner: Arc<Inner>, job: Job) {
             .timeout
             .min(deadline.saturating_duration_since(started));
     }
+    if let Some(cap) = task.fuel_cap {
+        limits.fuel = limits.fuel.min(cap);
+    }
+    let attempt = task.attempts.len() as u32 + 1;
+    if let Some(hook) = &inner.on_attempt {
+        hook(AttemptEvent::Started {
+            id: &task.id,
+            agent: &label,
+            attempt,
+        });
+    }
     let request = TaskRequest {
         id: task.id.clone(),
         capability: task.capability.clone(),
         payload: task.payload.clone(),
         content_type: "application/octet-stream".into(),
-        attempt: task.attempts.len() as u32 + 1,
+        attempt,
+        calls: Some(CallContext {
+            depth: task.depth,
+            tasks: Arc::new(Router {
+                loan: Arc::new(Loan {
+                    inner: inner.clone(),
+                    agent: i,
+                    waiting: Mutex::new(0),
+                }),
+                priority: task.priority,
+                seq: AtomicU64::new(0),
+            }),
+        }),
     };
     let result = agent.handle(request, &limits).await;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -546,7 +769,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
     let backoff = {
         let mut state = inner.state();
         let e = &mut state.agents[i];
-        e.in_flight -= 1;
+        e.in_flight = e.in_flight.saturating_sub(1);
         e.latency_ms = 0.9 * e.latency_ms + 0.1 * elapsed_ms;
         match &result {
             Ok(_) => {
@@ -585,14 +808,95 @@ async fn run(inner: Arc<Inner>, job: Job) {
             });
             if !retryable(&error) {
                 fail(&inner, task, error, false);
-            } else if task.attempts.len() as u32 >= inner.config.max_attempts
+            } else if task.attempts.len() as u32 >= task.max_attempts(&inner.config)
                 || task.deadline.is_some_and(|d| d <= now + backoff)
             {
-                fail(&inner, task, error, true);
+                // A sub-task's failure goes back to its caller, not to the
+                // dead letters.
+                let dead = task.depth == 0;
+                fail(&inner, task, error, dead);
             } else {
+                if let Some(hook) = &inner.on_attempt {
+                    hook(AttemptEvent::Retrying { id: &task.id });
+                }
                 tokio::time::sleep(backoff).await;
                 enqueue(&mut inner.state(), task);
                 inner.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Runs the `tasks.call` sub-tasks of one task through the same queues as
+/// every other task.
+struct Router {
+    loan: Arc<Loan>,
+    priority: i32,
+    seq: AtomicU64,
+}
+
+impl SubTasks for Router {
+    fn call(&self, call: SubCall) -> SubCallFuture {
+        let loan = self.loan.clone();
+        let n = self.seq.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+        let task = Submit {
+            id: format!("{}.{n}", call.parent),
+            capability: call.capability,
+            payload: call.payload,
+            priority: self.priority,
+            deadline: Some(call.deadline),
+        };
+        Box::pin(async move {
+            let _waiting = Loan::enter(&loan);
+            let handle =
+                submit(&loan.inner, task, call.depth, Some(call.fuel)).map_err(|e| match e {
+                    SubmitError::DeadlinePassed => TaskError::DeadlineExceeded { ms: 0 },
+                    other => TaskError::Unavailable(other.to_string()),
+                })?;
+            handle.wait().await.map(|c| c.output).map_err(|f| f.error)
+        })
+    }
+}
+
+/// The caller gives its slot back while it waits for sub-tasks, so that
+/// callers cannot fill every slot of the agents they wait for (a task
+/// calling its own capability would otherwise deadlock until its deadline).
+/// Its instance stays alive; the depth and fan-out bounds and the engine's
+/// instance slots bound how many. One loan covers every sub-task the caller
+/// waits for at once (`call-all`).
+struct Loan {
+    inner: Arc<Inner>,
+    agent: usize,
+    /// Sub-tasks the caller waits for now.
+    waiting: Mutex<u32>,
+}
+
+impl Loan {
+    fn enter(loan: &Arc<Loan>) -> LoanGuard {
+        let mut waiting = loan.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if *waiting == 0 {
+            if let Some(e) = loan.inner.state().agents.get_mut(loan.agent) {
+                e.in_flight = e.in_flight.saturating_sub(1);
+            }
+            loan.inner.wake.notify_one();
+        }
+        *waiting += 1;
+        LoanGuard(loan.clone())
+    }
+}
+
+/// Ends one sub-task's wait; the last one takes the slot back, also when
+/// the caller is cut off.
+struct LoanGuard(Arc<Loan>);
+
+impl Drop for LoanGuard {
+    fn drop(&mut self) {
+        let loan = &self.0;
+        let mut waiting = loan.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        *waiting = waiting.saturating_sub(1);
+        if *waiting == 0 {
+            if let Some(e) = loan.inner.state().agents.get_mut(loan.agent) {
+                e.in_flight += 1;
             }
         }
     }

@@ -10,4 +10,5 @@ mod kv;
 mod limits;
 mod malformed;
 mod scheduler;
+mod teams;
 mod traps;
