@@ -9,6 +9,13 @@
 //! [plugins]
 //! require_signed = true        # refuse plugins without a trusted signature
 //! trusted_keys = ["UC3Z..."]   # Ed25519 public keys in NATS nkey form
+//!
+//! [host]                       # `orch host start`
+//! listen = "127.0.0.1:7878"    # the HTTP control API (loopback only)
+//! retention = "24h"            # how long finished tasks and results are kept
+//! shutdown_grace = "30s"       # how long SIGTERM waits for running tasks
+//! instances = 16               # tasks at once per plugin without max_instances
+//! max_attempts = 3             # attempts per task for retryable failures
 //! ```
 
 use std::path::Path;
@@ -46,10 +53,36 @@ pub struct PluginPolicy {
     pub trusted_keys: Vec<String>,
 }
 
+/// Settings of the long-running host (`orch host start`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    pub listen: std::net::SocketAddr,
+    pub retention: Duration,
+    pub shutdown_grace: Duration,
+    pub instances: u32,
+    pub max_attempts: u32,
+}
+
+/// The API address when neither the config nor `--listen` names one.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7878)),
+            retention: Duration::from_secs(24 * 3600),
+            shutdown_grace: Duration::from_secs(30),
+            instances: 16,
+            max_attempts: 3,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostConfig {
     pub limits: HostLimits,
     pub plugins: PluginPolicy,
+    pub host: DaemonConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +99,18 @@ struct File {
     limits: LimitsFile,
     #[serde(default)]
     plugins: PluginsFile,
+    #[serde(default)]
+    host: HostFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HostFile {
+    listen: Option<String>,
+    retention: Option<String>,
+    shutdown_grace: Option<String>,
+    instances: Option<u32>,
+    max_attempts: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -113,6 +158,31 @@ impl HostConfig {
         for key in &file.plugins.trusted_keys {
             crate::plugin::signature::check_public_key(key)
                 .map_err(|reason| err(format!("plugins.trusted_keys: {key}: {reason}")))?;
+        }
+        if let Some(l) = file.host.listen {
+            config.host.listen = l
+                .parse()
+                .map_err(|e| err(format!("host.listen: {l:?}: {e}")))?;
+        }
+        if let Some(r) = file.host.retention {
+            config.host.retention =
+                parse_duration(&r).map_err(|e| err(format!("host.retention: {e}")))?;
+        }
+        if let Some(g) = file.host.shutdown_grace {
+            config.host.shutdown_grace =
+                parse_duration(&g).map_err(|e| err(format!("host.shutdown_grace: {e}")))?;
+        }
+        if let Some(n) = file.host.instances {
+            if n == 0 {
+                return Err(err("host.instances: must be at least 1".into()));
+            }
+            config.host.instances = n;
+        }
+        if let Some(n) = file.host.max_attempts {
+            if n == 0 {
+                return Err(err("host.max_attempts: must be at least 1".into()));
+            }
+            config.host.max_attempts = n;
         }
         config.plugins = PluginPolicy {
             require_signed: file.plugins.require_signed,

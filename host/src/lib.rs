@@ -12,11 +12,17 @@
 //!   the mapping of traps to typed errors.
 //! - [`kv`]: the embedded key-value store behind the `kv` import.
 //! - [`plugin`]: manifests, grants, signatures and the install store.
-//! - [`scheduler`]: queues by capability, placement, retries, breakers.
+//! - [`scheduler`]: queues by capability, placement, retries, breakers,
+//!   and the sub-tasks of `tasks.call`.
+//! - [`daemon`]: the long-running host: task journal, recovery after a
+//!   crash, plugin changes while serving, retention.
+//! - [`api`]: the HTTP+JSON control API over [`daemon`] (axum).
 //! - [`config`]: the host's configuration file (limit maxima, signature policy).
 //! - [`units`]: parsing of sizes and durations given by users.
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod kv;

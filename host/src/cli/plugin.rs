@@ -92,9 +92,65 @@ pub async fn run(home: &Path, cmd: Command) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let changes_store = matches!(
+        cmd,
+        Command::Install(_)
+            | Command::Upgrade { .. }
+            | Command::Rollback { .. }
+            | Command::Remove { .. }
+    );
+    let code = dispatch(&ctx, cmd).await;
+    if code == 0 && changes_store {
+        let home = home.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || notify_host(&home)).await;
+    }
+    code
+}
+
+/// Tells a host running on this data directory to pick up the change now
+/// (it would within a second anyway) and reports what it serves.
+fn notify_host(home: &Path) {
+    let Some(api) = orch::daemon::read_address(home) else {
+        return;
+    };
+    let client = super::client::Client::new(api.clone(), Duration::from_secs(60));
+    match client.request("POST", "/v1/plugins/sync", None) {
+        Ok((_, report)) => {
+            let list = |k: &str| -> String {
+                report[k]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            };
+            let (loaded, removed) = (list("loaded"), list("removed"));
+            if !loaded.is_empty() {
+                println!("the running host at {api} now serves {loaded}");
+            }
+            if !removed.is_empty() {
+                println!("the running host at {api} no longer serves {removed}");
+            }
+            for e in report["errors"].as_array().cloned().unwrap_or_default() {
+                eprintln!(
+                    "warning: the running host cannot load {}: {}",
+                    e["plugin"].as_str().unwrap_or_default(),
+                    e["error"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        // A stale host.json (the host died) is not an error of this command.
+        Err(_) => eprintln!("note: no host answered at {api}; the change applies when one starts"),
+    }
+}
+
+async fn dispatch(ctx: &Context, cmd: Command) -> u8 {
     match cmd {
-        Command::Install(args) => install(&ctx, args, Mode::Install, None).await,
-        Command::Upgrade { name, args } => install(&ctx, args, Mode::Upgrade, Some(name)).await,
+        Command::Install(args) => install(ctx, args, Mode::Install, None).await,
+        Command::Upgrade { name, args } => install(ctx, args, Mode::Upgrade, Some(name)).await,
         Command::Rollback { name } => match ctx.store.rollback(&name) {
             Ok((from, to)) => {
                 println!("{name}: {from} -> {to}");
@@ -111,8 +167,8 @@ pub async fn run(home: &Path, cmd: Command) -> u8 {
             }
             Err(e) => plugin_error(&e.into()),
         },
-        Command::List { output } => list(&ctx, output),
-        Command::Inspect { name, output } => inspect(&ctx, &name, output),
+        Command::List { output } => list(ctx, output),
+        Command::Inspect { name, output } => inspect(ctx, &name, output),
         Command::Sign { component, key } => sign(&component, &key),
         Command::Pack {
             component,

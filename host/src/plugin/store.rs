@@ -99,7 +99,7 @@ impl PluginStore {
         }
     }
 
-    fn registry_path(&self) -> PathBuf {
+    pub fn registry_path(&self) -> PathBuf {
         self.dir.join("registry.json")
     }
 

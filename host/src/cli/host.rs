@@ -1,0 +1,163 @@
+//! `orch host start`: the long-running host with its control API.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use orch::config::HostConfig;
+use orch::daemon::{address_file, Host};
+
+use super::{exit, load_error_code};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Serve the installed plugins: accept tasks over the HTTP API, run them by
+    /// capability, keep them in the journal until they have a result. SIGTERM or
+    /// Ctrl-C stops it gracefully.
+    Start(StartArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StartArgs {
+    /// Configuration file (default: $ORCH_HOME/config.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address of the HTTP control API; loopback only (it has no
+    /// authentication). Port 0 picks a free port. Default: [host] listen in the
+    /// config, else 127.0.0.1:7878.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+pub async fn run(home: &Path, cmd: Command) -> u8 {
+    match cmd {
+        Command::Start(args) => start(home, args).await,
+    }
+}
+
+async fn start(home: &Path, args: StartArgs) -> u8 {
+    let config_path = args.config.unwrap_or_else(|| home.join("config.toml"));
+    let config = match HostConfig::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::ERROR;
+        }
+    };
+    let listen = args.listen.unwrap_or(config.host.listen);
+    if !listen.ip().is_loopback() {
+        eprintln!(
+            "error: --listen {listen}: the control API has no authentication and binds to loopback \
+             addresses only (127.0.0.1, ::1)"
+        );
+        return exit::BAD_INPUT;
+    }
+    let engine = match super::engine(home) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return load_error_code(&e);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {listen}: {e}");
+            return exit::ERROR;
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(listen);
+    let max_payload = config.limits.defaults.max_payload;
+    let grace = config.host.shutdown_grace;
+    let host = match Host::start(home, config, engine).await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::ERROR;
+        }
+    };
+    let api = format!("http://{addr}");
+    let published = serde_json::json!({
+        "api": api,
+        "pid": std::process::id(),
+        "host": host.id(),
+    });
+    if let Err(e) = std::fs::write(address_file(home), published.to_string()) {
+        eprintln!(
+            "warning: cannot write {}: {e}",
+            address_file(home).display()
+        );
+    }
+    for (plugin, error) in host.plugin_errors() {
+        eprintln!("warning: plugin {plugin} is not served: {error}");
+    }
+    let plugins = host.plugins();
+    let names: Vec<String> = plugins.iter().map(|p| p.label.clone()).collect();
+    println!(
+        "orch host {} listening on {api} (data {}), serving {} plugin(s){}{}; {} unfinished task(s) requeued from the journal",
+        host.id(),
+        home.display(),
+        plugins.len(),
+        if names.is_empty() { "" } else { ": " },
+        names.join(", "),
+        host.recovered()
+    );
+    let _ = std::io::stdout().flush();
+
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(orch::api::serve(
+        host.clone(),
+        listener,
+        max_payload,
+        async move {
+            let _ = api_stopped.await;
+        },
+    ));
+    wait_for_signal().await;
+    eprintln!(
+        "stopping: waiting up to {} ms for running tasks",
+        grace.as_millis()
+    );
+    let cut = host.shutdown(grace).await;
+    let _ = stop_api.send(());
+    let _ = server.await;
+    let (queued, _) = host.live_counts();
+    if published_by_us(home) {
+        let _ = std::fs::remove_file(address_file(home));
+    }
+    eprintln!(
+        "stopped: {cut} running task(s) cut off; {} task(s) stay in the journal and run after the next start",
+        queued + cut as usize
+    );
+    0
+}
+
+fn published_by_us(home: &Path) -> bool {
+    std::fs::read_to_string(address_file(home))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["pid"].as_u64())
+        == Some(u64::from(std::process::id()))
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,344 @@
+//! `orch task ...` and `orch status`: clients of a running host's API.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::client::{api_url, exit_for_kind, Client, Failed};
+use super::{exit, Output};
+
+#[derive(clap::Args)]
+pub struct ApiArgs {
+    /// URL of the host's API (default: the host running on $ORCH_HOME, else
+    /// http://127.0.0.1:7878).
+    #[arg(long, env = "ORCH_API")]
+    api: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Submit a task by capability. Prints the task id, or with --wait the result.
+    Submit {
+        /// The capability to run, e.g. text.wordcount.
+        #[arg(long)]
+        capability: String,
+        /// File with the payload; `-` reads standard input. Default: empty.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Higher runs first (default 0).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Fail the task if it has not ended this long after submission, e.g. 2s.
+        #[arg(long)]
+        deadline: Option<String>,
+        /// Submitting again with the same key returns the first task.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait for the task to end and print its result (exit code as `orch run`).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one task.
+    Get {
+        id: String,
+        /// Wait for the task to end first.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List tasks, newest first.
+    List {
+        /// queued, running, completed, failed or dead.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        capability: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn client(home: &Path, api: &ApiArgs, wait: Option<Duration>) -> Client {
+    let timeout = wait.unwrap_or_default() + Duration::from_secs(30);
+    Client::new(api_url(home, api.api.clone()), timeout)
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, u8> {
+    orch::units::parse_duration(s).map_err(|e| {
+        eprintln!("error: --timeout: {e}");
+        exit::BAD_INPUT
+    })
+}
+
+pub fn run(home: &Path, cmd: Command) -> u8 {
+    let result = match cmd {
+        Command::Submit {
+            capability,
+            input,
+            priority,
+            deadline,
+            idempotency_key,
+            wait,
+            timeout,
+            api,
+        } => (|| {
+            let timeout = parse_timeout(&timeout)?;
+            let payload = read_input(input.as_deref())?;
+            let mut body = json!({ "capability": capability, "priority": priority });
+            match String::from_utf8(payload) {
+                Ok(text) => body["input"] = Value::String(text),
+                Err(e) => {
+                    body["input_base64"] = Value::String(
+                        base64::engine::general_purpose::STANDARD.encode(e.as_bytes()),
+                    )
+                }
+            }
+            if let Some(d) = deadline {
+                body["deadline"] = Value::String(d);
+            }
+            if let Some(k) = idempotency_key {
+                body["idempotency_key"] = Value::String(k);
+            }
+            let wait = wait.then_some(timeout);
+            let client = client(home, &api, wait);
+            let path = match wait {
+                Some(w) => format!("/v1/tasks?wait={}ms", w.as_millis()),
+                None => "/v1/tasks".to_string(),
+            };
+            let (_, task) = client
+                .request("POST", &path, Some(&body))
+                .map_err(|Failed(c)| c)?;
+            Ok(match (api.output, wait.is_some()) {
+                (Output::Json, _) => print_json(&task),
+                (Output::Text, true) => print_result(&task),
+                (Output::Text, false) => {
+                    println!("{}", task["id"].as_str().unwrap_or_default());
+                    0
+                }
+            })
+        })(),
+        Command::Get {
+            id,
+            wait,
+            timeout,
+            api,
+        } => (|| {
+            let timeout = parse_timeout(&timeout)?;
+            let wait = wait.then_some(timeout);
+            let client = client(home, &api, wait);
+            let path = match wait {
+                Some(w) => format!("/v1/tasks/{id}?wait={}ms", w.as_millis()),
+                None => format!("/v1/tasks/{id}"),
+            };
+            let (_, task) = client.request("GET", &path, None).map_err(|Failed(c)| c)?;
+            Ok(match api.output {
+                Output::Json => print_json(&task),
+                Output::Text => {
+                    print_task(&task);
+                    0
+                }
+            })
+        })(),
+        Command::List {
+            status,
+            capability,
+            limit,
+            api,
+        } => (|| {
+            let client = client(home, &api, None);
+            let mut path = format!("/v1/tasks?limit={limit}");
+            if let Some(s) = status {
+                path.push_str(&format!("&status={s}"));
+            }
+            if let Some(c) = capability {
+                path.push_str(&format!("&capability={c}"));
+            }
+            let (_, value) = client.request("GET", &path, None).map_err(|Failed(c)| c)?;
+            Ok(match api.output {
+                Output::Json => print_json(&value),
+                Output::Text => {
+                    let tasks = value["tasks"].as_array().cloned().unwrap_or_default();
+                    if tasks.is_empty() {
+                        println!("no tasks");
+                    }
+                    for t in tasks {
+                        println!(
+                            "{:<22} {:<10} {:<24} attempts {} {}",
+                            t["id"].as_str().unwrap_or_default(),
+                            t["status"].as_str().unwrap_or_default(),
+                            t["capability"].as_str().unwrap_or_default(),
+                            t["attempts"],
+                            t["agent"].as_str().unwrap_or_default(),
+                        );
+                    }
+                    0
+                }
+            })
+        })(),
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+/// `orch status`.
+pub fn status(home: &Path, api: ApiArgs) -> u8 {
+    let client = client(home, &api, None);
+    let value = match client.request("GET", "/v1/status", None) {
+        Ok((_, v)) => v,
+        Err(Failed(code)) => return code,
+    };
+    if let Output::Json = api.output {
+        return print_json(&value);
+    }
+    println!(
+        "host {} (orch {}) at {}, up {} s",
+        value["host"].as_str().unwrap_or_default(),
+        value["version"].as_str().unwrap_or_default(),
+        client.base(),
+        value["uptime_ms"].as_u64().unwrap_or(0) / 1000
+    );
+    println!(
+        "tasks: {} queued, {} running",
+        value["tasks"]["queued"], value["tasks"]["running"]
+    );
+    println!("agents:");
+    for a in value["agents"].as_array().cloned().unwrap_or_default() {
+        let caps: Vec<&str> = a["capabilities"]
+            .as_array()
+            .map(|c| c.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "  {:<24} {}/{} busy, {} done, {} failed, score {:.2}, breaker {}  [{}]",
+            a["label"].as_str().unwrap_or_default(),
+            a["in_flight"],
+            a["instances"],
+            a["completed"],
+            a["failed"],
+            a["score"].as_f64().unwrap_or(0.0),
+            a["breaker"].as_str().unwrap_or_default(),
+            caps.join(", ")
+        );
+    }
+    for e in value["plugin_errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        println!(
+            "  not served: {}: {}",
+            e["plugin"].as_str().unwrap_or_default(),
+            e["error"].as_str().unwrap_or_default()
+        );
+    }
+    0
+}
+
+fn read_input(input: Option<&Path>) -> Result<Vec<u8>, u8> {
+    match input {
+        None => Ok(Vec::new()),
+        Some(p) if p == Path::new("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).map_err(|e| {
+                eprintln!("error: cannot read standard input: {e}");
+                exit::ERROR
+            })?;
+            Ok(buf)
+        }
+        Some(p) => std::fs::read(p).map_err(|e| {
+            eprintln!("error: cannot read {}: {e}", p.display());
+            exit::BAD_INPUT
+        }),
+    }
+}
+
+fn print_json(value: &Value) -> u8 {
+    println!("{value}");
+    0
+}
+
+/// Prints a finished task's result bytes to stdout, or its error to stderr
+/// with the exit code `orch run` would use.
+fn print_result(task: &Value) -> u8 {
+    match task["status"].as_str().unwrap_or_default() {
+        "completed" => {
+            let bytes = match (task["result"].as_str(), task["result_base64"].as_str()) {
+                (Some(text), _) => text.as_bytes().to_vec(),
+                (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap_or_default(),
+                (None, None) => Vec::new(),
+            };
+            let mut out = std::io::stdout();
+            let _ = out.write_all(&bytes);
+            let _ = out.flush();
+            0
+        }
+        "failed" | "dead" => {
+            let kind = task["error"]["kind"].as_str().unwrap_or_default();
+            eprintln!(
+                "error: task {} {}: {}",
+                task["id"].as_str().unwrap_or_default(),
+                task["status"].as_str().unwrap_or_default(),
+                task["error"]["message"].as_str().unwrap_or_default()
+            );
+            exit_for_kind(kind)
+        }
+        other => {
+            eprintln!(
+                "error: task {} is still {other}; see it later with `orch task get {}`",
+                task["id"].as_str().unwrap_or_default(),
+                task["id"].as_str().unwrap_or_default()
+            );
+            exit::ERROR
+        }
+    }
+}
+
+fn print_task(t: &Value) {
+    let field = |k: &str| t[k].as_str().unwrap_or("-").to_string();
+    println!("id:         {}", field("id"));
+    println!("capability: {}", field("capability"));
+    println!("status:     {}", field("status"));
+    println!("attempts:   {}", t["attempts"]);
+    println!("agent:      {}", field("agent"));
+    if let Some(fuel) = t["fuel_used"].as_u64() {
+        println!(
+            "fuel:       {fuel} (sub-tasks: {} in {} call(s))",
+            t["subtask_fuel"].as_u64().unwrap_or(0),
+            t["subtasks"].as_u64().unwrap_or(0)
+        );
+    }
+    if let Some(e) = t["error"].as_object() {
+        println!(
+            "error:      {} ({})",
+            e.get("message").and_then(Value::as_str).unwrap_or_default(),
+            e.get("kind").and_then(Value::as_str).unwrap_or_default()
+        );
+    }
+    for a in t["attempt_errors"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  attempt on {}: {}",
+            a["agent"].as_str().unwrap_or_default(),
+            a["message"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(r) = t["result"].as_str() {
+        println!("result:     {r}");
+    } else if t["result_base64"].is_string() {
+        println!("result:     (binary; use --output json for result_base64)");
+    }
+}

@@ -1,0 +1,714 @@
+//! The long-running host (`orch host start`) without its HTTP layer: it
+//! serves the installed plugins through the scheduler, keeps every accepted
+//! task in the journal until it has a result, restarts the tasks it finds
+//! unfinished when it starts, follows the plugin store (install, upgrade,
+//! rollback, remove while running), and drops finished tasks after the
+//! retention time.
+//!
+//! Execution is at least once, results are exactly once: a task that was
+//! running when the host died runs again after the restart, under the same
+//! id, and only the attempt that finishes first writes the task's result.
+
+pub mod journal;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+use crate::config::HostConfig;
+use crate::engine::Engine;
+use crate::error::TaskError;
+use crate::kv::KvStore;
+use crate::plugin::{PluginError, PluginStore, StoreError};
+use crate::scheduler::{AgentStats, AttemptEvent, Scheduler, SchedulerConfig, Submit, SubmitError};
+pub use journal::{Accepted, AttemptInfo, ErrorInfo, Journal, JournalError, Status, TaskRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("no agent provides capability {0}")]
+    UnknownCapability(String),
+    #[error("payload too large: {size} bytes, past the limit of {limit} bytes")]
+    PayloadTooLarge { size: u64, limit: u64 },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("no task with id {0}")]
+    NotFound(String),
+    #[error("the host is shutting down and takes no new tasks")]
+    ShuttingDown,
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+impl HostError {
+    /// A stable name for API clients.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HostError::UnknownCapability(_) => "unknown-capability",
+            HostError::PayloadTooLarge { .. } => "payload-too-large",
+            HostError::InvalidRequest(_) => "invalid-request",
+            HostError::NotFound(_) => "not-found",
+            HostError::ShuttingDown => "shutting-down",
+            HostError::Journal(_) => "journal",
+            HostError::Plugin(_) => "plugin",
+        }
+    }
+}
+
+/// A task as a client submits it.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitRequest {
+    pub capability: String,
+    pub payload: Vec<u8>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Counted from submission.
+    pub deadline: Option<Duration>,
+    /// A second submission with the same key returns the first task.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub task: TaskRecord,
+    /// True when the idempotency key matched an earlier task, which is the
+    /// one returned.
+    pub existing: bool,
+}
+
+/// One installed plugin as the host serves it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServedPlugin {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    /// The scheduler's label: `name@version`.
+    pub label: String,
+    pub capabilities: Vec<String>,
+    pub instances: u32,
+}
+
+/// What a plugin sync changed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SyncReport {
+    /// `name@version` now served that was not before.
+    pub loaded: Vec<String>,
+    /// `name@version` no longer served.
+    pub removed: Vec<String>,
+    /// Plugins that failed to load, with the error; an older version of
+    /// the plugin keeps serving if there was one.
+    pub errors: Vec<(String, String)>,
+}
+
+struct Live {
+    record: TaskRecord,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+type LiveMap = Arc<Mutex<HashMap<String, Live>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a few map operations; a panic inside one
+    // leaves the map usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Inner {
+    id: String,
+    started: Instant,
+    config: HostConfig,
+    engine: Engine,
+    kv: Arc<KvStore>,
+    plugins: PluginStore,
+    scheduler: Scheduler,
+    journal: Journal,
+    live: LiveMap,
+    served: Mutex<BTreeMap<String, ServedPlugin>>,
+    load_errors: Mutex<BTreeMap<String, String>>,
+    sync_lock: tokio::sync::Mutex<()>,
+    seq: AtomicU64,
+    stopping: AtomicBool,
+    /// Signalled after each task's outcome is in the journal.
+    written: tokio::sync::Notify,
+    /// Unfinished tasks found in the journal at start.
+    recovered: AtomicU64,
+}
+
+/// A cheaply cloned handle to the running host.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<Inner>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Host {
+    /// Opens the data directory's journal, loads the installed plugins and
+    /// requeues the tasks the journal holds unfinished. Must run inside a
+    /// tokio runtime.
+    pub async fn start(home: &Path, config: HostConfig, engine: Engine) -> Result<Host, HostError> {
+        let journal = Journal::open(&home.join("tasks.redb"))?;
+        let live: LiveMap = Arc::new(Mutex::new(HashMap::new()));
+        let hook_live = live.clone();
+        let scheduler = Scheduler::with_attempt_hook(
+            SchedulerConfig {
+                max_attempts: config.host.max_attempts,
+                ..SchedulerConfig::default()
+            },
+            Arc::new(move |event: AttemptEvent<'_>| match event {
+                AttemptEvent::Started { id, agent, attempt } => {
+                    if let Some(l) = lock(&hook_live).get_mut(id) {
+                        l.record.status = Status::Running;
+                        l.record.attempts = attempt;
+                        l.record.agent = Some(agent.to_string());
+                    }
+                }
+                AttemptEvent::Retrying { id } => {
+                    if let Some(l) = lock(&hook_live).get_mut(id) {
+                        l.record.status = Status::Queued;
+                    }
+                }
+            }),
+        );
+        let salt = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()))
+            .unwrap_or(0);
+        let host = Host {
+            inner: Arc::new(Inner {
+                id: format!(
+                    "h{:08x}",
+                    (salt ^ u64::from(std::process::id())) & 0xffff_ffff
+                ),
+                started: Instant::now(),
+                config,
+                engine,
+                kv: Arc::new(KvStore::new(home.join("kv.redb"))),
+                plugins: PluginStore::new(home),
+                scheduler,
+                journal,
+                live,
+                served: Mutex::new(BTreeMap::new()),
+                load_errors: Mutex::new(BTreeMap::new()),
+                sync_lock: tokio::sync::Mutex::new(()),
+                seq: AtomicU64::new(salt & 0xff_ffff),
+                stopping: AtomicBool::new(false),
+                written: tokio::sync::Notify::new(),
+                recovered: AtomicU64::new(0),
+            }),
+        };
+        let report = host.sync_plugins().await?;
+        for (name, error) in &report.errors {
+            tracing::error!(plugin = %name, %error, "plugin not served");
+        }
+        let recovered = host.recover()?;
+        host.inner
+            .recovered
+            .store(recovered as u64, Ordering::Relaxed);
+        host.spawn_background();
+        Ok(host)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// How many unfinished tasks the journal held at start (requeued).
+    pub fn recovered(&self) -> u64 {
+        self.inner.recovered.load(Ordering::Relaxed)
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.inner.scheduler
+    }
+
+    /// Requeues every task the journal holds without a result, oldest first.
+    fn recover(&self) -> Result<usize, HostError> {
+        let mut pending = self
+            .inner
+            .journal
+            .list(usize::MAX, |r| !r.status.is_final())?;
+        pending.reverse();
+        let n = pending.len();
+        for mut record in pending {
+            let payload = self.inner.journal.payload(&record.id)?.unwrap_or_default();
+            record.status = Status::Queued;
+            self.track(record.clone());
+            self.spawn_drive(record, payload);
+        }
+        if n > 0 {
+            tracing::info!(tasks = n, "requeued unfinished tasks from the journal");
+        }
+        Ok(n)
+    }
+
+    fn track(&self, record: TaskRecord) {
+        lock(&self.inner.live).insert(
+            record.id.clone(),
+            Live {
+                record,
+                waiters: Vec::new(),
+            },
+        );
+    }
+
+    fn new_id(&self) -> String {
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
+        // Millisecond time first, so ids sort by submission.
+        format!("t{:012x}{seq:08x}", now_ms())
+    }
+
+    /// Accepts a task: it is in the journal, on disk, when this returns.
+    pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, HostError> {
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return Err(HostError::ShuttingDown);
+        }
+        if request.capability.is_empty() {
+            return Err(HostError::InvalidRequest("capability is empty".into()));
+        }
+        if !self.inner.scheduler.provides(&request.capability) {
+            return Err(HostError::UnknownCapability(request.capability));
+        }
+        let limit = self.inner.config.limits.defaults.max_payload;
+        let size = request.payload.len() as u64;
+        if size > limit {
+            return Err(HostError::PayloadTooLarge { size, limit });
+        }
+        if request.deadline == Some(Duration::ZERO) {
+            return Err(HostError::InvalidRequest(
+                "the deadline must be after now".into(),
+            ));
+        }
+        let now = now_ms();
+        let record = TaskRecord {
+            id: self.new_id(),
+            capability: request.capability,
+            status: Status::Queued,
+            priority: request.priority,
+            deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
+            idempotency_key: request.idempotency_key.filter(|k| !k.is_empty()),
+            submitted_at_ms: now,
+            finished_at_ms: None,
+            attempts: 0,
+            agent: None,
+            error: None,
+            attempt_errors: Vec::new(),
+            fuel_used: None,
+            subtask_fuel: None,
+            subtasks: None,
+            payload_bytes: size,
+        };
+        match self
+            .inner
+            .journal
+            .accept(record.clone(), request.payload.clone())
+            .await?
+        {
+            Accepted::Existing(id) => {
+                let task = self.get(&id)?;
+                Ok(Submitted {
+                    task,
+                    existing: true,
+                })
+            }
+            Accepted::New => {
+                self.track(record.clone());
+                self.spawn_drive(record.clone(), request.payload);
+                Ok(Submitted {
+                    task: record,
+                    existing: false,
+                })
+            }
+        }
+    }
+
+    fn spawn_drive(&self, record: TaskRecord, payload: Vec<u8>) {
+        tokio::spawn(drive(self.inner.clone(), record, payload));
+    }
+
+    /// The task's current state: the journal's record when it is final,
+    /// else what the scheduler is doing with it.
+    pub fn get(&self, id: &str) -> Result<TaskRecord, HostError> {
+        let stored = self.inner.journal.get(id)?;
+        if let Some(record) = &stored {
+            if record.status.is_final() {
+                return Ok(record.clone());
+            }
+        }
+        if let Some(live) = lock(&self.inner.live).get(id) {
+            return Ok(live.record.clone());
+        }
+        stored.ok_or_else(|| HostError::NotFound(id.to_string()))
+    }
+
+    pub fn result(&self, id: &str) -> Result<Option<Vec<u8>>, HostError> {
+        Ok(self.inner.journal.result(id)?)
+    }
+
+    /// Waits up to `timeout` for the task to end, then returns its state.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<TaskRecord, HostError> {
+        let rx = {
+            let mut live = lock(&self.inner.live);
+            match live.get_mut(id) {
+                Some(l) => {
+                    let (tx, rx) = oneshot::channel();
+                    l.waiters.push(tx);
+                    Some(rx)
+                }
+                None => None,
+            }
+        };
+        if let Some(rx) = rx {
+            let _ = tokio::time::timeout(timeout, rx).await;
+        }
+        self.get(id)
+    }
+
+    /// Newest first, filtered by status and capability.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        capability: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, HostError> {
+        let live: HashMap<String, TaskRecord> = lock(&self.inner.live)
+            .iter()
+            .map(|(id, l)| (id.clone(), l.record.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for record in self
+            .inner
+            .journal
+            .list(usize::MAX, |r| capability.is_none_or(|c| r.capability == c))?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let record = match live.get(&record.id) {
+                Some(l) if !record.status.is_final() => l.clone(),
+                _ => record,
+            };
+            if status.is_none_or(|s| record.status == s) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tasks accepted and not yet ended, by status.
+    pub fn live_counts(&self) -> (usize, usize) {
+        let live = lock(&self.inner.live);
+        let running = live
+            .values()
+            .filter(|l| l.record.status == Status::Running)
+            .count();
+        (live.len() - running, running)
+    }
+
+    pub fn agents(&self) -> Vec<AgentStats> {
+        self.inner.scheduler.stats()
+    }
+
+    pub fn plugins(&self) -> Vec<ServedPlugin> {
+        lock(&self.inner.served).values().cloned().collect()
+    }
+
+    pub fn plugin_errors(&self) -> Vec<(String, String)> {
+        lock(&self.inner.load_errors)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Brings the served plugins in line with the plugin store: loads new
+    /// and changed active versions, and drops removed plugins. A changed
+    /// plugin is swapped in one step: tasks placed from then on run on the
+    /// new version, tasks already running finish on the old one.
+    pub async fn sync_plugins(&self) -> Result<SyncReport, HostError> {
+        let _one_at_a_time = self.inner.sync_lock.lock().await;
+        let registry = match self.inner.plugins.list() {
+            Ok(r) => r,
+            Err(e) => return Err(HostError::Plugin(e.into())),
+        };
+        let mut report = SyncReport::default();
+        for (name, record) in &registry {
+            let Some(active) = record.active_version() else {
+                continue;
+            };
+            let current = lock(&self.inner.served).get(name).cloned();
+            if current
+                .as_ref()
+                .is_some_and(|c| c.sha256 == active.sha256 && c.version == active.version)
+            {
+                continue;
+            }
+            let loaded = self
+                .inner
+                .plugins
+                .load(
+                    name,
+                    &self.inner.engine,
+                    self.inner.kv.clone(),
+                    &self.inner.config,
+                )
+                .await;
+            let (mut agent, limits, version) = match loaded {
+                Ok(x) => x,
+                Err(e) => {
+                    let message = e.to_string();
+                    lock(&self.inner.load_errors).insert(name.clone(), message.clone());
+                    report.errors.push((name.clone(), message));
+                    continue;
+                }
+            };
+            lock(&self.inner.load_errors).remove(name);
+            // The scheduler bounds the plugin's tasks instead of the agent's
+            // own semaphore, so that a caller waiting in `tasks.call` can
+            // lend its slot to the sub-task it waits for.
+            let instances = agent
+                .max_instances()
+                .unwrap_or(self.inner.config.host.instances);
+            agent.set_max_instances(None);
+            let label = format!("{name}@{}", version.version);
+            let served = ServedPlugin {
+                name: name.clone(),
+                version: version.version.clone(),
+                sha256: version.sha256.clone(),
+                label: label.clone(),
+                capabilities: agent
+                    .descriptor()
+                    .capabilities
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect(),
+                instances,
+            };
+            self.inner.scheduler.replace_agent(
+                current.as_ref().map(|c| c.label.as_str()),
+                Some((&label, Arc::new(agent), limits, instances)),
+            );
+            if let Some(old) = current {
+                report.removed.push(old.label);
+            }
+            report.loaded.push(label);
+            lock(&self.inner.served).insert(name.clone(), served);
+        }
+        let gone: Vec<ServedPlugin> = lock(&self.inner.served)
+            .values()
+            .filter(|s| !registry.contains_key(&s.name))
+            .cloned()
+            .collect();
+        for plugin in gone {
+            self.inner.scheduler.remove_agent(&plugin.label);
+            lock(&self.inner.served).remove(&plugin.name);
+            report.removed.push(plugin.label);
+        }
+        lock(&self.inner.load_errors).retain(|name, _| registry.contains_key(name));
+        Ok(report)
+    }
+
+    /// Background work: follow the plugin store and drop expired tasks.
+    fn spawn_background(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let registry = self.inner.plugins.registry_path();
+        tokio::spawn(async move {
+            let mut seen = stamp(&registry);
+            let mut last_sweep = Instant::now() - Duration::from_secs(3600);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let host = Host { inner };
+                // An install made with the CLI while the host runs changes
+                // the registry file; pick it up.
+                let now = stamp(&registry);
+                if now != seen {
+                    seen = now;
+                    match host.sync_plugins().await {
+                        Ok(r) if !r.loaded.is_empty() || !r.removed.is_empty() => {
+                            tracing::info!(loaded = ?r.loaded, removed = ?r.removed, "plugins changed");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "plugin sync failed"),
+                    }
+                }
+                let every = (host.inner.config.host.retention / 10)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(60));
+                if last_sweep.elapsed() >= every {
+                    last_sweep = Instant::now();
+                    if let Err(e) = host.sweep().await {
+                        tracing::error!(error = %e, "dropping expired tasks failed");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Deletes finished tasks older than the retention time. Returns how many.
+    pub async fn sweep(&self) -> Result<usize, HostError> {
+        let retention = self.inner.config.host.retention.as_millis() as u64;
+        let cutoff = now_ms().saturating_sub(retention);
+        let old: Vec<String> = self
+            .inner
+            .journal
+            .list(usize::MAX, |r| {
+                r.status.is_final() && r.finished_at_ms.is_some_and(|t| t <= cutoff)
+            })?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        let n = old.len();
+        if n > 0 {
+            self.inner.journal.forget(old).await?;
+        }
+        Ok(n)
+    }
+
+    /// Graceful stop: no new tasks, running attempts get `grace` to end and
+    /// store their results. Queued tasks, and attempts still running after
+    /// the grace time, stay in the journal and run after the next start.
+    /// Returns how many attempts were cut off.
+    pub async fn shutdown(&self, grace: Duration) -> u64 {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        let cut = self.inner.scheduler.drain(grace).await;
+        // The attempts that ended hand their outcome to their drivers, which
+        // write it to the journal; wait for those writes (a task stays
+        // "running" until its outcome is written).
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let written = self.inner.written.notified();
+            if self.live_counts().1 as u64 <= cut {
+                break;
+            }
+            if tokio::time::timeout_at(until, written).await.is_err() {
+                break;
+            }
+        }
+        cut
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Runs one accepted task through the scheduler and journals the outcome.
+async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
+    let deadline = record.deadline_ms.map(|ms| {
+        let left = ms.saturating_sub(now_ms());
+        Instant::now() + Duration::from_millis(left)
+    });
+    let submit = Submit {
+        id: record.id.clone(),
+        capability: record.capability.clone(),
+        payload,
+        priority: record.priority,
+        deadline,
+    };
+    let outcome = match inner.scheduler.submit(submit) {
+        Ok(handle) => handle.wait().await,
+        // Left in the journal as queued: it runs after the next start.
+        Err(SubmitError::ShuttingDown) => return,
+        Err(e) => Err(crate::scheduler::Failure {
+            id: record.id.clone(),
+            capability: record.capability.clone(),
+            error: match e {
+                SubmitError::DeadlinePassed => TaskError::DeadlineExceeded { ms: 0 },
+                other => TaskError::Unavailable(other.to_string()),
+            },
+            attempts: Vec::new(),
+            dead_letter: false,
+        }),
+    };
+    if inner.stopping.load(Ordering::Relaxed)
+        && matches!(&outcome, Err(f) if matches!(f.error, TaskError::Host(_)))
+    {
+        // The scheduler went away under a shutdown: not the task's fault.
+        return;
+    }
+    record.finished_at_ms = Some(now_ms());
+    let result = match outcome {
+        Ok(done) => {
+            record.status = Status::Completed;
+            record.attempts = done.failed_attempts.len() as u32 + 1;
+            record.agent = Some(done.agent);
+            record.attempt_errors = attempt_infos(&done.failed_attempts);
+            record.fuel_used = Some(done.output.fuel_used);
+            record.subtask_fuel = Some(done.output.subtask_fuel);
+            record.subtasks = Some(done.output.subtasks);
+            Some(done.output.result)
+        }
+        Err(failure) => {
+            record.status = if failure.dead_letter {
+                Status::Dead
+            } else {
+                Status::Failed
+            };
+            record.attempts = failure.attempts.len() as u32;
+            record.agent = failure.attempts.last().map(|a| a.agent.clone());
+            record.attempt_errors = attempt_infos(&failure.attempts);
+            record.error = Some(ErrorInfo {
+                kind: failure.error.kind().to_string(),
+                message: failure.error.to_string(),
+            });
+            None
+        }
+    };
+    let id = record.id.clone();
+    if let Err(e) = inner.journal.finish(record, result).await {
+        // The task stays queued in the journal and runs again after a
+        // restart; its waiters see it as still pending.
+        tracing::error!(task = %id, error = %e, "cannot store the task's result");
+        return;
+    }
+    if let Some(live) = lock(&inner.live).remove(&id) {
+        for waiter in live.waiters {
+            let _ = waiter.send(());
+        }
+    }
+    inner.written.notify_waiters();
+}
+
+fn attempt_infos(attempts: &[crate::scheduler::AttemptError]) -> Vec<AttemptInfo> {
+    attempts
+        .iter()
+        .map(|a| AttemptInfo {
+            agent: a.agent.clone(),
+            kind: a.error.kind().to_string(),
+            message: a.error.to_string(),
+        })
+        .collect()
+}
+
+/// Where a running host publishes its API address, so that CLI commands
+/// on the same data directory find it without `--api`.
+pub fn address_file(home: &Path) -> PathBuf {
+    home.join("host.json")
+}
+
+/// The API URL a running host wrote for `home`, if any.
+pub fn read_address(home: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(address_file(home)).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value.get("api")?.as_str().map(String::from)
+}
+
+impl From<StoreError> for HostError {
+    fn from(e: StoreError) -> Self {
+        HostError::Plugin(e.into())
+    }
+}

@@ -1,0 +1,500 @@
+//! `orch host start` as operators run it: a real host process with its HTTP
+//! API on a free loopback port, driven through the CLI and the API, killed
+//! with SIGKILL and stopped with SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{p, stderr, stdout, Orch};
+use serde_json::{json, Value};
+
+/// A running `orch host start`; killed (SIGKILL) when dropped.
+struct HostProc {
+    child: Child,
+    url: String,
+    /// The first line the host printed.
+    banner: String,
+}
+
+impl HostProc {
+    fn start(orch: &Orch) -> HostProc {
+        let log = std::fs::File::create(orch.work.path().join("host.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orch"))
+            .args(["host", "start", "--listen", "127.0.0.1:0"])
+            .env("ORCH_HOME", orch.home.path())
+            .env_remove("ORCH_API")
+            .env_remove("RUST_BACKTRACE")
+            .env("ORCH_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        // The host prints its address once it serves; that line is the
+        // event to wait for.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        HostProc {
+            child,
+            url,
+            banner: line,
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into()
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let mut r = Self::agent()
+            .get(&format!("{}{path}", self.url))
+            .call()
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+        )
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut r = Self::agent()
+            .post(&format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+        )
+    }
+
+    fn submit(&self, capability: &str, input: &str) -> String {
+        let (code, task) = self.post(
+            "/v1/tasks",
+            &json!({ "capability": capability, "input": input }),
+        );
+        assert_eq!(code, 201, "{task}");
+        task["id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits (bounded by the API's wait) for the task to end.
+    fn wait(&self, id: &str) -> Value {
+        let (code, task) = self.get(&format!("/v1/tasks/{id}?wait=60s"));
+        assert_eq!(code, 200, "{task}");
+        task
+    }
+
+    fn count(&self, status: &str) -> usize {
+        let (_, v) = self.get(&format!("/v1/tasks?status={status}&limit=10000"));
+        v["tasks"].as_array().unwrap().len()
+    }
+
+    /// Polls `until` (an observable state of the host) with a bound.
+    fn until(&self, what: &str, mut until: impl FnMut(&HostProc) -> bool) {
+        let started = Instant::now();
+        while !until(self) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "timed out: {what}"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for HostProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sleep fixture (busy-waits N ms) with a manifest, so it can be installed.
+fn install_sleep(orch: &Orch) {
+    let manifest = "[plugin]\nname = \"sleep\"\nversion = \"0.1.0\"\ncapabilities = [\"test.sleep\"]\n\n[limits]\nfuel = 10000000000\n";
+    let wasm = orch.work.path().join("sleep.wasm");
+    std::fs::copy(p("sleep"), &wasm).unwrap();
+    std::fs::write(orch.work.path().join("sleep.toml"), manifest).unwrap();
+    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+}
+
+#[test]
+fn the_cli_submits_waits_lists_and_installs_while_the_host_runs() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("wordcount")]);
+    let host = HostProc::start(&orch);
+    let input = orch.work.path().join("doc.md");
+    std::fs::write(&input, "# One\na b c\n# Two\nd e\n").unwrap();
+    let input = input.to_str().unwrap();
+
+    // The CLI finds the host through $ORCH_HOME/host.json.
+    let out = orch.ok(&[
+        "task",
+        "submit",
+        "--capability",
+        "text.wordcount",
+        "--input",
+        input,
+        "--wait",
+    ]);
+    assert_eq!(out, r#"{"words":9,"lines":4,"bytes":22}"#);
+
+    let submitted: Value = orch.json(&[
+        "task",
+        "submit",
+        "--capability",
+        "text.wordcount",
+        "--input",
+        input,
+        "--priority",
+        "3",
+        "--output",
+        "json",
+    ]);
+    let id = submitted["id"].as_str().unwrap();
+    assert_eq!(submitted["capability"], "text.wordcount");
+    assert_eq!(submitted["priority"], 3);
+    let task = orch.json(&[
+        "task", "get", id, "--wait", "--output", "json", "--api", &host.url,
+    ]);
+    assert_eq!(task["id"], id);
+    assert_eq!(task["status"], "completed");
+    assert_eq!(task["attempts"], 1);
+    assert_eq!(task["agent"], "wordcount@0.1.0");
+    assert_eq!(task["result"], r#"{"words":9,"lines":4,"bytes":22}"#);
+    assert!(task["error"].is_null());
+    assert!(task["fuel_used"].as_u64().unwrap() > 0);
+
+    let list = orch.json(&["task", "list", "--output", "json"]);
+    let ids: Vec<&str> = list["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(ids[0], id, "newest first");
+
+    // A capability nobody provides is refused at submit, and nothing is kept.
+    let out = orch.run(&[
+        "task",
+        "submit",
+        "--capability",
+        "text.report",
+        "--input",
+        input,
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("no agent provides capability text.report"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(host.count("queued") + host.count("completed"), 2);
+
+    // Installing while the host runs: the CLI tells the host, which serves
+    // the plugin at once; the planner's sub-tasks run on wordcount.
+    let out = orch.ok(&["plugin", "install", "-y", &p("planner")]);
+    assert!(out.contains("now serves planner@0.1.0"), "{out}");
+    let report = orch.json(&[
+        "task",
+        "submit",
+        "--capability",
+        "text.report",
+        "--input",
+        input,
+        "--wait",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(report["status"], "completed");
+    assert_eq!(report["subtasks"], 2);
+    assert!(report["subtask_fuel"].as_u64().unwrap() > 0);
+    assert!(report["result"]
+        .as_str()
+        .unwrap()
+        .ends_with(r#""total":{"words":9,"lines":4,"bytes":22}}"#));
+
+    let status = orch.json(&["status", "--output", "json"]);
+    let caps: Vec<&str> = status["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(caps, ["text.report", "text.wordcount"]);
+    assert_eq!(status["tasks"]["queued"], 0);
+    let text = orch.ok(&["status"]);
+    assert!(
+        text.contains("planner@0.1.0") && text.contains("breaker closed"),
+        "{text}"
+    );
+
+    // Removing while running: the capability is gone for new tasks.
+    let out = orch.ok(&["plugin", "remove", "planner"]);
+    assert!(out.contains("no longer serves planner@0.1.0"), "{out}");
+    let out = orch.run(&[
+        "task",
+        "submit",
+        "--capability",
+        "text.report",
+        "--input",
+        input,
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn idempotency_keys_return_the_first_task() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let host = HostProc::start(&orch);
+    let body = json!({ "capability": "echo", "input": "once", "idempotency_key": "order-17" });
+    let (first_code, first) = host.post("/v1/tasks", &body);
+    let (again_code, again) = host.post("/v1/tasks", &body);
+    assert_eq!((first_code, again_code), (201, 200));
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(first["idempotency_key"], "order-17");
+    let other = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "echo", "input": "x", "idempotency_key": "order-18" }),
+    );
+    assert_ne!(other.1["id"], first["id"]);
+    host.until("both tasks end", |h| h.count("completed") == 2);
+    // The key still holds after a restart: it is in the journal.
+    host.kill9();
+    let host = HostProc::start(&orch);
+    let (code, replay) = host.post("/v1/tasks", &body);
+    assert_eq!(code, 200);
+    assert_eq!(replay["id"], first["id"]);
+    assert_eq!(replay["result"], "once");
+    assert_eq!(host.count("completed"), 2);
+}
+
+#[test]
+fn kill_9_loses_no_accepted_task_and_runs_none_twice() {
+    let orch = Orch::new();
+    orch.config("[host]\ninstances = 2\n");
+    install_sleep(&orch);
+    let host = HostProc::start(&orch);
+    const N: usize = 300;
+    let mut accepted = BTreeSet::new();
+    for _ in 0..N {
+        accepted.insert(host.submit("test.sleep", "20"));
+    }
+    assert_eq!(accepted.len(), N);
+    host.until("some tasks complete", |h| h.count("completed") >= 20);
+    host.kill9();
+
+    // Everything the dead host accepted is in its journal; some of it had
+    // not run yet.
+    let host = HostProc::start(&orch);
+    let requeued: usize = host
+        .banner
+        .split("; ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no requeue count in {:?}", host.banner));
+    assert!(requeued > 0 && requeued < N, "{}", host.banner);
+    let mut results = BTreeMap::new();
+    for id in &accepted {
+        let task = host.wait(id);
+        assert_eq!(task["status"], "completed", "{task}");
+        let ms: u64 = task["result"].as_str().unwrap().parse().unwrap();
+        assert!(ms >= 20, "{task}");
+        results.insert(id.clone(), task["attempts"].as_u64().unwrap());
+    }
+    assert_eq!(results.len(), N);
+    // One record per accepted id, and nothing else.
+    let (_, all) = host.get("/v1/tasks?limit=10000");
+    let listed: Vec<String> = all["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed.len(), N);
+    assert_eq!(listed.into_iter().collect::<BTreeSet<_>>(), accepted);
+}
+
+#[test]
+fn sigterm_finishes_the_running_task_and_keeps_the_queued_ones() {
+    let orch = Orch::new();
+    orch.config("[host]\ninstances = 1\n");
+    install_sleep(&orch);
+    let mut host = HostProc::start(&orch);
+    let ids: Vec<String> = (0..6).map(|_| host.submit("test.sleep", "300")).collect();
+    host.until("the first task runs", |h| {
+        h.get(&format!("/v1/tasks/{}", ids[0])).1["status"] == "running"
+    });
+    host.signal("-TERM");
+    let status = host.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(orch.work.path().join("host.log")).unwrap();
+    assert!(
+        log.contains("stopped: 0 running task(s) cut off; 5 task(s) stay in the journal"),
+        "{log}"
+    );
+    // No host.json is left behind to mislead the CLI.
+    assert!(!orch.home.path().join("host.json").exists());
+
+    let host = HostProc::start(&orch);
+    // The running task finished before the host stopped: its result was
+    // stored by the old process.
+    let first = host.get(&format!("/v1/tasks/{}", ids[0])).1;
+    assert_eq!(first["status"], "completed", "{first}");
+    for id in &ids[1..] {
+        assert_eq!(host.wait(id)["status"], "completed");
+    }
+}
+
+#[test]
+fn hot_upgrade_under_load_fails_no_task() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("counter")]);
+    let host = HostProc::start(&orch);
+    let url = host.url.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (upgraded_tx, upgraded_rx) = std::sync::mpsc::channel::<()>();
+    let load = std::thread::spawn(move || {
+        let host = HostProc::agent();
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        let mut upgraded = false;
+        let mut since = 0;
+        // Keep submitting until 50 tasks went in after the upgrade.
+        while since < 50 {
+            if !upgraded && upgraded_rx.try_recv().is_ok() {
+                upgraded = true;
+            }
+            let mut r = host
+                .post(&format!("{url}/v1/tasks"))
+                .header("content-type", "application/json")
+                .send(json!({ "capability": "counter", "input": "" }).to_string())
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+            let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+            let id = v["id"].as_str().unwrap().to_string();
+            if upgraded {
+                after.push(id);
+                since += 1;
+            } else {
+                before.push(id);
+                if before.len() == 50 {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        (before, after)
+    });
+    rx.recv().unwrap();
+    let out = orch.ok(&["plugin", "upgrade", "counter", &p("counter-next"), "-y"]);
+    assert!(out.contains("now serves counter@0.2.0"), "{out}");
+    upgraded_tx.send(()).unwrap();
+    let (before, after) = load.join().unwrap();
+    let mut agents = BTreeMap::new();
+    for id in before.iter().chain(&after) {
+        let task = host.wait(id);
+        assert_eq!(task["status"], "completed", "{task}");
+        *agents
+            .entry(task["agent"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    // Tasks submitted after the upgrade returned all ran on the new version.
+    for id in &after {
+        assert_eq!(host.wait(id)["agent"], "counter@0.2.0");
+    }
+    assert!(agents.contains_key("counter@0.1.0"), "{agents:?}");
+    assert_eq!(host.count("failed") + host.count("dead"), 0);
+}
+
+#[test]
+fn finished_tasks_are_dropped_after_the_retention_time() {
+    let orch = Orch::new();
+    orch.config("[host]\nretention = \"2s\"\n");
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let host = HostProc::start(&orch);
+    let id = host.submit("echo", "short-lived");
+    // Inside the retention time the result is there...
+    assert_eq!(host.wait(&id)["result"], "short-lived");
+    // ...and past it, the task is gone.
+    host.until("the task expires", |h| {
+        h.get(&format!("/v1/tasks/{id}")).0 == 404
+    });
+    let (code, v) = host.get(&format!("/v1/tasks/{id}"));
+    assert_eq!(code, 404);
+    assert_eq!(v["error"]["kind"], "not-found");
+}
+
+#[test]
+fn the_api_reports_bad_requests_with_a_kind_and_message() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let host = HostProc::start(&orch);
+    let (code, v) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "echo", "input": "a", "input_base64": "YQ==" }),
+    );
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (400, Some("invalid-request"))
+    );
+    let (code, v) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "echo", "deadline": "soon" }),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("deadline"),
+        "{v}"
+    );
+    let (code, v) = host.get("/v1/tasks?status=lost");
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "echo", "input_base64": "AP8=" }),
+    );
+    assert_eq!(code, 201);
+    let task = host.wait(v["id"].as_str().unwrap());
+    assert_eq!(task["result_base64"], "AP8=");
+    // An API on a routable address is refused: it has no authentication.
+    let out = orch.run(&["host", "start", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
+    let _ = stdout(&out);
+}
