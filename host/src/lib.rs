@@ -34,7 +34,7 @@ pub mod units;
 pub use engine::{ComponentInfo, Engine, EngineConfig};
 pub use error::{LoadError, TaskError};
 pub use sandbox::{
-    Agent, Capability, Descriptor, DirGrant, Grants, Limits, TaskOutput, TaskRequest,
+    Agent, CallReport, Capability, Descriptor, DirGrant, Grants, Limits, TaskOutput, TaskRequest,
 };
 
 /// The WIT world every agent implements.

@@ -243,6 +243,14 @@ fn the_cli_submits_waits_lists_and_installs_while_the_host_runs() {
     ]);
     assert_eq!(report["status"], "completed");
     assert_eq!(report["subtasks"], 2);
+    let calls = report["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        assert_eq!(call["capability"], "text.wordcount");
+        assert_eq!(call["outcome"], "ok");
+        assert!(call["deadline_ms"].as_u64().unwrap() > 0, "{call}");
+        assert!(call["fuel_used"].as_u64().unwrap() > 0, "{call}");
+    }
     assert!(report["subtask_fuel"].as_u64().unwrap() > 0);
     assert!(report["result"]
         .as_str()

@@ -316,11 +316,13 @@ fn print_task(t: &Value) {
     println!("attempts:   {}", t["attempts"]);
     println!("agent:      {}", field("agent"));
     if let Some(fuel) = t["fuel_used"].as_u64() {
-        println!(
-            "fuel:       {fuel} (sub-tasks: {} in {} call(s))",
-            t["subtask_fuel"].as_u64().unwrap_or(0),
-            t["subtasks"].as_u64().unwrap_or(0)
-        );
+        match t["subtasks"].as_u64().unwrap_or(0) {
+            0 => println!("fuel:       {fuel}"),
+            n => println!(
+                "fuel:       {fuel} ({} of it for {n} sub-task(s))",
+                t["subtask_fuel"].as_u64().unwrap_or(0)
+            ),
+        }
     }
     if let Some(e) = t["error"].as_object() {
         println!(

@@ -97,6 +97,9 @@ pub struct TaskRecord {
     pub fuel_used: Option<u64>,
     pub subtask_fuel: Option<u64>,
     pub subtasks: Option<u32>,
+    /// The `tasks.call` sub-tasks of the successful attempt.
+    #[serde(default)]
+    pub calls: Vec<crate::sandbox::CallReport>,
     pub payload_bytes: u64,
 }
 
@@ -424,6 +427,7 @@ mod tests {
             fuel_used: None,
             subtask_fuel: None,
             subtasks: None,
+            calls: Vec::new(),
             payload_bytes: 2,
         }
     }

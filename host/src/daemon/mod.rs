@@ -310,6 +310,7 @@ impl Host {
             fuel_used: None,
             subtask_fuel: None,
             subtasks: None,
+            calls: Vec::new(),
             payload_bytes: size,
         };
         match self
@@ -650,6 +651,7 @@ async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
             record.fuel_used = Some(done.output.fuel_used);
             record.subtask_fuel = Some(done.output.subtask_fuel);
             record.subtasks = Some(done.output.subtasks);
+            record.calls = done.output.calls;
             Some(done.output.result)
         }
         Err(failure) => {

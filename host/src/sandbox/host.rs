@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use super::bindings::orch::agent::{kv, log, tasks, types};
-use super::{StoreData, SubCall};
+use super::{CallReport, StoreData, SubCall};
 use crate::error::TaskError;
 
 /// Longest log message kept; longer ones are cut so that a guest cannot
@@ -181,6 +181,8 @@ impl StoreData {
                     .deadline
                     .min(now + Duration::from_millis(u64::from(ms))),
             };
+            let capability = request.capability.clone();
+            let given_ms = deadline.saturating_duration_since(now).as_millis() as u64;
             let call = state.ctx.tasks.call(SubCall {
                 parent: state.task_id.clone(),
                 capability: request.capability,
@@ -189,7 +191,7 @@ impl StoreData {
                 fuel: share,
                 depth,
             });
-            running.spawn(async move { (i, call.await) });
+            running.spawn(async move { (i, capability, given_ms, call.await) });
         }
         let mut results: Vec<CallResult> = (0..n)
             .map(|_| {
@@ -199,7 +201,13 @@ impl StoreData {
             })
             .collect();
         while let Some(joined) = running.join_next().await {
-            let Ok((i, outcome)) = joined else { continue };
+            let Ok((i, capability, deadline_ms, outcome)) = joined else {
+                continue;
+            };
+            let kind = match &outcome {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            };
             let (charge, result) = match outcome {
                 Ok(output) => (output.fuel_used, Ok(output.result)),
                 // The callee used its whole share.
@@ -208,6 +216,13 @@ impl StoreData {
             };
             state.charge += charge;
             state.charged += charge;
+            state.reports.push(CallReport {
+                capability,
+                deadline_ms,
+                fuel_limit: share,
+                fuel_used: charge,
+                outcome: kind.to_string(),
+            });
             if let Some(slot) = results.get_mut(i) {
                 *slot = result;
             }

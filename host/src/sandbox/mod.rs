@@ -135,6 +135,23 @@ pub struct TaskOutput {
     pub subtasks: u32,
     /// The part of `fuel_used` charged for sub-tasks.
     pub subtask_fuel: u64,
+    /// Each sub-task in the order they ended.
+    pub calls: Vec<CallReport>,
+}
+
+/// What one `tasks.call` sub-task got and used, for the caller's result.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CallReport {
+    pub capability: String,
+    /// The time the sub-task was given, in milliseconds: the caller's
+    /// remaining time, or less when the call set a timeout.
+    pub deadline_ms: u64,
+    /// The fuel it was allowed (the caller's remaining fuel, shared).
+    pub fuel_limit: u64,
+    /// The fuel charged to the caller for it.
+    pub fuel_used: u64,
+    /// `ok`, or the error kind (`trap`, `deadline-exceeded`, ...).
+    pub outcome: String,
 }
 
 /// A sub-task an agent asked for through `tasks.call`.
@@ -192,6 +209,7 @@ struct CallState {
     /// the caller's store.
     charge: u64,
     charged: u64,
+    reports: Vec<CallReport>,
 }
 
 /// Everything a task's store holds. Dropped with the store after every call.
@@ -474,6 +492,7 @@ impl Agent {
             fuel_left: 0,
             charge: 0,
             charged: 0,
+            reports: Vec::new(),
         });
         let mut store = self.new_store(limits, kv, calls);
         let task = wit::Task {
@@ -501,11 +520,13 @@ impl Agent {
         })
         .await;
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        let (subtasks, subtask_fuel) = store
-            .data()
+        let (subtasks, subtask_fuel, calls) = store
+            .data_mut()
             .calls
-            .as_ref()
-            .map_or((0, 0), |c| (c.started, c.charged));
+            .as_mut()
+            .map_or((0, 0, Vec::new()), |c| {
+                (c.started, c.charged, std::mem::take(&mut c.reports))
+            });
         let result = match outcome {
             Err(_) => return Err(deadline(limits)),
             Ok(Err(e)) => return Err(classify(e, store.data(), limits, self.slots())),
@@ -527,6 +548,7 @@ impl Agent {
             elapsed: started.elapsed(),
             subtasks,
             subtask_fuel,
+            calls,
         })
     }
 

@@ -65,6 +65,26 @@ async fn planner_counts_each_section_through_wordcount() {
     );
     assert!(report.ends_with(&total), "{report}");
     assert_eq!(done.output.subtasks, 3);
+    assert_eq!(done.output.calls.len(), 3);
+    for call in &done.output.calls {
+        assert_eq!(
+            (call.capability.as_str(), call.outcome.as_str()),
+            ("text.wordcount", "ok")
+        );
+        // Each got the planner's remaining time (under its 10 s) and a
+        // third of its remaining fuel.
+        assert!(
+            call.deadline_ms > 0 && call.deadline_ms <= 10_000,
+            "{call:?}"
+        );
+        assert!(
+            call.fuel_used > 0 && call.fuel_used < call.fuel_limit,
+            "{call:?}"
+        );
+        assert!(call.fuel_limit < Limits::default().fuel / 3, "{call:?}");
+    }
+    let charged: u64 = done.output.calls.iter().map(|c| c.fuel_used).sum();
+    assert_eq!(charged, done.output.subtask_fuel);
     // The sub-tasks' fuel is part of the planner's, and reported apart.
     assert!(done.output.subtask_fuel > 0);
     assert!(done.output.fuel_used > done.output.subtask_fuel);
@@ -176,6 +196,13 @@ async fn sub_tasks_inherit_the_callers_deadline() {
     // and the caller gets the error.
     let done = submit(&s, "test.call", "test.spin 100\n").await.unwrap();
     assert_eq!(text(&done), "call-error deadline exceeded");
+    // The caller's result reports what the sub-task was given.
+    let call = &done.output.calls[0];
+    assert_eq!(
+        (call.capability.as_str(), call.outcome.as_str()),
+        ("test.spin", "deadline-exceeded")
+    );
+    assert!(call.deadline_ms <= 100, "{call:?}");
     // Without one, the sub-task ends with the caller's deadline, not its own
     // minute: the caller fails on its deadline, and after it nothing runs on.
     let failure = submit(&s, "test.call", "test.spin\n").await.unwrap_err();
