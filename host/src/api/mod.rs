@@ -4,6 +4,7 @@
 //! `docs/api.md`; field names are stable.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -15,13 +16,22 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::cluster::Cluster;
 use crate::daemon::{Host, HostError, Status, SubmitRequest, TaskRecord};
 use crate::units::parse_duration;
 
 /// The longest a request may wait for a task to end.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-pub fn router(host: Host, max_payload: u64) -> Router {
+/// What the handlers share: the host, and its cluster membership when it
+/// joined one.
+#[derive(Clone)]
+pub struct ApiState {
+    pub host: Host,
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+pub fn router(state: ApiState, max_payload: u64) -> Router {
     // A payload may come base64-encoded in JSON: 4/3 of its size plus room.
     let body_limit = usize::try_from(max_payload / 3 * 4 + (64 << 10)).unwrap_or(usize::MAX);
     Router::new()
@@ -32,17 +42,17 @@ pub fn router(host: Host, max_payload: u64) -> Router {
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/sync", post(sync))
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(host)
+        .with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
 pub async fn serve(
-    host: Host,
+    state: ApiState,
     listener: tokio::net::TcpListener,
     max_payload: u64,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(host, max_payload))
+    axum::serve(listener, router(state, max_payload))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -132,7 +142,7 @@ struct WaitQuery {
 }
 
 async fn submit(
-    State(host): State<Host>,
+    State(ApiState { host, .. }): State<ApiState>,
     Query(q): Query<WaitQuery>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -176,7 +186,7 @@ async fn submit(
 }
 
 async fn task(
-    State(host): State<Host>,
+    State(ApiState { host, .. }): State<ApiState>,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -195,7 +205,7 @@ struct ListQuery {
 }
 
 async fn list(
-    State(host): State<Host>,
+    State(ApiState { host, .. }): State<ApiState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
@@ -234,11 +244,11 @@ fn agents_json(host: &Host) -> Vec<Value> {
         .collect()
 }
 
-async fn agents(State(host): State<Host>) -> Json<Value> {
+async fn agents(State(ApiState { host, .. }): State<ApiState>) -> Json<Value> {
     Json(json!({ "agents": agents_json(&host) }))
 }
 
-async fn status(State(host): State<Host>) -> Json<Value> {
+async fn status(State(ApiState { host, cluster }): State<ApiState>) -> Json<Value> {
     let (queued, running) = host.live_counts();
     let errors: Vec<Value> = host
         .plugin_errors()
@@ -253,10 +263,11 @@ async fn status(State(host): State<Host>) -> Json<Value> {
         "capabilities": host.scheduler().capabilities(),
         "agents": agents_json(&host),
         "plugin_errors": errors,
+        "cluster": cluster.map(|c| json!({ "nats": c.url(), "hosts": c.members() })),
     }))
 }
 
-async fn plugins(State(host): State<Host>) -> Json<Value> {
+async fn plugins(State(ApiState { host, .. }): State<ApiState>) -> Json<Value> {
     let errors: Vec<Value> = host
         .plugin_errors()
         .into_iter()
@@ -265,7 +276,7 @@ async fn plugins(State(host): State<Host>) -> Json<Value> {
     Json(json!({ "plugins": host.plugins(), "errors": errors }))
 }
 
-async fn sync(State(host): State<Host>) -> Result<Json<Value>, ApiError> {
+async fn sync(State(ApiState { host, .. }): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let report = host.sync_plugins().await?;
     let errors: Vec<Value> = report
         .errors

@@ -4,6 +4,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use orch::cluster::{Cluster, Heartbeat, NatsOptions};
 use orch::config::HostConfig;
 use orch::daemon::{address_file, Host};
 
@@ -27,6 +30,19 @@ pub struct StartArgs {
     /// config, else 127.0.0.1:7878.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Join other hosts through this NATS server (nats-server 2.10 or later;
+    /// several URLs comma-separated). Without it the host runs alone.
+    #[arg(long, env = "ORCH_NATS")]
+    nats: Option<String>,
+    /// Authenticate to NATS with a token.
+    #[arg(long, requires = "nats", conflicts_with = "nats_creds")]
+    nats_token: Option<String>,
+    /// Authenticate to NATS with a .creds file.
+    #[arg(long, requires = "nats")]
+    nats_creds: Option<PathBuf>,
+    /// Verify the NATS server's TLS certificate against this CA (PEM).
+    #[arg(long, requires = "nats")]
+    nats_tls_ca: Option<PathBuf>,
 }
 
 pub async fn run(home: &Path, cmd: Command) -> u8 {
@@ -77,6 +93,30 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
         }
     };
     let api = format!("http://{addr}");
+    let cluster = match &args.nats {
+        None => None,
+        Some(url) => {
+            let options = NatsOptions {
+                url: url.clone(),
+                token: args.nats_token.clone(),
+                creds: args.nats_creds.clone(),
+                tls_ca: args.nats_tls_ca.clone(),
+            };
+            let beat_host = host.clone();
+            let beat_api = api.clone();
+            let joined = Cluster::join(&options, host.id(), move || {
+                heartbeat(&beat_host, &beat_api)
+            })
+            .await;
+            match joined {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::ERROR;
+                }
+            }
+        }
+    };
     let published = serde_json::json!({
         "api": api,
         "pid": std::process::id(),
@@ -105,20 +145,24 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     let _ = std::io::stdout().flush();
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(orch::api::serve(
-        host.clone(),
-        listener,
-        max_payload,
-        async move {
-            let _ = api_stopped.await;
-        },
-    ));
+    let state = orch::api::ApiState {
+        host: host.clone(),
+        cluster: cluster.clone(),
+    };
+    let server = tokio::spawn(orch::api::serve(state, listener, max_payload, async move {
+        let _ = api_stopped.await;
+    }));
     wait_for_signal().await;
     eprintln!(
         "stopping: waiting up to {} ms for running tasks",
         grace.as_millis()
     );
     let cut = host.shutdown(grace).await;
+    if let Some(cluster) = &cluster {
+        if let Err(e) = cluster.leave(heartbeat(&host, &api)).await {
+            eprintln!("warning: {e}");
+        }
+    }
     let _ = stop_api.send(());
     let _ = server.await;
     let (queued, _) = host.live_counts();
@@ -159,5 +203,18 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn heartbeat(host: &Host, api: &str) -> Heartbeat {
+    let (capabilities, free, running, queued) = host.load();
+    Heartbeat {
+        host: host.id().to_string(),
+        api: Some(api.to_string()),
+        capabilities,
+        free,
+        running,
+        queued,
+        at_ms: orch::daemon::now_ms(),
     }
 }

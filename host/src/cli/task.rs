@@ -233,6 +233,36 @@ pub fn status(home: &Path, api: ApiArgs) -> u8 {
             caps.join(", ")
         );
     }
+    if let Some(cluster) = value["cluster"].as_object() {
+        println!(
+            "cluster ({}):",
+            cluster
+                .get("nats")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        );
+        for h in cluster
+            .get("hosts")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+        {
+            let caps: Vec<&str> = h["capabilities"]
+                .as_array()
+                .map(|c| c.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            println!(
+                "  {:<10} {:<6} heartbeat {} ms ago, {} free, {} running, {} queued  [{}]",
+                h["host"].as_str().unwrap_or_default(),
+                h["state"].as_str().unwrap_or_default(),
+                h["last_heartbeat_ms"],
+                h["free"],
+                h["running"],
+                h["queued"],
+                caps.join(", ")
+            );
+        }
+    }
     for e in value["plugin_errors"]
         .as_array()
         .cloned()

@@ -184,12 +184,10 @@ impl Host {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::from(d.subsec_nanos()))
             .unwrap_or(0);
+        let id = host_id(home, salt)?;
         let host = Host {
             inner: Arc::new(Inner {
-                id: format!(
-                    "h{:08x}",
-                    (salt ^ u64::from(std::process::id())) & 0xffff_ffff
-                ),
+                id,
                 started: Instant::now(),
                 config,
                 engine,
@@ -410,6 +408,23 @@ impl Host {
         Ok(out)
     }
 
+    /// What a heartbeat announces: capabilities, free slots over all
+    /// agents, running and queued tasks.
+    pub fn load(&self) -> (Vec<String>, u64, u64, u64) {
+        let free = self
+            .agents()
+            .iter()
+            .map(|a| u64::from(a.max_in_flight.saturating_sub(a.in_flight)))
+            .sum();
+        let (queued, running) = self.live_counts();
+        (
+            self.inner.scheduler.capabilities(),
+            free,
+            running as u64,
+            queued as u64,
+        )
+    }
+
     /// Tasks accepted and not yet ended, by status.
     pub fn live_counts(&self) -> (usize, usize) {
         let live = lock(&self.inner.live);
@@ -600,6 +615,30 @@ impl Host {
         }
         cut
     }
+}
+
+/// The host's id: made once per data directory and kept in `host-id`, so a
+/// restarted host is the same host to its peers.
+fn host_id(home: &Path, salt: u64) -> Result<String, HostError> {
+    let path = home.join("host-id");
+    let io = |e: std::io::Error| {
+        HostError::Journal(JournalError {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let id = format!(
+        "h{:08x}",
+        (salt ^ (u64::from(std::process::id()) << 16) ^ now_ms()) & 0xffff_ffff
+    );
+    std::fs::write(&path, &id).map_err(io)?;
+    Ok(id)
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {

