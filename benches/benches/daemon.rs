@@ -94,6 +94,7 @@ fn daemon(c: &mut Criterion) {
         let state = orch::api::ApiState {
             host: host.clone(),
             cluster: None,
+            router: None,
         };
         tokio::spawn(orch::api::serve(
             state,

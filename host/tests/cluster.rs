@@ -139,3 +139,282 @@ fn a_host_without_a_reachable_server_says_so() {
         "{err}"
     );
 }
+
+/// Installs a fixture without a manifest of its own, with one written here.
+fn install_fixture(orch: &Orch, plugin: &str, capability: &str, extra: &str) {
+    let manifest = format!(
+        "[plugin]\nname = \"{plugin}\"\nversion = \"0.1.0\"\ncapabilities = [\"{capability}\"]\n{extra}"
+    );
+    let wasm = orch.work.path().join(format!("{plugin}.wasm"));
+    std::fs::copy(p(plugin), &wasm).unwrap();
+    std::fs::write(orch.work.path().join(format!("{plugin}.toml")), manifest).unwrap();
+    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+}
+
+fn install_sleep(orch: &Orch) {
+    install_fixture(
+        orch,
+        "sleep",
+        "test.sleep",
+        "\n[limits]\nfuel = 10000000000\n",
+    );
+}
+
+/// Waits until `h` sees `n` live hosts that serve `capability`.
+fn until_serving(h: &HostProc, capability: &str, n: usize) {
+    h.until("hosts serving the capability", |h| {
+        hosts(h)
+            .iter()
+            .filter(|m| {
+                m["state"] == "alive"
+                    && m["capabilities"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|c| c == capability)
+            })
+            .count()
+            == n
+    });
+}
+
+#[test]
+fn tasks_run_only_on_hosts_with_the_capability() {
+    let nats = NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    b.ok(&["plugin", "install", "-y", &p("wordcount")]);
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let hb = HostProc::start_with(&b, &args);
+    until_serving(&ha, "text.wordcount", 1);
+    until_serving(&hb, "echo", 1);
+    let (ida, idb) = (host_id(&a), host_id(&b));
+    for i in 0..20 {
+        // Submitted to the host that does not serve it.
+        let id = ha.submit("text.wordcount", &format!("w{i} x"));
+        let task = ha.wait(&id);
+        assert_eq!(task["status"], "completed", "{task}");
+        assert_eq!(task["host"], idb.as_str());
+        assert_eq!(
+            task["result"],
+            r#"{"words":2,"lines":0,"bytes":4}"#
+                .replace('4', &(3 + format!("{i}").len()).to_string())
+        );
+        let id = hb.submit("echo", &format!("e{i}"));
+        let task = hb.wait(&id);
+        assert_eq!(
+            (task["host"].as_str(), task["result"].as_str()),
+            (Some(ida.as_str()), Some(format!("e{i}").as_str()))
+        );
+    }
+    // Nobody serves it: refused at submit, as on a lone host.
+    let (code, v) = ha.post(
+        "/v1/tasks",
+        &serde_json::json!({ "capability": "image.resize" }),
+    );
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (400, Some("unknown-capability"))
+    );
+}
+
+#[test]
+fn a_duplicate_submission_is_one_task() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("counter")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "counter", 1);
+    let body = serde_json::json!({ "capability": "counter", "idempotency_key": "invoice-7" });
+    let (first_code, first) = ha.post("/v1/tasks?wait=30s", &body);
+    let (again_code, again) = ha.post("/v1/tasks?wait=30s", &body);
+    assert_eq!((first_code, again_code), (201, 200));
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(again["result"], first["result"]);
+    // The counter ran once: a second run would have stored 2.
+    let (_, other) = ha.post(
+        "/v1/tasks?wait=30s",
+        &serde_json::json!({ "capability": "counter" }),
+    );
+    assert_eq!(other["result"], "2");
+    let (_, list) = ha.get("/v1/tasks?limit=100");
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn sigkill_of_a_host_midway_loses_and_duplicates_nothing() {
+    const N: usize = 1000;
+    let nats = NatsServer::start();
+    let homes = [Orch::new(), Orch::new(), Orch::new()];
+    for h in &homes {
+        h.config("[host]\ninstances = 2\n");
+        install_sleep(h);
+    }
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&homes[0], &args);
+    let hb = HostProc::start_with(&homes[1], &args);
+    let hc = HostProc::start_with(&homes[2], &args);
+    until_serving(&ha, "test.sleep", 3);
+    let idc = host_id(&homes[2]);
+    // Four clients submit to A and B.
+    let urls = [ha.url.clone(), hb.url.clone()];
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let url = urls[w % 2].clone();
+                s.spawn(move || {
+                    let agent = HostProc::agent();
+                    (0..N / 4)
+                        .map(|_| {
+                            let mut r = agent
+                                .post(&format!("{url}/v1/tasks"))
+                                .header("content-type", "application/json")
+                                .send(r#"{"capability":"test.sleep","input":"20"}"#)
+                                .unwrap();
+                            assert_eq!(r.status().as_u16(), 201);
+                            let v: Value =
+                                serde_json::from_str(&r.body_mut().read_to_string().unwrap())
+                                    .unwrap();
+                            v["id"].as_str().unwrap().to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert_eq!(ids.len(), N);
+    // Kill C while it runs tasks.
+    hc.until("C runs tasks", |h| {
+        let agents = h.get("/v1/agents").1;
+        let a = &agents["agents"][0];
+        a["in_flight"].as_u64().unwrap() >= 1 && a["completed"].as_u64().unwrap() >= 10
+    });
+    hc.kill9();
+    let killed = Instant::now();
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut redispatch_ms = 0;
+    let mut by_host = std::collections::BTreeMap::new();
+    let mut redelivered = 0;
+    for id in &ids {
+        let task = ha.wait(id);
+        assert_eq!(task["status"], "completed", "{task}");
+        assert!(task["result"].as_str().unwrap().parse::<u64>().unwrap() >= 20);
+        if task["attempts"].as_u64().unwrap() > 1 {
+            redelivered += 1;
+            let done = task["finished_at_ms"].as_u64().unwrap();
+            redispatch_ms = redispatch_ms.max(done.saturating_sub(killed_ms));
+            assert_ne!(task["host"], idc.as_str());
+        }
+        *by_host
+            .entry(task["host"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    let all_done = killed.elapsed();
+    eprintln!(
+        "{N} tasks: per host {by_host:?}; {redelivered} redelivered, the last done {redispatch_ms} ms after the kill; all done {all_done:?} after it"
+    );
+    // C's tasks in flight went to the others, within the ack wait (2 s)
+    // and a run.
+    assert!(redelivered >= 1);
+    assert!(redispatch_ms < 3_000, "{redispatch_ms} ms");
+    // One record per task, none extra.
+    let (_, list) = ha.get("/v1/tasks?limit=10000");
+    let listed: std::collections::BTreeSet<&str> = list["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), N);
+    assert!(ids.iter().all(|id| listed.contains(id.as_str())));
+    assert!(by_host.len() == 3, "{by_host:?}");
+}
+
+#[test]
+fn a_paused_hosts_late_result_is_fenced() {
+    let nats = NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    for h in [&a, &b] {
+        h.config("[host]\ninstances = 1\n");
+        install_sleep(h);
+    }
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    until_serving(&ha, "test.sleep", 1);
+    let id = ha.submit("test.sleep", "1500");
+    ha.until("A runs the task", |h| {
+        h.get(&format!("/v1/tasks/{id}")).1["status"] == "running"
+    });
+    ha.signal("-STOP");
+    // B joins; once A's delivery is past the ack wait, B gets the task.
+    let hb = HostProc::start_with(&b, &args);
+    let task = hb.wait(&id);
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["host"], host_id(&b).as_str());
+    assert_eq!(task["attempts"], 2);
+    ha.signal("-CONT");
+    // A finishes its copy and finds the result taken.
+    ha.until("A fences its late result", |h| {
+        h.get("/v1/status").1["cluster"]["fenced"] == 1
+    });
+    let again = hb.get(&format!("/v1/tasks/{id}")).1;
+    assert_eq!(again["host"], host_id(&b).as_str());
+    assert_eq!(again["finished_at_ms"], task["finished_at_ms"]);
+}
+
+#[test]
+fn a_poison_task_becomes_a_dead_letter_while_others_flow() {
+    let nats = NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    for h in [&a, &b] {
+        install_fixture(h, "panic", "test.panic", "");
+        h.ok(&["plugin", "install", "-y", &p("echo")]);
+    }
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let _hb = HostProc::start_with(&b, &args);
+    until_serving(&ha, "test.panic", 2);
+    let poison = ha.submit("test.panic", "bad input");
+    let others: Vec<String> = (0..50).map(|i| ha.submit("echo", &i.to_string())).collect();
+    for (i, id) in others.iter().enumerate() {
+        assert_eq!(ha.wait(id)["result"], i.to_string());
+    }
+    let dead = ha.wait(&poison);
+    assert_eq!(dead["status"], "dead", "{dead}");
+    assert_eq!(dead["attempts"], 3);
+    let errors = dead["attempt_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 3, "{dead}");
+    assert!(errors.iter().all(|e| e["kind"] == "trap"), "{dead}");
+    assert!(
+        dead["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("agent gave up: bad input"),
+        "{dead}"
+    );
+}
+
+#[test]
+fn a_nats_restart_mid_run_loses_no_accepted_task() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.config("[host]\ninstances = 2\n");
+    install_sleep(&a);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "test.sleep", 1);
+    let ids: Vec<String> = (0..200).map(|_| ha.submit("test.sleep", "10")).collect();
+    let nats = nats.restart();
+    for id in &ids {
+        let task = ha.wait(id);
+        assert_eq!(task["status"], "completed", "{task}");
+    }
+    drop(nats);
+}

@@ -16,6 +16,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::cluster::tasks::TaskRouter;
 use crate::cluster::Cluster;
 use crate::daemon::{Host, HostError, Status, SubmitRequest, TaskRecord};
 use crate::units::parse_duration;
@@ -29,6 +30,8 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 pub struct ApiState {
     pub host: Host,
     pub cluster: Option<Arc<Cluster>>,
+    /// In a cluster, tasks go through JetStream instead of the journal.
+    pub router: Option<Arc<TaskRouter>>,
 }
 
 pub fn router(state: ApiState, max_payload: u64) -> Router {
@@ -142,7 +145,11 @@ struct WaitQuery {
 }
 
 async fn submit(
-    State(ApiState { host, .. }): State<ApiState>,
+    State(ApiState {
+        host,
+        cluster,
+        router,
+    }): State<ApiState>,
     Query(q): Query<WaitQuery>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -164,15 +171,27 @@ async fn submit(
         .map(parse_duration)
         .transpose()
         .map_err(|e| bad_request(format!("deadline: {e}")))?;
-    let submitted = host
-        .submit(SubmitRequest {
-            capability: body.capability,
-            payload,
-            priority: body.priority,
-            deadline,
-            idempotency_key: body.idempotency_key,
-        })
-        .await?;
+    let request = SubmitRequest {
+        capability: body.capability,
+        payload,
+        priority: body.priority,
+        deadline,
+        idempotency_key: body.idempotency_key,
+    };
+    if let (Some(router), Some(cluster)) = (router, cluster) {
+        let (task, existing) = router.submit(request, &cluster.capabilities()).await?;
+        let (record, result) = match wait {
+            Some(w) => router.wait(&task.id, w).await?,
+            None => (task, None),
+        };
+        let code = if existing {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        return Ok((code, Json(task_json(&record, result.as_deref()))).into_response());
+    }
+    let submitted = host.submit(request).await?;
     let record = match wait {
         Some(w) => host.wait(&submitted.task.id, w).await?,
         None => submitted.task,
@@ -186,10 +205,17 @@ async fn submit(
 }
 
 async fn task(
-    State(ApiState { host, .. }): State<ApiState>,
+    State(ApiState { host, router, .. }): State<ApiState>,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    if let Some(router) = router {
+        let (record, result) = match parse_wait(q.wait.as_deref())? {
+            Some(w) => router.wait(&id, w).await?,
+            None => router.get_with_result(&id).await?,
+        };
+        return Ok(Json(task_json(&record, result.as_deref())));
+    }
     let record = match parse_wait(q.wait.as_deref())? {
         Some(w) => host.wait(&id, w).await?,
         None => host.get(&id)?,
@@ -205,7 +231,7 @@ struct ListQuery {
 }
 
 async fn list(
-    State(ApiState { host, .. }): State<ApiState>,
+    State(ApiState { host, router, .. }): State<ApiState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
@@ -217,7 +243,10 @@ async fn list(
         })?),
     };
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let tasks = host.list(status, q.capability.as_deref(), limit)?;
+    let tasks = match router {
+        Some(router) => router.list(status, q.capability.as_deref(), limit).await?,
+        None => host.list(status, q.capability.as_deref(), limit)?,
+    };
     let tasks: Vec<Value> = tasks.iter().map(|t| task_json(t, None)).collect();
     Ok(Json(json!({ "tasks": tasks })))
 }
@@ -248,7 +277,13 @@ async fn agents(State(ApiState { host, .. }): State<ApiState>) -> Json<Value> {
     Json(json!({ "agents": agents_json(&host) }))
 }
 
-async fn status(State(ApiState { host, cluster }): State<ApiState>) -> Json<Value> {
+async fn status(
+    State(ApiState {
+        host,
+        cluster,
+        router,
+    }): State<ApiState>,
+) -> Json<Value> {
     let (queued, running) = host.live_counts();
     let errors: Vec<Value> = host
         .plugin_errors()
@@ -263,7 +298,12 @@ async fn status(State(ApiState { host, cluster }): State<ApiState>) -> Json<Valu
         "capabilities": host.scheduler().capabilities(),
         "agents": agents_json(&host),
         "plugin_errors": errors,
-        "cluster": cluster.map(|c| json!({ "nats": c.url(), "hosts": c.members() })),
+        "cluster": cluster.map(|c| json!({
+            "nats": c.url(),
+            "hosts": c.members(),
+            "fenced": router.as_ref().map_or(0, |r| r.fenced()),
+            "redelivered": router.as_ref().map_or(0, |r| r.redelivered()),
+        })),
     }))
 }
 

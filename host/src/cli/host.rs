@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
+use orch::cluster::tasks::TaskRouter;
 use orch::cluster::{Cluster, Heartbeat, NatsOptions};
 use orch::config::HostConfig;
 use orch::daemon::{address_file, Host};
@@ -85,6 +86,7 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     let addr = listener.local_addr().unwrap_or(listen);
     let max_payload = config.limits.defaults.max_payload;
     let grace = config.host.shutdown_grace;
+    let max_attempts = config.host.max_attempts;
     let host = match Host::start(home, config, engine).await {
         Ok(h) => h,
         Err(e) => {
@@ -145,9 +147,20 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     let _ = std::io::stdout().flush();
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = match &cluster {
+        None => None,
+        Some(c) => match TaskRouter::start(c, host.clone(), max_attempts).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::ERROR;
+            }
+        },
+    };
     let state = orch::api::ApiState {
         host: host.clone(),
         cluster: cluster.clone(),
+        router: router.clone(),
     };
     let server = tokio::spawn(orch::api::serve(state, listener, max_payload, async move {
         let _ = api_stopped.await;
@@ -157,6 +170,11 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
         "stopping: waiting up to {} ms for running tasks",
         grace.as_millis()
     );
+    if let Some(router) = &router {
+        // Pulled tasks not yet running go back to the stream after the ack
+        // wait; running ones finish and store their results below.
+        router.stop();
+    }
     let cut = host.shutdown(grace).await;
     if let Some(cluster) = &cluster {
         if let Err(e) = cluster.leave(heartbeat(&host, &api)).await {

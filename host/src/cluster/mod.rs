@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+pub mod tasks;
+
 /// How often a host announces itself.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// Silence after which a host is reported dead (four missed heartbeats).
@@ -33,6 +35,11 @@ pub mod subjects {
 
     pub fn leave(host: &str) -> String {
         format!("{PREFIX}.hosts.{host}.leave")
+    }
+
+    /// Tasks for one capability (the JetStream stream's subjects).
+    pub fn task(capability: &str) -> String {
+        format!("{PREFIX}.task.{capability}")
     }
 
     /// Everyone's heartbeats and leave messages.
@@ -273,6 +280,15 @@ impl Cluster {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Capabilities some live host (this one included) serves.
+    pub fn capabilities(&self) -> std::collections::BTreeSet<String> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.state == "alive")
+            .flat_map(|m| m.capabilities)
+            .collect()
     }
 
     fn stop(&self) {

@@ -91,6 +91,9 @@ pub struct TaskRecord {
     pub finished_at_ms: Option<u64>,
     pub attempts: u32,
     pub agent: Option<String>,
+    /// The host that ran the last attempt (set in a cluster).
+    #[serde(default)]
+    pub host: Option<String>,
     pub error: Option<ErrorInfo>,
     /// Each failed attempt, in order.
     pub attempt_errors: Vec<AttemptInfo>,
@@ -422,6 +425,7 @@ mod tests {
             finished_at_ms: None,
             attempts: 0,
             agent: None,
+            host: None,
             error: None,
             attempt_errors: Vec::new(),
             fuel_used: None,

@@ -264,9 +264,9 @@ impl Host {
         );
     }
 
-    fn new_id(&self) -> String {
+    /// A new task id: millisecond time first, so ids sort by submission.
+    pub fn new_task_id(&self) -> String {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
-        // Millisecond time first, so ids sort by submission.
         format!("t{:012x}{seq:08x}", now_ms())
     }
 
@@ -293,7 +293,7 @@ impl Host {
         }
         let now = now_ms();
         let record = TaskRecord {
-            id: self.new_id(),
+            id: self.new_task_id(),
             capability: request.capability,
             status: Status::Queued,
             priority: request.priority,
@@ -303,6 +303,7 @@ impl Host {
             finished_at_ms: None,
             attempts: 0,
             agent: None,
+            host: None,
             error: None,
             attempt_errors: Vec::new(),
             fuel_used: None,
@@ -658,6 +659,7 @@ async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
         payload,
         priority: record.priority,
         deadline,
+        max_attempts: None,
     };
     let outcome = match inner.scheduler.submit(submit) {
         Ok(handle) => handle.wait().await,

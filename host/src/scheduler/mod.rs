@@ -62,6 +62,9 @@ pub struct Submit {
     /// Higher runs first.
     pub priority: i32,
     pub deadline: Option<Instant>,
+    /// Attempts for this task, instead of the scheduler's setting (a host in
+    /// a cluster makes one and leaves redelivery to JetStream).
+    pub max_attempts: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,6 +169,7 @@ struct Pending {
     depth: u32,
     /// For sub-tasks: the caller's remaining fuel, which caps the callee's.
     fuel_cap: Option<u64>,
+    max_attempts: Option<u32>,
 }
 
 impl Pending {
@@ -175,7 +179,7 @@ impl Pending {
         if self.depth > 0 {
             1
         } else {
-            config.max_attempts
+            self.max_attempts.unwrap_or(config.max_attempts).max(1)
         }
     }
 }
@@ -568,6 +572,7 @@ fn submit(
             reply: tx,
             depth,
             fuel_cap,
+            max_attempts: task.max_attempts,
         };
         enqueue(&mut state, pending);
     }
@@ -845,6 +850,7 @@ impl SubTasks for Router {
             payload: call.payload,
             priority: self.priority,
             deadline: Some(call.deadline),
+            max_attempts: Some(1),
         };
         Box::pin(async move {
             let _waiting = Loan::enter(&loan);

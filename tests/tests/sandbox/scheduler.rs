@@ -113,6 +113,7 @@ async fn queue_order_is_priority_then_deadline_then_arrival() {
                 payload: b"1".to_vec(),
                 priority,
                 deadline,
+                max_attempts: None,
             })
             .unwrap();
         let order = order.clone();

@@ -1,0 +1,722 @@
+//! Tasks through JetStream, for hosts in a cluster.
+//!
+//! - A submitted task is one message on `orch.v1.task.<capability>` in the
+//!   work-queue stream `ORCH_TASKS` (file storage), with `Nats-Msg-Id` set to
+//!   the task id so the stream drops a duplicate submission. Its queued record
+//!   goes to the KV bucket `ORCH_QUEUED` first, so any host can show it.
+//! - Every host that serves a capability pulls from one durable consumer per
+//!   capability (`cap_<capability with . as _>`), only as many messages as it
+//!   has free slots for that capability, and runs each task once in its local
+//!   scheduler while it sends progress acks.
+//! - The outcome goes to the KV bucket `ORCH_RESULTS` with `create`, which
+//!   fails when the key exists: the first attempt to finish writes the one
+//!   result, and a late attempt (the task was redelivered elsewhere while this
+//!   host was paused) is fenced. The message is acked only after the result is
+//!   stored; a retryable failure is nak'd with a backoff, and on its last
+//!   delivery becomes a dead letter carrying every attempt's error.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv, stream, AckKind};
+use base64::Engine as _;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{subjects, Cluster, ClusterError};
+use crate::daemon::{
+    now_ms, AttemptInfo, ErrorInfo, Host, HostError, Status, SubmitRequest, TaskRecord,
+};
+use crate::error::TaskError;
+use crate::scheduler::Submit;
+
+pub const STREAM: &str = "ORCH_TASKS";
+pub const QUEUED: &str = "ORCH_QUEUED";
+pub const RESULTS: &str = "ORCH_RESULTS";
+/// An unacked task is redelivered this long after its last (progress) ack.
+pub const ACK_WAIT: Duration = Duration::from_secs(2);
+/// Progress acks keep a long task from being redelivered.
+const PROGRESS_EVERY: Duration = Duration::from_millis(700);
+/// Submissions with the same `Nats-Msg-Id` within this window are dropped.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+pub const HEADER_TASK_ID: &str = "Orch-Task-Id";
+pub const HEADER_PRIORITY: &str = "Orch-Priority";
+pub const HEADER_DEADLINE: &str = "Orch-Deadline-Ms";
+pub const HEADER_SUBMITTED: &str = "Orch-Submitted-Ms";
+pub const HEADER_KEY: &str = "Orch-Idempotency-Key";
+
+/// A finished task as stored in `ORCH_RESULTS`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredResult {
+    pub task: TaskRecord,
+    /// The result bytes, base64.
+    pub result_base64: Option<String>,
+}
+
+/// The consumer for a capability. Consumer names may not contain dots.
+pub fn consumer_name(capability: &str) -> String {
+    let safe: String = capability
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("cap_{safe}")
+}
+
+/// KV keys allow `[-/_=.a-zA-Z0-9]`; task ids are hex after a letter.
+fn key_for(id: &str) -> String {
+    id.to_string()
+}
+
+/// A task id that is the same for every submission with the same
+/// idempotency key, so that the stream's dedupe and the id agree.
+fn id_for_key(key: &str) -> String {
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("k{}", &digest[..20])
+}
+
+#[derive(Default)]
+struct Counters {
+    fenced: AtomicU64,
+    redelivered: AtomicU64,
+}
+
+/// The JetStream side of a host in a cluster.
+pub struct TaskRouter {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    queued: kv::Store,
+    results: kv::Store,
+    host: Host,
+    max_deliver: u32,
+    counters: Arc<Counters>,
+    /// Capability → its pull loop.
+    loops: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Tasks this host has pulled and not finished, per capability.
+    taken: Arc<Mutex<HashMap<String, u32>>>,
+    freed: Arc<tokio::sync::Notify>,
+    /// Requests waiting for a task's result, woken by one watcher of the
+    /// results bucket (a watch per request would make a consumer each).
+    waiters: Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>>,
+    url: String,
+}
+
+impl TaskRouter {
+    /// Creates (or opens) the stream and buckets and starts pulling for the
+    /// capabilities this host serves.
+    pub async fn start(
+        cluster: &Cluster,
+        host: Host,
+        max_deliver: u32,
+    ) -> Result<Arc<TaskRouter>, ClusterError> {
+        let url = cluster.url.clone();
+        let err = |what: &str, e: &dyn std::fmt::Display| ClusterError::Nats {
+            url: url.clone(),
+            reason: format!("{what}: {e}"),
+        };
+        let js = jetstream::new(cluster.client.clone());
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.to_string(),
+                subjects: vec![format!("{}.task.>", subjects::PREFIX)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err("stream ORCH_TASKS", &e))?;
+        let bucket = |name: &str| kv::Config {
+            bucket: name.to_string(),
+            history: 1,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let queued = match js.get_key_value(QUEUED).await {
+            Ok(b) => b,
+            Err(_) => js
+                .create_key_value(bucket(QUEUED))
+                .await
+                .map_err(|e| err("bucket ORCH_QUEUED", &e))?,
+        };
+        let results = match js.get_key_value(RESULTS).await {
+            Ok(b) => b,
+            Err(_) => js
+                .create_key_value(bucket(RESULTS))
+                .await
+                .map_err(|e| err("bucket ORCH_RESULTS", &e))?,
+        };
+        let router = Arc::new(TaskRouter {
+            js,
+            stream,
+            queued,
+            results,
+            host,
+            max_deliver: max_deliver.max(1),
+            counters: Arc::new(Counters::default()),
+            loops: Mutex::new(HashMap::new()),
+            taken: Arc::new(Mutex::new(HashMap::new())),
+            freed: Arc::new(tokio::sync::Notify::new()),
+            waiters: Arc::new(Mutex::new(HashMap::new())),
+            url,
+        });
+        router.follow_capabilities();
+        router.watch_results().await?;
+        Ok(router)
+    }
+
+    /// One watcher of new results wakes the requests waiting for them.
+    async fn watch_results(&self) -> Result<(), ClusterError> {
+        let status = self
+            .results
+            .status()
+            .await
+            .map_err(|e| ClusterError::Nats {
+                url: self.url.clone(),
+                reason: format!("ORCH_RESULTS: {e}"),
+            })?;
+        let next = status.info.state.last_sequence + 1;
+        let mut watch = self
+            .results
+            .watch_all_from_revision(next)
+            .await
+            .map_err(|e| ClusterError::Nats {
+                url: self.url.clone(),
+                reason: format!("watch ORCH_RESULTS: {e}"),
+            })?;
+        let waiters = self.waiters.clone();
+        tokio::spawn(async move {
+            while let Some(entry) = watch.next().await {
+                let Ok(entry) = entry else { continue };
+                let woken = waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&entry.key);
+                for w in woken.into_iter().flatten() {
+                    let _ = w.send(());
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn error(&self, what: &str, e: impl std::fmt::Display) -> HostError {
+        HostError::InvalidRequest(format!("NATS at {}: {what}: {e}", self.url))
+    }
+
+    /// Starts and stops pull loops as the host's capabilities change.
+    fn follow_capabilities(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(router) = weak.upgrade() else { return };
+                let want: BTreeSet<String> =
+                    router.host.scheduler().capabilities().into_iter().collect();
+                {
+                    let mut loops = router.loops.lock().unwrap_or_else(|p| p.into_inner());
+                    loops.retain(|cap, handle| {
+                        let keep = want.contains(cap);
+                        if !keep {
+                            handle.abort();
+                        }
+                        keep
+                    });
+                    for cap in want {
+                        if let std::collections::hash_map::Entry::Vacant(slot) =
+                            loops.entry(cap.clone())
+                        {
+                            slot.insert(tokio::spawn(pull_loop(router.clone(), cap)));
+                        }
+                    }
+                }
+                drop(router);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    /// Stops pulling; tasks already pulled and not finished are redelivered
+    /// elsewhere after the ack wait.
+    pub fn stop(&self) {
+        for (_, handle) in self.loops.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            handle.abort();
+        }
+    }
+
+    pub fn fenced(&self) -> u64 {
+        self.counters.fenced.load(Ordering::Relaxed)
+    }
+
+    pub fn redelivered(&self) -> u64 {
+        self.counters.redelivered.load(Ordering::Relaxed)
+    }
+
+    /// Puts a task on the stream; returns once the stream has stored it.
+    pub async fn submit(
+        &self,
+        request: SubmitRequest,
+        capabilities: &BTreeSet<String>,
+    ) -> Result<(TaskRecord, bool), HostError> {
+        if request.capability.is_empty() {
+            return Err(HostError::InvalidRequest("capability is empty".into()));
+        }
+        if !capabilities.contains(&request.capability) {
+            return Err(HostError::UnknownCapability(request.capability));
+        }
+        let now = now_ms();
+        let key = request.idempotency_key.filter(|k| !k.is_empty());
+        let id = match &key {
+            Some(k) => id_for_key(k),
+            None => self.host.new_task_id(),
+        };
+        if key.is_some() {
+            if let Ok(task) = self.get(&id).await {
+                return Ok((task, true));
+            }
+        }
+        let record = TaskRecord {
+            id: id.clone(),
+            capability: request.capability.clone(),
+            status: Status::Queued,
+            priority: request.priority,
+            deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
+            idempotency_key: key.clone(),
+            submitted_at_ms: now,
+            finished_at_ms: None,
+            attempts: 0,
+            agent: None,
+            host: None,
+            error: None,
+            attempt_errors: Vec::new(),
+            fuel_used: None,
+            subtask_fuel: None,
+            subtasks: None,
+            calls: Vec::new(),
+            payload_bytes: request.payload.len() as u64,
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| self.error("encode", e))?;
+        self.queued
+            .put(key_for(&id), json.into())
+            .await
+            .map_err(|e| self.error("ORCH_QUEUED", e))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HEADER_TASK_ID, id.as_str());
+        headers.insert(HEADER_PRIORITY, request.priority.to_string().as_str());
+        headers.insert(HEADER_SUBMITTED, now.to_string().as_str());
+        if let Some(d) = record.deadline_ms {
+            headers.insert(HEADER_DEADLINE, d.to_string().as_str());
+        }
+        if let Some(k) = &key {
+            headers.insert(HEADER_KEY, k.as_str());
+        }
+        let ack = self
+            .js
+            .send_publish(
+                subjects::task(&request.capability),
+                jetstream::message::PublishMessage::build()
+                    .payload(request.payload.into())
+                    .headers(headers)
+                    .message_id(&id),
+            )
+            .await
+            .map_err(|e| self.error("publish", e))?
+            .await
+            .map_err(|e| self.error("publish ack", e))?;
+        Ok((record, ack.duplicate))
+    }
+
+    /// The task's final record with its result, or its queued record.
+    pub async fn get(&self, id: &str) -> Result<TaskRecord, HostError> {
+        Ok(self.get_with_result(id).await?.0)
+    }
+
+    pub async fn get_with_result(
+        &self,
+        id: &str,
+    ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        if let Some(bytes) = self
+            .results
+            .get(key_for(id))
+            .await
+            .map_err(|e| self.error("ORCH_RESULTS", e))?
+        {
+            let stored: StoredResult =
+                serde_json::from_slice(&bytes).map_err(|e| self.error("decode", e))?;
+            let result = stored
+                .result_base64
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+            return Ok((stored.task, result));
+        }
+        match self
+            .queued
+            .get(key_for(id))
+            .await
+            .map_err(|e| self.error("ORCH_QUEUED", e))?
+        {
+            Some(bytes) => Ok((
+                serde_json::from_slice(&bytes).map_err(|e| self.error("decode", e))?,
+                None,
+            )),
+            None => Err(HostError::NotFound(id.to_string())),
+        }
+    }
+
+    /// Waits up to `timeout` for the task's result.
+    pub async fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key_for(id))
+            .or_default()
+            .push(tx);
+        let current = self.get_with_result(id).await?;
+        if current.0.status.is_final() {
+            return Ok(current);
+        }
+        let _ = tokio::time::timeout(timeout, rx).await;
+        self.get_with_result(id).await
+    }
+
+    /// Newest first, from both buckets.
+    pub async fn list(
+        &self,
+        status: Option<Status>,
+        capability: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, HostError> {
+        let mut records: BTreeMap<String, TaskRecord> = BTreeMap::new();
+        for (bucket, name) in [(&self.queued, QUEUED), (&self.results, RESULTS)] {
+            let mut keys = match bucket.keys().await {
+                Ok(k) => k,
+                Err(e) => return Err(self.error(name, e)),
+            };
+            let mut names = Vec::new();
+            while let Some(k) = keys.next().await {
+                if let Ok(k) = k {
+                    names.push(k);
+                }
+            }
+            for k in names {
+                if name == QUEUED && records.contains_key(&k) {
+                    continue;
+                }
+                let Ok(Some(bytes)) = bucket.get(k.clone()).await else {
+                    continue;
+                };
+                let record = if name == RESULTS {
+                    serde_json::from_slice::<StoredResult>(&bytes)
+                        .ok()
+                        .map(|s| s.task)
+                } else {
+                    serde_json::from_slice::<TaskRecord>(&bytes).ok()
+                };
+                if let Some(r) = record {
+                    records.insert(k, r);
+                }
+            }
+        }
+        let mut records: Vec<TaskRecord> = records.into_values().collect();
+        records.sort_by(|a, b| (b.submitted_at_ms, &b.id).cmp(&(a.submitted_at_ms, &a.id)));
+        Ok(records
+            .into_iter()
+            .filter(|r| status.is_none_or(|s| r.status == s))
+            .filter(|r| capability.is_none_or(|c| r.capability == c))
+            .take(limit)
+            .collect())
+    }
+
+    /// Slots for `capability` on this host that no pulled task holds.
+    fn free_slots(&self, capability: &str) -> u32 {
+        let capacity: u32 = self
+            .host
+            .agents()
+            .iter()
+            .filter(|a| a.capabilities.iter().any(|c| c == capability))
+            .map(|a| a.max_in_flight)
+            .sum();
+        let taken = self
+            .taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(capability)
+            .copied()
+            .unwrap_or(0);
+        capacity.saturating_sub(taken)
+    }
+
+    fn take(&self, capability: &str, n: i64) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = taken.entry(capability.to_string()).or_insert(0);
+        *entry = (i64::from(*entry) + n).max(0) as u32;
+    }
+}
+
+/// Pulls tasks for one capability while this host has free slots for it.
+async fn pull_loop(router: Arc<TaskRouter>, capability: String) {
+    let name = consumer_name(&capability);
+    let consumer: consumer::PullConsumer = loop {
+        let made = router
+            .stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subjects::task(&capability),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    // Unlimited: a delivery cut off by a host crash must
+                    // always get another; the attempt limit for failures is
+                    // applied here, from the delivery count.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await;
+        match made {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(capability = %capability, error = %e, "cannot create the consumer; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    loop {
+        let freed = router.freed.notified();
+        let free = router.free_slots(&capability);
+        if free == 0 {
+            // Backpressure: pull nothing until a slot frees.
+            freed.await;
+            continue;
+        }
+        let batch = consumer
+            .fetch()
+            .max_messages(free as usize)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(capability = %capability, error = %e, "fetch failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        while let Some(message) = batch.next().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "fetch ended");
+                    break;
+                }
+            };
+            router.take(&capability, 1);
+            tokio::spawn(run_one(router.clone(), capability.clone(), message));
+        }
+    }
+}
+
+fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
+    message.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+/// Runs one pulled task and stores its outcome, then acks, naks or fences.
+async fn run_one(router: Arc<TaskRouter>, capability: String, message: jetstream::Message) {
+    let outcome = run_and_store(&router, &capability, &message).await;
+    router.take(&capability, -1);
+    router.freed.notify_waiters();
+    let ack = match outcome {
+        Ok(Settle::Ack) => message.double_ack().await,
+        Ok(Settle::Nak(delay)) => message.ack_with(AckKind::Nak(Some(delay))).await,
+        Err(e) => {
+            // Storing the outcome failed; leave the message unacked so that
+            // it is delivered again.
+            tracing::error!(error = %e, "cannot store a task's outcome");
+            return;
+        }
+    };
+    if let Err(e) = ack {
+        tracing::warn!(error = %e, "ack failed; the task may be delivered again and is fenced then");
+    }
+}
+
+enum Settle {
+    Ack,
+    Nak(Duration),
+}
+
+async fn run_and_store(
+    router: &TaskRouter,
+    capability: &str,
+    message: &jetstream::Message,
+) -> Result<Settle, HostError> {
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+    let Some(id) = header(message, HEADER_TASK_ID).map(String::from) else {
+        tracing::warn!(subject = %message.subject, "a task message without Orch-Task-Id; dropped");
+        return Ok(Settle::Ack);
+    };
+    if delivered > 1 {
+        router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+    }
+    // A result may exist already: an earlier delivery finished but its ack
+    // was lost.
+    if router
+        .results
+        .get(key_for(&id))
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        return Ok(Settle::Ack);
+    }
+    let mut record = match router.queued.get(key_for(&id)).await.ok().flatten() {
+        Some(bytes) => {
+            serde_json::from_slice::<TaskRecord>(&bytes).map_err(|e| router.error("decode", e))?
+        }
+        // Submitted directly over NATS by another client: build the record
+        // from the headers.
+        None => TaskRecord {
+            id: id.clone(),
+            capability: capability.to_string(),
+            status: Status::Queued,
+            priority: header(message, HEADER_PRIORITY)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0),
+            deadline_ms: header(message, HEADER_DEADLINE).and_then(|d| d.parse().ok()),
+            idempotency_key: header(message, HEADER_KEY).map(String::from),
+            submitted_at_ms: header(message, HEADER_SUBMITTED)
+                .and_then(|d| d.parse().ok())
+                .unwrap_or_else(now_ms),
+            finished_at_ms: None,
+            attempts: 0,
+            agent: None,
+            host: None,
+            error: None,
+            attempt_errors: Vec::new(),
+            fuel_used: None,
+            subtask_fuel: None,
+            subtasks: None,
+            calls: Vec::new(),
+            payload_bytes: message.payload.len() as u64,
+        },
+    };
+    record.status = Status::Running;
+    record.attempts = delivered;
+    record.host = Some(router.host.id().to_string());
+    if let Ok(json) = serde_json::to_vec(&record) {
+        let _ = router.queued.put(key_for(&id), json.into()).await;
+    }
+    let deadline = record
+        .deadline_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms())));
+    let submit = Submit {
+        id: id.clone(),
+        capability: capability.to_string(),
+        payload: message.payload.to_vec(),
+        priority: record.priority,
+        deadline,
+        max_attempts: Some(1),
+    };
+    // Progress acks while the task runs, so a long task is not redelivered.
+    let progress = {
+        let acker = message.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                if acker.ack_with(AckKind::Progress).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let outcome = match router.host.scheduler().submit(submit) {
+        Ok(handle) => handle.wait().await,
+        Err(e) => Err(crate::scheduler::Failure {
+            id: id.clone(),
+            capability: capability.to_string(),
+            error: TaskError::Unavailable(e.to_string()),
+            attempts: Vec::new(),
+            dead_letter: false,
+        }),
+    };
+    progress.abort();
+    record.finished_at_ms = Some(now_ms());
+    let result = match outcome {
+        Ok(done) => {
+            record.status = Status::Completed;
+            record.agent = Some(done.agent);
+            record.fuel_used = Some(done.output.fuel_used);
+            record.subtask_fuel = Some(done.output.subtask_fuel);
+            record.subtasks = Some(done.output.subtasks);
+            record.calls = done.output.calls;
+            Some(done.output.result)
+        }
+        Err(failure) => {
+            let agent = failure.attempts.last().map(|a| a.agent.clone());
+            record.agent = agent.clone();
+            record.attempt_errors.push(AttemptInfo {
+                agent: format!("{}@{}", agent.unwrap_or_default(), router.host.id()),
+                kind: failure.error.kind().to_string(),
+                message: failure.error.to_string(),
+            });
+            let retryable = matches!(
+                failure.error,
+                TaskError::Retryable(_)
+                    | TaskError::Trap { .. }
+                    | TaskError::NoCapacity { .. }
+                    | TaskError::Host(_)
+            );
+            if retryable && delivered < router.max_deliver {
+                // Another delivery, maybe on another host, after a backoff.
+                record.status = Status::Queued;
+                record.finished_at_ms = None;
+                if let Ok(json) = serde_json::to_vec(&record) {
+                    let _ = router.queued.put(key_for(&id), json.into()).await;
+                }
+                let backoff = Duration::from_millis(50u64 << delivered.min(6));
+                return Ok(Settle::Nak(backoff));
+            }
+            record.status = if retryable {
+                Status::Dead
+            } else {
+                Status::Failed
+            };
+            record.error = Some(ErrorInfo {
+                kind: failure.error.kind().to_string(),
+                message: failure.error.to_string(),
+            });
+            None
+        }
+    };
+    let stored = StoredResult {
+        task: record,
+        result_base64: result.map(|r| base64::engine::general_purpose::STANDARD.encode(r)),
+    };
+    let json = serde_json::to_vec(&stored).map_err(|e| router.error("encode", e))?;
+    match router.results.create(key_for(&id), json.into()).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            // Another host finished this task first (it was redelivered while
+            // this one was slow or paused): its result stands.
+            router.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(task = %id, "a late result was fenced: the task already has one");
+        }
+        Err(e) => return Err(router.error("ORCH_RESULTS", e)),
+    }
+    Ok(Settle::Ack)
+}
