@@ -129,6 +129,31 @@ impl TaskError {
         }
     }
 
+    /// The error a `kind()` and message stand for, for errors that crossed
+    /// hosts as text. Figures the text does not carry are filled from
+    /// `fuel_limit` or left at 0.
+    pub fn from_kind(kind: &str, message: &str, fuel_limit: u64) -> TaskError {
+        // The message is the error's Display text; drop the prefix the
+        // rebuilt error adds again.
+        let strip = |prefix: &str| message.strip_prefix(prefix).unwrap_or(message).to_string();
+        let m = message.to_string();
+        match kind {
+            "fuel-exhausted" => TaskError::FuelExhausted { limit: fuel_limit },
+            "deadline-exceeded" => TaskError::DeadlineExceeded { ms: 0 },
+            "trap" => TaskError::Trap {
+                message: strip("guest trap: "),
+                guest: None,
+            },
+            "invalid-input" => TaskError::InvalidInput(strip("invalid input: ")),
+            "failed" => TaskError::Failed(strip("agent failed: ")),
+            "retryable" => TaskError::Retryable(strip("retryable failure: ")),
+            "unavailable" => TaskError::Unavailable(strip("unavailable: ")),
+            "no-capacity" => TaskError::Unavailable(m),
+            // Other limits keep their text; the caller sees it as a failure.
+            _ => TaskError::Failed(m),
+        }
+    }
+
     /// Whether the task stopped because it hit one of the host's limits.
     pub fn is_limit(&self) -> bool {
         matches!(

@@ -418,3 +418,74 @@ fn a_nats_restart_mid_run_loses_no_accepted_task() {
     }
     drop(nats);
 }
+
+#[test]
+fn a_plain_nats_client_can_submit_a_task_as_documented() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "echo", 1);
+    // docs/cluster.md: a JetStream publish on orch.v1.task.<capability>
+    // with Nats-Msg-Id and Orch-Task-Id, the payload as the body.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        for _ in 0..2 {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", "job-42");
+            headers.insert("Orch-Task-Id", "job-42");
+            js.publish_with_headers("orch.v1.task.echo", headers, "from outside".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let task = ha.wait("job-42");
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["result"], "from outside");
+    // The second publish was a duplicate: one task.
+    let (_, list) = ha.get("/v1/tasks?limit=10");
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
+fn tasks_call_reaches_an_agent_on_another_host() {
+    let nats = NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    a.ok(&["plugin", "install", "-y", &p("planner")]);
+    b.ok(&["plugin", "install", "-y", &p("wordcount")]);
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let _hb = HostProc::start_with(&b, &args);
+    until_serving(&ha, "text.wordcount", 1);
+    let doc = "# One\na b\n# Two\nc d e\n";
+    let (code, report) = ha.post(
+        "/v1/tasks?wait=30s",
+        &serde_json::json!({ "capability": "text.report", "input": doc }),
+    );
+    assert_eq!(code, 201, "{report}");
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["host"], host_id(&a).as_str());
+    let total = format!(r#""total":{{"words":9,"lines":4,"bytes":{}}}}}"#, doc.len());
+    assert!(
+        report["result"].as_str().unwrap().ends_with(&total),
+        "{report}"
+    );
+    // The two sections were counted on B, under ids derived from the
+    // planner's, with the planner's remaining fuel as their limit.
+    let calls = report["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|c| c["outcome"] == "ok"), "{report}");
+    let id = report["id"].as_str().unwrap();
+    for n in 1..=2 {
+        let sub = ha.get(&format!("/v1/tasks/{id}.{n}")).1;
+        assert_eq!(sub["status"], "completed", "{sub}");
+        assert_eq!(sub["host"], host_id(&b).as_str());
+    }
+}

@@ -77,14 +77,17 @@ fn the_cli_submits_waits_lists_and_installs_while_the_host_runs() {
     assert_eq!(ids[0], id, "newest first");
 
     // A capability nobody provides is refused at submit, and nothing is kept.
-    let out = orch.run(&[
-        "task",
-        "submit",
-        "--capability",
-        "text.report",
-        "--input",
-        input,
-    ]);
+    let submit_report = || {
+        orch.run(&[
+            "task",
+            "submit",
+            "--capability",
+            "text.report",
+            "--input",
+            input,
+        ])
+    };
+    let out = submit_report();
     assert_eq!(out.status.code(), Some(3));
     assert!(
         stderr(&out).contains("no agent provides capability text.report"),
@@ -142,15 +145,7 @@ fn the_cli_submits_waits_lists_and_installs_while_the_host_runs() {
     // Removing while running: the capability is gone for new tasks.
     let out = orch.ok(&["plugin", "remove", "planner"]);
     assert!(out.contains("no longer serves planner@0.1.0"), "{out}");
-    let out = orch.run(&[
-        "task",
-        "submit",
-        "--capability",
-        "text.report",
-        "--input",
-        input,
-    ]);
-    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(submit_report().status.code(), Some(3));
 }
 
 #[test]

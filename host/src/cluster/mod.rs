@@ -110,6 +110,14 @@ struct Seen {
 
 type Members = Arc<Mutex<BTreeMap<String, Seen>>>;
 
+fn live_capabilities(members: &Members) -> std::collections::BTreeSet<String> {
+    lock(members)
+        .values()
+        .filter(|s| !s.left && s.at.elapsed() <= DEAD_AFTER)
+        .flat_map(|s| s.heartbeat.capabilities.iter().cloned())
+        .collect()
+}
+
 fn lock(m: &Mutex<BTreeMap<String, Seen>>) -> MutexGuard<'_, BTreeMap<String, Seen>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -284,11 +292,7 @@ impl Cluster {
 
     /// Capabilities some live host (this one included) serves.
     pub fn capabilities(&self) -> std::collections::BTreeSet<String> {
-        self.members()
-            .into_iter()
-            .filter(|m| m.state == "alive")
-            .flat_map(|m| m.capabilities)
-            .collect()
+        live_capabilities(&self.members)
     }
 
     fn stop(&self) {

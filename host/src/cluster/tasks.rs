@@ -26,12 +26,13 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{subjects, Cluster, ClusterError};
+use super::{subjects, Cluster, ClusterError, Members};
 use crate::daemon::{
     now_ms, AttemptInfo, ErrorInfo, Host, HostError, Status, SubmitRequest, TaskRecord,
 };
 use crate::error::TaskError;
-use crate::scheduler::Submit;
+use crate::sandbox::{SubCall, SubCallFuture, TaskOutput};
+use crate::scheduler::{Remote, Submit};
 
 pub const STREAM: &str = "ORCH_TASKS";
 pub const QUEUED: &str = "ORCH_QUEUED";
@@ -48,6 +49,10 @@ pub const HEADER_PRIORITY: &str = "Orch-Priority";
 pub const HEADER_DEADLINE: &str = "Orch-Deadline-Ms";
 pub const HEADER_SUBMITTED: &str = "Orch-Submitted-Ms";
 pub const HEADER_KEY: &str = "Orch-Idempotency-Key";
+/// Set on a `tasks.call` sub-task: the most fuel it may use (its caller's).
+pub const HEADER_FUEL: &str = "Orch-Fuel-Limit";
+/// Set on a `tasks.call` sub-task: its depth in the call tree.
+pub const HEADER_DEPTH: &str = "Orch-Call-Depth";
 
 /// A finished task as stored in `ORCH_RESULTS`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +112,8 @@ pub struct TaskRouter {
     /// Requests waiting for a task's result, woken by one watcher of the
     /// results bucket (a watch per request would make a consumer each).
     waiters: Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>>,
+    /// The cluster's member table, for the capabilities of live hosts.
+    members: Members,
     url: String,
 }
 
@@ -167,8 +174,13 @@ impl TaskRouter {
             taken: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(tokio::sync::Notify::new()),
             waiters: Arc::new(Mutex::new(HashMap::new())),
+            members: cluster.members.clone(),
             url,
         });
+        router
+            .host
+            .scheduler()
+            .set_remote(Arc::new(RemoteCalls(Arc::downgrade(&router))));
         router.follow_capabilities();
         router.watch_results().await?;
         Ok(router)
@@ -260,6 +272,108 @@ impl TaskRouter {
         self.counters.redelivered.load(Ordering::Relaxed)
     }
 
+    /// Capabilities some live host serves.
+    fn live_capabilities(&self) -> BTreeSet<String> {
+        super::live_capabilities(&self.members)
+    }
+
+    /// A `tasks.call` sub-task for a capability only other hosts serve: on
+    /// the stream like any task, with the caller's deadline, remaining fuel
+    /// and the call depth in its headers.
+    async fn call_remote(&self, call: SubCall, priority: i32) -> Result<TaskOutput, TaskError> {
+        if !self.live_capabilities().contains(&call.capability) {
+            return Err(TaskError::Unavailable(format!(
+                "no agent provides capability {}",
+                call.capability
+            )));
+        }
+        let id = call.parent.clone();
+        let now = now_ms();
+        let left = call.deadline.saturating_duration_since(Instant::now());
+        let record = TaskRecord {
+            priority,
+            deadline_ms: Some(now + left.as_millis() as u64),
+            ..TaskRecord::queued(
+                id.clone(),
+                call.capability.clone(),
+                now,
+                call.payload.len() as u64,
+            )
+        };
+        let host_error = |e: HostError| TaskError::Host(e.to_string());
+        let mut extra = async_nats::HeaderMap::new();
+        extra.insert(HEADER_FUEL, call.fuel.to_string().as_str());
+        extra.insert(HEADER_DEPTH, call.depth.to_string().as_str());
+        self.publish(&record, call.payload, extra)
+            .await
+            .map_err(host_error)?;
+        let (done, result) = self.wait(&id, left).await.map_err(host_error)?;
+        match done.status {
+            Status::Completed => Ok(TaskOutput {
+                result: result.unwrap_or_default(),
+                fuel_used: done.fuel_used.unwrap_or(0),
+                elapsed: Duration::from_millis(
+                    done.finished_at_ms.unwrap_or(now).saturating_sub(now),
+                ),
+                subtasks: done.subtasks.unwrap_or(0),
+                subtask_fuel: done.subtask_fuel.unwrap_or(0),
+                calls: done.calls,
+            }),
+            Status::Failed | Status::Dead => {
+                let e = done.error.unwrap_or(ErrorInfo {
+                    kind: "host".into(),
+                    message: "no error recorded".into(),
+                });
+                Err(TaskError::from_kind(&e.kind, &e.message, call.fuel))
+            }
+            // Not finished within the caller's deadline.
+            Status::Queued | Status::Running => Err(TaskError::DeadlineExceeded {
+                ms: left.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Stores the queued record, then publishes the task.
+    async fn publish(
+        &self,
+        record: &TaskRecord,
+        payload: Vec<u8>,
+        extra: async_nats::HeaderMap,
+    ) -> Result<bool, HostError> {
+        let json = serde_json::to_vec(record).map_err(|e| self.error("encode", e))?;
+        self.queued
+            .put(key_for(&record.id), json.into())
+            .await
+            .map_err(|e| self.error("ORCH_QUEUED", e))?;
+        let mut headers = extra;
+        headers.insert(HEADER_TASK_ID, record.id.as_str());
+        headers.insert(HEADER_PRIORITY, record.priority.to_string().as_str());
+        headers.insert(
+            HEADER_SUBMITTED,
+            record.submitted_at_ms.to_string().as_str(),
+        );
+        if let Some(d) = record.deadline_ms {
+            headers.insert(HEADER_DEADLINE, d.to_string().as_str());
+        }
+        if let Some(k) = &record.idempotency_key {
+            headers.insert(HEADER_KEY, k.as_str());
+        }
+        let ack = self
+            .js
+            .send_publish(
+                subjects::task(&record.capability),
+                jetstream::message::PublishMessage::build()
+                    .payload(payload.into())
+                    .headers(headers)
+                    .message_id(&record.id),
+            )
+            .await
+            .map_err(|e| self.error("publish", e))?
+            .await
+            .map_err(|e| self.error("publish ack", e))?;
+        Ok(ack.duplicate)
+    }
+
     /// Puts a task on the stream; returns once the stream has stored it.
     pub async fn submit(
         &self,
@@ -284,54 +398,20 @@ impl TaskRouter {
             }
         }
         let record = TaskRecord {
-            id: id.clone(),
-            capability: request.capability.clone(),
-            status: Status::Queued,
             priority: request.priority,
             deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
             idempotency_key: key.clone(),
-            submitted_at_ms: now,
-            finished_at_ms: None,
-            attempts: 0,
-            agent: None,
-            host: None,
-            error: None,
-            attempt_errors: Vec::new(),
-            fuel_used: None,
-            subtask_fuel: None,
-            subtasks: None,
-            calls: Vec::new(),
-            payload_bytes: request.payload.len() as u64,
-        };
-        let json = serde_json::to_vec(&record).map_err(|e| self.error("encode", e))?;
-        self.queued
-            .put(key_for(&id), json.into())
-            .await
-            .map_err(|e| self.error("ORCH_QUEUED", e))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_TASK_ID, id.as_str());
-        headers.insert(HEADER_PRIORITY, request.priority.to_string().as_str());
-        headers.insert(HEADER_SUBMITTED, now.to_string().as_str());
-        if let Some(d) = record.deadline_ms {
-            headers.insert(HEADER_DEADLINE, d.to_string().as_str());
-        }
-        if let Some(k) = &key {
-            headers.insert(HEADER_KEY, k.as_str());
-        }
-        let ack = self
-            .js
-            .send_publish(
-                subjects::task(&request.capability),
-                jetstream::message::PublishMessage::build()
-                    .payload(request.payload.into())
-                    .headers(headers)
-                    .message_id(&id),
+            ..TaskRecord::queued(
+                id.clone(),
+                request.capability.clone(),
+                now,
+                request.payload.len() as u64,
             )
-            .await
-            .map_err(|e| self.error("publish", e))?
-            .await
-            .map_err(|e| self.error("publish ack", e))?;
-        Ok((record, ack.duplicate))
+        };
+        let duplicate = self
+            .publish(&record, request.payload, async_nats::HeaderMap::new())
+            .await?;
+        Ok((record, duplicate))
     }
 
     /// The task's final record with its result, or its queued record.
@@ -383,9 +463,12 @@ impl TaskRouter {
             .entry(key_for(id))
             .or_default()
             .push(tx);
-        let current = self.get_with_result(id).await?;
-        if current.0.status.is_final() {
-            return Ok(current);
+        // A task published straight to the stream by another client has no
+        // record until a host picks it up; wait for it all the same.
+        match self.get_with_result(id).await {
+            Ok(current) if current.0.status.is_final() => return Ok(current),
+            Ok(_) | Err(HostError::NotFound(_)) => {}
+            Err(e) => return Err(e),
         }
         let _ = tokio::time::timeout(timeout, rx).await;
         self.get_with_result(id).await
@@ -591,28 +674,19 @@ async fn run_and_store(
         // Submitted directly over NATS by another client: build the record
         // from the headers.
         None => TaskRecord {
-            id: id.clone(),
-            capability: capability.to_string(),
-            status: Status::Queued,
             priority: header(message, HEADER_PRIORITY)
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0),
             deadline_ms: header(message, HEADER_DEADLINE).and_then(|d| d.parse().ok()),
             idempotency_key: header(message, HEADER_KEY).map(String::from),
-            submitted_at_ms: header(message, HEADER_SUBMITTED)
-                .and_then(|d| d.parse().ok())
-                .unwrap_or_else(now_ms),
-            finished_at_ms: None,
-            attempts: 0,
-            agent: None,
-            host: None,
-            error: None,
-            attempt_errors: Vec::new(),
-            fuel_used: None,
-            subtask_fuel: None,
-            subtasks: None,
-            calls: Vec::new(),
-            payload_bytes: message.payload.len() as u64,
+            ..TaskRecord::queued(
+                id.clone(),
+                capability.to_string(),
+                header(message, HEADER_SUBMITTED)
+                    .and_then(|d| d.parse().ok())
+                    .unwrap_or_else(now_ms),
+                message.payload.len() as u64,
+            )
         },
     };
     record.status = Status::Running;
@@ -644,7 +718,14 @@ async fn run_and_store(
             }
         })
     };
-    let outcome = match router.host.scheduler().submit(submit) {
+    // A sub-task of another host's task keeps its caller's bounds.
+    let depth: Option<u32> = header(message, HEADER_DEPTH).and_then(|d| d.parse().ok());
+    let fuel: Option<u64> = header(message, HEADER_FUEL).and_then(|f| f.parse().ok());
+    let submitted = match (depth, fuel) {
+        (Some(depth), Some(fuel)) => router.host.scheduler().submit_sub_task(submit, depth, fuel),
+        _ => router.host.scheduler().submit(submit),
+    };
+    let outcome = match submitted {
         Ok(handle) => handle.wait().await,
         Err(e) => Err(crate::scheduler::Failure {
             id: id.clone(),
@@ -657,15 +738,7 @@ async fn run_and_store(
     progress.abort();
     record.finished_at_ms = Some(now_ms());
     let result = match outcome {
-        Ok(done) => {
-            record.status = Status::Completed;
-            record.agent = Some(done.agent);
-            record.fuel_used = Some(done.output.fuel_used);
-            record.subtask_fuel = Some(done.output.subtask_fuel);
-            record.subtasks = Some(done.output.subtasks);
-            record.calls = done.output.calls;
-            Some(done.output.result)
-        }
+        Ok(done) => Some(record.complete(done.agent, done.output)),
         Err(failure) => {
             let agent = failure.attempts.last().map(|a| a.agent.clone());
             record.agent = agent.clone();
@@ -681,7 +754,8 @@ async fn run_and_store(
                     | TaskError::NoCapacity { .. }
                     | TaskError::Host(_)
             );
-            if retryable && delivered < router.max_deliver {
+            // A sub-task gets one attempt: its caller decides what to do.
+            if retryable && delivered < router.max_deliver && depth.is_none() {
                 // Another delivery, maybe on another host, after a backoff.
                 record.status = Status::Queued;
                 record.finished_at_ms = None;
@@ -719,4 +793,21 @@ async fn run_and_store(
         Err(e) => return Err(router.error("ORCH_RESULTS", e)),
     }
     Ok(Settle::Ack)
+}
+
+/// `tasks.call` to other hosts, for the scheduler.
+struct RemoteCalls(std::sync::Weak<TaskRouter>);
+
+impl Remote for RemoteCalls {
+    fn call(&self, call: SubCall, priority: i32) -> SubCallFuture {
+        let router = self.0.upgrade();
+        Box::pin(async move {
+            match router {
+                Some(router) => router.call_remote(call, priority).await,
+                None => Err(TaskError::Unavailable(
+                    "the host has left the cluster".into(),
+                )),
+            }
+        })
+    }
 }

@@ -106,6 +106,48 @@ pub struct TaskRecord {
     pub payload_bytes: u64,
 }
 
+impl TaskRecord {
+    /// A task just accepted: queued, no attempt yet.
+    pub fn queued(
+        id: String,
+        capability: String,
+        submitted_at_ms: u64,
+        payload_bytes: u64,
+    ) -> TaskRecord {
+        TaskRecord {
+            id,
+            capability,
+            status: Status::Queued,
+            priority: 0,
+            deadline_ms: None,
+            idempotency_key: None,
+            submitted_at_ms,
+            finished_at_ms: None,
+            attempts: 0,
+            agent: None,
+            host: None,
+            error: None,
+            attempt_errors: Vec::new(),
+            fuel_used: None,
+            subtask_fuel: None,
+            subtasks: None,
+            calls: Vec::new(),
+            payload_bytes,
+        }
+    }
+
+    /// Fills in a successful attempt's agent and figures.
+    pub fn complete(&mut self, agent: String, output: crate::sandbox::TaskOutput) -> Vec<u8> {
+        self.status = Status::Completed;
+        self.agent = Some(agent);
+        self.fuel_used = Some(output.fuel_used);
+        self.subtask_fuel = Some(output.subtask_fuel);
+        self.subtasks = Some(output.subtasks);
+        self.calls = output.calls;
+        output.result
+    }
+}
+
 /// What `accept` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
@@ -415,24 +457,8 @@ mod tests {
 
     fn record(id: &str, key: Option<&str>) -> TaskRecord {
         TaskRecord {
-            id: id.into(),
-            capability: "echo".into(),
-            status: Status::Queued,
-            priority: 0,
-            deadline_ms: None,
             idempotency_key: key.map(String::from),
-            submitted_at_ms: 1,
-            finished_at_ms: None,
-            attempts: 0,
-            agent: None,
-            host: None,
-            error: None,
-            attempt_errors: Vec::new(),
-            fuel_used: None,
-            subtask_fuel: None,
-            subtasks: None,
-            calls: Vec::new(),
-            payload_bytes: 2,
+            ..TaskRecord::queued(id.into(), "echo".into(), 1, 2)
         }
     }
 

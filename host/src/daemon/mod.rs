@@ -293,24 +293,10 @@ impl Host {
         }
         let now = now_ms();
         let record = TaskRecord {
-            id: self.new_task_id(),
-            capability: request.capability,
-            status: Status::Queued,
             priority: request.priority,
             deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
             idempotency_key: request.idempotency_key.filter(|k| !k.is_empty()),
-            submitted_at_ms: now,
-            finished_at_ms: None,
-            attempts: 0,
-            agent: None,
-            host: None,
-            error: None,
-            attempt_errors: Vec::new(),
-            fuel_used: None,
-            subtask_fuel: None,
-            subtasks: None,
-            calls: Vec::new(),
-            payload_bytes: size,
+            ..TaskRecord::queued(self.new_task_id(), request.capability, now, size)
         };
         match self
             .inner
@@ -410,19 +396,27 @@ impl Host {
     }
 
     /// What a heartbeat announces: capabilities, free slots over all
-    /// agents, running and queued tasks.
+    /// agents, attempts running and tasks queued in the scheduler.
     pub fn load(&self) -> (Vec<String>, u64, u64, u64) {
         let free = self
             .agents()
             .iter()
             .map(|a| u64::from(a.max_in_flight.saturating_sub(a.in_flight)))
             .sum();
-        let (queued, running) = self.live_counts();
+        // The scheduler's figures, not the journal's: in a cluster the
+        // tasks come from JetStream and never enter the journal.
+        let queued = self
+            .inner
+            .scheduler
+            .queued()
+            .iter()
+            .map(|(_, n)| *n as u64)
+            .sum();
         (
             self.inner.scheduler.capabilities(),
             free,
-            running as u64,
-            queued as u64,
+            self.inner.scheduler.running(),
+            queued,
         )
     }
 
@@ -685,15 +679,9 @@ async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
     record.finished_at_ms = Some(now_ms());
     let result = match outcome {
         Ok(done) => {
-            record.status = Status::Completed;
             record.attempts = done.failed_attempts.len() as u32 + 1;
-            record.agent = Some(done.agent);
             record.attempt_errors = attempt_infos(&done.failed_attempts);
-            record.fuel_used = Some(done.output.fuel_used);
-            record.subtask_fuel = Some(done.output.subtask_fuel);
-            record.subtasks = Some(done.output.subtasks);
-            record.calls = done.output.calls;
-            Some(done.output.result)
+            Some(record.complete(done.agent, done.output))
         }
         Err(failure) => {
             record.status = if failure.dead_letter {

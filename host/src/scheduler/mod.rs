@@ -77,6 +77,13 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
+/// Runs the sub-tasks no local agent can take: the cluster implements it,
+/// so that `tasks.call` reaches agents on other hosts. `call.parent` holds
+/// the sub-task's own id here.
+pub trait Remote: Send + Sync {
+    fn call(&self, call: SubCall, priority: i32) -> SubCallFuture;
+}
+
 /// What happens to a task between submission and its end, for whoever shows
 /// task states (the daemon).
 #[derive(Debug, Clone, Copy)]
@@ -299,6 +306,7 @@ struct Job {
 struct Inner {
     config: SchedulerConfig,
     on_attempt: Option<AttemptHook>,
+    remote: Mutex<Option<Arc<dyn Remote>>>,
     /// Attempts running now, for draining at shutdown.
     running: AtomicU64,
     /// Signalled whenever an attempt ends.
@@ -328,6 +336,13 @@ impl Drop for StopOnDrop {
 }
 
 impl Inner {
+    fn remote(&self) -> Option<Arc<dyn Remote>> {
+        self.remote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (every
         // update is a few field writes), so a poisoned lock is still usable.
@@ -363,6 +378,7 @@ impl Scheduler {
         let inner = Arc::new(Inner {
             config,
             on_attempt,
+            remote: Mutex::new(None),
             running: AtomicU64::new(0),
             finished: Notify::new(),
             draining: AtomicBool::new(false),
@@ -509,6 +525,22 @@ impl Scheduler {
     /// or the deadline has passed.
     pub fn submit(&self, task: Submit) -> Result<TaskHandle, SubmitError> {
         submit(&self.inner, task, 0, None)
+    }
+
+    /// Queues a sub-task that another host's agent started (`tasks.call`
+    /// across hosts): `depth` and `fuel_cap` come from its caller.
+    pub fn submit_sub_task(
+        &self,
+        task: Submit,
+        depth: u32,
+        fuel_cap: u64,
+    ) -> Result<TaskHandle, SubmitError> {
+        submit(&self.inner, task, depth, Some(fuel_cap))
+    }
+
+    /// Where sub-tasks for capabilities no local agent provides go.
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        *self.inner.remote.lock().unwrap_or_else(|p| p.into_inner()) = Some(remote);
     }
 
     /// Tasks that failed every attempt, oldest first.
@@ -841,11 +873,24 @@ struct Router {
 }
 
 impl SubTasks for Router {
-    fn call(&self, call: SubCall) -> SubCallFuture {
+    fn call(&self, mut call: SubCall) -> SubCallFuture {
         let loan = self.loan.clone();
         let n = self.seq.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+        let id = format!("{}.{n}", call.parent);
+        let remote = self.loan.inner.remote();
+        if !self.loan.inner.state().index.contains_key(&call.capability) {
+            if let Some(remote) = remote {
+                // No local agent: another host's, through the cluster.
+                let priority = self.priority;
+                return Box::pin(async move {
+                    let _waiting = Loan::enter(&loan);
+                    call.parent = id;
+                    remote.call(call, priority).await
+                });
+            }
+        }
         let task = Submit {
-            id: format!("{}.{n}", call.parent),
+            id,
             capability: call.capability,
             payload: call.payload,
             priority: self.priority,

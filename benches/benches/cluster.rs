@@ -1,0 +1,269 @@
+//! Cross-host `echo` tasks through NATS: host A submits, host B (the only
+//! one serving `echo`) runs them, A waits for the result. Two baselines in
+//! the same run, against the same nats-server: a core NATS request/reply
+//! round trip, and a raw JetStream task round trip (publish with ack → pull
+//! consumer on another connection → ack + core reply). Prints p50/p99 of
+//! each at one task in flight, and the throughput of orch with 64 in
+//! flight.
+//!
+//! `cargo bench -p orch-benches --bench cluster` after `bash plugins/build.sh`
+//! (which installs nats-server into target/tools/nats).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use orch::cluster::tasks::TaskRouter;
+use orch::cluster::{Cluster, Heartbeat, NatsOptions};
+use orch::config::HostConfig;
+use orch::daemon::{Host, SubmitRequest};
+use orch::kv::KvStore;
+use orch::plugin::store::Mode;
+use orch::plugin::PluginStore;
+use orch::{Engine, EngineConfig};
+use orch_benches::plugin;
+
+const SAMPLES: usize = 2_000;
+
+fn nats_server() -> (std::process::Child, String, tempfile::TempDir) {
+    let bin =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/nats/bin/nats-server");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server: run `bash plugins/build.sh` first");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, format!("nats://127.0.0.1:{port}"), dir)
+}
+
+fn report(name: &str, mut lat: Vec<Duration>) -> Duration {
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "{name}: p50 {:?}, p99 {:?} ({} round trips)",
+        pct(0.5),
+        pct(0.99),
+        lat.len()
+    );
+    pct(0.5)
+}
+
+async fn host_with(
+    url: &str,
+    home: &std::path::Path,
+    plugins: &[&str],
+) -> (Host, Arc<Cluster>, Arc<TaskRouter>) {
+    let config = HostConfig::default();
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let kv = Arc::new(KvStore::new(home.join("kv.redb")));
+    for p in plugins {
+        let checked = orch::plugin::check(&engine, kv.clone(), &config, &plugin(p), None)
+            .await
+            .unwrap();
+        PluginStore::new(home)
+            .commit(&checked, Mode::Install)
+            .unwrap();
+    }
+    let host = Host::start(home, config, engine).await.unwrap();
+    let beat = host.clone();
+    let cluster = Arc::new(
+        Cluster::join(
+            &NatsOptions {
+                url: url.to_string(),
+                ..Default::default()
+            },
+            host.id(),
+            move || {
+                let (capabilities, free, running, queued) = beat.load();
+                Heartbeat {
+                    host: beat.id().to_string(),
+                    capabilities,
+                    free,
+                    running,
+                    queued,
+                    ..Default::default()
+                }
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let router = TaskRouter::start(&cluster, host.clone(), 3).await.unwrap();
+    (host, cluster, router)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut server, url, _store) = nats_server();
+    rt.block_on(async {
+        // Baseline 1: core request/reply.
+        let responder = async_nats::connect(&url).await.unwrap();
+        let mut sub = responder.subscribe("bench.echo").await.unwrap();
+        let replier = responder.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if let Some(reply) = m.reply {
+                    replier.publish(reply, m.payload).await.unwrap();
+                }
+            }
+        });
+        let requester = async_nats::connect(&url).await.unwrap();
+        responder.flush().await.unwrap();
+        let mut lat = Vec::new();
+        for _ in 0..SAMPLES {
+            let t = Instant::now();
+            requester
+                .request("bench.echo", "hello, orch".into())
+                .await
+                .unwrap();
+            lat.push(t.elapsed());
+        }
+        let core = report("core NATS request/reply", lat);
+
+        // Baseline 2: a raw JetStream task round trip.
+        let worker = async_nats::connect(&url).await.unwrap();
+        let wjs = jetstream::new(worker.clone());
+        let s = wjs
+            .get_or_create_stream(stream::Config {
+                name: "BENCH".into(),
+                subjects: vec!["bench.task.>".into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let c: consumer::PullConsumer = s
+            .get_or_create_consumer(
+                "bench",
+                consumer::pull::Config {
+                    durable_name: Some("bench".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut messages = c.messages().await.unwrap();
+            while let Some(Ok(m)) = messages.next().await {
+                let reply = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Reply-To"))
+                    .map(|v| v.to_string())
+                    .unwrap();
+                m.ack().await.unwrap();
+                worker.publish(reply, m.payload.clone()).await.unwrap();
+            }
+        });
+        let submitter = async_nats::connect(&url).await.unwrap();
+        let sjs = jetstream::new(submitter.clone());
+        let inbox = submitter.new_inbox();
+        let mut replies = submitter.subscribe(inbox.clone()).await.unwrap();
+        let mut lat = Vec::new();
+        for _ in 0..SAMPLES {
+            let t = Instant::now();
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Reply-To", inbox.as_str());
+            sjs.publish_with_headers("bench.task.echo", headers, "hello, orch".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            replies.next().await.unwrap();
+            lat.push(t.elapsed());
+        }
+        let raw_js = report("raw JetStream task round trip", lat);
+
+        // orch: A submits, B runs.
+        let (ha, hb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_a, cluster_a, router_a) = host_with(&url, ha.path(), &[]).await;
+        let (_b, _cluster_b, _router_b) = host_with(&url, hb.path(), &["echo"]).await;
+        let started = Instant::now();
+        while !cluster_a.capabilities().contains("echo") {
+            assert!(started.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let caps: BTreeSet<String> = cluster_a.capabilities();
+        let submit = |router: Arc<TaskRouter>, caps: BTreeSet<String>| async move {
+            let (task, _) = router
+                .submit(
+                    SubmitRequest {
+                        capability: "echo".into(),
+                        payload: b"hello, orch".to_vec(),
+                        ..Default::default()
+                    },
+                    &caps,
+                )
+                .await
+                .unwrap();
+            let (done, result) = router
+                .wait(&task.id, Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(result.as_deref(), Some(&b"hello, orch"[..]), "{done:?}");
+        };
+        for _ in 0..200 {
+            submit(router_a.clone(), caps.clone()).await;
+        }
+        let mut lat = Vec::new();
+        for _ in 0..SAMPLES {
+            let t = Instant::now();
+            submit(router_a.clone(), caps.clone()).await;
+            lat.push(t.elapsed());
+        }
+        let orch_p50 = report("orch cross-host echo task", lat);
+        println!(
+            "orch p50 / raw JetStream p50 = {:.2}x; / core request p50 = {:.2}x",
+            orch_p50.as_secs_f64() / raw_js.as_secs_f64(),
+            orch_p50.as_secs_f64() / core.as_secs_f64()
+        );
+
+        // Throughput: 64 submitters against B's 16 echo slots.
+        let n = 4_000;
+        let t = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..64 {
+            let (router, caps) = (router_a.clone(), caps.clone());
+            workers.push(tokio::spawn(async move {
+                for _ in 0..n / 64 {
+                    submit(router.clone(), caps.clone()).await;
+                }
+            }));
+        }
+        for w in workers {
+            w.await.unwrap();
+        }
+        let elapsed = t.elapsed();
+        println!(
+            "orch cross-host throughput, 64 in flight: {:.0} tasks/s ({} tasks in {elapsed:?})",
+            (n / 64 * 64) as f64 / elapsed.as_secs_f64(),
+            n / 64 * 64
+        );
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+}
