@@ -111,7 +111,7 @@ pub struct TaskRouter {
     freed: Arc<tokio::sync::Notify>,
     /// Requests waiting for a task's result, woken by one watcher of the
     /// results bucket (a watch per request would make a consumer each).
-    waiters: Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>>,
+    waiters: Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<bytes::Bytes>>>>>,
     /// The cluster's member table, for the capabilities of live hosts.
     members: Members,
     url: String,
@@ -214,7 +214,7 @@ impl TaskRouter {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&entry.key);
                 for w in woken.into_iter().flatten() {
-                    let _ = w.send(());
+                    let _ = w.send(entry.value.clone());
                 }
             }
         });
@@ -341,10 +341,6 @@ impl TaskRouter {
         extra: async_nats::HeaderMap,
     ) -> Result<bool, HostError> {
         let json = serde_json::to_vec(record).map_err(|e| self.error("encode", e))?;
-        self.queued
-            .put(key_for(&record.id), json.into())
-            .await
-            .map_err(|e| self.error("ORCH_QUEUED", e))?;
         let mut headers = extra;
         headers.insert(HEADER_TASK_ID, record.id.as_str());
         headers.insert(HEADER_PRIORITY, record.priority.to_string().as_str());
@@ -358,20 +354,32 @@ impl TaskRouter {
         if let Some(k) = &record.idempotency_key {
             headers.insert(HEADER_KEY, k.as_str());
         }
-        let ack = self
-            .js
-            .send_publish(
-                subjects::task(&record.capability),
-                jetstream::message::PublishMessage::build()
-                    .payload(payload.into())
-                    .headers(headers)
-                    .message_id(&record.id),
-            )
-            .await
-            .map_err(|e| self.error("publish", e))?
-            .await
-            .map_err(|e| self.error("publish ack", e))?;
-        Ok(ack.duplicate)
+        // The queued record and the task are written at the same time: the
+        // task carries everything a host needs in its headers, and a record
+        // that lands after the result is harmless (results are read first).
+        let put = async {
+            self.queued
+                .put(key_for(&record.id), json.into())
+                .await
+                .map_err(|e| self.error("ORCH_QUEUED", e))
+        };
+        let publish = async {
+            self.js
+                .send_publish(
+                    subjects::task(&record.capability),
+                    jetstream::message::PublishMessage::build()
+                        .payload(payload.into())
+                        .headers(headers)
+                        .message_id(&record.id),
+                )
+                .await
+                .map_err(|e| self.error("publish", e))?
+                .await
+                .map_err(|e| self.error("publish ack", e))
+        };
+        let (put, ack) = tokio::join!(put, publish);
+        put?;
+        Ok(ack?.duplicate)
     }
 
     /// Puts a task on the stream; returns once the stream has stored it.
@@ -431,10 +439,7 @@ impl TaskRouter {
         {
             let stored: StoredResult =
                 serde_json::from_slice(&bytes).map_err(|e| self.error("decode", e))?;
-            let result = stored
-                .result_base64
-                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
-            return Ok((stored.task, result));
+            return Ok(decode_stored(stored));
         }
         match self
             .queued
@@ -470,7 +475,12 @@ impl TaskRouter {
             Ok(_) | Err(HostError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        let _ = tokio::time::timeout(timeout, rx).await;
+        // The watcher hands over the stored value, which saves reading it.
+        if let Ok(Ok(bytes)) = tokio::time::timeout(timeout, rx).await {
+            if let Ok(stored) = serde_json::from_slice::<StoredResult>(&bytes) {
+                return Ok(decode_stored(stored));
+            }
+        }
         self.get_with_result(id).await
     }
 
@@ -546,6 +556,13 @@ impl TaskRouter {
         let entry = taken.entry(capability.to_string()).or_insert(0);
         *entry = (i64::from(*entry) + n).max(0) as u32;
     }
+}
+
+fn decode_stored(stored: StoredResult) -> (TaskRecord, Option<Vec<u8>>) {
+    let result = stored
+        .result_base64
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+    (stored.task, result)
 }
 
 /// Pulls tasks for one capability while this host has free slots for it.
@@ -655,24 +672,29 @@ async fn run_and_store(
     if delivered > 1 {
         router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
     }
-    // A result may exist already: an earlier delivery finished but its ack
-    // was lost.
-    if router
-        .results
-        .get(key_for(&id))
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-    {
-        return Ok(Settle::Ack);
-    }
-    let mut record = match router.queued.get(key_for(&id)).await.ok().flatten() {
+    // On a redelivery a result may exist already (an earlier delivery
+    // finished but its ack was lost), and the queued record holds the
+    // errors of the earlier attempts. A first delivery needs neither: its
+    // headers carry what the record needs, which saves two round trips.
+    let stored = if delivered > 1 {
+        if router
+            .results
+            .get(key_for(&id))
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return Ok(Settle::Ack);
+        }
+        router.queued.get(key_for(&id)).await.ok().flatten()
+    } else {
+        None
+    };
+    let mut record = match stored {
         Some(bytes) => {
             serde_json::from_slice::<TaskRecord>(&bytes).map_err(|e| router.error("decode", e))?
         }
-        // Submitted directly over NATS by another client: build the record
-        // from the headers.
         None => TaskRecord {
             priority: header(message, HEADER_PRIORITY)
                 .and_then(|p| p.parse().ok())
@@ -692,9 +714,14 @@ async fn run_and_store(
     record.status = Status::Running;
     record.attempts = delivered;
     record.host = Some(router.host.id().to_string());
-    if let Ok(json) = serde_json::to_vec(&record) {
-        let _ = router.queued.put(key_for(&id), json.into()).await;
-    }
+    // Shown as running, without waiting for it.
+    let running_put = serde_json::to_vec(&record).ok().map(|json| {
+        let queued = router.queued.clone();
+        let key = key_for(&id);
+        tokio::spawn(async move {
+            let _ = queued.put(key, json.into()).await;
+        })
+    });
     let deadline = record
         .deadline_ms
         .map(|ms| Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms())));
@@ -759,6 +786,10 @@ async fn run_and_store(
                 // Another delivery, maybe on another host, after a backoff.
                 record.status = Status::Queued;
                 record.finished_at_ms = None;
+                // After the running record, so that this one stays.
+                if let Some(put) = running_put {
+                    let _ = put.await;
+                }
                 if let Ok(json) = serde_json::to_vec(&record) {
                     let _ = router.queued.put(key_for(&id), json.into()).await;
                 }
