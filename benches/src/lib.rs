@@ -43,6 +43,20 @@ impl wit::kv::Host for Bare {
     }
 }
 
+impl wit::messaging::Host for Bare {
+    async fn publish(&mut self, _subject: String, _payload: Vec<u8>) -> Result<(), String> {
+        Err("not in a bare host".into())
+    }
+    async fn request(
+        &mut self,
+        _subject: String,
+        _payload: Vec<u8>,
+        _timeout_ms: u32,
+    ) -> Result<Vec<u8>, String> {
+        Err("not in a bare host".into())
+    }
+}
+
 impl wit::tasks::Host for Bare {
     async fn call(
         &mut self,

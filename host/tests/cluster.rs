@@ -489,3 +489,40 @@ fn tasks_call_reaches_an_agent_on_another_host() {
         assert_eq!(sub["host"], host_id(&b).as_str());
     }
 }
+
+#[test]
+fn messages_cross_hosts_within_the_grants() {
+    let nats = NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    // A sends but does not subscribe; B subscribes to ping.hello.
+    let sender = a.stage("messenger", "messenger", |m| {
+        m.replace("subscriptions = [\"ping.hello\"]\n", "")
+    });
+    a.ok(&["plugin", "install", "-y", &sender]);
+    b.ok(&["plugin", "install", "-y", &p("messenger")]);
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let _hb = HostProc::start_with(&b, &args);
+    until_serving(&ha, "test.request", 2);
+    let ask = |input: &str| -> String {
+        let (code, task) = ha.post(
+            "/v1/tasks?wait=30s",
+            &serde_json::json!({ "capability": "test.request", "input": input }),
+        );
+        assert_eq!(code, 201, "{task}");
+        task["result"].as_str().unwrap().to_string()
+    };
+    // B's subscription answers A's request. A's host subscribes to nothing,
+    // so the answer can only come from B. Until B has subscribed, the
+    // request finds no one; that is the event to wait for.
+    ha.until("B answers", |_| ask("ping.hello\nhi") == "pong: hi");
+    assert_eq!(ask("ping.hello\nacross"), "pong: across");
+    assert_eq!(
+        ask("secret.plans\nhi"),
+        "error: subject secret.plans is not granted to messenger (the manifest's [grants] messaging lists [\"ping.*\"])"
+    );
+    assert_eq!(
+        ask("ping.nobody\nhi"),
+        "error: no agent subscribes to ping.nobody"
+    );
+}

@@ -368,3 +368,55 @@ fn the_api_reports_bad_requests_with_a_kind_and_message() {
     assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
     let _ = stdout(&out);
 }
+
+#[test]
+fn agents_send_messages_within_their_grants() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("messenger")]);
+    let host = HostProc::start(&orch);
+    let ask = |capability: &str, input: &str| -> String {
+        let (code, task) = host.post(
+            "/v1/tasks?wait=30s",
+            &json!({ "capability": capability, "input": input }),
+        );
+        assert_eq!(code, 201, "{task}");
+        assert_eq!(task["status"], "completed", "{task}");
+        task["result"].as_str().unwrap().to_string()
+    };
+    // Granted and subscribed: the request reaches the subscriber (here the
+    // same plugin) as a task, and its result is the reply.
+    assert_eq!(ask("test.request", "ping.hello\nhi"), "pong: hi");
+    assert_eq!(ask("test.publish", "ping.hello\nhi"), "sent");
+    // Granted, but nobody subscribes.
+    assert_eq!(
+        ask("test.request", "ping.other\nhi"),
+        "error: no agent subscribes to ping.other"
+    );
+    // The subscriber's failure comes back as the request's error.
+    assert_eq!(
+        ask("test.request", "ping.hello\nfail"),
+        "error: the subscriber failed: agent failed: refused fail on ping.hello"
+    );
+    // Outside the grant: refused by the host, for requests and publishes.
+    let denied = "error: subject secret.plans is not granted to messenger (the manifest's [grants] messaging lists [\"ping.*\"])";
+    assert_eq!(ask("test.request", "secret.plans\nhi"), denied);
+    assert_eq!(ask("test.publish", "secret.plans\nhi"), denied);
+}
+
+#[test]
+fn a_subscription_outside_the_grants_is_refused_at_install() {
+    let orch = Orch::new();
+    let wasm = orch.stage("messenger", "messenger", |m| {
+        m.replace(
+            "subscriptions = [\"ping.hello\"]",
+            "subscriptions = [\"orders.created\"]",
+        )
+    });
+    let out = orch.run(&["plugin", "install", "-y", &wasm]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("field `plugin.subscriptions`: orders.created is not within the subjects granted in grants.messaging"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -40,6 +40,7 @@ pub use bindings::orch::agent::types::{Capability, Descriptor, Task, TaskError};
 
 pub mod kv;
 pub mod log;
+pub mod messaging;
 pub mod tasks;
 
 /// What an agent implements. Both functions run in a fresh instance for every

@@ -150,7 +150,10 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     let router = match &cluster {
         None => None,
         Some(c) => match TaskRouter::start(c, host.clone(), max_attempts).await {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                orch::cluster::messages::start(c, host.clone());
+                Some(r)
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return exit::ERROR;

@@ -369,12 +369,19 @@ fn print_summary(c: &Checked, path: &Path) {
             d.guest
         );
     }
+    if !g.messaging.is_empty() {
+        println!("    messaging:    {}", g.messaging.join(", "));
+    }
+    if !m.plugin.subscriptions.is_empty() {
+        println!("  subscriptions: {}", m.plugin.subscriptions.join(", "));
+    }
     let gated = gated_imports(&c.agent.info().imports);
     if !gated.is_empty() {
         println!("  imports that need a grant:");
         for (grant, imports) in gated {
             let granted = match grant {
                 "kv" => g.kv.is_some(),
+                "messaging" => !g.messaging.is_empty(),
                 "dirs" => !g.dirs.is_empty(),
                 "env" => !g.env.is_empty(),
                 _ => false,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+pub mod messages;
 pub mod tasks;
 
 /// How often a host announces itself.
@@ -35,6 +36,11 @@ pub mod subjects {
 
     pub fn leave(host: &str) -> String {
         format!("{PREFIX}.hosts.{host}.leave")
+    }
+
+    /// A message between agents; `subject` is relative, as agents name it.
+    pub fn message(subject: &str) -> String {
+        format!("{PREFIX}.msg.{subject}")
     }
 
     /// Tasks for one capability (the JetStream stream's subjects).

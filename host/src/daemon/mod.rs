@@ -209,6 +209,9 @@ impl Host {
         for (name, error) in &report.errors {
             tracing::error!(plugin = %name, %error, "plugin not served");
         }
+        host.inner
+            .scheduler
+            .set_bus(Arc::new(LocalBus(Arc::downgrade(&host.inner))));
         let recovered = host.recover()?;
         host.inner
             .recovered
@@ -741,5 +744,63 @@ pub fn read_address(home: &Path) -> Option<String> {
 impl From<StoreError> for HostError {
     fn from(e: StoreError) -> Self {
         HostError::Plugin(e.into())
+    }
+}
+
+/// Messages within one host: a message for a subscribed subject is a task
+/// for the subscribing agent. The cluster replaces it with one over NATS.
+struct LocalBus(std::sync::Weak<Inner>);
+
+impl LocalBus {
+    fn send(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+    ) -> Result<crate::scheduler::TaskHandle, String> {
+        let inner = self
+            .0
+            .upgrade()
+            .ok_or_else(|| "the host is shutting down".to_string())?;
+        let host = Host { inner };
+        let submit = Submit {
+            id: format!("m{}", &host.new_task_id()[1..]),
+            capability: crate::scheduler::message_capability(subject),
+            payload,
+            priority: 0,
+            deadline: None,
+            max_attempts: Some(1),
+        };
+        host.inner.scheduler.submit(submit).map_err(|e| match e {
+            SubmitError::UnknownCapability(_) => format!("no agent subscribes to {subject}"),
+            other => other.to_string(),
+        })
+    }
+}
+
+impl crate::sandbox::Bus for LocalBus {
+    fn publish(&self, subject: String, payload: Vec<u8>) -> crate::sandbox::BusFuture<()> {
+        // Like NATS: a message nobody subscribes to is dropped.
+        let _ = self.send(&subject, payload);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn request(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> crate::sandbox::BusFuture<Vec<u8>> {
+        let handle = self.send(&subject, payload);
+        Box::pin(async move {
+            let handle = handle?;
+            match tokio::time::timeout(timeout, handle.wait()).await {
+                Err(_) => Err(format!(
+                    "no reply on {subject} within {} ms",
+                    timeout.as_millis()
+                )),
+                Ok(Ok(done)) => Ok(done.output.result),
+                Ok(Err(failure)) => Err(format!("the subscriber failed: {}", failure.error)),
+            }
+        })
     }
 }

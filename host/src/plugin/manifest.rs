@@ -35,6 +35,10 @@ pub struct PluginSection {
     pub description: String,
     /// Capability names; must be exactly those the component's `describe` declares.
     pub capabilities: Vec<String>,
+    /// Message subjects delivered to the plugin's `handle` (each within
+    /// `grants.messaging`).
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
 }
 
 /// Requested per-task limits; each must be within the host's maximum.
@@ -62,7 +66,8 @@ pub struct GrantsSection {
     /// Host directories mapped into the plugin's filesystem.
     #[serde(default)]
     pub dirs: Vec<DirSection>,
-    /// Messaging subjects (reserved: the messaging interface is not offered yet).
+    /// Subject patterns (`*` one token, `>` the rest) the plugin may
+    /// publish to, send requests to and subscribe to.
     #[serde(default)]
     pub messaging: Vec<String>,
 }
@@ -197,6 +202,32 @@ impl Manifest {
                 ));
             }
         }
+        for pattern in &g.messaging {
+            if !crate::sandbox::subject::is_pattern(pattern) {
+                return Err(field(
+                    "grants.messaging",
+                    format!("{pattern:?} is not a subject pattern like orders.* or orders.>"),
+                ));
+            }
+        }
+        for s in &p.subscriptions {
+            if !crate::sandbox::subject::is_subject(s) {
+                return Err(field(
+                    "plugin.subscriptions",
+                    format!("{s:?} is not a subject like orders.created"),
+                ));
+            }
+            if !g
+                .messaging
+                .iter()
+                .any(|pattern| crate::sandbox::subject::matches(pattern, s))
+            {
+                return Err(field(
+                    "plugin.subscriptions",
+                    format!("{s} is not within the subjects granted in grants.messaging"),
+                ));
+            }
+        }
         for (i, d) in g.dirs.iter().enumerate() {
             if !d.host.is_absolute() {
                 return Err(field(
@@ -240,6 +271,7 @@ impl Manifest {
                     writable: d.mode == DirMode::ReadWrite,
                 })
                 .collect(),
+            messaging: self.grants.messaging.clone(),
         }
     }
 

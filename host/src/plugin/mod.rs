@@ -51,8 +51,9 @@ pub enum PluginError {
 /// Interfaces a component may import that give it nothing unless the
 /// manifest grants it: listed at install so operators see what is unused.
 pub fn gated_imports(imports: &[String]) -> Vec<(&'static str, Vec<String>)> {
-    let gates: [(&str, &str); 4] = [
+    let gates: [(&str, &str); 5] = [
         ("kv", "orch:agent/kv"),
+        ("messaging", "orch:agent/messaging"),
         ("dirs", "wasi:filesystem/"),
         ("env", "wasi:cli/environment"),
         ("network (never granted)", "wasi:sockets/"),

@@ -341,6 +341,7 @@ impl PluginStore {
         };
         let mut agent = Agent::from_compiled(engine, compiled, kv, grants, &limits).await?;
         agent.set_max_instances(manifest.manifest.limits.max_instances);
+        agent.set_subscriptions(manifest.manifest.plugin.subscriptions.clone());
         Ok((agent, limits, version))
     }
 }

@@ -10,6 +10,7 @@ wasmtime::component::bindgen!({
         "orch:agent/kv": async,
         // A call suspends the guest until the sub-task ends.
         "orch:agent/tasks": async,
+        "orch:agent/messaging": async,
     },
     exports: { default: async },
 });

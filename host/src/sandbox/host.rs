@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::bindings::orch::agent::{kv, log, tasks, types};
+use super::bindings::orch::agent::{kv, log, messaging, tasks, types};
 use super::{CallReport, StoreData, SubCall};
 use crate::error::TaskError;
 
@@ -246,5 +246,67 @@ fn call_error(e: TaskError) -> tasks::CallError {
         | TaskError::HostCallDataLimit { .. } => C::Limit(e.to_string()),
         TaskError::Unavailable(m) => C::Unavailable(m),
         TaskError::NoCapacity { .. } | TaskError::Host(_) => C::Unavailable(e.to_string()),
+    }
+}
+
+/// Longest message payload an agent may send.
+const MAX_MESSAGE: usize = 1 << 20;
+/// Longest a request may wait for its reply.
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(60);
+
+impl StoreData {
+    /// The bus, once the subject is checked against the grants.
+    fn bus_for(
+        &self,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<std::sync::Arc<dyn super::Bus>, String> {
+        if !super::subject::is_subject(subject) {
+            return Err(format!(
+                "{subject:?} is not a subject: dot-separated tokens of letters, digits, '-' and '_'"
+            ));
+        }
+        if !self
+            .grants
+            .messaging
+            .iter()
+            .any(|p| super::subject::matches(p, subject))
+        {
+            return Err(format!(
+                "subject {subject} is not granted to {} (the manifest's [grants] messaging lists {:?})",
+                self.agent, self.grants.messaging
+            ));
+        }
+        if payload.len() > MAX_MESSAGE {
+            return Err(format!(
+                "message of {} bytes is larger than the limit of {MAX_MESSAGE} bytes",
+                payload.len()
+            ));
+        }
+        self.bus.clone().ok_or_else(|| {
+            "messaging is not available here: it needs a host (`orch host start`)".to_string()
+        })
+    }
+}
+
+impl messaging::Host for StoreData {
+    async fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), String> {
+        let bus = self.bus_for(&subject, &payload)?;
+        bus.publish(subject, payload).await
+    }
+
+    async fn request(
+        &mut self,
+        subject: String,
+        payload: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<Vec<u8>, String> {
+        let bus = self.bus_for(&subject, &payload)?;
+        let mut wait = Duration::from_millis(u64::from(timeout_ms)).min(MAX_REQUEST_WAIT);
+        // Never past the task's own deadline.
+        if let Some(calls) = &self.calls {
+            wait = wait.min(calls.deadline.saturating_duration_since(Instant::now()));
+        }
+        bus.request(subject, payload, wait).await
     }
 }

@@ -6,6 +6,7 @@
 pub mod bindings;
 mod host;
 mod stderr;
+pub mod subject;
 
 use std::future::Future;
 use std::path::Path;
@@ -87,6 +88,8 @@ pub struct Grants {
     pub env: Vec<(String, String)>,
     /// Host directories mapped into the agent's filesystem.
     pub dirs: Vec<DirGrant>,
+    /// Subject patterns the agent may publish and send requests to.
+    pub messaging: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +175,18 @@ pub struct SubCall {
 
 pub type SubCallFuture = Pin<Box<dyn Future<Output = Result<TaskOutput, TaskError>> + Send>>;
 
+pub type BusFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
+
+/// Carries the `messaging` import's messages: within one host, or between
+/// hosts over NATS. The sandbox checks grants before it calls this.
+pub trait Bus: Send + Sync {
+    fn publish(&self, subject: String, payload: Vec<u8>) -> BusFuture<()>;
+    fn request(&self, subject: String, payload: Vec<u8>, timeout: Duration) -> BusFuture<Vec<u8>>;
+}
+
+/// The content type of a task that delivers a message.
+pub const MESSAGE_CONTENT_TYPE: &str = "application/vnd.orch.message";
+
 /// Runs the sub-tasks of `tasks.call`. The scheduler implements it; the
 /// sandbox knows nothing else about how sub-tasks are placed.
 pub trait SubTasks: Send + Sync {
@@ -184,6 +199,8 @@ pub struct CallContext {
     /// 0 for a top-level task.
     pub depth: u32,
     pub tasks: Arc<dyn SubTasks>,
+    /// Where `messaging` calls go; without it they fail.
+    pub bus: Option<Arc<dyn Bus>>,
 }
 
 impl std::fmt::Debug for CallContext {
@@ -227,6 +244,8 @@ pub struct StoreData {
     stderr: Option<stderr::StderrTail>,
     /// `tasks.call` state; `None` refuses every call.
     calls: Option<CallState>,
+    /// Where `messaging` goes, if anywhere.
+    bus: Option<Arc<dyn Bus>>,
 }
 
 /// How much of a guest's stderr is kept for error messages.
@@ -328,6 +347,7 @@ pub struct Agent {
     /// slots and how many there are.
     instances: Option<(Arc<tokio::sync::Semaphore>, u32)>,
     name: Arc<str>,
+    subscriptions: Vec<String>,
 }
 
 impl Agent {
@@ -384,6 +404,7 @@ impl Agent {
             grants: Arc::new(grants),
             instances: None,
             name: Arc::from(""),
+            subscriptions: Vec::new(),
         };
         let descriptor = agent
             .describe(limits)
@@ -417,6 +438,15 @@ impl Agent {
         self.instances
             .as_ref()
             .map(|(slots, max)| (*max as usize).saturating_sub(slots.available_permits()))
+    }
+
+    /// Message subjects delivered to this agent (from its manifest).
+    pub fn subscriptions(&self) -> &[String] {
+        &self.subscriptions
+    }
+
+    pub fn set_subscriptions(&mut self, subjects: Vec<String>) {
+        self.subscriptions = subjects;
     }
 
     /// The `max_instances` limit, if the agent has one.
@@ -482,6 +512,7 @@ impl Agent {
             }),
             None => KvState::NotGranted,
         };
+        let bus = task.calls.as_ref().and_then(|c| c.bus.clone());
         let calls = task.calls.map(|ctx| CallState {
             ctx,
             task_id: task.id.clone(),
@@ -495,6 +526,7 @@ impl Agent {
             reports: Vec::new(),
         });
         let mut store = self.new_store(limits, kv, calls);
+        store.data_mut().bus = bus;
         let task = wit::Task {
             id: task.id,
             capability: task.capability,
@@ -577,6 +609,7 @@ impl Agent {
             panic: None,
             stderr: None,
             calls,
+            bus: None,
         };
         let mut store = Store::new(self.engine.wasmtime(), data);
         store.limiter(|d| &mut d.limiter);

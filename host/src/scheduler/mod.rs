@@ -24,8 +24,14 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::error::TaskError;
 use crate::sandbox::{
-    Agent, CallContext, Limits, SubCall, SubCallFuture, SubTasks, TaskOutput, TaskRequest,
+    Agent, Bus, CallContext, Limits, SubCall, SubCallFuture, SubTasks, TaskOutput, TaskRequest,
+    MESSAGE_CONTENT_TYPE,
 };
+
+/// Messages for a subscribed subject are queued under this capability.
+pub fn message_capability(subject: &str) -> String {
+    format!("msg:{subject}")
+}
 use breaker::Breaker;
 
 #[derive(Debug, Clone)]
@@ -307,6 +313,7 @@ struct Inner {
     config: SchedulerConfig,
     on_attempt: Option<AttemptHook>,
     remote: Mutex<Option<Arc<dyn Remote>>>,
+    bus: Mutex<Option<Arc<dyn Bus>>>,
     /// Attempts running now, for draining at shutdown.
     running: AtomicU64,
     /// Signalled whenever an attempt ends.
@@ -379,6 +386,7 @@ impl Scheduler {
             config,
             on_attempt,
             remote: Mutex::new(None),
+            bus: Mutex::new(None),
             running: AtomicU64::new(0),
             finished: Notify::new(),
             draining: AtomicBool::new(false),
@@ -440,6 +448,13 @@ impl Scheduler {
             for c in &agent.descriptor().capabilities {
                 state.index.entry(c.name.clone()).or_default().push(i);
             }
+            for subject in agent.subscriptions() {
+                state
+                    .index
+                    .entry(message_capability(subject))
+                    .or_default()
+                    .push(i);
+            }
             self.push_entry(&mut state, label, agent, limits, max_in_flight);
         }
         drop(state);
@@ -480,9 +495,30 @@ impl Scheduler {
 
     /// The capabilities some agent provides now.
     pub fn capabilities(&self) -> Vec<String> {
-        let mut caps: Vec<String> = self.inner.state().index.keys().cloned().collect();
+        let mut caps: Vec<String> = self
+            .inner
+            .state()
+            .index
+            .keys()
+            .filter(|k| !k.starts_with("msg:"))
+            .cloned()
+            .collect();
         caps.sort();
         caps
+    }
+
+    /// The message subjects some agent subscribes to now.
+    pub fn subscriptions(&self) -> Vec<String> {
+        let mut subjects: Vec<String> = self
+            .inner
+            .state()
+            .index
+            .keys()
+            .filter_map(|k| k.strip_prefix("msg:"))
+            .map(String::from)
+            .collect();
+        subjects.sort();
+        subjects
     }
 
     /// Tasks waiting in the queues, per capability.
@@ -536,6 +572,11 @@ impl Scheduler {
         fuel_cap: u64,
     ) -> Result<TaskHandle, SubmitError> {
         submit(&self.inner, task, depth, Some(fuel_cap))
+    }
+
+    /// Where agents' `messaging` calls go.
+    pub fn set_bus(&self, bus: Arc<dyn Bus>) {
+        *self.inner.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus);
     }
 
     /// Where sub-tasks for capabilities no local agent provides go.
@@ -781,11 +822,17 @@ async fn run(inner: Arc<Inner>, job: Job) {
             attempt,
         });
     }
+    // A message for a subscription reaches the agent with its subject as
+    // the capability.
+    let (capability, content_type) = match task.capability.strip_prefix("msg:") {
+        Some(subject) => (subject.to_string(), MESSAGE_CONTENT_TYPE),
+        None => (task.capability.clone(), "application/octet-stream"),
+    };
     let request = TaskRequest {
         id: task.id.clone(),
-        capability: task.capability.clone(),
+        capability,
         payload: task.payload.clone(),
-        content_type: "application/octet-stream".into(),
+        content_type: content_type.into(),
         attempt,
         calls: Some(CallContext {
             depth: task.depth,
@@ -798,6 +845,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 priority: task.priority,
                 seq: AtomicU64::new(0),
             }),
+            bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
     };
     let result = agent.handle(request, &limits).await;

@@ -1,0 +1,156 @@
+//! Agent messages over NATS: core NATS subjects `orch.v1.msg.<subject>`.
+//! Every host subscribes, in the queue group `orch`, to the subjects its
+//! agents subscribe to, so one message reaches one subscribing agent in the
+//! cluster; a request's reply is the agent's result, or an `Orch-Error`
+//! header with the error. Core NATS is at most once: a message published
+//! while no host subscribes is dropped, as on a lone host.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::{subjects, Cluster};
+use crate::daemon::Host;
+use crate::sandbox::{Bus, BusFuture};
+use crate::scheduler::{message_capability, Submit};
+
+const QUEUE_GROUP: &str = "orch";
+const HEADER_ERROR: &str = "Orch-Error";
+
+pub struct NatsBus {
+    client: async_nats::Client,
+}
+
+impl Bus for NatsBus {
+    fn publish(&self, subject: String, payload: Vec<u8>) -> BusFuture<()> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            client
+                .publish(subjects::message(&subject), payload.into())
+                .await
+                .map_err(|e| format!("publish on {subject}: {e}"))
+        })
+    }
+
+    fn request(&self, subject: String, payload: Vec<u8>, timeout: Duration) -> BusFuture<Vec<u8>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let asked = client.request(subjects::message(&subject), payload.into());
+            let reply = match tokio::time::timeout(timeout, asked).await {
+                Err(_) => {
+                    return Err(format!(
+                        "no reply on {subject} within {} ms",
+                        timeout.as_millis()
+                    ))
+                }
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    return Err(format!("no agent subscribes to {subject}"))
+                }
+                Ok(Err(e)) => return Err(format!("request on {subject}: {e}")),
+                Ok(Ok(reply)) => reply,
+            };
+            if let Some(error) = reply.headers.as_ref().and_then(|h| h.get(HEADER_ERROR)) {
+                return Err(format!("the subscriber failed: {error}"));
+            }
+            Ok(reply.payload.to_vec())
+        })
+    }
+}
+
+/// Routes agents' messages through NATS and keeps this host's subscriptions
+/// in line with its agents'.
+pub fn start(cluster: &Cluster, host: Host) {
+    let client = cluster.client.clone();
+    host.scheduler().set_bus(Arc::new(NatsBus {
+        client: client.clone(),
+    }));
+    let subscribed: Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>> =
+        Arc::new(Mutex::new(HashMap::new()));
+    tokio::spawn(async move {
+        loop {
+            let want = host.scheduler().subscriptions();
+            let missing: Vec<String> = {
+                let mut current = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+                current.retain(|s, handle| {
+                    let keep = want.contains(s);
+                    if !keep {
+                        handle.abort();
+                    }
+                    keep
+                });
+                want.iter()
+                    .filter(|s| !current.contains_key(*s))
+                    .cloned()
+                    .collect()
+            };
+            for subject in missing {
+                match client
+                    .queue_subscribe(subjects::message(&subject), QUEUE_GROUP.into())
+                    .await
+                {
+                    Ok(sub) => {
+                        let handle = tokio::spawn(deliver(
+                            client.clone(),
+                            host.clone(),
+                            subject.clone(),
+                            sub,
+                        ));
+                        subscribed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(subject, handle);
+                    }
+                    Err(e) => tracing::warn!(subject = %subject, error = %e, "cannot subscribe"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+/// Hands each message to a subscribing agent as a task; answers requests.
+async fn deliver(
+    client: async_nats::Client,
+    host: Host,
+    subject: String,
+    mut sub: async_nats::Subscriber,
+) {
+    while let Some(message) = sub.next().await {
+        let submit = Submit {
+            id: format!("m{}", &host.new_task_id()[1..]),
+            capability: message_capability(&subject),
+            payload: message.payload.to_vec(),
+            priority: 0,
+            deadline: None,
+            max_attempts: Some(1),
+        };
+        let handle = host.scheduler().submit(submit);
+        let client = client.clone();
+        tokio::spawn(async move {
+            let outcome = match handle {
+                Ok(h) => h
+                    .wait()
+                    .await
+                    .map(|c| c.output.result)
+                    .map_err(|f| f.error.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let Some(reply) = message.reply else { return };
+            let sent = match outcome {
+                Ok(result) => client.publish(reply, result.into()).await,
+                Err(error) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(HEADER_ERROR, error.replace(['\r', '\n'], " ").as_str());
+                    client
+                        .publish_with_headers(reply, headers, bytes::Bytes::new())
+                        .await
+                }
+            };
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "cannot send a reply");
+            }
+        });
+    }
+}
