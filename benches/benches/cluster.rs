@@ -221,7 +221,7 @@ fn main() {
                 .await
                 .unwrap();
             let (done, result) = router
-                .wait(&task.id, Duration::from_secs(30))
+                .wait_submitted(&task.id, Duration::from_secs(30))
                 .await
                 .unwrap();
             assert_eq!(result.as_deref(), Some(&b"hello, orch"[..]), "{done:?}");

@@ -181,7 +181,9 @@ async fn submit(
     if let (Some(router), Some(cluster)) = (router, cluster) {
         let (task, existing) = router.submit(request, &cluster.capabilities()).await?;
         let (record, result) = match wait {
-            Some(w) => router.wait(&task.id, w).await?,
+            // An idempotent replay may have its result already.
+            Some(w) if existing => router.wait(&task.id, w).await?,
+            Some(w) => router.wait_submitted(&task.id, w).await?,
             None => (task, None),
         };
         let code = if existing {

@@ -112,6 +112,10 @@ pub struct TaskRouter {
     /// Requests waiting for a task's result, woken by one watcher of the
     /// results bucket (a watch per request would make a consumer each).
     waiters: Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<bytes::Bytes>>>>>,
+    /// For each task this host published and whose result has not arrived:
+    /// the receiving end of its waiter, registered before the publish so
+    /// that a fast result cannot slip past it.
+    pending: Arc<Mutex<HashMap<String, tokio::sync::oneshot::Receiver<bytes::Bytes>>>>,
     /// The cluster's member table, for the capabilities of live hosts.
     members: Members,
     url: String,
@@ -174,6 +178,7 @@ impl TaskRouter {
             taken: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(tokio::sync::Notify::new()),
             waiters: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::new(Mutex::new(HashMap::new())),
             members: cluster.members.clone(),
             url,
         });
@@ -206,6 +211,7 @@ impl TaskRouter {
                 reason: format!("watch ORCH_RESULTS: {e}"),
             })?;
         let waiters = self.waiters.clone();
+        let pending = self.pending.clone();
         tokio::spawn(async move {
             while let Some(entry) = watch.next().await {
                 let Ok(entry) = entry else { continue };
@@ -216,6 +222,11 @@ impl TaskRouter {
                 for w in woken.into_iter().flatten() {
                     let _ = w.send(entry.value.clone());
                 }
+                // Nobody took it: whoever asks later reads the bucket.
+                pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&entry.key);
             }
         });
         Ok(())
@@ -307,7 +318,7 @@ impl TaskRouter {
         self.publish(&record, call.payload, extra)
             .await
             .map_err(host_error)?;
-        let (done, result) = self.wait(&id, left).await.map_err(host_error)?;
+        let (done, result) = self.wait_submitted(&id, left).await.map_err(host_error)?;
         match done.status {
             Status::Completed => Ok(TaskOutput {
                 result: result.unwrap_or_default(),
@@ -377,7 +388,25 @@ impl TaskRouter {
                 .await
                 .map_err(|e| self.error("publish ack", e))
         };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let key = key_for(&record.id);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(tx);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), rx);
         let (put, ack) = tokio::join!(put, publish);
+        if put.is_err() || ack.is_err() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
         put?;
         Ok(ack?.duplicate)
     }
@@ -461,6 +490,41 @@ impl TaskRouter {
         id: &str,
         timeout: Duration,
     ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        self.wait_for(id, timeout, false).await
+    }
+
+    /// Like [`TaskRouter::wait`] for a task this host has just submitted:
+    /// it cannot have a result yet, so the two reads that check for one
+    /// are skipped (they would sit on the task's critical path).
+    pub async fn wait_submitted(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        self.wait_for(id, timeout, true).await
+    }
+
+    async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        just_submitted: bool,
+    ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        if just_submitted {
+            let rx = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key_for(id));
+            if let Some(rx) = rx {
+                if let Ok(Ok(bytes)) = tokio::time::timeout(timeout, rx).await {
+                    if let Ok(stored) = serde_json::from_slice::<StoredResult>(&bytes) {
+                        return Ok(decode_stored(stored));
+                    }
+                }
+                return self.get_with_result(id).await;
+            }
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.waiters
             .lock()
