@@ -18,10 +18,8 @@ use orch::daemon::Host;
 use orch::kv::KvStore;
 use orch::plugin::store::Mode;
 use orch::plugin::PluginStore;
-use orch::sandbox::bindings;
 use orch::{Engine, EngineConfig};
-use orch_benches::{bare_echo, plugin, Bare};
-use wasmtime::Store;
+use orch_benches::{bare_echo, bare_echo_calls, plugin};
 
 const CLIENTS: usize = 16;
 const PER_CLIENT: usize = 100;
@@ -118,28 +116,7 @@ fn daemon(c: &mut Criterion) {
             for _ in 0..iters {
                 std::thread::scope(|s| {
                     for _ in 0..2 {
-                        s.spawn(|| {
-                            rt.block_on(async {
-                                let task = bindings::orch::agent::types::Task {
-                                    id: "bench".into(),
-                                    capability: "echo".into(),
-                                    payload: b"hello, orch".to_vec(),
-                                    content_type: String::new(),
-                                    attempt: 1,
-                                    deadline_ms: None,
-                                };
-                                for _ in 0..BATCH / 2 {
-                                    let mut store = Store::new(&bare_engine, Bare);
-                                    let instance =
-                                        bare.instantiate_async(&mut store).await.unwrap();
-                                    instance
-                                        .call_handle(&mut store, &task)
-                                        .await
-                                        .unwrap()
-                                        .unwrap();
-                                }
-                            })
-                        });
+                        s.spawn(|| rt.block_on(bare_echo_calls(&bare_engine, &bare, BATCH / 2)));
                     }
                 });
             }

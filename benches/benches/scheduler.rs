@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use orch::kv::KvStore;
-use orch::sandbox::bindings;
 use orch::scheduler::{Scheduler, SchedulerConfig, Submit};
 use orch::{Agent, Engine, EngineConfig, Limits};
-use orch_benches::{bare_echo, plugin, Bare};
-use wasmtime::Store;
+use orch_benches::{bare_echo, bare_echo_calls, plugin};
 
 const BATCH: u64 = 4_000;
 
@@ -72,23 +70,7 @@ fn scheduler(c: &mut Criterion) {
                     for _ in 0..2 {
                         let (engine, pre) = (engine.clone(), pre.clone());
                         workers.push(tokio::spawn(async move {
-                            let task = bindings::orch::agent::types::Task {
-                                id: "bench".into(),
-                                capability: "echo".into(),
-                                payload: b"hello, orch".to_vec(),
-                                content_type: String::new(),
-                                attempt: 1,
-                                deadline_ms: None,
-                            };
-                            for _ in 0..BATCH / 2 {
-                                let mut store = Store::new(&engine, Bare);
-                                let instance = pre.instantiate_async(&mut store).await.unwrap();
-                                instance
-                                    .call_handle(&mut store, &task)
-                                    .await
-                                    .unwrap()
-                                    .unwrap();
-                            }
+                            bare_echo_calls(&engine, &pre, BATCH / 2).await
                         }));
                     }
                     for w in workers {

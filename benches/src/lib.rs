@@ -96,3 +96,25 @@ pub fn bare_echo(metered: bool) -> (wasmtime::Engine, bindings::AgentPre<Bare>) 
     let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
     (engine, pre)
 }
+
+/// `n` bare instantiate + `handle` calls of echo, one after the other: the
+/// baseline loop the throughput benches run on two threads.
+pub async fn bare_echo_calls(engine: &wasmtime::Engine, pre: &bindings::AgentPre<Bare>, n: u64) {
+    let task = wit::types::Task {
+        id: "bench".into(),
+        capability: "echo".into(),
+        payload: b"hello, orch".to_vec(),
+        content_type: String::new(),
+        attempt: 1,
+        deadline_ms: None,
+    };
+    for _ in 0..n {
+        let mut store = wasmtime::Store::new(engine, Bare);
+        let instance = pre.instantiate_async(&mut store).await.unwrap();
+        instance
+            .call_handle(&mut store, &task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
