@@ -154,6 +154,20 @@ impl TaskError {
         }
     }
 
+    /// Whether another attempt may succeed: the agent said so, or it trapped
+    /// (which may be a bad instance rather than bad input). Limits are
+    /// deterministic for the same input, and invalid input or a declared
+    /// failure will not change, so those are final.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            TaskError::Retryable(_)
+                | TaskError::Trap { .. }
+                | TaskError::NoCapacity { .. }
+                | TaskError::Host(_)
+        )
+    }
+
     /// Whether the task stopped because it hit one of the host's limits.
     pub fn is_limit(&self) -> bool {
         matches!(

@@ -119,7 +119,7 @@ async fn deliver(
 ) {
     while let Some(message) = sub.next().await {
         let submit = Submit {
-            id: format!("m{}", &host.new_task_id()[1..]),
+            id: host.new_message_id(),
             capability: message_capability(&subject),
             payload: message.payload.to_vec(),
             priority: 0,

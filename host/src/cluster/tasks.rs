@@ -838,13 +838,7 @@ async fn run_and_store(
                 kind: failure.error.kind().to_string(),
                 message: failure.error.to_string(),
             });
-            let retryable = matches!(
-                failure.error,
-                TaskError::Retryable(_)
-                    | TaskError::Trap { .. }
-                    | TaskError::NoCapacity { .. }
-                    | TaskError::Host(_)
-            );
+            let retryable = failure.error.is_retryable();
             // A sub-task gets one attempt: its caller decides what to do.
             if retryable && delivered < router.max_deliver && depth.is_none() {
                 // Another delivery, maybe on another host, after a backoff.

@@ -267,6 +267,11 @@ impl Host {
         );
     }
 
+    /// The id of a task that delivers a message: like a task id, with `m`.
+    pub fn new_message_id(&self) -> String {
+        format!("m{}", &self.new_task_id()[1..])
+    }
+
     /// A new task id: millisecond time first, so ids sort by submission.
     pub fn new_task_id(&self) -> String {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
@@ -763,7 +768,7 @@ impl LocalBus {
             .ok_or_else(|| "the host is shutting down".to_string())?;
         let host = Host { inner };
         let submit = Submit {
-            id: format!("m{}", &host.new_task_id()[1..]),
+            id: host.new_message_id(),
             capability: crate::scheduler::message_capability(subject),
             payload,
             priority: 0,

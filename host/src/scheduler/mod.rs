@@ -769,20 +769,6 @@ fn fail(inner: &Inner, task: Pending, error: TaskError, dead_letter: bool) {
     let _ = task.reply.send(Err(failure));
 }
 
-/// Errors worth another attempt: the agent said so, or it trapped (which
-/// may be a bad instance rather than bad input). Limits are deterministic
-/// for the same input, and invalid input or a declared failure will not
-/// change, so those are final.
-fn retryable(e: &TaskError) -> bool {
-    matches!(
-        e,
-        TaskError::Retryable(_)
-            | TaskError::Trap { .. }
-            | TaskError::NoCapacity { .. }
-            | TaskError::Host(_)
-    )
-}
-
 async fn run_oldest(inner: Arc<Inner>) {
     let job = inner
         .ready
@@ -891,7 +877,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 agent: label,
                 error: error.clone(),
             });
-            if !retryable(&error) {
+            if !error.is_retryable() {
                 fail(&inner, task, error, false);
             } else if task.attempts.len() as u32 >= task.max_attempts(&inner.config)
                 || task.deadline.is_some_and(|d| d <= now + backoff)
