@@ -526,3 +526,33 @@ fn messages_cross_hosts_within_the_grants() {
         "error: no agent subscribes to ping.nobody"
     );
 }
+
+#[test]
+fn a_token_protected_server_needs_the_token() {
+    let nats = NatsServer::start_with(&["--auth", "s3cret-token"]);
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    // Without the token: refused, and the host says so.
+    let out = orch.run(&[
+        "host",
+        "start",
+        "--listen",
+        "127.0.0.1:0",
+        "--nats",
+        &nats.url,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!("cannot connect to NATS at {}", nats.url)),
+        "{err}"
+    );
+    // With it: joined, and tasks run.
+    let host = HostProc::start_with(
+        &orch,
+        &["--nats", &nats.url, "--nats-token", "s3cret-token"],
+    );
+    until_serving(&host, "echo", 1);
+    let id = host.submit("echo", "with a token");
+    assert_eq!(host.wait(&id)["result"], "with a token");
+}

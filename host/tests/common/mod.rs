@@ -280,19 +280,25 @@ fn nats_binary() -> PathBuf {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// With more server arguments, such as `--auth TOKEN`.
+    pub fn start_with(args: &[&str]) -> NatsServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let store = tempfile::tempdir().unwrap();
-        NatsServer::start_on(port, store)
+        NatsServer::start_on(port, store, args)
     }
 
-    fn start_on(port: u16, store: tempfile::TempDir) -> NatsServer {
+    fn start_on(port: u16, store: tempfile::TempDir, args: &[&str]) -> NatsServer {
         let mut child = Command::new(nats_binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store.path())
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -325,7 +331,7 @@ impl NatsServer {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let store = std::mem::replace(&mut self.store, tempfile::tempdir().unwrap());
-        NatsServer::start_on(self.port, store)
+        NatsServer::start_on(self.port, store, &[])
     }
 }
 
