@@ -80,15 +80,25 @@ impl wit::tasks::Host for Bare {
 /// A bare wasmtime engine and the pre-linked echo component. `metered`
 /// turns on the same fuel and epoch instrumentation orch uses, to separate
 /// wasmtime's metering cost from orch's own.
+/// The pool returns freed slots to the kernel in orch's batch size, so that
+/// the baseline does not pay a cost orch does not (see the `pool` bench).
 pub fn bare_echo(metered: bool) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
-    let mut config = wasmtime::Config::new();
+    let mut pool = PoolingAllocationConfig::default();
+    pool.decommit_batch_size(orch::engine::DECOMMIT_BATCH);
+    bare_echo_with(metered, pool, wasmtime::Config::new())
+}
+
+/// [`bare_echo`] with the given pool and engine settings.
+pub fn bare_echo_with(
+    metered: bool,
+    pool: PoolingAllocationConfig,
+    mut config: wasmtime::Config,
+) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
     config
         .wasm_component_model(true)
         .consume_fuel(metered)
         .epoch_interruption(metered)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(
-            PoolingAllocationConfig::default(),
-        ));
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = wasmtime::Engine::new(&config).unwrap();
     let component = Component::from_file(&engine, plugin("echo")).unwrap();
     let mut linker = Linker::new(&engine);

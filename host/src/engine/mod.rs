@@ -83,6 +83,14 @@ pub struct Compiled {
     pub info: ComponentInfo,
 }
 
+/// Freed pool slots are returned to the kernel (`madvise`) in batches of
+/// this many. Each `madvise` makes the kernel flush the TLB of every CPU
+/// running one of this process's threads, an inter-processor interrupt per
+/// CPU; one call per slot made two threads instantiating at once slower than
+/// one (`pool` bench in benches/README.md). A batch is also flushed when the
+/// pool runs out of free slots, so no allocation waits for it.
+pub const DECOMMIT_BATCH: usize = 64;
+
 impl Engine {
     pub fn new(config: EngineConfig) -> Result<Engine, LoadError> {
         let engine_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
@@ -102,7 +110,8 @@ impl Engine {
             .max_memories_per_component(4)
             .max_tables_per_component(8)
             .max_core_instances_per_component(64)
-            .table_elements(100_000);
+            .table_elements(100_000)
+            .decommit_batch_size(DECOMMIT_BATCH);
 
         let mut wt = wasmtime::Config::new();
         wt.wasm_component_model(true)
