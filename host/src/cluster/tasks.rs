@@ -41,6 +41,8 @@ pub const RESULTS: &str = "ORCH_RESULTS";
 pub const ACK_WAIT: Duration = Duration::from_secs(2);
 /// Progress acks keep a long task from being redelivered.
 const PROGRESS_EVERY: Duration = Duration::from_millis(700);
+/// A task running longer than this gets a "running" record.
+const RUNNING_AFTER: Duration = Duration::from_millis(100);
 /// Submissions with the same `Nats-Msg-Id` within this window are dropped.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -111,11 +113,11 @@ pub struct TaskRouter {
     freed: Arc<tokio::sync::Notify>,
     /// Requests waiting for a task's result, woken by one watcher of the
     /// results bucket (a watch per request would make a consumer each).
-    waiters: Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<bytes::Bytes>>>>>,
+    waiters: Waiters,
     /// For each task this host published and whose result has not arrived:
     /// the receiving end of its waiter, registered before the publish so
     /// that a fast result cannot slip past it.
-    pending: Arc<Mutex<HashMap<String, tokio::sync::oneshot::Receiver<bytes::Bytes>>>>,
+    pending: Pending,
     /// The cluster's member table, for the capabilities of live hosts.
     members: Members,
     url: String,
@@ -215,18 +217,7 @@ impl TaskRouter {
         tokio::spawn(async move {
             while let Some(entry) = watch.next().await {
                 let Ok(entry) = entry else { continue };
-                let woken = waiters
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&entry.key);
-                for w in woken.into_iter().flatten() {
-                    let _ = w.send(entry.value.clone());
-                }
-                // Nobody took it: whoever asks later reads the bucket.
-                pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&entry.key);
+                wake(&waiters, &pending, &entry.key, &entry.value);
             }
         });
         Ok(())
@@ -622,6 +613,25 @@ impl TaskRouter {
     }
 }
 
+type Waiters = Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<bytes::Bytes>>>>>;
+type Pending = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Receiver<bytes::Bytes>>>>;
+
+/// Hands a stored result to the requests waiting for it.
+fn wake(waiters: &Waiters, pending: &Pending, key: &str, value: &bytes::Bytes) {
+    let woken = waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(key);
+    for w in woken.into_iter().flatten() {
+        let _ = w.send(value.clone());
+    }
+    // Nobody took it: whoever asks later reads the bucket.
+    pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(key);
+}
+
 fn decode_stored(stored: StoredResult) -> (TaskRecord, Option<Vec<u8>>) {
     let result = stored
         .result_base64
@@ -704,7 +714,9 @@ async fn run_one(router: Arc<TaskRouter>, capability: String, message: jetstream
     router.take(&capability, -1);
     router.freed.notify_waiters();
     let ack = match outcome {
-        Ok(Settle::Ack) => message.double_ack().await,
+        // A plain ack, not one the server confirms: if it is lost, the task
+        // is delivered again, finds its result stored and is acked then.
+        Ok(Settle::Ack) => message.ack().await,
         Ok(Settle::Nak(delay)) => message.ack_with(AckKind::Nak(Some(delay))).await,
         Err(e) => {
             // Storing the outcome failed; leave the message unacked so that
@@ -778,14 +790,29 @@ async fn run_and_store(
     record.status = Status::Running;
     record.attempts = delivered;
     record.host = Some(router.host.id().to_string());
-    // Shown as running, without waiting for it.
-    let running_put = serde_json::to_vec(&record).ok().map(|json| {
+    // A task still running after RUNNING_AFTER is shown as running, and
+    // progress acks keep it from being redelivered. A short task writes
+    // neither: that saves a write per task.
+    let (shown_tx, shown_rx) = tokio::sync::oneshot::channel::<()>();
+    let watchdog = {
+        let acker = message.clone();
         let queued = router.queued.clone();
         let key = key_for(&id);
+        let json = serde_json::to_vec(&record).ok();
         tokio::spawn(async move {
-            let _ = queued.put(key, json.into()).await;
+            tokio::time::sleep(RUNNING_AFTER).await;
+            if let Some(json) = json {
+                let _ = queued.put(key, json.into()).await;
+            }
+            drop(shown_tx);
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                if acker.ack_with(AckKind::Progress).await.is_err() {
+                    return;
+                }
+            }
         })
-    });
+    };
     let deadline = record
         .deadline_ms
         .map(|ms| Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms())));
@@ -796,18 +823,6 @@ async fn run_and_store(
         priority: record.priority,
         deadline,
         max_attempts: Some(1),
-    };
-    // Progress acks while the task runs, so a long task is not redelivered.
-    let progress = {
-        let acker = message.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(PROGRESS_EVERY).await;
-                if acker.ack_with(AckKind::Progress).await.is_err() {
-                    return;
-                }
-            }
-        })
     };
     // A sub-task of another host's task keeps its caller's bounds.
     let depth: Option<u32> = header(message, HEADER_DEPTH).and_then(|d| d.parse().ok());
@@ -826,7 +841,7 @@ async fn run_and_store(
             dead_letter: false,
         }),
     };
-    progress.abort();
+    watchdog.abort();
     record.finished_at_ms = Some(now_ms());
     let result = match outcome {
         Ok(done) => Some(record.complete(done.agent, done.output)),
@@ -844,10 +859,9 @@ async fn run_and_store(
                 // Another delivery, maybe on another host, after a backoff.
                 record.status = Status::Queued;
                 record.finished_at_ms = None;
-                // After the running record, so that this one stays.
-                if let Some(put) = running_put {
-                    let _ = put.await;
-                }
+                // After the running record, if one is being written, so
+                // that this one stays.
+                let _ = shown_rx.await;
                 if let Ok(json) = serde_json::to_vec(&record) {
                     let _ = router.queued.put(key_for(&id), json.into()).await;
                 }
