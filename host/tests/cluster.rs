@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{p, HostProc, NatsServer, Orch};
+use common::{p, HostProc, NatsServer, Orch, TestCa, TestOperator};
 use serde_json::Value;
 
 fn hosts(h: &HostProc) -> Vec<Value> {
@@ -555,4 +555,100 @@ fn a_token_protected_server_needs_the_token() {
     until_serving(&host, "echo", 1);
     let id = host.submit("echo", "with a token");
     assert_eq!(host.wait(&id)["result"], "with a token");
+}
+
+#[test]
+fn a_tls_server_is_trusted_through_the_given_ca_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = TestCa::new(dir.path(), "orch-test");
+    let other_ca = TestCa::new(dir.path(), "other");
+    let nats = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &server_ca.cert.display().to_string(),
+        "--tlskey",
+        &server_ca.key.display().to_string(),
+    ]);
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    // Trusting another CA: the server's certificate is refused.
+    let out = orch.run(&[
+        "host",
+        "start",
+        "--listen",
+        "127.0.0.1:0",
+        "--nats",
+        &nats.url,
+        "--nats-tls-ca",
+        &other_ca.ca.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!("cannot connect to NATS at {}", nats.url))
+            && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    // Trusting the CA that signed it: joined over TLS, and tasks run.
+    let host = HostProc::start_with(
+        &orch,
+        &[
+            "--nats",
+            &nats.url,
+            "--nats-tls-ca",
+            &server_ca.ca.display().to_string(),
+        ],
+    );
+    until_serving(&host, "echo", 1);
+    let id = host.submit("echo", "over TLS");
+    assert_eq!(host.wait(&id)["result"], "over TLS");
+}
+
+#[test]
+fn a_server_in_operator_mode_admits_a_host_with_user_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = TestOperator::new(dir.path());
+    let nats = NatsServer::start_with(&["-c", &auth.config.display().to_string()]);
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "host",
+            "start",
+            "--listen",
+            "127.0.0.1:0",
+            "--nats",
+            &nats.url,
+        ];
+        args.extend_from_slice(extra);
+        orch.run(&args)
+    };
+    // Without credentials: refused.
+    let out = start(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!("cannot connect to NATS at {}", nats.url))
+            && err.contains("authorization violation"),
+        "{err}"
+    );
+    // A credentials file that is not there: the error names it.
+    let missing = dir.path().join("nobody.creds").display().to_string();
+    let out = start(&["--nats-creds", &missing]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(err.contains(&missing), "{err}");
+    // With the user's credentials: joined, and tasks run.
+    let host = HostProc::start_with(
+        &orch,
+        &[
+            "--nats",
+            &nats.url,
+            "--nats-creds",
+            &auth.creds.display().to_string(),
+        ],
+    );
+    until_serving(&host, "echo", 1);
+    let id = host.submit("echo", "with credentials");
+    assert_eq!(host.wait(&id)["result"], "with credentials");
 }

@@ -307,15 +307,17 @@ impl NatsServer {
         // of its log is drained so that it never blocks on a full pipe.
         let mut log = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
+        let mut seen = String::new();
         loop {
             line.clear();
             assert!(
                 log.read_line(&mut line).unwrap() > 0,
-                "nats-server on port {port} exited before it was ready"
+                "nats-server on port {port} exited before it was ready:\n{seen}"
             );
             if line.contains("Server is ready") {
                 break;
             }
+            seen.push_str(&line);
         }
         std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
         NatsServer {
@@ -339,5 +341,155 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A certificate authority made for one test, and a server certificate it
+/// signed for 127.0.0.1 and localhost, as PEM files.
+pub struct TestCa {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let files = TestCa {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}-server.pem")),
+            key: dir.join(format!("{name}-server-key.pem")),
+        };
+        std::fs::write(&files.ca, ca.pem()).unwrap();
+        std::fs::write(&files.cert, server.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+}
+
+/// NATS decentralized auth made for one test: an operator, one account with
+/// JetStream, and a user of it. `config` is a nats-server config file that
+/// trusts the operator and knows the account; `creds` is the user's
+/// credentials file, in the format `nsc` writes.
+pub struct TestOperator {
+    pub config: PathBuf,
+    pub creds: PathBuf,
+}
+
+/// A NATS JWT: `iss` signs a claim about `sub`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: Value) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let mut claims = json!({
+        "iat": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        "iss": issuer.public_key(),
+        "name": subject,
+        "sub": subject,
+        "nats": nats,
+    });
+    let jti = hex::encode_upper(sha2::Sha256::digest(claims.to_string().as_bytes()));
+    claims["jti"] = json!(jti);
+    let signed = format!(
+        "{}.{}",
+        b64(&json!({"typ": "JWT", "alg": "ed25519-nkey"})),
+        b64(&claims)
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!(
+        "{signed}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature)
+    )
+}
+
+impl TestOperator {
+    pub fn new(dir: &Path) -> TestOperator {
+        let operator = nkeys::KeyPair::new_operator();
+        let account = nkeys::KeyPair::new_account();
+        let user = nkeys::KeyPair::new_user();
+        let operator_jwt = nats_jwt(
+            &operator,
+            &operator.public_key(),
+            json!({"type": "operator", "version": 2}),
+        );
+        let account_jwt = nats_jwt(
+            &operator,
+            &account.public_key(),
+            json!({
+                "type": "account",
+                "version": 2,
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1,
+                    "exports": -1, "wildcards": true, "conn": -1, "leaf": -1,
+                    "mem_storage": -1, "disk_storage": -1, "streams": -1,
+                    "consumer": -1
+                },
+                "default_permissions": {"pub": {}, "sub": {}}
+            }),
+        );
+        let user_jwt = nats_jwt(
+            &account,
+            &user.public_key(),
+            json!({
+                "type": "user", "version": 2, "pub": {}, "sub": {},
+                "subs": -1, "data": -1, "payload": -1
+            }),
+        );
+        // JetStream needs a system account for its internal subscriptions.
+        let system = nkeys::KeyPair::new_account();
+        let system_jwt = nats_jwt(
+            &operator,
+            &system.public_key(),
+            json!({"type": "account", "version": 2}),
+        );
+        let operator_file = dir.join("operator.jwt");
+        std::fs::write(&operator_file, &operator_jwt).unwrap();
+        let config = dir.join("nats-operator.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
+                 resolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n}}\n",
+                operator_file.display(),
+                system.public_key(),
+                system.public_key(),
+                system_jwt,
+                account.public_key(),
+                account_jwt
+            ),
+        )
+        .unwrap();
+        let creds = dir.join("user.creds");
+        std::fs::write(
+            &creds,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+                 ************************* IMPORTANT *************************\n\
+                 NKEY Seed printed below can be used to sign and prove identity.\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n\n\
+                 *************************************************************\n",
+                user.seed().unwrap()
+            ),
+        )
+        .unwrap();
+        TestOperator { config, creds }
     }
 }
