@@ -1,10 +1,11 @@
 //! Cross-host `echo` tasks through NATS: host A submits, host B (the only
-//! one serving `echo`) runs them, A waits for the result. Two baselines in
-//! the same run, against the same nats-server: a core NATS request/reply
-//! round trip, and a raw JetStream task round trip (publish with ack → pull
-//! consumer on another connection → ack + core reply). Prints p50/p99 of
-//! each at one task in flight, and the throughput of orch with 64 in
-//! flight.
+//! one serving `echo`) runs them, A waits for the result. Baselines in the
+//! same run, against the same nats-server: a core NATS request/reply round
+//! trip; a raw JetStream task round trip (publish with ack → pull consumer
+//! on another connection → ack + core reply); the same with the result
+//! stored by a KV `create` before the reply; and that durable pipeline's
+//! throughput with 64 in flight. Prints p50/p99 of each at one task in
+//! flight, and the throughput of orch with 64 in flight.
 //!
 //! `cargo bench -p orch-benches --bench cluster` after `bash plugins/build.sh`
 //! (which installs nats-server into target/tools/nats).
@@ -198,6 +199,152 @@ fn main() {
         }
         let raw_js = report("raw JetStream task round trip", lat);
 
+        // Baseline 3: the same, but the worker stores each result with a KV
+        // `create` before it replies: the floor for a path whose results
+        // are durable and fenced.
+        let worker = async_nats::connect(&url).await.unwrap();
+        let wjs = jetstream::new(worker.clone());
+        let s = wjs
+            .get_or_create_stream(stream::Config {
+                name: "BENCH_STORED".into(),
+                subjects: vec!["bench.stored.>".into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let results = wjs
+            .create_key_value(jetstream::kv::Config {
+                bucket: "BENCH_RESULTS".into(),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let c: consumer::PullConsumer = s
+            .get_or_create_consumer(
+                "stored",
+                consumer::pull::Config {
+                    durable_name: Some("stored".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut messages = c.messages().await.unwrap();
+            let mut n = 0u64;
+            while let Some(Ok(m)) = messages.next().await {
+                let reply = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Reply-To"))
+                    .map(|v| v.to_string())
+                    .unwrap();
+                n += 1;
+                results
+                    .create(format!("t{n}"), m.payload.clone())
+                    .await
+                    .unwrap();
+                m.ack().await.unwrap();
+                worker.publish(reply, m.payload.clone()).await.unwrap();
+            }
+        });
+        let mut lat = Vec::new();
+        for _ in 0..SAMPLES {
+            let t = Instant::now();
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Reply-To", inbox.as_str());
+            sjs.publish_with_headers("bench.stored.echo", headers, "hello, orch".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            replies.next().await.unwrap();
+            lat.push(t.elapsed());
+        }
+        let raw_stored = report("raw JetStream task round trip, result stored", lat);
+
+        // Baseline 4, throughput: the same durable pipeline with 64 tasks in
+        // flight and no sandbox. Submitters publish with ack; the worker
+        // handles every delivered message at once (create the result, ack)
+        // and counts; done when every result is stored.
+        let pipe_tasks: u64 = 8_000;
+        let s = wjs
+            .get_or_create_stream(stream::Config {
+                name: "BENCH_PIPE".into(),
+                subjects: vec!["bench.pipe.>".into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let c: consumer::PullConsumer = s
+            .get_or_create_consumer(
+                "pipe",
+                consumer::pull::Config {
+                    durable_name: Some("pipe".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let all_stored = Arc::new(tokio::sync::Notify::new());
+        let pipe_results = wjs
+            .create_key_value(jetstream::kv::Config {
+                bucket: "BENCH_PIPE_RESULTS".into(),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        {
+            let (stored, all_stored) = (stored.clone(), all_stored.clone());
+            tokio::spawn(async move {
+                let mut messages = c.messages().await.unwrap();
+                let mut n = 0u64;
+                while let Some(Ok(m)) = messages.next().await {
+                    n += 1;
+                    let (results, stored, all_stored) =
+                        (pipe_results.clone(), stored.clone(), all_stored.clone());
+                    tokio::spawn(async move {
+                        results.create(format!("t{n}"), m.payload.clone()).await.unwrap();
+                        m.ack().await.unwrap();
+                        if stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+                            == pipe_tasks
+                        {
+                            all_stored.notify_one();
+                        }
+                    });
+                }
+            });
+        }
+        let t = Instant::now();
+        let done = all_stored.notified();
+        for _ in 0..64 {
+            let sjs = sjs.clone();
+            tokio::spawn(async move {
+                for _ in 0..pipe_tasks / 64 {
+                    sjs.publish("bench.pipe.echo", "hello, orch".into())
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+        done.await;
+        let elapsed = t.elapsed();
+        println!(
+            "raw JetStream pipeline with stored results, 64 in flight: {:.0} tasks/s ({pipe_tasks} in {elapsed:?})",
+            pipe_tasks as f64 / elapsed.as_secs_f64()
+        );
+
         // orch: A submits, B runs.
         let (ha, hb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (_a, cluster_a, router_a) = host_with(&url, ha.path(), &[]).await;
@@ -237,13 +384,18 @@ fn main() {
         }
         let orch_p50 = report("orch cross-host echo task", lat);
         println!(
-            "orch p50 / raw JetStream p50 = {:.2}x; / core request p50 = {:.2}x",
+            "orch p50 / raw JetStream p50 = {:.2}x; / raw with stored result = {:.2}x; / core request p50 = {:.2}x",
             orch_p50.as_secs_f64() / raw_js.as_secs_f64(),
+            orch_p50.as_secs_f64() / raw_stored.as_secs_f64(),
             orch_p50.as_secs_f64() / core.as_secs_f64()
         );
 
         // Throughput: 64 submitters against B's 16 echo slots.
-        let n = 4_000;
+        // ORCH_BENCH_TASKS sets a longer run, e.g. to profile it.
+        let n: usize = std::env::var("ORCH_BENCH_TASKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4_000);
         let t = Instant::now();
         let mut workers = Vec::new();
         for _ in 0..64 {

@@ -39,23 +39,16 @@ pub enum Command {
         /// Submitting again with the same key returns the first task.
         #[arg(long)]
         idempotency_key: Option<String>,
-        /// Wait for the task to end and print its result (exit code as `orch run`).
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
-        #[arg(long, default_value = "5m")]
-        timeout: String,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Show one task.
     Get {
         id: String,
-        /// Wait for the task to end first.
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, default_value = "5m")]
-        timeout: String,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -73,16 +66,35 @@ pub enum Command {
     },
 }
 
+#[derive(clap::Args)]
+pub struct WaitArgs {
+    /// Wait for the task to end, then print it (`submit` prints the result,
+    /// with the exit code of `orch run`).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "5m")]
+    timeout: String,
+}
+
+impl WaitArgs {
+    /// The `wait` query parameter to send, if any.
+    fn wait(&self) -> Result<Option<Duration>, u8> {
+        if !self.wait {
+            return Ok(None);
+        }
+        orch::units::parse_duration(&self.timeout)
+            .map(Some)
+            .map_err(|e| {
+                eprintln!("error: --timeout: {e}");
+                exit::BAD_INPUT
+            })
+    }
+}
+
 fn client(home: &Path, api: &ApiArgs, wait: Option<Duration>) -> Client {
     let timeout = wait.unwrap_or_default() + Duration::from_secs(30);
     Client::new(api_url(home, api.api.clone()), timeout)
-}
-
-fn parse_timeout(s: &str) -> Result<Duration, u8> {
-    orch::units::parse_duration(s).map_err(|e| {
-        eprintln!("error: --timeout: {e}");
-        exit::BAD_INPUT
-    })
 }
 
 pub fn run(home: &Path, cmd: Command) -> u8 {
@@ -94,10 +106,9 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             deadline,
             idempotency_key,
             wait,
-            timeout,
             api,
         } => (|| {
-            let timeout = parse_timeout(&timeout)?;
+            let wait = wait.wait()?;
             let payload = read_input(input.as_deref())?;
             let mut body = json!({ "capability": capability, "priority": priority });
             match String::from_utf8(payload) {
@@ -114,7 +125,6 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             if let Some(k) = idempotency_key {
                 body["idempotency_key"] = Value::String(k);
             }
-            let wait = wait.then_some(timeout);
             let client = client(home, &api, wait);
             let path = match wait {
                 Some(w) => format!("/v1/tasks?wait={}ms", w.as_millis()),
@@ -132,14 +142,8 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 }
             })
         })(),
-        Command::Get {
-            id,
-            wait,
-            timeout,
-            api,
-        } => (|| {
-            let timeout = parse_timeout(&timeout)?;
-            let wait = wait.then_some(timeout);
+        Command::Get { id, wait, api } => (|| {
+            let wait = wait.wait()?;
             let client = client(home, &api, wait);
             let path = match wait {
                 Some(w) => format!("/v1/tasks/{id}?wait={}ms", w.as_millis()),

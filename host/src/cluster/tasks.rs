@@ -710,9 +710,13 @@ fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
 
 /// Runs one pulled task and stores its outcome, then acks, naks or fences.
 async fn run_one(router: Arc<TaskRouter>, capability: String, message: jetstream::Message) {
-    let outcome = run_and_store(&router, &capability, &message).await;
-    router.take(&capability, -1);
-    router.freed.notify_waiters();
+    let mut slot = Slot {
+        router: &router,
+        capability: &capability,
+        held: true,
+    };
+    let outcome = run_and_store(&router, &capability, &message, &mut slot).await;
+    slot.release();
     let ack = match outcome {
         // A plain ack, not one the server confirms: if it is lost, the task
         // is delivered again, finds its result stored and is acked then.
@@ -735,10 +739,34 @@ enum Settle {
     Nak(Duration),
 }
 
+/// A pulled task's claim on one of the host's slots for its capability.
+struct Slot<'a> {
+    router: &'a TaskRouter,
+    capability: &'a str,
+    held: bool,
+}
+
+impl Slot<'_> {
+    /// Frees the slot (once) and wakes the pull loop.
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.router.take(self.capability, -1);
+            self.router.freed.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 async fn run_and_store(
     router: &TaskRouter,
     capability: &str,
     message: &jetstream::Message,
+    slot: &mut Slot<'_>,
 ) -> Result<Settle, HostError> {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
     let Some(id) = header(message, HEADER_TASK_ID).map(String::from) else {
@@ -842,6 +870,9 @@ async fn run_and_store(
         }),
     };
     watchdog.abort();
+    // The agent's instance is free: the pull loop may fetch the next task
+    // while this one's outcome is stored.
+    slot.release();
     record.finished_at_ms = Some(now_ms());
     let result = match outcome {
         Ok(done) => Some(record.complete(done.agent, done.output)),
