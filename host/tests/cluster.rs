@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{p, HostProc, NatsServer, Orch, TestCa, TestOperator};
+use futures_util::StreamExt;
 use serde_json::Value;
 
 fn hosts(h: &HostProc) -> Vec<Value> {
@@ -432,8 +433,11 @@ fn a_plain_nats_client_can_submit_a_task_as_documented() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let republished = rt.block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        // The result is republished on orch.v1.results.<task id> once stored.
+        let mut results = client.subscribe("orch.v1.results.job-42").await.unwrap();
+        client.flush().await.unwrap();
         let js = async_nats::jetstream::new(client);
         for _ in 0..2 {
             let mut headers = async_nats::HeaderMap::new();
@@ -445,13 +449,59 @@ fn a_plain_nats_client_can_submit_a_task_as_documented() {
                 .await
                 .unwrap();
         }
+        let message = tokio::time::timeout(Duration::from_secs(30), results.next())
+            .await
+            .expect("no result republished within 30 s")
+            .unwrap();
+        serde_json::from_slice::<Value>(&message.payload).unwrap()
     });
+    assert_eq!(republished["task"]["status"], "completed", "{republished}");
+    // "from outside", base64.
+    assert_eq!(republished["result_base64"], "ZnJvbSBvdXRzaWRl");
     let task = ha.wait("job-42");
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["result"], "from outside");
     // The second publish was a duplicate: one task.
     let (_, list) = ha.get("/v1/tasks?limit=10");
     assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
+fn a_results_bucket_made_without_republish_gets_it() {
+    let nats = NatsServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let js = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+        // As a host before results were republished made it.
+        js.create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "ORCH_RESULTS".into(),
+            history: 1,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js
+    });
+    let republish = || {
+        rt.block_on(async {
+            let mut stream = js.get_stream("KV_ORCH_RESULTS").await.unwrap();
+            stream.info().await.unwrap().config.republish.clone()
+        })
+    };
+    assert_eq!(republish(), None);
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "echo", 1);
+    let republish = republish().expect("the host adds republish to the bucket");
+    assert_eq!(republish.source, "$KV.ORCH_RESULTS.>");
+    assert_eq!(republish.destination, "orch.v1.results.>");
+    let id = ha.submit("echo", "after the upgrade");
+    assert_eq!(ha.wait(&id)["result"], "after the upgrade");
 }
 
 #[test]

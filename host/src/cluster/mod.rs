@@ -48,6 +48,12 @@ pub mod subjects {
         format!("{PREFIX}.task.{capability}")
     }
 
+    /// Where the server republishes each stored result (see
+    /// `tasks::TaskRouter`); the last tokens are the task id.
+    pub fn results() -> String {
+        format!("{PREFIX}.results")
+    }
+
     /// Everyone's heartbeats and leave messages.
     pub fn all_hosts() -> String {
         format!("{PREFIX}.hosts.*.*")

@@ -111,8 +111,8 @@ pub struct TaskRouter {
     /// Tasks this host has pulled and not finished, per capability.
     taken: Arc<Mutex<HashMap<String, u32>>>,
     freed: Arc<tokio::sync::Notify>,
-    /// Requests waiting for a task's result, woken by one watcher of the
-    /// results bucket (a watch per request would make a consumer each).
+    /// Requests waiting for a task's result, woken by the results the
+    /// server republishes on `orch.v1.results.<task id>`.
     waiters: Waiters,
     /// For each task this host published and whose result has not arrived:
     /// the receiving end of its waiter, registered before the publish so
@@ -161,13 +161,41 @@ impl TaskRouter {
                 .await
                 .map_err(|e| err("bucket ORCH_QUEUED", &e))?,
         };
+        // The server republishes every stored result on a core subject,
+        // which is how waiters learn of it: after the write, never for a
+        // write that failed (a fenced result), and without a consumer.
+        let republish = stream::Republish {
+            source: format!("$KV.{RESULTS}.>"),
+            destination: format!("{}.>", subjects::results()),
+            headers_only: false,
+        };
         let results = match js.get_key_value(RESULTS).await {
             Ok(b) => b,
             Err(_) => js
-                .create_key_value(bucket(RESULTS))
+                .create_key_value(kv::Config {
+                    republish: Some(republish.clone()),
+                    ..bucket(RESULTS)
+                })
                 .await
                 .map_err(|e| err("bucket ORCH_RESULTS", &e))?,
         };
+        // A bucket made before results were republished gets it now.
+        let mut backing = js
+            .get_stream(format!("KV_{RESULTS}"))
+            .await
+            .map_err(|e| err("bucket ORCH_RESULTS", &e))?;
+        let mut config = backing
+            .info()
+            .await
+            .map_err(|e| err("bucket ORCH_RESULTS", &e))?
+            .config
+            .clone();
+        if config.republish.as_ref() != Some(&republish) {
+            config.republish = Some(republish);
+            js.update_stream(config)
+                .await
+                .map_err(|e| err("bucket ORCH_RESULTS: add republish", &e))?;
+        }
         let router = Arc::new(TaskRouter {
             js,
             stream,
@@ -189,35 +217,30 @@ impl TaskRouter {
             .scheduler()
             .set_remote(Arc::new(RemoteCalls(Arc::downgrade(&router))));
         router.follow_capabilities();
-        router.watch_results().await?;
+        router.follow_results(&cluster.client).await?;
         Ok(router)
     }
 
-    /// One watcher of new results wakes the requests waiting for them.
-    async fn watch_results(&self) -> Result<(), ClusterError> {
-        let status = self
-            .results
-            .status()
-            .await
-            .map_err(|e| ClusterError::Nats {
-                url: self.url.clone(),
-                reason: format!("ORCH_RESULTS: {e}"),
-            })?;
-        let next = status.info.state.last_sequence + 1;
-        let mut watch = self
-            .results
-            .watch_all_from_revision(next)
-            .await
-            .map_err(|e| ClusterError::Nats {
-                url: self.url.clone(),
-                reason: format!("watch ORCH_RESULTS: {e}"),
-            })?;
+    /// Results republished by the server wake the requests waiting for
+    /// them. Core NATS delivers at most once, so waiters also read the
+    /// bucket now and then (see `wait_for`).
+    async fn follow_results(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
+        let prefix = format!("{}.", subjects::results());
+        let mut sub =
+            client
+                .subscribe(format!("{prefix}>"))
+                .await
+                .map_err(|e| ClusterError::Nats {
+                    url: self.url.clone(),
+                    reason: format!("subscribe {prefix}>: {e}"),
+                })?;
         let waiters = self.waiters.clone();
         let pending = self.pending.clone();
         tokio::spawn(async move {
-            while let Some(entry) = watch.next().await {
-                let Ok(entry) = entry else { continue };
-                wake(&waiters, &pending, &entry.key, &entry.value);
+            while let Some(message) = sub.next().await {
+                if let Some(key) = message.subject.as_str().strip_prefix(&prefix) {
+                    wake(&waiters, &pending, key, &message.payload);
+                }
             }
         });
         Ok(())
@@ -501,6 +524,7 @@ impl TaskRouter {
         timeout: Duration,
         just_submitted: bool,
     ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        let until = tokio::time::Instant::now() + timeout;
         if just_submitted {
             let rx = self
                 .pending
@@ -508,12 +532,7 @@ impl TaskRouter {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key_for(id));
             if let Some(rx) = rx {
-                if let Ok(Ok(bytes)) = tokio::time::timeout(timeout, rx).await {
-                    if let Ok(stored) = serde_json::from_slice::<StoredResult>(&bytes) {
-                        return Ok(decode_stored(stored));
-                    }
-                }
-                return self.get_with_result(id).await;
+                return self.await_result(id, rx, until).await;
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -526,17 +545,61 @@ impl TaskRouter {
         // A task published straight to the stream by another client has no
         // record until a host picks it up; wait for it all the same.
         match self.get_with_result(id).await {
-            Ok(current) if current.0.status.is_final() => return Ok(current),
+            Ok(current) if current.0.status.is_final() => {
+                drop(rx);
+                self.forget_closed_waiters(id);
+                return Ok(current);
+            }
             Ok(_) | Err(HostError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        // The watcher hands over the stored value, which saves reading it.
-        if let Ok(Ok(bytes)) = tokio::time::timeout(timeout, rx).await {
-            if let Ok(stored) = serde_json::from_slice::<StoredResult>(&bytes) {
-                return Ok(decode_stored(stored));
+        self.await_result(id, rx, until).await
+    }
+
+    /// Waits for the result's notification until `until`. The notification
+    /// is core NATS (at most once: it is lost if this host is disconnected
+    /// when it is sent), so the bucket is also read after 1 s, then at
+    /// doubling intervals up to 5 s.
+    async fn await_result(
+        &self,
+        id: &str,
+        mut rx: tokio::sync::oneshot::Receiver<bytes::Bytes>,
+        until: tokio::time::Instant,
+    ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        let mut check = Duration::from_secs(1);
+        let outcome = loop {
+            let next = (tokio::time::Instant::now() + check).min(until);
+            match tokio::time::timeout_at(next, &mut rx).await {
+                // The notification carries the stored value: no read needed.
+                Ok(Ok(bytes)) => match serde_json::from_slice::<StoredResult>(&bytes) {
+                    Ok(stored) => return Ok(decode_stored(stored)),
+                    Err(_) => break self.get_with_result(id).await,
+                },
+                Ok(Err(_)) => break self.get_with_result(id).await,
+                Err(_) => {}
+            }
+            let current = self.get_with_result(id).await;
+            let done = matches!(&current, Ok(c) if c.0.status.is_final());
+            if done || tokio::time::Instant::now() >= until {
+                break current;
+            }
+            check = (check * 2).min(Duration::from_secs(5));
+        };
+        drop(rx);
+        self.forget_closed_waiters(id);
+        outcome
+    }
+
+    /// Drops the waiters of `id` that stopped waiting without a notification.
+    fn forget_closed_waiters(&self, id: &str) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let key = key_for(id);
+        if let Some(list) = waiters.get_mut(&key) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                waiters.remove(&key);
             }
         }
-        self.get_with_result(id).await
     }
 
     /// Newest first, from both buckets.
