@@ -55,6 +55,78 @@ fn nats_server() -> (std::process::Child, String, tempfile::TempDir) {
     (child, format!("nats://127.0.0.1:{port}"), dir)
 }
 
+/// A work-queue stream (file storage) and a durable pull consumer on it.
+async fn work_queue(
+    js: &jetstream::Context,
+    stream_name: &str,
+    subject: &str,
+    consumer_name: &str,
+) -> consumer::PullConsumer {
+    js.get_or_create_stream(stream::Config {
+        name: stream_name.into(),
+        subjects: vec![subject.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .get_or_create_consumer(
+        consumer_name,
+        consumer::pull::Config {
+            durable_name: Some(consumer_name.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// SAMPLES tasks one at a time: publish with ack, carrying `inbox` in a
+/// `Reply-To` header, then wait for the worker's reply.
+async fn js_round_trips(
+    js: &jetstream::Context,
+    subject: &'static str,
+    inbox: &str,
+    replies: &mut async_nats::Subscriber,
+) -> Vec<Duration> {
+    let mut lat = Vec::new();
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Reply-To", inbox);
+        js.publish_with_headers(subject, headers, "hello, orch".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        replies.next().await.unwrap();
+        lat.push(t.elapsed());
+    }
+    lat
+}
+
+/// A KV bucket (file storage) for a baseline's results.
+async fn results_bucket(js: &jetstream::Context, name: &str) -> jetstream::kv::Store {
+    js.create_key_value(jetstream::kv::Config {
+        bucket: name.into(),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The `Reply-To` header a baseline's submitter sets.
+fn reply_to(m: &jetstream::Message) -> String {
+    m.headers
+        .as_ref()
+        .and_then(|h| h.get("Reply-To"))
+        .map(|v| v.to_string())
+        .unwrap()
+}
+
 fn report(name: &str, mut lat: Vec<Duration>) -> Duration {
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
@@ -146,36 +218,11 @@ fn main() {
         // Baseline 2: a raw JetStream task round trip.
         let worker = async_nats::connect(&url).await.unwrap();
         let wjs = jetstream::new(worker.clone());
-        let s = wjs
-            .get_or_create_stream(stream::Config {
-                name: "BENCH".into(),
-                subjects: vec!["bench.task.>".into()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let c: consumer::PullConsumer = s
-            .get_or_create_consumer(
-                "bench",
-                consumer::pull::Config {
-                    durable_name: Some("bench".into()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        let c = work_queue(&wjs, "BENCH", "bench.task.>", "bench").await;
         tokio::spawn(async move {
             let mut messages = c.messages().await.unwrap();
             while let Some(Ok(m)) = messages.next().await {
-                let reply = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Reply-To"))
-                    .map(|v| v.to_string())
-                    .unwrap();
+                let reply = reply_to(&m);
                 m.ack().await.unwrap();
                 worker.publish(reply, m.payload.clone()).await.unwrap();
             }
@@ -184,19 +231,7 @@ fn main() {
         let sjs = jetstream::new(submitter.clone());
         let inbox = submitter.new_inbox();
         let mut replies = submitter.subscribe(inbox.clone()).await.unwrap();
-        let mut lat = Vec::new();
-        for _ in 0..SAMPLES {
-            let t = Instant::now();
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Reply-To", inbox.as_str());
-            sjs.publish_with_headers("bench.task.echo", headers, "hello, orch".into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            replies.next().await.unwrap();
-            lat.push(t.elapsed());
-        }
+        let lat = js_round_trips(&sjs, "bench.task.echo", &inbox, &mut replies).await;
         let raw_js = report("raw JetStream task round trip", lat);
 
         // Baseline 3: the same, but the worker stores each result with a KV
@@ -204,45 +239,13 @@ fn main() {
         // are durable and fenced.
         let worker = async_nats::connect(&url).await.unwrap();
         let wjs = jetstream::new(worker.clone());
-        let s = wjs
-            .get_or_create_stream(stream::Config {
-                name: "BENCH_STORED".into(),
-                subjects: vec!["bench.stored.>".into()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let results = wjs
-            .create_key_value(jetstream::kv::Config {
-                bucket: "BENCH_RESULTS".into(),
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let c: consumer::PullConsumer = s
-            .get_or_create_consumer(
-                "stored",
-                consumer::pull::Config {
-                    durable_name: Some("stored".into()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        let results = results_bucket(&wjs, "BENCH_RESULTS").await;
+        let c = work_queue(&wjs, "BENCH_STORED", "bench.stored.>", "stored").await;
         tokio::spawn(async move {
             let mut messages = c.messages().await.unwrap();
             let mut n = 0u64;
             while let Some(Ok(m)) = messages.next().await {
-                let reply = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Reply-To"))
-                    .map(|v| v.to_string())
-                    .unwrap();
+                let reply = reply_to(&m);
                 n += 1;
                 results
                     .create(format!("t{n}"), m.payload.clone())
@@ -252,19 +255,7 @@ fn main() {
                 worker.publish(reply, m.payload.clone()).await.unwrap();
             }
         });
-        let mut lat = Vec::new();
-        for _ in 0..SAMPLES {
-            let t = Instant::now();
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Reply-To", inbox.as_str());
-            sjs.publish_with_headers("bench.stored.echo", headers, "hello, orch".into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            replies.next().await.unwrap();
-            lat.push(t.elapsed());
-        }
+        let lat = js_round_trips(&sjs, "bench.stored.echo", &inbox, &mut replies).await;
         let raw_stored = report("raw JetStream task round trip, result stored", lat);
 
         // Baseline 4, throughput: the same durable pipeline with 64 tasks in
@@ -272,37 +263,10 @@ fn main() {
         // handles every delivered message at once (create the result, ack)
         // and counts; done when every result is stored.
         let pipe_tasks: u64 = 8_000;
-        let s = wjs
-            .get_or_create_stream(stream::Config {
-                name: "BENCH_PIPE".into(),
-                subjects: vec!["bench.pipe.>".into()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let c: consumer::PullConsumer = s
-            .get_or_create_consumer(
-                "pipe",
-                consumer::pull::Config {
-                    durable_name: Some("pipe".into()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        let c = work_queue(&wjs, "BENCH_PIPE", "bench.pipe.>", "pipe").await;
         let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let all_stored = Arc::new(tokio::sync::Notify::new());
-        let pipe_results = wjs
-            .create_key_value(jetstream::kv::Config {
-                bucket: "BENCH_PIPE_RESULTS".into(),
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let pipe_results = results_bucket(&wjs, "BENCH_PIPE_RESULTS").await;
         {
             let (stored, all_stored) = (stored.clone(), all_stored.clone());
             tokio::spawn(async move {

@@ -577,34 +577,51 @@ fn messages_cross_hosts_within_the_grants() {
     );
 }
 
-#[test]
-fn a_token_protected_server_needs_the_token() {
-    let nats = NatsServer::start_with(&["--auth", "s3cret-token"]);
-    let orch = Orch::new();
-    orch.ok(&["plugin", "install", "-y", &p("echo")]);
-    // Without the token: refused, and the host says so.
-    let out = orch.run(&[
+/// `orch host start` joining `nats` with `extra` arguments must fail:
+/// status 1 and an error naming the server. Returns the error.
+fn refused_join(orch: &Orch, nats: &NatsServer, extra: &[&str]) -> String {
+    let mut args = vec![
         "host",
         "start",
         "--listen",
         "127.0.0.1:0",
         "--nats",
         &nats.url,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = orch.run(&args);
     assert_eq!(out.status.code(), Some(1));
     let err = common::stderr(&out);
     assert!(
         err.contains(&format!("cannot connect to NATS at {}", nats.url)),
         "{err}"
     );
-    // With it: joined, and tasks run.
-    let host = HostProc::start_with(
-        &orch,
-        &["--nats", &nats.url, "--nats-token", "s3cret-token"],
-    );
+    err
+}
+
+/// A host joining `nats` with `extra` arguments serves echo tasks.
+fn joins_and_runs_echo(orch: &Orch, nats: &NatsServer, extra: &[&str], text: &str) {
+    let mut args = vec!["--nats", nats.url.as_str()];
+    args.extend_from_slice(extra);
+    let host = HostProc::start_with(orch, &args);
     until_serving(&host, "echo", 1);
-    let id = host.submit("echo", "with a token");
-    assert_eq!(host.wait(&id)["result"], "with a token");
+    let id = host.submit("echo", text);
+    assert_eq!(host.wait(&id)["result"], text);
+}
+
+#[test]
+fn a_token_protected_server_needs_the_token() {
+    let nats = NatsServer::start_with(&["--auth", "s3cret-token"]);
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let err = refused_join(&orch, &nats, &[]);
+    assert!(err.contains("authorization violation"), "{err}");
+    joins_and_runs_echo(
+        &orch,
+        &nats,
+        &["--nats-token", "s3cret-token"],
+        "with a token",
+    );
 }
 
 #[test]
@@ -622,36 +639,12 @@ fn a_tls_server_is_trusted_through_the_given_ca_only() {
     let orch = Orch::new();
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
     // Trusting another CA: the server's certificate is refused.
-    let out = orch.run(&[
-        "host",
-        "start",
-        "--listen",
-        "127.0.0.1:0",
-        "--nats",
-        &nats.url,
-        "--nats-tls-ca",
-        &other_ca.ca.display().to_string(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = common::stderr(&out);
-    assert!(
-        err.contains(&format!("cannot connect to NATS at {}", nats.url))
-            && err.contains("UnknownIssuer"),
-        "{err}"
-    );
+    let other = other_ca.ca.display().to_string();
+    let err = refused_join(&orch, &nats, &["--nats-tls-ca", &other]);
+    assert!(err.contains("UnknownIssuer"), "{err}");
     // Trusting the CA that signed it: joined over TLS, and tasks run.
-    let host = HostProc::start_with(
-        &orch,
-        &[
-            "--nats",
-            &nats.url,
-            "--nats-tls-ca",
-            &server_ca.ca.display().to_string(),
-        ],
-    );
-    until_serving(&host, "echo", 1);
-    let id = host.submit("echo", "over TLS");
-    assert_eq!(host.wait(&id)["result"], "over TLS");
+    let ca = server_ca.ca.display().to_string();
+    joins_and_runs_echo(&orch, &nats, &["--nats-tls-ca", &ca], "over TLS");
 }
 
 #[test]
@@ -661,44 +654,14 @@ fn a_server_in_operator_mode_admits_a_host_with_user_credentials() {
     let nats = NatsServer::start_with(&["-c", &auth.config.display().to_string()]);
     let orch = Orch::new();
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
-    let start = |extra: &[&str]| {
-        let mut args = vec![
-            "host",
-            "start",
-            "--listen",
-            "127.0.0.1:0",
-            "--nats",
-            &nats.url,
-        ];
-        args.extend_from_slice(extra);
-        orch.run(&args)
-    };
     // Without credentials: refused.
-    let out = start(&[]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = common::stderr(&out);
-    assert!(
-        err.contains(&format!("cannot connect to NATS at {}", nats.url))
-            && err.contains("authorization violation"),
-        "{err}"
-    );
+    let err = refused_join(&orch, &nats, &[]);
+    assert!(err.contains("authorization violation"), "{err}");
     // A credentials file that is not there: the error names it.
     let missing = dir.path().join("nobody.creds").display().to_string();
-    let out = start(&["--nats-creds", &missing]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = common::stderr(&out);
+    let err = refused_join(&orch, &nats, &["--nats-creds", &missing]);
     assert!(err.contains(&missing), "{err}");
     // With the user's credentials: joined, and tasks run.
-    let host = HostProc::start_with(
-        &orch,
-        &[
-            "--nats",
-            &nats.url,
-            "--nats-creds",
-            &auth.creds.display().to_string(),
-        ],
-    );
-    until_serving(&host, "echo", 1);
-    let id = host.submit("echo", "with credentials");
-    assert_eq!(host.wait(&id)["result"], "with credentials");
+    let creds = auth.creds.display().to_string();
+    joins_and_runs_echo(&orch, &nats, &["--nats-creds", &creds], "with credentials");
 }
