@@ -184,11 +184,7 @@ async fn host_with(
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = orch_benches::runtime();
     let (mut server, url, _store) = nats_server();
     rt.block_on(async {
         // Baseline 1: core request/reply.

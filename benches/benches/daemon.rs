@@ -68,11 +68,7 @@ fn submit(agent: &ureq::Agent, url: &str) {
 }
 
 fn daemon(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = orch_benches::runtime();
     let home = tempfile::tempdir().unwrap();
     let config = HostConfig::default();
     let engine = Engine::new(EngineConfig::default()).unwrap();

@@ -18,11 +18,7 @@ use wasmtime::PoolingAllocationConfig;
 const TASKS: u64 = 10_000;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = orch_benches::runtime();
     let settings: [(&str, usize, bool); 3] = [
         ("wasmtime defaults", 1, true),
         (

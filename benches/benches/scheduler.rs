@@ -28,11 +28,7 @@ fn echo_task(i: u64) -> Submit {
 }
 
 fn scheduler(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = orch_benches::runtime();
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::new(EngineConfig::default()).unwrap();
     let kv = Arc::new(KvStore::new(dir.path().join("kv.redb")));

@@ -22,6 +22,15 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// The runtime every bench runs on: 2 worker threads, one per core here.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Host state of the bare baseline: imports that do nothing.
 pub struct Bare;
 
