@@ -1,0 +1,180 @@
+//! Echo tasks through two `orch host start` processes that both serve echo,
+//! joined through one nats-server, submitted by a plain NATS client the way
+//! docs/cluster.md describes (a JetStream publish on `orch.v1.task.echo`,
+//! the result from `orch.v1.results.<task id>`). Unlike the `cluster` bench,
+//! each host has its own process and runtime, as in a deployment. The
+//! baselines of `orch_benches::nats` run first, against the same server.
+//!
+//! `cargo build --release -p orch && cargo bench -p orch-benches --bench
+//! cluster_procs` after `bash plugins/build.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use orch_benches::nats::{report, NatsServer, SAMPLES};
+use orch_benches::plugin;
+
+type Waiters = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>>;
+
+/// A host process, killed when dropped.
+struct HostProc(Child);
+
+impl Drop for HostProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn orch_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/orch");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release -p orch` first",
+        path.display()
+    );
+    path
+}
+
+/// Installs echo into `home` and starts a host on it joined to `url`;
+/// returns once the host prints its address.
+fn start_host(home: &Path, url: &str) -> HostProc {
+    let installed = Command::new(orch_binary())
+        .args(["plugin", "install", "-y"])
+        .arg(plugin("echo"))
+        .env("ORCH_HOME", home)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(installed.success());
+    let mut child = Command::new(orch_binary())
+        .args(["host", "start", "--listen", "127.0.0.1:0", "--nats", url])
+        .env("ORCH_HOME", home)
+        .env("ORCH_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("http://"), "{line}");
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    HostProc(child)
+}
+
+/// Submits one echo task and waits for its result notification.
+async fn one_task(js: &async_nats::jetstream::Context, waiters: &Waiters, id: String) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    waiters.lock().unwrap().insert(id.clone(), tx);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id.as_str());
+    headers.insert("Orch-Task-Id", id.as_str());
+    js.publish_with_headers("orch.v1.task.echo", headers, "hello, orch".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .expect("no result within 30 s")
+        .unwrap();
+}
+
+fn main() {
+    let rt = orch_benches::runtime();
+    let server = NatsServer::start();
+    let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _a = start_host(home_a.path(), &server.url);
+    let _b = start_host(home_b.path(), &server.url);
+    rt.block_on(async {
+        let base = orch_benches::nats::baselines(&server.url).await;
+        let client = async_nats::connect(server.url.as_str()).await.unwrap();
+        let waiters: Waiters = Arc::default();
+        let mut results = client.subscribe("orch.v1.results.>").await.unwrap();
+        {
+            let waiters = waiters.clone();
+            tokio::spawn(async move {
+                while let Some(m) = results.next().await {
+                    let id = m.subject.as_str().trim_start_matches("orch.v1.results.");
+                    if let Some(tx) = waiters.lock().unwrap().remove(id) {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+        }
+        let js = async_nats::jetstream::new(client);
+        // Both hosts pull from the capability's consumer once they serve it.
+        let started = Instant::now();
+        loop {
+            let info = async {
+                let mut consumer = js
+                    .get_stream("ORCH_TASKS")
+                    .await
+                    .ok()?
+                    .get_consumer::<async_nats::jetstream::consumer::pull::Config>("cap_echo")
+                    .await
+                    .ok()?;
+                Some(consumer.info().await.ok()?.num_waiting)
+            };
+            if info.await.unwrap_or(0) >= 2 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "hosts not pulling");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut next = 0u64;
+        let mut id = || {
+            next += 1;
+            format!("bench-{next}")
+        };
+        for _ in 0..200 {
+            one_task(&js, &waiters, id()).await;
+        }
+        let mut lat = Vec::new();
+        for _ in 0..SAMPLES {
+            let t = Instant::now();
+            one_task(&js, &waiters, id()).await;
+            lat.push(t.elapsed());
+        }
+        let p50 = report("orch, hosts as processes, echo task", lat);
+        println!(
+            "orch p50 / raw JetStream p50 = {:.2}x; / raw with stored result = {:.2}x",
+            p50.as_secs_f64() / base.raw.as_secs_f64(),
+            p50.as_secs_f64() / base.stored.as_secs_f64()
+        );
+        let n: u64 = std::env::var("ORCH_BENCH_TASKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8_000)
+            / 64
+            * 64;
+        let t = Instant::now();
+        let workers: Vec<_> = (0..64)
+            .map(|w| {
+                let (js, waiters) = (js.clone(), waiters.clone());
+                tokio::spawn(async move {
+                    for i in 0..n / 64 {
+                        one_task(&js, &waiters, format!("load-{w}-{i}")).await;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        let elapsed = t.elapsed();
+        println!(
+            "orch, hosts as processes, 64 in flight: {:.0} tasks/s ({n} in {elapsed:?}); raw durable pipeline {:.0} tasks/s",
+            n as f64 / elapsed.as_secs_f64(),
+            base.pipeline_per_s
+        );
+    });
+}
