@@ -75,7 +75,7 @@ fn main() {
     let server = orch_benches::nats::NatsServer::start();
     let url = server.url.clone();
     rt.block_on(async {
-        let base = orch_benches::nats::baselines(&url).await;
+        let base = orch_benches::nats::baselines(&server).await;
         // orch: A submits, B runs.
         let (ha, hb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (_a, cluster_a, router_a) = host_with(&url, ha.path(), &[]).await;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use orch_benches::nats::{report, NatsServer, SAMPLES};
+use orch_benches::nats::{cpu_time, report, NatsServer, SAMPLES};
 use orch_benches::plugin;
 
 type Waiters = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>>;
@@ -92,10 +92,16 @@ fn main() {
     let rt = orch_benches::runtime();
     let server = NatsServer::start();
     let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _a = start_host(home_a.path(), &server.url);
-    let _b = start_host(home_b.path(), &server.url);
+    let a = start_host(home_a.path(), &server.url);
+    let b = start_host(home_b.path(), &server.url);
+    let pids = [
+        ("nats-server", server.pid()),
+        ("host A", a.0.id()),
+        ("host B", b.0.id()),
+        ("bench client", std::process::id()),
+    ];
     rt.block_on(async {
-        let base = orch_benches::nats::baselines(&server.url).await;
+        let base = orch_benches::nats::baselines(&server).await;
         let client = async_nats::connect(server.url.as_str()).await.unwrap();
         let waiters: Waiters = Arc::default();
         let mut results = client.subscribe("orch.v1.results.>").await.unwrap();
@@ -156,6 +162,7 @@ fn main() {
             .unwrap_or(8_000)
             / 64
             * 64;
+        let cpu_before: Vec<Duration> = pids.iter().map(|(_, pid)| cpu_time(*pid)).collect();
         let t = Instant::now();
         let workers: Vec<_> = (0..64)
             .map(|w| {
@@ -171,6 +178,21 @@ fn main() {
             w.await.unwrap();
         }
         let elapsed = t.elapsed();
+        // Where the two cores went during the run, per task.
+        let mut total = Duration::ZERO;
+        for ((name, pid), before) in pids.iter().zip(cpu_before) {
+            let used = cpu_time(*pid) - before;
+            total += used;
+            println!(
+                "  CPU {name}: {:.0} µs per task",
+                used.as_secs_f64() * 1e6 / n as f64
+            );
+        }
+        println!(
+            "  CPU all: {:.0} µs per task, {:.0}% of 2 cores",
+            total.as_secs_f64() * 1e6 / n as f64,
+            total.as_secs_f64() / elapsed.as_secs_f64() / 2.0 * 100.0
+        );
         println!(
             "orch, hosts as processes, 64 in flight: {:.0} tasks/s ({n} in {elapsed:?}); raw durable pipeline {:.0} tasks/s",
             n as f64 / elapsed.as_secs_f64(),

@@ -33,6 +33,23 @@ impl NatsServer {
     }
 }
 
+impl NatsServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // The kernel's USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -51,8 +68,8 @@ pub struct Baselines {
 /// Runs and prints the baselines: core request/reply, the raw JetStream
 /// task round trip, the same with the result stored, and that pipeline's
 /// throughput with 64 in flight.
-pub async fn baselines(url: &str) -> Baselines {
-    let url = url.to_string();
+pub async fn baselines(server: &NatsServer) -> Baselines {
+    let url = server.url.clone();
     // Baseline 1: core request/reply.
     let responder = async_nats::connect(&url).await.unwrap();
     let mut sub = responder.subscribe("bench.echo").await.unwrap();
@@ -151,6 +168,7 @@ pub async fn baselines(url: &str) -> Baselines {
             }
         });
     }
+    let cpu_before = cpu_time(server.pid()) + cpu_time(std::process::id());
     let t = Instant::now();
     let done = all_stored.notified();
     for _ in 0..64 {
@@ -167,6 +185,12 @@ pub async fn baselines(url: &str) -> Baselines {
     }
     done.await;
     let elapsed = t.elapsed();
+    let cpu = cpu_time(server.pid()) + cpu_time(std::process::id()) - cpu_before;
+    println!(
+        "  CPU of the server and this process: {:.0} µs per task, {:.0}% of 2 cores",
+        cpu.as_secs_f64() * 1e6 / pipe_tasks as f64,
+        cpu.as_secs_f64() / elapsed.as_secs_f64() / 2.0 * 100.0
+    );
     println!(
         "raw JetStream pipeline with stored results, 64 in flight: {:.0} tasks/s ({pipe_tasks} in {elapsed:?})",
         pipe_tasks as f64 / elapsed.as_secs_f64()
