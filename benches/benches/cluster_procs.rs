@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use orch_benches::nats::{cpu_time, report, NatsServer, SAMPLES};
+use orch_benches::nats::{cpu_time, print_cpu, report, NatsServer, SAMPLES};
 use orch_benches::plugin;
 
 type Waiters = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>>;
@@ -183,16 +183,9 @@ fn main() {
         for ((name, pid), before) in pids.iter().zip(cpu_before) {
             let used = cpu_time(*pid) - before;
             total += used;
-            println!(
-                "  CPU {name}: {:.0} µs per task",
-                used.as_secs_f64() * 1e6 / n as f64
-            );
+            print_cpu(name, used, n, elapsed);
         }
-        println!(
-            "  CPU all: {:.0} µs per task, {:.0}% of 2 cores",
-            total.as_secs_f64() * 1e6 / n as f64,
-            total.as_secs_f64() / elapsed.as_secs_f64() / 2.0 * 100.0
-        );
+        print_cpu("all", total, n, elapsed);
         println!(
             "orch, hosts as processes, 64 in flight: {:.0} tasks/s ({n} in {elapsed:?}); raw durable pipeline {:.0} tasks/s",
             n as f64 / elapsed.as_secs_f64(),

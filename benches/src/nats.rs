@@ -50,6 +50,16 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// Prints CPU time per task and the share of the machine's two cores it
+/// took over `elapsed`.
+pub fn print_cpu(what: &str, cpu: Duration, tasks: u64, elapsed: Duration) {
+    println!(
+        "  CPU {what}: {:.0} µs per task, {:.0}% of 2 cores",
+        cpu.as_secs_f64() * 1e6 / tasks as f64,
+        cpu.as_secs_f64() / elapsed.as_secs_f64() / 2.0 * 100.0
+    );
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -186,11 +196,7 @@ pub async fn baselines(server: &NatsServer) -> Baselines {
     done.await;
     let elapsed = t.elapsed();
     let cpu = cpu_time(server.pid()) + cpu_time(std::process::id()) - cpu_before;
-    println!(
-        "  CPU of the server and this process: {:.0} µs per task, {:.0}% of 2 cores",
-        cpu.as_secs_f64() * 1e6 / pipe_tasks as f64,
-        cpu.as_secs_f64() / elapsed.as_secs_f64() / 2.0 * 100.0
-    );
+    print_cpu("of the server and this process", cpu, pipe_tasks, elapsed);
     println!(
         "raw JetStream pipeline with stored results, 64 in flight: {:.0} tasks/s ({pipe_tasks} in {elapsed:?})",
         pipe_tasks as f64 / elapsed.as_secs_f64()
