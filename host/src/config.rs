@@ -16,6 +16,10 @@
 //! shutdown_grace = "30s"       # how long SIGTERM waits for running tasks
 //! instances = 16               # tasks at once per plugin without max_instances
 //! max_attempts = 3             # attempts per task for retryable failures
+//!
+//! [kv]                         # per kv namespace (per plugin)
+//! max_bytes = "64MiB"          # keys and values together
+//! max_keys = 100000
 //! ```
 
 use std::path::Path;
@@ -23,6 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::kv::KvLimits;
 use crate::sandbox::Limits;
 use crate::units::{parse_duration, parse_size};
 
@@ -83,6 +88,7 @@ pub struct HostConfig {
     pub limits: HostLimits,
     pub plugins: PluginPolicy,
     pub host: DaemonConfig,
+    pub kv: KvLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +107,15 @@ struct File {
     plugins: PluginsFile,
     #[serde(default)]
     host: HostFile,
+    #[serde(default)]
+    kv: KvFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KvFile {
+    max_bytes: Option<String>,
+    max_keys: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -183,6 +198,15 @@ impl HostConfig {
                 return Err(err("host.max_attempts: must be at least 1".into()));
             }
             config.host.max_attempts = n;
+        }
+        if let Some(b) = file.kv.max_bytes {
+            config.kv.max_bytes = parse_size(&b).map_err(|e| err(format!("kv.max_bytes: {e}")))?;
+        }
+        if let Some(n) = file.kv.max_keys {
+            if n == 0 {
+                return Err(err("kv.max_keys: must be at least 1".into()));
+            }
+            config.kv.max_keys = n;
         }
         config.plugins = PluginPolicy {
             require_signed: file.plugins.require_signed,

@@ -13,6 +13,16 @@ pub enum LoadError {
         source: std::io::Error,
     },
 
+    #[error("{path} is not a regular file ({kind}); a component must be a file")]
+    NotAFile { path: PathBuf, kind: &'static str },
+
+    #[error("{path} is {size} bytes, past the limit of {limit} bytes for a component")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+
     #[error("{path} is not a WebAssembly file (it does not start with the \\0asm magic bytes)")]
     NotWasm { path: PathBuf },
 
@@ -71,6 +81,11 @@ pub enum TaskError {
     #[error("result too large: the agent returned {size} bytes, past the limit of {limit} bytes")]
     ResultTooLarge { size: u64, limit: u64 },
 
+    /// The result was too large for the host to read at all: the agent
+    /// returned more than `read` bytes.
+    #[error("result too large: the agent returned more than {read} bytes, past the limit of {limit} bytes")]
+    ResultTooLargeToRead { read: u64, limit: u64 },
+
     #[error("host call data limit: the agent passed more than {limit} bytes to one host call")]
     HostCallDataLimit { limit: u64 },
 
@@ -117,7 +132,9 @@ impl TaskError {
             TaskError::MemoryLimit { .. } => "memory-limit",
             TaskError::DeadlineExceeded { .. } => "deadline-exceeded",
             TaskError::PayloadTooLarge { .. } => "payload-too-large",
-            TaskError::ResultTooLarge { .. } => "result-too-large",
+            TaskError::ResultTooLarge { .. } | TaskError::ResultTooLargeToRead { .. } => {
+                "result-too-large"
+            }
             TaskError::HostCallDataLimit { .. } => "host-call-data-limit",
             TaskError::NoCapacity { .. } => "no-capacity",
             TaskError::Trap { .. } => "trap",
@@ -176,6 +193,7 @@ impl TaskError {
                 | TaskError::MemoryLimit { .. }
                 | TaskError::DeadlineExceeded { .. }
                 | TaskError::ResultTooLarge { .. }
+                | TaskError::ResultTooLargeToRead { .. }
                 | TaskError::HostCallDataLimit { .. }
         )
     }

@@ -8,8 +8,8 @@
 //! Module map:
 //! - [`engine`]: the only module that configures wasmtime; compiles, caches and
 //!   pre-links components.
-//! - [`sandbox`]: per-task store state, host imports (`log`, `kv`), limits and
-//!   the mapping of traps to typed errors.
+//! - [`sandbox`]: per-task store state, host imports (`log`, `kv`, `tasks`,
+//!   `messaging`), limits and the mapping of traps to typed errors.
 //! - [`kv`]: the embedded key-value store behind the `kv` import.
 //! - [`plugin`]: manifests, grants, signatures and the install store.
 //! - [`scheduler`]: queues by capability, placement, retries, breakers,
@@ -31,6 +31,7 @@ pub mod kv;
 pub mod plugin;
 pub mod sandbox;
 pub mod scheduler;
+pub mod text;
 pub mod units;
 
 pub use engine::{ComponentInfo, Engine, EngineConfig};

@@ -44,7 +44,7 @@ fn run_json_output_has_result_and_figures() {
 fn counter_survives_a_process_restart() {
     let orch = Orch::new();
     for expected in ["1", "2", "3"] {
-        let out = orch.run(&["run", &p("counter")]);
+        let out = orch.run(&["run", &p("counter"), "--yes"]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(stdout(&out), expected);
     }

@@ -406,6 +406,77 @@ fn agents_send_messages_within_their_grants() {
 }
 
 #[test]
+fn a_payload_of_16_mib_is_accepted_over_http_and_one_byte_more_is_413() {
+    use base64::Engine as _;
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let host = HostProc::start(&orch);
+    let limit = 16usize << 20;
+    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+    let (code, task) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "echo", "input_base64": b64(limit) }),
+    );
+    assert_eq!(code, 201, "{}", task["error"]);
+    let (code, refused) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "echo", "input_base64": b64(limit + 1) }),
+    );
+    assert_eq!(code, 413, "{refused}");
+    assert_eq!(refused["error"]["kind"], "payload-too-large", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(
+                "{} bytes, past the limit of {limit} bytes",
+                limit + 1
+            )),
+        "{refused}"
+    );
+    assert_eq!(task["payload_bytes"], limit, "{task}");
+}
+
+#[test]
+fn capabilities_and_message_subjects_are_apart() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("messenger")]);
+    orch.ok(&["plugin", "install", "-y", &p("caller")]);
+    let host = HostProc::start(&orch);
+    // The caller has no messaging grant: a capability named like the host's
+    // old spelling of a subscription reaches no subscriber.
+    let (code, task) = host.post(
+        "/v1/tasks?wait=30s",
+        &json!({ "capability": "test.call", "input": "msg:ping.hello\nhi" }),
+    );
+    assert_eq!(code, 201, "{task}");
+    assert_eq!(
+        task["result"], "call-error unavailable: no agent provides capability msg:ping.hello",
+        "{task}"
+    );
+    // Nor can a task be submitted for it.
+    let (code, refused) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "msg:ping.hello", "input": "hi" }),
+    );
+    assert_ne!(code, 201, "{refused}");
+    // The subscriber still gets the messages sent to it.
+    let (_, task) = host.post(
+        "/v1/tasks?wait=30s",
+        &json!({ "capability": "test.request", "input": "ping.hello\nhi" }),
+    );
+    assert_eq!(task["result"], "pong: hi", "{task}");
+    // An agent that declares such a capability is refused when it loads.
+    let out = orch.run(&["run", &p("impostor")]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid descriptor: capability name \"msg:ping.hello\": a capability name is 1-128 characters of letters, digits, '.', '-' and '_'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn a_subscription_outside_the_grants_is_refused_at_install() {
     let orch = Orch::new();
     let wasm = orch.stage("messenger", "messenger", |m| {

@@ -83,7 +83,7 @@ fn install_run_upgrade_rollback_remove() {
     assert!(!blob.exists(), "the blob of a removed plugin is deleted");
     let out = orch.run(&["run", "counter"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("neither a file nor an installed plugin"));
+    assert!(stderr(&out).contains("no plugin named counter is installed"));
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn embedded_manifest_makes_a_one_file_plugin() {
     std::fs::create_dir(packed.parent().unwrap()).unwrap();
     orch.ok(&["plugin", "pack", &loose, "-o", packed.to_str().unwrap()]);
     assert!(!packed.with_extension("toml").exists());
-    assert_eq!(orch.ok(&["run", packed.to_str().unwrap()]), "1");
+    assert_eq!(orch.ok(&["run", packed.to_str().unwrap(), "--yes"]), "1");
     orch.ok(&["plugin", "install", packed.to_str().unwrap(), "--yes"]);
     assert_eq!(orch.ok(&["run", "counter"]), "2");
 }
@@ -559,4 +559,248 @@ fn every_bad_input_gets_its_own_message() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The kvtool plugin staged as the file `file`.wasm with its manifest's kv
+/// namespace set to `ns`.
+fn kvtool_as(orch: &Orch, file: &str, ns: &str) -> String {
+    orch.stage("kvtool", file, |m| {
+        m.replace("kv = \"kvtool\"", &format!("kv = \"{ns}\""))
+    })
+}
+
+#[test]
+fn a_file_run_gets_no_kv_namespace_of_another_plugin() {
+    let orch = Orch::new();
+    let counter = orch.stage("counter", "counter", same);
+    orch.ok(&["plugin", "install", &counter, "--yes"]);
+    assert_eq!(orch.ok(&["run", "counter"]), "1");
+
+    // Another plugin's file asking for counter's namespace: refused, as at
+    // install, and its code never runs.
+    let evil = kvtool_as(&orch, "evil", "counter");
+    let out = orch.run(&["run", &evil, "--yes", "-i", "-"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("kv namespace counter is already granted to plugin counter"),
+        "{}",
+        stderr(&out)
+    );
+    // A file that calls itself counter but is not an installed version.
+    let next = orch.work.path().join("next");
+    std::fs::create_dir(&next).unwrap();
+    let impersonator = next.join("counter.wasm");
+    std::fs::copy(built("counter-next.wasm"), &impersonator).unwrap();
+    std::fs::copy(built("counter-next.toml"), next.join("counter.toml")).unwrap();
+    let out = orch.run(&["run", impersonator.to_str().unwrap(), "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("belongs to the installed plugin counter, and this file is not an installed version of it"),
+        "{}",
+        stderr(&out)
+    );
+    // The installed file itself may use its own namespace.
+    assert_eq!(orch.ok(&["run", &counter, "--yes"]), "2");
+    assert_eq!(orch.ok(&["run", "counter"]), "3");
+}
+
+#[test]
+fn a_file_run_with_grants_asks_first() {
+    let orch = Orch::new();
+    let tool = kvtool_as(&orch, "tool", "tool");
+    let out = orch.run(&["run", &tool, "-i", "-"]);
+    assert_eq!(out.status.code(), Some(3), "no answer means no");
+    assert!(stderr(&out).contains("pass --yes"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("kv namespace: tool"),
+        "the grants are shown on stderr (stdout is the result): {}",
+        stderr(&out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    let out = orch.run_stdin(&["run", &tool, "-i", "-"], b"n\n");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("not run"), "{}", stderr(&out));
+    let out = orch.run_stdin(&["run", &tool, "--yes", "-i", "-"], b"set k v");
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A file without grants runs without asking.
+    let echo = built("echo.wasm");
+    let plain = orch.work.path().join("plain.wasm");
+    std::fs::copy(echo, &plain).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(
+            &orch
+                .run_stdin(&["run", plain.to_str().unwrap(), "-i", "-"], b"hi")
+                .stdout
+        ),
+        "hi"
+    );
+    // A bare name is an installed plugin, never a file of that name.
+    std::fs::copy(built("echo.wasm"), orch.work.path().join("echo")).unwrap();
+    let out = orch.run(&["run", "echo"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("no plugin named echo is installed (see `orch plugin list`); for the file of that name, write ./echo"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_removed_plugins_kv_namespace_stays_its_own_until_purged() {
+    let orch = Orch::new();
+    let counter = orch.stage("counter", "counter", same);
+    orch.ok(&["plugin", "install", &counter, "--yes"]);
+    assert_eq!(orch.ok(&["run", "counter"]), "1");
+    orch.ok(&["plugin", "remove", "counter"]);
+
+    // Another plugin cannot claim the namespace, at install or by a run.
+    let thief = kvtool_as(&orch, "thief", "counter");
+    let out = orch.run(&["plugin", "install", &thief, "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let reserved = "kv namespace counter is reserved for plugin counter (not installed now), whose data it may hold; `orch plugin remove counter --purge` deletes the data and frees the name";
+    assert!(stderr(&out).contains(reserved), "{}", stderr(&out));
+    let out = orch.run_stdin(&["run", &thief, "--yes", "-i", "-"], b"get counter");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains(reserved), "{}", stderr(&out));
+
+    // Installed again, the plugin has its data back.
+    orch.ok(&["plugin", "install", &counter, "--yes"]);
+    assert_eq!(orch.ok(&["run", "counter"]), "2");
+
+    // Purged: the data goes, and then the name is free.
+    let out = orch.ok(&["plugin", "remove", "counter", "--purge"]);
+    assert!(out.contains("removed counter (0.1.0)"), "{out}");
+    assert!(
+        out.contains("deleted kv namespace counter (1 keys)"),
+        "{out}"
+    );
+    orch.ok(&["plugin", "install", &thief, "--yes"]);
+    let out = orch.run_stdin(&["run", "kvtool", "-i", "-"], b"get counter");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("no value for counter"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing left to purge.
+    let out = orch.run(&["plugin", "remove", "counter", "--purge"]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn install_shows_the_instances_in_force() {
+    let orch = Orch::new();
+    let echo = orch.stage("echo", "echo", same);
+    let out = orch.ok(&["plugin", "install", &echo, "--yes"]);
+    assert!(out.contains("instances 16 (the host's default)"), "{out}");
+    orch.config("[host]\ninstances = 3\n");
+    let counter = orch.stage("counter", "counter", same);
+    let out = orch.ok(&["plugin", "install", &counter, "--yes"]);
+    assert!(out.contains("instances 3 (the host's default)"), "{out}");
+    let capped = orch.stage("kvtool", "kvtool", |m| {
+        format!("{m}\n[limits]\nmax_instances = 2\n")
+    });
+    let out = orch.ok(&["plugin", "install", &capped, "--yes"]);
+    assert!(out.contains("instances 2\n"), "{out}");
+}
+
+#[test]
+fn control_characters_in_a_manifest_are_refused() {
+    let orch = Orch::new();
+    for (field, edit) in [
+        (
+            "plugin.description",
+            "description = \"fine\\u001b[1A\\u001b[2K\\rgrants: none\"",
+        ),
+        ("plugin.version", "version = \"0.1.0-\\u001b[2K\""),
+    ] {
+        let wasm = orch.stage("counter", "counter", |m| {
+            let key = edit.split(' ').next().unwrap();
+            let mut out = String::new();
+            for line in m.lines() {
+                if line.starts_with(key) {
+                    out.push_str(edit);
+                } else {
+                    out.push_str(line);
+                }
+                out.push('\n');
+            }
+            if !out.contains(edit) {
+                out = out.replace("[plugin]\n", &format!("[plugin]\n{edit}\n"));
+            }
+            out
+        });
+        let out = orch.run(&["plugin", "install", &wasm, "--yes"]);
+        assert_eq!(out.status.code(), Some(3), "{field}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("field `{field}`")), "{err}");
+        assert!(err.contains("control character"), "{err}");
+        assert!(
+            !err.contains('\u{1b}'),
+            "the escape is not printed raw: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn a_dirs_grant_is_shown_resolved_and_a_guest_path_granted_once() {
+    let orch = Orch::new();
+    let data = orch.work.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let given = format!("{}/../data", data.display());
+    let wasm = orch.stage("counter", "counter", |m| {
+        format!("{m}dirs = [{{ host = \"{given}\", guest = \"/data\" }}]\n")
+    });
+    let out = orch.ok(&["plugin", "install", &wasm, "--yes"]);
+    let real = std::fs::canonicalize(&data).unwrap();
+    assert!(
+        out.contains(&format!(
+            "directory:    {} (given as {given}) as /data (read-only)",
+            real.display()
+        )),
+        "{out}"
+    );
+    let twice = orch.stage("echo", "echo", |m| {
+        format!(
+            "{m}\n[grants]\ndirs = [{{ host = \"{0}\", guest = \"/d\" }}, {{ host = \"{0}\", guest = \"/d\", mode = \"rw\" }}]\n",
+            data.display()
+        )
+    });
+    let out = orch.run(&["plugin", "install", &twice, "--yes"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains(
+            "field `grants.dirs[1].guest`: /d is already the guest path of grants.dirs[0]"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn install_and_run_refuse_files_that_are_not_regular() {
+    let orch = Orch::new();
+    let fifo = orch.work.path().join("pipe.wasm");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for path in [
+        "/dev/zero",
+        fifo.to_str().unwrap(),
+        orch.work.path().to_str().unwrap(),
+    ] {
+        for args in [vec!["plugin", "install", path, "--yes"], vec!["run", path]] {
+            // Would read forever (/dev/zero) or block (a FIFO without a
+            // writer) without the check.
+            let out = orch.run(&args);
+            assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("is not a regular file"),
+                "{args:?}: {}",
+                stderr(&out)
+            );
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //   test.hog    allocates 1 MiB blocks: N of them for payload "N", else until it fails
 //   test.throw  throws an Error whose message is the payload (an uncaught exception)
 //   test.fail   returns the `failed` task-error with the payload as message
+//   test.recurse recurses without end (the engine's stack limit stops it)
 
 export function describe() {
   const cap = (name, description) => ({ name, version: '1.0.0', description });
@@ -17,6 +18,7 @@ export function describe() {
       cap('test.hog', 'allocates memory'),
       cap('test.throw', 'throws an exception'),
       cap('test.fail', 'returns a failed task-error'),
+      cap('test.recurse', 'recurses without end'),
     ],
   };
 }
@@ -44,6 +46,10 @@ export function handle(task) {
       throw new Error(text);
     case 'test.fail':
       throw { tag: 'failed', val: text };
+    case 'test.recurse': {
+      const down = (n) => down(n + 1) + 1;
+      return new TextEncoder().encode(String(down(0)));
+    }
     default:
       throw { tag: 'invalid-input', val: `unknown capability ${task.capability}` };
   }

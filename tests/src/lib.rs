@@ -79,9 +79,16 @@ impl Harness {
     /// Loads a component file as `orch run` does: with the grants and limits
     /// of its manifest when it has one, with none otherwise.
     pub async fn try_load(&self, path: &std::path::Path) -> Result<Agent, PluginError> {
-        orch::plugin::load_file(&self.engine, self.kv.clone(), &HostConfig::default(), path)
-            .await
-            .map(|(agent, _limits)| agent)
+        let store = orch::plugin::PluginStore::new(self.dir.path());
+        orch::plugin::load_file(
+            &self.engine,
+            self.kv.clone(),
+            &HostConfig::default(),
+            &store,
+            path,
+        )
+        .await
+        .map(|loaded| loaded.into_parts().0)
     }
 }
 

@@ -31,8 +31,9 @@ pub struct StartArgs {
     /// config, else 127.0.0.1:7878.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Join other hosts through this NATS server (nats-server 2.10 or later;
-    /// several URLs comma-separated). Without it the host runs alone.
+    /// Join other hosts through this NATS server (nats-server 2.15.1 or
+    /// later, the version tested; 2.9 does not work; several URLs
+    /// comma-separated). Without it the host runs alone.
     #[arg(long, env = "ORCH_NATS")]
     nats: Option<String>,
     /// Authenticate to NATS with a token.

@@ -19,7 +19,7 @@ pub async fn run(home: &Path, args: Args) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (agent, _limits) = match super::load_agent(&ctx, &args.component).await {
+    let (agent, _limits) = match super::load_agent(&ctx, &args.component, true).await {
         Ok(a) => a,
         Err(code) => return code,
     };

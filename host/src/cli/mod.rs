@@ -163,33 +163,53 @@ impl Context {
             eprintln!("error: {e}");
             load_error_code(&e)
         })?;
+        let kv = Arc::new(KvStore::with_limits(home.join("kv.redb"), config.kv));
         Ok(Context {
             home: home.to_path_buf(),
             config,
             engine,
-            kv: Arc::new(KvStore::new(home.join("kv.redb"))),
+            kv,
             store: PluginStore::new(home),
         })
     }
 }
 
-/// Loads what a user named on the command line: a component file (checked
-/// with its manifest when it has one; with no manifest it gets no grants and
-/// the host's default limits) or the active version of an installed plugin.
-/// Returns the agent and the limits its manifest gives it.
-pub async fn load_agent(ctx: &Context, target: &str) -> Result<(orch::Agent, orch::Limits), u8> {
+/// Loads what a user named on the command line: a bare name (no `/`, not
+/// ending in `.wasm`) is an installed plugin; anything else is a component
+/// file (`./NAME` for a file without a path or extension), checked with its
+/// manifest when it has one, with no grants and the host's default limits
+/// when it has none. A file whose manifest grants anything runs only after
+/// the user confirms, or with `yes`, as at install. Returns the agent and
+/// the limits its manifest gives it.
+pub async fn load_agent(
+    ctx: &Context,
+    target: &str,
+    yes: bool,
+) -> Result<(orch::Agent, orch::Limits), u8> {
     let path = std::path::Path::new(target);
-    if path.exists() {
-        return orch::plugin::load_file(&ctx.engine, ctx.kv.clone(), &ctx.config, path)
-            .await
-            .map_err(|e| plugin_error(&e));
-    }
     let is_name = !target.contains('/') && !target.ends_with(".wasm");
     if !is_name {
-        return Err(plugin_error(&PluginError::Load(LoadError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        })));
+        let loaded =
+            orch::plugin::load_file(&ctx.engine, ctx.kv.clone(), &ctx.config, &ctx.store, path)
+                .await
+                .map_err(|e| plugin_error(&e))?;
+        if let orch::plugin::Loaded::Plugin(checked) = &loaded {
+            // stdout is the task's result: the grants go to stderr, and
+            // only when there is a question to answer.
+            if loaded.grants_anything() && !yes {
+                plugin::print_summary(
+                    checked,
+                    path,
+                    ctx.config.host.instances,
+                    &mut std::io::stderr().lock(),
+                );
+                if !plugin::confirm("run this file with these grants?") {
+                    eprintln!("not run");
+                    return Err(exit::BAD_INPUT);
+                }
+            }
+        }
+        return Ok(loaded.into_parts());
     }
     match ctx
         .store
@@ -198,7 +218,14 @@ pub async fn load_agent(ctx: &Context, target: &str) -> Result<(orch::Agent, orc
     {
         Ok((agent, limits, _)) => Ok((agent, limits)),
         Err(PluginError::Store(StoreError::NotInstalled { .. })) => {
-            eprintln!("error: {target} is neither a file nor an installed plugin (see `orch plugin list`)");
+            let hint = if path.exists() {
+                format!("; for the file of that name, write ./{target}")
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "error: no plugin named {target} is installed (see `orch plugin list`){hint}"
+            );
             Err(exit::BAD_INPUT)
         }
         Err(e) => Err(plugin_error(&e)),
@@ -207,7 +234,7 @@ pub async fn load_agent(ctx: &Context, target: &str) -> Result<(orch::Agent, orc
 
 /// Prints a plugin error and returns its exit code.
 pub fn plugin_error(e: &PluginError) -> u8 {
-    eprintln!("error: {e}");
+    eprintln!("error: {}", orch::text::escape_terminal(&e.to_string()));
     match e {
         PluginError::Load(l) => load_error_code(l),
         PluginError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => exit::ERROR,

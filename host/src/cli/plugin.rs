@@ -40,8 +40,15 @@ pub enum Command {
     },
     /// Make the previously active version active again.
     Rollback { name: String },
-    /// Remove a plugin and all its versions (its kv data stays).
-    Remove { name: String },
+    /// Remove a plugin and all its versions. Its kv data stays, and its kv
+    /// namespace stays reserved for its name, unless --purge is given.
+    Remove {
+        name: String,
+        /// Also delete its kv data and free its namespace (also for a
+        /// plugin removed earlier).
+        #[arg(long)]
+        purge: bool,
+    },
     /// List installed plugins.
     List {
         #[arg(long, value_enum, default_value_t)]
@@ -158,7 +165,8 @@ async fn dispatch(ctx: &Context, cmd: Command) -> u8 {
             }
             Err(e) => plugin_error(&e.into()),
         },
-        Command::Remove { name } => match ctx.store.remove(&name) {
+        Command::Remove { name, purge: true } => purge(ctx, &name),
+        Command::Remove { name, purge: false } => match ctx.store.remove(&name) {
             Ok(record) => {
                 let versions: Vec<&str> =
                     record.versions.iter().map(|v| v.version.as_str()).collect();
@@ -175,6 +183,30 @@ async fn dispatch(ctx: &Context, cmd: Command) -> u8 {
             manifest,
             out,
         } => pack(&component, manifest, &out),
+    }
+}
+
+fn purge(ctx: &Context, name: &str) -> u8 {
+    let installed = ctx.store.get(name).ok();
+    let mut keys = Vec::new();
+    let purged = ctx.store.purge(name, |ns| {
+        keys.push((ns.to_string(), ctx.kv.delete_namespace(ns)?));
+        Ok(())
+    });
+    if let Some(record) = installed {
+        let versions: Vec<&str> = record.versions.iter().map(|v| v.version.as_str()).collect();
+        println!("removed {name} ({})", versions.join(", "));
+    }
+    for (ns, n) in keys {
+        println!("deleted kv namespace {ns} ({n} keys)");
+    }
+    match purged {
+        Ok(_) => 0,
+        Err(orch::plugin::store::PurgeError::Store(e)) => plugin_error(&e.into()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::ERROR
+        }
     }
 }
 
@@ -229,8 +261,18 @@ async fn install(ctx: &Context, args: InstallArgs, mode: Mode, upgrade_name: Opt
             });
         }
     }
-    print_summary(&checked, &path);
-    if !args.yes && !confirm(mode) {
+    print_summary(
+        &checked,
+        &path,
+        ctx.config.host.instances,
+        &mut std::io::stdout().lock(),
+    );
+    let verb = if mode == Mode::Install {
+        "install this plugin with these grants?"
+    } else {
+        "upgrade this plugin with these grants?"
+    };
+    if !args.yes && !confirm(verb) {
         eprintln!("not installed");
         return exit::BAD_INPUT;
     }
@@ -247,19 +289,16 @@ async fn install(ctx: &Context, args: InstallArgs, mode: Mode, upgrade_name: Opt
     }
 }
 
-fn confirm(mode: Mode) -> bool {
-    let verb = if mode == Mode::Install {
-        "install"
-    } else {
-        "upgrade"
-    };
-    eprint!("{verb} this plugin with these grants? [y/N] ");
+/// Asks `question` on stderr and reads the answer from stdin; no answer
+/// (stdin closed) is no.
+pub fn confirm(question: &str) -> bool {
+    eprint!("{question} [y/N] ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     match std::io::stdin().lock().read_line(&mut line) {
         Ok(0) => {
             eprintln!();
-            eprintln!("no answer on standard input; pass --yes to install without asking");
+            eprintln!("no answer on standard input; pass --yes to go ahead without asking");
             false
         }
         Ok(_) => matches!(line.trim(), "y" | "Y" | "yes"),
@@ -317,67 +356,100 @@ fn size_text(bytes: u64) -> String {
     }
 }
 
-fn print_summary(c: &Checked, path: &Path) {
+/// What the user is asked to confirm. `default_instances` is the host's
+/// `[host] instances`, in force when the manifest sets no `max_instances`.
+pub fn print_summary(c: &Checked, path: &Path, default_instances: u32, out: &mut dyn Write) {
+    // A closed pipe is not worth failing the command for.
+    let _ = write_summary(c, path, default_instances, out);
+}
+
+fn write_summary(
+    c: &Checked,
+    path: &Path,
+    default_instances: u32,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let m = &c.manifest.manifest;
     let l = &c.limits;
-    println!(
+    writeln!(
+        out,
         "plugin {} {}: {}",
         m.plugin.name, m.plugin.version, m.plugin.description
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  file:         {} ({})",
         path.display(),
         size_text(c.bytes.len() as u64)
-    );
-    println!("  sha256:       {}", c.sha256);
+    )?;
+    writeln!(out, "  sha256:       {}", c.sha256)?;
     match &c.signed_by {
-        Some(k) => println!("  signed by:    {k}"),
-        None => println!("  signed by:    (not signed)"),
+        Some(k) => writeln!(out, "  signed by:    {k}")?,
+        None => writeln!(out, "  signed by:    (not signed)")?,
     }
-    println!("  capabilities: {}", m.plugin.capabilities.join(", "));
-    println!(
+    writeln!(out, "  capabilities: {}", m.plugin.capabilities.join(", "))?;
+    writeln!(
+        out,
         "  limits:       fuel {}, memory {}, timeout {}ms, instances {}",
         l.fuel,
         format_size(l.memory),
         l.timeout.as_millis(),
         m.limits
             .max_instances
-            .map_or("unbounded".to_string(), |n| n.to_string())
-    );
-    println!("  grants:");
+            .map_or(format!("{default_instances} (the host's default)"), |n| n
+                .to_string())
+    )?;
+    writeln!(out, "  grants:")?;
     let g = &m.grants;
-    println!("    kv namespace: {}", g.kv.as_deref().unwrap_or("(none)"));
-    println!(
+    writeln!(
+        out,
+        "    kv namespace: {}",
+        g.kv.as_deref().unwrap_or("(none)")
+    )?;
+    writeln!(
+        out,
         "    environment:  {}",
         if g.env.is_empty() {
             "(none)".to_string()
         } else {
             g.env.join(", ")
         }
-    );
+    )?;
     if g.dirs.is_empty() {
-        println!("    directories:  (none)");
+        writeln!(out, "    directories:  (none)")?;
     }
     for d in &g.dirs {
         let mode = match d.mode {
             manifest::DirMode::ReadOnly => "read-only",
             manifest::DirMode::ReadWrite => "read-write",
         };
-        println!(
-            "    directory:    {} as {} ({mode})",
-            d.host.display(),
+        // What the agent really gets: `..` and symlinks resolved.
+        let real = manifest::resolve_host_dir(&d.host);
+        let given = if real != d.host {
+            format!(" (given as {})", d.host.display())
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "    directory:    {}{given} as {} ({mode})",
+            real.display(),
             d.guest
-        );
+        )?;
     }
     if !g.messaging.is_empty() {
-        println!("    messaging:    {}", g.messaging.join(", "));
+        writeln!(out, "    messaging:    {}", g.messaging.join(", "))?;
     }
     if !m.plugin.subscriptions.is_empty() {
-        println!("  subscriptions: {}", m.plugin.subscriptions.join(", "));
+        writeln!(
+            out,
+            "  subscriptions: {}",
+            m.plugin.subscriptions.join(", ")
+        )?;
     }
     let gated = gated_imports(&c.agent.info().imports);
     if !gated.is_empty() {
-        println!("  imports that need a grant:");
+        writeln!(out, "  imports that need a grant:")?;
         for (grant, imports) in gated {
             let granted = match grant {
                 "kv" => g.kv.is_some(),
@@ -391,9 +463,10 @@ fn print_summary(c: &Checked, path: &Path) {
             } else {
                 "not granted: calls are refused or see nothing"
             };
-            println!("    {grant}: {} import(s), {status}", imports.len());
+            writeln!(out, "    {grant}: {} import(s), {status}", imports.len())?;
         }
     }
+    Ok(())
 }
 
 fn list(ctx: &Context, output: Output) -> u8 {

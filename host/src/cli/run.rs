@@ -19,7 +19,7 @@ fn defaults_help() -> String {
         format_size(l.memory),
         l.timeout.as_millis(),
         format_size(l.max_payload),
-        format_size(l.max_hostcall_data),
+        format_size(l.hostcall_budget()),
         format_size(l.max_kv_value),
     )
 }
@@ -27,7 +27,8 @@ fn defaults_help() -> String {
 #[derive(clap::Args)]
 #[command(after_help = defaults_help())]
 pub struct Args {
-    /// A component file (.wasm), or the name of an installed plugin.
+    /// The name of an installed plugin, or a component file: a path with a
+    /// `/` or ending in `.wasm` (`./NAME` for a file named like a plugin).
     component: String,
     /// File whose bytes are the task payload; `-` reads standard input. Empty payload if absent.
     #[arg(long, short)]
@@ -47,6 +48,10 @@ pub struct Args {
     /// `text` prints the result bytes as they are; `json` prints an object with the result and figures.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
+    /// Run a file whose manifest grants kv, environment variables,
+    /// directories or messaging without asking (as `plugin install --yes`).
+    #[arg(long, short)]
+    yes: bool,
 }
 
 pub async fn run(home: &Path, args: Args) -> u8 {
@@ -93,7 +98,7 @@ pub async fn run(home: &Path, args: Args) -> u8 {
             return code;
         }
     };
-    let (agent, mut limits) = match super::load_agent(&ctx, &args.component).await {
+    let (agent, mut limits) = match super::load_agent(&ctx, &args.component, args.yes).await {
         Ok(a) => a,
         Err(code) => return code,
     };

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use super::{subjects, Cluster};
 use crate::daemon::Host;
 use crate::sandbox::{Bus, BusFuture};
-use crate::scheduler::{message_capability, Submit};
+use crate::scheduler::Submit;
 
 const QUEUE_GROUP: &str = "orch";
 const HEADER_ERROR: &str = "Orch-Error";
@@ -120,13 +120,10 @@ async fn deliver(
     while let Some(message) = sub.next().await {
         let submit = Submit {
             id: host.new_message_id(),
-            capability: message_capability(&subject),
             payload: message.payload.to_vec(),
-            priority: 0,
-            deadline: None,
-            max_attempts: Some(1),
+            ..Submit::default()
         };
-        let handle = host.scheduler().submit(submit);
+        let handle = host.scheduler().submit_message(&subject, submit);
         let client = client.clone();
         tokio::spawn(async move {
             let outcome = match handle {

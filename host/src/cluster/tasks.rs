@@ -31,7 +31,7 @@ use crate::daemon::{
     now_ms, AttemptInfo, ErrorInfo, Host, HostError, Status, SubmitRequest, TaskRecord,
 };
 use crate::error::TaskError;
-use crate::sandbox::{SubCall, SubCallFuture, TaskOutput};
+use crate::sandbox::{Outcome, SubCall, SubCallFuture, TaskOutput};
 use crate::scheduler::{Remote, Submit};
 
 pub const STREAM: &str = "ORCH_TASKS";
@@ -305,12 +305,32 @@ impl TaskRouter {
     /// A `tasks.call` sub-task for a capability only other hosts serve: on
     /// the stream like any task, with the caller's deadline, remaining fuel
     /// and the call depth in its headers.
-    async fn call_remote(&self, call: SubCall, priority: i32) -> Result<TaskOutput, TaskError> {
+    async fn call_remote(&self, call: SubCall, priority: i32) -> Outcome {
+        let fuel = call.fuel;
+        match self.call_remote_result(call, priority).await {
+            Ok(output) => Outcome {
+                fuel_used: output.fuel_used,
+                result: Ok(output),
+            },
+            // Charged what the remote attempt reported using; its whole
+            // allowance when it reported nothing (it never ran here).
+            Err((error, used)) => Outcome {
+                fuel_used: used.unwrap_or(fuel).min(fuel),
+                result: Err(error),
+            },
+        }
+    }
+
+    async fn call_remote_result(
+        &self,
+        call: SubCall,
+        priority: i32,
+    ) -> Result<TaskOutput, (TaskError, Option<u64>)> {
         if !self.live_capabilities().contains(&call.capability) {
-            return Err(TaskError::Unavailable(format!(
-                "no agent provides capability {}",
-                call.capability
-            )));
+            return Err((
+                TaskError::Unavailable(format!("no agent provides capability {}", call.capability)),
+                Some(0),
+            ));
         }
         let id = call.parent.clone();
         let now = now_ms();
@@ -325,7 +345,7 @@ impl TaskRouter {
                 call.payload.len() as u64,
             )
         };
-        let host_error = |e: HostError| TaskError::Host(e.to_string());
+        let host_error = |e: HostError| (TaskError::Host(e.to_string()), None);
         let mut extra = async_nats::HeaderMap::new();
         extra.insert(HEADER_FUEL, call.fuel.to_string().as_str());
         extra.insert(HEADER_DEPTH, call.depth.to_string().as_str());
@@ -349,12 +369,18 @@ impl TaskRouter {
                     kind: "host".into(),
                     message: "no error recorded".into(),
                 });
-                Err(TaskError::from_kind(&e.kind, &e.message, call.fuel))
+                Err((
+                    TaskError::from_kind(&e.kind, &e.message, call.fuel),
+                    done.fuel_used,
+                ))
             }
             // Not finished within the caller's deadline.
-            Status::Queued | Status::Running => Err(TaskError::DeadlineExceeded {
-                ms: left.as_millis() as u64,
-            }),
+            Status::Queued | Status::Running => Err((
+                TaskError::DeadlineExceeded {
+                    ms: left.as_millis() as u64,
+                },
+                None,
+            )),
         }
     }
 
@@ -930,6 +956,7 @@ async fn run_and_store(
             error: TaskError::Unavailable(e.to_string()),
             attempts: Vec::new(),
             dead_letter: false,
+            fuel_used: 0,
         }),
     };
     watchdog.abort();
@@ -942,6 +969,8 @@ async fn run_and_store(
         Err(failure) => {
             let agent = failure.attempts.last().map(|a| a.agent.clone());
             record.agent = agent.clone();
+            // A remote caller is charged what the failed attempt used.
+            record.fuel_used = Some(failure.fuel_used);
             record.attempt_errors.push(AttemptInfo {
                 agent: format!("{}@{}", agent.unwrap_or_default(), router.host.id()),
                 kind: failure.error.kind().to_string(),
@@ -1001,7 +1030,7 @@ impl Remote for RemoteCalls {
         Box::pin(async move {
             match router {
                 Some(router) => router.call_remote(call, priority).await,
-                None => Err(TaskError::Unavailable(
+                None => Outcome::failed(TaskError::Unavailable(
                     "the host has left the cluster".into(),
                 )),
             }

@@ -185,13 +185,14 @@ impl Host {
             .map(|d| u64::from(d.subsec_nanos()))
             .unwrap_or(0);
         let id = host_id(home, salt)?;
+        let kv = Arc::new(KvStore::with_limits(home.join("kv.redb"), config.kv));
         let host = Host {
             inner: Arc::new(Inner {
                 id,
                 started: Instant::now(),
                 config,
                 engine,
-                kv: Arc::new(KvStore::new(home.join("kv.redb"))),
+                kv,
                 plugins: PluginStore::new(home),
                 scheduler,
                 journal,
@@ -676,8 +677,18 @@ async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
             },
             attempts: Vec::new(),
             dead_letter: false,
+            fuel_used: 0,
         }),
     };
+    // Name the deadline the submitter gave, not what was left of it.
+    let outcome = outcome.map_err(|mut f| {
+        if let (TaskError::DeadlineExceeded { ms }, Some(deadline)) =
+            (&mut f.error, record.deadline_ms)
+        {
+            *ms = deadline.saturating_sub(record.submitted_at_ms);
+        }
+        f
+    });
     if inner.stopping.load(Ordering::Relaxed)
         && matches!(&outcome, Err(f) if matches!(f.error, TaskError::Host(_)))
     {
@@ -769,16 +780,13 @@ impl LocalBus {
         let host = Host { inner };
         let submit = Submit {
             id: host.new_message_id(),
-            capability: crate::scheduler::message_capability(subject),
             payload,
-            priority: 0,
-            deadline: None,
-            max_attempts: Some(1),
+            ..Submit::default()
         };
-        host.inner.scheduler.submit(submit).map_err(|e| match e {
-            SubmitError::UnknownCapability(_) => format!("no agent subscribes to {subject}"),
-            other => other.to_string(),
-        })
+        host.inner
+            .scheduler
+            .submit_message(subject, submit)
+            .map_err(|e| e.to_string())
     }
 }
 

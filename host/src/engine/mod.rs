@@ -25,8 +25,9 @@ pub struct EngineConfig {
     /// Largest linear memory any one instance may have, in bytes. Each pool
     /// slot is sized for it, and a task's memory limit cannot exceed it.
     pub max_memory: u64,
-    /// How many instances may be alive at once; past this, tasks fail with
-    /// `no free instance` instead of silently using another allocator.
+    /// How many instances may be alive at once. Every instantiation first
+    /// takes one of this many permits ([`Engine::instance_permit`]), so a task
+    /// waits for a free slot instead of finding the pool exhausted.
     pub instance_slots: u32,
     /// How often the epoch advances; a running guest yields to the host at
     /// every tick, so deadlines are enforced to within about one tick.
@@ -61,7 +62,18 @@ struct Inner {
     config: EngineConfig,
     /// Hex digest of wasmtime's compatibility hash: part of every cache key.
     compat: String,
+    /// One permit per pool slot: whoever instantiates holds one for as long
+    /// as the instance lives.
+    instances: Arc<tokio::sync::Semaphore>,
     _ticker: EpochTicker,
+}
+
+/// The right to one instance slot of the engine's pool, released when
+/// dropped. The scheduler takes one when it places a task; `Agent::handle`
+/// takes one itself when called without.
+#[derive(Debug)]
+pub struct InstancePermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Facts about a loaded component, for `orch inspect` and logs.
@@ -135,16 +147,43 @@ impl Engine {
             wasmtime.precompile_compatibility_hash().hash(&mut h);
             format!("{:016x}", h.finish())
         };
-        let ticker = EpochTicker::start(wasmtime.clone(), config.epoch_tick);
+        let ticker = EpochTicker::start(wasmtime.clone(), config.epoch_tick)?;
+        let instances = Arc::new(tokio::sync::Semaphore::new(slots as usize));
         Ok(Engine {
             inner: Arc::new(Inner {
                 wasmtime,
                 linker,
                 config,
                 compat,
+                instances,
                 _ticker: ticker,
             }),
         })
+    }
+
+    /// An instance slot if one is free now.
+    pub fn try_instance_permit(&self) -> Option<InstancePermit> {
+        self.inner
+            .instances
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| InstancePermit { _permit: p })
+    }
+
+    /// Waits for a free instance slot. The semaphore is never closed, so
+    /// this only ends with a permit (or is cancelled with its caller).
+    pub async fn instance_permit(&self) -> InstancePermit {
+        loop {
+            if let Ok(p) = self.inner.instances.clone().acquire_owned().await {
+                return InstancePermit { _permit: p };
+            }
+        }
+    }
+
+    /// Instance slots free now.
+    pub fn free_instances(&self) -> usize {
+        self.inner.instances.available_permits()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -159,10 +198,7 @@ impl Engine {
     /// component. CPU-heavy for large components: call it off the async
     /// executor.
     pub fn compile_file(&self, path: &Path) -> Result<Compiled, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_component(path)?;
         self.compile(path, &bytes)
     }
 
@@ -201,6 +237,85 @@ impl Engine {
             },
         })
     }
+}
+
+/// The largest component file the host reads (the same as a download).
+pub const MAX_COMPONENT_SIZE: u64 = 256 << 20;
+
+/// Reads a component file: refused when it is not a regular file (a device
+/// such as /dev/zero, a FIFO that would block, a directory) or larger than
+/// [`MAX_COMPONENT_SIZE`], and never more than that is read.
+pub fn read_component(path: &Path) -> Result<Vec<u8>, LoadError> {
+    read_regular(path, MAX_COMPONENT_SIZE).map_err(|e| match e {
+        ReadError::Io(source) => LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        ReadError::NotAFile(kind) => LoadError::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        },
+        ReadError::TooLarge(size) => LoadError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit: MAX_COMPONENT_SIZE,
+        },
+    })
+}
+
+/// Why [`read_regular`] refused a file.
+#[derive(Debug)]
+pub enum ReadError {
+    Io(std::io::Error),
+    NotAFile(&'static str),
+    /// The size seen (at least `limit + 1` when the file grew while read).
+    TooLarge(u64),
+}
+
+/// Reads a regular file of at most `limit` bytes. The type is checked on the
+/// opened file (no window for a swap), and the read stops past `limit` even
+/// if the file grows meanwhile.
+pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    // O_NONBLOCK: opening a FIFO for reading must not wait for a writer.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(ReadError::Io)?
+    };
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(ReadError::NotAFile(kind));
+    }
+    if meta.len() > limit {
+        return Err(ReadError::TooLarge(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadError::TooLarge(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Distinguishes "not wasm" and "core module" from a broken component, so
@@ -265,7 +380,9 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: wasmtime::Engine, tick: Duration) -> EpochTicker {
+    /// Fails when the thread cannot start: an engine without a ticker could
+    /// not interrupt a looping guest, so it must not exist.
+    fn start(engine: wasmtime::Engine, tick: Duration) -> Result<EpochTicker, LoadError> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
@@ -276,9 +393,12 @@ impl EpochTicker {
                     engine.increment_epoch();
                 }
             })
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the epoch ticker; deadlines will not interrupt running guests"));
-        EpochTicker { stop }
+            .map_err(|e| {
+                LoadError::Engine(format!(
+                    "cannot start the epoch ticker thread, without which deadlines cannot interrupt a guest: {e}"
+                ))
+            })?;
+        Ok(EpochTicker { stop })
     }
 }
 

@@ -13,6 +13,9 @@ use crate::config::HostLimits;
 use crate::sandbox::{DirGrant, Grants, Limits};
 use crate::units::{parse_duration, parse_size};
 
+/// The largest manifest file read; real ones are a few hundred bytes.
+pub const MAX_MANIFEST_SIZE: u64 = 1 << 20;
+
 /// Name of the custom section that may carry the manifest.
 pub const SECTION: &str = "orch-manifest";
 
@@ -138,6 +141,52 @@ impl Manifest {
             reason,
         };
         let p = &self.plugin;
+        // Fields are shown to a person at install: a control character
+        // (a terminal escape, a carriage return) could rewrite what the
+        // prompt shows, so none is accepted anywhere.
+        let mut texts: Vec<(String, &str)> = vec![
+            ("plugin.name".into(), p.name.as_str()),
+            ("plugin.version".into(), p.version.as_str()),
+            ("plugin.description".into(), p.description.as_str()),
+        ];
+        texts.extend(
+            p.capabilities
+                .iter()
+                .map(|c| ("plugin.capabilities".into(), c.as_str())),
+        );
+        texts.extend(
+            p.subscriptions
+                .iter()
+                .map(|c| ("plugin.subscriptions".into(), c.as_str())),
+        );
+        let g = &self.grants;
+        texts.extend(g.kv.iter().map(|k| ("grants.kv".into(), k.as_str())));
+        texts.extend(g.env.iter().map(|k| ("grants.env".into(), k.as_str())));
+        texts.extend(
+            g.messaging
+                .iter()
+                .map(|k| ("grants.messaging".into(), k.as_str())),
+        );
+        for (i, d) in g.dirs.iter().enumerate() {
+            let host = d
+                .host
+                .to_str()
+                .ok_or_else(|| field(&format!("grants.dirs[{i}].host"), "is not UTF-8".into()))?;
+            texts.push((format!("grants.dirs[{i}].host"), host));
+            texts.push((format!("grants.dirs[{i}].guest"), d.guest.as_str()));
+        }
+        for (name, text) in texts {
+            if let Some(c) = text.chars().find(|c| c.is_control()) {
+                return Err(field(
+                    &name,
+                    format!(
+                        "{} contains the control character {}; control characters are not allowed",
+                        crate::text::escape_control(&format!("{text:?}")),
+                        c.escape_default()
+                    ),
+                ));
+            }
+        }
         if !is_name(&p.name) {
             return Err(field(
                 "plugin.name",
@@ -157,10 +206,10 @@ impl Manifest {
             ));
         }
         for c in &p.capabilities {
-            if c.is_empty() || c.contains(char::is_whitespace) {
+            if !crate::sandbox::is_capability_name(c) {
                 return Err(field(
                     "plugin.capabilities",
-                    format!("{c:?} is empty or has spaces"),
+                    format!("{:?}: {}", c, crate::sandbox::CAPABILITY_NAME_RULE),
                 ));
             }
         }
@@ -182,7 +231,6 @@ impl Manifest {
                 "must be greater than zero".into(),
             ));
         }
-        let g = &self.grants;
         if let Some(ns) = &g.kv {
             if !is_name(ns) {
                 return Err(field(
@@ -229,6 +277,15 @@ impl Manifest {
             }
         }
         for (i, d) in g.dirs.iter().enumerate() {
+            if let Some(j) = g.dirs[..i].iter().position(|o| o.guest == d.guest) {
+                return Err(field(
+                    &format!("grants.dirs[{i}].guest"),
+                    format!(
+                        "{} is already the guest path of grants.dirs[{j}]; each guest path may be granted once",
+                        d.guest
+                    ),
+                ));
+            }
             if !d.host.is_absolute() {
                 return Err(field(
                     &format!("grants.dirs[{i}].host"),
@@ -266,7 +323,7 @@ impl Manifest {
                 .dirs
                 .iter()
                 .map(|d| DirGrant {
-                    host: d.host.clone(),
+                    host: resolve_host_dir(&d.host),
                     guest: d.guest.clone(),
                     writable: d.mode == DirMode::ReadWrite,
                 })
@@ -320,6 +377,27 @@ impl Manifest {
     }
 }
 
+/// The directory a grant's host path names, with `..`, `.` and symlinks
+/// resolved: what the agent really gets, and what the install prompt shows.
+/// A path that does not exist is normalized without the file system (loading
+/// refuses it later).
+pub fn resolve_host_dir(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -329,6 +407,14 @@ fn is_name(s: &str) -> bool {
 }
 
 fn is_version(s: &str) -> bool {
+    // Semver: the pre-release and build parts are dot-separated
+    // alphanumerics and hyphens.
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+'))
+    {
+        return false;
+    }
     let core = s.split(['-', '+']).next().unwrap_or("");
     let parts: Vec<&str> = core.split('.').collect();
     parts.len() == 3
@@ -355,10 +441,19 @@ pub fn find(component: &Path, bytes: &[u8]) -> Result<Option<LoadedManifest>, Ma
     };
     let file = beside(component);
     if file.exists() {
-        let text = std::fs::read_to_string(&file).map_err(|e| ManifestError::Io {
+        use crate::engine::{read_regular, ReadError};
+        let io = |reason: String| ManifestError::Io {
             path: file.clone(),
-            reason: e.to_string(),
+            reason,
+        };
+        let bytes = read_regular(&file, MAX_MANIFEST_SIZE).map_err(|e| match e {
+            ReadError::Io(e) => io(e.to_string()),
+            ReadError::NotAFile(kind) => io(format!("it is {kind}, not a file")),
+            ReadError::TooLarge(size) => io(format!(
+                "{size} bytes, past the limit of {MAX_MANIFEST_SIZE} bytes for a manifest"
+            )),
         })?;
+        let text = String::from_utf8(bytes).map_err(|_| io("it is not UTF-8".into()))?;
         return loaded(text, file.display().to_string());
     }
     if let Some(data) = super::section::find(bytes, SECTION) {
@@ -450,5 +545,24 @@ dirs = [{ host = "/srv/in", guest = "/in" }, { host = "/srv/out", guest = "/out"
             .unwrap()
             .limits(&host(), "m.toml")
             .is_ok());
+    }
+
+    #[test]
+    fn reserved_capability_names_and_control_characters_are_refused() {
+        let with = |line: &str| GOOD.replace("capabilities = [\"counter\"]", line);
+        let err = Manifest::parse(&with("capabilities = [\"msg:orders.created\"]"), "m")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("field `plugin.capabilities`"), "{err}");
+        assert!(err.contains("letters, digits, '.', '-' and '_'"), "{err}");
+        assert!(Manifest::parse(&with("capabilities = [\"orders.created-v2_x\"]"), "m").is_ok());
+        let text = with("capabilities = [\"counter\"]\ndescription = \"a\\rb\"");
+        let err = Manifest::parse(&text, "m").unwrap_err().to_string();
+        assert!(err.contains("field `plugin.description`"), "{err}");
+        assert!(!err.contains('\r'), "{err:?}");
+        let text = with("capabilities = [\"counter\"]\ndescription = \"tabs\\tare control too\"");
+        assert!(Manifest::parse(&text, "m").is_err());
+        let text = with("capabilities = [\"counter\"]\ndescription = \"plain ünïcode\"");
+        assert!(Manifest::parse(&text, "m").is_ok());
     }
 }

@@ -20,7 +20,7 @@ use crate::kv::KvStore;
 use crate::sandbox::{Agent, Limits};
 use manifest::{LoadedManifest, ManifestError};
 use signature::SignatureError;
-pub use store::{PluginRecord, PluginStore, StoreError, VersionRecord};
+pub use store::{KvOwner, PluginRecord, PluginStore, StoreError, VersionRecord};
 
 /// Why a plugin was refused. Each variant names the file and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -91,10 +91,7 @@ pub async fn check(
     path: &Path,
     expected_sha256: Option<&str>,
 ) -> Result<Checked, PluginError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = crate::engine::read_component(path)?;
     crate::engine::check_header(path, &bytes)?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     if let Some(expected) = expected_sha256 {
@@ -157,27 +154,61 @@ pub async fn check(
     })
 }
 
+/// A component file loaded for a one-off run (`orch run FILE`). One value
+/// per command, so the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Loaded {
+    /// It has a manifest and passed every install check.
+    Plugin(Checked),
+    /// No manifest: no grants, the host's default limits.
+    Bare { agent: Agent, limits: Limits },
+}
+
+impl Loaded {
+    /// Whether the manifest grants anything (kv, environment, directories,
+    /// messaging) that a person should confirm before the file runs.
+    pub fn grants_anything(&self) -> bool {
+        match self {
+            Loaded::Plugin(c) => {
+                let g = &c.manifest.manifest.grants;
+                g.kv.is_some() || !g.env.is_empty() || !g.dirs.is_empty() || !g.messaging.is_empty()
+            }
+            Loaded::Bare { .. } => false,
+        }
+    }
+
+    pub fn into_parts(self) -> (Agent, Limits) {
+        match self {
+            Loaded::Plugin(c) => (c.agent, c.limits),
+            Loaded::Bare { agent, limits } => (agent, limits),
+        }
+    }
+}
+
 /// Loads a component file for a one-off run: checked in full with its
-/// manifest when it has one (beside it or embedded); without a manifest it
-/// gets no grants and the host's default limits, unless the host requires
-/// signed plugins, in which case it is refused.
+/// manifest when it has one (beside it or embedded), like an install; its
+/// kv namespace must be free or its own ([`PluginStore::claim_kv`]), the
+/// same rule as at install. Without a manifest it gets no grants and the
+/// host's default limits, unless the host requires signed plugins, in which
+/// case it is refused.
 pub async fn load_file(
     engine: &Engine,
     kv: Arc<KvStore>,
     config: &HostConfig,
+    store: &PluginStore,
     path: &Path,
-) -> Result<(Agent, Limits), PluginError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+) -> Result<Loaded, PluginError> {
+    let bytes = crate::engine::read_component(path)?;
     if manifest::find(path, &bytes)?.is_some() || config.plugins.require_signed {
         let checked = check(engine, kv, config, path, None).await?;
-        return Ok((checked.agent, checked.limits));
+        if let Some(ns) = &checked.manifest.manifest.grants.kv {
+            store.claim_kv(ns, &checked.manifest.manifest.plugin.name, &checked.sha256)?;
+        }
+        return Ok(Loaded::Plugin(checked));
     }
     let limits = config.limits.defaults.clone();
     let agent = Agent::load(engine, path, kv, crate::sandbox::Grants::default(), &limits).await?;
-    Ok((agent, limits))
+    Ok(Loaded::Bare { agent, limits })
 }
 
 fn check_descriptor(path: &Path, m: &LoadedManifest, agent: &Agent) -> Result<(), PluginError> {

@@ -118,13 +118,23 @@ impl Signature {
 /// Reads the signature beside `path` (if any).
 pub fn read_beside(path: &Path) -> Result<Option<Signature>, SignatureError> {
     let sig_path = path_for(path);
-    match std::fs::read_to_string(&sig_path) {
-        Ok(text) => Signature::parse(&text, &sig_path).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(SignatureError::Malformed {
-            path: sig_path,
-            reason: e.to_string(),
-        }),
+    use crate::engine::{read_regular, ReadError};
+    // A signature file is a few hundred bytes; 64 KiB is room to spare.
+    let malformed = |reason: String| SignatureError::Malformed {
+        path: sig_path.clone(),
+        reason,
+    };
+    match read_regular(&sig_path, 64 << 10) {
+        Ok(bytes) => {
+            let text = String::from_utf8(bytes).map_err(|_| malformed("not UTF-8".into()))?;
+            Signature::parse(&text, &sig_path).map(Some)
+        }
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(ReadError::Io(e)) => Err(malformed(e.to_string())),
+        Err(ReadError::NotAFile(kind)) => Err(malformed(format!("is {kind}, not a file"))),
+        Err(ReadError::TooLarge(size)) => Err(malformed(format!(
+            "{size} bytes, past the limit of 65536 bytes for a signature"
+        ))),
     }
 }
 

@@ -42,6 +42,25 @@ pub enum StoreError {
     NoPrevious { name: String },
     #[error("kv namespace {namespace} is already granted to plugin {owner}; namespaces are private to one plugin")]
     KvNamespaceTaken { namespace: String, owner: String },
+    #[error("kv namespace {namespace} is reserved for plugin {owner} (not installed now), whose data it may hold; `orch plugin remove {owner} --purge` deletes the data and frees the name")]
+    KvNamespaceReserved { namespace: String, owner: String },
+    #[error("kv namespace {namespace} belongs to the installed plugin {owner}, and this file is not an installed version of it; run the installed plugin (`orch run {owner}`) or install the file (`orch plugin upgrade {owner} FILE`)")]
+    KvNamespaceOfInstalled { namespace: String, owner: String },
+}
+
+/// Why `purge` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "the data of kv namespace {namespace} could not be deleted, so it stays reserved: {source}"
+    )]
+    Kv {
+        namespace: String,
+        #[source]
+        source: crate::kv::KvError,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +92,43 @@ impl PluginRecord {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Registry {
     plugins: BTreeMap<String, PluginRecord>,
+    /// kv namespaces of removed plugins: namespace -> plugin name. The data
+    /// stays, so the namespace stays that plugin's until it is installed
+    /// again or purged.
+    #[serde(default)]
+    reserved: BTreeMap<String, String>,
+}
+
+impl Registry {
+    /// Who owns kv namespace `ns`: an installed plugin that grants it in any
+    /// of its versions, or a removed one that reserved it.
+    fn kv_owner(&self, ns: &str) -> Option<KvOwner> {
+        for (name, record) in &self.plugins {
+            let grants = record.versions.iter().any(|v| {
+                Manifest::parse(&v.manifest, name)
+                    .map(|m| m.grants.kv.as_deref() == Some(ns))
+                    .unwrap_or(false)
+            });
+            if grants {
+                return Some(KvOwner {
+                    plugin: name.clone(),
+                    removed: false,
+                });
+            }
+        }
+        self.reserved.get(ns).map(|name| KvOwner {
+            plugin: name.clone(),
+            removed: true,
+        })
+    }
+}
+
+/// The plugin a kv namespace belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvOwner {
+    pub plugin: String,
+    /// Removed, with its namespace reserved.
+    pub removed: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -177,22 +233,9 @@ impl PluginStore {
             _ => {}
         }
         if let Some(namespace) = &m.grants.kv {
-            for (owner, record) in &registry.plugins {
-                if owner == &name {
-                    continue;
-                }
-                let taken = record.versions.iter().any(|v| {
-                    Manifest::parse(&v.manifest, owner)
-                        .map(|other| other.grants.kv.as_ref() == Some(namespace))
-                        .unwrap_or(false)
-                });
-                if taken {
-                    return Err(StoreError::KvNamespaceTaken {
-                        namespace: namespace.clone(),
-                        owner: owner.clone(),
-                    });
-                }
-            }
+            check_kv_owner(registry.kv_owner(namespace), namespace, &name)?;
+            // Installed again under its own name: the plugin has its data back.
+            registry.reserved.remove(namespace);
         }
 
         let blob = self.blob_path(&checked.sha256);
@@ -228,8 +271,56 @@ impl PluginStore {
         Ok(record)
     }
 
+    /// Who owns kv namespace `ns`, if anyone.
+    pub fn kv_owner(&self, ns: &str) -> Result<Option<KvOwner>, StoreError> {
+        Ok(self.read()?.kv_owner(ns))
+    }
+
+    /// Lets a component file that is not installed (`orch run FILE`) use kv
+    /// namespace `ns` as plugin `name` (with content hash `sha256`): only
+    /// when the namespace is nobody's, or is `name`'s and either the file is
+    /// an installed version of it or `name` is not installed. A namespace
+    /// that was nobody's is reserved for `name` from now on, so no other
+    /// plugin is ever given the data the run leaves.
+    pub fn claim_kv(&self, ns: &str, name: &str, sha256: &str) -> Result<(), StoreError> {
+        let _lock = self.lock()?;
+        let mut registry = self.read()?;
+        match registry.kv_owner(ns) {
+            None => {
+                registry.reserved.insert(ns.to_string(), name.to_string());
+                self.write(&registry)
+            }
+            Some(o) if o.plugin == name && o.removed => Ok(()),
+            Some(o) if o.plugin == name => {
+                let installed = registry
+                    .plugins
+                    .get(name)
+                    .is_some_and(|r| r.versions.iter().any(|v| v.sha256 == sha256));
+                if installed {
+                    Ok(())
+                } else {
+                    Err(StoreError::KvNamespaceOfInstalled {
+                        namespace: ns.to_string(),
+                        owner: o.plugin,
+                    })
+                }
+            }
+            Some(o) => check_kv_owner(Some(o), ns, name),
+        }
+    }
+
+    /// Whether `sha256` is a version of the installed plugin `name`.
+    pub fn has_blob(&self, name: &str, sha256: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .read()?
+            .plugins
+            .get(name)
+            .is_some_and(|r| r.versions.iter().any(|v| v.sha256 == sha256)))
+    }
+
     /// Removes a plugin and every version of it; blobs no other plugin uses
-    /// are deleted.
+    /// are deleted. Its kv namespaces stay reserved for its name (their
+    /// data is kept) until it is installed again or purged.
     pub fn remove(&self, name: &str) -> Result<PluginRecord, StoreError> {
         let _lock = self.lock()?;
         let mut registry = self.read()?;
@@ -239,6 +330,9 @@ impl PluginStore {
             .ok_or_else(|| StoreError::NotInstalled {
                 name: name.to_string(),
             })?;
+        for ns in namespaces(name, &record) {
+            registry.reserved.insert(ns, name.to_string());
+        }
         self.write(&registry)?;
         for v in &record.versions {
             let used = registry
@@ -251,6 +345,55 @@ impl PluginStore {
             }
         }
         Ok(record)
+    }
+
+    /// Forgets a plugin: removes it if it is still installed, then for each
+    /// kv namespace reserved for its name calls `delete` (which deletes the
+    /// data) and frees the namespace only once that succeeded, so no other
+    /// plugin is ever granted a namespace with data left in it. Returns the
+    /// freed namespaces. Fails when the name is neither installed nor holds
+    /// a reservation.
+    pub fn purge(
+        &self,
+        name: &str,
+        mut delete: impl FnMut(&str) -> Result<(), crate::kv::KvError>,
+    ) -> Result<Vec<String>, PurgeError> {
+        if self.get(name).is_ok() {
+            self.remove(name)?;
+        }
+        let _lock = self.lock()?;
+        let mut registry = self.read()?;
+        let reserved: Vec<String> = registry
+            .reserved
+            .iter()
+            .filter(|(_, owner)| owner.as_str() == name)
+            .map(|(ns, _)| ns.clone())
+            .collect();
+        if reserved.is_empty() {
+            return Err(StoreError::NotInstalled {
+                name: name.to_string(),
+            }
+            .into());
+        }
+        let mut freed = Vec::new();
+        let mut failed = None;
+        for ns in reserved {
+            match delete(&ns) {
+                Ok(()) => {
+                    registry.reserved.remove(&ns);
+                    freed.push(ns);
+                }
+                Err(e) => {
+                    failed = Some((ns, e));
+                    break;
+                }
+            }
+        }
+        self.write(&registry)?;
+        match failed {
+            None => Ok(freed),
+            Some((namespace, source)) => Err(PurgeError::Kv { namespace, source }),
+        }
     }
 
     /// Makes the version that was active before the current one active
@@ -344,6 +487,33 @@ impl PluginStore {
         agent.set_subscriptions(manifest.manifest.plugin.subscriptions.clone());
         Ok((agent, limits, version))
     }
+}
+
+/// Refuses kv namespace `ns` to plugin `name` when another plugin owns it.
+pub fn check_kv_owner(owner: Option<KvOwner>, ns: &str, name: &str) -> Result<(), StoreError> {
+    match owner {
+        Some(o) if o.plugin != name && o.removed => Err(StoreError::KvNamespaceReserved {
+            namespace: ns.to_string(),
+            owner: o.plugin,
+        }),
+        Some(o) if o.plugin != name => Err(StoreError::KvNamespaceTaken {
+            namespace: ns.to_string(),
+            owner: o.plugin,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Every kv namespace any version of a plugin grants.
+fn namespaces(name: &str, record: &PluginRecord) -> Vec<String> {
+    let mut out: Vec<String> = record
+        .versions
+        .iter()
+        .filter_map(|v| Manifest::parse(&v.manifest, name).ok()?.grants.kv)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Writes `bytes` to `path` so that readers see the old file or the whole

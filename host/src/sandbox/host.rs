@@ -16,7 +16,12 @@ impl types::Host for StoreData {}
 
 impl log::Host for StoreData {
     fn log(&mut self, level: log::Level, message: String) {
-        let mut message = message;
+        // One guest line is one host line: a newline or a terminal escape
+        // in it could otherwise forge host log lines.
+        let mut message = match crate::text::escape_control(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(escaped) => escaped,
+        };
         if message.len() > MAX_LOG_MESSAGE {
             let mut cut = MAX_LOG_MESSAGE;
             while !message.is_char_boundary(cut) {
@@ -204,18 +209,20 @@ impl StoreData {
             let Ok((i, capability, deadline_ms, outcome)) = joined else {
                 continue;
             };
-            let kind = match &outcome {
+            let kind = match &outcome.result {
                 Ok(_) => "ok",
                 Err(e) => e.kind(),
             };
-            let (charge, result) = match outcome {
-                Ok(output) => (output.fuel_used, Ok(output.result)),
-                // The callee used its whole share.
-                Err(e @ TaskError::FuelExhausted { .. }) => (share, Err(call_error(e))),
-                Err(e) => (0, Err(call_error(e))),
+            // Every outcome costs what the callee used, so failing on purpose
+            // cannot multiply a caller's budget; never more than its share.
+            let charge = match &outcome.result {
+                Err(TaskError::FuelExhausted { .. }) => share,
+                _ => outcome.fuel_used.min(share),
             };
+            let result = outcome.result.map(|o| o.result).map_err(call_error);
             state.charge += charge;
             state.charged += charge;
+            state.fuel_left = state.fuel_left.saturating_sub(charge);
             state.reports.push(CallReport {
                 capability,
                 deadline_ms,
@@ -243,6 +250,7 @@ fn call_error(e: TaskError) -> tasks::CallError {
         | TaskError::MemoryLimit { .. }
         | TaskError::PayloadTooLarge { .. }
         | TaskError::ResultTooLarge { .. }
+        | TaskError::ResultTooLargeToRead { .. }
         | TaskError::HostCallDataLimit { .. } => C::Limit(e.to_string()),
         TaskError::Unavailable(m) => C::Unavailable(m),
         TaskError::NoCapacity { .. } | TaskError::Host(_) => C::Unavailable(e.to_string()),

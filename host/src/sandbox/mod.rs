@@ -18,7 +18,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{CallHook, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use crate::engine::{Compiled, ComponentInfo, Engine};
+use crate::engine::{Compiled, ComponentInfo, Engine, InstancePermit};
 use crate::error::{LoadError, TaskError};
 use crate::kv::KvStore;
 use bindings::{orch::agent::types as wit, AgentPre};
@@ -127,6 +127,24 @@ pub struct TaskRequest {
     pub calls: Option<CallContext>,
 }
 
+/// How a task ended, with the fuel it used whichever way that was.
+#[derive(Debug)]
+pub struct Outcome {
+    pub result: Result<TaskOutput, TaskError>,
+    /// Fuel the task used, its sub-tasks' included; 0 when it never ran.
+    pub fuel_used: u64,
+}
+
+impl Outcome {
+    /// A task that ended before any guest code ran.
+    pub fn failed(error: TaskError) -> Outcome {
+        Outcome {
+            result: Err(error),
+            fuel_used: 0,
+        }
+    }
+}
+
 /// A successful task.
 #[derive(Debug, Clone, Default)]
 pub struct TaskOutput {
@@ -173,7 +191,9 @@ pub struct SubCall {
     pub depth: u32,
 }
 
-pub type SubCallFuture = Pin<Box<dyn Future<Output = Result<TaskOutput, TaskError>> + Send>>;
+/// A sub-task's end and the fuel it used, which is charged to its caller
+/// whatever the outcome.
+pub type SubCallFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 pub type BusFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
 
@@ -424,6 +444,12 @@ impl Agent {
         &self.descriptor
     }
 
+    /// The engine the agent runs on (its instance slots are shared by every
+    /// agent of that engine).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn info(&self) -> &ComponentInfo {
         &self.info
     }
@@ -465,6 +491,7 @@ impl Agent {
     pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
         let mut store = self.new_store(limits, KvState::Describe, None);
         let outcome = tokio::time::timeout(limits.timeout, async {
+            let _instance = self.engine.instance_permit().await;
             let instance = self.pre.instantiate_async(&mut store).await?;
             instance.call_describe(&mut store).await
         })
@@ -490,15 +517,28 @@ impl Agent {
 
     /// Runs one task in a fresh instance under `limits`. The instance is
     /// dropped afterwards whatever happened, so a trap never leaks into the
-    /// next task.
+    /// next task. Waits for a free instance slot of the engine first (within
+    /// the deadline).
     pub async fn handle(
         &self,
         task: TaskRequest,
         limits: &Limits,
     ) -> Result<TaskOutput, TaskError> {
+        self.run(task, limits, None).await.result
+    }
+
+    /// Like [`Agent::handle`], and reports the fuel the task used however it
+    /// ended (a caller of `tasks.call` is charged it). With `permit`, the
+    /// task uses that instance slot instead of waiting for one.
+    pub async fn run(
+        &self,
+        task: TaskRequest,
+        limits: &Limits,
+        permit: Option<InstancePermit>,
+    ) -> Outcome {
         let size = task.payload.len() as u64;
         if size > limits.max_payload {
-            return Err(TaskError::PayloadTooLarge {
+            return Outcome::failed(TaskError::PayloadTooLarge {
                 size,
                 limit: limits.max_payload,
             });
@@ -536,7 +576,11 @@ impl Agent {
             deadline_ms: Some(limits.timeout.as_millis() as u64),
         };
         let outcome = tokio::time::timeout(limits.timeout, async {
-            // Waiting for a free instance slot counts against the deadline.
+            // Waiting for a free slot counts against the deadline.
+            let _instance = match permit {
+                Some(p) => p,
+                None => self.engine.instance_permit().await,
+            };
             let _permit = match &self.instances {
                 Some((slots, _)) => Some(
                     slots
@@ -559,29 +603,34 @@ impl Agent {
             .map_or((0, 0, Vec::new()), |c| {
                 (c.started, c.charged, std::mem::take(&mut c.reports))
             });
+        let failed = |error| Outcome {
+            result: Err(error),
+            fuel_used,
+        };
         let result = match outcome {
-            Err(_) => return Err(deadline(limits)),
-            Ok(Err(e)) => return Err(classify(e, store.data(), limits, self.slots())),
-            Ok(Ok(Err(wit::TaskError::InvalidInput(m)))) => return Err(TaskError::InvalidInput(m)),
-            Ok(Ok(Err(wit::TaskError::Failed(m)))) => return Err(TaskError::Failed(m)),
-            Ok(Ok(Err(wit::TaskError::Retryable(m)))) => return Err(TaskError::Retryable(m)),
+            Err(_) => return failed(deadline(limits)),
+            Ok(Err(e)) => return failed(classify(e, store.data(), limits, self.slots())),
+            Ok(Ok(Err(e))) => return failed(guest_error(e)),
             Ok(Ok(Ok(result))) => result,
         };
         let size = result.len() as u64;
         if size > limits.max_result {
-            return Err(TaskError::ResultTooLarge {
+            return failed(TaskError::ResultTooLarge {
                 size,
                 limit: limits.max_result,
             });
         }
-        Ok(TaskOutput {
-            result,
+        Outcome {
+            result: Ok(TaskOutput {
+                result,
+                fuel_used,
+                elapsed: started.elapsed(),
+                subtasks,
+                subtask_fuel,
+                calls,
+            }),
             fuel_used,
-            elapsed: started.elapsed(),
-            subtasks,
-            subtask_fuel,
-            calls,
-        })
+        }
     }
 
     fn slots(&self) -> u32 {
@@ -614,7 +663,7 @@ impl Agent {
         let mut store = Store::new(self.engine.wasmtime(), data);
         store.limiter(|d| &mut d.limiter);
         if metered_calls {
-            store.call_hook(charge_subtask_fuel);
+            store.call_hook(on_host_call);
         }
         // Fuel cannot fail to be set: the engine always has fuel enabled.
         let _ = store.set_fuel(limits.fuel);
@@ -632,7 +681,7 @@ impl Agent {
 /// through this hook: on the way into the host it notes the fuel left (the
 /// budget for sub-tasks), and on the way back it takes what the sub-tasks
 /// used. A caller left with no fuel traps on its next instruction.
-fn charge_subtask_fuel(
+fn on_host_call(
     mut store: wasmtime::StoreContextMut<'_, StoreData>,
     hook: CallHook,
 ) -> wasmtime::Result<()> {
@@ -683,11 +732,23 @@ fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32)
     }
     let text = format!("{err:#}");
     if text.contains("fuel allocated for hostcalls has been exhausted") {
+        // An error raised in a host call passes through the guest's frames
+        // and carries their backtrace; reading the result happens after the
+        // guest returned, with no guest frame in between.
+        if err.downcast_ref::<wasmtime::WasmBacktrace>().is_none() {
+            return TaskError::ResultTooLargeToRead {
+                read: limits.hostcall_budget(),
+                limit: limits.max_result,
+            };
+        }
         return TaskError::HostCallDataLimit {
             limit: limits.hostcall_budget(),
         };
     }
-    if text.contains("maximum concurrent") {
+    if err
+        .chain()
+        .any(|e| e.is::<wasmtime::PoolConcurrencyLimitError>())
+    {
         return TaskError::NoCapacity {
             limit: u64::from(slots),
         };
@@ -700,9 +761,50 @@ fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32)
         data.stderr
             .as_ref()
             .and_then(|s| s.text())
-            .map(|text| format!("wrote to stderr: {text}"))
+            .map(|text| crate::text::escape_control(&stderr_account(&text)).into_owned())
     });
     TaskError::Trap { message, guest }
+}
+
+/// What a guest's stderr says about its failure. componentize-js reports
+/// an exception thrown out of `handle` (a stack overflow's `InternalError`
+/// too) as a thrown value that is not a task-error variant; the exception is
+/// the text in backticks after "received".
+fn stderr_account(text: &str) -> String {
+    const JS: &str = "invalid variant tag value `undefined` (received `";
+    if let Some(start) = text.find(JS) {
+        let rest = &text[start + JS.len()..];
+        if let Some(end) = rest.find("`)") {
+            return format!("threw an uncaught exception: {}", &rest[..end]);
+        }
+    }
+    format!("wrote to stderr: {text}")
+}
+
+/// What a capability name may be. Other characters (':' in particular) are
+/// reserved, so that no capability can be mistaken for anything else the
+/// host routes, such as a message subject.
+pub const CAPABILITY_NAME_RULE: &str =
+    "a capability name is 1-128 characters of letters, digits, '.', '-' and '_'";
+
+/// Whether `name` follows [`CAPABILITY_NAME_RULE`].
+pub fn is_capability_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// The agent's own error, with control characters in its message escaped:
+/// the text reaches logs and terminals.
+fn guest_error(e: wit::TaskError) -> TaskError {
+    let clean = |m: String| crate::text::escape_control(&m).into_owned();
+    match e {
+        wit::TaskError::InvalidInput(m) => TaskError::InvalidInput(clean(m)),
+        wit::TaskError::Failed(m) => TaskError::Failed(clean(m)),
+        wit::TaskError::Retryable(m) => TaskError::Retryable(clean(m)),
+    }
 }
 
 fn validate_descriptor(d: &Descriptor) -> Result<(), String> {
@@ -713,9 +815,9 @@ fn validate_descriptor(d: &Descriptor) -> Result<(), String> {
         return Err(format!("agent {} declares no capabilities", d.name));
     }
     for c in &d.capabilities {
-        if c.name.trim().is_empty() || c.name.contains(char::is_whitespace) {
+        if !is_capability_name(&c.name) {
             return Err(format!(
-                "capability name {:?} is empty or has spaces",
+                "capability name {:?}: {CAPABILITY_NAME_RULE}",
                 c.name
             ));
         }

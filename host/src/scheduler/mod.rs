@@ -20,19 +20,34 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::engine::InstancePermit;
 use crate::error::TaskError;
 use crate::sandbox::{
-    Agent, Bus, CallContext, Limits, SubCall, SubCallFuture, SubTasks, TaskOutput, TaskRequest,
-    MESSAGE_CONTENT_TYPE,
+    Agent, Bus, CallContext, Limits, Outcome, SubCall, SubCallFuture, SubTasks, TaskOutput,
+    TaskRequest, MESSAGE_CONTENT_TYPE,
 };
-
-/// Messages for a subscribed subject are queued under this capability.
-pub fn message_capability(subject: &str) -> String {
-    format!("msg:{subject}")
-}
 use breaker::Breaker;
+
+/// What a queued task is for: a capability an agent declares, or a message
+/// on a subject an agent subscribes to. The two are separate name spaces,
+/// so no capability name reaches a subscriber and no subject reaches an
+/// agent that merely declares a capability of the same spelling.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Route {
+    Capability(String),
+    Message(String),
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Capability(c) => f.write_str(c),
+            Route::Message(s) => write!(f, "message {s}"),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -77,6 +92,10 @@ pub struct Submit {
 pub enum SubmitError {
     #[error("no agent provides capability {0}")]
     UnknownCapability(String),
+    #[error("no agent subscribes to {0}")]
+    NoSubscriber(String),
+    #[error("capability {capability} cannot run: every one of its {slots} instance slot(s) is held by this task's own callers, which wait for it")]
+    HeldByCallers { capability: String, slots: u32 },
     #[error("the task's deadline has already passed")]
     DeadlinePassed,
     #[error("the host is shutting down and takes no new tasks")]
@@ -134,6 +153,8 @@ pub struct Failure {
     pub attempts: Vec<AttemptError>,
     /// Whether the task used up its attempts on retryable failures.
     pub dead_letter: bool,
+    /// Fuel the last attempt used (0 when the task never ran).
+    pub fuel_used: u64,
 }
 
 /// Per-agent figures, for `orch status` and tests.
@@ -165,6 +186,7 @@ impl TaskHandle {
                 error: TaskError::Host("the scheduler stopped before the task ended".into()),
                 attempts: Vec::new(),
                 dead_letter: false,
+                fuel_used: 0,
             })
         })
     }
@@ -172,7 +194,7 @@ impl TaskHandle {
 
 struct Pending {
     id: String,
-    capability: String,
+    route: Route,
     payload: Vec<u8>,
     priority: i32,
     deadline: Option<Instant>,
@@ -183,6 +205,20 @@ struct Pending {
     /// For sub-tasks: the caller's remaining fuel, which caps the callee's.
     fuel_cap: Option<u64>,
     max_attempts: Option<u32>,
+    /// For sub-tasks: the agents of the callers above it, one entry per
+    /// caller, each holding one slot of that agent while it waits.
+    chain: Arc<[usize]>,
+    submitted: Instant,
+}
+
+impl Pending {
+    /// The deadline as it was given (from submission), for error messages.
+    fn deadline_error(&self) -> TaskError {
+        let ms = self.deadline.map_or(0, |d| {
+            d.saturating_duration_since(self.submitted).as_millis() as u64
+        });
+        TaskError::DeadlineExceeded { ms }
+    }
 }
 
 impl Pending {
@@ -238,7 +274,10 @@ struct Entry {
     agent: Arc<Agent>,
     limits: Limits,
     max_in_flight: u32,
-    in_flight: u32,
+    /// One permit per slot. A placed task owns one until its attempt ends
+    /// (also while it waits for sub-tasks), and dropping it is the only way
+    /// to give it back, so busy slots are always the attempts in progress.
+    slots: Arc<Semaphore>,
     /// EWMA of 1 for success, 0 for failure.
     success: f64,
     /// EWMA of task latency in milliseconds.
@@ -251,6 +290,11 @@ struct Entry {
 }
 
 impl Entry {
+    fn in_flight(&self) -> u32 {
+        let free = u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX);
+        self.max_in_flight.saturating_sub(free)
+    }
+
     /// The reliability score: failures weigh heavily, latency gently.
     fn score(&self) -> f64 {
         self.success.powi(4) / (1.0 + self.latency_ms / 100.0)
@@ -259,8 +303,8 @@ impl Entry {
 
 struct State {
     agents: Vec<Entry>,
-    index: HashMap<String, Vec<usize>>,
-    queues: HashMap<String, BinaryHeap<Queued>>,
+    index: HashMap<Route, Vec<usize>>,
+    queues: HashMap<Route, BinaryHeap<Queued>>,
     dead: Vec<Failure>,
     seq: u64,
     rng: u64,
@@ -275,16 +319,19 @@ impl State {
         (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// An agent for `capability` with a free slot and a closed (or probing)
-    /// breaker, chosen at random weighted by score.
-    fn pick(&mut self, capability: &str, now: Instant) -> Option<usize> {
+    /// An agent for `route` with a free slot, a closed (or probing)
+    /// breaker and a share of the engine's instance slots, chosen at random
+    /// weighted by score.
+    fn pick(&mut self, route: &Route, now: Instant) -> Option<usize> {
         let candidates: Vec<(usize, f64)> = self
             .index
-            .get(capability)?
+            .get(route)?
             .iter()
             .filter(|&&i| {
                 let e = &self.agents[i];
-                e.in_flight < e.max_in_flight && e.breaker.allows(now)
+                e.slots.available_permits() > 0
+                    && e.breaker.allows(now)
+                    && self.may_take_instance(i)
             })
             .map(|&i| (i, self.agents[i].score().max(1e-6)))
             .collect();
@@ -300,6 +347,53 @@ impl State {
     }
 }
 
+impl State {
+    /// Each agent is guaranteed its share of the engine's instance slots:
+    /// `min(its slots, engine slots / agents)`. It may take a slot beyond its
+    /// share only while enough stay free for every other agent's unused
+    /// share, so no plugin, however many callers it keeps waiting, can
+    /// starve another of instances.
+    fn may_take_instance(&self, i: usize) -> bool {
+        let engine = self.agents[i].agent.engine();
+        let free = engine.free_instances() as u64;
+        if free == 0 {
+            return false;
+        }
+        let live: Vec<usize> = (0..self.agents.len())
+            .filter(|&j| !self.agents[j].retired)
+            .collect();
+        let total = u64::from(engine.config().instance_slots.max(1));
+        let fair = total / (live.len().max(1) as u64);
+        let share = |j: usize| u64::from(self.agents[j].max_in_flight).min(fair.max(1));
+        let e = &self.agents[i];
+        if u64::from(e.in_flight()) < share(i) {
+            return true;
+        }
+        let reserved: u64 = live
+            .iter()
+            .filter(|&&j| j != i)
+            .map(|&j| share(j).saturating_sub(u64::from(self.agents[j].in_flight())))
+            .sum();
+        free > reserved
+    }
+
+    /// Whether a sub-task for `route` can never be placed because the
+    /// callers above it hold every slot of every agent that could take it.
+    fn held_by_callers(&self, route: &Route, chain: &[usize]) -> Option<u32> {
+        let agents = self.index.get(route)?;
+        let mut slots = 0;
+        for &i in agents {
+            let held = chain.iter().filter(|&&j| j == i).count() as u32;
+            let max = self.agents[i].max_in_flight;
+            if held < max {
+                return None;
+            }
+            slots += max;
+        }
+        Some(slots)
+    }
+}
+
 /// A task placed on an agent, waiting for a runner.
 struct Job {
     agent_index: usize,
@@ -307,6 +401,8 @@ struct Job {
     label: String,
     limits: Limits,
     task: Pending,
+    slot: OwnedSemaphorePermit,
+    instance: InstancePermit,
 }
 
 struct Inner {
@@ -446,12 +542,16 @@ impl Scheduler {
         if let Some((label, agent, limits, max_in_flight)) = new {
             let i = state.agents.len();
             for c in &agent.descriptor().capabilities {
-                state.index.entry(c.name.clone()).or_default().push(i);
+                state
+                    .index
+                    .entry(Route::Capability(c.name.clone()))
+                    .or_default()
+                    .push(i);
             }
             for subject in agent.subscriptions() {
                 state
                     .index
-                    .entry(message_capability(subject))
+                    .entry(Route::Message(subject.clone()))
                     .or_default()
                     .push(i);
             }
@@ -475,7 +575,7 @@ impl Scheduler {
             agent,
             limits,
             max_in_flight: max_in_flight.max(1),
-            in_flight: 0,
+            slots: Arc::new(Semaphore::new(max_in_flight.max(1) as usize)),
             success: 1.0,
             latency_ms: 0.0,
             breaker: Breaker::new(
@@ -490,7 +590,10 @@ impl Scheduler {
 
     /// Whether some agent provides `capability` now.
     pub fn provides(&self, capability: &str) -> bool {
-        self.inner.state().index.contains_key(capability)
+        self.inner
+            .state()
+            .index
+            .contains_key(&Route::Capability(capability.to_string()))
     }
 
     /// The capabilities some agent provides now.
@@ -500,8 +603,10 @@ impl Scheduler {
             .state()
             .index
             .keys()
-            .filter(|k| !k.starts_with("msg:"))
-            .cloned()
+            .filter_map(|k| match k {
+                Route::Capability(c) => Some(c.clone()),
+                Route::Message(_) => None,
+            })
             .collect();
         caps.sort();
         caps
@@ -514,14 +619,17 @@ impl Scheduler {
             .state()
             .index
             .keys()
-            .filter_map(|k| k.strip_prefix("msg:"))
-            .map(String::from)
+            .filter_map(|k| match k {
+                Route::Message(s) => Some(s.clone()),
+                Route::Capability(_) => None,
+            })
             .collect();
         subjects.sort();
         subjects
     }
 
-    /// Tasks waiting in the queues, per capability.
+    /// Tasks waiting in the queues, per capability (messages as `message
+    /// SUBJECT`).
     pub fn queued(&self) -> Vec<(String, usize)> {
         let mut q: Vec<(String, usize)> = self
             .inner
@@ -529,7 +637,7 @@ impl Scheduler {
             .queues
             .iter()
             .filter(|(_, q)| !q.is_empty())
-            .map(|(c, q)| (c.clone(), q.len()))
+            .map(|(r, q)| (r.to_string(), q.len()))
             .collect();
         q.sort();
         q
@@ -544,6 +652,12 @@ impl Scheduler {
     /// running attempts to end. Returns how many were still running.
     pub async fn drain(&self, grace: Duration) -> u64 {
         self.inner.draining.store(true, AtomicOrdering::Relaxed);
+        self.idle(grace).await
+    }
+
+    /// Waits up to `grace` until no attempt is running (without stopping
+    /// anything). Returns how many still were.
+    pub async fn idle(&self, grace: Duration) -> u64 {
         let until = tokio::time::Instant::now() + grace;
         loop {
             let finished = self.inner.finished.notified();
@@ -560,7 +674,21 @@ impl Scheduler {
     /// Queues a task. Refused at once when no agent provides the capability
     /// or the deadline has passed.
     pub fn submit(&self, task: Submit) -> Result<TaskHandle, SubmitError> {
-        submit(&self.inner, task, 0, None)
+        let route = Route::Capability(task.capability.clone());
+        submit(&self.inner, task, route, 0, None, Arc::from([]))
+    }
+
+    /// Queues a message for an agent that subscribes to `subject` (the
+    /// `capability` field of `task` is ignored). One attempt: messages are
+    /// at most once.
+    pub fn submit_message(&self, subject: &str, task: Submit) -> Result<TaskHandle, SubmitError> {
+        let route = Route::Message(subject.to_string());
+        let task = Submit {
+            capability: subject.to_string(),
+            max_attempts: Some(1),
+            ..task
+        };
+        submit(&self.inner, task, route, 0, None, Arc::from([]))
     }
 
     /// Queues a sub-task that another host's agent started (`tasks.call`
@@ -571,7 +699,15 @@ impl Scheduler {
         depth: u32,
         fuel_cap: u64,
     ) -> Result<TaskHandle, SubmitError> {
-        submit(&self.inner, task, depth, Some(fuel_cap))
+        let route = Route::Capability(task.capability.clone());
+        submit(
+            &self.inner,
+            task,
+            route,
+            depth,
+            Some(fuel_cap),
+            Arc::from([]),
+        )
     }
 
     /// Where agents' `messaging` calls go.
@@ -595,7 +731,7 @@ impl Scheduler {
             .state()
             .agents
             .iter()
-            .filter(|e| !e.retired || e.in_flight > 0)
+            .filter(|e| !e.retired || e.in_flight() > 0)
             .map(|e| AgentStats {
                 label: e.label.clone(),
                 capabilities: e
@@ -608,7 +744,7 @@ impl Scheduler {
                 max_in_flight: e.max_in_flight,
                 completed: e.completed,
                 failed: e.failed,
-                in_flight: e.in_flight,
+                in_flight: e.in_flight(),
                 score: e.score(),
                 breaker: e.breaker.state(now),
             })
@@ -619,8 +755,10 @@ impl Scheduler {
 fn submit(
     inner: &Inner,
     task: Submit,
+    route: Route,
     depth: u32,
     fuel_cap: Option<u64>,
+    chain: Arc<[usize]>,
 ) -> Result<TaskHandle, SubmitError> {
     if inner.draining.load(AtomicOrdering::Relaxed) {
         return Err(SubmitError::ShuttingDown);
@@ -632,12 +770,21 @@ fn submit(
     let id = task.id.clone();
     {
         let mut state = inner.state();
-        if !state.index.contains_key(&task.capability) {
-            return Err(SubmitError::UnknownCapability(task.capability));
+        if !state.index.contains_key(&route) {
+            return Err(match route {
+                Route::Capability(c) => SubmitError::UnknownCapability(c),
+                Route::Message(s) => SubmitError::NoSubscriber(s),
+            });
+        }
+        if let Some(slots) = state.held_by_callers(&route, &chain) {
+            return Err(SubmitError::HeldByCallers {
+                capability: route.to_string(),
+                slots,
+            });
         }
         let pending = Pending {
             id: task.id,
-            capability: task.capability,
+            route,
             payload: task.payload,
             priority: task.priority,
             deadline: task.deadline,
@@ -646,6 +793,8 @@ fn submit(
             depth,
             fuel_cap,
             max_attempts: task.max_attempts,
+            chain,
+            submitted: Instant::now(),
         };
         enqueue(&mut state, pending);
     }
@@ -658,7 +807,7 @@ fn enqueue(state: &mut State, task: Pending) {
     let seq = state.seq;
     state
         .queues
-        .entry(task.capability.clone())
+        .entry(task.route.clone())
         .or_default()
         .push(Queued { seq, task });
 }
@@ -678,7 +827,7 @@ async fn dispatch(inner: Arc<Inner>) {
         let draining = inner.draining.load(std::sync::atomic::Ordering::Relaxed);
         let next_breaker = {
             let mut state = inner.state();
-            let caps: Vec<String> = state.queues.keys().cloned().collect();
+            let caps: Vec<Route> = state.queues.keys().cloned().collect();
             for cap in caps {
                 if !state.index.contains_key(&cap) {
                     // The last agent for it was removed.
@@ -700,11 +849,19 @@ async fn dispatch(inner: Arc<Inner>) {
                     let Some(i) = state.pick(&cap, now) else {
                         break;
                     };
+                    let e = &state.agents[i];
+                    // `pick` saw both free; nothing else takes agent slots,
+                    // but a `describe` may take the last engine slot.
+                    let Ok(slot) = e.slots.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    let Some(instance) = e.agent.engine().try_instance_permit() else {
+                        break;
+                    };
                     let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) else {
                         break;
                     };
                     let e = &mut state.agents[i];
-                    e.in_flight += 1;
                     e.breaker.on_send(now);
                     starts.push(Job {
                         agent_index: i,
@@ -712,6 +869,8 @@ async fn dispatch(inner: Arc<Inner>) {
                         label: e.label.clone(),
                         limits: e.limits.clone(),
                         task: q.task,
+                        slot,
+                        instance,
                     });
                 }
             }
@@ -727,13 +886,14 @@ async fn dispatch(inner: Arc<Inner>) {
             }
         };
         for task in expired {
-            fail(&inner, task, TaskError::DeadlineExceeded { ms: 0 }, false);
+            let error = task.deadline_error();
+            fail(&inner, task, error, false);
         }
         for task in orphaned {
-            let error = TaskError::Unavailable(format!(
-                "no agent provides capability {} any more",
-                task.capability
-            ));
+            let error = TaskError::Unavailable(match &task.route {
+                Route::Capability(c) => format!("no agent provides capability {c} any more"),
+                Route::Message(s) => format!("no agent subscribes to {s} any more"),
+            });
             fail(&inner, task, error, false);
         }
         let runners = starts.len();
@@ -756,12 +916,17 @@ async fn dispatch(inner: Arc<Inner>) {
 }
 
 fn fail(inner: &Inner, task: Pending, error: TaskError, dead_letter: bool) {
+    fail_after(inner, task, error, dead_letter, 0);
+}
+
+fn fail_after(inner: &Inner, task: Pending, error: TaskError, dead_letter: bool, fuel_used: u64) {
     let failure = Failure {
         id: task.id,
-        capability: task.capability,
+        capability: task.route.to_string(),
         error,
         attempts: task.attempts,
         dead_letter,
+        fuel_used,
     };
     if dead_letter {
         inner.state().dead.push(failure.clone());
@@ -790,12 +955,15 @@ async fn run(inner: Arc<Inner>, job: Job) {
         label,
         mut limits,
         mut task,
+        slot,
+        instance,
     } = job;
     let started = Instant::now();
+    let mut by_deadline = false;
     if let Some(deadline) = task.deadline {
-        limits.timeout = limits
-            .timeout
-            .min(deadline.saturating_duration_since(started));
+        let left = deadline.saturating_duration_since(started);
+        by_deadline = left < limits.timeout;
+        limits.timeout = limits.timeout.min(left);
     }
     if let Some(cap) = task.fuel_cap {
         limits.fuel = limits.fuel.min(cap);
@@ -810,10 +978,12 @@ async fn run(inner: Arc<Inner>, job: Job) {
     }
     // A message for a subscription reaches the agent with its subject as
     // the capability.
-    let (capability, content_type) = match task.capability.strip_prefix("msg:") {
-        Some(subject) => (subject.to_string(), MESSAGE_CONTENT_TYPE),
-        None => (task.capability.clone(), "application/octet-stream"),
+    let (capability, content_type) = match &task.route {
+        Route::Message(subject) => (subject.clone(), MESSAGE_CONTENT_TYPE),
+        Route::Capability(c) => (c.clone(), "application/octet-stream"),
     };
+    let mut chain = task.chain.to_vec();
+    chain.push(i);
     let request = TaskRequest {
         id: task.id.clone(),
         capability,
@@ -823,24 +993,29 @@ async fn run(inner: Arc<Inner>, job: Job) {
         calls: Some(CallContext {
             depth: task.depth,
             tasks: Arc::new(Router {
-                loan: Arc::new(Loan {
-                    inner: inner.clone(),
-                    agent: i,
-                    waiting: Mutex::new(0),
-                }),
+                inner: inner.clone(),
+                chain: Arc::from(chain),
                 priority: task.priority,
                 seq: AtomicU64::new(0),
             }),
             bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
     };
-    let result = agent.handle(request, &limits).await;
+    let Outcome {
+        mut result,
+        fuel_used,
+    } = agent.run(request, &limits, Some(instance)).await;
+    if by_deadline && matches!(result, Err(TaskError::DeadlineExceeded { .. })) {
+        // Cut by the task's deadline, not the agent's timeout: name that one.
+        result = Err(task.deadline_error());
+    }
+    // The attempt is over: its slot is free before anything else happens.
+    drop(slot);
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let now = Instant::now();
     let backoff = {
         let mut state = inner.state();
         let e = &mut state.agents[i];
-        e.in_flight = e.in_flight.saturating_sub(1);
         e.latency_ms = 0.9 * e.latency_ms + 0.1 * elapsed_ms;
         match &result {
             Ok(_) => {
@@ -878,14 +1053,14 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 error: error.clone(),
             });
             if !error.is_retryable() {
-                fail(&inner, task, error, false);
+                fail_after(&inner, task, error, false, fuel_used);
             } else if task.attempts.len() as u32 >= task.max_attempts(&inner.config)
                 || task.deadline.is_some_and(|d| d <= now + backoff)
             {
                 // A sub-task's failure goes back to its caller, not to the
                 // dead letters.
                 let dead = task.depth == 0;
-                fail(&inner, task, error, dead);
+                fail_after(&inner, task, error, dead, fuel_used);
             } else {
                 if let Some(hook) = &inner.on_attempt {
                     hook(AttemptEvent::Retrying { id: &task.id });
@@ -899,25 +1074,26 @@ async fn run(inner: Arc<Inner>, job: Job) {
 }
 
 /// Runs the `tasks.call` sub-tasks of one task through the same queues as
-/// every other task.
+/// every other task. The caller keeps its slot while it waits: a plugin's
+/// instances, waiting callers included, never exceed its slots.
 struct Router {
-    loan: Arc<Loan>,
+    inner: Arc<Inner>,
+    /// The agents of this task and of its callers, one entry each.
+    chain: Arc<[usize]>,
     priority: i32,
     seq: AtomicU64,
 }
 
 impl SubTasks for Router {
     fn call(&self, mut call: SubCall) -> SubCallFuture {
-        let loan = self.loan.clone();
         let n = self.seq.fetch_add(1, AtomicOrdering::Relaxed) + 1;
         let id = format!("{}.{n}", call.parent);
-        let remote = self.loan.inner.remote();
-        if !self.loan.inner.state().index.contains_key(&call.capability) {
-            if let Some(remote) = remote {
+        let route = Route::Capability(call.capability.clone());
+        if !self.inner.state().index.contains_key(&route) {
+            if let Some(remote) = self.inner.remote() {
                 // No local agent: another host's, through the cluster.
                 let priority = self.priority;
                 return Box::pin(async move {
-                    let _waiting = Loan::enter(&loan);
                     call.parent = id;
                     remote.call(call, priority).await
                 });
@@ -931,58 +1107,32 @@ impl SubTasks for Router {
             deadline: Some(call.deadline),
             max_attempts: Some(1),
         };
+        let submitted = submit(
+            &self.inner,
+            task,
+            route,
+            call.depth,
+            Some(call.fuel),
+            self.chain.clone(),
+        );
         Box::pin(async move {
-            let _waiting = Loan::enter(&loan);
-            let handle =
-                submit(&loan.inner, task, call.depth, Some(call.fuel)).map_err(|e| match e {
-                    SubmitError::DeadlinePassed => TaskError::DeadlineExceeded { ms: 0 },
-                    other => TaskError::Unavailable(other.to_string()),
-                })?;
-            handle.wait().await.map(|c| c.output).map_err(|f| f.error)
+            let handle = match submitted {
+                Ok(h) => h,
+                Err(SubmitError::DeadlinePassed) => {
+                    return Outcome::failed(TaskError::DeadlineExceeded { ms: 0 })
+                }
+                Err(other) => return Outcome::failed(TaskError::Unavailable(other.to_string())),
+            };
+            match handle.wait().await {
+                Ok(done) => Outcome {
+                    fuel_used: done.output.fuel_used,
+                    result: Ok(done.output),
+                },
+                Err(failure) => Outcome {
+                    fuel_used: failure.fuel_used,
+                    result: Err(failure.error),
+                },
+            }
         })
-    }
-}
-
-/// The caller gives its slot back while it waits for sub-tasks, so that
-/// callers cannot fill every slot of the agents they wait for (a task
-/// calling its own capability would otherwise deadlock until its deadline).
-/// Its instance stays alive; the depth and fan-out bounds and the engine's
-/// instance slots bound how many. One loan covers every sub-task the caller
-/// waits for at once (`call-all`).
-struct Loan {
-    inner: Arc<Inner>,
-    agent: usize,
-    /// Sub-tasks the caller waits for now.
-    waiting: Mutex<u32>,
-}
-
-impl Loan {
-    fn enter(loan: &Arc<Loan>) -> LoanGuard {
-        let mut waiting = loan.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if *waiting == 0 {
-            if let Some(e) = loan.inner.state().agents.get_mut(loan.agent) {
-                e.in_flight = e.in_flight.saturating_sub(1);
-            }
-            loan.inner.wake.notify_one();
-        }
-        *waiting += 1;
-        LoanGuard(loan.clone())
-    }
-}
-
-/// Ends one sub-task's wait; the last one takes the slot back, also when
-/// the caller is cut off.
-struct LoanGuard(Arc<Loan>);
-
-impl Drop for LoanGuard {
-    fn drop(&mut self) {
-        let loan = &self.0;
-        let mut waiting = loan.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        *waiting = waiting.saturating_sub(1);
-        if *waiting == 0 {
-            if let Some(e) = loan.inner.state().agents.get_mut(loan.agent) {
-                e.in_flight += 1;
-            }
-        }
     }
 }

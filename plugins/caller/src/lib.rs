@@ -6,6 +6,10 @@
 //!   `N`, so `N` is the depth the chain reaches.
 //! - `test.fanout`: payload `N`; calls `echo` N times at once with `call-all`
 //!   and returns how many answered.
+//! - `test.tree`: payload `W D`; with D > 0 calls itself W times at once
+//!   with `W D-1` (`call-all`); at D = 0 it spins until its deadline. Every
+//!   call tree it makes ends on a deadline: a stress case for slot
+//!   accounting.
 
 use orch_sdk::{export_agent, tasks, Agent, Descriptor, Task, TaskError};
 
@@ -17,6 +21,7 @@ impl Agent for Caller {
             .capability("test.call", "1.0.0", "calls another capability once")
             .capability("test.recurse", "1.0.0", "calls itself N times deep")
             .capability("test.fanout", "1.0.0", "calls echo N times at once")
+            .capability("test.tree", "1.0.0", "calls itself W wide and D deep, then spins")
     }
 
     fn handle(task: Task) -> Result<Vec<u8>, TaskError> {
@@ -66,6 +71,24 @@ impl Agent for Caller {
                     }
                 }
                 Ok(answered.to_string().into_bytes())
+            }
+            "test.tree" => {
+                let mut numbers = text.split_whitespace().map(|n| n.parse::<u32>());
+                let (Some(Ok(width)), Some(Ok(depth))) = (numbers.next(), numbers.next()) else {
+                    return Err(TaskError::InvalidInput(format!("{text:?} is not `W D`")));
+                };
+                if depth == 0 {
+                    let mut x = width as u64;
+                    loop {
+                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                    }
+                }
+                let payload = format!("{width} {}", depth - 1);
+                let requests: Vec<_> = (0..width)
+                    .map(|_| tasks::request("test.tree", payload.as_bytes(), None))
+                    .collect();
+                let done = tasks::call_all(&requests).iter().filter(|r| r.is_ok()).count();
+                Ok(done.to_string().into_bytes())
             }
             other => Err(TaskError::InvalidInput(format!(
                 "unknown capability {other}"

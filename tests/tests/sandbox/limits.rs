@@ -325,3 +325,183 @@ async fn max_instances_inside_the_limit_runs_past_it_waits() {
         assert!(first.is_ok(), "{first:?}");
     }
 }
+
+/// A result too large even to read (past the host-call data budget) is
+/// reported as a result too large with both figures, not as a host call.
+#[tokio::test]
+async fn a_result_past_what_the_host_reads_is_reported_as_too_large() {
+    let h = Harness::new();
+    let echo = h.load("echo").await;
+    let limits = Limits {
+        max_hostcall_data: 128 << 10,
+        max_result: 1024,
+        ..Limits::default()
+    };
+    assert_eq!(
+        run(&echo, &vec![b'r'; 100 << 10], &limits)
+            .await
+            .unwrap_err(),
+        TaskError::ResultTooLarge {
+            size: 100 << 10,
+            limit: 1024
+        }
+    );
+    let err = run(&echo, &vec![b'r'; 256 << 10], &limits)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        TaskError::ResultTooLargeToRead {
+            read: 128 << 10,
+            limit: 1024
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "result too large: the agent returned more than 131072 bytes, past the limit of 1024 bytes"
+    );
+}
+
+/// The panic text reaches the host through one `log` line; a line is kept
+/// whole up to 16 KiB and cut past it. Control characters are escaped first
+/// (the SDK's message has a newline), so the limit is on the escaped text.
+#[tokio::test]
+async fn a_log_line_of_16_kib_is_kept_and_a_longer_one_cut() {
+    let h = Harness::new();
+    let panic = h.load("panic").await;
+    let guest = |err: TaskError| match err {
+        TaskError::Trap { guest: Some(g), .. } => g,
+        other => panic!("expected a trap with the panic text: {other}"),
+    };
+    let short = guest(run(&panic, b"x", &Limits::default()).await.unwrap_err());
+    assert!(!short.contains('\n'), "escaped: {short:?}");
+    // The guest text is "panicked at FILE:LINE:COL:\nagent gave up: x".
+    let overhead = short.len() - 1;
+    let inside = vec![b'i'; 16384 - overhead];
+    let text = guest(run(&panic, &inside, &Limits::default()).await.unwrap_err());
+    assert_eq!(text.len(), 16384);
+    assert!(!text.ends_with("[truncated]"));
+    let past = vec![b'p'; 16385 - overhead];
+    let text = guest(run(&panic, &past, &Limits::default()).await.unwrap_err());
+    assert!(
+        text.ends_with("pp [truncated]"),
+        "{}",
+        &text[text.len() - 40..]
+    );
+    assert_eq!(text.len(), 16384 + " [truncated]".len());
+}
+
+/// A guest's log line with a newline stays one line: the newline and any
+/// terminal escape are written as escapes.
+#[tokio::test]
+async fn guest_text_cannot_start_a_new_log_line() {
+    let h = Harness::new();
+    let panic = h.load("panic").await;
+    let forged = b"x\n2026-11-29T10:00:00Z ERROR orch::host: forged\x1b[2K\r";
+    let err = run(&panic, forged, &Limits::default()).await.unwrap_err();
+    let TaskError::Trap {
+        guest: Some(text), ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    assert!(
+        text.ends_with(
+            "agent gave up: x\\n2026-11-29T10:00:00Z ERROR orch::host: forged\\u{1b}[2K\\r"
+        ),
+        "{text}"
+    );
+    assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+}
+
+/// A message of 1 MiB passes the size check (and then finds no bus under a
+/// lone agent); one byte more is refused by size.
+#[tokio::test]
+async fn a_message_of_1_mib_is_accepted_and_one_byte_more_refused() {
+    let h = Harness::new();
+    let messenger = h.load("messenger").await;
+    let publish = |n: usize| {
+        let mut payload = b"ping.hello\n".to_vec();
+        payload.extend(std::iter::repeat_n(b'm', n));
+        payload
+    };
+    let out = orch_tests::run_capability(
+        &messenger,
+        "test.publish",
+        &publish(MIB as usize),
+        &Limits::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.result),
+        "error: messaging is not available here: it needs a host (`orch host start`)"
+    );
+    let out = orch_tests::run_capability(
+        &messenger,
+        "test.publish",
+        &publish(MIB as usize + 1),
+        &Limits::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.result),
+        format!(
+            "error: message of {} bytes is larger than the limit of {MIB} bytes",
+            MIB + 1
+        )
+    );
+}
+
+/// Every instance slot of the engine busy: one task more waits for a slot
+/// within its deadline instead of failing for lack of one, and never starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_past_the_engine_slots_waits_for_one() {
+    let h = Harness::new();
+    let slots = h.engine.free_instances();
+    assert_eq!(slots, 16);
+    let spin = std::sync::Arc::new(h.load("spin").await);
+    // Loaded first: loading calls `describe`, which needs a slot too.
+    let echo = h.load("echo").await;
+    let long = Limits {
+        fuel: u64::MAX,
+        timeout: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..slots {
+        let (spin, long) = (spin.clone(), long.clone());
+        running.spawn(async move { run(&spin, b"", &long).await });
+    }
+    // All 16 take a slot: that is inside the limit.
+    while h.engine.free_instances() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let short = Limits {
+        timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let task = orch::TaskRequest {
+        id: "17th".into(),
+        capability: "echo".into(),
+        payload: b"hi".to_vec(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let outcome = echo.run(task, &short, None).await;
+    assert_eq!(
+        outcome.result.unwrap_err(),
+        TaskError::DeadlineExceeded { ms: 200 }
+    );
+    assert_eq!(outcome.fuel_used, 0, "it never started");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    while let Some(done) = running.join_next().await {
+        assert!(matches!(
+            done.unwrap(),
+            Err(TaskError::DeadlineExceeded { ms: 3000 })
+        ));
+    }
+    assert_eq!(h.engine.free_instances(), slots);
+    assert_eq!(run_ok(&echo, b"hi", &Limits::default()).await, "hi");
+}

@@ -97,11 +97,11 @@ async fn planner_counts_each_section_through_wordcount() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn call_depth_is_bounded_and_recursion_does_not_deadlock() {
+async fn call_depth_is_bounded() {
     let h = Harness::new();
-    // One slot: every level of the recursion waits for the next one on the
-    // same agent, which only works because a waiting caller lends its slot.
-    let s = team(&h, &[("caller", 1, Limits::default())]).await;
+    // A chain of 4 calls holds 5 instances at once: the top task and one per
+    // level, each waiting for the next.
+    let s = team(&h, &[("caller", 5, Limits::default())]).await;
     let limit = Limits::default().max_call_depth;
     assert_eq!(limit, 4);
     let done = submit(&s, "test.recurse", "4").await.unwrap();
@@ -117,6 +117,24 @@ async fn call_depth_is_bounded_and_recursion_does_not_deadlock() {
         message.contains("refused: call depth 5 is past the limit of 4"),
         "{message}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_every_slot_is_held_by_its_own_callers_fails_at_once() {
+    let h = Harness::new();
+    // Waiting callers keep their slots: two slots hold a chain of two.
+    let s = team(&h, &[("caller", 2, Limits::default())]).await;
+    assert_eq!(text(&submit(&s, "test.recurse", "1").await.unwrap()), "1");
+    // A third level could only run once one of its own callers ended: it
+    // fails when it is called instead of waiting out the 10 s deadline.
+    let started = std::time::Instant::now();
+    let failure = submit(&s, "test.recurse", "2").await.unwrap_err();
+    let message = failure.error.to_string();
+    assert!(
+        message.contains("capability test.recurse cannot run: every one of its 2 instance slot(s) is held by this task's own callers"),
+        "{message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,4 +262,194 @@ async fn sub_task_fuel_is_charged_to_the_caller() {
     // leaves the caller without fuel, although spin's own limit is unbounded.
     let failure = submit(&s, "test.call", "test.spin\n").await.unwrap_err();
     assert_eq!(failure.error, TaskError::FuelExhausted { limit: 5_000_000 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_trapped_sub_tasks_are_charged_to_the_caller() {
+    let h = Harness::new();
+    let unbounded = Limits {
+        fuel: u64::MAX,
+        ..Limits::default()
+    };
+    let caller_limits = Limits {
+        fuel: 2_000_000_000,
+        ..Limits::default()
+    };
+    let s = team(
+        &h,
+        &[
+            ("caller", 2, caller_limits),
+            ("panic", 2, Limits::default()),
+            ("spin", 2, unbounded),
+        ],
+    )
+    .await;
+    // A failure, a trap and a deadline each cost the caller what the callee
+    // used (they used to cost nothing, so failing on purpose multiplied a
+    // caller's budget).
+    for (payload, outcome) in [
+        ("test.recurse\nnot a number", "invalid-input"),
+        ("test.panic\nboom", "trap"),
+        ("test.spin 20\n", "deadline-exceeded"),
+    ] {
+        let done = submit(&s, "test.call", payload).await.unwrap();
+        let call = &done.output.calls[0];
+        assert_eq!(call.outcome, outcome, "{call:?}");
+        assert!(call.fuel_used > 0, "{call:?}");
+        assert!(call.fuel_used <= call.fuel_limit, "{call:?}");
+        assert_eq!(done.output.subtask_fuel, call.fuel_used);
+        assert!(done.output.fuel_used > call.fuel_used);
+    }
+}
+
+/// Deterministic pseudo-random numbers for the stress test (xorshift64).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_slots_equal_running_attempts_after_random_cancellations() {
+    let h = Harness::new();
+    let limits = Limits {
+        fuel: u64::MAX,
+        ..Limits::default()
+    };
+    let max = 4;
+    let s = team(
+        &h,
+        &[("caller", max, limits), ("echo", 2, Limits::default())],
+    )
+    .await;
+    let total = h.engine.free_instances();
+    let seed: u64 = 0x0005_eed0_f510;
+    let mut rng = Rng(seed);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        // Trees up to 8 wide and 3 deep that fan out to their own plugin
+        // and all end on a deadline between 5 and 200 ms, at every level.
+        let (w, d) = (1 + rng.below(8), rng.below(4));
+        let deadline = Duration::from_millis(5 + rng.below(196));
+        let handle = s
+            .submit(Submit {
+                id: format!("tree-{i}"),
+                capability: "test.tree".into(),
+                payload: format!("{w} {d}").into_bytes(),
+                deadline: Some(std::time::Instant::now() + deadline),
+                ..Submit::default()
+            })
+            .unwrap();
+        let s = s.clone();
+        tasks.spawn(async move {
+            let outcome = handle.wait().await;
+            let busy = s
+                .stats()
+                .iter()
+                .find(|a| a.label == "caller")
+                .unwrap()
+                .in_flight;
+            (outcome, busy)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        let (outcome, busy) = joined.unwrap();
+        // A tree ends on its deadline, or just before it when its callees,
+        // which share that deadline, failed first.
+        if let Err(failure) = outcome {
+            assert!(
+                matches!(failure.error, TaskError::DeadlineExceeded { .. }),
+                "seed {seed:#x}: {:?}",
+                failure.error
+            );
+        }
+        assert!(busy <= max, "seed {seed:#x}: {busy} busy slots of {max}");
+    }
+    // Sub-tasks end on their own deadlines, which are never past their
+    // callers'; then nothing runs and nothing is held.
+    assert_eq!(s.idle(Duration::from_secs(10)).await, 0);
+    for agent in s.stats() {
+        assert_eq!(agent.in_flight, 0, "seed {seed:#x}: {agent:?}");
+    }
+    assert_eq!(h.engine.free_instances(), total);
+    // And the agent takes new work at once.
+    let done = submit(&s, "test.fanout", "2").await.unwrap();
+    assert_eq!(text(&done), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_plugin_cannot_starve_another_of_instances() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let h = Harness::new();
+    let slots = h.engine.free_instances() as u32;
+    assert_eq!(slots, 16);
+    let limits = Limits {
+        fuel: u64::MAX,
+        ..Limits::default()
+    };
+    // Attempts started on caller, counted by the scheduler's hook.
+    let started = Arc::new((AtomicU32::new(0), tokio::sync::Notify::new()));
+    let hook_started = started.clone();
+    let s = Scheduler::with_attempt_hook(
+        SchedulerConfig::default(),
+        Arc::new(move |event| {
+            if let orch::scheduler::AttemptEvent::Started {
+                agent: "caller", ..
+            } = event
+            {
+                hook_started.0.fetch_add(1, Ordering::SeqCst);
+                hook_started.1.notify_waiters();
+            }
+        }),
+    );
+    // caller may have every engine slot by its own limit; echo gets 4.
+    s.add_agent("caller", Arc::new(h.load("caller").await), limits, slots);
+    s.add_agent("echo", Arc::new(h.load("echo").await), Limits::default(), 4);
+    let mut trees = Vec::new();
+    for i in 0..4 {
+        trees.push(
+            s.submit(Submit {
+                id: format!("tree-{i}"),
+                capability: "test.tree".into(),
+                payload: b"4 3".to_vec(),
+                deadline: Some(std::time::Instant::now() + Duration::from_secs(5)),
+                ..Submit::default()
+            })
+            .unwrap(),
+        );
+    }
+    // The trees want far more instances than there are, and none of their
+    // attempts ends before the deadline: wait until they hold all they may,
+    // every engine slot but echo's share.
+    let allowed = slots - 4;
+    loop {
+        let notified = started.1.notified();
+        if started.0.load(Ordering::SeqCst) >= allowed {
+            break;
+        }
+        notified.await;
+    }
+    let held = |s: &Scheduler| {
+        s.stats()
+            .iter()
+            .find(|a| a.label == "caller")
+            .unwrap()
+            .in_flight
+    };
+    assert_eq!(held(&s), allowed);
+    // echo still gets instances: its tasks run while the trees wait.
+    for i in 0..20 {
+        let done = submit(&s, "echo", &format!("e{i}")).await.unwrap();
+        assert_eq!(text(&done), format!("e{i}"));
+    }
+    assert_eq!(held(&s), allowed, "the trees are still waiting");
+    assert_eq!(started.0.load(Ordering::SeqCst), allowed);
+    for tree in trees {
+        assert!(tree.wait().await.is_err());
+    }
 }

@@ -125,3 +125,44 @@ async fn a_looping_task_does_not_hold_up_others() {
         "{err}"
     );
 }
+
+/// A JavaScript stack overflow (and any exception thrown out of `handle`)
+/// is a trap that names the exception, not componentize-js's complaint
+/// about a task-error variant.
+#[tokio::test]
+async fn a_javascript_exception_is_a_trap_named_by_the_exception() {
+    let h = Harness::new();
+    let js = h.load("fixture-js").await;
+    for (capability, payload, exception) in [
+        (
+            "test.recurse",
+            &b""[..],
+            "InternalError: too much recursion",
+        ),
+        (
+            "test.throw",
+            &b"the disk is on fire"[..],
+            "Error: the disk is on fire",
+        ),
+    ] {
+        let err = orch_tests::run_capability(&js, capability, payload, &Limits::default())
+            .await
+            .unwrap_err();
+        let TaskError::Trap {
+            guest: Some(text), ..
+        } = &err
+        else {
+            panic!("{capability}: expected a trap with the guest's account: {err}");
+        };
+        assert_eq!(
+            text,
+            &format!("threw an uncaught exception: {exception}"),
+            "{capability}"
+        );
+    }
+    // And the next task runs in a fresh instance.
+    let out = orch_tests::run_capability(&js, "test.echo", b"still here", &Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(out.result, b"still here");
+}
