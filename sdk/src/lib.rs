@@ -44,7 +44,9 @@ pub mod messaging;
 pub mod tasks;
 
 /// What an agent implements. Both functions run in a fresh instance for every
-/// call unless the operator configures otherwise, so keep state in [`kv`].
+/// call (the host has no setting to reuse instances), so nothing in memory
+/// survives from one call to the next; keep state in [`kv`], which in a
+/// cluster is per host.
 pub trait Agent {
     /// Names the agent and the capabilities it provides. The host calls it once
     /// when it loads the component.
