@@ -16,6 +16,7 @@
 //! shutdown_grace = "30s"       # how long SIGTERM waits for running tasks
 //! instances = 16               # tasks at once per plugin without max_instances
 //! max_attempts = 3             # attempts per task for retryable failures
+//! max_unfinished = 100000      # accepted tasks not yet ended; more are refused (429)
 //!
 //! [kv]                         # per kv namespace (per plugin)
 //! max_bytes = "64MiB"          # keys and values together
@@ -66,6 +67,7 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     pub instances: u32,
     pub max_attempts: u32,
+    pub max_unfinished: usize,
 }
 
 /// The API address when neither the config nor `--listen` names one.
@@ -79,6 +81,7 @@ impl Default for DaemonConfig {
             shutdown_grace: Duration::from_secs(30),
             instances: 16,
             max_attempts: 3,
+            max_unfinished: 100_000,
         }
     }
 }
@@ -126,6 +129,7 @@ struct HostFile {
     shutdown_grace: Option<String>,
     instances: Option<u32>,
     max_attempts: Option<u32>,
+    max_unfinished: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -192,6 +196,12 @@ impl HostConfig {
                 return Err(err("host.instances: must be at least 1".into()));
             }
             config.host.instances = n;
+        }
+        if let Some(n) = file.host.max_unfinished {
+            if n == 0 {
+                return Err(err("host.max_unfinished: must be at least 1".into()));
+            }
+            config.host.max_unfinished = n;
         }
         if let Some(n) = file.host.max_attempts {
             if n == 0 {

@@ -665,3 +665,121 @@ fn a_server_in_operator_mode_admits_a_host_with_user_credentials() {
     let creds = auth.creds.display().to_string();
     joins_and_runs_echo(&orch, &nats, &["--nats-creds", &creds], "with credentials");
 }
+
+/// Publishes a task message with `headers` on `orch.v1.task.<capability>`
+/// as a plain JetStream client would.
+fn publish_raw(nats: &NatsServer, capability: &str, headers: &[(&str, &str)], body: &[u8]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut map = async_nats::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, *v);
+        }
+        js.publish_with_headers(
+            format!("orch.v1.task.{capability}"),
+            map,
+            body.to_vec().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    });
+}
+
+fn cluster_counter(h: &HostProc, name: &str) -> u64 {
+    let (_, status) = h.get("/v1/status");
+    status["cluster"][name].as_u64().unwrap()
+}
+
+#[test]
+fn a_message_that_cannot_be_a_task_is_ended_not_redelivered() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "echo", 1);
+    publish_raw(&nats, "echo", &[("Nats-Msg-Id", "m1")], b"no id");
+    publish_raw(
+        &nats,
+        "echo",
+        &[("Nats-Msg-Id", "m2"), ("Orch-Task-Id", "not an id!")],
+        b"bad id",
+    );
+    ha.until("both messages terminated", |h| {
+        cluster_counter(h, "terminated") == 2
+    });
+    // A valid task behind them runs, and nothing is delivered again: the
+    // host has seen each message once.
+    publish_raw(
+        &nats,
+        "echo",
+        &[("Nats-Msg-Id", "m3"), ("Orch-Task-Id", "fine-1")],
+        b"ok",
+    );
+    assert_eq!(ha.wait("fine-1")["result"], "ok");
+    assert_eq!(cluster_counter(&ha, "redelivered"), 0);
+    assert_eq!(cluster_counter(&ha, "terminated"), 2);
+}
+
+#[test]
+fn a_second_message_for_a_task_id_does_not_run_the_agent_again() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("counter")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "counter", 1);
+    publish_raw(
+        &nats,
+        "counter",
+        &[("Nats-Msg-Id", "first"), ("Orch-Task-Id", "job-7")],
+        b"",
+    );
+    assert_eq!(ha.wait("job-7")["result"], "1");
+    // The same task id under another message id (or after the duplicate
+    // window): the stream takes it, the host does not run it.
+    publish_raw(
+        &nats,
+        "counter",
+        &[("Nats-Msg-Id", "second"), ("Orch-Task-Id", "job-7")],
+        b"",
+    );
+    ha.until("the second message is acked as a duplicate", |h| {
+        cluster_counter(h, "duplicates") == 1
+    });
+    assert_eq!(ha.wait("job-7")["result"], "1");
+    let id = ha.submit("counter", "");
+    assert_eq!(ha.wait(&id)["result"], "2", "counter ran once for job-7");
+}
+
+#[test]
+fn a_result_too_large_to_store_is_the_tasks_error_not_a_rerun() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "echo", 1);
+    // 800 KiB fits a NATS message (1 MiB); its result in base64 does not.
+    let id = ha.submit("echo", &"x".repeat(800 << 10));
+    let task = ha.wait(&id);
+    assert_eq!(task["status"], "failed", "{}", task["error"]);
+    assert_eq!(task["error"]["kind"], "result-too-large");
+    assert!(
+        task["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_payload"),
+        "{}",
+        task["error"]
+    );
+    assert_eq!(task["attempts"], 1);
+    assert_eq!(cluster_counter(&ha, "redelivered"), 0);
+    // The host goes on serving.
+    let id = ha.submit("echo", "small");
+    assert_eq!(ha.wait(&id)["result"], "small");
+}

@@ -438,6 +438,80 @@ fn a_payload_of_16_mib_is_accepted_over_http_and_one_byte_more_is_413() {
 }
 
 #[test]
+fn accepted_tasks_are_bounded_with_a_429_as_a_pair() {
+    let orch = Orch::new();
+    orch.config("[host]\nmax_unfinished = 2\n");
+    let wasm = orch.work.path().join("spin.wasm");
+    std::fs::copy(p("spin"), &wasm).unwrap();
+    std::fs::write(
+        orch.work.path().join("spin.toml"),
+        "[plugin]\nname = \"spin\"\nversion = \"0.1.0\"\ncapabilities = [\"test.spin\"]\n[limits]\nfuel = 10000000000\nmax_instances = 1\n",
+    )
+    .unwrap();
+    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+    let host = HostProc::start(&orch);
+    let spin = json!({ "capability": "test.spin", "input": "x", "deadline": "2s" });
+    let inside: Vec<String> = (0..2)
+        .map(|_| {
+            let (code, task) = host.post("/v1/tasks", &spin);
+            assert_eq!(code, 201, "{task}");
+            task["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (code, refused) = host.post("/v1/tasks", &spin);
+    assert_eq!(code, 429, "{refused}");
+    assert_eq!(refused["error"]["kind"], "no-capacity", "{refused}");
+    // The CLI says so with its own exit code: try again later.
+    let out = orch.run(&[
+        "task",
+        "submit",
+        "--capability",
+        "test.spin",
+        "--api",
+        &host.url,
+    ]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no capacity"), "{}", stderr(&out));
+    for id in inside {
+        assert_eq!(host.wait(&id)["status"], "failed");
+    }
+    let (code, task) = host.post("/v1/tasks", &spin);
+    assert_eq!(code, 201, "room again: {task}");
+}
+
+#[test]
+fn a_missed_deadline_names_the_deadline_given() {
+    let orch = Orch::new();
+    let wasm = orch.work.path().join("spin.wasm");
+    std::fs::copy(p("spin"), &wasm).unwrap();
+    std::fs::write(
+        orch.work.path().join("spin.toml"),
+        "[plugin]\nname = \"spin\"\nversion = \"0.1.0\"\ncapabilities = [\"test.spin\"]\n[limits]\nfuel = 10000000000\nmax_instances = 1\n",
+    )
+    .unwrap();
+    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+    let host = HostProc::start(&orch);
+    // One runs into its deadline; one waits behind it past its own.
+    let running = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "test.spin", "input": "x", "deadline": "400ms" }),
+    );
+    let queued = host.post(
+        "/v1/tasks",
+        &json!({ "capability": "test.spin", "input": "y", "deadline": "200ms" }),
+    );
+    for ((_, task), given) in [(running, 400), (queued, 200)] {
+        let done = host.wait(task["id"].as_str().unwrap());
+        assert_eq!(done["error"]["kind"], "deadline-exceeded", "{done}");
+        assert_eq!(
+            done["error"]["message"],
+            format!("deadline exceeded: the task ran past its deadline of {given} ms"),
+            "{done}"
+        );
+    }
+}
+
+#[test]
 fn capabilities_and_message_subjects_are_apart() {
     let orch = Orch::new();
     orch.ok(&["plugin", "install", "-y", &p("messenger")]);

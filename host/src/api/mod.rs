@@ -77,7 +77,10 @@ impl From<HostError> for ApiError {
             }
             HostError::NotFound(_) => StatusCode::NOT_FOUND,
             HostError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            HostError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            HostError::NoCapacity { .. } => StatusCode::TOO_MANY_REQUESTS,
+            HostError::ShuttingDown | HostError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             HostError::Journal(_) | HostError::Plugin(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.kind(), e.to_string())
@@ -305,6 +308,8 @@ async fn status(
             "hosts": c.members(),
             "fenced": router.as_ref().map_or(0, |r| r.fenced()),
             "redelivered": router.as_ref().map_or(0, |r| r.redelivered()),
+            "terminated": router.as_ref().map_or(0, |r| r.terminated()),
+            "duplicates": router.as_ref().map_or(0, |r| r.duplicates()),
         })),
     }))
 }

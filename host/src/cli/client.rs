@@ -87,6 +87,7 @@ impl Client {
                 "not-found" | "unknown-capability" | "invalid-request" | "payload-too-large" => {
                     exit::BAD_INPUT
                 }
+                "unavailable" | "shutting-down" | "no-capacity" => exit::UNAVAILABLE,
                 _ => exit::ERROR,
             };
             return Err(Failed(code));

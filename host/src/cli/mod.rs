@@ -32,11 +32,15 @@ pub mod exit {
     pub const LIMIT: u8 = 4;
     /// The agent failed: a trap (panic) or a `failed`/`retryable` answer.
     pub const AGENT_FAILED: u8 = 5;
+    /// The host or what it depends on (the NATS server) is unavailable, or
+    /// has no room now: the same command may succeed when retried.
+    pub const UNAVAILABLE: u8 = 6;
 }
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 error, 2 usage, 3 bad input (file, component, payload, invalid-input),
-4 limit exceeded (fuel, memory, deadline, result size), 5 agent failed (trap, panic, failed).
+4 limit exceeded (fuel, memory, deadline, result size), 5 agent failed (trap, panic, failed),
+6 unavailable (the host's NATS server, no room now): retry.
 
 Environment: ORCH_HOME is the data directory (default ~/.orch): installed plugins, kv store,
 compiled-component cache, task journal, and config.toml (limit maxima, signature policy, host).

@@ -228,11 +228,7 @@ fn read_payload(input: Option<&str>, limit: u64) -> Result<Vec<u8>, (u8, String)
     Ok(buf)
 }
 
-/// A task id unique enough for one process: time in nanoseconds plus the pid.
+/// A task id as the host makes them: `t` and a ULID.
 fn task_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{nanos:x}-{:x}", std::process::id())
+    format!("t{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }

@@ -95,6 +95,29 @@ fn id_for_key(key: &str) -> String {
 struct Counters {
     fenced: AtomicU64,
     redelivered: AtomicU64,
+    /// Task messages ended without running: no valid task id.
+    terminated: AtomicU64,
+    /// Task messages acked without running: their id already ran.
+    duplicates: AtomicU64,
+}
+
+/// Whether `id` can name a task: 1-64 of letters, digits, '-', '_' and
+/// '.' (every such id is a valid KV key). A message with any other id is
+/// terminated, never redelivered.
+pub fn is_task_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && !id.ends_with('.')
+        && !id.contains("..")
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// KV key of the claim that an id has been taken to run.
+fn claim_key(id: &str) -> String {
+    format!("run.{id}")
 }
 
 /// The JetStream side of a host in a cluster.
@@ -121,6 +144,9 @@ pub struct TaskRouter {
     /// The cluster's member table, for the capabilities of live hosts.
     members: Members,
     url: String,
+    /// The largest value the server stores (its max_payload, less room for
+    /// the headers of a KV write).
+    max_value: usize,
 }
 
 impl TaskRouter {
@@ -148,10 +174,14 @@ impl TaskRouter {
             })
             .await
             .map_err(|e| err("stream ORCH_TASKS", &e))?;
+        // Finished tasks are kept for `[host] retention`, as on a lone host:
+        // the server drops results, records and claims older than that.
+        let retention = host.config().host.retention;
         let bucket = |name: &str| kv::Config {
             bucket: name.to_string(),
             history: 1,
             storage: stream::StorageType::File,
+            max_age: retention,
             ..Default::default()
         };
         let queued = match js.get_key_value(QUEUED).await {
@@ -179,22 +209,30 @@ impl TaskRouter {
                 .await
                 .map_err(|e| err("bucket ORCH_RESULTS", &e))?,
         };
-        // A bucket made before results were republished gets it now.
-        let mut backing = js
-            .get_stream(format!("KV_{RESULTS}"))
-            .await
-            .map_err(|e| err("bucket ORCH_RESULTS", &e))?;
-        let mut config = backing
-            .info()
-            .await
-            .map_err(|e| err("bucket ORCH_RESULTS", &e))?
-            .config
-            .clone();
-        if config.republish.as_ref() != Some(&republish) {
-            config.republish = Some(republish);
-            js.update_stream(config)
+        // A bucket made before results were republished, or with another
+        // retention, gets this host's settings now.
+        for (name, republish) in [(RESULTS, Some(republish)), (QUEUED, None)] {
+            let mut backing = js
+                .get_stream(format!("KV_{name}"))
                 .await
-                .map_err(|e| err("bucket ORCH_RESULTS: add republish", &e))?;
+                .map_err(|e| err(name, &e))?;
+            let mut config = backing
+                .info()
+                .await
+                .map_err(|e| err(name, &e))?
+                .config
+                .clone();
+            let stale = (republish.is_some() && config.republish != republish)
+                || config.max_age != retention;
+            if stale {
+                if republish.is_some() {
+                    config.republish = republish;
+                }
+                config.max_age = retention;
+                js.update_stream(config)
+                    .await
+                    .map_err(|e| err(&format!("bucket {name}: update"), &e))?;
+            }
         }
         let router = Arc::new(TaskRouter {
             js,
@@ -211,6 +249,7 @@ impl TaskRouter {
             pending: Arc::new(Mutex::new(HashMap::new())),
             members: cluster.members.clone(),
             url,
+            max_value: (cluster.client.server_info().max_payload).saturating_sub(4 << 10),
         });
         router
             .host
@@ -246,8 +285,12 @@ impl TaskRouter {
         Ok(())
     }
 
-    fn error(&self, what: &str, e: impl std::fmt::Display) -> HostError {
-        HostError::InvalidRequest(format!("NATS at {}: {what}: {e}", self.url))
+    /// A NATS fault: the request was fine, the broker failed it.
+    fn error(&self, what: &str, e: impl std::error::Error + Send + Sync + 'static) -> HostError {
+        HostError::Unavailable {
+            what: format!("NATS at {}: {what}", self.url),
+            source: Box::new(e),
+        }
     }
 
     /// Starts and stops pull loops as the host's capabilities change.
@@ -291,6 +334,16 @@ impl TaskRouter {
 
     pub fn fenced(&self) -> u64 {
         self.counters.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Task messages terminated for want of a valid task id.
+    pub fn terminated(&self) -> u64 {
+        self.counters.terminated.load(Ordering::Relaxed)
+    }
+
+    /// Task messages acked without running because their id already ran.
+    pub fn duplicates(&self) -> u64 {
+        self.counters.duplicates.load(Ordering::Relaxed)
     }
 
     pub fn redelivered(&self) -> u64 {
@@ -811,6 +864,7 @@ async fn run_one(router: Arc<TaskRouter>, capability: String, message: jetstream
         // is delivered again, finds its result stored and is acked then.
         Ok(Settle::Ack) => message.ack().await,
         Ok(Settle::Nak(delay)) => message.ack_with(AckKind::Nak(Some(delay))).await,
+        Ok(Settle::Term) => message.ack_with(AckKind::Term).await,
         Err(e) => {
             // Storing the outcome failed; leave the message unacked so that
             // it is delivered again.
@@ -826,6 +880,8 @@ async fn run_one(router: Arc<TaskRouter>, capability: String, message: jetstream
 enum Settle {
     Ack,
     Nak(Duration),
+    /// Never deliver again: the message cannot be a task.
+    Term,
 }
 
 /// A pulled task's claim on one of the host's slots for its capability.
@@ -858,12 +914,56 @@ async fn run_and_store(
     slot: &mut Slot<'_>,
 ) -> Result<Settle, HostError> {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
-    let Some(id) = header(message, HEADER_TASK_ID).map(String::from) else {
-        tracing::warn!(subject = %message.subject, "a task message without Orch-Task-Id; dropped");
-        return Ok(Settle::Ack);
+    let Some(id) = header(message, HEADER_TASK_ID)
+        .filter(|id| is_task_id(id))
+        .map(String::from)
+    else {
+        router.counters.terminated.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            subject = %message.subject,
+            id = ?header(message, HEADER_TASK_ID).map(|id| crate::text::escape_control(id).into_owned()),
+            "a task message without a valid Orch-Task-Id (1-64 letters, digits, '-', '_', '.'); terminated"
+        );
+        return Ok(Settle::Term);
     };
+    // A message claims its task id with its stream sequence the first time
+    // it is delivered. Another message with the same id (another
+    // Nats-Msg-Id, or one sent after the duplicate window) finds the claim
+    // of a different sequence and does not run the agent again: the first
+    // message's result, or its redelivery after a crash, is that id's one
+    // result. The sequence, not the delivery count, tells the two apart:
+    // a server restart can deliver the same message again as a first.
+    let sequence = message
+        .info()
+        .map(|i| i.stream_sequence.to_string())
+        .unwrap_or_default();
+    let mut delivered = delivered;
     if delivered > 1 {
         router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+    } else {
+        match router
+            .queued
+            .create(claim_key(&id), sequence.clone().into_bytes().into())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let claim = router
+                    .queued
+                    .get(claim_key(&id))
+                    .await
+                    .map_err(|e| router.error("ORCH_QUEUED claim", e))?;
+                if claim.as_deref() != Some(sequence.as_bytes()) {
+                    router.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(task = %id, "a second message for a task id that already ran or runs; acked without running");
+                    return Ok(Settle::Ack);
+                }
+                // This message again: look for its stored outcome below.
+                router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+                delivered = 2;
+            }
+            Err(e) => return Err(router.error("ORCH_QUEUED claim", e)),
+        }
     }
     // On a redelivery a result may exist already (an earlier delivery
     // finished but its ack was lost), and the queued record holds the
@@ -884,10 +984,18 @@ async fn run_and_store(
     } else {
         None
     };
-    let mut record = match stored {
-        Some(bytes) => {
-            serde_json::from_slice::<TaskRecord>(&bytes).map_err(|e| router.error("decode", e))?
+    // A stored record that does not decode (another version wrote it, or it
+    // was damaged) is replaced by one built from the headers, rather than
+    // failing the delivery again and again.
+    let stored = stored.and_then(|bytes| match serde_json::from_slice::<TaskRecord>(&bytes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(task = %id, error = %e, "the queued record does not decode; using the message's headers");
+            None
         }
+    });
+    let mut record = match stored {
+        Some(record) => record,
         None => TaskRecord {
             priority: header(message, HEADER_PRIORITY)
                 .and_then(|p| p.parse().ok())
@@ -1003,11 +1111,28 @@ async fn run_and_store(
             None
         }
     };
-    let stored = StoredResult {
+    let mut stored = StoredResult {
         task: record,
         result_base64: result.map(|r| base64::engine::general_purpose::STANDARD.encode(r)),
     };
-    let json = serde_json::to_vec(&stored).map_err(|e| router.error("encode", e))?;
+    let mut json =
+        serde_json::to_vec(&stored).map_err(|e| HostError::InvalidRequest(e.to_string()))?;
+    if json.len() > router.max_value {
+        // The server would refuse the write, and a delivery that cannot
+        // store its outcome would run again and again: the submitter gets
+        // this error as the task's result instead.
+        let size = json.len();
+        stored.result_base64 = None;
+        stored.task.status = Status::Failed;
+        stored.task.error = Some(ErrorInfo {
+            kind: "result-too-large".into(),
+            message: format!(
+                "result too large for the cluster: stored with its record it is {size} bytes, past the {} bytes a NATS message may carry on this server (max_payload)",
+                router.max_value
+            ),
+        });
+        json = serde_json::to_vec(&stored).map_err(|e| HostError::InvalidRequest(e.to_string()))?;
+    }
     match router.results.create(key_for(&id), json.into()).await {
         Ok(_) => {}
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {

@@ -39,6 +39,16 @@ pub enum HostError {
     NotFound(String),
     #[error("the host is shutting down and takes no new tasks")]
     ShuttingDown,
+    #[error("no capacity: {limit} accepted tasks have not ended on this host, its limit ([host] max_unfinished); retry later")]
+    NoCapacity { limit: usize },
+    /// Something the host depends on (the NATS server) failed; the request
+    /// was fine and may succeed when retried.
+    #[error("unavailable: {what}: {source}")]
+    Unavailable {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
@@ -54,6 +64,8 @@ impl HostError {
             HostError::InvalidRequest(_) => "invalid-request",
             HostError::NotFound(_) => "not-found",
             HostError::ShuttingDown => "shutting-down",
+            HostError::NoCapacity { .. } => "no-capacity",
+            HostError::Unavailable { .. } => "unavailable",
             HostError::Journal(_) => "journal",
             HostError::Plugin(_) => "plugin",
         }
@@ -131,7 +143,7 @@ struct Inner {
     served: Mutex<BTreeMap<String, ServedPlugin>>,
     load_errors: Mutex<BTreeMap<String, String>>,
     sync_lock: tokio::sync::Mutex<()>,
-    seq: AtomicU64,
+    ids: Mutex<ulid::Generator>,
     stopping: AtomicBool,
     /// Signalled after each task's outcome is in the journal.
     written: tokio::sync::Notify,
@@ -200,7 +212,7 @@ impl Host {
                 served: Mutex::new(BTreeMap::new()),
                 load_errors: Mutex::new(BTreeMap::new()),
                 sync_lock: tokio::sync::Mutex::new(()),
-                seq: AtomicU64::new(salt & 0xff_ffff),
+                ids: Mutex::new(ulid::Generator::new()),
                 stopping: AtomicBool::new(false),
                 written: tokio::sync::Notify::new(),
                 recovered: AtomicU64::new(0),
@@ -223,6 +235,10 @@ impl Host {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    pub fn config(&self) -> &HostConfig {
+        &self.inner.config
     }
 
     /// How many unfinished tasks the journal held at start (requeued).
@@ -273,10 +289,15 @@ impl Host {
         format!("m{}", &self.new_task_id()[1..])
     }
 
-    /// A new task id: millisecond time first, so ids sort by submission.
+    /// A new task id: `t` and a ULID (millisecond time, then 80 random
+    /// bits, increasing within this host), so ids sort by submission and
+    /// two hosts never make the same one.
     pub fn new_task_id(&self) -> String {
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
-        format!("t{:012x}{seq:08x}", now_ms())
+        let mut ids = lock(&self.inner.ids);
+        // The generator fails only when 2^80 ids were made in one
+        // millisecond; a fresh random ULID is as good then.
+        let ulid = ids.generate().unwrap_or_else(|_| ulid::Ulid::new());
+        format!("t{}", ulid.to_string().to_ascii_lowercase())
     }
 
     /// Accepts a task: it is in the journal, on disk, when this returns.
@@ -299,6 +320,12 @@ impl Host {
             return Err(HostError::InvalidRequest(
                 "the deadline must be after now".into(),
             ));
+        }
+        // Admission control: every accepted task holds memory (its live
+        // record and payload) until it ends.
+        let limit = self.inner.config.host.max_unfinished;
+        if lock(&self.inner.live).len() >= limit {
+            return Err(HostError::NoCapacity { limit });
         }
         let now = now_ms();
         let record = TaskRecord {

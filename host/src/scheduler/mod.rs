@@ -60,6 +60,11 @@ pub struct SchedulerConfig {
     pub breaker_threshold: u32,
     /// How long an open breaker keeps tasks away before one probe.
     pub breaker_cool_down: Duration,
+    /// Most tasks waiting in the queues at once for a message or a sub-task
+    /// to be queued; past it those are refused with `QueueFull`, so a guest
+    /// publishing or calling in a loop cannot grow the queues. (Tasks from
+    /// [`Scheduler::submit`] are bounded by whoever accepts them.)
+    pub max_queued: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -70,6 +75,7 @@ impl Default for SchedulerConfig {
             backoff_max: Duration::from_secs(5),
             breaker_threshold: 5,
             breaker_cool_down: Duration::from_secs(2),
+            max_queued: 100_000,
         }
     }
 }
@@ -100,6 +106,8 @@ pub enum SubmitError {
     DeadlinePassed,
     #[error("the host is shutting down and takes no new tasks")]
     ShuttingDown,
+    #[error("no capacity: {limit} tasks are queued on this host, its limit; retry later")]
+    QueueFull { limit: usize },
 }
 
 /// Runs the sub-tasks no local agent can take: the cluster implements it,
@@ -675,7 +683,7 @@ impl Scheduler {
     /// or the deadline has passed.
     pub fn submit(&self, task: Submit) -> Result<TaskHandle, SubmitError> {
         let route = Route::Capability(task.capability.clone());
-        submit(&self.inner, task, route, 0, None, Arc::from([]))
+        submit(&self.inner, task, route, 0, None, Arc::from([]), false)
     }
 
     /// Queues a message for an agent that subscribes to `subject` (the
@@ -688,7 +696,7 @@ impl Scheduler {
             max_attempts: Some(1),
             ..task
         };
-        submit(&self.inner, task, route, 0, None, Arc::from([]))
+        submit(&self.inner, task, route, 0, None, Arc::from([]), true)
     }
 
     /// Queues a sub-task that another host's agent started (`tasks.call`
@@ -707,6 +715,7 @@ impl Scheduler {
             depth,
             Some(fuel_cap),
             Arc::from([]),
+            true,
         )
     }
 
@@ -759,6 +768,7 @@ fn submit(
     depth: u32,
     fuel_cap: Option<u64>,
     chain: Arc<[usize]>,
+    bounded: bool,
 ) -> Result<TaskHandle, SubmitError> {
     if inner.draining.load(AtomicOrdering::Relaxed) {
         return Err(SubmitError::ShuttingDown);
@@ -774,6 +784,12 @@ fn submit(
             return Err(match route {
                 Route::Capability(c) => SubmitError::UnknownCapability(c),
                 Route::Message(s) => SubmitError::NoSubscriber(s),
+            });
+        }
+        let queued: usize = state.queues.values().map(BinaryHeap::len).sum();
+        if bounded && queued >= inner.config.max_queued {
+            return Err(SubmitError::QueueFull {
+                limit: inner.config.max_queued,
             });
         }
         if let Some(slots) = state.held_by_callers(&route, &chain) {
@@ -1114,6 +1130,7 @@ impl SubTasks for Router {
             call.depth,
             Some(call.fuel),
             self.chain.clone(),
+            true,
         );
         Box::pin(async move {
             let handle = match submitted {

@@ -346,3 +346,48 @@ async fn identical_agents_share_work_evenly() {
     eprintln!("fairness: Gini {g:.4} over {counts:?}");
     assert!(g <= 0.05, "Gini {g:.4} over {counts:?}");
 }
+
+/// Messages (and sub-tasks) are bounded by `max_queued`: a guest publishing
+/// in a loop cannot grow the queues. Submitted tasks are bounded by whoever
+/// accepts them, so they are not refused here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_are_bounded_as_a_pair() {
+    let h = Harness::new();
+    let s = Scheduler::new(SchedulerConfig {
+        max_queued: 2,
+        ..SchedulerConfig::default()
+    });
+    // A subscriber that never finishes a task: the first message holds its
+    // one slot, the next ones wait in the queue.
+    let mut spin = h.load("spin").await;
+    spin.set_subscriptions(vec!["ping.hello".into()]);
+    let limits = Limits {
+        timeout: Duration::from_secs(2),
+        ..generous()
+    };
+    s.add_agent("spin", Arc::new(spin), limits, 1);
+    let message = |i: u32| Submit {
+        id: format!("m{i}"),
+        ..Submit::default()
+    };
+    let running = s.submit_message("ping.hello", message(0)).unwrap();
+    // Wait until it is placed: then the queue is empty.
+    while s.queued().iter().map(|q| q.1).sum::<usize>() > 0 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let inside: Vec<_> = (1..=2)
+        .map(|i| s.submit_message("ping.hello", message(i)).unwrap())
+        .collect();
+    assert_eq!(
+        s.submit_message("ping.hello", message(3)).err(),
+        Some(SubmitError::QueueFull { limit: 2 })
+    );
+    // A submitted task is not refused by this bound.
+    let task = s.submit(task("test.spin", "x")).unwrap();
+    for handle in inside.into_iter().chain([running, task]) {
+        assert!(handle.wait().await.is_err());
+    }
+    // Room again.
+    assert!(s.submit_message("ping.hello", message(4)).is_ok());
+}
