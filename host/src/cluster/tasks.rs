@@ -51,6 +51,9 @@ pub const HEADER_PRIORITY: &str = "Orch-Priority";
 pub const HEADER_DEADLINE: &str = "Orch-Deadline-Ms";
 pub const HEADER_SUBMITTED: &str = "Orch-Submitted-Ms";
 pub const HEADER_KEY: &str = "Orch-Idempotency-Key";
+/// Set by an orch host on the tasks it publishes: the host's id. Such a
+/// message needs no claim of its id when it runs (see `run_and_store`).
+pub const HEADER_HOST: &str = "Orch-Host";
 /// Set on a `tasks.call` sub-task: the most fuel it may use (its caller's).
 pub const HEADER_FUEL: &str = "Orch-Fuel-Limit";
 /// Set on a `tasks.call` sub-task: its depth in the call tree.
@@ -447,6 +450,7 @@ impl TaskRouter {
         let json = serde_json::to_vec(record).map_err(|e| self.error("encode", e))?;
         let mut headers = extra;
         headers.insert(HEADER_TASK_ID, record.id.as_str());
+        headers.insert(HEADER_HOST, self.host.id());
         headers.insert(HEADER_PRIORITY, record.priority.to_string().as_str());
         headers.insert(
             HEADER_SUBMITTED,
@@ -937,10 +941,17 @@ async fn run_and_store(
         .info()
         .map(|i| i.stream_sequence.to_string())
         .unwrap_or_default();
+    // An orch host does not publish a task id twice: its ids are fresh
+    // ULIDs, a keyed id is looked up before it is published again, and the
+    // stream drops a repeat within the duplicate window (a retried caller's
+    // sub-task ids repeat; later than the window, such a sub-task runs
+    // again). So only messages from other clients (no Orch-Host header)
+    // make the claim, which costs a round trip to the server.
     let mut delivered = delivered;
+    let from_orch = header(message, HEADER_HOST).is_some();
     if delivered > 1 {
         router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
-    } else {
+    } else if !from_orch {
         match router
             .queued
             .create(claim_key(&id), sequence.clone().into_bytes().into())
