@@ -42,3 +42,95 @@ pub use sandbox::{
 
 /// The WIT world every agent implements.
 pub const WORLD: &str = "orch:agent/agent@0.1.0";
+
+/// The layering rules of ARCHITECTURE.md that the module tree does not
+/// enforce by itself, checked on the source text.
+#[cfg(test)]
+mod layering {
+    use std::path::{Path, PathBuf};
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// Files under `src/` whose code (not comments) names `crate_path`,
+    /// outside the modules in `allowed`.
+    fn users_outside(crate_path: &str, allowed: &[&str]) -> Vec<String> {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        let mut found = Vec::new();
+        for file in files {
+            let rel = file
+                .strip_prefix(&src)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if allowed.iter().any(|a| rel.starts_with(a)) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            // This module names them all as text.
+            let code = text.split("mod layering {").next().unwrap_or_default();
+            let uses = code
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .any(|l| l.contains(crate_path));
+            if uses {
+                found.push(rel);
+            }
+        }
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn only_cluster_talks_to_nats() {
+        assert_eq!(
+            users_outside("async_nats", &["cluster/"]),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn only_api_uses_axum() {
+        assert_eq!(users_outside("axum", &["api/"]), Vec::<String>::new());
+    }
+
+    #[test]
+    fn only_the_cli_parses_arguments_prints_logs_or_makes_http_requests() {
+        for name in [
+            "clap::",
+            "ureq::",
+            "tracing_subscriber",
+            "println!",
+            "eprintln!",
+        ] {
+            assert_eq!(
+                users_outside(name, &["cli/", "main.rs"]),
+                Vec::<String>::new(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_engine_configures_wasmtime() {
+        for name in ["wasmtime::Config", "Linker::new", "PoolingAllocationConfig"] {
+            assert_eq!(
+                users_outside(name, &["engine/"]),
+                Vec::<String>::new(),
+                "{name}"
+            );
+        }
+    }
+}

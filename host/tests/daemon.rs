@@ -176,7 +176,7 @@ fn idempotency_keys_return_the_first_task() {
 }
 
 #[test]
-fn kill_9_loses_no_accepted_task_and_runs_none_twice() {
+fn kill_9_loses_no_accepted_task_and_each_ends_with_one_result() {
     let orch = Orch::new();
     // One slot and 40 ms tasks: 200 tasks are 8 s of work, far more than
     // submitting them takes, so the kill finds a backlog.

@@ -520,6 +520,15 @@ impl TaskRouter {
         if !capabilities.contains(&request.capability) {
             return Err(HostError::UnknownCapability(request.capability));
         }
+        // A task travels as one NATS message: past the server's max_payload
+        // it is refused here, as too large, not by the server as a fault.
+        let limit =
+            self.max_value
+                .min(self.host.config().limits.defaults.max_payload as usize) as u64;
+        let size = request.payload.len() as u64;
+        if size > limit {
+            return Err(HostError::PayloadTooLarge { size, limit });
+        }
         let now = now_ms();
         let key = request.idempotency_key.filter(|k| !k.is_empty());
         let id = match &key {
@@ -1069,15 +1078,36 @@ async fn run_and_store(
     };
     let outcome = match submitted {
         Ok(handle) => handle.wait().await,
+        // This host is draining: the task stays on the stream for another
+        // host or for this one's restart, as on a lone host it stays in the
+        // journal. It never becomes a final failure for that.
+        Err(crate::scheduler::SubmitError::ShuttingDown) => {
+            watchdog.abort();
+            return Ok(Settle::Nak(Duration::from_millis(100)));
+        }
         Err(e) => Err(crate::scheduler::Failure {
             id: id.clone(),
             capability: capability.to_string(),
-            error: TaskError::Unavailable(e.to_string()),
+            error: match e {
+                crate::scheduler::SubmitError::DeadlinePassed => {
+                    TaskError::DeadlineExceeded { ms: 0 }
+                }
+                other => TaskError::Unavailable(other.to_string()),
+            },
             attempts: Vec::new(),
             dead_letter: false,
             fuel_used: 0,
         }),
     };
+    // Name the deadline the submitter gave, as a lone host does.
+    let outcome = outcome.map_err(|mut f| {
+        if let (TaskError::DeadlineExceeded { ms }, Some(deadline)) =
+            (&mut f.error, record.deadline_ms)
+        {
+            *ms = deadline.saturating_sub(record.submitted_at_ms);
+        }
+        f
+    });
     watchdog.abort();
     // The agent's instance is free: the pull loop may fetch the next task
     // while this one's outcome is stored.

@@ -65,6 +65,9 @@ pub struct SchedulerConfig {
     /// publishing or calling in a loop cannot grow the queues. (Tasks from
     /// [`Scheduler::submit`] are bounded by whoever accepts them.)
     pub max_queued: usize,
+    /// Dead letters kept in memory (the newest; the daemon's journal and the
+    /// cluster's results bucket keep them all for the retention time).
+    pub max_dead_letters: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -76,6 +79,7 @@ impl Default for SchedulerConfig {
             breaker_threshold: 5,
             breaker_cool_down: Duration::from_secs(2),
             max_queued: 100_000,
+            max_dead_letters: 1_000,
         }
     }
 }
@@ -279,7 +283,11 @@ impl Eq for Queued {}
 
 struct Entry {
     label: String,
-    agent: Arc<Agent>,
+    /// `None` once retired: its running attempts hold their own handle, so
+    /// the compiled component is freed when the last of them ends.
+    agent: Option<Arc<Agent>>,
+    engine: crate::engine::Engine,
+    capabilities: Vec<String>,
     limits: Limits,
     max_in_flight: u32,
     /// One permit per slot. A placed task owns one until its attempt ends
@@ -313,7 +321,7 @@ struct State {
     agents: Vec<Entry>,
     index: HashMap<Route, Vec<usize>>,
     queues: HashMap<Route, BinaryHeap<Queued>>,
-    dead: Vec<Failure>,
+    dead: std::collections::VecDeque<Failure>,
     seq: u64,
     rng: u64,
 }
@@ -362,7 +370,7 @@ impl State {
     /// share, so no plugin, however many callers it keeps waiting, can
     /// starve another of instances.
     fn may_take_instance(&self, i: usize) -> bool {
-        let engine = self.agents[i].agent.engine();
+        let engine = &self.agents[i].engine;
         let free = engine.free_instances() as u64;
         if free == 0 {
             return false;
@@ -498,7 +506,7 @@ impl Scheduler {
                 agents: Vec::new(),
                 index: HashMap::new(),
                 queues: HashMap::new(),
-                dead: Vec::new(),
+                dead: std::collections::VecDeque::new(),
                 seq: 0,
                 rng: seed,
             }),
@@ -539,6 +547,7 @@ impl Scheduler {
             for i in 0..state.agents.len() {
                 if state.agents[i].label == old && !state.agents[i].retired {
                     state.agents[i].retired = true;
+                    state.agents[i].agent = None;
                     found = true;
                     for list in state.index.values_mut() {
                         list.retain(|&j| j != i);
@@ -578,9 +587,17 @@ impl Scheduler {
         limits: Limits,
         max_in_flight: u32,
     ) {
+        let capabilities = agent
+            .descriptor()
+            .capabilities
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
         state.agents.push(Entry {
             label: label.to_string(),
-            agent,
+            engine: agent.engine().clone(),
+            agent: Some(agent),
+            capabilities,
             limits,
             max_in_flight: max_in_flight.max(1),
             slots: Arc::new(Semaphore::new(max_in_flight.max(1) as usize)),
@@ -731,7 +748,7 @@ impl Scheduler {
 
     /// Tasks that failed every attempt, oldest first.
     pub fn dead_letters(&self) -> Vec<Failure> {
-        self.inner.state().dead.clone()
+        self.inner.state().dead.iter().cloned().collect()
     }
 
     pub fn stats(&self) -> Vec<AgentStats> {
@@ -743,13 +760,7 @@ impl Scheduler {
             .filter(|e| !e.retired || e.in_flight() > 0)
             .map(|e| AgentStats {
                 label: e.label.clone(),
-                capabilities: e
-                    .agent
-                    .descriptor()
-                    .capabilities
-                    .iter()
-                    .map(|c| c.name.clone())
-                    .collect(),
+                capabilities: e.capabilities.clone(),
                 max_in_flight: e.max_in_flight,
                 completed: e.completed,
                 failed: e.failed,
@@ -866,12 +877,16 @@ async fn dispatch(inner: Arc<Inner>) {
                         break;
                     };
                     let e = &state.agents[i];
+                    // Only live agents are in the index.
+                    let Some(agent) = e.agent.clone() else {
+                        break;
+                    };
                     // `pick` saw both free; nothing else takes agent slots,
                     // but a `describe` may take the last engine slot.
                     let Ok(slot) = e.slots.clone().try_acquire_owned() else {
                         break;
                     };
-                    let Some(instance) = e.agent.engine().try_instance_permit() else {
+                    let Some(instance) = e.engine.try_instance_permit() else {
                         break;
                     };
                     let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) else {
@@ -881,7 +896,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     e.breaker.on_send(now);
                     starts.push(Job {
                         agent_index: i,
-                        agent: e.agent.clone(),
+                        agent,
                         label: e.label.clone(),
                         limits: e.limits.clone(),
                         task: q.task,
@@ -945,7 +960,11 @@ fn fail_after(inner: &Inner, task: Pending, error: TaskError, dead_letter: bool,
         fuel_used,
     };
     if dead_letter {
-        inner.state().dead.push(failure.clone());
+        let mut state = inner.state();
+        state.dead.push_back(failure.clone());
+        while state.dead.len() > inner.config.max_dead_letters {
+            state.dead.pop_front();
+        }
     }
     let _ = task.reply.send(Err(failure));
 }

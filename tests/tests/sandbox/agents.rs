@@ -60,7 +60,7 @@ async fn wordcount_refuses_non_utf8_as_invalid_input() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_run_concurrently_on_one_agent() {
+async fn tasks_at_once_on_one_agent_each_get_their_own_result() {
     let h = Harness::new();
     let echo = std::sync::Arc::new(h.load("echo").await);
     let mut set = tokio::task::JoinSet::new();

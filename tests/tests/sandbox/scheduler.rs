@@ -391,3 +391,62 @@ async fn queued_messages_are_bounded_as_a_pair() {
     // Room again.
     assert!(s.submit_message("ping.hello", message(4)).is_ok());
 }
+
+/// Dead letters kept in memory are bounded: at the bound all are kept, past
+/// it the oldest goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_in_memory_are_bounded_as_a_pair() {
+    let h = Harness::new();
+    let config = SchedulerConfig {
+        max_attempts: 1,
+        breaker_threshold: 100,
+        max_dead_letters: 2,
+        ..SchedulerConfig::default()
+    };
+    let s = scheduler_with(&h, config, &[("panic", "panic", 1)]).await;
+    let ids =
+        |s: &Scheduler| -> Vec<String> { s.dead_letters().into_iter().map(|f| f.id).collect() };
+    for i in 0..2 {
+        let failure = s
+            .submit(task("test.panic", &i.to_string()))
+            .unwrap()
+            .wait()
+            .await
+            .unwrap_err();
+        assert!(failure.dead_letter);
+    }
+    assert_eq!(ids(&s), ["test.panic:0", "test.panic:1"]);
+    let failure = s
+        .submit(task("test.panic", "2"))
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert!(failure.dead_letter);
+    assert_eq!(ids(&s), ["test.panic:1", "test.panic:2"]);
+}
+
+/// A removed or replaced agent (a hot upgrade) is freed, compiled code and
+/// all, once the tasks it was running end; nothing keeps it alive after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_agent_is_freed_once_its_running_task_ends() {
+    let h = Harness::new();
+    let s = Scheduler::new(SchedulerConfig::default());
+    let spin = Arc::new(h.load("spin").await);
+    let weak = Arc::downgrade(&spin);
+    let limits = Limits {
+        timeout: Duration::from_millis(300),
+        ..generous()
+    };
+    s.add_agent("spin", spin, limits, 1);
+    let running = s.submit(task("test.spin", "x")).unwrap();
+    while s.running() == 0 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(s.remove_agent("spin"));
+    assert!(weak.upgrade().is_some(), "its running task still holds it");
+    assert!(running.wait().await.is_err());
+    assert_eq!(s.idle(Duration::from_secs(5)).await, 0);
+    assert!(weak.upgrade().is_none(), "freed after its last task");
+}
