@@ -23,6 +23,31 @@ pub fn escape_control(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// [`escape_control`] of at most `max` bytes of `s`, the result cut to
+/// `max` bytes again (escapes make text longer) and marked ` [truncated]`
+/// when anything was cut. Cutting first bounds the work for any input.
+pub fn escape_capped(s: &str, max: usize) -> String {
+    let cut = |s: &str| -> (usize, bool) {
+        if s.len() <= max {
+            return (s.len(), false);
+        }
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        (end, true)
+    };
+    let (end, mut truncated) = cut(s);
+    let mut out = escape_control(&s[..end]).into_owned();
+    let (end, again) = cut(&out);
+    out.truncate(end);
+    truncated |= again;
+    if truncated {
+        out.push_str(" [truncated]");
+    }
+    out
+}
+
 /// Like [`escape_control`] but keeps newlines and tabs: for multi-line text
 /// the host itself produced around untrusted parts (an error with a TOML
 /// excerpt), printed on a terminal.

@@ -723,6 +723,9 @@ fn a_message_that_cannot_be_a_task_is_ended_not_redelivered() {
         b"ok",
     );
     assert_eq!(ha.wait("fine-1")["result"], "ok");
+    // Nothing comes back after the ack wait (2 s): an absence, so it can
+    // only be checked by waiting past it.
+    std::thread::sleep(Duration::from_secs(3));
     assert_eq!(cluster_counter(&ha, "redelivered"), 0);
     assert_eq!(cluster_counter(&ha, "terminated"), 2);
 }

@@ -440,17 +440,19 @@ fn a_payload_of_16_mib_is_accepted_over_http_and_one_byte_more_is_413() {
 #[test]
 fn accepted_tasks_are_bounded_with_a_429_as_a_pair() {
     let orch = Orch::new();
-    orch.config("[host]\nmax_unfinished = 2\n");
+    // Fuel for several seconds of spinning: the two tasks must still run
+    // while a CLI process starts on a loaded machine.
+    orch.config("[host]\nmax_unfinished = 2\n[limits]\nmax_fuel = 1000000000000\n");
     let wasm = orch.work.path().join("spin.wasm");
     std::fs::copy(p("spin"), &wasm).unwrap();
     std::fs::write(
         orch.work.path().join("spin.toml"),
-        "[plugin]\nname = \"spin\"\nversion = \"0.1.0\"\ncapabilities = [\"test.spin\"]\n[limits]\nfuel = 10000000000\nmax_instances = 1\n",
+        "[plugin]\nname = \"spin\"\nversion = \"0.1.0\"\ncapabilities = [\"test.spin\"]\n[limits]\nfuel = 100000000000\nmax_instances = 1\n",
     )
     .unwrap();
     orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
     let host = HostProc::start(&orch);
-    let spin = json!({ "capability": "test.spin", "input": "x", "deadline": "2s" });
+    let spin = json!({ "capability": "test.spin", "input": "x", "deadline": "5s" });
     let inside: Vec<String> = (0..2)
         .map(|_| {
             let (code, task) = host.post("/v1/tasks", &spin);

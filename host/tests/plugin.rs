@@ -577,7 +577,7 @@ fn a_file_run_gets_no_kv_namespace_of_another_plugin() {
     assert_eq!(orch.ok(&["run", "counter"]), "1");
 
     // Another plugin's file asking for counter's namespace: refused, as at
-    // install, and its code never runs.
+    // install; only its `describe` ran, with no grants.
     let evil = kvtool_as(&orch, "evil", "counter");
     let out = orch.run(&["run", &evil, "--yes", "-i", "-"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
@@ -620,8 +620,23 @@ fn a_file_run_with_grants_asks_first() {
     let out = orch.run_stdin(&["run", &tool, "-i", "-"], b"n\n");
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("not run"), "{}", stderr(&out));
+    // A declined run claimed nothing: another plugin may take the namespace.
+    let counter = orch.stage("counter", "counter", |m| {
+        m.replace("kv = \"counter\"", "kv = \"tool\"")
+    });
+    orch.ok(&["plugin", "install", &counter, "--yes"]);
     let out = orch.run_stdin(&["run", &tool, "--yes", "-i", "-"], b"set k v");
+    assert_eq!(out.status.code(), Some(3), "now it is counter's");
+    let mine = kvtool_as(&orch, "mine", "mine");
+    let out = orch.run_stdin(&["run", &mine, "--yes", "-i", "-"], b"set k v");
     assert!(out.status.success(), "{}", stderr(&out));
+    // `inspect` only describes a file: it claims nothing either.
+    let theirs = kvtool_as(&orch, "theirs", "theirs");
+    orch.ok(&["inspect", &theirs]);
+    let other = orch.stage("echo", "echo", |m| {
+        format!("{m}\n[grants]\nkv = \"theirs\"\n")
+    });
+    orch.ok(&["plugin", "install", &other, "--yes"]);
     // A file without grants runs without asking.
     let echo = built("echo.wasm");
     let plain = orch.work.path().join("plain.wasm");
@@ -635,11 +650,11 @@ fn a_file_run_with_grants_asks_first() {
         "hi"
     );
     // A bare name is an installed plugin, never a file of that name.
-    std::fs::copy(built("echo.wasm"), orch.work.path().join("echo")).unwrap();
-    let out = orch.run(&["run", "echo"]);
+    std::fs::copy(built("wordcount.wasm"), orch.work.path().join("wordcount")).unwrap();
+    let out = orch.run(&["run", "wordcount"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(
-        stderr(&out).contains("no plugin named echo is installed (see `orch plugin list`); for the file of that name, write ./echo"),
+        stderr(&out).contains("no plugin named wordcount is installed (see `orch plugin list`); for the file of that name, write ./wordcount"),
         "{}",
         stderr(&out)
     );

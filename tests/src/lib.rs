@@ -80,15 +80,10 @@ impl Harness {
     /// of its manifest when it has one, with none otherwise.
     pub async fn try_load(&self, path: &std::path::Path) -> Result<Agent, PluginError> {
         let store = orch::plugin::PluginStore::new(self.dir.path());
-        orch::plugin::load_file(
-            &self.engine,
-            self.kv.clone(),
-            &HostConfig::default(),
-            &store,
-            path,
-        )
-        .await
-        .map(|loaded| loaded.into_parts().0)
+        orch::plugin::load_file(&self.engine, self.kv.clone(), &HostConfig::default(), path)
+            .await?
+            .into_parts(&store)
+            .map(|(agent, _limits)| agent)
     }
 }
 

@@ -14,14 +14,33 @@ pub struct Args {
     output: Output,
 }
 
+enum Loaded {
+    File(Box<orch::plugin::Loaded>),
+    Installed(Box<orch::Agent>),
+}
+
 pub async fn run(home: &Path, args: Args) -> u8 {
     let ctx = match Context::open(home) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (agent, _limits) = match super::load_agent(&ctx, &args.component, true).await {
-        Ok(a) => a,
-        Err(code) => return code,
+    // A file is only described: nothing of its manifest is granted or
+    // claimed. A name is the installed plugin.
+    let is_file = args.component.contains('/') || args.component.ends_with(".wasm");
+    let loaded = if is_file {
+        match super::load_file(&ctx, Path::new(&args.component)).await {
+            Ok(l) => Loaded::File(Box::new(l)),
+            Err(code) => return code,
+        }
+    } else {
+        match super::load_agent(&ctx, &args.component, true).await {
+            Ok((agent, _)) => Loaded::Installed(Box::new(agent)),
+            Err(code) => return code,
+        }
+    };
+    let agent = match &loaded {
+        Loaded::File(l) => l.agent(),
+        Loaded::Installed(a) => a,
     };
     let d = agent.descriptor();
     let info = agent.info();

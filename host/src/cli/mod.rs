@@ -40,7 +40,7 @@ pub mod exit {
 const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 error, 2 usage, 3 bad input (file, component, payload, invalid-input),
 4 limit exceeded (fuel, memory, deadline, result size), 5 agent failed (trap, panic, failed),
-6 unavailable (the host's NATS server, no room now): retry.
+6 (orch task, orch status) the host or its NATS server is unavailable, or has no room now: retry.
 
 Environment: ORCH_HOME is the data directory (default ~/.orch): installed plugins, kv store,
 compiled-component cache, task journal, and config.toml (limit maxima, signature policy, host).
@@ -193,10 +193,7 @@ pub async fn load_agent(
     let path = std::path::Path::new(target);
     let is_name = !target.contains('/') && !target.ends_with(".wasm");
     if !is_name {
-        let loaded =
-            orch::plugin::load_file(&ctx.engine, ctx.kv.clone(), &ctx.config, &ctx.store, path)
-                .await
-                .map_err(|e| plugin_error(&e))?;
+        let loaded = load_file(ctx, path).await?;
         if let orch::plugin::Loaded::Plugin(checked) = &loaded {
             // stdout is the task's result: the grants go to stderr, and
             // only when there is a question to answer.
@@ -213,7 +210,7 @@ pub async fn load_agent(
                 }
             }
         }
-        return Ok(loaded.into_parts());
+        return loaded.into_parts(&ctx.store).map_err(|e| plugin_error(&e));
     }
     match ctx
         .store
@@ -234,6 +231,14 @@ pub async fn load_agent(
         }
         Err(e) => Err(plugin_error(&e)),
     }
+}
+
+/// Loads a component file and only describes it (`orch inspect`): nothing
+/// is granted, claimed or run.
+pub async fn load_file(ctx: &Context, path: &std::path::Path) -> Result<orch::plugin::Loaded, u8> {
+    orch::plugin::load_file(&ctx.engine, ctx.kv.clone(), &ctx.config, path)
+        .await
+        .map_err(|e| plugin_error(&e))
 }
 
 /// Prints a plugin error and returns its exit code.

@@ -118,9 +118,18 @@ pub fn is_task_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// KV key of the claim that an id has been taken to run.
+/// KV key of the claim that an id has been taken to run. Task ids have no
+/// `/`, so no task's key is a claim's.
 fn claim_key(id: &str) -> String {
-    format!("run.{id}")
+    format!("claim/{id}")
+}
+
+/// A stored value that does not decode: the store's fault, not the
+/// request's, and not one a retry mends.
+fn corrupt(id: &str, bucket: &str, e: serde_json::Error) -> HostError {
+    HostError::Corrupt(format!(
+        "task {id}: the value in {bucket} does not decode: {e}"
+    ))
 }
 
 /// The JetStream side of a host in a cluster.
@@ -388,7 +397,13 @@ impl TaskRouter {
                 Some(0),
             ));
         }
-        let id = call.parent.clone();
+        // `call.parent` is the sub-task's own id, PARENT.N; nested deep under
+        // a long id it may be too long for the bus, and then gets a new one.
+        let id = if is_task_id(&call.parent) {
+            call.parent.clone()
+        } else {
+            self.host.new_task_id()
+        };
         let now = now_ms();
         let left = call.deadline.saturating_duration_since(Instant::now());
         let record = TaskRecord {
@@ -566,6 +581,10 @@ impl TaskRouter {
         &self,
         id: &str,
     ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        // Not a key the buckets can hold: no such task (and not a NATS fault).
+        if !is_task_id(id) {
+            return Err(HostError::NotFound(id.to_string()));
+        }
         if let Some(bytes) = self
             .results
             .get(key_for(id))
@@ -573,7 +592,7 @@ impl TaskRouter {
             .map_err(|e| self.error("ORCH_RESULTS", e))?
         {
             let stored: StoredResult =
-                serde_json::from_slice(&bytes).map_err(|e| self.error("decode", e))?;
+                serde_json::from_slice(&bytes).map_err(|e| corrupt(id, "ORCH_RESULTS", e))?;
             return Ok(decode_stored(stored));
         }
         match self
@@ -583,7 +602,7 @@ impl TaskRouter {
             .map_err(|e| self.error("ORCH_QUEUED", e))?
         {
             Some(bytes) => Ok((
-                serde_json::from_slice(&bytes).map_err(|e| self.error("decode", e))?,
+                serde_json::from_slice(&bytes).map_err(|e| corrupt(id, "ORCH_QUEUED", e))?,
                 None,
             )),
             None => Err(HostError::NotFound(id.to_string())),
@@ -960,7 +979,11 @@ async fn run_and_store(
     let from_orch = header(message, HEADER_HOST).is_some();
     if delivered > 1 {
         router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
-    } else if !from_orch {
+    }
+    // Every delivery of such a message checks the claim, its first one
+    // makes it: a first delivery that failed at the claim comes back with a
+    // higher count and must still be checked.
+    if !from_orch {
         match router
             .queued
             .create(claim_key(&id), sequence.clone().into_bytes().into())
@@ -979,8 +1002,10 @@ async fn run_and_store(
                     return Ok(Settle::Ack);
                 }
                 // This message again: look for its stored outcome below.
-                router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
-                delivered = 2;
+                if delivered == 1 {
+                    router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+                    delivered = 2;
+                }
             }
             Err(e) => return Err(router.error("ORCH_QUEUED claim", e)),
         }
@@ -1089,9 +1114,11 @@ async fn run_and_store(
             id: id.clone(),
             capability: capability.to_string(),
             error: match e {
-                crate::scheduler::SubmitError::DeadlinePassed => {
-                    TaskError::DeadlineExceeded { ms: 0 }
-                }
+                crate::scheduler::SubmitError::DeadlinePassed => TaskError::DeadlineExceeded {
+                    ms: record
+                        .deadline_ms
+                        .map_or(0, |d| d.saturating_sub(record.submitted_at_ms)),
+                },
                 other => TaskError::Unavailable(other.to_string()),
             },
             attempts: Vec::new(),
@@ -1104,7 +1131,12 @@ async fn run_and_store(
         if let (TaskError::DeadlineExceeded { ms }, Some(deadline)) =
             (&mut f.error, record.deadline_ms)
         {
-            *ms = deadline.saturating_sub(record.submitted_at_ms);
+            // The scheduler measured it from its own submission, a few ms
+            // later; a figure far from it was the agent's own timeout.
+            let given = deadline.saturating_sub(record.submitted_at_ms);
+            if ms.abs_diff(given) <= 100 {
+                *ms = given;
+            }
         }
         f
     });
@@ -1164,6 +1196,9 @@ async fn run_and_store(
         // this error as the task's result instead.
         let size = json.len();
         stored.result_base64 = None;
+        for attempt in &mut stored.task.attempt_errors {
+            attempt.message = crate::text::escape_capped(&attempt.message, 1 << 10);
+        }
         stored.task.status = Status::Failed;
         stored.task.error = Some(ErrorInfo {
             kind: "result-too-large".into(),

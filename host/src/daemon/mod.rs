@@ -49,6 +49,9 @@ pub enum HostError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A stored record that cannot be read back.
+    #[error("damaged record: {0}")]
+    Corrupt(String),
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
@@ -66,6 +69,7 @@ impl HostError {
             HostError::ShuttingDown => "shutting-down",
             HostError::NoCapacity { .. } => "no-capacity",
             HostError::Unavailable { .. } => "unavailable",
+            HostError::Corrupt(_) => "corrupt",
             HostError::Journal(_) => "journal",
             HostError::Plugin(_) => "plugin",
         }
@@ -523,9 +527,9 @@ impl Host {
                 }
             };
             lock(&self.inner.load_errors).remove(name);
-            // The scheduler bounds the plugin's tasks instead of the agent's
-            // own semaphore, so that a caller waiting in `tasks.call` can
-            // lend its slot to the sub-task it waits for.
+            // The scheduler bounds the plugin's tasks (its slots, waiting
+            // callers included) instead of the agent's own semaphore, so that
+            // one owner counts them.
             let instances = agent
                 .max_instances()
                 .unwrap_or(self.inner.config.host.instances);
@@ -699,7 +703,11 @@ async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
             id: record.id.clone(),
             capability: record.capability.clone(),
             error: match e {
-                SubmitError::DeadlinePassed => TaskError::DeadlineExceeded { ms: 0 },
+                SubmitError::DeadlinePassed => TaskError::DeadlineExceeded {
+                    ms: record
+                        .deadline_ms
+                        .map_or(0, |d| d.saturating_sub(record.submitted_at_ms)),
+                },
                 other => TaskError::Unavailable(other.to_string()),
             },
             attempts: Vec::new(),
@@ -712,7 +720,12 @@ async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
         if let (TaskError::DeadlineExceeded { ms }, Some(deadline)) =
             (&mut f.error, record.deadline_ms)
         {
-            *ms = deadline.saturating_sub(record.submitted_at_ms);
+            // The scheduler measured it from its own submission, a few ms
+            // later; a figure far from it was the agent's own timeout.
+            let given = deadline.saturating_sub(record.submitted_at_ms);
+            if ms.abs_diff(given) <= 100 {
+                *ms = given;
+            }
         }
         f
     });

@@ -177,33 +177,46 @@ impl Loaded {
         }
     }
 
-    pub fn into_parts(self) -> (Agent, Limits) {
+    /// The agent, to look at (its descriptor, imports). Only `describe`
+    /// has run, without grants.
+    pub fn agent(&self) -> &Agent {
         match self {
-            Loaded::Plugin(c) => (c.agent, c.limits),
-            Loaded::Bare { agent, limits } => (agent, limits),
+            Loaded::Plugin(c) => &c.agent,
+            Loaded::Bare { agent, .. } => agent,
+        }
+    }
+
+    /// The agent to run, once its grants are confirmed: its kv namespace
+    /// must be free or its own ([`PluginStore::claim_kv`]), the same rule
+    /// as at install; a free one is reserved for it from now on.
+    pub fn into_parts(self, store: &PluginStore) -> Result<(Agent, Limits), PluginError> {
+        match self {
+            Loaded::Plugin(c) => {
+                if let Some(ns) = &c.manifest.manifest.grants.kv {
+                    store.claim_kv(ns, &c.manifest.manifest.plugin.name, &c.sha256)?;
+                }
+                Ok((c.agent, c.limits))
+            }
+            Loaded::Bare { agent, limits } => Ok((agent, limits)),
         }
     }
 }
 
 /// Loads a component file for a one-off run: checked in full with its
-/// manifest when it has one (beside it or embedded), like an install; its
-/// kv namespace must be free or its own ([`PluginStore::claim_kv`]), the
-/// same rule as at install. Without a manifest it gets no grants and the
-/// host's default limits, unless the host requires signed plugins, in which
-/// case it is refused.
+/// manifest when it has one (beside it or embedded), like an install; the
+/// kv rule is applied by [`Loaded::into_parts`], after the grants are
+/// confirmed. Without a manifest it gets no grants and the host's default
+/// limits, unless the host requires signed plugins, in which case it is
+/// refused.
 pub async fn load_file(
     engine: &Engine,
     kv: Arc<KvStore>,
     config: &HostConfig,
-    store: &PluginStore,
     path: &Path,
 ) -> Result<Loaded, PluginError> {
     let bytes = crate::engine::read_component(path)?;
     if manifest::find(path, &bytes)?.is_some() || config.plugins.require_signed {
         let checked = check(engine, kv, config, path, None).await?;
-        if let Some(ns) = &checked.manifest.manifest.grants.kv {
-            store.claim_kv(ns, &checked.manifest.manifest.plugin.name, &checked.sha256)?;
-        }
         return Ok(Loaded::Plugin(checked));
     }
     let limits = config.limits.defaults.clone();

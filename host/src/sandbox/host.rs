@@ -17,19 +17,8 @@ impl types::Host for StoreData {}
 impl log::Host for StoreData {
     fn log(&mut self, level: log::Level, message: String) {
         // One guest line is one host line: a newline or a terminal escape
-        // in it could otherwise forge host log lines.
-        let mut message = match crate::text::escape_control(&message) {
-            std::borrow::Cow::Borrowed(_) => message,
-            std::borrow::Cow::Owned(escaped) => escaped,
-        };
-        if message.len() > MAX_LOG_MESSAGE {
-            let mut cut = MAX_LOG_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push_str(" [truncated]");
-        }
+        // in it could otherwise forge host log lines. Cut, then escaped.
+        let message = crate::text::escape_capped(&message, MAX_LOG_MESSAGE);
         // The SDKs report panics with this prefix just before the trap; keep
         // the text so the trap error can carry it.
         if matches!(level, log::Level::Error) && message.starts_with("panicked at ") {

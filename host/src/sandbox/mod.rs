@@ -595,7 +595,14 @@ impl Agent {
             instance.call_handle(&mut store, &task).await
         })
         .await;
-        let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        // A charge the call hook has not applied yet (the deadline cut the
+        // task inside a call) is fuel used all the same.
+        let pending = store.data().calls.as_ref().map_or(0, |c| c.charge);
+        let fuel_used = limits
+            .fuel
+            .saturating_sub(store.get_fuel().unwrap_or(0))
+            .saturating_add(pending)
+            .min(limits.fuel);
         let (subtasks, subtask_fuel, calls) = store
             .data_mut()
             .calls
@@ -644,6 +651,12 @@ impl Agent {
         calls: Option<CallState>,
     ) -> Store<StoreData> {
         let metered_calls = calls.is_some();
+        // `describe` runs before anyone confirmed the grants (at install, at
+        // `orch run FILE`): it gets none of them.
+        let grants = match kv {
+            KvState::Describe => Arc::new(Grants::default()),
+            _ => self.grants.clone(),
+        };
         let data = StoreData {
             limiter: MemoryLimiter {
                 limit: limits.memory.min(self.engine.config().max_memory),
@@ -653,7 +666,7 @@ impl Agent {
             table: ResourceTable::new(),
             wasi: None,
             kv,
-            grants: self.grants.clone(),
+            grants,
             agent: self.name.clone(),
             panic: None,
             stderr: None,
@@ -753,9 +766,10 @@ fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32)
             limit: u64::from(slots),
         };
     }
+    // wasmtime's text names guest functions: the guest chose those names.
     let message = match err.downcast_ref::<Trap>() {
         Some(trap) => trap.to_string(),
-        None => text,
+        None => crate::text::escape_terminal(&text).into_owned(),
     };
     let guest = data.panic.clone().or_else(|| {
         data.stderr
@@ -796,10 +810,14 @@ pub fn is_capability_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
-/// The agent's own error, with control characters in its message escaped:
-/// the text reaches logs and terminals.
+/// Longest message of an agent's own error that is kept: it is stored with
+/// the task, travels between hosts and is shown to people.
+const MAX_ERROR_MESSAGE: usize = 16 << 10;
+
+/// The agent's own error, its message cut to [`MAX_ERROR_MESSAGE`] and its
+/// control characters escaped: the text reaches logs and terminals.
 fn guest_error(e: wit::TaskError) -> TaskError {
-    let clean = |m: String| crate::text::escape_control(&m).into_owned();
+    let clean = |m: String| crate::text::escape_capped(&m, MAX_ERROR_MESSAGE);
     match e {
         wit::TaskError::InvalidInput(m) => TaskError::InvalidInput(clean(m)),
         wit::TaskError::Failed(m) => TaskError::Failed(clean(m)),
@@ -813,6 +831,20 @@ fn validate_descriptor(d: &Descriptor) -> Result<(), String> {
     }
     if d.capabilities.is_empty() {
         return Err(format!("agent {} declares no capabilities", d.name));
+    }
+    // What `describe` says is shown to people (`orch inspect`, errors).
+    let texts = [&d.name, &d.version].into_iter().chain(
+        d.capabilities
+            .iter()
+            .flat_map(|c| [&c.version, &c.description]),
+    );
+    for text in texts {
+        if text.chars().any(char::is_control) {
+            return Err(format!(
+                "{} contains a control character; none is allowed",
+                crate::text::escape_control(&format!("{text:?}"))
+            ));
+        }
     }
     for c in &d.capabilities {
         if !is_capability_name(&c.name) {

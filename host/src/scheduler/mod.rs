@@ -366,9 +366,11 @@ impl State {
 impl State {
     /// Each agent is guaranteed its share of the engine's instance slots:
     /// `min(its slots, engine slots / agents)`. It may take a slot beyond its
-    /// share only while enough stay free for every other agent's unused
-    /// share, so no plugin, however many callers it keeps waiting, can
-    /// starve another of instances.
+    /// share only while enough stay free for the others: the unused share of
+    /// every agent with queued work, and one slot for every idle agent (so
+    /// an idle host lends almost everything, and a plugin whose work
+    /// arrives later always has a slot to start with). No plugin, however
+    /// many callers it keeps waiting, can starve another of instances.
     fn may_take_instance(&self, i: usize) -> bool {
         let engine = &self.agents[i].engine;
         let free = engine.free_instances() as u64;
@@ -385,10 +387,22 @@ impl State {
         if u64::from(e.in_flight()) < share(i) {
             return true;
         }
+        let mut busy = vec![false; self.agents.len()];
+        for (route, queue) in &self.queues {
+            if queue.is_empty() {
+                continue;
+            }
+            for &j in self.index.get(route).map(Vec::as_slice).unwrap_or(&[]) {
+                busy[j] = true;
+            }
+        }
         let reserved: u64 = live
             .iter()
             .filter(|&&j| j != i)
-            .map(|&j| share(j).saturating_sub(u64::from(self.agents[j].in_flight())))
+            .map(|&j| {
+                let want = if busy[j] { share(j) } else { share(j).min(1) };
+                want.saturating_sub(u64::from(self.agents[j].in_flight()))
+            })
             .sum();
         free > reserved
     }
@@ -928,6 +942,11 @@ async fn dispatch(inner: Arc<Inner>) {
             fail(&inner, task, error, false);
         }
         let runners = starts.len();
+        // Counted as running from placement on, so that `idle` and `drain`
+        // also wait for placed attempts whose runner has not started yet.
+        inner
+            .running
+            .fetch_add(runners as u64, AtomicOrdering::Relaxed);
         inner
             .ready
             .lock()
@@ -975,12 +994,12 @@ async fn run_oldest(inner: Arc<Inner>) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .pop_front();
+    // One runner is spawned per placed job, so there is always one to take.
     if let Some(job) = job {
-        inner.running.fetch_add(1, AtomicOrdering::Relaxed);
         run(inner.clone(), job).await;
-        inner.running.fetch_sub(1, AtomicOrdering::Relaxed);
-        inner.finished.notify_waiters();
     }
+    inner.running.fetch_sub(1, AtomicOrdering::Relaxed);
+    inner.finished.notify_waiters();
 }
 
 async fn run(inner: Arc<Inner>, job: Job) {

@@ -37,10 +37,11 @@ async fn counter_persists_when_the_store_is_reopened() {
         let kv = Arc::new(KvStore::new(&path));
         let store = orch::plugin::PluginStore::new(h.dir.path());
         let (counter, _) =
-            orch::plugin::load_file(&engine, kv, &Default::default(), &store, &plugin("counter"))
+            orch::plugin::load_file(&engine, kv, &Default::default(), &plugin("counter"))
                 .await
                 .unwrap()
-                .into_parts();
+                .into_parts(&store)
+                .unwrap();
         assert_eq!(run_ok(&counter, b"", &Limits::default()).await, expected);
     }
 }
@@ -115,12 +116,12 @@ async fn a_namespace_past_its_quota_refuses_writes_and_keeps_its_data() {
         &h.engine,
         kv.clone(),
         &Default::default(),
-        &store,
         &plugin("kvtool"),
     )
     .await
     .unwrap()
-    .into_parts();
+    .into_parts(&store)
+    .unwrap();
     // Three values of 1 MiB minus their key fit exactly; a fourth byte does not.
     let value = (1 << 20) - 2;
     for k in ["k1", "k2", "k3"] {
