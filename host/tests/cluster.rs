@@ -789,34 +789,11 @@ fn a_result_too_large_to_store_is_the_tasks_error_not_a_rerun() {
 
 #[test]
 fn a_payload_past_what_a_nats_message_carries_is_413() {
-    use base64::Engine as _;
     let nats = NatsServer::start();
     let a = Orch::new();
     a.ok(&["plugin", "install", "-y", &p("echo")]);
     let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
     until_serving(&ha, "echo", 1);
     // nats-server's default max_payload (1 MiB), less 4 KiB for headers.
-    let limit = (1usize << 20) - (4 << 10);
-    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
-    let (code, task) = ha.post(
-        "/v1/tasks",
-        &serde_json::json!({ "capability": "echo", "input_base64": b64(limit) }),
-    );
-    assert_eq!(code, 201, "{}", task["error"]);
-    let (code, refused) = ha.post(
-        "/v1/tasks",
-        &serde_json::json!({ "capability": "echo", "input_base64": b64(limit + 1) }),
-    );
-    assert_eq!(code, 413, "{refused}");
-    assert_eq!(refused["error"]["kind"], "payload-too-large");
-    assert!(
-        refused["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!(
-                "{} bytes, past the limit of {limit} bytes",
-                limit + 1
-            )),
-        "{refused}"
-    );
+    common::payload_limit_pair(&ha, "echo", (1 << 20) - (4 << 10));
 }

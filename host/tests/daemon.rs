@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{p, stderr, stdout, HostProc, Orch};
+use common::{p, payload_limit_pair, stderr, stdout, HostProc, Orch};
 use serde_json::{json, Value};
 
 /// The sleep fixture (busy-waits N ms) with a manifest, so it can be installed.
@@ -407,34 +407,24 @@ fn agents_send_messages_within_their_grants() {
 
 #[test]
 fn a_payload_of_16_mib_is_accepted_over_http_and_one_byte_more_is_413() {
-    use base64::Engine as _;
     let orch = Orch::new();
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
     let host = HostProc::start(&orch);
     let limit = 16usize << 20;
-    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
-    let (code, task) = host.post(
-        "/v1/tasks",
-        &json!({ "capability": "echo", "input_base64": b64(limit) }),
-    );
-    assert_eq!(code, 201, "{}", task["error"]);
-    let (code, refused) = host.post(
-        "/v1/tasks",
-        &json!({ "capability": "echo", "input_base64": b64(limit + 1) }),
-    );
-    assert_eq!(code, 413, "{refused}");
-    assert_eq!(refused["error"]["kind"], "payload-too-large", "{refused}");
-    assert!(
-        refused["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!(
-                "{} bytes, past the limit of {limit} bytes",
-                limit + 1
-            )),
-        "{refused}"
-    );
+    let task = payload_limit_pair(&host, "echo", limit);
     assert_eq!(task["payload_bytes"], limit, "{task}");
+}
+
+/// Installs the spin fixture with one slot and `fuel` per task.
+fn install_spin(orch: &Orch, fuel: u64) {
+    let wasm = orch.work.path().join("spin.wasm");
+    std::fs::copy(p("spin"), &wasm).unwrap();
+    std::fs::write(
+        orch.work.path().join("spin.toml"),
+        format!("[plugin]\nname = \"spin\"\nversion = \"0.1.0\"\ncapabilities = [\"test.spin\"]\n[limits]\nfuel = {fuel}\nmax_instances = 1\n"),
+    )
+    .unwrap();
+    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
 }
 
 #[test]
@@ -443,14 +433,7 @@ fn accepted_tasks_are_bounded_with_a_429_as_a_pair() {
     // Fuel for several seconds of spinning: the two tasks must still run
     // while a CLI process starts on a loaded machine.
     orch.config("[host]\nmax_unfinished = 2\n[limits]\nmax_fuel = 1000000000000\n");
-    let wasm = orch.work.path().join("spin.wasm");
-    std::fs::copy(p("spin"), &wasm).unwrap();
-    std::fs::write(
-        orch.work.path().join("spin.toml"),
-        "[plugin]\nname = \"spin\"\nversion = \"0.1.0\"\ncapabilities = [\"test.spin\"]\n[limits]\nfuel = 100000000000\nmax_instances = 1\n",
-    )
-    .unwrap();
-    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+    install_spin(&orch, 100000000000);
     let host = HostProc::start(&orch);
     let spin = json!({ "capability": "test.spin", "input": "x", "deadline": "5s" });
     let inside: Vec<String> = (0..2)
@@ -484,14 +467,7 @@ fn accepted_tasks_are_bounded_with_a_429_as_a_pair() {
 #[test]
 fn a_missed_deadline_names_the_deadline_given() {
     let orch = Orch::new();
-    let wasm = orch.work.path().join("spin.wasm");
-    std::fs::copy(p("spin"), &wasm).unwrap();
-    std::fs::write(
-        orch.work.path().join("spin.toml"),
-        "[plugin]\nname = \"spin\"\nversion = \"0.1.0\"\ncapabilities = [\"test.spin\"]\n[limits]\nfuel = 10000000000\nmax_instances = 1\n",
-    )
-    .unwrap();
-    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+    install_spin(&orch, 10000000000);
     let host = HostProc::start(&orch);
     // One runs into its deadline; one waits behind it past its own.
     let running = host.post(

@@ -1128,16 +1128,7 @@ async fn run_and_store(
     };
     // Name the deadline the submitter gave, as a lone host does.
     let outcome = outcome.map_err(|mut f| {
-        if let (TaskError::DeadlineExceeded { ms }, Some(deadline)) =
-            (&mut f.error, record.deadline_ms)
-        {
-            // The scheduler measured it from its own submission, a few ms
-            // later; a figure far from it was the agent's own timeout.
-            let given = deadline.saturating_sub(record.submitted_at_ms);
-            if ms.abs_diff(given) <= 100 {
-                *ms = given;
-            }
-        }
+        record.name_given_deadline(&mut f.error);
         f
     });
     watchdog.abort();

@@ -107,6 +107,20 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
+    /// Makes a deadline error name the deadline the submitter gave. The
+    /// scheduler measures it from its own submission, a few ms later; a
+    /// figure far from the given one was the agent's own timeout and stays.
+    pub fn name_given_deadline(&self, error: &mut crate::error::TaskError) {
+        if let (crate::error::TaskError::DeadlineExceeded { ms }, Some(deadline)) =
+            (error, self.deadline_ms)
+        {
+            let given = deadline.saturating_sub(self.submitted_at_ms);
+            if ms.abs_diff(given) <= 100 {
+                *ms = given;
+            }
+        }
+    }
+
     /// A task just accepted: queued, no attempt yet.
     pub fn queued(
         id: String,

@@ -717,16 +717,7 @@ async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
     };
     // Name the deadline the submitter gave, not what was left of it.
     let outcome = outcome.map_err(|mut f| {
-        if let (TaskError::DeadlineExceeded { ms }, Some(deadline)) =
-            (&mut f.error, record.deadline_ms)
-        {
-            // The scheduler measured it from its own submission, a few ms
-            // later; a figure far from it was the agent's own timeout.
-            let given = deadline.saturating_sub(record.submitted_at_ms);
-            if ms.abs_diff(given) <= 100 {
-                *ms = given;
-            }
-        }
+        record.name_given_deadline(&mut f.error);
         f
     });
     if inner.stopping.load(Ordering::Relaxed)

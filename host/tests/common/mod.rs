@@ -248,6 +248,30 @@ impl HostProc {
     }
 }
 
+/// Submits `capability` tasks whose payloads are `limit` and `limit + 1`
+/// bytes: the first must be accepted (201), the second refused with 413
+/// naming both figures. Returns the accepted task.
+#[allow(dead_code)] // not every test binary uses it
+pub fn payload_limit_pair(host: &HostProc, capability: &str, limit: usize) -> Value {
+    use base64::Engine as _;
+    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+    let (code, task) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": capability, "input_base64": b64(limit) }),
+    );
+    assert_eq!(code, 201, "{}", task["error"]);
+    let (code, refused) = host.post(
+        "/v1/tasks",
+        &json!({ "capability": capability, "input_base64": b64(limit + 1) }),
+    );
+    assert_eq!(code, 413, "{refused}");
+    assert_eq!(refused["error"]["kind"], "payload-too-large", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    let expected = format!("{} bytes, past the limit of {limit} bytes", limit + 1);
+    assert!(message.contains(&expected), "{refused}");
+    task
+}
+
 impl Drop for HostProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
