@@ -1,13 +1,9 @@
 //! `orch host start` as operators run it: a real host process with its HTTP
 //! API on a free loopback port, driven through the CLI and the API, killed
 //! with SIGKILL and stopped with SIGTERM.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{p, payload_limit_pair, stderr, stdout, HostProc, Orch};
+use crate::common::{p, payload_limit_pair, stderr, stdout, HostProc, Orch};
 use serde_json::{json, Value};
 
 /// The sleep fixture (busy-waits N ms) with a manifest, so it can be installed.

@@ -1,10 +1,6 @@
 //! The `orch` binary as a user runs it: real processes, real components from
 //! plugins/ (built by `plugins/build.sh`), a temporary ORCH_HOME each.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
-use common::{p, stderr, stdout, Orch};
+use crate::common::{p, stderr, stdout, Orch};
 
 #[test]
 fn run_prints_the_result_bytes() {
@@ -207,7 +203,7 @@ fn inspect_shows_descriptor_imports_exports_and_size() {
     assert_eq!(v["descriptor"]["capabilities"][0]["name"], "counter");
     assert_eq!(
         v["size"].as_u64().unwrap(),
-        std::fs::metadata(common::built("counter.wasm"))
+        std::fs::metadata(crate::common::built("counter.wasm"))
             .unwrap()
             .len()
     );

@@ -2,14 +2,10 @@
 //! components from plugins/, a fresh ORCH_HOME per test. Error messages are
 //! checked against golden files in tests/golden/ (ORCH_UPDATE_GOLDEN=1
 //! rewrites them after a deliberate change).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::{built, stderr, Orch};
+use crate::common::{built, stderr, Orch};
 
 fn same(x: String) -> String {
     x

@@ -2,13 +2,9 @@
 //! loopback port): membership by heartbeat, a killed host reported dead, a
 //! stopped host reported as left, a restarted host back under its id, and
 //! hosts reconnecting after the server restarts.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{p, HostProc, NatsServer, Orch, TestCa, TestOperator};
+use crate::common::{p, HostProc, NatsServer, Orch, TestCa, TestOperator};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -134,7 +130,7 @@ fn a_host_without_a_reachable_server_says_so() {
     let url = format!("nats://127.0.0.1:{port}");
     let out = orch.run(&["host", "start", "--listen", "127.0.0.1:0", "--nats", &url]);
     assert_eq!(out.status.code(), Some(1));
-    let err = common::stderr(&out);
+    let err = crate::common::stderr(&out);
     assert!(
         err.contains(&format!("cannot connect to NATS at {url}")),
         "{err}"
@@ -591,7 +587,7 @@ fn refused_join(orch: &Orch, nats: &NatsServer, extra: &[&str]) -> String {
     args.extend_from_slice(extra);
     let out = orch.run(&args);
     assert_eq!(out.status.code(), Some(1));
-    let err = common::stderr(&out);
+    let err = crate::common::stderr(&out);
     assert!(
         err.contains(&format!("cannot connect to NATS at {}", nats.url)),
         "{err}"
@@ -795,5 +791,5 @@ fn a_payload_past_what_a_nats_message_carries_is_413() {
     let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
     until_serving(&ha, "echo", 1);
     // nats-server's default max_payload (1 MiB), less 4 KiB for headers.
-    common::payload_limit_pair(&ha, "echo", (1 << 20) - (4 << 10));
+    crate::common::payload_limit_pair(&ha, "echo", (1 << 20) - (4 << 10));
 }

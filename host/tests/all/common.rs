@@ -251,7 +251,6 @@ impl HostProc {
 /// Submits `capability` tasks whose payloads are `limit` and `limit + 1`
 /// bytes: the first must be accepted (201), the second refused with 413
 /// naming both figures. Returns the accepted task.
-#[allow(dead_code)] // not every test binary uses it
 pub fn payload_limit_pair(host: &HostProc, capability: &str, limit: usize) -> Value {
     use base64::Engine as _;
     let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
