@@ -3,8 +3,6 @@
 //! same run against the same server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,30 +12,8 @@ use futures_util::StreamExt;
 /// Round trips per latency figure.
 pub const SAMPLES: usize = 2_000;
 
-/// A nats-server with JetStream on a free loopback port and a temporary
-/// store; killed when dropped.
-pub struct NatsServer {
-    child: Child,
-    pub url: String,
-    _store: tempfile::TempDir,
-}
-
-impl NatsServer {
-    pub fn start() -> NatsServer {
-        let (child, url, store) = start_server();
-        NatsServer {
-            child,
-            url,
-            _store: store,
-        }
-    }
-}
-
-impl NatsServer {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
+/// The nats-server of the tests, shared: one way to start one.
+pub use orch_testkit::NatsServer;
 
 /// CPU time (user + system) a process has used so far, from /proc.
 pub fn cpu_time(pid: u32) -> Duration {
@@ -58,13 +34,6 @@ pub fn print_cpu(what: &str, cpu: Duration, tasks: u64, elapsed: Duration) {
         cpu.as_secs_f64() * 1e6 / tasks as f64,
         cpu.as_secs_f64() / elapsed.as_secs_f64() / 2.0 * 100.0
     );
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// p50 of each baseline, and the durable pipeline's throughput.
@@ -208,30 +177,6 @@ pub async fn baselines(server: &NatsServer) -> Baselines {
         stored: raw_stored,
         pipeline_per_s: pipe_tasks as f64 / elapsed.as_secs_f64(),
     }
-}
-
-fn start_server() -> (Child, String, tempfile::TempDir) {
-    let bin =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/nats/bin/nats-server");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server: run `bash plugins/build.sh` first");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (child, format!("nats://127.0.0.1:{port}"), dir)
 }
 
 /// A work-queue stream (file storage) and a durable pull consumer on it.
