@@ -292,6 +292,12 @@ async fn status(
     }): State<ApiState>,
 ) -> Json<Value> {
     let (queued, running) = host.live_counts();
+    // In a cluster: the tasks on the stream (all hosts') and the attempts
+    // the live hosts reported running in their last heartbeats.
+    let on_stream = match &router {
+        Some(r) => r.on_stream().await.ok(),
+        None => None,
+    };
     let errors: Vec<Value> = host
         .plugin_errors()
         .into_iter()
@@ -308,6 +314,10 @@ async fn status(
         "cluster": cluster.map(|c| json!({
             "nats": c.url(),
             "hosts": c.members(),
+            "tasks": {
+                "on_stream": on_stream,
+                "running": c.members().iter().filter(|m| m.state == "alive").map(|m| m.running).sum::<u64>(),
+            },
             "fenced": router.as_ref().map_or(0, |r| r.fenced()),
             "redelivered": router.as_ref().map_or(0, |r| r.redelivered()),
             "terminated": router.as_ref().map_or(0, |r| r.terminated()),

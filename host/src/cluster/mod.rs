@@ -24,6 +24,11 @@ pub mod tasks;
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// Silence after which a host is reported dead (four missed heartbeats).
 pub const DEAD_AFTER: Duration = Duration::from_millis(1000);
+/// A host silent (dead or left) this long is dropped from the member table.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Most hosts the member table holds; heartbeats of further new names are
+/// ignored (any NATS client can publish one).
+pub const MAX_MEMBERS: usize = 1024;
 
 /// Subject names. All of orch's traffic lives under `orch.v1.`; the
 /// version changes when a message format changes incompatibly.
@@ -217,9 +222,20 @@ impl Cluster {
                     tracing::warn!(subject = %message.subject, "unreadable host message");
                     continue;
                 };
+                if !tasks::is_task_id(&heartbeat.host) {
+                    tracing::warn!(subject = %message.subject, "a host message with an invalid host id; ignored");
+                    continue;
+                }
                 let mut members = lock(&listen_members);
                 if leaving {
                     tracing::info!(host = %heartbeat.host, "host left");
+                }
+                // Bounded: long-silent hosts are forgotten, and past the
+                // limit a new name is not taken in.
+                members.retain(|_, seen| seen.at.elapsed() <= FORGET_AFTER);
+                if members.len() >= MAX_MEMBERS && !members.contains_key(&heartbeat.host) {
+                    tracing::warn!(host = %heartbeat.host, limit = MAX_MEMBERS, "member table full; heartbeat ignored");
+                    continue;
                 }
                 members.insert(
                     heartbeat.host.clone(),

@@ -348,6 +348,17 @@ impl TaskRouter {
         self.counters.fenced.load(Ordering::Relaxed)
     }
 
+    /// Tasks on the stream now: waiting for a host, or taken and not yet
+    /// acked, over the whole cluster.
+    pub async fn on_stream(&self) -> Result<u64, HostError> {
+        let mut stream = self.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| self.error("stream ORCH_TASKS", e))?;
+        Ok(info.state.messages)
+    }
+
     /// Task messages terminated for want of a valid task id.
     pub fn terminated(&self) -> u64 {
         self.counters.terminated.load(Ordering::Relaxed)

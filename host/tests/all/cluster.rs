@@ -793,3 +793,27 @@ fn a_payload_past_what_a_nats_message_carries_is_413() {
     // nats-server's default max_payload (1 MiB), less 4 KiB for headers.
     crate::common::payload_limit_pair(&ha, "echo", (1 << 20) - (4 << 10));
 }
+
+#[test]
+fn status_counts_the_clusters_tasks() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.config("[host]\ninstances = 1\n");
+    install_sleep(&a);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "test.sleep", 1);
+    let ids: Vec<String> = (0..3).map(|_| ha.submit("test.sleep", "1500")).collect();
+    let tasks = |h: &HostProc| h.get("/v1/status").1["cluster"]["tasks"].clone();
+    // One runs (reported by heartbeat), all three are on the stream.
+    ha.until("one running, three on the stream", |h| {
+        let t = tasks(h);
+        t["running"] == 1 && t["on_stream"] == 3
+    });
+    for id in &ids {
+        assert_eq!(ha.wait(id)["status"], "completed");
+    }
+    ha.until("nothing left", |h| {
+        let t = tasks(h);
+        t["running"] == 0 && t["on_stream"] == 0
+    });
+}
