@@ -215,8 +215,13 @@ pub fn status(home: &Path, api: ApiArgs) -> u8 {
         client.base(),
         value["uptime_ms"].as_u64().unwrap_or(0) / 1000
     );
+    let on_this = if value["cluster"].is_object() {
+        " (this host)"
+    } else {
+        ""
+    };
     println!(
-        "tasks: {} queued, {} running",
+        "tasks{on_this}: {} queued, {} running",
         value["tasks"]["queued"], value["tasks"]["running"]
     );
     println!("agents:");
@@ -239,11 +244,13 @@ pub fn status(home: &Path, api: ApiArgs) -> u8 {
     }
     if let Some(cluster) = value["cluster"].as_object() {
         println!(
-            "cluster ({}):",
+            "cluster ({}): {} tasks on the stream, {} running",
             cluster
                 .get("nats")
                 .and_then(Value::as_str)
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            value["cluster"]["tasks"]["on_stream"],
+            value["cluster"]["tasks"]["running"]
         );
         for h in cluster
             .get("hosts")
