@@ -64,7 +64,10 @@ pub enum LoadError {
 
 /// Why a task did not produce a result. The host reports these to whoever
 /// submitted the task; the instance that produced one is always discarded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// It crosses hosts as itself (serde), so a caller on another host gets the
+/// same typed error as a local one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum TaskError {
     #[error("fuel exhausted: the task used all of its {limit} fuel")]
     FuelExhausted { limit: u64 },

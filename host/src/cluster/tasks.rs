@@ -65,6 +65,24 @@ pub struct StoredResult {
     pub task: TaskRecord,
     /// The result bytes, base64.
     pub result_base64: Option<String>,
+    /// The failure as a typed error, so that a caller on another host gets
+    /// the same `TaskError` as a local one (the record has its kind and text
+    /// only). Absent in results of older hosts and of other clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+}
+
+/// A task as read back: its record, its result and its typed error.
+struct Fetched {
+    record: TaskRecord,
+    result: Option<Vec<u8>>,
+    error: Option<TaskError>,
+}
+
+impl Fetched {
+    fn pair(self) -> (TaskRecord, Option<Vec<u8>>) {
+        (self.record, self.result)
+    }
 }
 
 /// The consumer for a capability. Consumer names may not contain dots.
@@ -434,7 +452,11 @@ impl TaskRouter {
         self.publish(&record, call.payload, extra)
             .await
             .map_err(host_error)?;
-        let (done, result) = self.wait_submitted(&id, left).await.map_err(host_error)?;
+        let Fetched {
+            record: done,
+            result,
+            error: typed,
+        } = self.wait_for(&id, left, true).await.map_err(host_error)?;
         match done.status {
             Status::Completed => Ok(TaskOutput {
                 result: result.unwrap_or_default(),
@@ -451,10 +473,10 @@ impl TaskRouter {
                     kind: "host".into(),
                     message: "no error recorded".into(),
                 });
-                Err((
-                    TaskError::from_kind(&e.kind, &e.message, call.fuel),
-                    done.fuel_used,
-                ))
+                // The typed error when the host that ran it sent one.
+                let error =
+                    typed.unwrap_or_else(|| TaskError::from_kind(&e.kind, &e.message, call.fuel));
+                Err((error, done.fuel_used))
             }
             // Not finished within the caller's deadline.
             Status::Queued | Status::Running => Err((
@@ -592,6 +614,10 @@ impl TaskRouter {
         &self,
         id: &str,
     ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+        self.fetch(id).await.map(Fetched::pair)
+    }
+
+    async fn fetch(&self, id: &str) -> Result<Fetched, HostError> {
         // Not a key the buckets can hold: no such task (and not a NATS fault).
         if !is_task_id(id) {
             return Err(HostError::NotFound(id.to_string()));
@@ -612,10 +638,12 @@ impl TaskRouter {
             .await
             .map_err(|e| self.error("ORCH_QUEUED", e))?
         {
-            Some(bytes) => Ok((
-                serde_json::from_slice(&bytes).map_err(|e| corrupt(id, "ORCH_QUEUED", e))?,
-                None,
-            )),
+            Some(bytes) => Ok(Fetched {
+                record: serde_json::from_slice(&bytes)
+                    .map_err(|e| corrupt(id, "ORCH_QUEUED", e))?,
+                result: None,
+                error: None,
+            }),
             None => Err(HostError::NotFound(id.to_string())),
         }
     }
@@ -626,7 +654,7 @@ impl TaskRouter {
         id: &str,
         timeout: Duration,
     ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
-        self.wait_for(id, timeout, false).await
+        self.wait_for(id, timeout, false).await.map(Fetched::pair)
     }
 
     /// Like [`TaskRouter::wait`] for a task this host has just submitted:
@@ -637,7 +665,7 @@ impl TaskRouter {
         id: &str,
         timeout: Duration,
     ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
-        self.wait_for(id, timeout, true).await
+        self.wait_for(id, timeout, true).await.map(Fetched::pair)
     }
 
     async fn wait_for(
@@ -645,7 +673,7 @@ impl TaskRouter {
         id: &str,
         timeout: Duration,
         just_submitted: bool,
-    ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+    ) -> Result<Fetched, HostError> {
         let until = tokio::time::Instant::now() + timeout;
         if just_submitted {
             let rx = self
@@ -666,8 +694,8 @@ impl TaskRouter {
             .push(tx);
         // A task published straight to the stream by another client has no
         // record until a host picks it up; wait for it all the same.
-        match self.get_with_result(id).await {
-            Ok(current) if current.0.status.is_final() => {
+        match self.fetch(id).await {
+            Ok(current) if current.record.status.is_final() => {
                 drop(rx);
                 self.forget_closed_waiters(id);
                 return Ok(current);
@@ -687,7 +715,7 @@ impl TaskRouter {
         id: &str,
         mut rx: tokio::sync::oneshot::Receiver<bytes::Bytes>,
         until: tokio::time::Instant,
-    ) -> Result<(TaskRecord, Option<Vec<u8>>), HostError> {
+    ) -> Result<Fetched, HostError> {
         let mut check = Duration::from_secs(1);
         let outcome = loop {
             let next = (tokio::time::Instant::now() + check).min(until);
@@ -695,13 +723,13 @@ impl TaskRouter {
                 // The notification carries the stored value: no read needed.
                 Ok(Ok(bytes)) => match serde_json::from_slice::<StoredResult>(&bytes) {
                     Ok(stored) => return Ok(decode_stored(stored)),
-                    Err(_) => break self.get_with_result(id).await,
+                    Err(_) => break self.fetch(id).await,
                 },
-                Ok(Err(_)) => break self.get_with_result(id).await,
+                Ok(Err(_)) => break self.fetch(id).await,
                 Err(_) => {}
             }
-            let current = self.get_with_result(id).await;
-            let done = matches!(&current, Ok(c) if c.0.status.is_final());
+            let current = self.fetch(id).await;
+            let done = matches!(&current, Ok(c) if c.record.status.is_final());
             if done || tokio::time::Instant::now() >= until {
                 break current;
             }
@@ -817,11 +845,15 @@ fn wake(waiters: &Waiters, pending: &Pending, key: &str, value: &bytes::Bytes) {
         .remove(key);
 }
 
-fn decode_stored(stored: StoredResult) -> (TaskRecord, Option<Vec<u8>>) {
+fn decode_stored(stored: StoredResult) -> Fetched {
     let result = stored
         .result_base64
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
-    (stored.task, result)
+    Fetched {
+        record: stored.task,
+        result,
+        error: stored.error,
+    }
 }
 
 /// Pulls tasks for one capability while this host has free slots for it.
@@ -1147,9 +1179,11 @@ async fn run_and_store(
     // while this one's outcome is stored.
     slot.release();
     record.finished_at_ms = Some(now_ms());
+    let mut typed_error = None;
     let result = match outcome {
         Ok(done) => Some(record.complete(done.agent, done.output)),
         Err(failure) => {
+            typed_error = Some(failure.error.clone());
             let agent = failure.attempts.last().map(|a| a.agent.clone());
             record.agent = agent.clone();
             // A remote caller is charged what the failed attempt used.
@@ -1189,6 +1223,7 @@ async fn run_and_store(
     let mut stored = StoredResult {
         task: record,
         result_base64: result.map(|r| base64::engine::general_purpose::STANDARD.encode(r)),
+        error: typed_error,
     };
     let mut json =
         serde_json::to_vec(&stored).map_err(|e| HostError::InvalidRequest(e.to_string()))?;
@@ -1198,6 +1233,10 @@ async fn run_and_store(
         // this error as the task's result instead.
         let size = json.len();
         stored.result_base64 = None;
+        stored.error = Some(TaskError::ResultTooLarge {
+            size: size as u64,
+            limit: router.max_value as u64,
+        });
         for attempt in &mut stored.task.attempt_errors {
             attempt.message = crate::text::escape_capped(&attempt.message, 1 << 10);
         }

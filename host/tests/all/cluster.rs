@@ -817,3 +817,32 @@ fn status_counts_the_clusters_tasks() {
         t["running"] == 0 && t["on_stream"] == 0
     });
 }
+
+#[test]
+fn a_remote_callees_limit_reaches_the_caller_as_the_same_typed_error() {
+    let nats = NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    a.ok(&["plugin", "install", "-y", &p("caller")]);
+    install_fixture(&b, "hog", "test.hog", "\n[limits]\nmemory = \"8MiB\"\n");
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let _hb = HostProc::start_with(&b, &args);
+    until_serving(&ha, "test.hog", 1);
+    // hog on B asks for more than its 8 MiB: a memory limit, typed as a
+    // limit for the caller on A, as it would be on one host (it used to
+    // arrive as the callee's own `failed` answer, rebuilt from text).
+    let (code, task) = ha.post(
+        "/v1/tasks?wait=30s",
+        &serde_json::json!({ "capability": "test.call", "input": "test.hog\n" }),
+    );
+    assert_eq!(code, 201, "{task}");
+    let answer = task["result"].as_str().unwrap();
+    assert!(
+        answer.starts_with("call-error limit: memory limit: the agent asked for"),
+        "{task}"
+    );
+    assert!(
+        answer.ends_with("past the limit of 8388608 bytes"),
+        "{answer}"
+    );
+}
