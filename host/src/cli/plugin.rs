@@ -21,7 +21,8 @@ Workflow:
   orch run counter --input -              run the active version by name
   orch plugin upgrade counter next.wasm   new version becomes active; the old one is kept
   orch plugin rollback counter            the previously active version again
-  orch plugin remove counter              all versions (kv data stays)
+  orch plugin remove counter              all versions; its kv data stays, its namespace reserved
+  orch plugin remove counter --purge      and its kv data deleted, the namespace free again
 
 Signing: `orch key generate --out k.nk`, then `orch plugin sign counter.wasm --key k.nk`.
 A host with `require_signed = true` and `trusted_keys = [...]` under [plugins] in config.toml
