@@ -295,6 +295,16 @@ impl Journal {
         self.send(|reply| Op::Forget { ids, reply }).await
     }
 
+    /// The task accepted under idempotency key `key`, if any.
+    pub fn task_for_key(&self, key: &str) -> Result<Option<String>, JournalError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = txn.open_table(KEYS).map_err(|e| self.error(e))?;
+        Ok(table
+            .get(key)
+            .map_err(|e| self.error(e))?
+            .map(|v| v.value().to_string()))
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, JournalError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(TASKS).map_err(|e| self.error(e))?;

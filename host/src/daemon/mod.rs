@@ -326,10 +326,21 @@ impl Host {
             ));
         }
         // Admission control: every accepted task holds memory (its live
-        // record and payload) until it ends.
+        // record and payload) until it ends. A retry of a task accepted
+        // already is not new work: it gets that task, whatever the load.
         let limit = self.inner.config.host.max_unfinished;
         if lock(&self.inner.live).len() >= limit {
-            return Err(HostError::NoCapacity { limit });
+            let existing = match request.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
+                Some(key) => self.inner.journal.task_for_key(key)?,
+                None => None,
+            };
+            return match existing {
+                Some(id) => Ok(Submitted {
+                    task: self.get(&id)?,
+                    existing: true,
+                }),
+                None => Err(HostError::NoCapacity { limit }),
+            };
         }
         let now = now_ms();
         let record = TaskRecord {

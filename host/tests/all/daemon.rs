@@ -432,9 +432,11 @@ fn accepted_tasks_are_bounded_with_a_429_as_a_pair() {
     install_spin(&orch, 100000000000);
     let host = HostProc::start(&orch);
     let spin = json!({ "capability": "test.spin", "input": "x", "deadline": "5s" });
-    let inside: Vec<String> = (0..2)
-        .map(|_| {
-            let (code, task) = host.post("/v1/tasks", &spin);
+    let keyed = json!({ "capability": "test.spin", "input": "x", "deadline": "5s", "idempotency_key": "k-1" });
+    let inside: Vec<String> = [&spin, &keyed]
+        .into_iter()
+        .map(|body| {
+            let (code, task) = host.post("/v1/tasks", body);
             assert_eq!(code, 201, "{task}");
             task["id"].as_str().unwrap().to_string()
         })
@@ -442,6 +444,10 @@ fn accepted_tasks_are_bounded_with_a_429_as_a_pair() {
     let (code, refused) = host.post("/v1/tasks", &spin);
     assert_eq!(code, 429, "{refused}");
     assert_eq!(refused["error"]["kind"], "no-capacity", "{refused}");
+    // A retry of a task accepted already is not refused: it gets that task.
+    let (code, again) = host.post("/v1/tasks", &keyed);
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["id"], inside[1].as_str());
     // The CLI says so with its own exit code: try again later.
     let out = orch.run(&[
         "task",
