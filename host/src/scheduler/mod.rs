@@ -377,31 +377,34 @@ impl State {
         if free == 0 {
             return false;
         }
-        let live: Vec<usize> = (0..self.agents.len())
-            .filter(|&j| !self.agents[j].retired)
-            .collect();
+        // Called for every candidate of every placement: no allocation, and
+        // the common case (within its own share) decided first.
+        let live = self.agents.iter().filter(|e| !e.retired).count();
         let total = u64::from(engine.config().instance_slots.max(1));
-        let fair = total / (live.len().max(1) as u64);
-        let share = |j: usize| u64::from(self.agents[j].max_in_flight).min(fair.max(1));
+        let fair = (total / live.max(1) as u64).max(1);
+        let share = |e: &Entry| u64::from(e.max_in_flight).min(fair);
         let e = &self.agents[i];
-        if u64::from(e.in_flight()) < share(i) {
+        if u64::from(e.in_flight()) < share(e) {
             return true;
         }
-        let mut busy = vec![false; self.agents.len()];
-        for (route, queue) in &self.queues {
-            if queue.is_empty() {
-                continue;
-            }
-            for &j in self.index.get(route).map(Vec::as_slice).unwrap_or(&[]) {
-                busy[j] = true;
-            }
-        }
-        let reserved: u64 = live
+        // Whether agent `j` serves a capability or subject with queued work.
+        let has_work = |j: usize| {
+            self.queues.iter().any(|(route, queue)| {
+                !queue.is_empty() && self.index.get(route).is_some_and(|a| a.contains(&j))
+            })
+        };
+        let reserved: u64 = self
+            .agents
             .iter()
-            .filter(|&&j| j != i)
-            .map(|&j| {
-                let want = if busy[j] { share(j) } else { share(j).min(1) };
-                want.saturating_sub(u64::from(self.agents[j].in_flight()))
+            .enumerate()
+            .filter(|&(j, o)| j != i && !o.retired)
+            .map(|(j, o)| {
+                let want = if has_work(j) {
+                    share(o)
+                } else {
+                    share(o).min(1)
+                };
+                want.saturating_sub(u64::from(o.in_flight()))
             })
             .sum();
         free > reserved
