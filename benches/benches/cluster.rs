@@ -11,7 +11,6 @@
 //! (which installs nats-server into target/tools/nats).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use orch::daemon::{Host, SubmitRequest};
 use orch::kv::KvStore;
 use orch::plugin::store::Mode;
 use orch::plugin::PluginStore;
+use orch::service::TaskService;
 use orch::{Engine, EngineConfig};
 use orch_benches::nats::SAMPLES;
 use orch_benches::plugin;
@@ -78,39 +78,36 @@ fn main() {
         let base = orch_benches::nats::baselines(&server).await;
         // orch: A submits, B runs.
         let (ha, hb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (_a, cluster_a, router_a) = host_with(&url, ha.path(), &[]).await;
+        let (host_a, cluster_a, router_a) = host_with(&url, ha.path(), &[]).await;
         let (_b, _cluster_b, _router_b) = host_with(&url, hb.path(), &["echo"]).await;
         let started = Instant::now();
         while !cluster_a.capabilities().contains("echo") {
             assert!(started.elapsed() < Duration::from_secs(10));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let caps: BTreeSet<String> = cluster_a.capabilities();
-        let submit = |router: Arc<TaskRouter>, caps: BTreeSet<String>| async move {
-            let (task, _) = router
-                .submit(
+        // Through the task service, as the API submits.
+        let service = TaskService::new(host_a.clone(), router_a.clone());
+        let submit = |service: TaskService| async move {
+            let (done, _) = service
+                .submit_and_wait(
                     SubmitRequest {
                         capability: "echo".into(),
                         payload: b"hello, orch".to_vec(),
                         ..Default::default()
                     },
-                    &caps,
+                    Some(Duration::from_secs(30)),
                 )
                 .await
                 .unwrap();
-            let (done, result) = router
-                .wait_submitted(&task.id, Duration::from_secs(30))
-                .await
-                .unwrap();
-            assert_eq!(result.as_deref(), Some(&b"hello, orch"[..]), "{done:?}");
+            assert_eq!(done.result.as_deref(), Some(&b"hello, orch"[..]), "{:?}", done.record);
         };
         for _ in 0..200 {
-            submit(router_a.clone(), caps.clone()).await;
+            submit(service.clone()).await;
         }
         let mut lat = Vec::new();
         for _ in 0..SAMPLES {
             let t = Instant::now();
-            submit(router_a.clone(), caps.clone()).await;
+            submit(service.clone()).await;
             lat.push(t.elapsed());
         }
         let orch_p50 = orch_benches::nats::report("orch cross-host echo task", lat);
@@ -130,10 +127,10 @@ fn main() {
         let t = Instant::now();
         let mut workers = Vec::new();
         for _ in 0..64 {
-            let (router, caps) = (router_a.clone(), caps.clone());
+            let service = service.clone();
             workers.push(tokio::spawn(async move {
                 for _ in 0..n / 64 {
-                    submit(router.clone(), caps.clone()).await;
+                    submit(service.clone()).await;
                 }
             }));
         }

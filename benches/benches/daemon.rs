@@ -85,11 +85,7 @@ fn daemon(c: &mut Criterion) {
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = orch::api::ApiState {
-            host: host.clone(),
-            cluster: None,
-            router: None,
-        };
+        let state = orch::api::ApiState::local(host.clone());
         tokio::spawn(orch::api::serve(
             state,
             listener,

@@ -118,6 +118,9 @@ pub enum TaskError {
 
     #[error("host error: {0}")]
     Host(String),
+
+    #[error("cancelled: the task was cancelled before it ended")]
+    Cancelled,
 }
 
 fn trap_text(message: &str, guest: &Option<String>) -> String {
@@ -146,6 +149,7 @@ impl TaskError {
             TaskError::Retryable(_) => "retryable",
             TaskError::Unavailable(_) => "unavailable",
             TaskError::Host(_) => "host",
+            TaskError::Cancelled => "cancelled",
         }
     }
 
@@ -169,6 +173,7 @@ impl TaskError {
             "retryable" => TaskError::Retryable(strip("retryable failure: ")),
             "unavailable" => TaskError::Unavailable(strip("unavailable: ")),
             "no-capacity" => TaskError::Unavailable(m),
+            "cancelled" => TaskError::Cancelled,
             // Other limits keep their text; the caller sees it as a failure.
             _ => TaskError::Failed(m),
         }

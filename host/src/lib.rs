@@ -28,9 +28,11 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod kv;
+pub mod node;
 pub mod plugin;
 pub mod sandbox;
 pub mod scheduler;
+pub mod service;
 pub mod text;
 pub mod units;
 

@@ -9,29 +9,46 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio::sync::broadcast;
 
 use crate::cluster::tasks::TaskRouter;
 use crate::cluster::Cluster;
-use crate::daemon::{Host, HostError, Status, SubmitRequest, TaskRecord};
+use crate::daemon::{AttemptInfo, ErrorInfo, Host, HostError, Status, SubmitRequest, TaskRecord};
+use crate::service::{ListQuery, Stored, TaskEvent, TaskService};
 use crate::units::parse_duration;
 
 /// The longest a request may wait for a task to end.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-/// What the handlers share: the host, and its cluster membership when it
-/// joined one.
+/// What the handlers share: the task service, and the cluster membership
+/// and JetStream store for the status when the host joined a cluster.
 #[derive(Clone)]
 pub struct ApiState {
-    pub host: Host,
+    pub tasks: TaskService,
     pub cluster: Option<Arc<Cluster>>,
-    /// In a cluster, tasks go through JetStream instead of the journal.
     pub router: Option<Arc<TaskRouter>>,
+}
+
+impl ApiState {
+    /// A lone host's API.
+    pub fn local(host: Host) -> ApiState {
+        ApiState {
+            tasks: TaskService::local(host),
+            cluster: None,
+            router: None,
+        }
+    }
+
+    fn host(&self) -> &Host {
+        self.tasks.host()
+    }
 }
 
 pub fn router(state: ApiState, max_payload: u64) -> Router {
@@ -42,6 +59,8 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .route("/v1/agents", get(agents))
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(task))
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/events", get(events))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/sync", post(sync))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -93,29 +112,73 @@ fn bad_request(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, "invalid-request", message)
 }
 
-/// A task record as JSON, with the result when asked for: `result` holds
-/// UTF-8 text, `result_base64` anything else.
-pub fn task_json(record: &TaskRecord, result: Option<&[u8]>) -> Value {
-    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
-    if let (Some(obj), Some(bytes)) = (value.as_object_mut(), result) {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => obj.insert("result".into(), Value::String(text.into())),
-            Err(_) => obj.insert(
-                "result_base64".into(),
-                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
-            ),
-        };
-    }
-    value
+/// A task as the API shows it (`docs/api.md`): the stable shape, kept
+/// apart from the stores' record so that either can change alone.
+#[derive(Serialize)]
+pub struct TaskJson<'a> {
+    id: &'a str,
+    capability: &'a str,
+    status: &'static str,
+    priority: i32,
+    deadline_ms: Option<u64>,
+    idempotency_key: Option<&'a str>,
+    submitted_at_ms: u64,
+    finished_at_ms: Option<u64>,
+    attempts: u32,
+    agent: Option<&'a str>,
+    host: Option<&'a str>,
+    error: Option<&'a ErrorInfo>,
+    attempt_errors: &'a [AttemptInfo],
+    fuel_used: Option<u64>,
+    subtask_fuel: Option<u64>,
+    subtasks: Option<u32>,
+    calls: &'a [crate::sandbox::CallReport],
+    payload_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_base64: Option<String>,
 }
 
-fn with_result(host: &Host, record: &TaskRecord) -> Result<Value, ApiError> {
-    let result = if record.status == Status::Completed {
-        host.result(&record.id)?
-    } else {
-        None
-    };
-    Ok(task_json(record, result.as_deref()))
+impl<'a> TaskJson<'a> {
+    /// `result` holds UTF-8 text, `result_base64` anything else.
+    pub fn new(record: &'a TaskRecord, result: Option<&[u8]>) -> TaskJson<'a> {
+        let (text, b64) = match result.map(std::str::from_utf8) {
+            None => (None, None),
+            Some(Ok(text)) => (Some(text.to_string()), None),
+            Some(Err(_)) => (
+                None,
+                result.map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+            ),
+        };
+        TaskJson {
+            id: &record.id,
+            capability: &record.capability,
+            status: record.status.as_str(),
+            priority: record.priority,
+            deadline_ms: record.deadline_ms,
+            idempotency_key: record.idempotency_key.as_deref(),
+            submitted_at_ms: record.submitted_at_ms,
+            finished_at_ms: record.finished_at_ms,
+            attempts: record.attempts,
+            agent: record.agent.as_deref(),
+            host: record.host.as_deref(),
+            error: record.error.as_ref(),
+            attempt_errors: &record.attempt_errors,
+            fuel_used: record.fuel_used,
+            subtask_fuel: record.subtask_fuel,
+            subtasks: record.subtasks,
+            calls: &record.calls,
+            payload_bytes: record.payload_bytes,
+            result: text,
+            result_base64: b64,
+        }
+    }
+}
+
+fn stored_json(stored: &Stored) -> Value {
+    serde_json::to_value(TaskJson::new(&stored.record, stored.result.as_deref()))
+        .unwrap_or(Value::Null)
 }
 
 fn parse_wait(wait: Option<&str>) -> Result<Option<Duration>, ApiError> {
@@ -150,11 +213,7 @@ struct WaitQuery {
 }
 
 async fn submit(
-    State(ApiState {
-        host,
-        cluster,
-        router,
-    }): State<ApiState>,
+    State(state): State<ApiState>,
     Query(q): Query<WaitQuery>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -183,78 +242,109 @@ async fn submit(
         deadline,
         idempotency_key: body.idempotency_key,
     };
-    if let (Some(router), Some(cluster)) = (router, cluster) {
-        let (task, existing) = router.submit(request, &cluster.capabilities()).await?;
-        let (record, result) = match wait {
-            // An idempotent replay may have its result already.
-            Some(w) if existing => router.wait(&task.id, w).await?,
-            Some(w) => router.wait_submitted(&task.id, w).await?,
-            None => (task, None),
-        };
-        let code = if existing {
-            StatusCode::OK
-        } else {
-            StatusCode::CREATED
-        };
-        return Ok((code, Json(task_json(&record, result.as_deref()))).into_response());
-    }
-    let submitted = host.submit(request).await?;
-    let record = match wait {
-        Some(w) => host.wait(&submitted.task.id, w).await?,
-        None => submitted.task,
-    };
-    let code = if submitted.existing {
+    let (stored, existing) = state.tasks.submit_and_wait(request, wait).await?;
+    let code = if existing {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    Ok((code, Json(with_result(&host, &record)?)).into_response())
+    Ok((code, Json(stored_json(&stored))).into_response())
 }
 
 async fn task(
-    State(ApiState { host, router, .. }): State<ApiState>,
+    State(state): State<ApiState>,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if let Some(router) = router {
-        let (record, result) = match parse_wait(q.wait.as_deref())? {
-            Some(w) => router.wait(&id, w).await?,
-            None => router.get_with_result(&id).await?,
-        };
-        return Ok(Json(task_json(&record, result.as_deref())));
-    }
-    let record = match parse_wait(q.wait.as_deref())? {
-        Some(w) => host.wait(&id, w).await?,
-        None => host.get(&id)?,
+    let stored = match parse_wait(q.wait.as_deref())? {
+        Some(w) => state.tasks.wait(&id, w).await?,
+        None => state.tasks.get(&id).await?,
     };
-    Ok(Json(with_result(&host, &record)?))
+    Ok(Json(stored_json(&stored)))
+}
+
+async fn cancel(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(stored_json(&state.tasks.cancel(&id).await?)))
 }
 
 #[derive(Deserialize)]
-struct ListQuery {
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Only this task's events, and its sub-tasks' (`ID.N`).
+    task: Option<String>,
+    capability: Option<String>,
+}
+
+/// The host's task events as server-sent events: one `data:` line of JSON
+/// per event (`docs/api.md`), an `event: lagged` with the number missed
+/// when the client reads slower than the host emits.
+async fn events(
+    State(state): State<ApiState>,
+    Query(q): Query<EventsQuery>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let rx = state.tasks.watch();
+    let keep = move |e: &TaskEvent| {
+        q.task.as_deref().is_none_or(|t| {
+            e.task == t
+                || e.task
+                    .strip_prefix(t)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        }) && q.capability.as_deref().is_none_or(|c| e.capability == c)
+    };
+    let stream = futures_util::stream::unfold((rx, keep), |(mut rx, keep)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(event) if keep(&event) => {
+                    let data = serde_json::to_string(event.as_ref()).unwrap_or_default();
+                    let sse = SseEvent::default().event(event.kind.as_str()).data(data);
+                    return Some((Ok(sse), (rx, keep)));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let sse = SseEvent::default()
+                        .event("lagged")
+                        .data(json!({ "missed": n }).to_string());
+                    return Some((Ok(sse), (rx, keep)));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[derive(Deserialize)]
+struct ListQueryParams {
     status: Option<String>,
     capability: Option<String>,
     limit: Option<usize>,
 }
 
 async fn list(
-    State(ApiState { host, router, .. }): State<ApiState>,
-    Query(q): Query<ListQuery>,
+    State(state): State<ApiState>,
+    Query(q): Query<ListQueryParams>,
 ) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
             bad_request(format!(
-                "status {s:?}: expected queued, running, completed, failed or dead"
+                "status {s:?}: expected queued, running, completed, failed, dead or cancelled"
             ))
         })?),
     };
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let tasks = match router {
-        Some(router) => router.list(status, q.capability.as_deref(), limit).await?,
-        None => host.list(status, q.capability.as_deref(), limit)?,
+    let query = ListQuery {
+        status,
+        capability: q.capability,
+        limit: q.limit.unwrap_or(100).min(10_000),
     };
-    let tasks: Vec<Value> = tasks.iter().map(|t| task_json(t, None)).collect();
+    let tasks = state.tasks.list(&query).await?;
+    let tasks: Vec<Value> = tasks
+        .iter()
+        .map(|t| serde_json::to_value(TaskJson::new(t, None)).unwrap_or(Value::Null))
+        .collect();
     Ok(Json(json!({ "tasks": tasks })))
 }
 
@@ -280,17 +370,12 @@ fn agents_json(host: &Host) -> Vec<Value> {
         .collect()
 }
 
-async fn agents(State(ApiState { host, .. }): State<ApiState>) -> Json<Value> {
-    Json(json!({ "agents": agents_json(&host) }))
+async fn agents(State(state): State<ApiState>) -> Json<Value> {
+    Json(json!({ "agents": agents_json(state.host()) }))
 }
 
-async fn status(
-    State(ApiState {
-        host,
-        cluster,
-        router,
-    }): State<ApiState>,
-) -> Json<Value> {
+async fn status(State(state): State<ApiState>) -> Json<Value> {
+    let (host, cluster, router) = (state.host(), state.cluster.clone(), state.router.clone());
     let (queued, running) = host.live_counts();
     // In a cluster: the tasks on the stream (all hosts') and the attempts
     // the live hosts reported running in their last heartbeats.
@@ -309,7 +394,7 @@ async fn status(
         "uptime_ms": host.uptime().as_millis() as u64,
         "tasks": { "queued": queued, "running": running },
         "capabilities": host.scheduler().capabilities(),
-        "agents": agents_json(&host),
+        "agents": agents_json(host),
         "plugin_errors": errors,
         "cluster": cluster.map(|c| json!({
             "nats": c.url(),
@@ -326,7 +411,8 @@ async fn status(
     }))
 }
 
-async fn plugins(State(ApiState { host, .. }): State<ApiState>) -> Json<Value> {
+async fn plugins(State(state): State<ApiState>) -> Json<Value> {
+    let host = state.host();
     let errors: Vec<Value> = host
         .plugin_errors()
         .into_iter()
@@ -335,8 +421,8 @@ async fn plugins(State(ApiState { host, .. }): State<ApiState>) -> Json<Value> {
     Json(json!({ "plugins": host.plugins(), "errors": errors }))
 }
 
-async fn sync(State(ApiState { host, .. }): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let report = host.sync_plugins().await?;
+async fn sync(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let report = state.host().sync_plugins().await?;
     let errors: Vec<Value> = report
         .errors
         .iter()

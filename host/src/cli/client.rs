@@ -105,7 +105,64 @@ pub fn exit_for_kind(kind: &str) -> u8 {
         | "deadline-exceeded"
         | "result-too-large"
         | "host-call-data-limit" => exit::LIMIT,
-        "host" | "no-capacity" | "unavailable" => exit::ERROR,
+        "host" | "no-capacity" | "unavailable" | "cancelled" => exit::ERROR,
         _ => exit::AGENT_FAILED,
     }
+}
+
+/// Follows `/v1/events` and prints each event's JSON on its own line. With
+/// `task`, returns once that task has ended (its final event printed).
+pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
+    use std::io::{BufRead, Write};
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent.get(&format!("{base}/v1/events"));
+    if let Some(t) = task {
+        request = request.query("task", t);
+    }
+    if let Some(c) = capability {
+        request = request.query("capability", c);
+    }
+    let mut response = match request.call() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot reach the orch host API at {base}: {e}");
+            return exit::ERROR;
+        }
+    };
+    if response.status().as_u16() >= 400 {
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        eprintln!("error: {text}");
+        return exit::BAD_INPUT;
+    }
+    let reader = std::io::BufReader::new(response.into_body().into_reader());
+    let mut out = std::io::stdout().lock();
+    for line in reader.lines() {
+        let Ok(line) = line else {
+            eprintln!("error: the host closed the event stream");
+            return exit::ERROR;
+        };
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let data = data.trim_start();
+        if writeln!(out, "{data}").and_then(|_| out.flush()).is_err() {
+            return 0;
+        }
+        if let Some(t) = task {
+            let ended = serde_json::from_str::<Value>(data).is_ok_and(|e| {
+                e["task"] == t
+                    && matches!(
+                        e["kind"].as_str(),
+                        Some("completed" | "failed" | "dead" | "cancelled")
+                    )
+            });
+            if ended {
+                return 0;
+            }
+        }
+    }
+    0
 }

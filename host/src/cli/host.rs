@@ -4,12 +4,10 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
-
-use orch::cluster::tasks::TaskRouter;
-use orch::cluster::{Cluster, Heartbeat, NatsOptions};
+use orch::cluster::NatsOptions;
 use orch::config::HostConfig;
-use orch::daemon::{address_file, Host};
+use orch::daemon::address_file;
+use orch::node::{Node, NodeOptions};
 
 use super::{exit, load_error_code};
 
@@ -87,39 +85,25 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     let addr = listener.local_addr().unwrap_or(listen);
     let max_payload = config.limits.defaults.max_payload;
     let grace = config.host.shutdown_grace;
-    let max_attempts = config.host.max_attempts;
-    let host = match Host::start(home, config, engine).await {
-        Ok(h) => h,
+    let api = format!("http://{addr}");
+    let nats = args.nats.as_ref().map(|url| NatsOptions {
+        url: url.clone(),
+        token: args.nats_token.clone(),
+        creds: args.nats_creds.clone(),
+        tls_ca: args.nats_tls_ca.clone(),
+    });
+    let options = NodeOptions {
+        nats,
+        api: Some(api.clone()),
+    };
+    let node = match Node::start(home, config, engine, options).await {
+        Ok(n) => n,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::ERROR;
         }
     };
-    let api = format!("http://{addr}");
-    let cluster = match &args.nats {
-        None => None,
-        Some(url) => {
-            let options = NatsOptions {
-                url: url.clone(),
-                token: args.nats_token.clone(),
-                creds: args.nats_creds.clone(),
-                tls_ca: args.nats_tls_ca.clone(),
-            };
-            let beat_host = host.clone();
-            let beat_api = api.clone();
-            let joined = Cluster::join(&options, host.id(), move || {
-                heartbeat(&beat_host, &beat_api)
-            })
-            .await;
-            match joined {
-                Ok(c) => Some(Arc::new(c)),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return exit::ERROR;
-                }
-            }
-        }
-    };
+    let host = node.host().clone();
     let published = serde_json::json!({
         "api": api,
         "pid": std::process::id(),
@@ -148,43 +132,20 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     let _ = std::io::stdout().flush();
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let router = match &cluster {
-        None => None,
-        Some(c) => match TaskRouter::start(c, host.clone(), max_attempts).await {
-            Ok(r) => {
-                orch::cluster::messages::start(c, host.clone());
-                Some(r)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return exit::ERROR;
-            }
+    let server = tokio::spawn(orch::api::serve(
+        node.api_state(),
+        listener,
+        max_payload,
+        async move {
+            let _ = api_stopped.await;
         },
-    };
-    let state = orch::api::ApiState {
-        host: host.clone(),
-        cluster: cluster.clone(),
-        router: router.clone(),
-    };
-    let server = tokio::spawn(orch::api::serve(state, listener, max_payload, async move {
-        let _ = api_stopped.await;
-    }));
+    ));
     wait_for_signal().await;
     eprintln!(
         "stopping: waiting up to {} ms for running tasks",
         grace.as_millis()
     );
-    if let Some(router) = &router {
-        // Pulled tasks not yet running go back to the stream after the ack
-        // wait; running ones finish and store their results below.
-        router.stop();
-    }
-    let cut = host.shutdown(grace).await;
-    if let Some(cluster) = &cluster {
-        if let Err(e) = cluster.leave(heartbeat(&host, &api)).await {
-            eprintln!("warning: {e}");
-        }
-    }
+    let cut = node.shutdown(grace).await;
     let _ = stop_api.send(());
     let _ = server.await;
     let (queued, _) = host.live_counts();
@@ -225,18 +186,5 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-fn heartbeat(host: &Host, api: &str) -> Heartbeat {
-    let (capabilities, free, running, queued) = host.load();
-    Heartbeat {
-        host: host.id().to_string(),
-        api: Some(api.to_string()),
-        capabilities,
-        free,
-        running,
-        queued,
-        at_ms: orch::daemon::now_ms(),
     }
 }

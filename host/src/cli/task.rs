@@ -52,9 +52,29 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Cancel a task that has not ended: it ends as `cancelled` and its
+    /// running attempt is stopped. Prints the task's status.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print the host's task events as they happen, one JSON object per
+    /// line (accepted, started, retried, completed, failed, dead, cancelled,
+    /// fenced), until interrupted or, with a task id, until that task ends.
+    Watch {
+        /// Only this task's events (and its sub-tasks').
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long)]
+        capability: Option<String>,
+        /// URL of the host's API (default: the host running on $ORCH_HOME).
+        #[arg(long, env = "ORCH_API")]
+        api: Option<String>,
+    },
     /// List tasks, newest first.
     List {
-        /// queued, running, completed, failed or dead.
+        /// queued, running, completed, failed, dead or cancelled.
         #[arg(long)]
         status: Option<String>,
         #[arg(long)]
@@ -158,6 +178,31 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 }
             })
         })(),
+        Command::Cancel { id, api } => (|| {
+            let client = client(home, &api, None);
+            let (_, task) = client
+                .request("POST", &format!("/v1/tasks/{id}/cancel"), None)
+                .map_err(|Failed(c)| c)?;
+            Ok(match api.output {
+                Output::Json => print_json(&task),
+                Output::Text => {
+                    println!("{}", task["status"].as_str().unwrap_or_default());
+                    0
+                }
+            })
+        })(),
+        Command::Watch {
+            task,
+            capability,
+            api,
+        } => {
+            let base = api_url(home, api);
+            Ok(super::client::watch(
+                &base,
+                task.as_deref(),
+                capability.as_deref(),
+            ))
+        }
         Command::List {
             status,
             capability,

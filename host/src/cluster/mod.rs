@@ -59,6 +59,15 @@ pub mod subjects {
         format!("{PREFIX}.results")
     }
 
+    /// Where a cancel is announced to every host (core NATS).
+    pub fn cancels() -> String {
+        format!("{PREFIX}.cancel")
+    }
+
+    pub fn cancel(task: &str) -> String {
+        format!("{PREFIX}.cancel.{task}")
+    }
+
     /// Everyone's heartbeats and leave messages.
     pub fn all_hosts() -> String {
         format!("{PREFIX}.hosts.*.*")
@@ -133,6 +142,15 @@ fn live_capabilities(members: &Members) -> std::collections::BTreeSet<String> {
         .filter(|s| !s.left && s.at.elapsed() <= DEAD_AFTER)
         .flat_map(|s| s.heartbeat.capabilities.iter().cloned())
         .collect()
+}
+
+/// Whether some live host serves `capability`, without building the set.
+fn serves(members: &Members, capability: &str) -> bool {
+    lock(members).values().any(|s| {
+        !s.left
+            && s.at.elapsed() <= DEAD_AFTER
+            && s.heartbeat.capabilities.iter().any(|c| c == capability)
+    })
 }
 
 fn lock(m: &Mutex<BTreeMap<String, Seen>>) -> MutexGuard<'_, BTreeMap<String, Seen>> {

@@ -27,12 +27,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{subjects, Cluster, ClusterError, Members};
-use crate::daemon::{
-    now_ms, AttemptInfo, ErrorInfo, Host, HostError, Status, SubmitRequest, TaskRecord,
-};
+use crate::daemon::{now_ms, Accepted, ErrorInfo, Host, HostError, Status, TaskRecord};
 use crate::error::TaskError;
 use crate::sandbox::{Outcome, SubCall, SubCallFuture, TaskOutput};
-use crate::scheduler::{Remote, Submit};
+use crate::scheduler::{CancellationToken, Remote};
+use crate::service::{run, BoxFuture, EventKind, ListQuery, Stored, TaskStore};
 
 pub const STREAM: &str = "ORCH_TASKS";
 pub const QUEUED: &str = "ORCH_QUEUED";
@@ -83,6 +82,30 @@ impl Fetched {
     fn pair(self) -> (TaskRecord, Option<Vec<u8>>) {
         (self.record, self.result)
     }
+
+    fn stored(self) -> Stored {
+        Stored {
+            record: self.record,
+            result: self.result,
+            error: self.error,
+        }
+    }
+}
+
+/// Stops the task if this host runs it, and remembers it was cancelled.
+fn note_cancel(
+    running: &Mutex<HashMap<String, CancellationToken>>,
+    cancelled: &Mutex<std::collections::VecDeque<String>>,
+    id: &str,
+) {
+    if let Some(token) = running.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        token.cancel();
+    }
+    let mut recent = cancelled.lock().unwrap_or_else(|p| p.into_inner());
+    if recent.len() >= RECENT_CANCELS {
+        recent.pop_front();
+    }
+    recent.push_back(id.to_string());
 }
 
 /// The consumer for a capability. Consumer names may not contain dots.
@@ -177,6 +200,33 @@ pub struct TaskRouter {
     /// The largest value the server stores (its max_payload, less room for
     /// the headers of a KV write).
     max_value: usize,
+    /// Tasks this host runs now, to stop one when it is cancelled. At most
+    /// one entry per slot.
+    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    client: async_nats::Client,
+    /// Tasks cancelled lately, so that a delivery of one does not run it.
+    /// Bounded: the oldest are forgotten (their results fence them anyway).
+    cancelled: Arc<Mutex<std::collections::VecDeque<String>>>,
+}
+
+/// Most cancelled ids a host remembers.
+const RECENT_CANCELS: usize = 4096;
+
+/// A task this host runs, registered for cancellation until dropped.
+struct Running<'a> {
+    router: &'a TaskRouter,
+    id: String,
+    token: CancellationToken,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.router
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl TaskRouter {
@@ -280,6 +330,9 @@ impl TaskRouter {
             members: cluster.members.clone(),
             url,
             max_value: (cluster.client.server_info().max_payload).saturating_sub(4 << 10),
+            running: Arc::new(Mutex::new(HashMap::new())),
+            client: cluster.client.clone(),
+            cancelled: Arc::new(Mutex::new(std::collections::VecDeque::new())),
         });
         router
             .host
@@ -287,7 +340,73 @@ impl TaskRouter {
             .set_remote(Arc::new(RemoteCalls(Arc::downgrade(&router))));
         router.follow_capabilities();
         router.follow_results(&cluster.client).await?;
+        router.follow_cancels(&cluster.client).await?;
         Ok(router)
+    }
+
+    /// A cancel made on any host stops the task's attempt on this one.
+    async fn follow_cancels(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
+        let prefix = format!("{}.", subjects::cancels());
+        let mut sub =
+            client
+                .subscribe(format!("{prefix}*"))
+                .await
+                .map_err(|e| ClusterError::Nats {
+                    url: self.url.clone(),
+                    reason: format!("subscribe {prefix}*: {e}"),
+                })?;
+        let running = self.running.clone();
+        let cancelled = self.cancelled.clone();
+        tokio::spawn(async move {
+            while let Some(message) = sub.next().await {
+                if let Some(id) = message.subject.as_str().strip_prefix(&prefix) {
+                    note_cancel(&running, &cancelled, id);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Drops the pending results older than [`PENDING_MAX_AGE`], with
+    /// their waiters.
+    fn forget_stale_pending(&self) {
+        let stale: Vec<String> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let stale: Vec<String> = pending
+                .iter()
+                .filter(|(_, (since, _))| since.elapsed() > PENDING_MAX_AGE)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &stale {
+                pending.remove(k);
+            }
+            stale
+        };
+        for id in stale {
+            self.forget_closed_waiters(&id);
+        }
+    }
+
+    /// Registers a task this host is about to run, for cancellation.
+    fn running(&self, id: &str) -> Running<'_> {
+        let token = CancellationToken::new();
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), token.clone());
+        Running {
+            router: self,
+            id: id.to_string(),
+            token,
+        }
+    }
+
+    fn was_cancelled(&self, id: &str) -> bool {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|c| c == id)
     }
 
     /// Results republished by the server wake the requests waiting for
@@ -348,6 +467,7 @@ impl TaskRouter {
                         }
                     }
                 }
+                router.forget_stale_pending();
                 drop(router);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -468,7 +588,7 @@ impl TaskRouter {
                 subtask_fuel: done.subtask_fuel.unwrap_or(0),
                 calls: done.calls,
             }),
-            Status::Failed | Status::Dead => {
+            Status::Failed | Status::Dead | Status::Cancelled => {
                 let e = done.error.unwrap_or(ErrorInfo {
                     kind: "host".into(),
                     message: "no error recorded".into(),
@@ -544,7 +664,7 @@ impl TaskRouter {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), rx);
+            .insert(key.clone(), (Instant::now(), rx));
         let (put, ack) = tokio::join!(put, publish);
         if put.is_err() || ack.is_err() {
             self.pending
@@ -556,53 +676,72 @@ impl TaskRouter {
         Ok(ack?.duplicate)
     }
 
-    /// Puts a task on the stream; returns once the stream has stored it.
-    pub async fn submit(
+    /// Puts an admitted task on the stream; returns once the stream has
+    /// stored it. A keyed task whose id exists already is that task.
+    async fn accept(
         &self,
-        request: SubmitRequest,
-        capabilities: &BTreeSet<String>,
-    ) -> Result<(TaskRecord, bool), HostError> {
-        if request.capability.is_empty() {
-            return Err(HostError::InvalidRequest("capability is empty".into()));
-        }
-        if !capabilities.contains(&request.capability) {
-            return Err(HostError::UnknownCapability(request.capability));
-        }
-        // A task travels as one NATS message: past the server's max_payload
-        // it is refused here, as too large, not by the server as a fault.
-        let limit =
-            self.max_value
-                .min(self.host.config().limits.defaults.max_payload as usize) as u64;
-        let size = request.payload.len() as u64;
-        if size > limit {
-            return Err(HostError::PayloadTooLarge { size, limit });
-        }
-        let now = now_ms();
-        let key = request.idempotency_key.filter(|k| !k.is_empty());
-        let id = match &key {
-            Some(k) => id_for_key(k),
-            None => self.host.new_task_id(),
-        };
-        if key.is_some() {
-            if let Ok(task) = self.get(&id).await {
-                return Ok((task, true));
+        record: TaskRecord,
+        payload: Vec<u8>,
+        stored: &(dyn Fn(&TaskRecord) + Send + Sync),
+    ) -> Result<Accepted, HostError> {
+        if record.idempotency_key.is_some() {
+            match self.fetch(&record.id).await {
+                Ok(_) => return Ok(Accepted::Existing(record.id)),
+                Err(HostError::NotFound(_)) => {}
+                Err(e) => return Err(e),
             }
         }
-        let record = TaskRecord {
-            priority: request.priority,
-            deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
-            idempotency_key: key.clone(),
-            ..TaskRecord::queued(
-                id.clone(),
-                request.capability.clone(),
-                now,
-                request.payload.len() as u64,
-            )
-        };
         let duplicate = self
-            .publish(&record, request.payload, async_nats::HeaderMap::new())
+            .publish(&record, payload, async_nats::HeaderMap::new())
             .await?;
-        Ok((record, duplicate))
+        Ok(if duplicate {
+            Accepted::Existing(record.id)
+        } else {
+            // On the stream already: another host may be running it.
+            stored(&record);
+            Accepted::New
+        })
+    }
+
+    /// Ends a task as cancelled with a create-only write of its result, so
+    /// that it is that or the result of an attempt that finished first;
+    /// then tells every host, so that one running it stops.
+    async fn cancel(&self, id: &str) -> Result<(Stored, bool), HostError> {
+        let current = self.fetch(id).await?;
+        if current.record.status.is_final() {
+            return Ok((current.stored(), false));
+        }
+        let mut record = current.record;
+        record.status = Status::Cancelled;
+        record.finished_at_ms = Some(now_ms());
+        record.error = Some(ErrorInfo {
+            kind: TaskError::Cancelled.kind().to_string(),
+            message: TaskError::Cancelled.to_string(),
+        });
+        let stored = StoredResult {
+            task: record,
+            result_base64: None,
+            error: Some(TaskError::Cancelled),
+        };
+        let json = serde_json::to_vec(&stored).map_err(|e| self.error("encode", e))?;
+        match self.results.create(key_for(id), json.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                return Ok((self.fetch(id).await?.stored(), false));
+            }
+            Err(e) => return Err(self.error("ORCH_RESULTS", e)),
+        }
+        note_cancel(&self.running, &self.cancelled, id);
+        // At most once: a host that misses it runs the task to its end and
+        // its result is fenced.
+        if let Err(e) = self
+            .client
+            .publish(subjects::cancel(id), bytes::Bytes::new())
+            .await
+        {
+            tracing::warn!(task = %id, error = %e, "cannot announce a cancel");
+        }
+        Ok((decode_stored(stored).stored(), true))
     }
 
     /// The task's final record with its result, or its queued record.
@@ -680,7 +819,8 @@ impl TaskRouter {
                 .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&key_for(id));
+                .remove(&key_for(id))
+                .map(|(_, rx)| rx);
             if let Some(rx) = rx {
                 return self.await_result(id, rx, until).await;
             }
@@ -827,7 +967,13 @@ impl TaskRouter {
 }
 
 type Waiters = Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<bytes::Bytes>>>>>;
-type Pending = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Receiver<bytes::Bytes>>>>;
+/// Since when, and the receiving end of its waiter.
+type Pending = Arc<Mutex<HashMap<String, (Instant, tokio::sync::oneshot::Receiver<bytes::Bytes>)>>>;
+
+/// A task submitted here whose result notification was lost and that
+/// nobody waits for is forgotten after this long (a later wait reads the
+/// bucket), so that lost notifications cannot grow the map.
+const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Hands a stored result to the requests waiting for it.
 fn wake(waiters: &Waiters, pending: &Pending, key: &str, value: &bytes::Bytes) {
@@ -1100,6 +1246,10 @@ async fn run_and_store(
             )
         },
     };
+    // Cancelled while it waited on the stream: the cancel stored its end.
+    if router.was_cancelled(&id) {
+        return Ok(Settle::Ack);
+    }
     record.status = Status::Running;
     record.attempts = delivered;
     record.host = Some(router.host.id().to_string());
@@ -1126,100 +1276,72 @@ async fn run_and_store(
             }
         })
     };
-    let deadline = record
-        .deadline_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms())));
-    let submit = Submit {
-        id: id.clone(),
-        capability: capability.to_string(),
-        payload: message.payload.to_vec(),
-        priority: record.priority,
-        deadline,
-        max_attempts: Some(1),
-    };
+    // The attempts before this delivery, on any host.
+    record.attempts = delivered - 1;
     // A sub-task of another host's task keeps its caller's bounds.
     let depth: Option<u32> = header(message, HEADER_DEPTH).and_then(|d| d.parse().ok());
     let fuel: Option<u64> = header(message, HEADER_FUEL).and_then(|f| f.parse().ok());
-    let submitted = match (depth, fuel) {
-        (Some(depth), Some(fuel)) => router.host.scheduler().submit_sub_task(submit, depth, fuel),
-        _ => router.host.scheduler().submit(submit),
-    };
-    let outcome = match submitted {
-        Ok(handle) => handle.wait().await,
-        // This host is draining: the task stays on the stream for another
-        // host or for this one's restart, as on a lone host it stays in the
-        // journal. It never becomes a final failure for that.
-        Err(crate::scheduler::SubmitError::ShuttingDown) => {
-            watchdog.abort();
-            return Ok(Settle::Nak(Duration::from_millis(100)));
-        }
-        Err(e) => Err(crate::scheduler::Failure {
-            id: id.clone(),
-            capability: capability.to_string(),
-            error: match e {
-                crate::scheduler::SubmitError::DeadlinePassed => TaskError::DeadlineExceeded {
-                    ms: record
-                        .deadline_ms
-                        .map_or(0, |d| d.saturating_sub(record.submitted_at_ms)),
-                },
-                other => TaskError::Unavailable(other.to_string()),
-            },
-            attempts: Vec::new(),
-            dead_letter: false,
-            fuel_used: 0,
-        }),
-    };
-    // Name the deadline the submitter gave, as a lone host does.
-    let outcome = outcome.map_err(|mut f| {
-        record.name_given_deadline(&mut f.error);
-        f
-    });
+    let cancel = router.running(&id);
+    let ran = run::execute(
+        router.host.scheduler(),
+        run::Run {
+            record,
+            payload: message.payload.to_vec(),
+            max_attempts: Some(1),
+            sub_task: depth.zip(fuel),
+            cancel: Some(cancel.token.clone()),
+            host: Some(router.host.id().to_string()),
+        },
+    )
+    .await;
+    drop(cancel);
     watchdog.abort();
     // The agent's instance is free: the pull loop may fetch the next task
     // while this one's outcome is stored.
     slot.release();
-    record.finished_at_ms = Some(now_ms());
-    let mut typed_error = None;
-    let result = match outcome {
-        Ok(done) => Some(record.complete(done.agent, done.output)),
-        Err(failure) => {
-            typed_error = Some(failure.error.clone());
-            let agent = failure.attempts.last().map(|a| a.agent.clone());
-            record.agent = agent.clone();
-            // A remote caller is charged what the failed attempt used.
-            record.fuel_used = Some(failure.fuel_used);
-            record.attempt_errors.push(AttemptInfo {
-                agent: format!("{}@{}", agent.unwrap_or_default(), router.host.id()),
-                kind: failure.error.kind().to_string(),
-                message: failure.error.to_string(),
-            });
-            let retryable = failure.error.is_retryable();
-            // A sub-task gets one attempt: its caller decides what to do.
-            if retryable && delivered < router.max_deliver && depth.is_none() {
-                // Another delivery, maybe on another host, after a backoff.
-                record.status = Status::Queued;
-                record.finished_at_ms = None;
-                // After the running record, if one is being written, so
-                // that this one stays.
-                let _ = shown_rx.await;
-                if let Ok(json) = serde_json::to_vec(&record) {
-                    let _ = router.queued.put(key_for(&id), json.into()).await;
-                }
-                let backoff = Duration::from_millis(50u64 << delivered.min(6));
-                return Ok(Settle::Nak(backoff));
-            }
-            record.status = if retryable {
-                Status::Dead
-            } else {
-                Status::Failed
-            };
-            record.error = Some(ErrorInfo {
-                kind: failure.error.kind().to_string(),
-                message: failure.error.to_string(),
-            });
-            None
-        }
+    let (mut record, result, typed_error) = match ran {
+        // This host is draining: the task stays on the stream for another
+        // host or for this one's restart, as on a lone host it stays in the
+        // journal. It never becomes a final failure for that.
+        None => return Ok(Settle::Nak(Duration::from_millis(100))),
+        Some(run::Ended {
+            record,
+            result,
+            error,
+        }) => (record, result, error),
     };
+    let retryable = typed_error.as_ref().is_some_and(TaskError::is_retryable)
+        && record.status != Status::Cancelled;
+    // A sub-task gets one attempt: its caller decides what to do.
+    if retryable && delivered < router.max_deliver && depth.is_none() {
+        // Another delivery, maybe on another host, after a backoff.
+        record.status = Status::Queued;
+        record.finished_at_ms = None;
+        record.error = None;
+        // After the running record, if one is being written, so that this
+        // one stays.
+        let _ = shown_rx.await;
+        if let Ok(json) = serde_json::to_vec(&record) {
+            let _ = router.queued.put(key_for(&id), json.into()).await;
+        }
+        if let Some(last) = record.attempt_errors.last() {
+            router
+                .host
+                .events()
+                .emit(EventKind::Retried, &id, capability, |e| {
+                    e.agent = record.agent.clone();
+                    e.attempt = record.attempts;
+                    e.error = Some(last.kind.clone());
+                });
+        }
+        let backoff = Duration::from_millis(50u64 << delivered.min(6));
+        return Ok(Settle::Nak(backoff));
+    }
+    // The last delivery of a retryable failure: a dead letter, as on a lone
+    // host after its last attempt.
+    if retryable && depth.is_none() {
+        record.status = Status::Dead;
+    }
     let mut stored = StoredResult {
         task: record,
         result_base64: result.map(|r| base64::engine::general_purpose::STANDARD.encode(r)),
@@ -1251,11 +1373,13 @@ async fn run_and_store(
         json = serde_json::to_vec(&stored).map_err(|e| HostError::InvalidRequest(e.to_string()))?;
     }
     match router.results.create(key_for(&id), json.into()).await {
-        Ok(_) => {}
+        Ok(_) => router.host.events().ended(&stored.task),
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
             // Another host finished this task first (it was redelivered while
-            // this one was slow or paused): its result stands.
+            // this one was slow or paused), or it was cancelled: that result
+            // stands.
             router.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            router.host.events().record(EventKind::Fenced, &stored.task);
             tracing::warn!(task = %id, "a late result was fenced: the task already has one");
         }
         Err(e) => return Err(router.error("ORCH_RESULTS", e)),
@@ -1277,5 +1401,87 @@ impl Remote for RemoteCalls {
                 )),
             }
         })
+    }
+}
+
+/// JetStream as the task store of a host in a cluster.
+impl TaskStore for TaskRouter {
+    fn name(&self) -> &'static str {
+        "JetStream"
+    }
+
+    /// Some live host (this one included) serves it.
+    fn serves(&self, capability: &str) -> bool {
+        super::serves(&self.members, capability)
+    }
+
+    /// A task travels as one NATS message: past the server's max_payload
+    /// it is refused as too large, not by the server as a fault.
+    fn max_payload(&self) -> u64 {
+        (self.max_value as u64).min(self.host.config().limits.defaults.max_payload)
+    }
+
+    /// Tasks submitted here whose results have not come back: what this
+    /// host holds in memory for them.
+    fn unfinished(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn new_id(&self, key: Option<&str>) -> String {
+        // The stream drops a second message with the same id, so a keyed
+        // task's id must be the same on every host.
+        match key {
+            Some(k) => id_for_key(k),
+            None => self.host.new_task_id(),
+        }
+    }
+
+    fn find_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, HostError>> {
+        Box::pin(async move {
+            let id = id_for_key(key);
+            match self.fetch(&id).await {
+                Ok(_) => Ok(Some(id)),
+                Err(HostError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn accept<'a>(
+        &'a self,
+        record: TaskRecord,
+        payload: Vec<u8>,
+        stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
+    ) -> BoxFuture<'a, Result<Accepted, HostError>> {
+        Box::pin(TaskRouter::accept(self, record, payload, stored))
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>> {
+        Box::pin(async move { self.fetch(id).await.map(Fetched::stored) })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        id: &'a str,
+        timeout: Duration,
+        fresh: bool,
+    ) -> BoxFuture<'a, Result<Stored, HostError>> {
+        Box::pin(async move { self.wait_for(id, timeout, fresh).await.map(Fetched::stored) })
+    }
+
+    fn list<'a>(
+        &'a self,
+        query: &'a ListQuery,
+    ) -> BoxFuture<'a, Result<Vec<TaskRecord>, HostError>> {
+        Box::pin(TaskRouter::list(
+            self,
+            query.status,
+            query.capability.as_deref(),
+            query.limit,
+        ))
+    }
+
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>> {
+        Box::pin(TaskRouter::cancel(self, id))
     }
 }

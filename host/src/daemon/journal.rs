@@ -45,11 +45,23 @@ pub enum Status {
     Completed,
     Failed,
     Dead,
+    Cancelled,
 }
 
 impl Status {
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Completed | Status::Failed | Status::Dead)
+        !matches!(self, Status::Queued | Status::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Dead => "dead",
+            Status::Cancelled => "cancelled",
+        }
     }
 
     pub fn parse(s: &str) -> Option<Status> {
@@ -59,6 +71,7 @@ impl Status {
             "completed" => Status::Completed,
             "failed" => Status::Failed,
             "dead" => Status::Dead,
+            "cancelled" => Status::Cancelled,
             _ => return None,
         })
     }
@@ -74,6 +87,9 @@ pub struct ErrorInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptInfo {
     pub agent: String,
+    /// The host it ran on (set in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub kind: String,
     pub message: String,
 }
@@ -104,6 +120,24 @@ pub struct TaskRecord {
     #[serde(default)]
     pub calls: Vec<crate::sandbox::CallReport>,
     pub payload_bytes: u64,
+    /// Who the task belongs to and who submitted it. One tenant and no
+    /// authentication yet: `default` and `anonymous`; the fields are here
+    /// so that records need not change when those come.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    #[serde(default = "anonymous")]
+    pub principal: String,
+}
+
+pub const DEFAULT_TENANT: &str = "default";
+pub const ANONYMOUS: &str = "anonymous";
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
+}
+
+fn anonymous() -> String {
+    ANONYMOUS.to_string()
 }
 
 impl TaskRecord {
@@ -147,6 +181,8 @@ impl TaskRecord {
             subtasks: None,
             calls: Vec::new(),
             payload_bytes,
+            tenant: default_tenant(),
+            principal: anonymous(),
         }
     }
 

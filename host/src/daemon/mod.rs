@@ -24,7 +24,11 @@ use crate::engine::Engine;
 use crate::error::TaskError;
 use crate::kv::KvStore;
 use crate::plugin::{PluginError, PluginStore, StoreError};
-use crate::scheduler::{AgentStats, AttemptEvent, Scheduler, SchedulerConfig, Submit, SubmitError};
+use crate::scheduler::{
+    AgentStats, AttemptEvent, CancellationToken, Scheduler, SchedulerConfig, Submit,
+};
+use crate::service::run;
+use crate::service::{BoxFuture, EventKind, Events, ListQuery, Stored, TaskStore};
 pub use journal::{Accepted, AttemptInfo, ErrorInfo, Journal, JournalError, Status, TaskRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +128,10 @@ pub struct SyncReport {
 struct Live {
     record: TaskRecord,
     waiters: Vec<oneshot::Sender<()>>,
+    cancel: CancellationToken,
+    /// Its end is being written (by its driver or a cancel): only one
+    /// of them writes it.
+    ending: bool,
 }
 
 type LiveMap = Arc<Mutex<HashMap<String, Live>>>;
@@ -153,6 +161,7 @@ struct Inner {
     written: tokio::sync::Notify,
     /// Unfinished tasks found in the journal at start.
     recovered: AtomicU64,
+    events: Events,
 }
 
 /// A cheaply cloned handle to the running host.
@@ -174,6 +183,13 @@ impl Host {
     /// tokio runtime.
     pub async fn start(home: &Path, config: HostConfig, engine: Engine) -> Result<Host, HostError> {
         let journal = Journal::open(&home.join("tasks.redb"))?;
+        let salt = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()))
+            .unwrap_or(0);
+        let id = host_id(home, salt)?;
+        let events = Events::new(&id);
+        let hook_events = events.clone();
         let live: LiveMap = Arc::new(Mutex::new(HashMap::new()));
         let hook_live = live.clone();
         let scheduler = Scheduler::with_attempt_hook(
@@ -182,25 +198,40 @@ impl Host {
                 ..SchedulerConfig::default()
             },
             Arc::new(move |event: AttemptEvent<'_>| match event {
-                AttemptEvent::Started { id, agent, attempt } => {
+                AttemptEvent::Started {
+                    id,
+                    capability,
+                    agent,
+                    attempt,
+                } => {
                     if let Some(l) = lock(&hook_live).get_mut(id) {
                         l.record.status = Status::Running;
                         l.record.attempts = attempt;
                         l.record.agent = Some(agent.to_string());
                     }
+                    hook_events.emit(EventKind::Started, id, capability, |e| {
+                        e.agent = Some(agent.to_string());
+                        e.attempt = attempt;
+                    });
                 }
-                AttemptEvent::Retrying { id } => {
+                AttemptEvent::Retrying {
+                    id,
+                    capability,
+                    agent,
+                    attempt,
+                    error,
+                } => {
                     if let Some(l) = lock(&hook_live).get_mut(id) {
                         l.record.status = Status::Queued;
                     }
+                    hook_events.emit(EventKind::Retried, id, capability, |e| {
+                        e.agent = Some(agent.to_string());
+                        e.attempt = attempt;
+                        e.error = Some(error.kind().to_string());
+                    });
                 }
             }),
         );
-        let salt = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::from(d.subsec_nanos()))
-            .unwrap_or(0);
-        let id = host_id(home, salt)?;
         let kv = Arc::new(KvStore::with_limits(home.join("kv.redb"), config.kv));
         let host = Host {
             inner: Arc::new(Inner {
@@ -220,6 +251,7 @@ impl Host {
                 stopping: AtomicBool::new(false),
                 written: tokio::sync::Notify::new(),
                 recovered: AtomicU64::new(0),
+                events,
             }),
         };
         let report = host.sync_plugins().await?;
@@ -284,6 +316,8 @@ impl Host {
             Live {
                 record,
                 waiters: Vec::new(),
+                cancel: CancellationToken::new(),
+                ending: false,
             },
         );
     }
@@ -304,73 +338,62 @@ impl Host {
         format!("t{}", ulid.to_string().to_ascii_lowercase())
     }
 
-    /// Accepts a task: it is in the journal, on disk, when this returns.
-    pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, HostError> {
-        if self.inner.stopping.load(Ordering::Relaxed) {
-            return Err(HostError::ShuttingDown);
-        }
-        if request.capability.is_empty() {
-            return Err(HostError::InvalidRequest("capability is empty".into()));
-        }
-        if !self.inner.scheduler.provides(&request.capability) {
-            return Err(HostError::UnknownCapability(request.capability));
-        }
-        let limit = self.inner.config.limits.defaults.max_payload;
-        let size = request.payload.len() as u64;
-        if size > limit {
-            return Err(HostError::PayloadTooLarge { size, limit });
-        }
-        if request.deadline == Some(Duration::ZERO) {
-            return Err(HostError::InvalidRequest(
-                "the deadline must be after now".into(),
-            ));
-        }
-        // Admission control: every accepted task holds memory (its live
-        // record and payload) until it ends. A retry of a task accepted
-        // already is not new work: it gets that task, whatever the load.
-        let limit = self.inner.config.host.max_unfinished;
-        if lock(&self.inner.live).len() >= limit {
-            let existing = match request.idempotency_key.as_deref().filter(|k| !k.is_empty()) {
-                Some(key) => self.inner.journal.task_for_key(key)?,
-                None => None,
-            };
-            return match existing {
-                Some(id) => Ok(Submitted {
-                    task: self.get(&id)?,
-                    existing: true,
-                }),
-                None => Err(HostError::NoCapacity { limit }),
-            };
-        }
-        let now = now_ms();
-        let record = TaskRecord {
-            priority: request.priority,
-            deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
-            idempotency_key: request.idempotency_key.filter(|k| !k.is_empty()),
-            ..TaskRecord::queued(self.new_task_id(), request.capability, now, size)
-        };
-        match self
+    /// Stores an admitted task in the journal (on disk when this returns)
+    /// and hands it to the scheduler; admission is the task service's.
+    async fn accept(
+        &self,
+        record: TaskRecord,
+        payload: Vec<u8>,
+        stored: &(dyn Fn(&TaskRecord) + Send + Sync),
+    ) -> Result<Accepted, HostError> {
+        let accepted = self
             .inner
             .journal
-            .accept(record.clone(), request.payload.clone())
-            .await?
-        {
-            Accepted::Existing(id) => {
-                let task = self.get(&id)?;
-                Ok(Submitted {
-                    task,
-                    existing: true,
-                })
-            }
-            Accepted::New => {
-                self.track(record.clone());
-                self.spawn_drive(record.clone(), request.payload);
-                Ok(Submitted {
-                    task: record,
-                    existing: false,
-                })
-            }
+            .accept(record.clone(), payload.clone())
+            .await?;
+        if accepted == Accepted::New {
+            stored(&record);
+            self.track(record.clone());
+            self.spawn_drive(record, payload);
         }
+        Ok(accepted)
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The host's task events.
+    pub fn events(&self) -> &Events {
+        &self.inner.events
+    }
+
+    /// Ends a live task as cancelled: stops it in the scheduler and writes
+    /// its final record. `false` when it had ended (or is ending) already.
+    async fn cancel_live(&self, id: &str) -> Result<bool, HostError> {
+        let record = {
+            let mut live = lock(&self.inner.live);
+            let Some(entry) = live.get_mut(id) else {
+                return Ok(false);
+            };
+            if entry.ending {
+                return Ok(false);
+            }
+            entry.ending = true;
+            entry.cancel.cancel();
+            let mut record = entry.record.clone();
+            record.status = Status::Cancelled;
+            record.finished_at_ms = Some(now_ms());
+            record.error = Some(ErrorInfo {
+                kind: TaskError::Cancelled.kind().to_string(),
+                message: TaskError::Cancelled.to_string(),
+            });
+            record
+        };
+        let written = self.inner.journal.finish(record, None).await;
+        end_live(&self.inner, id);
+        written?;
+        Ok(true)
     }
 
     fn spawn_drive(&self, record: TaskRecord, payload: Vec<u8>) {
@@ -693,97 +716,62 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 /// Runs one accepted task through the scheduler and journals the outcome.
-async fn drive(inner: Arc<Inner>, mut record: TaskRecord, payload: Vec<u8>) {
-    let deadline = record.deadline_ms.map(|ms| {
-        let left = ms.saturating_sub(now_ms());
-        Instant::now() + Duration::from_millis(left)
-    });
-    let submit = Submit {
-        id: record.id.clone(),
-        capability: record.capability.clone(),
-        payload,
-        priority: record.priority,
-        deadline,
-        max_attempts: None,
+async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
+    let id = record.id.clone();
+    let cancel = lock(&inner.live).get(&id).map(|l| l.cancel.clone());
+    let ran = run::execute(
+        &inner.scheduler,
+        run::Run {
+            record,
+            payload,
+            max_attempts: None,
+            sub_task: None,
+            cancel,
+            host: None,
+        },
+    )
+    .await;
+    // Not run (the host drains): left in the journal as queued, it runs
+    // after the next start.
+    let Some(run::Ended { record, result, .. }) = ran else {
+        return;
     };
-    let outcome = match inner.scheduler.submit(submit) {
-        Ok(handle) => handle.wait().await,
-        // Left in the journal as queued: it runs after the next start.
-        Err(SubmitError::ShuttingDown) => return,
-        Err(e) => Err(crate::scheduler::Failure {
-            id: record.id.clone(),
-            capability: record.capability.clone(),
-            error: match e {
-                SubmitError::DeadlinePassed => TaskError::DeadlineExceeded {
-                    ms: record
-                        .deadline_ms
-                        .map_or(0, |d| d.saturating_sub(record.submitted_at_ms)),
-                },
-                other => TaskError::Unavailable(other.to_string()),
-            },
-            attempts: Vec::new(),
-            dead_letter: false,
-            fuel_used: 0,
-        }),
-    };
-    // Name the deadline the submitter gave, not what was left of it.
-    let outcome = outcome.map_err(|mut f| {
-        record.name_given_deadline(&mut f.error);
-        f
-    });
     if inner.stopping.load(Ordering::Relaxed)
-        && matches!(&outcome, Err(f) if matches!(f.error, TaskError::Host(_)))
+        && matches!(&record.error, Some(e) if e.kind == "host")
     {
         // The scheduler went away under a shutdown: not the task's fault.
         return;
     }
-    record.finished_at_ms = Some(now_ms());
-    let result = match outcome {
-        Ok(done) => {
-            record.attempts = done.failed_attempts.len() as u32 + 1;
-            record.attempt_errors = attempt_infos(&done.failed_attempts);
-            Some(record.complete(done.agent, done.output))
+    {
+        let mut live = lock(&inner.live);
+        match live.get_mut(&id) {
+            // Cancelled meanwhile: the cancel wrote the task's end.
+            Some(l) if l.ending => return,
+            Some(l) => l.ending = true,
+            None => return,
         }
-        Err(failure) => {
-            record.status = if failure.dead_letter {
-                Status::Dead
-            } else {
-                Status::Failed
-            };
-            record.attempts = failure.attempts.len() as u32;
-            record.agent = failure.attempts.last().map(|a| a.agent.clone());
-            record.attempt_errors = attempt_infos(&failure.attempts);
-            record.error = Some(ErrorInfo {
-                kind: failure.error.kind().to_string(),
-                message: failure.error.to_string(),
-            });
-            None
-        }
-    };
-    let id = record.id.clone();
-    if let Err(e) = inner.journal.finish(record, result).await {
+    }
+    if let Err(e) = inner.journal.finish(record.clone(), result).await {
         // The task stays queued in the journal and runs again after a
         // restart; its waiters see it as still pending.
         tracing::error!(task = %id, error = %e, "cannot store the task's result");
+        if let Some(l) = lock(&inner.live).get_mut(&id) {
+            l.ending = false;
+        }
         return;
     }
-    if let Some(live) = lock(&inner.live).remove(&id) {
+    end_live(&inner, &id);
+    inner.events.ended(&record);
+}
+
+/// Drops a task that ended from the live map and wakes its waiters.
+fn end_live(inner: &Inner, id: &str) {
+    if let Some(live) = lock(&inner.live).remove(id) {
         for waiter in live.waiters {
             let _ = waiter.send(());
         }
     }
     inner.written.notify_waiters();
-}
-
-fn attempt_infos(attempts: &[crate::scheduler::AttemptError]) -> Vec<AttemptInfo> {
-    attempts
-        .iter()
-        .map(|a| AttemptInfo {
-            agent: a.agent.clone(),
-            kind: a.error.kind().to_string(),
-            message: a.error.to_string(),
-        })
-        .collect()
 }
 
 /// Where a running host publishes its API address, so that CLI commands
@@ -856,6 +844,97 @@ impl crate::sandbox::Bus for LocalBus {
                 Ok(Ok(done)) => Ok(done.output.result),
                 Ok(Err(failure)) => Err(format!("the subscriber failed: {}", failure.error)),
             }
+        })
+    }
+}
+
+/// The lone host's store: the journal, with the live state of queued and
+/// running tasks in memory; accepted tasks go to the local scheduler.
+impl TaskStore for Host {
+    fn name(&self) -> &'static str {
+        "journal"
+    }
+
+    fn serves(&self, capability: &str) -> bool {
+        self.inner.scheduler.provides(capability)
+    }
+
+    fn max_payload(&self) -> u64 {
+        self.inner.config.limits.defaults.max_payload
+    }
+
+    fn unfinished(&self) -> usize {
+        lock(&self.inner.live).len()
+    }
+
+    fn new_id(&self, _key: Option<&str>) -> String {
+        // The journal maps idempotency keys to ids itself.
+        self.new_task_id()
+    }
+
+    fn find_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, HostError>> {
+        Box::pin(async move { Ok(self.inner.journal.task_for_key(key)?) })
+    }
+
+    fn accept<'a>(
+        &'a self,
+        record: TaskRecord,
+        payload: Vec<u8>,
+        stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
+    ) -> BoxFuture<'a, Result<Accepted, HostError>> {
+        Box::pin(Host::accept(self, record, payload, stored))
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>> {
+        Box::pin(async move { self.stored(Host::get(self, id)?) })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        id: &'a str,
+        timeout: Duration,
+        _fresh: bool,
+    ) -> BoxFuture<'a, Result<Stored, HostError>> {
+        Box::pin(async move {
+            let record = Host::wait(self, id, timeout).await?;
+            self.stored(record)
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        query: &'a ListQuery,
+    ) -> BoxFuture<'a, Result<Vec<TaskRecord>, HostError>> {
+        Box::pin(
+            async move { Host::list(self, query.status, query.capability.as_deref(), query.limit) },
+        )
+    }
+
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>> {
+        Box::pin(async move {
+            let cancelled = self.cancel_live(id).await?;
+            if !cancelled {
+                // Ended, or ending now: its end is what the caller gets.
+                let record = Host::wait(self, id, Duration::from_secs(5)).await?;
+                return Ok((self.stored(record)?, false));
+            }
+            Ok((self.stored(Host::get(self, id)?)?, true))
+        })
+    }
+}
+
+impl Host {
+    /// A record with its result, when it has one.
+    fn stored(&self, record: TaskRecord) -> Result<Stored, HostError> {
+        let result = if record.status == Status::Completed {
+            self.result(&record.id)?
+        } else {
+            None
+        };
+        Ok(Stored {
+            record,
+            result,
+            error: None,
         })
     }
 }

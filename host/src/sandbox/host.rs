@@ -242,7 +242,9 @@ fn call_error(e: TaskError) -> tasks::CallError {
         | TaskError::ResultTooLargeToRead { .. }
         | TaskError::HostCallDataLimit { .. } => C::Limit(e.to_string()),
         TaskError::Unavailable(m) => C::Unavailable(m),
-        TaskError::NoCapacity { .. } | TaskError::Host(_) => C::Unavailable(e.to_string()),
+        TaskError::NoCapacity { .. } | TaskError::Host(_) | TaskError::Cancelled => {
+            C::Unavailable(e.to_string())
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+pub use tokio_util::sync::CancellationToken;
 
 use crate::engine::InstancePermit;
 use crate::error::TaskError;
@@ -38,6 +39,15 @@ use breaker::Breaker;
 pub enum Route {
     Capability(String),
     Message(String),
+}
+
+impl Route {
+    /// The capability or the subject, without saying which.
+    pub fn name(&self) -> &str {
+        match self {
+            Route::Capability(c) | Route::Message(c) => c,
+        }
+    }
 }
 
 impl std::fmt::Display for Route {
@@ -96,6 +106,10 @@ pub struct Submit {
     /// Attempts for this task, instead of the scheduler's setting (a host in
     /// a cluster makes one and leaves redelivery to JetStream).
     pub max_attempts: Option<u32>,
+    /// Cancelling it ends the task: taken out of its queue when it is next
+    /// looked at, its running attempt dropped (which frees the instance),
+    /// and no retry. Sub-tasks get a child token.
+    pub cancel: Option<CancellationToken>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,13 +140,21 @@ pub trait Remote: Send + Sync {
 #[derive(Debug, Clone, Copy)]
 pub enum AttemptEvent<'a> {
     /// An attempt starts on `agent`; `attempt` is 1 for the first.
+    /// `capability` is the capability or the message subject.
     Started {
         id: &'a str,
+        capability: &'a str,
         agent: &'a str,
         attempt: u32,
     },
-    /// An attempt failed and the task waits for its next one.
-    Retrying { id: &'a str },
+    /// An attempt failed with `error` and the task waits for its next one.
+    Retrying {
+        id: &'a str,
+        capability: &'a str,
+        agent: &'a str,
+        attempt: u32,
+        error: &'a TaskError,
+    },
 }
 
 pub type AttemptHook = Arc<dyn Fn(AttemptEvent<'_>) + Send + Sync>;
@@ -221,6 +243,13 @@ struct Pending {
     /// caller, each holding one slot of that agent while it waits.
     chain: Arc<[usize]>,
     submitted: Instant,
+    cancel: Option<CancellationToken>,
+}
+
+impl Pending {
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+    }
 }
 
 impl Pending {
@@ -839,6 +868,7 @@ fn submit(
             max_attempts: task.max_attempts,
             chain,
             submitted: Instant::now(),
+            cancel: task.cancel,
         };
         enqueue(&mut state, pending);
     }
@@ -884,7 +914,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     continue;
                 }
                 while let Some(head) = state.queues.get(&cap).and_then(|q| q.peek()) {
-                    if head.task.deadline.is_some_and(|d| d <= now) {
+                    if head.task.deadline.is_some_and(|d| d <= now) || head.task.cancelled() {
                         if let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) {
                             expired.push(q.task);
                         }
@@ -934,7 +964,11 @@ async fn dispatch(inner: Arc<Inner>) {
             }
         };
         for task in expired {
-            let error = task.deadline_error();
+            let error = if task.cancelled() {
+                TaskError::Cancelled
+            } else {
+                task.deadline_error()
+            };
             fail(&inner, task, error, false);
         }
         for task in orphaned {
@@ -1029,6 +1063,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
     if let Some(hook) = &inner.on_attempt {
         hook(AttemptEvent::Started {
             id: &task.id,
+            capability: task.route.name(),
             agent: &label,
             attempt,
         });
@@ -1054,6 +1089,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 chain: Arc::from(chain),
                 priority: task.priority,
                 seq: AtomicU64::new(0),
+                cancel: task.cancel.clone(),
             }),
             bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
@@ -1061,7 +1097,14 @@ async fn run(inner: Arc<Inner>, job: Job) {
     let Outcome {
         mut result,
         fuel_used,
-    } = agent.run(request, &limits, Some(instance)).await;
+    } = match task.cancel.clone() {
+        // Dropping the run drops its store: the instance is freed at once.
+        Some(cancel) => tokio::select! {
+            outcome = agent.run(request, &limits, Some(instance)) => outcome,
+            () = cancel.cancelled() => Outcome::failed(TaskError::Cancelled),
+        },
+        None => agent.run(request, &limits, Some(instance)).await,
+    };
     if by_deadline && matches!(result, Err(TaskError::DeadlineExceeded { .. })) {
         // Cut by the task's deadline, not the agent's timeout: name that one.
         result = Err(task.deadline_error());
@@ -1109,7 +1152,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 agent: label,
                 error: error.clone(),
             });
-            if !error.is_retryable() {
+            if !error.is_retryable() || task.cancelled() {
                 fail_after(&inner, task, error, false, fuel_used);
             } else if task.attempts.len() as u32 >= task.max_attempts(&inner.config)
                 || task.deadline.is_some_and(|d| d <= now + backoff)
@@ -1120,7 +1163,15 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 fail_after(&inner, task, error, dead, fuel_used);
             } else {
                 if let Some(hook) = &inner.on_attempt {
-                    hook(AttemptEvent::Retrying { id: &task.id });
+                    if let Some(last) = task.attempts.last() {
+                        hook(AttemptEvent::Retrying {
+                            id: &task.id,
+                            capability: task.route.name(),
+                            agent: &last.agent,
+                            attempt: task.attempts.len() as u32,
+                            error: &last.error,
+                        });
+                    }
                 }
                 tokio::time::sleep(backoff).await;
                 enqueue(&mut inner.state(), task);
@@ -1139,6 +1190,8 @@ struct Router {
     chain: Arc<[usize]>,
     priority: i32,
     seq: AtomicU64,
+    /// The caller's: cancelling a task cancels its sub-tasks.
+    cancel: Option<CancellationToken>,
 }
 
 impl SubTasks for Router {
@@ -1163,6 +1216,7 @@ impl SubTasks for Router {
             priority: self.priority,
             deadline: Some(call.deadline),
             max_attempts: Some(1),
+            cancel: self.cancel.as_ref().map(CancellationToken::child_token),
         };
         let submitted = submit(
             &self.inner,

@@ -6,5 +6,6 @@
 mod cli;
 mod cluster;
 mod common;
+mod contract;
 mod daemon;
 mod plugin;

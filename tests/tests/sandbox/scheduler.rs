@@ -114,6 +114,7 @@ async fn queue_order_is_priority_then_deadline_then_arrival() {
                 priority,
                 deadline,
                 max_attempts: None,
+                cancel: None,
             })
             .unwrap();
         let order = order.clone();

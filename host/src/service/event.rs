@@ -1,0 +1,188 @@
+//! Task events: one typed event per transition of a task's life, emitted by
+//! the task service and its executor (`service/run.rs`), never by the
+//! stores. Watchers (the API's `/v1/events`, and later metrics, traces, the
+//! audit trail, the dashboard and workflows) subscribe to them instead of
+//! reading the stores' records.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::daemon::now_ms;
+
+/// How many events a slow watcher may fall behind before it misses some
+/// (it is told how many it missed). The channel never grows past this.
+pub const CAPACITY: usize = 4096;
+
+/// What happened to the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// Stored and answered: the task will run at least once.
+    Accepted,
+    /// An attempt was handed to an agent.
+    Started,
+    /// An attempt failed and the task waits for another.
+    Retried,
+    /// The task's result is stored.
+    Completed,
+    /// The task failed for good (its error is final, not retryable).
+    Failed,
+    /// Every attempt failed with a retryable error: a dead letter.
+    Dead,
+    /// Cancelled before it ended.
+    Cancelled,
+    /// An attempt finished after the task already had its result (another
+    /// host ran it too, or it was cancelled); its outcome was dropped.
+    Fenced,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Accepted => "accepted",
+            EventKind::Started => "started",
+            EventKind::Retried => "retried",
+            EventKind::Completed => "completed",
+            EventKind::Failed => "failed",
+            EventKind::Dead => "dead",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Fenced => "fenced",
+        }
+    }
+}
+
+/// One transition. Times are Unix milliseconds. Field names are stable:
+/// `docs/api.md` documents them (the `/v1/events` stream sends this as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    pub kind: EventKind,
+    pub task: String,
+    /// The capability, or the subject of a message between agents.
+    pub capability: String,
+    /// The host that emitted the event.
+    pub host: String,
+    /// `name@version` of the agent, once an attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// 1 for the first attempt; 0 before any.
+    pub attempt: u32,
+    pub at_ms: u64,
+    pub submitted_at_ms: Option<u64>,
+    /// Submission to end, for the events that end a task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_used: Option<u64>,
+    /// `TaskError::kind()` of the failure, for `retried`, `failed`, `dead`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub tenant: String,
+    pub principal: String,
+}
+
+impl TaskEvent {
+    /// Whether this event ends the task (no event of it follows but
+    /// `fenced`).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.kind,
+            EventKind::Completed | EventKind::Failed | EventKind::Dead | EventKind::Cancelled
+        )
+    }
+}
+
+/// The host's event channel. Sending costs nothing when nobody watches.
+#[derive(Clone)]
+pub struct Events {
+    tx: broadcast::Sender<Arc<TaskEvent>>,
+    host: Arc<str>,
+}
+
+impl Events {
+    pub fn new(host: &str) -> Events {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Events {
+            tx,
+            host: Arc::from(host),
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether anyone watches; callers skip building events when not.
+    pub fn watched(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    /// Every event from now on. A receiver that falls more than
+    /// [`CAPACITY`] events behind gets `Lagged(n)` and goes on from there.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.tx.subscribe()
+    }
+
+    /// Emits the event that `make` builds from a blank one of this host,
+    /// if anyone watches.
+    pub fn emit(
+        &self,
+        kind: EventKind,
+        task: &str,
+        capability: &str,
+        make: impl FnOnce(&mut TaskEvent),
+    ) {
+        if !self.watched() {
+            return;
+        }
+        let mut event = TaskEvent {
+            kind,
+            task: task.to_string(),
+            capability: capability.to_string(),
+            host: self.host.to_string(),
+            agent: None,
+            attempt: 0,
+            at_ms: now_ms(),
+            submitted_at_ms: None,
+            took_ms: None,
+            fuel_used: None,
+            error: None,
+            tenant: crate::daemon::journal::DEFAULT_TENANT.to_string(),
+            principal: crate::daemon::journal::ANONYMOUS.to_string(),
+        };
+        make(&mut event);
+        // An error only means nobody watches any more.
+        let _ = self.tx.send(Arc::new(event));
+    }
+
+    /// Emits the event for a record: `accepted`, or the one its final
+    /// status stands for (`fenced` when `fenced`).
+    pub fn record(&self, kind: EventKind, record: &crate::daemon::TaskRecord) {
+        self.emit(kind, &record.id, &record.capability, |e| {
+            e.agent = record.agent.clone();
+            e.attempt = record.attempts;
+            e.submitted_at_ms = Some(record.submitted_at_ms);
+            e.took_ms = record
+                .finished_at_ms
+                .map(|f| f.saturating_sub(record.submitted_at_ms));
+            e.fuel_used = record.fuel_used;
+            e.error = record.error.as_ref().map(|x| x.kind.clone());
+            e.tenant = record.tenant.clone();
+            e.principal = record.principal.clone();
+        });
+    }
+
+    /// The event that a record's final status stands for.
+    pub fn ended(&self, record: &crate::daemon::TaskRecord) {
+        use crate::daemon::Status;
+        let kind = match record.status {
+            Status::Completed => EventKind::Completed,
+            Status::Failed => EventKind::Failed,
+            Status::Dead => EventKind::Dead,
+            Status::Cancelled => EventKind::Cancelled,
+            Status::Queued | Status::Running => return,
+        };
+        self.record(kind, record);
+    }
+}

@@ -1,0 +1,252 @@
+//! The task service: one lifecycle for a task, whether the host runs alone
+//! or in a cluster.
+//!
+//! [`TaskService`] is what clients talk to (submit, get, wait, list, watch,
+//! cancel). It owns admission (capability served, payload size, deadline,
+//! idempotency, unfinished tasks) and emits every task event
+//! ([`event::TaskEvent`]). Below it, a [`TaskStore`] keeps the tasks and
+//! gets them to an agent: the lone host's journal ([`crate::daemon::Host`]),
+//! or JetStream ([`crate::cluster::tasks::TaskRouter`]). Both run each task
+//! through the same executor ([`run::execute`]) and the same scheduler, so
+//! statuses, errors and fields are the same in both modes; the API never
+//! asks which store it has.
+
+pub mod event;
+pub mod run;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::daemon::{
+    now_ms, Accepted, Host, HostError, Status, SubmitRequest, Submitted, TaskRecord,
+};
+use crate::error::TaskError;
+pub use event::{EventKind, Events, TaskEvent};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A task as a store holds it: its record, its result once completed, and
+/// its typed error once failed.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub record: TaskRecord,
+    pub result: Option<Vec<u8>>,
+    pub error: Option<TaskError>,
+}
+
+impl Stored {
+    pub fn record(record: TaskRecord) -> Stored {
+        Stored {
+            record,
+            result: None,
+            error: None,
+        }
+    }
+}
+
+/// Which tasks to list: newest first, at most `limit`.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub status: Option<Status>,
+    pub capability: Option<String>,
+    pub limit: usize,
+}
+
+/// Where tasks are kept, and how a stored task reaches an agent. The two
+/// implementations are the lone host's journal and JetStream.
+pub trait TaskStore: Send + Sync {
+    /// What the store is, for messages: "journal", "JetStream".
+    fn name(&self) -> &'static str;
+    /// Whether an agent this store reaches serves `capability` now.
+    fn serves(&self, capability: &str) -> bool;
+    /// The largest payload the store takes (the host's limit, or less).
+    fn max_payload(&self) -> u64;
+    /// Tasks accepted through this host that have not ended.
+    fn unfinished(&self) -> usize;
+    /// The id of a new task; the same for every submission with the same
+    /// idempotency key when the store finds tasks by id only.
+    fn new_id(&self, key: Option<&str>) -> String;
+    /// The task an idempotency key was first given to.
+    fn find_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, HostError>>;
+    /// Stores a new task durably, calls `stored` (which emits `accepted`,
+    /// so that it comes before any event of the run), and starts the task
+    /// towards an agent; or finds the task its idempotency key names.
+    fn accept<'a>(
+        &'a self,
+        record: TaskRecord,
+        payload: Vec<u8>,
+        stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
+    ) -> BoxFuture<'a, Result<Accepted, HostError>>;
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>>;
+    /// Waits up to `timeout` for the task to end, then returns it as it is.
+    /// `fresh`: this host has just accepted it (it cannot have ended yet).
+    fn wait<'a>(
+        &'a self,
+        id: &'a str,
+        timeout: Duration,
+        fresh: bool,
+    ) -> BoxFuture<'a, Result<Stored, HostError>>;
+    fn list<'a>(
+        &'a self,
+        query: &'a ListQuery,
+    ) -> BoxFuture<'a, Result<Vec<TaskRecord>, HostError>>;
+    /// Ends the task as cancelled, unless it has ended already. Returns the
+    /// task, and whether this call cancelled it.
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>>;
+}
+
+/// The task service of one host over its store.
+#[derive(Clone)]
+pub struct TaskService {
+    host: Host,
+    store: Arc<dyn TaskStore>,
+}
+
+impl TaskService {
+    pub fn new(host: Host, store: Arc<dyn TaskStore>) -> TaskService {
+        TaskService { host, store }
+    }
+
+    /// A lone host: tasks in its journal.
+    pub fn local(host: Host) -> TaskService {
+        let store: Arc<dyn TaskStore> = Arc::new(host.clone());
+        TaskService::new(host, store)
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    pub fn store(&self) -> &dyn TaskStore {
+        self.store.as_ref()
+    }
+
+    pub fn events(&self) -> &Events {
+        self.host.events()
+    }
+
+    /// Every task event this host emits from now on: the tasks it accepts,
+    /// cancels and runs (in a cluster, another host's events stay there).
+    pub fn watch(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.events().subscribe()
+    }
+
+    /// Accepts a task: it is stored durably when this returns, and will run
+    /// at least once. A submission with the idempotency key of an earlier
+    /// one gets that task (`existing`).
+    pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, HostError> {
+        if self.host.is_stopping() {
+            return Err(HostError::ShuttingDown);
+        }
+        if request.capability.is_empty() {
+            return Err(HostError::InvalidRequest("capability is empty".into()));
+        }
+        if !self.store.serves(&request.capability) {
+            return Err(HostError::UnknownCapability(request.capability));
+        }
+        let limit = self.store.max_payload();
+        let size = request.payload.len() as u64;
+        if size > limit {
+            return Err(HostError::PayloadTooLarge { size, limit });
+        }
+        if request.deadline == Some(Duration::ZERO) {
+            return Err(HostError::InvalidRequest(
+                "the deadline must be after now".into(),
+            ));
+        }
+        let key = request.idempotency_key.filter(|k| !k.is_empty());
+        // Admission control: every accepted task holds memory until it
+        // ends. A retry of a task accepted already is not new work: it gets
+        // that task, whatever the load.
+        let max = self.host.config().host.max_unfinished;
+        if self.store.unfinished() >= max {
+            let existing = match key.as_deref() {
+                Some(key) => self.store.find_key(key).await?,
+                None => None,
+            };
+            return match existing {
+                Some(id) => Ok(Submitted {
+                    task: self.store.get(&id).await?.record,
+                    existing: true,
+                }),
+                None => Err(HostError::NoCapacity { limit: max }),
+            };
+        }
+        let now = now_ms();
+        let record = TaskRecord {
+            priority: request.priority,
+            deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
+            idempotency_key: key.clone(),
+            ..TaskRecord::queued(
+                self.store.new_id(key.as_deref()),
+                request.capability,
+                now,
+                size,
+            )
+        };
+        let events = self.events();
+        let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
+        match self
+            .store
+            .accept(record.clone(), request.payload, &stored)
+            .await?
+        {
+            Accepted::Existing(id) => Ok(Submitted {
+                task: self.store.get(&id).await?.record,
+                existing: true,
+            }),
+            Accepted::New => Ok(Submitted {
+                task: record,
+                existing: false,
+            }),
+        }
+    }
+
+    /// Submits and, with `wait`, waits up to that long for the task to end.
+    pub async fn submit_and_wait(
+        &self,
+        request: SubmitRequest,
+        wait: Option<Duration>,
+    ) -> Result<(Stored, bool), HostError> {
+        let submitted = self.submit(request).await?;
+        let stored = match wait {
+            Some(w) => {
+                self.store
+                    .wait(&submitted.task.id, w, !submitted.existing)
+                    .await?
+            }
+            None if submitted.existing => self.store.get(&submitted.task.id).await?,
+            None => Stored::record(submitted.task),
+        };
+        Ok((stored, submitted.existing))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Stored, HostError> {
+        self.store.get(id).await
+    }
+
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Stored, HostError> {
+        self.store.wait(id, timeout, false).await
+    }
+
+    pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, HostError> {
+        self.store.list(query).await
+    }
+
+    /// Cancels a task that has not ended: it ends as `cancelled` at once; a
+    /// queued task never runs, a running attempt on this host is stopped
+    /// (its instance freed), and one on another host is stopped when that
+    /// host hears of it; whatever it returns is fenced. A task that has
+    /// ended is returned as it is.
+    pub async fn cancel(&self, id: &str) -> Result<Stored, HostError> {
+        let (stored, cancelled) = self.store.cancel(id).await?;
+        if cancelled {
+            self.events().ended(&stored.record);
+        }
+        Ok(stored)
+    }
+}

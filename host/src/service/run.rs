@@ -1,0 +1,140 @@
+//! The one executor of a stored task, for both stores: hands it to the
+//! scheduler, waits for its outcome and turns that into the task's record.
+//! The lone host's driver (`daemon`) and the cluster's pull loop
+//! (`cluster::tasks`) both run tasks through here, so a task's fields mean
+//! the same in both modes; they differ only in how they store the outcome.
+
+use std::time::{Duration, Instant};
+
+use crate::daemon::{now_ms, AttemptInfo, ErrorInfo, Status, TaskRecord};
+use crate::error::TaskError;
+use crate::scheduler::{CancellationToken, Failure, Scheduler, Submit, SubmitError};
+
+/// A stored task to run once more.
+pub struct Run {
+    /// The task as stored: `attempts` and `attempt_errors` hold the
+    /// attempts made before this run (on any host).
+    pub record: TaskRecord,
+    pub payload: Vec<u8>,
+    /// Attempts in this run (the scheduler retries within it); `None` for
+    /// the scheduler's setting. The cluster makes one per delivery.
+    pub max_attempts: Option<u32>,
+    /// For a sub-task of another host's task: its depth and fuel cap.
+    pub sub_task: Option<(u32, u64)>,
+    pub cancel: Option<CancellationToken>,
+    /// The host running it, noted in the record and its attempt errors.
+    pub host: Option<String>,
+}
+
+/// A run that ended. `record` is final (`completed`, `failed`, `dead`,
+/// `cancelled`), with `result` for a completed task and the typed `error`
+/// for the others.
+pub struct Ended {
+    pub record: TaskRecord,
+    pub result: Option<Vec<u8>>,
+    pub error: Option<TaskError>,
+}
+
+/// Runs the task; `None` when the host is draining: the task was not run
+/// and stays stored as it was, for another host or the restart (never a
+/// final failure for that).
+pub async fn execute(scheduler: &Scheduler, run: Run) -> Option<Ended> {
+    let Run {
+        mut record,
+        payload,
+        max_attempts,
+        sub_task,
+        cancel,
+        host,
+    } = run;
+    let deadline = record.deadline_ms.map(|ms| {
+        let left = ms.saturating_sub(now_ms());
+        Instant::now() + Duration::from_millis(left)
+    });
+    let submit = Submit {
+        id: record.id.clone(),
+        capability: record.capability.clone(),
+        payload,
+        priority: record.priority,
+        deadline,
+        max_attempts,
+        cancel,
+    };
+    let submitted = match sub_task {
+        Some((depth, fuel)) => scheduler.submit_sub_task(submit, depth, fuel),
+        None => scheduler.submit(submit),
+    };
+    let outcome = match submitted {
+        Ok(handle) => handle.wait().await,
+        Err(SubmitError::ShuttingDown) => return None,
+        Err(e) => Err(Failure {
+            id: record.id.clone(),
+            capability: record.capability.clone(),
+            error: match e {
+                SubmitError::DeadlinePassed => TaskError::DeadlineExceeded { ms: 0 },
+                other => TaskError::Unavailable(other.to_string()),
+            },
+            attempts: Vec::new(),
+            dead_letter: false,
+            fuel_used: 0,
+        }),
+    };
+    record.host = host.clone();
+    record.finished_at_ms = Some(now_ms());
+    let infos = |attempts: &[crate::scheduler::AttemptError]| -> Vec<AttemptInfo> {
+        attempts
+            .iter()
+            .map(|a| AttemptInfo {
+                agent: a.agent.clone(),
+                host: host.clone(),
+                kind: a.error.kind().to_string(),
+                message: a.error.to_string(),
+            })
+            .collect()
+    };
+    match outcome {
+        Ok(done) => {
+            record.attempts += done.failed_attempts.len() as u32 + 1;
+            record.attempt_errors.extend(infos(&done.failed_attempts));
+            let result = record.complete(done.agent, done.output);
+            Some(Ended {
+                record,
+                result: Some(result),
+                error: None,
+            })
+        }
+        Err(mut failure) => {
+            // Name the deadline the submitter gave, not what was left of it
+            // when the scheduler got the task.
+            if let TaskError::DeadlineExceeded { ms } = &mut failure.error {
+                if failure.attempts.is_empty() && *ms == 0 {
+                    *ms = record
+                        .deadline_ms
+                        .map_or(0, |d| d.saturating_sub(record.submitted_at_ms));
+                }
+            }
+            record.name_given_deadline(&mut failure.error);
+            record.attempts += failure.attempts.len() as u32;
+            if let Some(last) = failure.attempts.last() {
+                record.agent = Some(last.agent.clone());
+            }
+            record.attempt_errors.extend(infos(&failure.attempts));
+            // A caller on another host is charged what the failed attempt used.
+            record.fuel_used = Some(failure.fuel_used);
+            record.status = match failure.error {
+                TaskError::Cancelled => Status::Cancelled,
+                _ if failure.dead_letter => Status::Dead,
+                _ => Status::Failed,
+            };
+            record.error = Some(ErrorInfo {
+                kind: failure.error.kind().to_string(),
+                message: failure.error.to_string(),
+            });
+            Some(Ended {
+                record,
+                result: None,
+                error: Some(failure.error),
+            })
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The task contract a client sees, checked once against a lone host and
+//! once against a 2-host cluster: every case below runs in both modes
+//! (`mod lone` and `mod cluster` of each case), with the same assertions.
+//! In the cluster, tasks are submitted to host A, which serves nothing, and
+//! run on host B: every case crosses hosts.
+use std::io::{BufRead, BufReader};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::{p, stderr, HostProc, NatsServer, Orch};
+
+/// A deployment under test: where clients submit, and where tasks run.
+pub struct Deployment {
+    _nats: Option<NatsServer>,
+    homes: Vec<Orch>,
+    hosts: Vec<HostProc>,
+}
+
+#[derive(Clone, Copy)]
+pub enum Mode {
+    Lone,
+    Cluster,
+}
+
+/// Every host's configuration.
+const CONFIG: &str = "[host]\nmax_attempts = 2\n[limits]\nmax_fuel = 1000000000000\n";
+
+/// Plugins every deployment serves: echo, sleep (one instance, so a
+/// second task waits for the first), panic (traps every time), flaky.
+fn install(orch: &Orch) {
+    orch.config(CONFIG);
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    for (plugin, capability, extra) in [
+        (
+            "sleep",
+            "test.sleep",
+            // It can spin for 120 s: only a cancel frees its one slot sooner.
+            "[limits]\nmax_instances = 1\nfuel = 1000000000000\ntimeout = \"120s\"\n",
+        ),
+        ("panic", "test.panic", ""),
+    ] {
+        let manifest = format!(
+            "[plugin]\nname = \"{plugin}\"\nversion = \"0.1.0\"\ncapabilities = [\"{capability}\"]\n{extra}"
+        );
+        let wasm = orch.work.path().join(format!("{plugin}.wasm"));
+        std::fs::copy(p(plugin), &wasm).unwrap();
+        std::fs::write(orch.work.path().join(format!("{plugin}.toml")), manifest).unwrap();
+        orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+    }
+}
+
+impl Deployment {
+    pub fn start(mode: Mode) -> Deployment {
+        match mode {
+            Mode::Lone => {
+                let orch = Orch::new();
+                install(&orch);
+                let host = HostProc::start(&orch);
+                Deployment {
+                    _nats: None,
+                    homes: vec![orch],
+                    hosts: vec![host],
+                }
+            }
+            Mode::Cluster => {
+                let nats = NatsServer::start();
+                let a = Orch::new();
+                a.config(CONFIG);
+                let b = Orch::new();
+                install(&b);
+                let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
+                let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+                // A submits only once it sees B's capabilities.
+                ha.until("host A sees host B's capabilities", |h| {
+                    let (_, status) = h.get("/v1/status");
+                    status["cluster"]["hosts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|m| {
+                            m["state"] == "alive"
+                                && m["capabilities"]
+                                    .as_array()
+                                    .is_some_and(|c| c.iter().any(|c| c == "test.panic"))
+                        })
+                });
+                Deployment {
+                    _nats: Some(nats),
+                    homes: vec![a, b],
+                    hosts: vec![ha, hb],
+                }
+            }
+        }
+    }
+
+    /// Where clients submit.
+    pub fn api(&self) -> &HostProc {
+        &self.hosts[0]
+    }
+
+    /// Where the tasks run.
+    pub fn runner(&self) -> &HostProc {
+        self.hosts.last().unwrap()
+    }
+
+    /// The CLI on the submitting host's data directory.
+    pub fn cli(&self) -> &Orch {
+        &self.homes[0]
+    }
+}
+
+/// Server-sent events of a host's `/v1/events`, read on a thread.
+struct Watch {
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Watch {
+    /// Connected when this returns: every later event is seen.
+    fn open(host: &HostProc, query: &str) -> Watch {
+        let response = ureq::get(&format!("{}/v1/events?{query}", host.url))
+            .call()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let reader = BufReader::new(response.into_body().into_reader());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if let Some(data) = line.strip_prefix("data:") {
+                    if let Ok(v) = serde_json::from_str(data.trim()) {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Watch { rx }
+    }
+
+    /// Events until (and with) the first of `kind`, bounded in time.
+    fn until(&self, kind: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let event = self
+                .rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no {kind} event; saw {seen:?}"));
+            let done = event["kind"] == kind;
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+fn submit(d: &Deployment, body: Value) -> (u16, Value) {
+    d.api().post("/v1/tasks", &body)
+}
+
+/// Defines one contract case as a test in each mode.
+macro_rules! contract {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn lone() {
+                let case: fn(&Deployment) = $body;
+                case(&Deployment::start(Mode::Lone));
+            }
+            #[test]
+            fn cluster() {
+                let case: fn(&Deployment) = $body;
+                case(&Deployment::start(Mode::Cluster));
+            }
+        }
+    };
+}
+
+contract!(an_unknown_capability_is_refused_at_submit, |d| {
+    let (code, body) = submit(d, json!({ "capability": "no.such", "input": "x" }));
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["kind"], "unknown-capability", "{body}");
+    let out = d.cli().run(&[
+        "task",
+        "submit",
+        "--api",
+        &d.api().url,
+        "--capability",
+        "no.such",
+        "--wait",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no agent provides capability no.such"));
+});
+
+contract!(a_malformed_deadline_or_priority_is_refused, |d| {
+    for body in [
+        json!({ "capability": "echo", "deadline": "soon" }),
+        json!({ "capability": "echo", "deadline": "0ms" }),
+        json!({ "capability": "echo", "priority": "high" }),
+        json!({ "capability": "echo", "priority": 1.5 }),
+    ] {
+        let (code, answer) = submit(d, body.clone());
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["kind"], "invalid-request", "{answer}");
+    }
+    // Inside: the smallest valid forms are accepted.
+    let (code, answer) = submit(
+        d,
+        json!({ "capability": "echo", "deadline": "1m", "priority": -5 }),
+    );
+    assert_eq!(code, 201, "{answer}");
+});
+
+contract!(
+    a_deadline_passed_while_running_is_deadline_exceeded_with_the_given_deadline,
+    |d| {
+        let (code, task) = d.api().post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": "test.sleep", "input": "5000", "deadline": "300ms" }),
+        );
+        assert_eq!(code, 201, "{task}");
+        assert_eq!(task["status"], "failed", "{task}");
+        assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
+        let message = task["error"]["message"].as_str().unwrap();
+        assert!(message.contains("deadline of 300 ms"), "{message}");
+        // Inside the deadline: completed.
+        let (_, task) = d.api().post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": "test.sleep", "input": "1", "deadline": "30s" }),
+        );
+        assert_eq!(task["status"], "completed", "{task}");
+    }
+);
+
+contract!(
+    a_resubmission_with_the_same_idempotency_key_is_the_same_task,
+    |d| {
+        let body = json!({ "capability": "echo", "input": "once", "idempotency_key": "order-17" });
+        let (first_code, first) = d.api().post("/v1/tasks?wait=60s", &body);
+        assert_eq!(first_code, 201, "{first}");
+        assert_eq!(first["result"], "once", "{first}");
+        let (again_code, again) = d.api().post("/v1/tasks?wait=60s", &body);
+        assert_eq!(again_code, 200, "{again}");
+        assert_eq!(again["id"], first["id"]);
+        assert_eq!(again["result"], "once", "{again}");
+        // Another key is another task.
+        let (code, other) = submit(
+            d,
+            json!({ "capability": "echo", "input": "once", "idempotency_key": "order-18" }),
+        );
+        assert_eq!(code, 201, "{other}");
+        assert_ne!(other["id"], first["id"]);
+    }
+);
+
+contract!(
+    a_trapping_task_is_dead_after_every_attempt_with_each_error,
+    |d| {
+        let (code, task) = d.api().post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": "test.panic", "input": "boom" }),
+        );
+        assert_eq!(code, 201, "{task}");
+        assert_eq!(task["status"], "dead", "{task}");
+        assert_eq!(task["attempts"], 2, "{task}");
+        assert_eq!(task["error"]["kind"], "trap", "{task}");
+        let attempts = task["attempt_errors"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{task}");
+        for a in attempts {
+            assert_eq!(a["agent"], "panic@0.1.0", "{task}");
+            assert_eq!(a["kind"], "trap", "{task}");
+        }
+        let (_, listed) = d.api().get("/v1/tasks?status=dead&capability=test.panic");
+        let ids: Vec<&Value> = listed["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| &t["id"])
+            .collect();
+        assert_eq!(ids, vec![&task["id"]], "{listed}");
+    }
+);
+
+contract!(a_cancelled_task_ends_cancelled_and_frees_its_slot, |d| {
+    // The sleep plugin has one instance: this task holds it for 60 s.
+    let (code, long) = submit(d, json!({ "capability": "test.sleep", "input": "60000" }));
+    assert_eq!(code, 201, "{long}");
+    let id = long["id"].as_str().unwrap();
+    let (code, cancelled) = d.api().post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
+    assert_eq!(code, 200, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["error"]["kind"], "cancelled", "{cancelled}");
+    // The instance is free: a short task completes well within the long
+    // one's 60 s.
+    let (_, short) = d.api().post(
+        "/v1/tasks?wait=20s",
+        &json!({ "capability": "test.sleep", "input": "1" }),
+    );
+    assert_eq!(short["status"], "completed", "{short}");
+    // It stays cancelled, and cancelling an ended task changes nothing.
+    assert_eq!(d.api().wait(id)["status"], "cancelled");
+    let (_, again) = d.api().post(
+        &format!("/v1/tasks/{}/cancel", short["id"].as_str().unwrap()),
+        &json!({}),
+    );
+    assert_eq!(again["status"], "completed", "{again}");
+    let out = d
+        .cli()
+        .run(&["task", "cancel", "--api", &d.api().url, "tnosuchtask"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+});
+
+contract!(every_transition_is_one_event_with_the_tasks_figures, |d| {
+    let submitter = Watch::open(d.api(), "capability=echo");
+    let runner = Watch::open(d.runner(), "capability=echo");
+    let (code, task) = d.api().post(
+        "/v1/tasks?wait=60s",
+        &json!({ "capability": "echo", "input": "hello" }),
+    );
+    assert_eq!(code, 201, "{task}");
+    let accepted = submitter.until("accepted");
+    let accepted = accepted.last().unwrap();
+    assert_eq!(accepted["task"], task["id"]);
+    assert_eq!(accepted["tenant"], "default");
+    assert_eq!(accepted["principal"], "anonymous");
+    let ran = runner.until("completed");
+    let kinds: Vec<&str> = ran
+        .iter()
+        .filter(|e| e["task"] == task["id"])
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    let expected: &[&str] = if d.hosts.len() == 1 {
+        &["accepted", "started", "completed"]
+    } else {
+        &["started", "completed"]
+    };
+    assert_eq!(kinds, expected, "{ran:?}");
+    let completed = ran.last().unwrap();
+    assert_eq!(completed["agent"], "echo@0.1.0");
+    assert_eq!(completed["attempt"], 1);
+    assert_eq!(completed["fuel_used"], task["fuel_used"]);
+    assert!(completed["host"].as_str().is_some(), "{completed}");
+});
+
+contract!(listing_filters_by_status_and_capability, |d| {
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (_, t) = d.api().post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": "echo", "input": format!("{i}") }),
+        );
+        assert_eq!(t["status"], "completed", "{t}");
+        ids.push(t["id"].clone());
+    }
+    let (_, failed) = d.api().post(
+        "/v1/tasks?wait=60s",
+        &json!({ "capability": "test.sleep", "input": "not a number" }),
+    );
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["kind"], "invalid-input", "{failed}");
+    let (_, listed) = d.api().get("/v1/tasks?status=completed&capability=echo");
+    let listed: Vec<Value> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    ids.reverse();
+    assert_eq!(listed, ids, "newest first");
+    let (_, listed) = d.api().get("/v1/tasks?status=failed");
+    assert_eq!(listed["tasks"].as_array().unwrap().len(), 1, "{listed}");
+    let (_, listed) = d.api().get("/v1/tasks?limit=2");
+    assert_eq!(listed["tasks"].as_array().unwrap().len(), 2, "{listed}");
+    let (code, refused) = d.api().get("/v1/tasks?status=finished");
+    assert_eq!(code, 400, "{refused}");
+});
+
+contract!(an_unknown_task_id_is_404_in_any_form, |d| {
+    for id in ["t01nosuchtask", "not a valid id", "x.y.z"] {
+        let url = format!("/v1/tasks/{}", id.replace(' ', "%20"));
+        let (code, body) = d.api().get(&url);
+        assert_eq!(code, 404, "{id}: {body}");
+        assert_eq!(body["error"]["kind"], "not-found", "{body}");
+    }
+});
