@@ -36,6 +36,11 @@ use crate::service::{run, BoxFuture, EventKind, ListQuery, Stored, TaskStore};
 pub const STREAM: &str = "ORCH_TASKS";
 pub const QUEUED: &str = "ORCH_QUEUED";
 pub const RESULTS: &str = "ORCH_RESULTS";
+/// Object store for payloads and results too large for one NATS message.
+pub const OBJECTS: &str = "ORCH_OBJECTS";
+/// Set on a task whose payload is in [`OBJECTS`]: the object's name. The
+/// message's body is empty then.
+pub const HEADER_PAYLOAD_OBJECT: &str = "Orch-Payload-Object";
 /// An unacked task is redelivered this long after its last (progress) ack.
 pub const ACK_WAIT: Duration = Duration::from_secs(2);
 /// Progress acks keep a long task from being redelivered.
@@ -64,6 +69,10 @@ pub struct StoredResult {
     pub task: TaskRecord,
     /// The result bytes, base64.
     pub result_base64: Option<String>,
+    /// Instead of `result_base64` for a result too large for one NATS
+    /// message: its object's name in `ORCH_OBJECTS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_object: Option<String>,
     /// The failure as a typed error, so that a caller on another host gets
     /// the same `TaskError` as a local one (the record has its kind and text
     /// only). Absent in results of older hosts and of other clients.
@@ -204,6 +213,8 @@ pub struct TaskRouter {
     /// one entry per slot.
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
     client: async_nats::Client,
+    /// Payloads and results larger than one message.
+    objects: jetstream::object_store::ObjectStore,
     /// Tasks cancelled lately, so that a delivery of one does not run it.
     /// Bounded: the oldest are forgotten (their results fence them anyway).
     cancelled: Arc<Mutex<std::collections::VecDeque<String>>>,
@@ -314,7 +325,20 @@ impl TaskRouter {
                     .map_err(|e| err(&format!("bucket {name}: update"), &e))?;
             }
         }
+        let objects = match js.get_object_store(OBJECTS).await {
+            Ok(o) => o,
+            Err(_) => js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: OBJECTS.to_string(),
+                    max_age: retention,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| err("object store ORCH_OBJECTS", &e))?,
+        };
         let router = Arc::new(TaskRouter {
+            objects,
             js,
             stream,
             queued,
@@ -385,6 +409,71 @@ impl TaskRouter {
         for id in stale {
             self.forget_closed_waiters(&id);
         }
+    }
+
+    /// Stores `bytes` as the object `name`, in chunks a NATS message
+    /// carries.
+    async fn put_object(&self, name: &str, bytes: &[u8]) -> Result<(), HostError> {
+        let meta = jetstream::object_store::ObjectMetadata {
+            name: name.to_string(),
+            chunk_size: Some((128 << 10).min(self.max_value.max(1))),
+            ..Default::default()
+        };
+        let mut reader = bytes;
+        self.objects
+            .put(meta, &mut reader)
+            .await
+            .map_err(|e| self.error(&format!("ORCH_OBJECTS put {name}"), e))?;
+        Ok(())
+    }
+
+    /// Reads the object `name`, refusing one larger than `limit`.
+    async fn get_object(&self, name: &str, limit: u64) -> Result<Vec<u8>, ObjectError> {
+        use tokio::io::AsyncReadExt;
+        let object = match self.objects.get(name).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
+                return Err(ObjectError::Missing)
+            }
+            Err(e) => {
+                return Err(ObjectError::Nats(
+                    self.error(&format!("ORCH_OBJECTS get {name}"), e),
+                ))
+            }
+        };
+        let size = object.info().size as u64;
+        if size > limit {
+            return Err(ObjectError::TooLarge { size, limit });
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        object
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| ObjectError::Nats(self.error(&format!("ORCH_OBJECTS read {name}"), e)))?;
+        Ok(bytes)
+    }
+
+    /// A stored result with its bytes, read from the object store when
+    /// they are there.
+    async fn decode(&self, stored: StoredResult) -> Result<Fetched, HostError> {
+        let object = stored.result_object.clone();
+        let mut fetched = decode_stored(stored);
+        if let Some(name) = object {
+            // A result is never larger than the memory its agent may have.
+            let limit = self.host.config().limits.max_memory;
+            match self.get_object(&name, limit).await {
+                Ok(bytes) => fetched.result = Some(bytes),
+                Err(ObjectError::Nats(e)) => return Err(e),
+                Err(e) => {
+                    return Err(HostError::Corrupt(format!(
+                        "task {}: its result {name}: {e}",
+                        fetched.record.id
+                    )))
+                }
+            }
+        }
+        Ok(fetched)
     }
 
     /// Registers a task this host is about to run, for cancellation.
@@ -612,11 +701,19 @@ impl TaskRouter {
     async fn publish(
         &self,
         record: &TaskRecord,
-        payload: Vec<u8>,
+        mut payload: Vec<u8>,
         extra: async_nats::HeaderMap,
     ) -> Result<bool, HostError> {
         let json = serde_json::to_vec(record).map_err(|e| self.error("encode", e))?;
         let mut headers = extra;
+        if payload.len() > self.max_value {
+            // Too large for one message: the message carries the object's
+            // name, and the object is stored before the message.
+            let name = payload_object(&record.id);
+            self.put_object(&name, &payload).await?;
+            headers.insert(HEADER_PAYLOAD_OBJECT, name.as_str());
+            payload = Vec::new();
+        }
         headers.insert(HEADER_TASK_ID, record.id.as_str());
         headers.insert(HEADER_HOST, self.host.id());
         headers.insert(HEADER_PRIORITY, record.priority.to_string().as_str());
@@ -721,6 +818,7 @@ impl TaskRouter {
         let stored = StoredResult {
             task: record,
             result_base64: None,
+            result_object: None,
             error: Some(TaskError::Cancelled),
         };
         let json = serde_json::to_vec(&stored).map_err(|e| self.error("encode", e))?;
@@ -769,7 +867,7 @@ impl TaskRouter {
         {
             let stored: StoredResult =
                 serde_json::from_slice(&bytes).map_err(|e| corrupt(id, "ORCH_RESULTS", e))?;
-            return Ok(decode_stored(stored));
+            return self.decode(stored).await;
         }
         match self
             .queued
@@ -862,7 +960,7 @@ impl TaskRouter {
             match tokio::time::timeout_at(next, &mut rx).await {
                 // The notification carries the stored value: no read needed.
                 Ok(Ok(bytes)) => match serde_json::from_slice::<StoredResult>(&bytes) {
-                    Ok(stored) => return Ok(decode_stored(stored)),
+                    Ok(stored) => return self.decode(stored).await,
                     Err(_) => break self.fetch(id).await,
                 },
                 Ok(Err(_)) => break self.fetch(id).await,
@@ -1281,12 +1379,41 @@ async fn run_and_store(
     // A sub-task of another host's task keeps its caller's bounds.
     let depth: Option<u32> = header(message, HEADER_DEPTH).and_then(|d| d.parse().ok());
     let fuel: Option<u64> = header(message, HEADER_FUEL).and_then(|f| f.parse().ok());
+    let object = header(message, HEADER_PAYLOAD_OBJECT).map(String::from);
+    let payload = match &object {
+        None => message.payload.to_vec(),
+        Some(name) => {
+            let limit = router.host.config().limits.defaults.max_payload;
+            match router.get_object(name, limit).await {
+                Ok(bytes) => bytes,
+                Err(ObjectError::Nats(e)) => {
+                    watchdog.abort();
+                    return Err(e);
+                }
+                Err(e) => {
+                    // The payload is gone (past retention, or deleted) or
+                    // not one this host takes: the task cannot run, now or
+                    // later; its submitter gets why.
+                    watchdog.abort();
+                    let error = match e {
+                        ObjectError::TooLarge { size, limit } => {
+                            TaskError::PayloadTooLarge { size, limit }
+                        }
+                        _ => TaskError::Unavailable(format!("the task's payload {name}: {e}")),
+                    };
+                    record.attempts = delivered;
+                    return router.store_failure(record, error).await;
+                }
+            }
+        }
+    };
+    record.payload_bytes = payload.len() as u64;
     let cancel = router.running(&id);
     let ran = run::execute(
         router.host.scheduler(),
         run::Run {
             record,
-            payload: message.payload.to_vec(),
+            payload,
             max_attempts: Some(1),
             sub_task: depth.zip(fuel),
             cancel: Some(cancel.token.clone()),
@@ -1342,49 +1469,120 @@ async fn run_and_store(
     if retryable && depth.is_none() {
         record.status = Status::Dead;
     }
-    let mut stored = StoredResult {
-        task: record,
-        result_base64: result.map(|r| base64::engine::general_purpose::STANDARD.encode(r)),
-        error: typed_error,
-    };
-    let mut json =
-        serde_json::to_vec(&stored).map_err(|e| HostError::InvalidRequest(e.to_string()))?;
-    if json.len() > router.max_value {
-        // The server would refuse the write, and a delivery that cannot
-        // store its outcome would run again and again: the submitter gets
-        // this error as the task's result instead.
-        let size = json.len();
-        stored.result_base64 = None;
-        stored.error = Some(TaskError::ResultTooLarge {
-            size: size as u64,
-            limit: router.max_value as u64,
-        });
-        for attempt in &mut stored.task.attempt_errors {
-            attempt.message = crate::text::escape_capped(&attempt.message, 1 << 10);
+    let settle = router.store_result(record, result, typed_error).await?;
+    if let Some(name) = object {
+        // The task has its result: its payload is not needed any more.
+        if let Err(e) = router.objects.delete(&name).await {
+            tracing::debug!(object = %name, error = %e, "cannot delete a payload object; it expires with the retention time");
         }
-        stored.task.status = Status::Failed;
-        stored.task.error = Some(ErrorInfo {
+    }
+    Ok(settle)
+}
+
+impl TaskRouter {
+    /// Stores a failure of a task that could not run.
+    async fn store_failure(
+        &self,
+        mut record: TaskRecord,
+        error: TaskError,
+    ) -> Result<Settle, HostError> {
+        record.status = Status::Failed;
+        record.finished_at_ms = Some(now_ms());
+        record.error = Some(ErrorInfo {
+            kind: error.kind().to_string(),
+            message: error.to_string(),
+        });
+        self.store_result(record, None, Some(error)).await
+    }
+
+    /// Stores a task's outcome with a create-only write: the first outcome
+    /// stands, a later one is fenced. A result too large for one message
+    /// goes to the object store first.
+    async fn store_result(
+        &self,
+        record: TaskRecord,
+        result: Option<Vec<u8>>,
+        typed_error: Option<TaskError>,
+    ) -> Result<Settle, HostError> {
+        let router = self;
+        let id = record.id.clone();
+        let mut stored = StoredResult {
+            task: record,
+            result_base64: None,
+            result_object: None,
+            error: typed_error,
+        };
+        if let Some(bytes) = result {
+            // base64 takes 4/3 of the bytes; the record needs room too.
+            if bytes.len() / 3 * 4 + (16 << 10) > router.max_value {
+                let name = result_object(&id);
+                router.put_object(&name, &bytes).await?;
+                stored.result_object = Some(name);
+            } else {
+                stored.result_base64 =
+                    Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+            }
+        }
+        let mut json =
+            serde_json::to_vec(&stored).map_err(|e| HostError::InvalidRequest(e.to_string()))?;
+        if json.len() > router.max_value {
+            // The server would refuse the write, and a delivery that cannot
+            // store its outcome would run again and again: the submitter gets
+            // this error as the task's result instead.
+            let size = json.len();
+            stored.result_base64 = None;
+            stored.result_object = None;
+            stored.error = Some(TaskError::ResultTooLarge {
+                size: size as u64,
+                limit: router.max_value as u64,
+            });
+            for attempt in &mut stored.task.attempt_errors {
+                attempt.message = crate::text::escape_capped(&attempt.message, 1 << 10);
+            }
+            stored.task.status = Status::Failed;
+            stored.task.error = Some(ErrorInfo {
             kind: "result-too-large".into(),
             message: format!(
                 "result too large for the cluster: stored with its record it is {size} bytes, past the {} bytes a NATS message may carry on this server (max_payload)",
                 router.max_value
             ),
         });
-        json = serde_json::to_vec(&stored).map_err(|e| HostError::InvalidRequest(e.to_string()))?;
-    }
-    match router.results.create(key_for(&id), json.into()).await {
-        Ok(_) => router.host.events().ended(&stored.task),
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-            // Another host finished this task first (it was redelivered while
-            // this one was slow or paused), or it was cancelled: that result
-            // stands.
-            router.counters.fenced.fetch_add(1, Ordering::Relaxed);
-            router.host.events().record(EventKind::Fenced, &stored.task);
-            tracing::warn!(task = %id, "a late result was fenced: the task already has one");
+            json = serde_json::to_vec(&stored)
+                .map_err(|e| HostError::InvalidRequest(e.to_string()))?;
         }
-        Err(e) => return Err(router.error("ORCH_RESULTS", e)),
+        match router.results.create(key_for(&id), json.into()).await {
+            Ok(_) => router.host.events().ended(&stored.task),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                // Another host finished this task first (it was redelivered while
+                // this one was slow or paused), or it was cancelled: that result
+                // stands.
+                router.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                router.host.events().record(EventKind::Fenced, &stored.task);
+                tracing::warn!(task = %id, "a late result was fenced: the task already has one");
+            }
+            Err(e) => return Err(router.error("ORCH_RESULTS", e)),
+        }
+        Ok(Settle::Ack)
     }
-    Ok(Settle::Ack)
+}
+
+/// Why an object could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ObjectError {
+    #[error("not in the object store (expired or deleted)")]
+    Missing,
+    #[error("{size} bytes, past the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error(transparent)]
+    Nats(HostError),
+}
+
+fn payload_object(id: &str) -> String {
+    format!("payload/{id}")
+}
+
+fn result_object(id: &str) -> String {
+    format!("result/{id}")
 }
 
 /// `tasks.call` to other hosts, for the scheduler.
@@ -1415,10 +1613,10 @@ impl TaskStore for TaskRouter {
         super::serves(&self.members, capability)
     }
 
-    /// A task travels as one NATS message: past the server's max_payload
-    /// it is refused as too large, not by the server as a fault.
+    /// The host's limit, as on a lone host: a payload too large for one
+    /// NATS message travels through the object store.
     fn max_payload(&self) -> u64 {
-        (self.max_value as u64).min(self.host.config().limits.defaults.max_payload)
+        self.host.config().limits.defaults.max_payload
     }
 
     /// Tasks submitted here whose results have not come back: what this

@@ -757,41 +757,54 @@ fn a_second_message_for_a_task_id_does_not_run_the_agent_again() {
 }
 
 #[test]
-fn a_result_too_large_to_store_is_the_tasks_error_not_a_rerun() {
+fn a_result_larger_than_a_nats_message_reaches_the_submitter_whole() {
     let nats = NatsServer::start();
     let a = Orch::new();
     a.ok(&["plugin", "install", "-y", &p("echo")]);
     let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
     until_serving(&ha, "echo", 1);
-    // 800 KiB fits a NATS message (1 MiB); its result in base64 does not.
-    let id = ha.submit("echo", &"x".repeat(800 << 10));
-    let task = ha.wait(&id);
-    assert_eq!(task["status"], "failed", "{}", task["error"]);
-    assert_eq!(task["error"]["kind"], "result-too-large");
-    assert!(
-        task["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("max_payload"),
-        "{}",
-        task["error"]
-    );
-    assert_eq!(task["attempts"], 1);
+    // 800 KiB fits a NATS message (1 MiB); its result in base64 does not,
+    // so it goes through the object store. 2 MiB fits neither way.
+    for size in [800 << 10, 2 << 20] {
+        let input = "x".repeat(size);
+        let id = ha.submit("echo", &input);
+        let task = ha.wait(&id);
+        assert_eq!(task["status"], "completed", "{}", task["error"]);
+        assert_eq!(task["result"].as_str().map(str::len), Some(size));
+        assert!(task["result"] == input.as_str());
+        assert_eq!(task["attempts"], 1);
+        assert_eq!(task["payload_bytes"], size);
+    }
     assert_eq!(cluster_counter(&ha, "redelivered"), 0);
-    // The host goes on serving.
-    let id = ha.submit("echo", "small");
-    assert_eq!(ha.wait(&id)["result"], "small");
 }
 
 #[test]
-fn a_payload_past_what_a_nats_message_carries_is_413() {
+fn a_task_whose_payload_object_is_gone_fails_once_with_the_reason() {
     let nats = NatsServer::start();
     let a = Orch::new();
     a.ok(&["plugin", "install", "-y", &p("echo")]);
     let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
     until_serving(&ha, "echo", 1);
-    // nats-server's default max_payload (1 MiB), less 4 KiB for headers.
-    crate::common::payload_limit_pair(&ha, "echo", (1 << 20) - (4 << 10));
+    publish_raw(
+        &nats,
+        "echo",
+        &[
+            ("Nats-Msg-Id", "big-1"),
+            ("Orch-Task-Id", "big-1"),
+            ("Orch-Payload-Object", "payload/big-1"),
+        ],
+        b"",
+    );
+    let task = ha.wait("big-1");
+    assert_eq!(task["status"], "failed", "{task}");
+    assert_eq!(task["error"]["kind"], "unavailable", "{task}");
+    let message = task["error"]["message"].as_str().unwrap();
+    assert!(message.contains("payload/big-1"), "{message}");
+    assert!(message.contains("not in the object store"), "{message}");
+    // Ended, not redelivered: the next task runs and nothing came back.
+    let id = ha.submit("echo", "after");
+    assert_eq!(ha.wait(&id)["result"], "after");
+    assert_eq!(cluster_counter(&ha, "redelivered"), 0);
 }
 
 #[test]

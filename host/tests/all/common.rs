@@ -197,7 +197,14 @@ impl HostProc {
         let status = r.status().as_u16();
         (
             status,
-            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+            serde_json::from_str(
+                &r.body_mut()
+                    .with_config()
+                    .limit(64 << 20)
+                    .read_to_string()
+                    .unwrap(),
+            )
+            .unwrap(),
         )
     }
 
@@ -210,7 +217,14 @@ impl HostProc {
         let status = r.status().as_u16();
         (
             status,
-            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+            serde_json::from_str(
+                &r.body_mut()
+                    .with_config()
+                    .limit(64 << 20)
+                    .read_to_string()
+                    .unwrap(),
+            )
+            .unwrap(),
         )
     }
 
@@ -253,7 +267,7 @@ impl HostProc {
 /// naming both figures. Returns the accepted task.
 pub fn payload_limit_pair(host: &HostProc, capability: &str, limit: usize) -> Value {
     use base64::Engine as _;
-    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+    let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![0xffu8; n]);
     let (code, task) = host.post(
         "/v1/tasks",
         &json!({ "capability": capability, "input_base64": b64(limit) }),

@@ -387,3 +387,21 @@ contract!(an_unknown_task_id_is_404_in_any_form, |d| {
         assert_eq!(body["error"]["kind"], "not-found", "{body}");
     }
 });
+
+contract!(
+    a_payload_of_16_mib_is_accepted_and_one_byte_more_is_413,
+    |d| {
+        let limit = 16usize << 20;
+        let task = crate::common::payload_limit_pair(d.api(), "echo", limit);
+        assert_eq!(task["payload_bytes"], limit, "{task}");
+        let id = task["id"].as_str().unwrap();
+        let done = d.api().wait(id);
+        assert_eq!(done["status"], "completed", "{}", done["error"]);
+        let result = done["result_base64"].as_str().unwrap();
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(result)
+            .unwrap();
+        assert_eq!(bytes, vec![0xffu8; limit]);
+    }
+);

@@ -3,7 +3,7 @@
 //! with SIGKILL and stopped with SIGTERM.
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::common::{p, payload_limit_pair, stderr, stdout, HostProc, Orch};
+use crate::common::{p, stderr, stdout, HostProc, Orch};
 use serde_json::{json, Value};
 
 /// The sleep fixture (busy-waits N ms) with a manifest, so it can be installed.
@@ -399,16 +399,6 @@ fn agents_send_messages_within_their_grants() {
     let denied = "error: subject secret.plans is not granted to messenger (the manifest's [grants] messaging lists [\"ping.*\"])";
     assert_eq!(ask("test.request", "secret.plans\nhi"), denied);
     assert_eq!(ask("test.publish", "secret.plans\nhi"), denied);
-}
-
-#[test]
-fn a_payload_of_16_mib_is_accepted_over_http_and_one_byte_more_is_413() {
-    let orch = Orch::new();
-    orch.ok(&["plugin", "install", "-y", &p("echo")]);
-    let host = HostProc::start(&orch);
-    let limit = 16usize << 20;
-    let task = payload_limit_pair(&host, "echo", limit);
-    assert_eq!(task["payload_bytes"], limit, "{task}");
 }
 
 /// Installs the spin fixture with one slot and `fuel` per task.
