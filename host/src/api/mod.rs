@@ -96,7 +96,9 @@ impl From<HostError> for ApiError {
             }
             HostError::NotFound(_) => StatusCode::NOT_FOUND,
             HostError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            HostError::NoCapacity { .. } => StatusCode::TOO_MANY_REQUESTS,
+            HostError::NoCapacity { .. } | HostError::TooManyWaits { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             HostError::ShuttingDown | HostError::Unavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

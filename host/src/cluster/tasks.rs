@@ -761,7 +761,7 @@ impl TaskRouter {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), (Instant::now(), rx));
+            .insert(key.clone(), (Instant::now(), Some(rx)));
         let (put, ack) = tokio::join!(put, publish);
         if put.is_err() || ack.is_err() {
             self.pending
@@ -830,6 +830,11 @@ impl TaskRouter {
             Err(e) => return Err(self.error("ORCH_RESULTS", e)),
         }
         note_cancel(&self.running, &self.cancelled, id);
+        // Ended: no longer unfinished here, whenever its notification comes.
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key_for(id));
         // At most once: a host that misses it runs the task to its end and
         // its result is fenced.
         if let Err(e) = self
@@ -913,12 +918,14 @@ impl TaskRouter {
     ) -> Result<Fetched, HostError> {
         let until = tokio::time::Instant::now() + timeout;
         if just_submitted {
+            // The entry stays (the task is unfinished) until its result
+            // arrives; only its receiver is taken.
             let rx = self
                 .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&key_for(id))
-                .map(|(_, rx)| rx);
+                .get_mut(&key_for(id))
+                .and_then(|(_, rx)| rx.take());
             if let Some(rx) = rx {
                 return self.await_result(id, rx, until).await;
             }
@@ -975,6 +982,12 @@ impl TaskRouter {
         };
         drop(rx);
         self.forget_closed_waiters(id);
+        if matches!(&outcome, Ok(c) if c.record.status.is_final()) {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key_for(id));
+        }
         outcome
     }
 
@@ -1066,11 +1079,23 @@ impl TaskRouter {
 
 type Waiters = Arc<Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<bytes::Bytes>>>>>;
 /// Since when, and the receiving end of its waiter.
-type Pending = Arc<Mutex<HashMap<String, (Instant, tokio::sync::oneshot::Receiver<bytes::Bytes>)>>>;
+/// Tasks submitted through this host without their result yet: since
+/// when, and the receiving end of its waiter until a wait takes it.
+type Pending = Arc<
+    Mutex<
+        HashMap<
+            String,
+            (
+                Instant,
+                Option<tokio::sync::oneshot::Receiver<bytes::Bytes>>,
+            ),
+        >,
+    >,
+>;
 
-/// A task submitted here whose result notification was lost and that
-/// nobody waits for is forgotten after this long (a later wait reads the
-/// bucket), so that lost notifications cannot grow the map.
+/// A task submitted here whose result notification was lost is forgotten
+/// after this long (a later wait reads the bucket), so that lost
+/// notifications cannot grow the map.
 const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Hands a stored result to the requests waiting for it.

@@ -45,6 +45,8 @@ pub enum HostError {
     ShuttingDown,
     #[error("no capacity: {limit} accepted tasks have not ended on this host, its limit ([host] max_unfinished); retry later")]
     NoCapacity { limit: usize },
+    #[error("no capacity: {limit} requests wait for task results on this host, its limit; retry later or wait less")]
+    TooManyWaits { limit: usize },
     /// Something the host depends on (the NATS server) failed; the request
     /// was fine and may succeed when retried.
     #[error("unavailable: {what}: {source}")]
@@ -71,7 +73,7 @@ impl HostError {
             HostError::InvalidRequest(_) => "invalid-request",
             HostError::NotFound(_) => "not-found",
             HostError::ShuttingDown => "shutting-down",
-            HostError::NoCapacity { .. } => "no-capacity",
+            HostError::NoCapacity { .. } | HostError::TooManyWaits { .. } => "no-capacity",
             HostError::Unavailable { .. } => "unavailable",
             HostError::Corrupt(_) => "corrupt",
             HostError::Journal(_) => "journal",

@@ -75,6 +75,10 @@ pub struct SchedulerConfig {
     /// publishing or calling in a loop cannot grow the queues. (Tasks from
     /// [`Scheduler::submit`] are bounded by whoever accepts them.)
     pub max_queued: usize,
+    /// Most payload bytes of queued tasks for a message or a sub-task to be
+    /// queued; past it those are refused with `QueueBytesFull`, so a guest
+    /// publishing large messages in a loop cannot grow host memory.
+    pub max_queued_bytes: u64,
     /// Dead letters kept in memory (the newest; the daemon's journal and the
     /// cluster's results bucket keep them all for the retention time).
     pub max_dead_letters: usize,
@@ -89,6 +93,7 @@ impl Default for SchedulerConfig {
             breaker_threshold: 5,
             breaker_cool_down: Duration::from_secs(2),
             max_queued: 100_000,
+            max_queued_bytes: 256 << 20,
             max_dead_letters: 1_000,
         }
     }
@@ -126,6 +131,8 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("no capacity: {limit} tasks are queued on this host, its limit; retry later")]
     QueueFull { limit: usize },
+    #[error("no capacity: the tasks queued on this host hold {queued} bytes of payload; {size} more would pass its limit of {limit} bytes; retry later")]
+    QueueBytesFull { queued: u64, size: u64, limit: u64 },
 }
 
 /// Runs the sub-tasks no local agent can take: the cluster implements it,
@@ -353,6 +360,8 @@ struct State {
     dead: std::collections::VecDeque<Failure>,
     seq: u64,
     rng: u64,
+    /// Payload bytes of the tasks in `queues`.
+    queued_bytes: u64,
 }
 
 impl State {
@@ -555,6 +564,7 @@ impl Scheduler {
                 dead: std::collections::VecDeque::new(),
                 seq: 0,
                 rng: seed,
+                queued_bytes: 0,
             }),
             ready: Mutex::new(std::collections::VecDeque::new()),
             wake: Notify::new(),
@@ -849,6 +859,14 @@ fn submit(
                 limit: inner.config.max_queued,
             });
         }
+        let size = task.payload.len() as u64;
+        if bounded && state.queued_bytes.saturating_add(size) > inner.config.max_queued_bytes {
+            return Err(SubmitError::QueueBytesFull {
+                queued: state.queued_bytes,
+                size,
+                limit: inner.config.max_queued_bytes,
+            });
+        }
         if let Some(slots) = state.held_by_callers(&route, &chain) {
             return Err(SubmitError::HeldByCallers {
                 capability: route.to_string(),
@@ -877,6 +895,7 @@ fn submit(
 }
 
 fn enqueue(state: &mut State, task: Pending) {
+    state.queued_bytes += task.payload.len() as u64;
     state.seq += 1;
     let seq = state.seq;
     state
@@ -906,7 +925,10 @@ async fn dispatch(inner: Arc<Inner>) {
                 if !state.index.contains_key(&cap) {
                     // The last agent for it was removed.
                     if let Some(q) = state.queues.remove(&cap) {
-                        orphaned.extend(q.into_iter().map(|q| q.task));
+                        for q in q {
+                            state.queued_bytes -= q.task.payload.len() as u64;
+                            orphaned.push(q.task);
+                        }
                     }
                     continue;
                 }
@@ -916,6 +938,7 @@ async fn dispatch(inner: Arc<Inner>) {
                 while let Some(head) = state.queues.get(&cap).and_then(|q| q.peek()) {
                     if head.task.deadline.is_some_and(|d| d <= now) || head.task.cancelled() {
                         if let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) {
+                            state.queued_bytes -= q.task.payload.len() as u64;
                             expired.push(q.task);
                         }
                         continue;
@@ -939,6 +962,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) else {
                         break;
                     };
+                    state.queued_bytes -= q.task.payload.len() as u64;
                     let e = &mut state.agents[i];
                     e.breaker.on_send(now);
                     starts.push(Job {

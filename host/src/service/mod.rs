@@ -16,6 +16,7 @@ pub mod run;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,16 +100,61 @@ pub trait TaskStore: Send + Sync {
     fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>>;
 }
 
+/// Most requests that may wait for task results at once on one host
+/// (`?wait=`); past it a wait is refused with `no-capacity`.
+pub const MAX_WAITS: usize = 16_384;
+
 /// The task service of one host over its store.
 #[derive(Clone)]
 pub struct TaskService {
     host: Host,
     store: Arc<dyn TaskStore>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Submissions between their capacity check and the store counting
+    /// them: counted too, so that concurrent submissions cannot pass
+    /// `max_unfinished` together.
+    admitting: AtomicUsize,
+    waits: AtomicUsize,
+}
+
+/// Holds one unit of a counter until dropped.
+struct Held<'a>(&'a AtomicUsize);
+
+impl<'a> Held<'a> {
+    /// Takes one unit unless `limit` are taken; returns how many were.
+    fn take(counter: &'a AtomicUsize, limit: usize) -> Result<Held<'a>, usize> {
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        if before >= limit {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return Err(before);
+        }
+        Ok(Held(counter))
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl TaskService {
     pub fn new(host: Host, store: Arc<dyn TaskStore>) -> TaskService {
-        TaskService { host, store }
+        TaskService {
+            host,
+            store,
+            counts: Arc::new(Counts::default()),
+        }
+    }
+
+    /// Counts one waiting request while it waits.
+    fn wait_slot(&self) -> Result<Held<'_>, HostError> {
+        Held::take(&self.counts.waits, MAX_WAITS)
+            .map_err(|_| HostError::TooManyWaits { limit: MAX_WAITS })
     }
 
     /// A lone host: tasks in its journal.
@@ -163,7 +209,14 @@ impl TaskService {
         // ends. A retry of a task accepted already is not new work: it gets
         // that task, whatever the load.
         let max = self.host.config().host.max_unfinished;
-        if self.store.unfinished() >= max {
+        // Held until the store has counted this task (the end of this call).
+        let _admitting = Held::take(&self.counts.admitting, usize::MAX);
+        let in_flight = self
+            .counts
+            .admitting
+            .load(Ordering::Acquire)
+            .saturating_sub(1);
+        if self.store.unfinished() + in_flight >= max {
             let existing = match key.as_deref() {
                 Some(key) => self.store.find_key(key).await?,
                 None => None,
@@ -215,6 +268,7 @@ impl TaskService {
         let submitted = self.submit(request).await?;
         let stored = match wait {
             Some(w) => {
+                let _waiting = self.wait_slot()?;
                 self.store
                     .wait(&submitted.task.id, w, !submitted.existing)
                     .await?
@@ -230,6 +284,7 @@ impl TaskService {
     }
 
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Stored, HostError> {
+        let _waiting = self.wait_slot()?;
         self.store.wait(id, timeout, false).await
     }
 

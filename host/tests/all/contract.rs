@@ -24,13 +24,15 @@ pub enum Mode {
     Cluster,
 }
 
-/// Every host's configuration.
-const CONFIG: &str = "[host]\nmax_attempts = 2\n[limits]\nmax_fuel = 1000000000000\n";
+/// Every host's configuration, with a case's own `[host]` keys.
+fn config(host_keys: &str) -> String {
+    format!("[host]\nmax_attempts = 2\n{host_keys}\n[limits]\nmax_fuel = 1000000000000\n")
+}
 
 /// Plugins every deployment serves: echo, sleep (one instance, so a
 /// second task waits for the first), panic (traps every time), flaky.
-fn install(orch: &Orch) {
-    orch.config(CONFIG);
+fn install(orch: &Orch, config: &str) {
+    orch.config(config);
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
     for (plugin, capability, extra) in [
         (
@@ -52,11 +54,14 @@ fn install(orch: &Orch) {
 }
 
 impl Deployment {
-    pub fn start(mode: Mode) -> Deployment {
+    /// Every host with the common configuration and `host_keys` in its
+    /// `[host]` table.
+    pub fn start(mode: Mode, host_keys: &str) -> Deployment {
+        let config = config(host_keys);
         match mode {
             Mode::Lone => {
                 let orch = Orch::new();
-                install(&orch);
+                install(&orch, &config);
                 let host = HostProc::start(&orch);
                 Deployment {
                     _nats: None,
@@ -67,9 +72,9 @@ impl Deployment {
             Mode::Cluster => {
                 let nats = NatsServer::start();
                 let a = Orch::new();
-                a.config(CONFIG);
+                a.config(&config);
                 let b = Orch::new();
-                install(&b);
+                install(&b, &config);
                 let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
                 let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
                 // A submits only once it sees B's capabilities.
@@ -163,17 +168,20 @@ fn submit(d: &Deployment, body: Value) -> (u16, Value) {
 /// Defines one contract case as a test in each mode.
 macro_rules! contract {
     ($name:ident, $body:expr) => {
+        contract!($name, config = "", $body);
+    };
+    ($name:ident, config = $config:expr, $body:expr) => {
         mod $name {
             use super::*;
             #[test]
             fn lone() {
                 let case: fn(&Deployment) = $body;
-                case(&Deployment::start(Mode::Lone));
+                case(&Deployment::start(Mode::Lone, $config));
             }
             #[test]
             fn cluster() {
                 let case: fn(&Deployment) = $body;
-                case(&Deployment::start(Mode::Cluster));
+                case(&Deployment::start(Mode::Cluster, $config));
             }
         }
     };
@@ -403,5 +411,54 @@ contract!(
             .decode(result)
             .unwrap();
         assert_eq!(bytes, vec![0xffu8; limit]);
+    }
+);
+
+contract!(
+    past_max_unfinished_a_submission_is_429_and_a_keyed_retry_gets_its_task,
+    config = "max_unfinished = 2",
+    |d| {
+        // Two tasks that do not end by themselves for 120 s: the limit.
+        let mut ids = Vec::new();
+        for key in ["a", "b"] {
+            let (code, t) = submit(
+                d,
+                json!({ "capability": "test.sleep", "input": "60000", "idempotency_key": key }),
+            );
+            assert_eq!(code, 201, "{t}");
+            ids.push(t["id"].as_str().unwrap().to_string());
+        }
+        let (code, refused) = submit(d, json!({ "capability": "echo", "input": "x" }));
+        assert_eq!(code, 429, "{refused}");
+        assert_eq!(refused["error"]["kind"], "no-capacity", "{refused}");
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(message.contains("max_unfinished"), "{message}");
+        // A retry of an accepted task is not new work.
+        let (code, again) = submit(
+            d,
+            json!({ "capability": "test.sleep", "input": "60000", "idempotency_key": "a" }),
+        );
+        assert_eq!(code, 200, "{again}");
+        assert_eq!(again["id"], ids[0].as_str());
+        let out = d.cli().run(&[
+            "task",
+            "submit",
+            "--api",
+            &d.api().url,
+            "--capability",
+            "echo",
+        ]);
+        assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+        // Ended tasks free their room.
+        for id in &ids {
+            let (_, t) = d.api().post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
+            assert_eq!(t["status"], "cancelled", "{t}");
+        }
+        let (code, t) = d.api().post(
+            "/v1/tasks?wait=30s",
+            &json!({ "capability": "echo", "input": "room" }),
+        );
+        assert_eq!(code, 201, "{t}");
+        assert_eq!(t["result"], "room", "{t}");
     }
 );

@@ -394,6 +394,59 @@ async fn queued_messages_are_bounded_as_a_pair() {
     assert!(s.submit_message("ping.hello", message(4)).is_ok());
 }
 
+/// The payload bytes of queued messages are bounded too: a guest publishing
+/// large messages in a loop cannot grow host memory past
+/// `max_queued_bytes`. At the bound a message is queued, one byte past it
+/// is refused, naming both figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_message_bytes_are_bounded_as_a_pair() {
+    let h = Harness::new();
+    let s = Scheduler::new(SchedulerConfig {
+        max_queued_bytes: 10,
+        ..SchedulerConfig::default()
+    });
+    let mut spin = h.load("spin").await;
+    spin.set_subscriptions(vec!["ping.hello".into()]);
+    let limits = Limits {
+        timeout: Duration::from_secs(2),
+        ..generous()
+    };
+    s.add_agent("spin", Arc::new(spin), limits, 1);
+    let message = |i: u32, bytes: usize| Submit {
+        id: format!("m{i}"),
+        payload: vec![b'x'; bytes],
+        ..Submit::default()
+    };
+    // The first holds the one slot; once it is placed the queue is empty.
+    let running = s.submit_message("ping.hello", message(0, 10)).unwrap();
+    let started = Instant::now();
+    while s.queued().iter().map(|q| q.1).sum::<usize>() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "never placed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let inside: Vec<_> = [4, 6]
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            s.submit_message("ping.hello", message(i as u32 + 1, n))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        s.submit_message("ping.hello", message(3, 1)).err(),
+        Some(SubmitError::QueueBytesFull {
+            queued: 10,
+            size: 1,
+            limit: 10
+        })
+    );
+    for handle in inside.into_iter().chain([running]) {
+        assert!(handle.wait().await.is_err());
+    }
+    // The bytes went with the tasks: room again.
+    assert!(s.submit_message("ping.hello", message(4, 10)).is_ok());
+}
+
 /// Dead letters kept in memory are bounded: at the bound all are kept, past
 /// it the oldest goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
