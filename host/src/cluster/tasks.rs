@@ -1282,11 +1282,10 @@ async fn run_and_store(
         .map(|i| i.stream_sequence.to_string())
         .unwrap_or_default();
     // An orch host does not publish a task id twice: its ids are fresh
-    // ULIDs, a keyed id is looked up before it is published again, and the
-    // stream drops a repeat within the duplicate window (a retried caller's
-    // sub-task ids repeat; later than the window, such a sub-task runs
-    // again). So only messages from other clients (no Orch-Host header)
-    // make the claim, which costs a round trip to the server.
+    // ULIDs, a keyed id is looked up before it is published again, and a
+    // retried caller's sub-tasks carry its attempt (`ID.N-A`). So only
+    // messages from other clients (no Orch-Host header) make the claim,
+    // which costs a round trip to the server.
     let mut delivered = delivered;
     let from_orch = header(message, HEADER_HOST).is_some();
     if delivered > 1 {

@@ -115,6 +115,10 @@ pub struct Submit {
     /// looked at, its running attempt dropped (which frees the instance),
     /// and no retry. Sub-tasks get a child token.
     pub cancel: Option<CancellationToken>,
+    /// Attempts made before this submission (in a cluster, on earlier
+    /// deliveries): attempt numbers, and the ids of sub-tasks, go on from
+    /// there.
+    pub attempts_before: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -251,6 +255,7 @@ struct Pending {
     chain: Arc<[usize]>,
     submitted: Instant,
     cancel: Option<CancellationToken>,
+    attempts_before: u32,
 }
 
 impl Pending {
@@ -884,6 +889,7 @@ fn submit(
             depth,
             fuel_cap,
             max_attempts: task.max_attempts,
+            attempts_before: task.attempts_before,
             chain,
             submitted: Instant::now(),
             cancel: task.cancel,
@@ -1083,7 +1089,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
     if let Some(cap) = task.fuel_cap {
         limits.fuel = limits.fuel.min(cap);
     }
-    let attempt = task.attempts.len() as u32 + 1;
+    let attempt = task.attempts_before + task.attempts.len() as u32 + 1;
     if let Some(hook) = &inner.on_attempt {
         hook(AttemptEvent::Started {
             id: &task.id,
@@ -1114,6 +1120,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 priority: task.priority,
                 seq: AtomicU64::new(0),
                 cancel: task.cancel.clone(),
+                attempt,
             }),
             bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
@@ -1192,7 +1199,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
                             id: &task.id,
                             capability: task.route.name(),
                             agent: &last.agent,
-                            attempt: task.attempts.len() as u32,
+                            attempt: task.attempts_before + task.attempts.len() as u32,
                             error: &last.error,
                         });
                     }
@@ -1216,12 +1223,21 @@ struct Router {
     seq: AtomicU64,
     /// The caller's: cancelling a task cancels its sub-tasks.
     cancel: Option<CancellationToken>,
+    /// The caller's attempt: a retried caller's sub-tasks get new ids.
+    attempt: u32,
 }
 
 impl SubTasks for Router {
     fn call(&self, mut call: SubCall) -> SubCallFuture {
         let n = self.seq.fetch_add(1, AtomicOrdering::Relaxed) + 1;
-        let id = format!("{}.{n}", call.parent);
+        // A retry of the caller makes the same calls again: they are new
+        // sub-tasks (in a cluster, the stream would drop a repeated id as
+        // a duplicate and the retry would get the old outcome).
+        let id = if self.attempt > 1 {
+            format!("{}.{n}-{}", call.parent, self.attempt)
+        } else {
+            format!("{}.{n}", call.parent)
+        };
         let route = Route::Capability(call.capability.clone());
         if !self.inner.state().index.contains_key(&route) {
             if let Some(remote) = self.inner.remote() {
@@ -1241,6 +1257,7 @@ impl SubTasks for Router {
             deadline: Some(call.deadline),
             max_attempts: Some(1),
             cancel: self.cancel.as_ref().map(CancellationToken::child_token),
+            attempts_before: 0,
         };
         let submitted = submit(
             &self.inner,

@@ -59,6 +59,7 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Option<Ended> {
         deadline,
         max_attempts,
         cancel,
+        attempts_before: record.attempts,
     };
     let submitted = match sub_task {
         Some((depth, fuel)) => scheduler.submit_sub_task(submit, depth, fuel),

@@ -115,6 +115,7 @@ async fn queue_order_is_priority_then_deadline_then_arrival() {
                 deadline,
                 max_attempts: None,
                 cancel: None,
+                attempts_before: 0,
             })
             .unwrap();
         let order = order.clone();

@@ -445,3 +445,57 @@ async fn one_plugin_cannot_starve_another_of_instances() {
         assert!(tree.wait().await.is_err());
     }
 }
+
+/// A caller's sub-tasks are named after it and its attempt: `ID.N` on the
+/// first attempt, `ID.N-A` on attempt A (here a task submitted after one
+/// earlier attempt, as a cluster redelivers it), so a retried caller's
+/// calls are new sub-tasks and never the old ones' outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_callers_sub_tasks_get_new_ids() {
+    use orch::scheduler::AttemptEvent;
+    use std::sync::Mutex;
+    let h = Harness::new();
+    let started = Arc::new(Mutex::new(Vec::<(String, u32)>::new()));
+    let seen = started.clone();
+    let s = Scheduler::with_attempt_hook(
+        SchedulerConfig::default(),
+        Arc::new(move |e: AttemptEvent<'_>| {
+            if let AttemptEvent::Started { id, attempt, .. } = e {
+                seen.lock().unwrap().push((id.to_string(), attempt));
+            }
+        }),
+    );
+    s.add_agent(
+        "caller",
+        Arc::new(h.load("caller").await),
+        Limits::default(),
+        2,
+    );
+    s.add_agent("echo", Arc::new(h.load("echo").await), Limits::default(), 2);
+    for (id, before) in [("first", 0), ("again", 1)] {
+        let done = s
+            .submit(Submit {
+                id: id.into(),
+                capability: "test.call".into(),
+                payload: b"echo\nhi".to_vec(),
+                attempts_before: before,
+                ..Submit::default()
+            })
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(text(&done), "hi");
+    }
+    let mut started = started.lock().unwrap().clone();
+    started.sort();
+    assert_eq!(
+        started,
+        [
+            ("again".to_string(), 2),
+            ("again.1-2".to_string(), 1),
+            ("first".to_string(), 1),
+            ("first.1".to_string(), 1),
+        ]
+    );
+}
