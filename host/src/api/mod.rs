@@ -102,9 +102,10 @@ impl From<HostError> for ApiError {
             HostError::ShuttingDown | HostError::Unavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            HostError::Journal(_) | HostError::Plugin(_) | HostError::Corrupt(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            HostError::Journal(_)
+            | HostError::Plugin(_)
+            | HostError::Corrupt(_)
+            | HostError::DataDir { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.kind(), e.to_string())
     }

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 
 use super::{subjects, Cluster};
 use crate::daemon::Host;
-use crate::sandbox::{Bus, BusFuture};
+use crate::sandbox::{Bus, BusError, BusFuture};
 use crate::scheduler::Submit;
 
 const QUEUE_GROUP: &str = "orch";
@@ -30,7 +30,11 @@ impl Bus for NatsBus {
             client
                 .publish(subjects::message(&subject), payload.into())
                 .await
-                .map_err(|e| format!("publish on {subject}: {e}"))
+                .map_err(|e| BusError::Transport {
+                    what: "publish",
+                    subject,
+                    source: Box::new(e),
+                })
         })
     }
 
@@ -40,19 +44,27 @@ impl Bus for NatsBus {
             let asked = client.request(subjects::message(&subject), payload.into());
             let reply = match tokio::time::timeout(timeout, asked).await {
                 Err(_) => {
-                    return Err(format!(
-                        "no reply on {subject} within {} ms",
-                        timeout.as_millis()
-                    ))
+                    return Err(BusError::Timeout {
+                        subject,
+                        ms: timeout.as_millis() as u64,
+                    })
                 }
                 Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                    return Err(format!("no agent subscribes to {subject}"))
+                    return Err(BusError::NoSubscriber { subject })
                 }
-                Ok(Err(e)) => return Err(format!("request on {subject}: {e}")),
+                Ok(Err(e)) => {
+                    return Err(BusError::Transport {
+                        what: "request",
+                        subject,
+                        source: Box::new(e),
+                    })
+                }
                 Ok(Ok(reply)) => reply,
             };
             if let Some(error) = reply.headers.as_ref().and_then(|h| h.get(HEADER_ERROR)) {
-                return Err(format!("the subscriber failed: {error}"));
+                return Err(BusError::Failed {
+                    message: error.to_string(),
+                });
             }
             Ok(reply.payload.to_vec())
         })

@@ -87,11 +87,53 @@ pub struct NatsOptions {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error("NATS at {url}: {reason}")]
-    Nats { url: String, reason: String },
+pub struct ClusterError {
+    pub url: String,
+    pub kind: ClusterErrorKind,
+    /// What was being done: "credentials FILE", "stream ORCH_TASKS", ...
+    pub what: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// What kind of cluster failure: reaching the server, or a request to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterErrorKind {
+    Connect,
+    Request,
+}
+
+impl std::fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            ClusterErrorKind::Connect => write!(f, "cannot connect to NATS at {}: ", self.url)?,
+            ClusterErrorKind::Request => write!(f, "NATS at {}: ", self.url)?,
+        }
+        if !self.what.is_empty() {
+            write!(f, "{}: ", self.what)?;
+        }
+        write!(f, "{}", self.source)
+    }
+}
+
+impl ClusterError {
+    pub fn new(
+        url: &str,
+        kind: ClusterErrorKind,
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> ClusterError {
+        ClusterError {
+            url: url.to_string(),
+            kind,
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ClusterErrorKind {
+        self.kind
+    }
 }
 
 /// What a host announces in every heartbeat.
@@ -184,9 +226,8 @@ impl Cluster {
         report: impl Fn() -> Heartbeat + Send + Sync + 'static,
     ) -> Result<Cluster, ClusterError> {
         let url = options.url.clone();
-        let connect_error = |reason: String| ClusterError::Connect {
-            url: url.clone(),
-            reason,
+        let connect_error = |what: String, e: Box<dyn std::error::Error + Send + Sync>| {
+            ClusterError::new(&url, ClusterErrorKind::Connect, what, e)
         };
         let mut connect = async_nats::ConnectOptions::new()
             .name(format!("orch-host-{id}"))
@@ -207,7 +248,7 @@ impl Cluster {
             connect = connect
                 .credentials_file(creds)
                 .await
-                .map_err(|e| connect_error(format!("credentials {}: {e}", creds.display())))?;
+                .map_err(|e| connect_error(format!("credentials {}", creds.display()), e.into()))?;
         }
         if let Some(ca) = &options.tls_ca {
             connect = connect.add_root_certificates(ca.clone()).require_tls(true);
@@ -215,23 +256,23 @@ impl Cluster {
         let addrs: Vec<async_nats::ServerAddr> = options
             .url
             .split(',')
-            .map(|u| u.trim().parse())
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
             .collect::<Result<_, _>>()
-            .map_err(|e| connect_error(format!("bad URL: {e}")))?;
+            .map_err(|e| connect_error("bad URL".into(), e.into()))?;
         let client = connect
             .connect(addrs)
             .await
-            .map_err(|e| connect_error(e.to_string()))?;
+            .map_err(|e| connect_error(String::new(), e.into()))?;
 
         let members: Members = Arc::new(Mutex::new(BTreeMap::new()));
-        let nats_error = |e: &dyn std::fmt::Display| ClusterError::Nats {
-            url: url.clone(),
-            reason: e.to_string(),
-        };
-        let mut incoming = client
-            .subscribe(subjects::all_hosts())
-            .await
-            .map_err(|e| nats_error(&e))?;
+        let mut incoming = client.subscribe(subjects::all_hosts()).await.map_err(|e| {
+            ClusterError::new(
+                &url,
+                ClusterErrorKind::Request,
+                "subscribe to heartbeats",
+                e,
+            )
+        })?;
         let listen_members = members.clone();
         let listener = tokio::spawn(async move {
             while let Some(message) = incoming.next().await {
@@ -352,14 +393,14 @@ impl Cluster {
     pub async fn leave(&self, last: Heartbeat) -> Result<(), ClusterError> {
         self.stop();
         let bytes = serde_json::to_vec(&last).unwrap_or_default();
-        let err = |e: &dyn std::fmt::Display| ClusterError::Nats {
-            url: self.url.clone(),
-            reason: e.to_string(),
-        };
+        let url = &self.url;
         self.client
             .publish(subjects::leave(&self.id), bytes.into())
             .await
-            .map_err(|e| err(&e))?;
-        self.client.flush().await.map_err(|e| err(&e))
+            .map_err(|e| ClusterError::new(url, ClusterErrorKind::Request, "leave", e))?;
+        self.client
+            .flush()
+            .await
+            .map_err(|e| ClusterError::new(url, ClusterErrorKind::Request, "leave", e))
     }
 }

@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{subjects, Cluster, ClusterError, Members};
+use super::{subjects, Cluster, ClusterError, ClusterErrorKind, Members};
 use crate::daemon::{now_ms, Accepted, ErrorInfo, Host, HostError, Status, TaskRecord};
 use crate::error::TaskError;
 use crate::sandbox::{Outcome, SubCall, SubCallFuture, TaskOutput};
@@ -249,9 +249,8 @@ impl TaskRouter {
         max_deliver: u32,
     ) -> Result<Arc<TaskRouter>, ClusterError> {
         let url = cluster.url.clone();
-        let err = |what: &str, e: &dyn std::fmt::Display| ClusterError::Nats {
-            url: url.clone(),
-            reason: format!("{what}: {e}"),
+        let err = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+            ClusterError::new(&url, ClusterErrorKind::Request, what, e)
         };
         let js = jetstream::new(cluster.client.clone());
         let stream = js
@@ -264,7 +263,7 @@ impl TaskRouter {
                 ..Default::default()
             })
             .await
-            .map_err(|e| err("stream ORCH_TASKS", &e))?;
+            .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
         // Finished tasks are kept for `[host] retention`, as on a lone host:
         // the server drops results, records and claims older than that.
         let retention = host.config().host.retention;
@@ -280,7 +279,7 @@ impl TaskRouter {
             Err(_) => js
                 .create_key_value(bucket(QUEUED))
                 .await
-                .map_err(|e| err("bucket ORCH_QUEUED", &e))?,
+                .map_err(|e| err("bucket ORCH_QUEUED", e.into()))?,
         };
         // The server republishes every stored result on a core subject,
         // which is how waiters learn of it: after the write, never for a
@@ -298,7 +297,7 @@ impl TaskRouter {
                     ..bucket(RESULTS)
                 })
                 .await
-                .map_err(|e| err("bucket ORCH_RESULTS", &e))?,
+                .map_err(|e| err("bucket ORCH_RESULTS", e.into()))?,
         };
         // A bucket made before results were republished, or with another
         // retention, gets this host's settings now.
@@ -306,11 +305,11 @@ impl TaskRouter {
             let mut backing = js
                 .get_stream(format!("KV_{name}"))
                 .await
-                .map_err(|e| err(name, &e))?;
+                .map_err(|e| err(name, e.into()))?;
             let mut config = backing
                 .info()
                 .await
-                .map_err(|e| err(name, &e))?
+                .map_err(|e| err(name, e.into()))?
                 .config
                 .clone();
             let stale = (republish.is_some() && config.republish != republish)
@@ -322,7 +321,7 @@ impl TaskRouter {
                 config.max_age = retention;
                 js.update_stream(config)
                     .await
-                    .map_err(|e| err(&format!("bucket {name}: update"), &e))?;
+                    .map_err(|e| err(&format!("bucket {name}: update"), e.into()))?;
             }
         }
         let objects = match js.get_object_store(OBJECTS).await {
@@ -335,7 +334,7 @@ impl TaskRouter {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| err("object store ORCH_OBJECTS", &e))?,
+                .map_err(|e| err("object store ORCH_OBJECTS", e.into()))?,
         };
         let router = Arc::new(TaskRouter {
             objects,
@@ -371,14 +370,14 @@ impl TaskRouter {
     /// A cancel made on any host stops the task's attempt on this one.
     async fn follow_cancels(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
         let prefix = format!("{}.", subjects::cancels());
-        let mut sub =
-            client
-                .subscribe(format!("{prefix}*"))
-                .await
-                .map_err(|e| ClusterError::Nats {
-                    url: self.url.clone(),
-                    reason: format!("subscribe {prefix}*: {e}"),
-                })?;
+        let mut sub = client.subscribe(format!("{prefix}*")).await.map_err(|e| {
+            ClusterError::new(
+                &self.url,
+                ClusterErrorKind::Request,
+                format!("subscribe {prefix}*"),
+                e,
+            )
+        })?;
         let running = self.running.clone();
         let cancelled = self.cancelled.clone();
         tokio::spawn(async move {
@@ -503,14 +502,14 @@ impl TaskRouter {
     /// bucket now and then (see `wait_for`).
     async fn follow_results(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
         let prefix = format!("{}.", subjects::results());
-        let mut sub =
-            client
-                .subscribe(format!("{prefix}>"))
-                .await
-                .map_err(|e| ClusterError::Nats {
-                    url: self.url.clone(),
-                    reason: format!("subscribe {prefix}>: {e}"),
-                })?;
+        let mut sub = client.subscribe(format!("{prefix}>")).await.map_err(|e| {
+            ClusterError::new(
+                &self.url,
+                ClusterErrorKind::Request,
+                format!("subscribe {prefix}>"),
+                e,
+            )
+        })?;
         let waiters = self.waiters.clone();
         let pending = self.pending.clone();
         tokio::spawn(async move {

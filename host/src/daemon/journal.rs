@@ -24,15 +24,72 @@ const PAYLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("payloads");
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 /// idempotency key → id.
 const KEYS: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+/// (status, id): the tasks in each stored status, newest last. The journal
+/// stores `queued` and the final statuses; `running` is in memory.
+const BY_STATUS: TableDefinition<(&str, &str), ()> = TableDefinition::new("by_status");
+/// (capability, id).
+const BY_CAPABILITY: TableDefinition<(&str, &str), ()> = TableDefinition::new("by_capability");
+/// (finished_at_ms, id) of the ended tasks, for the retention sweep.
+const BY_FINISH: TableDefinition<(u64, &str), ()> = TableDefinition::new("by_finish");
+/// "index" → the version of the index tables; they are rebuilt from
+/// `tasks` when it is not [`INDEX_VERSION`] (a journal from before them).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const INDEX_VERSION: u64 = 1;
+/// Sorts after every character of a task id.
+const ID_END: &str = "\u{10ffff}";
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// A journal failure: what failed ([`JournalErrorKind`]), on which file,
+/// with the underlying error as its source.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("task journal {path}: {reason}")]
+#[error("task journal {}: {kind}{}", path.display(), source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
 pub struct JournalError {
     pub path: PathBuf,
-    pub reason: String,
+    pub kind: JournalErrorKind,
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JournalErrorKind {
+    #[error("cannot open")]
+    Open,
+    #[error("cannot read")]
+    Read,
+    #[error("cannot write")]
+    Write,
+    #[error("a stored record does not decode")]
+    Decode,
+    #[error("the writer thread has stopped")]
+    Stopped,
+}
+
+impl JournalError {
+    fn new(
+        path: &Path,
+        kind: JournalErrorKind,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> JournalError {
+        JournalError {
+            path: path.to_path_buf(),
+            kind,
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    pub fn kind(&self) -> JournalErrorKind {
+        self.kind
+    }
+}
+
+/// What `commit` fails with: the kind and the cause, for every op of the
+/// batch (hence shared).
+type CommitError = (JournalErrorKind, Arc<dyn std::error::Error + Send + Sync>);
+
+fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> CommitError {
+    (JournalErrorKind::Write, Arc::new(e))
 }
 
 /// Where a task is. `Queued` and `Running` are the live states; the others
@@ -246,28 +303,31 @@ impl Drop for Journal {
 impl Journal {
     /// Opens (or creates) the journal and starts its writer thread.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let err = |e: &dyn std::fmt::Display| JournalError {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
+        let open = |e: redb::Error| JournalError::new(path, JournalErrorKind::Open, e);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| err(&e))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| JournalError::new(path, JournalErrorKind::Open, e))?;
         }
-        let db = Arc::new(Database::create(path).map_err(|e| err(&e))?);
-        // Create the tables up front so that readers never meet a missing one.
-        let txn = db.begin_write().map_err(|e| err(&e))?;
-        txn.open_table(TASKS).map_err(|e| err(&e))?;
-        txn.open_table(PAYLOADS).map_err(|e| err(&e))?;
-        txn.open_table(RESULTS).map_err(|e| err(&e))?;
-        txn.open_table(KEYS).map_err(|e| err(&e))?;
-        txn.commit().map_err(|e| err(&e))?;
+        let db = Arc::new(Database::create(path).map_err(|e| open(e.into()))?);
+        // Create the tables up front so that readers never meet a missing
+        // one, and index a journal written before the indexes.
+        let txn = db.begin_write().map_err(|e| open(e.into()))?;
+        let built = prepare(&txn).map_err(|(kind, source)| JournalError {
+            path: path.to_path_buf(),
+            kind,
+            source: Some(source),
+        })?;
+        txn.commit().map_err(|e| open(e.into()))?;
+        if built > 0 {
+            tracing::info!(tasks = built, "indexed the task journal");
+        }
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
         let writer_path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("orch-journal".into())
             .spawn(move || write_loop(&writer_db, &writer_path, rx))
-            .map_err(|e| err(&e))?;
+            .map_err(|e| JournalError::new(path, JournalErrorKind::Open, e))?;
         Ok(Journal {
             path: path.to_path_buf(),
             db,
@@ -276,10 +336,19 @@ impl Journal {
         })
     }
 
-    fn error(&self, e: impl std::fmt::Display) -> JournalError {
+    fn error(&self, e: impl Into<redb::Error>) -> JournalError {
+        JournalError::new(&self.path, JournalErrorKind::Read, e.into())
+    }
+
+    fn decode_error(&self, e: serde_json::Error) -> JournalError {
+        JournalError::new(&self.path, JournalErrorKind::Decode, e)
+    }
+
+    fn stopped(&self) -> JournalError {
         JournalError {
             path: self.path.clone(),
-            reason: e.to_string(),
+            kind: JournalErrorKind::Stopped,
+            source: None,
         }
     }
 
@@ -291,9 +360,8 @@ impl Journal {
         self.writer
             .as_ref()
             .and_then(|w| w.send(op(tx)).ok())
-            .ok_or_else(|| self.error("the writer thread has stopped"))?;
-        rx.await
-            .map_err(|_| self.error("the writer thread has stopped"))?
+            .ok_or_else(|| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())?
     }
 
     /// Stores a new task and its payload; returns once they are on disk.
@@ -349,7 +417,7 @@ impl Journal {
         };
         serde_json::from_slice(value.value())
             .map(Some)
-            .map_err(|e| self.error(format!("record {id}: {e}")))
+            .map_err(|e| self.decode_error(e))
     }
 
     pub fn result(&self, id: &str) -> Result<Option<Vec<u8>>, JournalError> {
@@ -370,28 +438,150 @@ impl Journal {
             .map(|v| v.value().to_vec()))
     }
 
-    /// Records in id order (ids sort by submission time), newest first,
-    /// those matching `keep`, at most `limit`.
+    /// Records newest first (ids sort by submission time), at most
+    /// `limit`: those in `status` when given, else those of `capability`
+    /// when given, else all; then filtered by `keep`. Each list is read
+    /// from its index, never by a scan of every task.
     pub fn list(
         &self,
+        status: Option<Status>,
+        capability: Option<&str>,
         limit: usize,
         mut keep: impl FnMut(&TaskRecord) -> bool,
     ) -> Result<Vec<TaskRecord>, JournalError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
-        let table = txn.open_table(TASKS).map_err(|e| self.error(e))?;
+        let tasks = txn.open_table(TASKS).map_err(|e| self.error(e))?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.error(e))?.rev() {
+        let mut take = |id: &str| -> Result<bool, JournalError> {
             if out.len() >= limit {
-                break;
+                return Ok(false);
             }
-            let (_, value) = entry.map_err(|e| self.error(e))?;
-            let record: TaskRecord =
-                serde_json::from_slice(value.value()).map_err(|e| self.error(e))?;
-            if keep(&record) {
-                out.push(record);
+            if let Some(value) = tasks.get(id).map_err(|e| self.error(e))? {
+                let record: TaskRecord =
+                    serde_json::from_slice(value.value()).map_err(|e| self.decode_error(e))?;
+                if keep(&record) {
+                    out.push(record);
+                }
+            }
+            Ok(true)
+        };
+        let by = match (status, capability) {
+            (Some(s), _) => Some((BY_STATUS, s.as_str())),
+            (None, Some(c)) => Some((BY_CAPABILITY, c)),
+            (None, None) => None,
+        };
+        match by {
+            Some((table, first)) => {
+                let index = txn.open_table(table).map_err(|e| self.error(e))?;
+                let range = index
+                    .range((first, "")..=(first, ID_END))
+                    .map_err(|e| self.error(e))?;
+                for entry in range.rev() {
+                    let (key, _) = entry.map_err(|e| self.error(e))?;
+                    if !take(key.value().1)? {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for entry in tasks.iter().map_err(|e| self.error(e))?.rev() {
+                    let (key, _) = entry.map_err(|e| self.error(e))?;
+                    if !take(key.value())? {
+                        break;
+                    }
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Ids of the tasks that ended at or before `cutoff_ms`, oldest first,
+    /// at most `limit`.
+    pub fn ended_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<String>, JournalError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let index = txn.open_table(BY_FINISH).map_err(|e| self.error(e))?;
+        let mut ids = Vec::new();
+        for entry in index
+            .range((0, "")..=(cutoff_ms, ID_END))
+            .map_err(|e| self.error(e))?
+        {
+            if ids.len() >= limit {
+                break;
+            }
+            let (key, _) = entry.map_err(|e| self.error(e))?;
+            ids.push(key.value().1.to_string());
+        }
+        Ok(ids)
+    }
+}
+
+/// Creates every table, and builds the indexes when the journal has none
+/// of this version. Returns how many tasks were indexed.
+fn prepare(txn: &redb::WriteTransaction) -> Result<usize, CommitError> {
+    txn.open_table(PAYLOADS).map_err(write_err)?;
+    txn.open_table(RESULTS).map_err(write_err)?;
+    txn.open_table(KEYS).map_err(write_err)?;
+    let tasks = txn.open_table(TASKS).map_err(write_err)?;
+    let mut meta = txn.open_table(META).map_err(write_err)?;
+    let mut index = Indexes::open(txn)?;
+    let version = meta.get("index").map_err(write_err)?.map(|v| v.value());
+    if version == Some(INDEX_VERSION) {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for entry in tasks.iter().map_err(write_err)? {
+        let (_, value) = entry.map_err(write_err)?;
+        let record: TaskRecord = serde_json::from_slice(value.value())
+            .map_err(|e| (JournalErrorKind::Decode, Arc::new(e) as _))?;
+        index.insert(&record)?;
+        n += 1;
+    }
+    meta.insert("index", INDEX_VERSION).map_err(write_err)?;
+    Ok(n)
+}
+
+/// The index tables of one write transaction.
+struct Indexes<'t> {
+    status: redb::Table<'t, (&'static str, &'static str), ()>,
+    capability: redb::Table<'t, (&'static str, &'static str), ()>,
+    finish: redb::Table<'t, (u64, &'static str), ()>,
+}
+
+impl<'t> Indexes<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Indexes<'t>, CommitError> {
+        Ok(Indexes {
+            status: txn.open_table(BY_STATUS).map_err(write_err)?,
+            capability: txn.open_table(BY_CAPABILITY).map_err(write_err)?,
+            finish: txn.open_table(BY_FINISH).map_err(write_err)?,
+        })
+    }
+
+    fn insert(&mut self, r: &TaskRecord) -> Result<(), CommitError> {
+        let id = r.id.as_str();
+        self.status
+            .insert((r.status.as_str(), id), ())
+            .map_err(write_err)?;
+        self.capability
+            .insert((r.capability.as_str(), id), ())
+            .map_err(write_err)?;
+        if let Some(at) = r.finished_at_ms.filter(|_| r.status.is_final()) {
+            self.finish.insert((at, id), ()).map_err(write_err)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, r: &TaskRecord) -> Result<(), CommitError> {
+        let id = r.id.as_str();
+        self.status
+            .remove((r.status.as_str(), id))
+            .map_err(write_err)?;
+        self.capability
+            .remove((r.capability.as_str(), id))
+            .map_err(write_err)?;
+        if let Some(at) = r.finished_at_ms {
+            self.finish.remove((at, id)).map_err(write_err)?;
+        }
+        Ok(())
     }
 }
 
@@ -404,9 +594,10 @@ fn write_loop(db: &Database, path: &Path, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let outcome = commit(db, &batch).map_err(|reason| JournalError {
+        let outcome = commit(db, &batch).map_err(|(kind, source)| JournalError {
             path: path.to_path_buf(),
-            reason,
+            kind,
+            source: Some(source),
         });
         match outcome {
             Ok(accepted) => {
@@ -442,15 +633,16 @@ fn write_loop(db: &Database, path: &Path, rx: mpsc::Receiver<Op>) {
 
 /// Applies a batch in one transaction. Returns, per accept in order, what
 /// it did.
-fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Accepted>, String> {
-    let s = |e: &dyn std::fmt::Display| e.to_string();
-    let txn = db.begin_write().map_err(|e| s(&e))?;
+fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Accepted>, CommitError> {
+    let decode = |e: serde_json::Error| (JournalErrorKind::Decode, Arc::new(e) as _);
+    let txn = db.begin_write().map_err(write_err)?;
     let mut accepted = Vec::new();
     {
-        let mut tasks = txn.open_table(TASKS).map_err(|e| s(&e))?;
-        let mut payloads = txn.open_table(PAYLOADS).map_err(|e| s(&e))?;
-        let mut results = txn.open_table(RESULTS).map_err(|e| s(&e))?;
-        let mut keys = txn.open_table(KEYS).map_err(|e| s(&e))?;
+        let mut tasks = txn.open_table(TASKS).map_err(write_err)?;
+        let mut payloads = txn.open_table(PAYLOADS).map_err(write_err)?;
+        let mut results = txn.open_table(RESULTS).map_err(write_err)?;
+        let mut keys = txn.open_table(KEYS).map_err(write_err)?;
+        let mut index = Indexes::open(&txn)?;
         for op in batch {
             match op {
                 Op::Accept {
@@ -459,54 +651,62 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Accepted>, String> {
                     if let Some(key) = &record.idempotency_key {
                         let existing = keys
                             .get(key.as_str())
-                            .map_err(|e| s(&e))?
+                            .map_err(write_err)?
                             .map(|v| v.value().to_string());
                         if let Some(id) = existing {
                             accepted.push(Accepted::Existing(id));
                             continue;
                         }
                         keys.insert(key.as_str(), record.id.as_str())
-                            .map_err(|e| s(&e))?;
+                            .map_err(write_err)?;
                     }
-                    let json = serde_json::to_vec(record).map_err(|e| s(&e))?;
+                    let json = serde_json::to_vec(record).map_err(decode)?;
                     tasks
                         .insert(record.id.as_str(), json.as_slice())
-                        .map_err(|e| s(&e))?;
+                        .map_err(write_err)?;
                     payloads
                         .insert(record.id.as_str(), payload.as_slice())
-                        .map_err(|e| s(&e))?;
+                        .map_err(write_err)?;
+                    index.insert(record)?;
                     accepted.push(Accepted::New);
                 }
                 Op::Finish { record, result, .. } => {
-                    let json = serde_json::to_vec(record).map_err(|e| s(&e))?;
-                    tasks
+                    let json = serde_json::to_vec(record).map_err(decode)?;
+                    let old = tasks
                         .insert(record.id.as_str(), json.as_slice())
-                        .map_err(|e| s(&e))?;
-                    payloads.remove(record.id.as_str()).map_err(|e| s(&e))?;
+                        .map_err(write_err)?
+                        .and_then(|v| serde_json::from_slice::<TaskRecord>(v.value()).ok());
+                    if let Some(old) = old {
+                        index.remove(&old)?;
+                    }
+                    index.insert(record)?;
+                    payloads.remove(record.id.as_str()).map_err(write_err)?;
                     if let Some(result) = result {
                         results
                             .insert(record.id.as_str(), result.as_slice())
-                            .map_err(|e| s(&e))?;
+                            .map_err(write_err)?;
                     }
                 }
                 Op::Forget { ids, .. } => {
                     for id in ids {
-                        let key = tasks
+                        let old = tasks
                             .remove(id.as_str())
-                            .map_err(|e| s(&e))?
-                            .and_then(|v| serde_json::from_slice::<TaskRecord>(v.value()).ok())
-                            .and_then(|r| r.idempotency_key);
-                        if let Some(key) = key {
-                            keys.remove(key.as_str()).map_err(|e| s(&e))?;
+                            .map_err(write_err)?
+                            .and_then(|v| serde_json::from_slice::<TaskRecord>(v.value()).ok());
+                        if let Some(old) = &old {
+                            index.remove(old)?;
+                            if let Some(key) = &old.idempotency_key {
+                                keys.remove(key.as_str()).map_err(write_err)?;
+                            }
                         }
-                        payloads.remove(id.as_str()).map_err(|e| s(&e))?;
-                        results.remove(id.as_str()).map_err(|e| s(&e))?;
+                        payloads.remove(id.as_str()).map_err(write_err)?;
+                        results.remove(id.as_str()).map_err(write_err)?;
                     }
                 }
             }
         }
     }
-    txn.commit().map_err(|e| s(&e))?;
+    txn.commit().map_err(write_err)?;
     Ok(accepted)
 }
 
@@ -557,5 +757,97 @@ mod tests {
             j.accept(record("c", Some("k")), Vec::new()).await.unwrap(),
             Accepted::New
         );
+    }
+
+    fn ids(records: Vec<TaskRecord>) -> Vec<String> {
+        records.into_iter().map(|r| r.id).collect()
+    }
+
+    async fn finish(j: &Journal, id: &str, capability: &str, status: Status, at: u64) {
+        let record = TaskRecord {
+            status,
+            finished_at_ms: Some(at),
+            ..TaskRecord::queued(id.into(), capability.into(), 1, 0)
+        };
+        j.finish(record, None).await.unwrap();
+    }
+
+    /// Lists come from the indexes: by status, by capability, both, and
+    /// newest first; the retention sweep finds ended tasks by end time.
+    #[tokio::test]
+    async fn lists_and_expiry_read_the_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("tasks.redb")).unwrap();
+        for (id, capability) in [("t1", "echo"), ("t2", "wc"), ("t3", "echo"), ("t4", "echo")] {
+            let r = TaskRecord::queued(id.into(), capability.into(), 1, 0);
+            j.accept(r, Vec::new()).await.unwrap();
+        }
+        finish(&j, "t1", "echo", Status::Completed, 100).await;
+        finish(&j, "t2", "wc", Status::Completed, 200).await;
+        finish(&j, "t3", "echo", Status::Failed, 300).await;
+        let all = |_: &TaskRecord| true;
+        assert_eq!(
+            ids(j.list(Some(Status::Completed), None, 10, all).unwrap()),
+            ["t2", "t1"]
+        );
+        assert_eq!(
+            ids(j.list(None, Some("echo"), 10, all).unwrap()),
+            ["t4", "t3", "t1"]
+        );
+        assert_eq!(
+            ids(j.list(Some(Status::Queued), None, 10, all).unwrap()),
+            ["t4"]
+        );
+        assert_eq!(
+            ids(j
+                .list(Some(Status::Completed), Some("echo"), 10, |r| r.capability
+                    == "echo")
+                .unwrap()),
+            ["t1"]
+        );
+        assert_eq!(ids(j.list(None, None, 2, all).unwrap()), ["t4", "t3"]);
+        // At the cutoff included, past it not.
+        assert_eq!(j.ended_before(200, 10).unwrap(), ["t1", "t2"]);
+        assert_eq!(j.ended_before(199, 10).unwrap(), ["t1"]);
+        j.forget(vec!["t1".into(), "t2".into()]).await.unwrap();
+        assert_eq!(j.ended_before(1000, 10).unwrap(), ["t3"]);
+        assert!(j
+            .list(Some(Status::Completed), None, 10, all)
+            .unwrap()
+            .is_empty());
+    }
+
+    /// A journal written before the indexes (no `meta` entry) is indexed
+    /// when it is opened.
+    #[tokio::test]
+    async fn a_journal_without_indexes_is_indexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.redb");
+        {
+            let j = Journal::open(&path).unwrap();
+            j.accept(
+                TaskRecord::queued("t1".into(), "echo".into(), 1, 0),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+            finish(&j, "t1", "echo", Status::Completed, 100).await;
+        }
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(BY_STATUS).unwrap();
+            txn.delete_table(BY_CAPABILITY).unwrap();
+            txn.delete_table(BY_FINISH).unwrap();
+            txn.delete_table(META).unwrap();
+            txn.commit().unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let all = |_: &TaskRecord| true;
+        assert_eq!(
+            ids(j.list(Some(Status::Completed), None, 10, all).unwrap()),
+            ["t1"]
+        );
+        assert_eq!(j.ended_before(100, 10).unwrap(), ["t1"]);
     }
 }

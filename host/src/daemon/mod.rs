@@ -24,6 +24,8 @@ use crate::engine::Engine;
 use crate::error::TaskError;
 use crate::kv::KvStore;
 use crate::plugin::{PluginError, PluginStore, StoreError};
+use crate::sandbox::BusError;
+use crate::scheduler::SubmitError;
 use crate::scheduler::{
     AgentStats, AttemptEvent, CancellationToken, Scheduler, SchedulerConfig, Submit,
 };
@@ -55,6 +57,12 @@ pub enum HostError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("data directory: {}: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A stored record that cannot be read back.
     #[error("damaged record: {0}")]
     Corrupt(String),
@@ -76,6 +84,7 @@ impl HostError {
             HostError::NoCapacity { .. } | HostError::TooManyWaits { .. } => "no-capacity",
             HostError::Unavailable { .. } => "unavailable",
             HostError::Corrupt(_) => "corrupt",
+            HostError::DataDir { .. } => "data-dir",
             HostError::Journal(_) => "journal",
             HostError::Plugin(_) => "plugin",
         }
@@ -294,10 +303,10 @@ impl Host {
 
     /// Requeues every task the journal holds without a result, oldest first.
     fn recover(&self) -> Result<usize, HostError> {
-        let mut pending = self
-            .inner
-            .journal
-            .list(usize::MAX, |r| !r.status.is_final())?;
+        let mut pending =
+            self.inner
+                .journal
+                .list(Some(Status::Queued), None, usize::MAX, |_| true)?;
         pending.reverse();
         let n = pending.len();
         for mut record in pending {
@@ -440,35 +449,38 @@ impl Host {
         self.get(id)
     }
 
-    /// Newest first, filtered by status and capability.
+    /// Newest first, filtered by status and capability: queued and
+    /// running tasks from memory, the others from the journal's indexes.
     pub fn list(
         &self,
         status: Option<Status>,
         capability: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, HostError> {
-        let live: HashMap<String, TaskRecord> = lock(&self.inner.live)
-            .iter()
-            .map(|(id, l)| (id.clone(), l.record.clone()))
-            .collect();
-        let mut out = Vec::new();
-        for record in self
-            .inner
-            .journal
-            .list(usize::MAX, |r| capability.is_none_or(|c| r.capability == c))?
-        {
-            if out.len() >= limit {
-                break;
-            }
-            let record = match live.get(&record.id) {
-                Some(l) if !record.status.is_final() => l.clone(),
-                _ => record,
-            };
-            if status.is_none_or(|s| record.status == s) {
-                out.push(record);
+        if let Some(s) = status.filter(|s| !s.is_final()) {
+            let mut live: Vec<TaskRecord> = lock(&self.inner.live)
+                .values()
+                .filter(|l| l.record.status == s)
+                .filter(|l| capability.is_none_or(|c| l.record.capability == c))
+                .map(|l| l.record.clone())
+                .collect();
+            live.sort_by(|a, b| b.id.cmp(&a.id));
+            live.truncate(limit);
+            return Ok(live);
+        }
+        let mut records = self.inner.journal.list(status, capability, limit, |r| {
+            capability.is_none_or(|c| r.capability == c)
+        })?;
+        // A task the journal holds as queued may be running now.
+        let live = lock(&self.inner.live);
+        for record in &mut records {
+            if !record.status.is_final() {
+                if let Some(l) = live.get(&record.id) {
+                    *record = l.record.clone();
+                }
             }
         }
-        Ok(out)
+        Ok(records)
     }
 
     /// What a heartbeat announces: capabilities, free slots over all
@@ -648,15 +660,8 @@ impl Host {
     pub async fn sweep(&self) -> Result<usize, HostError> {
         let retention = self.inner.config.host.retention.as_millis() as u64;
         let cutoff = now_ms().saturating_sub(retention);
-        let old: Vec<String> = self
-            .inner
-            .journal
-            .list(usize::MAX, |r| {
-                r.status.is_final() && r.finished_at_ms.is_some_and(|t| t <= cutoff)
-            })?
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
+        // At most this many per sweep, so that one transaction stays small.
+        let old = self.inner.journal.ended_before(cutoff, 100_000)?;
         let n = old.len();
         if n > 0 {
             self.inner.journal.forget(old).await?;
@@ -692,11 +697,9 @@ impl Host {
 /// restarted host is the same host to its peers.
 fn host_id(home: &Path, salt: u64) -> Result<String, HostError> {
     let path = home.join("host-id");
-    let io = |e: std::io::Error| {
-        HostError::Journal(JournalError {
-            path: path.clone(),
-            reason: e.to_string(),
-        })
+    let io = |e: std::io::Error| HostError::DataDir {
+        path: path.clone(),
+        source: e,
     };
     match std::fs::read_to_string(&path) {
         Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
@@ -804,11 +807,8 @@ impl LocalBus {
         &self,
         subject: &str,
         payload: Vec<u8>,
-    ) -> Result<crate::scheduler::TaskHandle, String> {
-        let inner = self
-            .0
-            .upgrade()
-            .ok_or_else(|| "the host is shutting down".to_string())?;
+    ) -> Result<crate::scheduler::TaskHandle, BusError> {
+        let inner = self.0.upgrade().ok_or(BusError::ShuttingDown)?;
         let host = Host { inner };
         let submit = Submit {
             id: host.new_message_id(),
@@ -818,7 +818,13 @@ impl LocalBus {
         host.inner
             .scheduler
             .submit_message(subject, submit)
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                SubmitError::NoSubscriber(subject) => BusError::NoSubscriber { subject },
+                other => BusError::Refused {
+                    subject: subject.to_string(),
+                    source: Box::new(other),
+                },
+            })
     }
 }
 
@@ -839,12 +845,14 @@ impl crate::sandbox::Bus for LocalBus {
         Box::pin(async move {
             let handle = handle?;
             match tokio::time::timeout(timeout, handle.wait()).await {
-                Err(_) => Err(format!(
-                    "no reply on {subject} within {} ms",
-                    timeout.as_millis()
-                )),
+                Err(_) => Err(BusError::Timeout {
+                    subject,
+                    ms: timeout.as_millis() as u64,
+                }),
                 Ok(Ok(done)) => Ok(done.output.result),
-                Ok(Err(failure)) => Err(format!("the subscriber failed: {}", failure.error)),
+                Ok(Err(failure)) => Err(BusError::Failed {
+                    message: failure.error.to_string(),
+                }),
             }
         })
     }

@@ -291,7 +291,9 @@ impl StoreData {
 impl messaging::Host for StoreData {
     async fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), String> {
         let bus = self.bus_for(&subject, &payload)?;
-        bus.publish(subject, payload).await
+        bus.publish(subject, payload)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn request(
@@ -306,6 +308,8 @@ impl messaging::Host for StoreData {
         if let Some(calls) = &self.calls {
             wait = wait.min(calls.deadline.saturating_duration_since(Instant::now()));
         }
-        bus.request(subject, payload, wait).await
+        bus.request(subject, payload, wait)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -195,7 +195,37 @@ pub struct SubCall {
 /// whatever the outcome.
 pub type SubCallFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
-pub type BusFuture<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
+pub type BusFuture<T> = Pin<Box<dyn Future<Output = Result<T, BusError>> + Send>>;
+
+/// Why a message was not delivered or answered. The guest gets its text.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("no agent subscribes to {subject}")]
+    NoSubscriber { subject: String },
+    #[error("no reply on {subject} within {ms} ms")]
+    Timeout { subject: String, ms: u64 },
+    /// The subscriber's task failed; `message` is its error as text (it
+    /// may come from another host).
+    #[error("the subscriber failed: {message}")]
+    Failed { message: String },
+    /// The host cannot take the message now (shutting down, queues full).
+    #[error("{subject}: {source}")]
+    Refused {
+        subject: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the host is shutting down")]
+    ShuttingDown,
+    /// The NATS connection failed the request.
+    #[error("{what} on {subject}: {source}")]
+    Transport {
+        what: &'static str,
+        subject: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
 
 /// Carries the `messaging` import's messages: within one host, or between
 /// hosts over NATS. The sandbox checks grants before it calls this.
