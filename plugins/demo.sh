@@ -12,7 +12,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash plugins/build.sh
-cargo build --quiet --release -p orch
+cargo build --quiet --release -p orch-cli
 if [ -z "${ORCH_HOME:-}" ]; then
     export ORCH_HOME=$root/target/demo-home
     rm -rf "$ORCH_HOME"

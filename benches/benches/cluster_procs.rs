@@ -5,7 +5,7 @@
 //! each host has its own process and runtime, as in a deployment. The
 //! baselines of `orch_benches::nats` run first, against the same server.
 //!
-//! `cargo build --release -p orch && cargo bench -p orch-benches --bench
+//! `cargo build --release -p orch-cli && cargo bench -p orch-benches --bench
 //! cluster_procs` after `bash plugins/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,7 +36,7 @@ fn orch_binary() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/orch");
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --release -p orch` first",
+        "{} is missing: run `cargo build --release -p orch-cli` first",
         path.display()
     );
     path

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use orch::engine::bindings;
 use orch::kv::KvStore;
-use orch::sandbox::bindings;
 use orch::{Agent, Engine, EngineConfig, Limits, TaskRequest};
 use orch_benches::{bare_echo, plugin, Bare};
 use wasmtime::Store;

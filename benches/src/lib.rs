@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 pub mod nats;
 
-use orch::sandbox::bindings::{self, orch::agent as wit};
+use orch::engine::bindings::{self, orch::agent as wit};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
 

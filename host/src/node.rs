@@ -12,7 +12,7 @@ use crate::cluster::tasks::TaskRouter;
 use crate::cluster::{Cluster, ClusterError, Heartbeat, NatsOptions};
 use crate::config::HostConfig;
 use crate::daemon::{now_ms, Host, HostError};
-use crate::engine::Engine;
+use crate::sandbox::Engine;
 use crate::service::TaskService;
 
 #[derive(Debug, thiserror::Error)]

@@ -1002,52 +1002,94 @@ impl TaskRouter {
         }
     }
 
-    /// Newest first, from both buckets.
+    /// Newest first, from both buckets: each read in one pass of its
+    /// stream (the last value of every key), with no request per task, and
+    /// only the newest `limit` matches kept in memory.
     pub async fn list(
         &self,
         status: Option<Status>,
         capability: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, HostError> {
-        let mut records: BTreeMap<String, TaskRecord> = BTreeMap::new();
-        for (bucket, name) in [(&self.queued, QUEUED), (&self.results, RESULTS)] {
-            let mut keys = match bucket.keys().await {
-                Ok(k) => k,
-                Err(e) => return Err(self.error(name, e)),
-            };
-            let mut names = Vec::new();
-            while let Some(k) = keys.next().await {
-                if let Ok(k) = k {
-                    names.push(k);
+        // Ordered by (submitted, id): the oldest kept is dropped first.
+        let mut newest: BTreeMap<(u64, String), TaskRecord> = BTreeMap::new();
+        let mut keep = |r: TaskRecord| {
+            if status.is_some_and(|s| r.status != s)
+                || capability.is_some_and(|c| r.capability != c)
+                || limit == 0
+            {
+                return;
+            }
+            newest.insert((r.submitted_at_ms, r.id.clone()), r);
+            if newest.len() > limit {
+                newest.pop_first();
+            }
+        };
+        // Ended tasks are in ORCH_RESULTS; their queued records stay in
+        // ORCH_QUEUED until they expire, so those ids are skipped there.
+        let mut ended = BTreeSet::new();
+        let wants_ended = status.is_none_or(Status::is_final);
+        self.scan(&self.results, RESULTS, |key, value| {
+            if wants_ended {
+                if let Ok(stored) = serde_json::from_slice::<StoredResult>(&value) {
+                    keep(stored.task);
                 }
             }
-            for k in names {
-                if name == QUEUED && records.contains_key(&k) {
-                    continue;
+            ended.insert(key);
+        })
+        .await?;
+        if status.is_none_or(|s| !s.is_final()) {
+            self.scan(&self.queued, QUEUED, |key, value| {
+                // Claims (`claim/<id>`) are not tasks.
+                if key.contains('/') || ended.contains(&key) {
+                    return;
                 }
-                let Ok(Some(bytes)) = bucket.get(k.clone()).await else {
-                    continue;
-                };
-                let record = if name == RESULTS {
-                    serde_json::from_slice::<StoredResult>(&bytes)
-                        .ok()
-                        .map(|s| s.task)
-                } else {
-                    serde_json::from_slice::<TaskRecord>(&bytes).ok()
-                };
-                if let Some(r) = record {
-                    records.insert(k, r);
+                if let Ok(record) = serde_json::from_slice::<TaskRecord>(&value) {
+                    keep(record);
                 }
+            })
+            .await?;
+        }
+        Ok(newest.into_values().rev().collect())
+    }
+
+    /// Calls `each` with the key and value of every entry of `bucket`, in
+    /// one pass of its stream.
+    async fn scan(
+        &self,
+        bucket: &kv::Store,
+        name: &str,
+        mut each: impl FnMut(String, bytes::Bytes),
+    ) -> Result<(), HostError> {
+        let values = bucket
+            .status()
+            .await
+            .map_err(|e| self.error(name, e))?
+            .values();
+        if values == 0 {
+            // A watch of an empty bucket would wait for the first write.
+            return Ok(());
+        }
+        let mut watch = bucket
+            .watch_with_history(">")
+            .await
+            .map_err(|e| self.error(name, e))?;
+        loop {
+            // Bounded: a bucket emptied since its status was read has
+            // nothing more to send.
+            let next = match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+                Err(_) | Ok(None) => return Ok(()),
+                Ok(Some(next)) => next,
+            };
+            let entry = next.map_err(|e| self.error(name, e))?;
+            let last = entry.delta == 0;
+            if entry.operation == kv::Operation::Put {
+                each(entry.key, entry.value);
+            }
+            if last {
+                return Ok(());
             }
         }
-        let mut records: Vec<TaskRecord> = records.into_values().collect();
-        records.sort_by(|a, b| (b.submitted_at_ms, &b.id).cmp(&(a.submitted_at_ms, &a.id)));
-        Ok(records
-            .into_iter()
-            .filter(|r| status.is_none_or(|s| r.status == s))
-            .filter(|r| capability.is_none_or(|c| r.capability == c))
-            .take(limit)
-            .collect())
     }
 
     /// Slots for `capability` on this host that no pulled task holds.

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use crate::config::HostConfig;
-use crate::engine::Engine;
 use crate::error::TaskError;
 use crate::kv::KvStore;
 use crate::plugin::{PluginError, PluginStore, StoreError};
 use crate::sandbox::BusError;
+use crate::sandbox::Engine;
 use crate::scheduler::SubmitError;
 use crate::scheduler::{
     AgentStats, AttemptEvent, CancellationToken, Scheduler, SchedulerConfig, Submit,

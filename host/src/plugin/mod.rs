@@ -14,10 +14,10 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::config::HostConfig;
-use crate::engine::{Compiled, Engine};
 use crate::error::LoadError;
 use crate::kv::KvStore;
 use crate::sandbox::{Agent, Limits};
+use crate::sandbox::{Compiled, Engine};
 use manifest::{LoadedManifest, ManifestError};
 use signature::SignatureError;
 pub use store::{KvOwner, PluginRecord, PluginStore, StoreError, VersionRecord};

@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use super::manifest::{LoadedManifest, Manifest};
 use super::{Checked, PluginError};
 use crate::config::HostConfig;
-use crate::engine::Engine;
 use crate::kv::KvStore;
+use crate::sandbox::Engine;
 use crate::sandbox::{Agent, Limits};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -327,7 +327,7 @@ struct Entry {
     /// `None` once retired: its running attempts hold their own handle, so
     /// the compiled component is freed when the last of them ends.
     agent: Option<Arc<Agent>>,
-    engine: crate::engine::Engine,
+    engine: crate::sandbox::Engine,
     capabilities: Vec<String>,
     limits: Limits,
     max_in_flight: u32,

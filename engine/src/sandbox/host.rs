@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::bindings::orch::agent::{kv, log, messaging, tasks, types};
 use super::{CallReport, StoreData, SubCall};
+use crate::engine::bindings::orch::agent::{kv, log, messaging, tasks, types};
 use crate::error::TaskError;
 
 /// Longest log message kept; longer ones are cut so that a guest cannot

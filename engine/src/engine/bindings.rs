@@ -1,5 +1,6 @@
 //! Host-side bindings for the `orch:agent/agent` world. `bindgen!` runs here
-//! and only here; everything else imports the generated types from this module.
+//! and only here; everything else imports the generated types from this
+//! module (the sandbox implements the generated import traits).
 
 wasmtime::component::bindgen!({
     path: "../wit",

@@ -3,7 +3,6 @@
 //! nothing granted); and the mapping of every way a call can end to a
 //! [`TaskError`].
 
-pub mod bindings;
 mod host;
 mod stderr;
 pub mod subject;
@@ -18,7 +17,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{CallHook, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use crate::engine::{Compiled, ComponentInfo, Engine, InstancePermit};
+use crate::engine::bindings;
+use crate::engine::{ComponentInfo, EngineConfig, InstancePermit};
 use crate::error::{LoadError, TaskError};
 use crate::kv::KvStore;
 use bindings::{orch::agent::types as wit, AgentPre};
@@ -277,6 +277,27 @@ struct CallState {
     charge: u64,
     charged: u64,
     reports: Vec<CallReport>,
+}
+
+/// The engine the sandbox runs agents on: stores hold [`StoreData`].
+pub type Engine = crate::engine::Engine<StoreData>;
+
+/// A component compiled and pre-linked for [`Engine`].
+pub type Compiled = crate::engine::Compiled<StoreData>;
+
+impl crate::engine::Engine<StoreData> {
+    /// An engine whose linker has WASI preview 2 and the `agent` world's
+    /// imports (`log`, `kv`, `tasks`, `messaging`), implemented in
+    /// `host.rs`.
+    pub fn new(config: EngineConfig) -> Result<Engine, crate::error::LoadError> {
+        crate::engine::Engine::with_imports(config, |linker| {
+            wasmtime_wasi::p2::add_to_linker_async(linker)?;
+            bindings::Agent::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(
+                linker,
+                |data| data,
+            )
+        })
+    }
 }
 
 /// Everything a task's store holds. Dropped with the store after every call.

@@ -1,8 +1,14 @@
 //! The one place that configures wasmtime: engine settings (pooling
 //! allocator, fuel, epoch interruption, stack size), the epoch ticker, the
-//! linker with every host import, the on-disk cache of compiled components,
-//! and checking a component against the `agent` world.
+//! linker (the host imports are added by whoever makes the engine, through
+//! [`Engine::with_imports`]), the on-disk cache of compiled components, the
+//! bindings of the `agent` world, and checking a component against it.
+//!
+//! Generic over the store data `T` (as spin-core's `Engine<T>`), so that the
+//! engine knows nothing of the sandbox: `sandbox::Engine` is
+//! `Engine<sandbox::StoreData>`.
 
+pub mod bindings;
 mod cache;
 
 use std::path::{Path, PathBuf};
@@ -15,9 +21,8 @@ use wasmtime::component::Linker;
 use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::error::LoadError;
-use crate::sandbox::bindings::{Agent as AgentWorld, AgentPre};
-use crate::sandbox::StoreData;
 use crate::WORLD;
+use bindings::AgentPre;
 
 /// Host-wide engine settings. Per-task limits are in [`crate::Limits`].
 #[derive(Debug, Clone)]
@@ -50,15 +55,23 @@ impl Default for EngineConfig {
     }
 }
 
-/// A shared, cheaply cloned handle to the wasmtime engine and linker.
-#[derive(Clone)]
-pub struct Engine {
-    inner: Arc<Inner>,
+/// A shared, cheaply cloned handle to the wasmtime engine and linker, for
+/// stores holding `T`.
+pub struct Engine<T: 'static> {
+    inner: Arc<Inner<T>>,
 }
 
-struct Inner {
+impl<T: 'static> Clone for Engine<T> {
+    fn clone(&self) -> Self {
+        Engine {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<T: 'static> {
     wasmtime: wasmtime::Engine,
-    linker: Linker<StoreData>,
+    linker: Linker<T>,
     config: EngineConfig,
     /// Hex digest of wasmtime's compatibility hash: part of every cache key.
     compat: String,
@@ -90,8 +103,8 @@ pub struct ComponentInfo {
 
 /// A component that passed the world check, pre-linked and ready to
 /// instantiate once per task.
-pub struct Compiled {
-    pub pre: AgentPre<StoreData>,
+pub struct Compiled<T: 'static> {
+    pub pre: AgentPre<T>,
     pub info: ComponentInfo,
 }
 
@@ -103,8 +116,13 @@ pub struct Compiled {
 /// pool runs out of free slots, so no allocation waits for it.
 pub const DECOMMIT_BATCH: usize = 64;
 
-impl Engine {
-    pub fn new(config: EngineConfig) -> Result<Engine, LoadError> {
+impl<T: 'static> Engine<T> {
+    /// Makes the engine; `imports` adds the host's imports to the linker
+    /// (WASI and the world's own).
+    pub fn with_imports(
+        config: EngineConfig,
+        imports: impl FnOnce(&mut Linker<T>) -> wasmtime::Result<()>,
+    ) -> Result<Engine<T>, LoadError> {
         let engine_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
         let max_memory = usize::try_from(config.max_memory)
             .map_err(|_| LoadError::Engine("max_memory does not fit this platform".into()))?;
@@ -134,12 +152,7 @@ impl Engine {
         let wasmtime = wasmtime::Engine::new(&wt).map_err(engine_err)?;
 
         let mut linker = Linker::new(&wasmtime);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
-        AgentWorld::add_to_linker::<StoreData, wasmtime::component::HasSelf<StoreData>>(
-            &mut linker,
-            |data| data,
-        )
-        .map_err(engine_err)?;
+        imports(&mut linker).map_err(engine_err)?;
 
         let compat = {
             use std::hash::{Hash, Hasher};
@@ -197,14 +210,14 @@ impl Engine {
     /// Reads, checks, compiles (or loads from the cache) and pre-links a
     /// component. CPU-heavy for large components: call it off the async
     /// executor.
-    pub fn compile_file(&self, path: &Path) -> Result<Compiled, LoadError> {
+    pub fn compile_file(&self, path: &Path) -> Result<Compiled<T>, LoadError> {
         let bytes = read_component(path)?;
         self.compile(path, &bytes)
     }
 
     /// Like [`Engine::compile_file`] for bytes already in memory; `path` is
     /// only used in messages and [`ComponentInfo`].
-    pub fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Compiled, LoadError> {
+    pub fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Compiled<T>, LoadError> {
         check_header(path, bytes)?;
         let sha256 = hex::encode(Sha256::digest(bytes));
         let (component, from_cache) = cache::load_or_compile(self, path, bytes, &sha256)?;

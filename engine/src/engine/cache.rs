@@ -9,8 +9,8 @@ use wasmtime::component::Component;
 use super::Engine;
 use crate::error::LoadError;
 
-pub(super) fn load_or_compile(
-    engine: &Engine,
+pub(super) fn load_or_compile<T: 'static>(
+    engine: &Engine<T>,
     path: &Path,
     bytes: &[u8],
     sha256: &str,
