@@ -17,6 +17,7 @@
 //! instances = 16               # tasks at once per plugin without max_instances
 //! max_attempts = 3             # attempts per task for retryable failures
 //! max_unfinished = 100000      # accepted tasks not yet ended; more are refused (429)
+//! max_waits = 16384            # requests waiting for results at once; more are refused (429)
 //!
 //! [kv]                         # per kv namespace (per plugin)
 //! max_bytes = "64MiB"          # keys and values together
@@ -68,6 +69,8 @@ pub struct DaemonConfig {
     pub instances: u32,
     pub max_attempts: u32,
     pub max_unfinished: usize,
+    /// Requests that may wait for task results at once (`?wait=`).
+    pub max_waits: usize,
 }
 
 /// The API address when neither the config nor `--listen` names one.
@@ -82,6 +85,7 @@ impl Default for DaemonConfig {
             instances: 16,
             max_attempts: 3,
             max_unfinished: 100_000,
+            max_waits: 16_384,
         }
     }
 }
@@ -130,6 +134,7 @@ struct HostFile {
     instances: Option<u32>,
     max_attempts: Option<u32>,
     max_unfinished: Option<usize>,
+    max_waits: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -202,6 +207,12 @@ impl HostConfig {
                 return Err(err("host.max_unfinished: must be at least 1".into()));
             }
             config.host.max_unfinished = n;
+        }
+        if let Some(n) = file.host.max_waits {
+            if n == 0 {
+                return Err(err("host.max_waits: must be at least 1".into()));
+            }
+            config.host.max_waits = n;
         }
         if let Some(n) = file.host.max_attempts {
             if n == 0 {

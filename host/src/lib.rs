@@ -122,8 +122,9 @@ mod layering {
         }
     }
 
-    /// Admission and task events are the task service's: the API and the
-    /// stores never build an event of their own.
+    /// Task events come from the service, the daemon's attempt hook and
+    /// outcome writer, and the cluster's outcome writer; never from the
+    /// API or elsewhere.
     #[test]
     fn only_the_service_and_its_executors_emit_task_events() {
         assert_eq!(

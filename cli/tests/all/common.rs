@@ -249,7 +249,9 @@ impl HostProc {
         v["tasks"].as_array().unwrap().len()
     }
 
-    /// Polls `until` (an observable state of the host) with a bound.
+    /// Polls `until` (an observable state of the host, for which the host
+    /// sends no event) every 5 ms, so that the polling leaves the host the
+    /// CPU; bounded at a generous 60 s.
     pub fn until(&self, what: &str, mut until: impl FnMut(&HostProc) -> bool) {
         let started = Instant::now();
         while !until(self) {
@@ -257,7 +259,7 @@ impl HostProc {
                 started.elapsed() < Duration::from_secs(60),
                 "timed out: {what}"
             );
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

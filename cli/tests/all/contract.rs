@@ -294,23 +294,54 @@ contract!(
 );
 
 contract!(a_cancelled_task_ends_cancelled_and_frees_its_slot, |d| {
-    // The sleep plugin has one instance: this task holds it for 60 s.
+    let runner = Watch::open(d.runner(), "capability=test.sleep");
+    let submitter = Watch::open(d.api(), "capability=test.sleep");
+    // The sleep plugin has one instance: this task holds it for 60 s, and
+    // the next one waits in the queue behind it.
     let (code, long) = submit(d, json!({ "capability": "test.sleep", "input": "60000" }));
     assert_eq!(code, 201, "{long}");
-    let id = long["id"].as_str().unwrap();
-    let (code, cancelled) = d.api().post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
-    assert_eq!(code, 200, "{cancelled}");
-    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
-    assert_eq!(cancelled["error"]["kind"], "cancelled", "{cancelled}");
+    let long = long["id"].as_str().unwrap().to_string();
+    let started = runner.until("started");
+    assert_eq!(
+        started.last().unwrap()["task"],
+        long.as_str(),
+        "{started:?}"
+    );
+    let (code, queued) = submit(d, json!({ "capability": "test.sleep", "input": "60000" }));
+    assert_eq!(code, 201, "{queued}");
+    let queued = queued["id"].as_str().unwrap().to_string();
+    // Cancel the queued one, then the running one.
+    for id in [&queued, &long] {
+        let (code, cancelled) = d.api().post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
+        assert_eq!(code, 200, "{cancelled}");
+        assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+        assert_eq!(cancelled["error"]["kind"], "cancelled", "{cancelled}");
+    }
+    // The running attempt was stopped and its outcome fenced.
+    let fenced = runner.until("fenced");
+    assert_eq!(fenced.last().unwrap()["task"], long.as_str(), "{fenced:?}");
+    let ended = submitter.until("cancelled");
+    assert!(ended.iter().any(|e| e["kind"] == "cancelled"));
     // The instance is free: a short task completes well within the long
-    // one's 60 s.
+    // one's 60 s (the sleep plugin may run for 120 s).
     let (_, short) = d.api().post(
         "/v1/tasks?wait=20s",
         &json!({ "capability": "test.sleep", "input": "1" }),
     );
     assert_eq!(short["status"], "completed", "{short}");
-    // It stays cancelled, and cancelling an ended task changes nothing.
-    assert_eq!(d.api().wait(id)["status"], "cancelled");
+    // The queued one never started: the short task's events came after
+    // every event of it, and none of them is its start.
+    let after = runner.until("completed");
+    let starts: Vec<&Value> = started
+        .iter()
+        .chain(fenced.iter())
+        .chain(after.iter())
+        .filter(|e| e["kind"] == "started" && e["task"] == queued.as_str())
+        .collect();
+    assert!(starts.is_empty(), "{starts:?}");
+    // They stay cancelled, and cancelling an ended task changes nothing.
+    assert_eq!(d.api().wait(&long)["status"], "cancelled");
+    assert_eq!(d.api().wait(&queued)["status"], "cancelled");
     let (_, again) = d.api().post(
         &format!("/v1/tasks/{}/cancel", short["id"].as_str().unwrap()),
         &json!({}),
@@ -352,6 +383,25 @@ contract!(every_transition_is_one_event_with_the_tasks_figures, |d| {
     assert_eq!(completed["attempt"], 1);
     assert_eq!(completed["fuel_used"], task["fuel_used"]);
     assert!(completed["host"].as_str().is_some(), "{completed}");
+    // A task that traps on every attempt: retried, then dead.
+    let runner = Watch::open(d.runner(), "capability=test.panic");
+    let (_, dead) = d.api().post(
+        "/v1/tasks?wait=60s",
+        &json!({ "capability": "test.panic", "input": "boom" }),
+    );
+    assert_eq!(dead["status"], "dead", "{dead}");
+    let ran = runner.until("dead");
+    let kinds: Vec<(&str, u64)> = ran
+        .iter()
+        .filter(|e| e["task"] == dead["id"])
+        .map(|e| (e["kind"].as_str().unwrap(), e["attempt"].as_u64().unwrap()))
+        .collect();
+    let mut expected = vec![("started", 1), ("retried", 1), ("started", 2), ("dead", 2)];
+    if d.hosts.len() == 1 {
+        expected.insert(0, ("accepted", 0));
+    }
+    assert_eq!(kinds, expected, "{ran:?}");
+    assert_eq!(ran.last().unwrap()["error"], "trap");
 });
 
 contract!(listing_filters_by_status_and_capability, |d| {
@@ -394,7 +444,69 @@ contract!(an_unknown_task_id_is_404_in_any_form, |d| {
         assert_eq!(code, 404, "{id}: {body}");
         assert_eq!(body["error"]["kind"], "not-found", "{body}");
     }
+    // An id no task can have is 404 at once, also when asked to wait (the
+    // bound is far below the 60 s asked for).
+    let started = std::time::Instant::now();
+    let (code, body) = d.api().get("/v1/tasks/not%20an%20id?wait=60s");
+    assert_eq!(code, 404, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(30));
 });
+
+contract!(
+    waiting_requests_past_max_waits_are_429,
+    config = "max_waits = 1",
+    |d| {
+        let (code, long) = submit(d, json!({ "capability": "test.sleep", "input": "60000" }));
+        assert_eq!(code, 201, "{long}");
+        let id = long["id"].as_str().unwrap().to_string();
+        // One request waits (at the bound): it holds the one place until the
+        // task ends.
+        let url = d.api().url.clone();
+        let waiter = std::thread::spawn(move || loop {
+            let mut r = HostProc::agent()
+                .get(&format!("{url}/v1/tasks/{id}?wait=60s"))
+                .call()
+                .unwrap();
+            let code = r.status().as_u16();
+            // Refused only while a probe below held the place for 1 ms.
+            if code != 429 {
+                return (code, r.body_mut().read_to_string().unwrap());
+            }
+        });
+        // Past the bound: refused once the waiter waits. Until then each
+        // probe is itself a wait of 1 ms.
+        let probe = format!("/v1/tasks/{}?wait=1ms", long["id"].as_str().unwrap());
+        let mut refused = Value::Null;
+        d.api().until("the waiter holds the one place", |h| {
+            let (code, body) = h.get(&probe);
+            assert!(code == 200 || code == 429, "{body}");
+            refused = body;
+            code == 429
+        });
+        assert_eq!(refused["error"]["kind"], "no-capacity", "{refused}");
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1 requests wait"),
+            "{refused}"
+        );
+        // A request without a wait is not one.
+        let (code, _) = d
+            .api()
+            .get(&format!("/v1/tasks/{}", long["id"].as_str().unwrap()));
+        assert_eq!(code, 200);
+        // The waiter is answered when the task ends.
+        let (_, t) = d.api().post(
+            &format!("/v1/tasks/{}/cancel", long["id"].as_str().unwrap()),
+            &json!({}),
+        );
+        assert_eq!(t["status"], "cancelled", "{t}");
+        let (code, body) = waiter.join().unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("cancelled"), "{body}");
+    }
+);
 
 contract!(
     a_payload_of_16_mib_is_accepted_and_one_byte_more_is_413,

@@ -379,7 +379,7 @@ async fn agents(State(state): State<ApiState>) -> Json<Value> {
 
 async fn status(State(state): State<ApiState>) -> Json<Value> {
     let (host, cluster, router) = (state.host(), state.cluster.clone(), state.router.clone());
-    let (queued, running) = host.live_counts();
+    let (queued, running) = state.tasks.store().counts();
     // In a cluster: the tasks on the stream (all hosts') and the attempts
     // the live hosts reported running in their last heartbeats.
     let on_stream = match &router {

@@ -767,6 +767,14 @@ impl TaskRouter {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key);
+            self.forget_closed_waiters(&record.id);
+        }
+        if put.is_ok() && ack.is_err() {
+            // The submitter is told it failed: no record may say queued for
+            // a task that is not on the stream (a keyed retry would find it).
+            if let Err(e) = self.queued.delete(&key).await {
+                tracing::warn!(task = %record.id, error = %e, "cannot delete the record of a task that was not published");
+            }
         }
         put?;
         Ok(ack?.duplicate)
@@ -915,6 +923,10 @@ impl TaskRouter {
         timeout: Duration,
         just_submitted: bool,
     ) -> Result<Fetched, HostError> {
+        // Not an id a task can have: no such task, at once.
+        if !is_task_id(id) {
+            return Err(HostError::NotFound(id.to_string()));
+        }
         let until = tokio::time::Instant::now() + timeout;
         if just_submitted {
             // The entry stays (the task is unfinished) until its result
@@ -942,6 +954,10 @@ impl TaskRouter {
             Ok(current) if current.record.status.is_final() => {
                 drop(rx);
                 self.forget_closed_waiters(id);
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key_for(id));
                 return Ok(current);
             }
             Ok(_) | Err(HostError::NotFound(_)) => {}
@@ -1061,11 +1077,16 @@ impl TaskRouter {
         name: &str,
         mut each: impl FnMut(String, bytes::Bytes),
     ) -> Result<(), HostError> {
-        let values = bucket
-            .status()
+        // The bucket's own status is the info cached when it was opened;
+        // the stream's is read now.
+        let values = self
+            .js
+            .get_stream(format!("KV_{name}"))
             .await
             .map_err(|e| self.error(name, e))?
-            .values();
+            .cached_info()
+            .state
+            .messages;
         if values == 0 {
             // A watch of an empty bucket would wait for the first write.
             return Ok(());
@@ -1251,10 +1272,22 @@ async fn run_one(router: Arc<TaskRouter>, capability: String, message: jetstream
         Ok(Settle::Nak(delay)) => message.ack_with(AckKind::Nak(Some(delay))).await,
         Ok(Settle::Term) => message.ack_with(AckKind::Term).await,
         Err(e) => {
-            // Storing the outcome failed; leave the message unacked so that
-            // it is delivered again.
-            tracing::error!(error = %e, "cannot store a task's outcome");
-            return;
+            let delivered = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+            if delivered < router.max_deliver.saturating_mul(2).max(4) {
+                // Storing the outcome failed: deliver it again later.
+                tracing::error!(error = %e, delivered, "cannot store a task's outcome; it will be delivered again");
+                message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await
+            } else {
+                // It keeps failing: end it rather than run the agent again
+                // and again, with the reason as its result if that can be
+                // stored.
+                router.counters.terminated.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, delivered, "cannot store a task's outcome after repeated deliveries; terminated");
+                router.give_up(&capability, &message, &e).await;
+                message.ack_with(AckKind::Term).await
+            }
         }
     };
     if let Err(e) = ack {
@@ -1409,6 +1442,9 @@ async fn run_and_store(
             )
         },
     };
+    // Registered before the check, so that a cancel arriving from now on
+    // stops the attempt, and one that came before is seen here.
+    let cancel = router.running(&id);
     // Cancelled while it waited on the stream: the cancel stored its end.
     if router.was_cancelled(&id) {
         return Ok(Settle::Ack);
@@ -1416,12 +1452,10 @@ async fn run_and_store(
     record.status = Status::Running;
     record.attempts = delivered;
     record.host = Some(router.host.id().to_string());
-    // A task still running after RUNNING_AFTER is shown as running, and
-    // progress acks keep it from being redelivered. A short task writes
-    // neither: that saves a write per task.
+    // A task still running after RUNNING_AFTER is shown as running. A
+    // short task does not write it: that saves a write per task.
     let (shown_tx, shown_rx) = tokio::sync::oneshot::channel::<()>();
-    let watchdog = {
-        let acker = message.clone();
+    let shower = {
         let queued = router.queued.clone();
         let key = key_for(&id);
         let json = serde_json::to_vec(&record).ok();
@@ -1431,6 +1465,13 @@ async fn run_and_store(
                 let _ = queued.put(key, json.into()).await;
             }
             drop(shown_tx);
+        })
+    };
+    // Progress acks keep the message from being redelivered until it is
+    // settled, storing a large result included.
+    let _acker = AbortOnDrop({
+        let acker = message.clone();
+        tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROGRESS_EVERY).await;
                 if acker.ack_with(AckKind::Progress).await.is_err() {
@@ -1438,7 +1479,7 @@ async fn run_and_store(
                 }
             }
         })
-    };
+    });
     // The attempts before this delivery, on any host.
     record.attempts = delivered - 1;
     // A sub-task of another host's task keeps its caller's bounds.
@@ -1452,14 +1493,14 @@ async fn run_and_store(
             match router.get_object(name, limit).await {
                 Ok(bytes) => bytes,
                 Err(ObjectError::Nats(e)) => {
-                    watchdog.abort();
+                    shower.abort();
                     return Err(e);
                 }
                 Err(e) => {
                     // The payload is gone (past retention, or deleted) or
                     // not one this host takes: the task cannot run, now or
                     // later; its submitter gets why.
-                    watchdog.abort();
+                    shower.abort();
                     let error = match e {
                         ObjectError::TooLarge { size, limit } => {
                             TaskError::PayloadTooLarge { size, limit }
@@ -1473,7 +1514,7 @@ async fn run_and_store(
         }
     };
     record.payload_bytes = payload.len() as u64;
-    let cancel = router.running(&id);
+    let running_since = Instant::now();
     let ran = run::execute(
         router.host.scheduler(),
         run::Run {
@@ -1487,7 +1528,7 @@ async fn run_and_store(
     )
     .await;
     drop(cancel);
-    watchdog.abort();
+    shower.abort();
     // The agent's instance is free: the pull loop may fetch the next task
     // while this one's outcome is stored.
     slot.release();
@@ -1495,8 +1536,14 @@ async fn run_and_store(
         // This host is draining: the task stays on the stream for another
         // host or for this one's restart, as on a lone host it stays in the
         // journal. It never becomes a final failure for that.
-        None => return Ok(Settle::Nak(Duration::from_millis(100))),
-        Some(run::Ended {
+        // This host is draining, or no longer serves the capability: the
+        // task stays on the stream for another host or for this one's
+        // restart, as on a lone host it stays in the journal. It never
+        // becomes a final failure for that.
+        Err(run::NotRun::Draining | run::NotRun::NoAgent) => {
+            return Ok(Settle::Nak(Duration::from_millis(100)))
+        }
+        Ok(run::Ended {
             record,
             result,
             error,
@@ -1504,8 +1551,14 @@ async fn run_and_store(
     };
     let retryable = typed_error.as_ref().is_some_and(TaskError::is_retryable)
         && record.status != Status::Cancelled;
+    let backoff = Duration::from_millis(50u64 << delivered.min(6));
+    // Like the scheduler on a lone host: no retry that would start past
+    // the task's deadline.
+    let too_late = record
+        .deadline_ms
+        .is_some_and(|d| d <= now_ms() + backoff.as_millis() as u64);
     // A sub-task gets one attempt: its caller decides what to do.
-    if retryable && delivered < router.max_deliver && depth.is_none() {
+    if retryable && delivered < router.max_deliver && depth.is_none() && !too_late {
         // Another delivery, maybe on another host, after a backoff.
         record.status = Status::Queued;
         record.finished_at_ms = None;
@@ -1526,7 +1579,6 @@ async fn run_and_store(
                     e.error = Some(last.kind.clone());
                 });
         }
-        let backoff = Duration::from_millis(50u64 << delivered.min(6));
         return Ok(Settle::Nak(backoff));
     }
     // The last delivery of a retryable failure: a dead letter, as on a lone
@@ -1535,6 +1587,14 @@ async fn run_and_store(
         record.status = Status::Dead;
     }
     let settle = router.store_result(record, result, typed_error).await?;
+    if running_since.elapsed() >= RUNNING_AFTER {
+        // It may have a `running` record: the task has ended, so that goes
+        // (a short task wrote none, and its queued record expires with the
+        // retention time; lists and reads take the result first).
+        if let Err(e) = router.queued.delete(key_for(&id)).await {
+            tracing::debug!(task = %id, error = %e, "cannot delete a running record");
+        }
+    }
     if let Some(name) = object {
         // The task has its result: its payload is not needed any more.
         if let Err(e) = router.objects.delete(&name).await {
@@ -1544,7 +1604,32 @@ async fn run_and_store(
     Ok(settle)
 }
 
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl TaskRouter {
+    /// Stores, if it can, a `host` failure as the end of a task whose
+    /// outcome could not be stored delivery after delivery.
+    async fn give_up(&self, capability: &str, message: &jetstream::Message, why: &HostError) {
+        let Some(id) = header(message, HEADER_TASK_ID).filter(|id| is_task_id(id)) else {
+            return;
+        };
+        let record = TaskRecord::queued(id.to_string(), capability.to_string(), now_ms(), 0);
+        let error = TaskError::Host(format!(
+            "its outcome could not be stored, delivery after delivery: {}",
+            crate::text::escape_capped(&why.to_string(), 1 << 10)
+        ));
+        if let Err(e) = self.store_failure(record, error).await {
+            tracing::error!(task = %id, error = %e, "cannot store the task's failure either");
+        }
+    }
+
     /// Stores a failure of a task that could not run.
     async fn store_failure(
         &self,
@@ -1688,6 +1773,12 @@ impl TaskStore for TaskRouter {
     /// host holds in memory for them.
     fn unfinished(&self) -> usize {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        let scheduler = self.host.scheduler();
+        let queued = scheduler.queued().iter().map(|(_, n)| n).sum();
+        (queued, scheduler.running() as usize)
     }
 
     fn new_id(&self, key: Option<&str>) -> String {

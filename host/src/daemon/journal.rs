@@ -531,10 +531,15 @@ fn prepare(txn: &redb::WriteTransaction) -> Result<usize, CommitError> {
     let mut n = 0;
     for entry in tasks.iter().map_err(write_err)? {
         let (_, value) = entry.map_err(write_err)?;
-        let record: TaskRecord = serde_json::from_slice(value.value())
-            .map_err(|e| (JournalErrorKind::Decode, Arc::new(e) as _))?;
-        index.insert(&record)?;
-        n += 1;
+        // A record that does not decode is left out of the indexes (and so
+        // of lists) rather than keeping the host from starting.
+        match serde_json::from_slice::<TaskRecord>(value.value()) {
+            Ok(record) => {
+                index.insert(&record)?;
+                n += 1;
+            }
+            Err(e) => tracing::warn!(error = %e, "a task record does not decode; not indexed"),
+        }
     }
     meta.insert("index", INDEX_VERSION).map_err(write_err)?;
     Ok(n)

@@ -303,17 +303,29 @@ impl Host {
 
     /// Requeues every task the journal holds without a result, oldest first.
     fn recover(&self) -> Result<usize, HostError> {
-        let mut pending =
-            self.inner
-                .journal
-                .list(Some(Status::Queued), None, usize::MAX, |_| true)?;
+        let mut pending = self.inner.journal.list(
+            Some(Status::Queued),
+            None,
+            usize::MAX,
+            // The index says queued; the record decides.
+            |r| !r.status.is_final(),
+        )?;
         pending.reverse();
         let n = pending.len();
         for mut record in pending {
-            let payload = self.inner.journal.payload(&record.id)?.unwrap_or_default();
             record.status = Status::Queued;
             self.track(record.clone());
-            self.spawn_drive(record, payload);
+            match self.inner.journal.payload(&record.id)? {
+                Some(payload) => self.spawn_drive(record, payload),
+                // Accepted with its payload in one transaction, so only a
+                // damaged journal gets here: the task cannot run as given.
+                None => {
+                    let error =
+                        TaskError::Host("the task's payload is missing from the journal".into());
+                    let ended = run::failed(record, error);
+                    tokio::spawn(write_end(self.inner.clone(), ended.record, None));
+                }
+            }
         }
         if n > 0 {
             tracing::info!(tasks = n, "requeued unfinished tasks from the journal");
@@ -401,9 +413,18 @@ impl Host {
             });
             record
         };
-        let written = self.inner.journal.finish(record, None).await;
+        // Its payload leaves the scheduler's queue now, not when it would
+        // have reached the head.
+        self.inner.scheduler.forget_cancelled();
+        if let Err(e) = self.inner.journal.finish(record, None).await {
+            // Not ended: its driver, whose attempt the token stopped,
+            // writes the cancelled end instead.
+            if let Some(l) = lock(&self.inner.live).get_mut(id) {
+                l.ending = false;
+            }
+            return Err(e.into());
+        }
         end_live(&self.inner, id);
-        written?;
         Ok(true)
     }
 
@@ -436,6 +457,8 @@ impl Host {
             let mut live = lock(&self.inner.live);
             match live.get_mut(id) {
                 Some(l) => {
+                    // Requests that stopped waiting leave closed senders.
+                    l.waiters.retain(|w| !w.is_closed());
                     let (tx, rx) = oneshot::channel();
                     l.waiters.push(tx);
                     Some(rx)
@@ -723,6 +746,8 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// Runs one accepted task through the scheduler and journals the outcome.
 async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
     let id = record.id.clone();
+    let record_capability = record.capability.clone();
+    let record_for_failure = record.clone();
     let cancel = lock(&inner.live).get(&id).map(|l| l.cancel.clone());
     let ran = run::execute(
         &inner.scheduler,
@@ -736,10 +761,20 @@ async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
         },
     )
     .await;
-    // Not run (the host drains): left in the journal as queued, it runs
-    // after the next start.
-    let Some(run::Ended { record, result, .. }) = ran else {
-        return;
+    let run::Ended { record, result, .. } = match ran {
+        Ok(ended) => ended,
+        // Not run (the host drains): left in the journal as queued, it
+        // runs after the next start.
+        Err(run::NotRun::Draining) => return,
+        Err(run::NotRun::NoAgent) => {
+            let capability = record_capability;
+            run::failed(
+                record_for_failure,
+                TaskError::Unavailable(format!(
+                    "no agent provides capability {capability} any more"
+                )),
+            )
+        }
     };
     if inner.stopping.load(Ordering::Relaxed)
         && matches!(&record.error, Some(e) if e.kind == "host")
@@ -747,13 +782,26 @@ async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
         // The scheduler went away under a shutdown: not the task's fault.
         return;
     }
+    write_end(inner, record, result).await;
+}
+
+/// Writes a task's end to the journal, unless a cancel wrote it first (then
+/// this outcome is fenced), and tells its waiters and watchers.
+async fn write_end(inner: Arc<Inner>, record: TaskRecord, result: Option<Vec<u8>>) {
+    let id = record.id.clone();
     {
         let mut live = lock(&inner.live);
         match live.get_mut(&id) {
-            // Cancelled meanwhile: the cancel wrote the task's end.
-            Some(l) if l.ending => return,
-            Some(l) => l.ending = true,
-            None => return,
+            Some(l) if !l.ending => l.ending = true,
+            // Cancelled meanwhile: the cancel wrote the task's end, and an
+            // attempt that ran is fenced.
+            _ => {
+                drop(live);
+                if record.attempts > 0 {
+                    inner.events.record(EventKind::Fenced, &record);
+                }
+                return;
+            }
         }
     }
     if let Err(e) = inner.journal.finish(record.clone(), result).await {
@@ -875,6 +923,10 @@ impl TaskStore for Host {
 
     fn unfinished(&self) -> usize {
         lock(&self.inner.live).len()
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        self.live_counts()
     }
 
     fn new_id(&self, _key: Option<&str>) -> String {

@@ -256,6 +256,10 @@ struct Pending {
     submitted: Instant,
     cancel: Option<CancellationToken>,
     attempts_before: u32,
+    /// Payload bytes counted against `max_queued_bytes` while queued: a
+    /// message's or sub-task's (guest-made); 0 for a submitted task, which
+    /// whoever accepted it bounds.
+    counted_bytes: u64,
 }
 
 impl Pending {
@@ -365,7 +369,7 @@ struct State {
     dead: std::collections::VecDeque<Failure>,
     seq: u64,
     rng: u64,
-    /// Payload bytes of the tasks in `queues`.
+    /// Payload bytes of the messages and sub-tasks in `queues`.
     queued_bytes: u64,
 }
 
@@ -797,6 +801,41 @@ impl Scheduler {
         )
     }
 
+    /// Takes every cancelled task out of the queues at once (each ends as
+    /// `cancelled`), so that a cancelled task's payload does not wait in
+    /// memory until it reaches the head of its queue. Call after
+    /// cancelling tokens of queued tasks.
+    pub fn forget_cancelled(&self) {
+        let gone: Vec<Pending> = {
+            let mut state = self.inner.state();
+            let mut gone = Vec::new();
+            let mut freed = 0;
+            for queue in state.queues.values_mut() {
+                if !queue.iter().any(|q| q.task.cancelled()) {
+                    continue;
+                }
+                let kept: BinaryHeap<Queued> = std::mem::take(queue)
+                    .into_iter()
+                    .filter_map(|q| {
+                        if q.task.cancelled() {
+                            freed += q.task.counted_bytes;
+                            gone.push(q.task);
+                            None
+                        } else {
+                            Some(q)
+                        }
+                    })
+                    .collect();
+                *queue = kept;
+            }
+            state.queued_bytes -= freed;
+            gone
+        };
+        for task in gone {
+            fail(&self.inner, task, TaskError::Cancelled, false);
+        }
+    }
+
     /// Where agents' `messaging` calls go.
     pub fn set_bus(&self, bus: Arc<dyn Bus>) {
         *self.inner.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus);
@@ -890,6 +929,7 @@ fn submit(
             fuel_cap,
             max_attempts: task.max_attempts,
             attempts_before: task.attempts_before,
+            counted_bytes: if bounded { size } else { 0 },
             chain,
             submitted: Instant::now(),
             cancel: task.cancel,
@@ -901,7 +941,7 @@ fn submit(
 }
 
 fn enqueue(state: &mut State, task: Pending) {
-    state.queued_bytes += task.payload.len() as u64;
+    state.queued_bytes += task.counted_bytes;
     state.seq += 1;
     let seq = state.seq;
     state
@@ -932,7 +972,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     // The last agent for it was removed.
                     if let Some(q) = state.queues.remove(&cap) {
                         for q in q {
-                            state.queued_bytes -= q.task.payload.len() as u64;
+                            state.queued_bytes -= q.task.counted_bytes;
                             orphaned.push(q.task);
                         }
                     }
@@ -944,7 +984,7 @@ async fn dispatch(inner: Arc<Inner>) {
                 while let Some(head) = state.queues.get(&cap).and_then(|q| q.peek()) {
                     if head.task.deadline.is_some_and(|d| d <= now) || head.task.cancelled() {
                         if let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) {
-                            state.queued_bytes -= q.task.payload.len() as u64;
+                            state.queued_bytes -= q.task.counted_bytes;
                             expired.push(q.task);
                         }
                         continue;
@@ -968,7 +1008,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) else {
                         break;
                     };
-                    state.queued_bytes -= q.task.payload.len() as u64;
+                    state.queued_bytes -= q.task.counted_bytes;
                     let e = &mut state.agents[i];
                     e.breaker.on_send(now);
                     starts.push(Job {

@@ -1,6 +1,8 @@
-//! Task events: one typed event per transition of a task's life, emitted by
-//! the task service and its executor (`service/run.rs`), never by the
-//! stores. Watchers (the API's `/v1/events`, and later metrics, traces, the
+//! Task events: one typed event per transition of a task's life, built
+//! here and emitted in three places only: the task service (accepted,
+//! cancelled), the scheduler's attempt hook (started, retried) and the code
+//! that writes a run's outcome to its store (completed, failed, dead,
+//! fenced). Watchers (the API's `/v1/events`, and later metrics, traces, the
 //! audit trail, the dashboard and workflows) subscribe to them instead of
 //! reading the stores' records.
 

@@ -68,14 +68,19 @@ pub trait TaskStore: Send + Sync {
     fn max_payload(&self) -> u64;
     /// Tasks accepted through this host that have not ended.
     fn unfinished(&self) -> usize;
+    /// This host's tasks now: (queued, running). A lone host's are all
+    /// its tasks; a host in a cluster's are those it pulled to run.
+    fn counts(&self) -> (usize, usize);
     /// The id of a new task; the same for every submission with the same
     /// idempotency key when the store finds tasks by id only.
     fn new_id(&self, key: Option<&str>) -> String;
     /// The task an idempotency key was first given to.
     fn find_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, HostError>>;
-    /// Stores a new task durably, calls `stored` (which emits `accepted`,
-    /// so that it comes before any event of the run), and starts the task
-    /// towards an agent; or finds the task its idempotency key names.
+    /// Stores a new task durably, calls `stored` (which emits `accepted`),
+    /// and starts the task towards an agent; or finds the task its
+    /// idempotency key names. The journal calls `stored` before the task can
+    /// start, so `accepted` comes first on a lone host; JetStream calls it
+    /// after the stream's ack, when another host may be running it already.
     fn accept<'a>(
         &'a self,
         record: TaskRecord,
@@ -99,10 +104,6 @@ pub trait TaskStore: Send + Sync {
     /// task, and whether this call cancelled it.
     fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>>;
 }
-
-/// Most requests that may wait for task results at once on one host
-/// (`?wait=`); past it a wait is refused with `no-capacity`.
-pub const MAX_WAITS: usize = 16_384;
 
 /// The task service of one host over its store.
 #[derive(Clone)]
@@ -151,10 +152,11 @@ impl TaskService {
         }
     }
 
-    /// Counts one waiting request while it waits.
+    /// Counts one waiting request while it waits; past `[host] max_waits`
+    /// a wait is refused with `no-capacity`.
     fn wait_slot(&self) -> Result<Held<'_>, HostError> {
-        Held::take(&self.counts.waits, MAX_WAITS)
-            .map_err(|_| HostError::TooManyWaits { limit: MAX_WAITS })
+        let limit = self.host.config().host.max_waits;
+        Held::take(&self.counts.waits, limit).map_err(|_| HostError::TooManyWaits { limit })
     }
 
     /// A lone host: tasks in its journal.
@@ -230,9 +232,23 @@ impl TaskService {
             };
         }
         let now = now_ms();
+        let deadline_ms = match request.deadline {
+            None => None,
+            Some(d) => Some(
+                u64::try_from(d.as_millis())
+                    .ok()
+                    .and_then(|ms| now.checked_add(ms))
+                    .ok_or_else(|| {
+                        HostError::InvalidRequest(format!(
+                            "the deadline {} ms is too far away",
+                            d.as_millis()
+                        ))
+                    })?,
+            ),
+        };
         let record = TaskRecord {
             priority: request.priority,
-            deadline_ms: request.deadline.map(|d| now + d.as_millis() as u64),
+            deadline_ms,
             idempotency_key: key.clone(),
             ..TaskRecord::queued(
                 self.store.new_id(key.as_deref()),
@@ -265,10 +281,15 @@ impl TaskService {
         request: SubmitRequest,
         wait: Option<Duration>,
     ) -> Result<(Stored, bool), HostError> {
+        // Taken before the task is stored: a refused wait must not be a
+        // refused submission of a task that was accepted.
+        let _waiting = match wait {
+            Some(_) => Some(self.wait_slot()?),
+            None => None,
+        };
         let submitted = self.submit(request).await?;
         let stored = match wait {
             Some(w) => {
-                let _waiting = self.wait_slot()?;
                 self.store
                     .wait(&submitted.task.id, w, !submitted.existing)
                     .await?

@@ -35,10 +35,19 @@ pub struct Ended {
     pub error: Option<TaskError>,
 }
 
-/// Runs the task; `None` when the host is draining: the task was not run
-/// and stays stored as it was, for another host or the restart (never a
-/// final failure for that).
-pub async fn execute(scheduler: &Scheduler, run: Run) -> Option<Ended> {
+/// Why a task was not run; it stays stored as it was.
+#[derive(Debug)]
+pub enum NotRun {
+    /// The host is draining: for another host or the restart (never a
+    /// final failure for that).
+    Draining,
+    /// No agent of this host serves its capability any more (removed
+    /// since): another host may; on a lone host it is a failure.
+    NoAgent,
+}
+
+/// Runs the task, or says why it did not.
+pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
     let Run {
         mut record,
         payload,
@@ -47,9 +56,10 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Option<Ended> {
         cancel,
         host,
     } = run;
-    let deadline = record.deadline_ms.map(|ms| {
+    // A deadline too far away for the clock to hold is no deadline.
+    let deadline = record.deadline_ms.and_then(|ms| {
         let left = ms.saturating_sub(now_ms());
-        Instant::now() + Duration::from_millis(left)
+        Instant::now().checked_add(Duration::from_millis(left))
     });
     let submit = Submit {
         id: record.id.clone(),
@@ -67,7 +77,8 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Option<Ended> {
     };
     let outcome = match submitted {
         Ok(handle) => handle.wait().await,
-        Err(SubmitError::ShuttingDown) => return None,
+        Err(SubmitError::ShuttingDown) => return Err(NotRun::Draining),
+        Err(SubmitError::UnknownCapability(_)) => return Err(NotRun::NoAgent),
         Err(e) => Err(Failure {
             id: record.id.clone(),
             capability: record.capability.clone(),
@@ -98,7 +109,7 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Option<Ended> {
             record.attempts += done.failed_attempts.len() as u32 + 1;
             record.attempt_errors.extend(infos(&done.failed_attempts));
             let result = record.complete(done.agent, done.output);
-            Some(Ended {
+            Ok(Ended {
                 record,
                 result: Some(result),
                 error: None,
@@ -131,11 +142,26 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Option<Ended> {
                 kind: failure.error.kind().to_string(),
                 message: failure.error.to_string(),
             });
-            Some(Ended {
+            Ok(Ended {
                 record,
                 result: None,
                 error: Some(failure.error),
             })
         }
+    }
+}
+
+/// The end of a task that could not run: failed with `error`.
+pub fn failed(mut record: TaskRecord, error: TaskError) -> Ended {
+    record.status = Status::Failed;
+    record.finished_at_ms = Some(now_ms());
+    record.error = Some(ErrorInfo {
+        kind: error.kind().to_string(),
+        message: error.to_string(),
+    });
+    Ended {
+        record,
+        result: None,
+        error: Some(error),
     }
 }
