@@ -200,8 +200,11 @@ for dir in "$root"/plugins/*/; do
         gen="$wasm_target_dir/c/$name/gen"
         mkdir -p "$gen"
         "$wit_bindgen" c "$root/wit" --world agent --out-dir "$gen" >/dev/null
+        # A plugin's own flags, if any (e.g. -mreference-types), from its cflags file.
+        extra=()
+        [ -f "$dir/cflags" ] && read -r -a extra < "$dir/cflags"
         clang-19 --target=wasm32-wasi --sysroot="$sysroot" -mexec-model=reactor -Os -Wall -Werror \
-            -I "$gen" -o "$wasm_target_dir/c/$name/core.wasm" \
+            "${extra[@]}" -I "$gen" -o "$wasm_target_dir/c/$name/core.wasm" \
             "$dir/agent.c" "$gen/agent.c" "$gen/agent_component_type.o"
         "$componentize" "$wasm_target_dir/c/$name/core.wasm" "$target_file"
     fi

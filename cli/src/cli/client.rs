@@ -137,6 +137,22 @@ pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
         eprintln!("error: {text}");
         return exit::BAD_INPUT;
     }
+    if let Some(t) = task {
+        // The task's ending event is on the host that ran it, which in a
+        // cluster may be another, and it may have ended before the stream
+        // opened: the task's end, however it is learnt, ends the watch.
+        let (base, t) = (base.to_string(), t.to_string());
+        std::thread::spawn(move || {
+            let client = Client::new(base, Duration::from_secs(330));
+            loop {
+                match client.request("GET", &format!("/v1/tasks/{t}?wait=300s"), None) {
+                    Ok((_, task)) if is_final(&task["status"]) => std::process::exit(0),
+                    Ok(_) => {}
+                    Err(Failed(code)) => std::process::exit(i32::from(code)),
+                }
+            }
+        });
+    }
     let reader = std::io::BufReader::new(response.into_body().into_reader());
     let mut out = std::io::stdout().lock();
     for line in reader.lines() {
@@ -152,17 +168,20 @@ pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
             return 0;
         }
         if let Some(t) = task {
-            let ended = serde_json::from_str::<Value>(data).is_ok_and(|e| {
-                e["task"] == t
-                    && matches!(
-                        e["kind"].as_str(),
-                        Some("completed" | "failed" | "dead" | "cancelled")
-                    )
-            });
+            let ended = serde_json::from_str::<Value>(data)
+                .is_ok_and(|e| e["task"] == t && is_final(&e["kind"]));
             if ended {
                 return 0;
             }
         }
     }
     0
+}
+
+/// Whether a status or an event kind ends a task.
+fn is_final(kind: &Value) -> bool {
+    matches!(
+        kind.as_str(),
+        Some("completed" | "failed" | "dead" | "cancelled")
+    )
 }

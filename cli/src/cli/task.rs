@@ -61,7 +61,8 @@ pub enum Command {
     },
     /// Print the host's task events as they happen, one JSON object per
     /// line (accepted, started, retried, completed, failed, dead, cancelled,
-    /// fenced), until interrupted or, with a task id, until that task ends.
+    /// fenced), until interrupted or, with a task id, until that task ends
+    /// (in a cluster, the events of a run are on the host that ran it).
     Watch {
         /// Only this task's events (and its sub-tasks').
         #[arg(long)]

@@ -574,3 +574,22 @@ contract!(
         assert_eq!(t["result"], "room", "{t}");
     }
 );
+
+contract!(watching_a_task_ends_when_the_task_has_ended, |d| {
+    let (_, task) = d.api().post(
+        "/v1/tasks?wait=60s",
+        &json!({ "capability": "echo", "input": "done" }),
+    );
+    assert_eq!(task["status"], "completed", "{task}");
+    // Ended before the watch began: it ends at once, in both modes (in a
+    // cluster the run's events were on the other host).
+    let out = d.cli().run(&[
+        "task",
+        "watch",
+        "--api",
+        &d.api().url,
+        "--task",
+        task["id"].as_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+});

@@ -104,17 +104,28 @@ impl Fetched {
 /// Stops the task if this host runs it, and remembers it was cancelled.
 fn note_cancel(
     running: &Mutex<HashMap<String, CancellationToken>>,
-    cancelled: &Mutex<std::collections::VecDeque<String>>,
+    cancelled: &Mutex<RecentCancels>,
     id: &str,
 ) {
     if let Some(token) = running.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
         token.cancel();
     }
     let mut recent = cancelled.lock().unwrap_or_else(|p| p.into_inner());
-    if recent.len() >= RECENT_CANCELS {
-        recent.pop_front();
+    if recent.ids.insert(id.to_string()) {
+        recent.order.push_back(id.to_string());
     }
-    recent.push_back(id.to_string());
+    while recent.order.len() > RECENT_CANCELS {
+        if let Some(old) = recent.order.pop_front() {
+            recent.ids.remove(&old);
+        }
+    }
+}
+
+/// The ids cancelled lately, oldest first, and as a set for lookups.
+#[derive(Default)]
+struct RecentCancels {
+    order: std::collections::VecDeque<String>,
+    ids: std::collections::HashSet<String>,
 }
 
 /// The consumer for a capability. Consumer names may not contain dots.
@@ -217,7 +228,7 @@ pub struct TaskRouter {
     objects: jetstream::object_store::ObjectStore,
     /// Tasks cancelled lately, so that a delivery of one does not run it.
     /// Bounded: the oldest are forgotten (their results fence them anyway).
-    cancelled: Arc<Mutex<std::collections::VecDeque<String>>>,
+    cancelled: Arc<Mutex<RecentCancels>>,
 }
 
 /// Most cancelled ids a host remembers.
@@ -355,7 +366,7 @@ impl TaskRouter {
             max_value: (cluster.client.server_info().max_payload).saturating_sub(4 << 10),
             running: Arc::new(Mutex::new(HashMap::new())),
             client: cluster.client.clone(),
-            cancelled: Arc::new(Mutex::new(std::collections::VecDeque::new())),
+            cancelled: Arc::new(Mutex::new(RecentCancels::default())),
         });
         router
             .host
@@ -370,11 +381,11 @@ impl TaskRouter {
     /// A cancel made on any host stops the task's attempt on this one.
     async fn follow_cancels(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
         let prefix = format!("{}.", subjects::cancels());
-        let mut sub = client.subscribe(format!("{prefix}*")).await.map_err(|e| {
+        let mut sub = client.subscribe(format!("{prefix}>")).await.map_err(|e| {
             ClusterError::new(
                 &self.url,
                 ClusterErrorKind::Request,
-                format!("subscribe {prefix}*"),
+                format!("subscribe {prefix}>"),
                 e,
             )
         })?;
@@ -493,8 +504,8 @@ impl TaskRouter {
         self.cancelled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|c| c == id)
+            .ids
+            .contains(id)
     }
 
     /// Results republished by the server wake the requests waiting for
@@ -1452,26 +1463,28 @@ async fn run_and_store(
     record.status = Status::Running;
     record.attempts = delivered;
     record.host = Some(router.host.id().to_string());
-    // A task still running after RUNNING_AFTER is shown as running. A
-    // short task does not write it: that saves a write per task.
+    // A task still running after RUNNING_AFTER is shown as running (a
+    // short task does not write it: that saves a write per task), and
+    // progress acks keep the message from being redelivered until it is
+    // settled, storing a large result included. One spawned task for both.
     let (shown_tx, shown_rx) = tokio::sync::oneshot::channel::<()>();
-    let shower = {
+    let (ran_tx, ran_rx) = tokio::sync::oneshot::channel::<()>();
+    let _watchdog = AbortOnDrop({
+        let acker = message.clone();
         let queued = router.queued.clone();
         let key = key_for(&id);
         let json = serde_json::to_vec(&record).ok();
         tokio::spawn(async move {
-            tokio::time::sleep(RUNNING_AFTER).await;
-            if let Some(json) = json {
-                let _ = queued.put(key, json.into()).await;
+            tokio::select! {
+                () = tokio::time::sleep(RUNNING_AFTER) => {
+                    if let Some(json) = json {
+                        let _ = queued.put(key, json.into()).await;
+                    }
+                }
+                // The run ended first: nothing to show.
+                _ = ran_rx => {}
             }
             drop(shown_tx);
-        })
-    };
-    // Progress acks keep the message from being redelivered until it is
-    // settled, storing a large result included.
-    let _acker = AbortOnDrop({
-        let acker = message.clone();
-        tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROGRESS_EVERY).await;
                 if acker.ack_with(AckKind::Progress).await.is_err() {
@@ -1492,15 +1505,11 @@ async fn run_and_store(
             let limit = router.host.config().limits.defaults.max_payload;
             match router.get_object(name, limit).await {
                 Ok(bytes) => bytes,
-                Err(ObjectError::Nats(e)) => {
-                    shower.abort();
-                    return Err(e);
-                }
+                Err(ObjectError::Nats(e)) => return Err(e),
                 Err(e) => {
                     // The payload is gone (past retention, or deleted) or
                     // not one this host takes: the task cannot run, now or
                     // later; its submitter gets why.
-                    shower.abort();
                     let error = match e {
                         ObjectError::TooLarge { size, limit } => {
                             TaskError::PayloadTooLarge { size, limit }
@@ -1528,7 +1537,7 @@ async fn run_and_store(
     )
     .await;
     drop(cancel);
-    shower.abort();
+    drop(ran_tx);
     // The agent's instance is free: the pull loop may fetch the next task
     // while this one's outcome is stored.
     slot.release();

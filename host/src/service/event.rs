@@ -6,6 +6,7 @@
 //! audit trail, the dashboard and workflows) subscribe to them instead of
 //! reading the stores' records.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -95,11 +96,35 @@ impl TaskEvent {
     }
 }
 
-/// The host's event channel. Sending costs nothing when nobody watches.
+/// The host's event channel. Sending costs one atomic load when nobody
+/// watches.
 #[derive(Clone)]
 pub struct Events {
     tx: broadcast::Sender<Arc<TaskEvent>>,
     host: Arc<str>,
+    /// Live [`Watch`]es: read on every emit, so kept apart from the
+    /// channel's own count (which takes a lock).
+    watchers: Arc<AtomicUsize>,
+}
+
+/// A subscription to the events; dropping it stops it.
+pub struct Watch {
+    rx: broadcast::Receiver<Arc<TaskEvent>>,
+    watchers: Arc<AtomicUsize>,
+}
+
+impl Watch {
+    /// The next event; `Lagged(n)` when this watcher fell more than
+    /// [`CAPACITY`] events behind and missed `n`.
+    pub async fn recv(&mut self) -> Result<Arc<TaskEvent>, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Events {
@@ -108,6 +133,7 @@ impl Events {
         Events {
             tx,
             host: Arc::from(host),
+            watchers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -117,13 +143,17 @@ impl Events {
 
     /// Whether anyone watches; callers skip building events when not.
     pub fn watched(&self) -> bool {
-        self.tx.receiver_count() > 0
+        self.watchers.load(Ordering::Acquire) > 0
     }
 
-    /// Every event from now on. A receiver that falls more than
+    /// Every event from now on. A watcher that falls more than
     /// [`CAPACITY`] events behind gets `Lagged(n)` and goes on from there.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
-        self.tx.subscribe()
+    pub fn subscribe(&self) -> Watch {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        Watch {
+            rx: self.tx.subscribe(),
+            watchers: self.watchers.clone(),
+        }
     }
 
     /// Emits the event that `make` builds from a blank one of this host,

@@ -20,8 +20,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast;
-
 use crate::daemon::{
     now_ms, Accepted, Host, HostError, Status, SubmitRequest, Submitted, TaskRecord,
 };
@@ -179,7 +177,7 @@ impl TaskService {
 
     /// Every task event this host emits from now on: the tasks it accepts,
     /// cancels and runs (in a cluster, another host's events stay there).
-    pub fn watch(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+    pub fn watch(&self) -> event::Watch {
         self.events().subscribe()
     }
 
