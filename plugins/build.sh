@@ -10,7 +10,8 @@
 #   agent.js    JavaScript, componentize-js 0.23.0 (npm ci of plugins/tools/, into target/tools/node)
 #   app.py      Python, componentize-py 0.25.1 (pip, into target/tools/venv)
 #   agent.c     C, wit-bindgen-cli 0.61.1 (cargo install, into target/tools/cargo)
-#               and clang-19 with Debian's wasi-libc (apt)
+#               and clang-19 with Debian's wasi-libc (apt); a `cflags` file
+#               beside it adds compiler flags (one line)
 # JS, Python and C components are rebuilt only when their sources or wit/
 # changed. ORCH_PLUGINS=rust builds only the Rust plugins.
 set -euo pipefail

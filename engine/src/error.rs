@@ -75,6 +75,9 @@ pub enum TaskError {
     #[error("memory limit: the agent asked for {requested} bytes of linear memory, past the limit of {limit} bytes")]
     MemoryLimit { limit: u64, requested: u64 },
 
+    #[error("table limit: the agent asked for a table of {requested} elements, past the limit of {limit} elements")]
+    TableLimit { limit: u64, requested: u64 },
+
     #[error("deadline exceeded: the task ran past its deadline of {ms} ms")]
     DeadlineExceeded { ms: u64 },
 
@@ -136,6 +139,7 @@ impl TaskError {
         match self {
             TaskError::FuelExhausted { .. } => "fuel-exhausted",
             TaskError::MemoryLimit { .. } => "memory-limit",
+            TaskError::TableLimit { .. } => "table-limit",
             TaskError::DeadlineExceeded { .. } => "deadline-exceeded",
             TaskError::PayloadTooLarge { .. } => "payload-too-large",
             TaskError::ResultTooLarge { .. } | TaskError::ResultTooLargeToRead { .. } => {
@@ -199,6 +203,7 @@ impl TaskError {
             self,
             TaskError::FuelExhausted { .. }
                 | TaskError::MemoryLimit { .. }
+                | TaskError::TableLimit { .. }
                 | TaskError::DeadlineExceeded { .. }
                 | TaskError::ResultTooLarge { .. }
                 | TaskError::ResultTooLargeToRead { .. }

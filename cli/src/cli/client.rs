@@ -102,6 +102,7 @@ pub fn exit_for_kind(kind: &str) -> u8 {
         "invalid-input" | "payload-too-large" => exit::BAD_INPUT,
         "fuel-exhausted"
         | "memory-limit"
+        | "table-limit"
         | "deadline-exceeded"
         | "result-too-large"
         | "host-call-data-limit" => exit::LIMIT,

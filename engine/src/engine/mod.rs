@@ -108,6 +108,10 @@ pub struct Compiled<T: 'static> {
     pub info: ComponentInfo,
 }
 
+/// The most elements any one table may have (each pool slot is sized for
+/// it); a task asking for more is stopped with a table limit.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
 /// Freed pool slots are returned to the kernel (`madvise`) in batches of
 /// this many. Each `madvise` makes the kernel flush the TLB of every CPU
 /// running one of this process's threads, an inter-processor interrupt per
@@ -140,12 +144,19 @@ impl<T: 'static> Engine<T> {
             .max_memories_per_component(4)
             .max_tables_per_component(8)
             .max_core_instances_per_component(64)
-            .table_elements(100_000)
+            .table_elements(MAX_TABLE_ELEMENTS)
             .decommit_batch_size(DECOMMIT_BATCH);
 
+        // wasmtime's default fuel costs, but a `table.grow` is not charged
+        // per element asked for: it was charged before the limiter could
+        // refuse, so a huge request ran out of fuel and was reported as
+        // that. The elements are bounded by MAX_TABLE_ELEMENTS instead.
+        let mut costs = wasmtime::OperatorCost::new();
+        costs.variable.table_grow_per_element = 0;
         let mut wt = wasmtime::Config::new();
         wt.wasm_component_model(true)
             .consume_fuel(true)
+            .operator_cost(costs)
             .epoch_interruption(true)
             .max_wasm_stack(config.max_wasm_stack)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

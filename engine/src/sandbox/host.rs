@@ -237,6 +237,7 @@ fn call_error(e: TaskError) -> tasks::CallError {
         TaskError::DeadlineExceeded { .. } => C::DeadlineExceeded,
         TaskError::FuelExhausted { .. }
         | TaskError::MemoryLimit { .. }
+        | TaskError::TableLimit { .. }
         | TaskError::PayloadTooLarge { .. }
         | TaskError::ResultTooLarge { .. }
         | TaskError::ResultTooLargeToRead { .. }

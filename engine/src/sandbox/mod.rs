@@ -373,6 +373,8 @@ struct MemoryLimiter {
     limit: u64,
     used: u64,
     refused: Option<u64>,
+    /// Elements a table was asked to grow to, past the limit.
+    table_refused: Option<u64>,
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
@@ -395,10 +397,17 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn table_growing(
         &mut self,
         _current: usize,
-        _desired: usize,
+        desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // Table size is bounded by the pool's `table_elements`.
+        // Stopped here, before wasmtime fills the new elements (for a huge
+        // grow that ran out of fuel first and was reported as such).
+        if desired > crate::engine::MAX_TABLE_ELEMENTS {
+            self.table_refused = Some(desired as u64);
+            return Err(wasmtime::Error::msg(format!(
+                "table grow to {desired} elements refused"
+            )));
+        }
         Ok(true)
     }
 }
@@ -713,6 +722,7 @@ impl Agent {
                 limit: limits.memory.min(self.engine.config().max_memory),
                 used: 0,
                 refused: None,
+                table_refused: None,
             },
             table: ResourceTable::new(),
             wasi: None,
@@ -781,6 +791,12 @@ fn deadline(limits: &Limits) -> TaskError {
 /// Maps a wasmtime error (trap, instantiation failure, host error) to the
 /// typed error a user sees.
 fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32) -> TaskError {
+    if let Some(requested) = data.limiter.table_refused {
+        return TaskError::TableLimit {
+            limit: crate::engine::MAX_TABLE_ELEMENTS as u64,
+            requested,
+        };
+    }
     if let Some(trap) = err.downcast_ref::<Trap>() {
         match trap {
             Trap::OutOfFuel => return TaskError::FuelExhausted { limit: limits.fuel },

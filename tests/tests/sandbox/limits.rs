@@ -506,3 +506,32 @@ async fn a_task_past_the_engine_slots_waits_for_one() {
     assert_eq!(h.engine.free_instances(), slots);
     assert_eq!(run_ok(&echo, b"hi", &Limits::default()).await, "hi");
 }
+
+/// A table may grow to the engine's 100,000 elements: at the limit the grow
+/// succeeds, one past it stops the task with a table limit naming both
+/// figures, and so does a huge request (4 billion elements asked in one
+/// `table.grow` used to be charged as fuel first, and reported as fuel
+/// exhausted).
+#[tokio::test]
+async fn a_table_may_grow_to_its_limit_and_a_grow_past_it_is_a_table_limit() {
+    let h = Harness::new();
+    let agent = h.load("tablegrow").await;
+    let limits = Limits::default();
+    // The fixture's table starts with 5 elements (its function table).
+    let old = run_ok(&agent, b"99995", &limits).await;
+    assert_eq!(old, "5");
+    for (ask, to) in [(99_996u64, 100_001u64), (1_000_000_000, 1_000_000_005)] {
+        let err = run(&agent, ask.to_string().as_bytes(), &limits)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            TaskError::TableLimit {
+                limit: 100_000,
+                requested: to
+            }
+        );
+        assert_eq!(err.kind(), "table-limit");
+        assert!(err.is_limit());
+    }
+}
