@@ -137,16 +137,7 @@ fn a_host_without_a_reachable_server_says_so() {
     );
 }
 
-/// Installs a fixture without a manifest of its own, with one written here.
-fn install_fixture(orch: &Orch, plugin: &str, capability: &str, extra: &str) {
-    let manifest = format!(
-        "[plugin]\nname = \"{plugin}\"\nversion = \"0.1.0\"\ncapabilities = [\"{capability}\"]\n{extra}"
-    );
-    let wasm = orch.work.path().join(format!("{plugin}.wasm"));
-    std::fs::copy(p(plugin), &wasm).unwrap();
-    std::fs::write(orch.work.path().join(format!("{plugin}.toml")), manifest).unwrap();
-    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
-}
+use crate::common::install_fixture;
 
 fn install_sleep(orch: &Orch) {
     install_fixture(

@@ -264,6 +264,17 @@ impl HostProc {
     }
 }
 
+/// Installs a fixture without a manifest of its own, with one written here.
+pub fn install_fixture(orch: &Orch, plugin: &str, capability: &str, extra: &str) {
+    let manifest = format!(
+        "[plugin]\nname = \"{plugin}\"\nversion = \"0.1.0\"\ncapabilities = [\"{capability}\"]\n{extra}"
+    );
+    let wasm = orch.work.path().join(format!("{plugin}.wasm"));
+    std::fs::copy(p(plugin), &wasm).unwrap();
+    std::fs::write(orch.work.path().join(format!("{plugin}.toml")), manifest).unwrap();
+    orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+}
+
 /// Submits `capability` tasks whose payloads are `limit` and `limit + 1`
 /// bytes: the first must be accepted (201), the second refused with 413
 /// naming both figures. Returns the accepted task.

@@ -43,13 +43,7 @@ fn install(orch: &Orch, config: &str) {
         ),
         ("panic", "test.panic", ""),
     ] {
-        let manifest = format!(
-            "[plugin]\nname = \"{plugin}\"\nversion = \"0.1.0\"\ncapabilities = [\"{capability}\"]\n{extra}"
-        );
-        let wasm = orch.work.path().join(format!("{plugin}.wasm"));
-        std::fs::copy(p(plugin), &wasm).unwrap();
-        std::fs::write(orch.work.path().join(format!("{plugin}.toml")), manifest).unwrap();
-        orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+        crate::common::install_fixture(orch, plugin, capability, extra);
     }
 }
 

@@ -380,7 +380,22 @@ impl TaskRouter {
 
     /// A cancel made on any host stops the task's attempt on this one.
     async fn follow_cancels(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
-        let prefix = format!("{}.", subjects::cancels());
+        let (running, cancelled) = (self.running.clone(), self.cancelled.clone());
+        self.follow(client, subjects::cancels(), move |id, _| {
+            note_cancel(&running, &cancelled, id)
+        })
+        .await
+    }
+
+    /// Calls `each` with the rest of the subject (after `prefix.`) and the
+    /// payload of every core NATS message under `prefix`.
+    async fn follow(
+        &self,
+        client: &async_nats::Client,
+        prefix: String,
+        each: impl Fn(&str, &bytes::Bytes) + Send + 'static,
+    ) -> Result<(), ClusterError> {
+        let prefix = format!("{prefix}.");
         let mut sub = client.subscribe(format!("{prefix}>")).await.map_err(|e| {
             ClusterError::new(
                 &self.url,
@@ -389,12 +404,10 @@ impl TaskRouter {
                 e,
             )
         })?;
-        let running = self.running.clone();
-        let cancelled = self.cancelled.clone();
         tokio::spawn(async move {
             while let Some(message) = sub.next().await {
-                if let Some(id) = message.subject.as_str().strip_prefix(&prefix) {
-                    note_cancel(&running, &cancelled, id);
+                if let Some(rest) = message.subject.as_str().strip_prefix(&prefix) {
+                    each(rest, &message.payload);
                 }
             }
         });
@@ -512,25 +525,11 @@ impl TaskRouter {
     /// them. Core NATS delivers at most once, so waiters also read the
     /// bucket now and then (see `wait_for`).
     async fn follow_results(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
-        let prefix = format!("{}.", subjects::results());
-        let mut sub = client.subscribe(format!("{prefix}>")).await.map_err(|e| {
-            ClusterError::new(
-                &self.url,
-                ClusterErrorKind::Request,
-                format!("subscribe {prefix}>"),
-                e,
-            )
-        })?;
-        let waiters = self.waiters.clone();
-        let pending = self.pending.clone();
-        tokio::spawn(async move {
-            while let Some(message) = sub.next().await {
-                if let Some(key) = message.subject.as_str().strip_prefix(&prefix) {
-                    wake(&waiters, &pending, key, &message.payload);
-                }
-            }
-        });
-        Ok(())
+        let (waiters, pending) = (self.waiters.clone(), self.pending.clone());
+        self.follow(client, subjects::results(), move |key, value| {
+            wake(&waiters, &pending, key, value)
+        })
+        .await
     }
 
     /// A NATS fault: the request was fine, the broker failed it.
@@ -827,12 +826,7 @@ impl TaskRouter {
             return Ok((current.stored(), false));
         }
         let mut record = current.record;
-        record.status = Status::Cancelled;
-        record.finished_at_ms = Some(now_ms());
-        record.error = Some(ErrorInfo {
-            kind: TaskError::Cancelled.kind().to_string(),
-            message: TaskError::Cancelled.to_string(),
-        });
+        record.end(Status::Cancelled, &TaskError::Cancelled);
         let stored = StoredResult {
             task: record,
             result_base64: None,
@@ -1645,12 +1639,7 @@ impl TaskRouter {
         mut record: TaskRecord,
         error: TaskError,
     ) -> Result<Settle, HostError> {
-        record.status = Status::Failed;
-        record.finished_at_ms = Some(now_ms());
-        record.error = Some(ErrorInfo {
-            kind: error.kind().to_string(),
-            message: error.to_string(),
-        });
+        record.end(Status::Failed, &error);
         self.store_result(record, None, Some(error)).await
     }
 

@@ -243,6 +243,16 @@ impl TaskRecord {
         }
     }
 
+    /// Ends the task now with `status` and `error`.
+    pub fn end(&mut self, status: Status, error: &crate::error::TaskError) {
+        self.status = status;
+        self.finished_at_ms = Some(super::now_ms());
+        self.error = Some(ErrorInfo {
+            kind: error.kind().to_string(),
+            message: error.to_string(),
+        });
+    }
+
     /// Fills in a successful attempt's agent and figures.
     pub fn complete(&mut self, agent: String, output: crate::sandbox::TaskOutput) -> Vec<u8> {
         self.status = Status::Completed;

@@ -405,12 +405,7 @@ impl Host {
             entry.ending = true;
             entry.cancel.cancel();
             let mut record = entry.record.clone();
-            record.status = Status::Cancelled;
-            record.finished_at_ms = Some(now_ms());
-            record.error = Some(ErrorInfo {
-                kind: TaskError::Cancelled.kind().to_string(),
-                message: TaskError::Cancelled.to_string(),
-            });
+            record.end(Status::Cancelled, &TaskError::Cancelled);
             record
         };
         // Its payload leaves the scheduler's queue now, not when it would

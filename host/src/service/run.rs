@@ -153,12 +153,7 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
 
 /// The end of a task that could not run: failed with `error`.
 pub fn failed(mut record: TaskRecord, error: TaskError) -> Ended {
-    record.status = Status::Failed;
-    record.finished_at_ms = Some(now_ms());
-    record.error = Some(ErrorInfo {
-        kind: error.kind().to_string(),
-        message: error.to_string(),
-    });
+    record.end(Status::Failed, &error);
     Ended {
         record,
         result: None,

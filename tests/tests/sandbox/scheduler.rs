@@ -350,18 +350,15 @@ async fn identical_agents_share_work_evenly() {
     assert!(g <= 0.05, "Gini {g:.4} over {counts:?}");
 }
 
-/// Messages are bounded by `max_queued` (sub-tasks share the bound): a
-/// guest publishing in a loop cannot grow the queues. Submitted tasks are bounded by whoever
-/// accepts them, so they are not refused here.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_messages_are_bounded_as_a_pair() {
-    let h = Harness::new();
-    let s = Scheduler::new(SchedulerConfig {
-        max_queued: 2,
-        ..SchedulerConfig::default()
-    });
-    // A subscriber that never finishes a task: the first message holds its
-    // one slot, the next ones wait in the queue.
+/// A scheduler whose one subscriber (of `ping.hello`) is busy with a first
+/// message that never finishes by itself (2 s timeout): later messages wait
+/// in the queue, which is empty when this returns.
+async fn busy_subscriber(
+    h: &Harness,
+    config: SchedulerConfig,
+    first: Vec<u8>,
+) -> (Scheduler, orch::scheduler::TaskHandle) {
+    let s = Scheduler::new(config);
     let mut spin = h.load("spin").await;
     spin.set_subscriptions(vec!["ping.hello".into()]);
     let limits = Limits {
@@ -369,22 +366,43 @@ async fn queued_messages_are_bounded_as_a_pair() {
         ..generous()
     };
     s.add_agent("spin", Arc::new(spin), limits, 1);
-    let message = |i: u32| Submit {
-        id: format!("m{i}"),
-        ..Submit::default()
-    };
-    let running = s.submit_message("ping.hello", message(0)).unwrap();
+    let running = s.submit_message("ping.hello", message(0, first)).unwrap();
     // Wait until it is placed: then the queue is empty.
     let started = Instant::now();
     while s.queued().iter().map(|q| q.1).sum::<usize>() > 0 {
         assert!(started.elapsed() < Duration::from_secs(30), "never placed");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    (s, running)
+}
+
+fn message(i: u32, payload: Vec<u8>) -> Submit {
+    Submit {
+        id: format!("m{i}"),
+        payload,
+        ..Submit::default()
+    }
+}
+
+/// Messages are bounded by `max_queued` (sub-tasks share the bound): a
+/// guest publishing in a loop cannot grow the queues. Submitted tasks are bounded by whoever
+/// accepts them, so they are not refused here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_are_bounded_as_a_pair() {
+    let h = Harness::new();
+    let config = SchedulerConfig {
+        max_queued: 2,
+        ..SchedulerConfig::default()
+    };
+    let (s, running) = busy_subscriber(&h, config, Vec::new()).await;
     let inside: Vec<_> = (1..=2)
-        .map(|i| s.submit_message("ping.hello", message(i)).unwrap())
+        .map(|i| {
+            s.submit_message("ping.hello", message(i, Vec::new()))
+                .unwrap()
+        })
         .collect();
     assert_eq!(
-        s.submit_message("ping.hello", message(3)).err(),
+        s.submit_message("ping.hello", message(3, Vec::new())).err(),
         Some(SubmitError::QueueFull { limit: 2 })
     );
     // A submitted task is not refused by this bound.
@@ -393,7 +411,9 @@ async fn queued_messages_are_bounded_as_a_pair() {
         assert!(handle.wait().await.is_err());
     }
     // Room again.
-    assert!(s.submit_message("ping.hello", message(4)).is_ok());
+    assert!(s
+        .submit_message("ping.hello", message(4, Vec::new()))
+        .is_ok());
 }
 
 /// The payload bytes of queued messages are bounded too: a guest publishing
@@ -403,39 +423,22 @@ async fn queued_messages_are_bounded_as_a_pair() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_message_bytes_are_bounded_as_a_pair() {
     let h = Harness::new();
-    let s = Scheduler::new(SchedulerConfig {
+    let config = SchedulerConfig {
         max_queued_bytes: 10,
         ..SchedulerConfig::default()
-    });
-    let mut spin = h.load("spin").await;
-    spin.set_subscriptions(vec!["ping.hello".into()]);
-    let limits = Limits {
-        timeout: Duration::from_secs(2),
-        ..generous()
     };
-    s.add_agent("spin", Arc::new(spin), limits, 1);
-    let message = |i: u32, bytes: usize| Submit {
-        id: format!("m{i}"),
-        payload: vec![b'x'; bytes],
-        ..Submit::default()
-    };
-    // The first holds the one slot; once it is placed the queue is empty.
-    let running = s.submit_message("ping.hello", message(0, 10)).unwrap();
-    let started = Instant::now();
-    while s.queued().iter().map(|q| q.1).sum::<usize>() > 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "never placed");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let (s, running) = busy_subscriber(&h, config, vec![b'x'; 10]).await;
     let inside: Vec<_> = [4, 6]
         .into_iter()
         .enumerate()
         .map(|(i, n)| {
-            s.submit_message("ping.hello", message(i as u32 + 1, n))
+            s.submit_message("ping.hello", message(i as u32 + 1, vec![b'x'; n]))
                 .unwrap()
         })
         .collect();
     assert_eq!(
-        s.submit_message("ping.hello", message(3, 1)).err(),
+        s.submit_message("ping.hello", message(3, vec![b'x'; 1]))
+            .err(),
         Some(SubmitError::QueueBytesFull {
             queued: 10,
             size: 1,
@@ -446,7 +449,9 @@ async fn queued_message_bytes_are_bounded_as_a_pair() {
         assert!(handle.wait().await.is_err());
     }
     // The bytes went with the tasks: room again.
-    assert!(s.submit_message("ping.hello", message(4, 10)).is_ok());
+    assert!(s
+        .submit_message("ping.hello", message(4, vec![b'x'; 10]))
+        .is_ok());
 }
 
 /// Dead letters kept in memory are bounded: at the bound all are kept, past
