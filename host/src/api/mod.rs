@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -104,11 +105,16 @@ impl From<HostError> for ApiError {
             }
             HostError::Journal(_)
             | HostError::Plugin(_)
-            | HostError::Corrupt(_)
+            | HostError::Corrupt { .. }
             | HostError::DataDir { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.kind(), e.to_string())
     }
+}
+
+/// A query string that does not parse, as the API's JSON error.
+fn query_error(e: QueryRejection) -> ApiError {
+    bad_request(e.body_text())
 }
 
 fn bad_request(message: String) -> ApiError {
@@ -217,10 +223,11 @@ struct WaitQuery {
 
 async fn submit(
     State(state): State<ApiState>,
-    Query(q): Query<WaitQuery>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
+    let Query(q) = q.map_err(query_error)?;
     let wait = parse_wait(q.wait.as_deref())?;
     let payload = match (body.input, body.input_base64) {
         (Some(_), Some(_)) => {
@@ -257,8 +264,9 @@ async fn submit(
 async fn task(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Query(q): Query<WaitQuery>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
     let stored = match parse_wait(q.wait.as_deref())? {
         Some(w) => state.tasks.wait(&id, w).await?,
         None => state.tasks.get(&id).await?,
@@ -286,8 +294,12 @@ struct EventsQuery {
 /// when the client reads slower than the host emits.
 async fn events(
     State(state): State<ApiState>,
-    Query(q): Query<EventsQuery>,
-) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<
+    Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>>,
+    ApiError,
+> {
+    let Query(q) = q.map_err(query_error)?;
     let rx = state.tasks.watch();
     let keep = move |e: &TaskEvent| {
         q.task.as_deref().is_none_or(|t| {
@@ -316,7 +328,7 @@ async fn events(
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 #[derive(Deserialize)]
@@ -328,8 +340,9 @@ struct ListQueryParams {
 
 async fn list(
     State(state): State<ApiState>,
-    Query(q): Query<ListQueryParams>,
+    q: Result<Query<ListQueryParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {

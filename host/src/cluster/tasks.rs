@@ -188,9 +188,10 @@ fn claim_key(id: &str) -> String {
 /// A stored value that does not decode: the store's fault, not the
 /// request's, and not one a retry mends.
 fn corrupt(id: &str, bucket: &str, e: serde_json::Error) -> HostError {
-    HostError::Corrupt(format!(
-        "task {id}: the value in {bucket} does not decode: {e}"
-    ))
+    HostError::Corrupt {
+        what: format!("task {id}: the value in {bucket} does not decode"),
+        source: Box::new(e),
+    }
 }
 
 /// The JetStream side of a host in a cluster.
@@ -489,10 +490,10 @@ impl TaskRouter {
                 Ok(bytes) => fetched.result = Some(bytes),
                 Err(ObjectError::Nats(e)) => return Err(e),
                 Err(e) => {
-                    return Err(HostError::Corrupt(format!(
-                        "task {}: its result {name}: {e}",
-                        fetched.record.id
-                    )))
+                    return Err(HostError::Corrupt {
+                        what: format!("task {}: its result {name}", fetched.record.id),
+                        source: Box::new(e),
+                    })
                 }
             }
         }

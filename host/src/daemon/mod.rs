@@ -63,9 +63,13 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
-    /// A stored record that cannot be read back.
-    #[error("damaged record: {0}")]
-    Corrupt(String),
+    /// A stored record that cannot be read back: `what` it is, and why.
+    #[error("damaged record: {what}: {source}")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
@@ -83,7 +87,7 @@ impl HostError {
             HostError::ShuttingDown => "shutting-down",
             HostError::NoCapacity { .. } | HostError::TooManyWaits { .. } => "no-capacity",
             HostError::Unavailable { .. } => "unavailable",
-            HostError::Corrupt(_) => "corrupt",
+            HostError::Corrupt { .. } => "corrupt",
             HostError::DataDir { .. } => "data-dir",
             HostError::Journal(_) => "journal",
             HostError::Plugin(_) => "plugin",
