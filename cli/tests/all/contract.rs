@@ -428,10 +428,17 @@ contract!(listing_filters_by_status_and_capability, |d| {
     let (_, listed) = d.api().get("/v1/tasks?limit=2");
     assert_eq!(listed["tasks"].as_array().unwrap().len(), 2, "{listed}");
     // A query that does not parse is the API's JSON error, like any other.
-    for bad in ["/v1/tasks?status=finished", "/v1/tasks?limit=abc", "/v1/events?bogus=1"] {
+    for bad in [
+        "/v1/tasks?status=finished",
+        "/v1/tasks?limit=abc",
+        "/v1/events?bogus=1",
+    ] {
         let (code, refused) = d.api().get(bad);
         assert_eq!(code, 400, "{bad}: {refused}");
-        assert_eq!(refused["error"]["kind"], "invalid-request", "{bad}: {refused}");
+        assert_eq!(
+            refused["error"]["kind"], "invalid-request",
+            "{bad}: {refused}"
+        );
     }
 });
 
