@@ -1544,7 +1544,7 @@ async fn run_and_store(
         // task stays on the stream for another host or for this one's
         // restart, as on a lone host it stays in the journal. It never
         // becomes a final failure for that.
-        Err(run::NotRun::Draining | run::NotRun::NoAgent) => {
+        Err(run::NotRun::Draining | run::NotRun::NoAgent(_)) => {
             return Ok(Settle::Nak(Duration::from_millis(100)))
         }
         Ok(run::Ended {

@@ -745,8 +745,6 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// Runs one accepted task through the scheduler and journals the outcome.
 async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
     let id = record.id.clone();
-    let record_capability = record.capability.clone();
-    let record_for_failure = record.clone();
     let cancel = lock(&inner.live).get(&id).map(|l| l.cancel.clone());
     let ran = run::execute(
         &inner.scheduler,
@@ -765,14 +763,12 @@ async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
         // Not run (the host drains): left in the journal as queued, it
         // runs after the next start.
         Err(run::NotRun::Draining) => return,
-        Err(run::NotRun::NoAgent) => {
-            let capability = record_capability;
-            run::failed(
-                record_for_failure,
-                TaskError::Unavailable(format!(
-                    "no agent provides capability {capability} any more"
-                )),
-            )
+        Err(run::NotRun::NoAgent(record)) => {
+            let error = TaskError::Unavailable(format!(
+                "no agent provides capability {} any more",
+                record.capability
+            ));
+            run::failed(*record, error)
         }
     };
     if inner.stopping.load(Ordering::Relaxed)

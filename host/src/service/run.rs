@@ -42,8 +42,9 @@ pub enum NotRun {
     /// final failure for that).
     Draining,
     /// No agent of this host serves its capability any more (removed
-    /// since): another host may; on a lone host it is a failure.
-    NoAgent,
+    /// since): another host may; on a lone host it is a failure. The task
+    /// comes back as it was given.
+    NoAgent(Box<TaskRecord>),
 }
 
 /// Runs the task, or says why it did not.
@@ -78,7 +79,7 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
     let outcome = match submitted {
         Ok(handle) => handle.wait().await,
         Err(SubmitError::ShuttingDown) => return Err(NotRun::Draining),
-        Err(SubmitError::UnknownCapability(_)) => return Err(NotRun::NoAgent),
+        Err(SubmitError::UnknownCapability(_)) => return Err(NotRun::NoAgent(Box::new(record))),
         Err(e) => Err(Failure {
             id: record.id.clone(),
             capability: record.capability.clone(),
