@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{p, HostProc, NatsServer, Orch, TestCa, TestOperator};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn hosts(h: &HostProc) -> Vec<Value> {
     let (_, status) = h.get("/v1/status");
@@ -453,6 +453,56 @@ fn a_plain_nats_client_can_submit_a_task_as_documented() {
     assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
 }
 
+/// A listing reads the buckets from their end through the server's
+/// subject index: a match far behind hundreds of newer tasks of another
+/// capability is found, and the newest come first.
+#[test]
+fn a_listing_finds_old_matches_behind_many_newer_tasks() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    install_sleep(&a);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "echo", 1);
+    until_serving(&ha, "test.sleep", 1);
+    let old = ha.submit("test.sleep", "0");
+    assert_eq!(ha.wait(&old)["status"], "completed");
+    // More than the first window a listing of 100 reads (400 sequences).
+    let ids: Vec<String> = (0..600)
+        .map(|i| {
+            let (code, task) = ha.post(
+                "/v1/tasks?wait=60s",
+                &json!({ "capability": "echo", "input": i.to_string() }),
+            );
+            assert_eq!(code, 201, "{task}");
+            task["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (code, list) = ha.get("/v1/tasks?capability=test.sleep");
+    assert_eq!(code, 200, "{list}");
+    let found: Vec<&str> = list["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, [old.as_str()]);
+    let (_, list) = ha.get("/v1/tasks?status=completed&capability=echo&limit=3");
+    let newest: Vec<&str> = list["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = ids.iter().rev().take(3).map(String::as_str).collect();
+    assert_eq!(newest, expected);
+    // No task is queued or running any more: their records were deleted.
+    let (_, list) = ha.get("/v1/tasks?status=queued");
+    assert_eq!(list["tasks"], json!([]));
+    let (_, list) = ha.get("/v1/tasks?limit=1000");
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 601);
+}
+
 #[test]
 fn a_results_bucket_made_without_republish_gets_it() {
     let nats = NatsServer::start();
@@ -485,7 +535,7 @@ fn a_results_bucket_made_without_republish_gets_it() {
     let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
     until_serving(&ha, "echo", 1);
     let republish = republish().expect("the host adds republish to the bucket");
-    assert_eq!(republish.source, "$KV.ORCH_RESULTS.>");
+    assert_eq!(republish.source, "$KV.ORCH_RESULTS.*.*.>");
     assert_eq!(republish.destination, "orch.v1.results.>");
     let id = ha.submit("echo", "after the upgrade");
     assert_eq!(ha.wait(&id)["result"], "after the upgrade");

@@ -15,7 +15,7 @@
 //!   stored; a retryable failure is nak'd with a backoff, and on its last
 //!   delivery becomes a dead letter carrying every attempt's error.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{subjects, Cluster, ClusterError, ClusterErrorKind, Members};
+use super::{keys, subjects, Cluster, ClusterError, ClusterErrorKind, Members};
 use crate::daemon::{now_ms, Accepted, ErrorInfo, Host, HostError, Status, TaskRecord};
 use crate::error::TaskError;
 use crate::sandbox::{Outcome, SubCall, SubCallFuture, TaskOutput};
@@ -143,11 +143,6 @@ pub fn consumer_name(capability: &str) -> String {
     format!("cap_{safe}")
 }
 
-/// KV keys allow `[-/_=.a-zA-Z0-9]`; task ids are hex after a letter.
-fn key_for(id: &str) -> String {
-    id.to_string()
-}
-
 /// A task id that is the same for every submission with the same
 /// idempotency key, so that the stream's dedupe and the id agree.
 fn id_for_key(key: &str) -> String {
@@ -199,7 +194,6 @@ pub struct TaskRouter {
     js: jetstream::Context,
     stream: stream::Stream,
     queued: kv::Store,
-    results: kv::Store,
     host: Host,
     max_deliver: u32,
     counters: Arc<Counters>,
@@ -297,19 +291,25 @@ impl TaskRouter {
         // which is how waiters learn of it: after the write, never for a
         // write that failed (a fenced result), and without a consumer.
         let republish = stream::Republish {
-            source: format!("$KV.{RESULTS}.>"),
+            // `<status>.<capability>.<id>` keys, republished as
+            // `orch.v1.results.<id>`.
+            source: format!("$KV.{RESULTS}.*.*.>"),
             destination: format!("{}.>", subjects::results()),
             headers_only: false,
         };
-        let results = match js.get_key_value(RESULTS).await {
-            Ok(b) => b,
-            Err(_) => js
-                .create_key_value(kv::Config {
+        // Results are written and read with the raw stream API (see
+        // `keys`); the bucket is made as a KV bucket all the same, so that
+        // `nats kv` tools read it.
+        match js.get_key_value(RESULTS).await {
+            Ok(_) => {}
+            Err(_) => drop(
+                js.create_key_value(kv::Config {
                     republish: Some(republish.clone()),
                     ..bucket(RESULTS)
                 })
                 .await
                 .map_err(|e| err("bucket ORCH_RESULTS", e.into()))?,
+            ),
         };
         // A bucket made before results were republished, or with another
         // retention, gets this host's settings now.
@@ -353,7 +353,6 @@ impl TaskRouter {
             js,
             stream,
             queued,
-            results,
             host,
             max_deliver: max_deliver.max(1),
             counters: Arc::new(Counters::default()),
@@ -739,10 +738,12 @@ impl TaskRouter {
         }
         // The queued record and the task are written at the same time: the
         // task carries everything a host needs in its headers, and a record
-        // that lands after the result is harmless (results are read first).
+        // that lands after the result is read second (results are read
+        // first). The write is sent before the task on this connection, so
+        // it lands long before the task can end and its record be deleted.
         let put = async {
             self.queued
-                .put(key_for(&record.id), json.into())
+                .put(keys::queued(&record.capability, &record.id), json.into())
                 .await
                 .map_err(|e| self.error("ORCH_QUEUED", e))
         };
@@ -761,7 +762,7 @@ impl TaskRouter {
                 .map_err(|e| self.error("publish ack", e))
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let key = key_for(&record.id);
+        let key = record.id.clone();
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -783,7 +784,8 @@ impl TaskRouter {
         if put.is_ok() && ack.is_err() {
             // The submitter is told it failed: no record may say queued for
             // a task that is not on the stream (a keyed retry would find it).
-            if let Err(e) = self.queued.delete(&key).await {
+            let queued_key = keys::queued(&record.capability, &record.id);
+            if let Err(e) = self.queued.delete(&queued_key).await {
                 tracing::warn!(task = %record.id, error = %e, "cannot delete the record of a task that was not published");
             }
         }
@@ -835,19 +837,16 @@ impl TaskRouter {
             error: Some(TaskError::Cancelled),
         };
         let json = serde_json::to_vec(&stored).map_err(|e| self.error("encode", e))?;
-        match self.results.create(key_for(id), json.into()).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                return Ok((self.fetch(id).await?.stored(), false));
-            }
-            Err(e) => return Err(self.error("ORCH_RESULTS", e)),
+        if !self.create_result(&stored.task, json).await? {
+            return Ok((self.fetch(id).await?.stored(), false));
         }
         note_cancel(&self.running, &self.cancelled, id);
         // Ended: no longer unfinished here, whenever its notification comes.
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&key_for(id));
+            .remove(id);
+        self.forget_queued(&stored.task.capability, id).await;
         // At most once: a host that misses it runs the task to its end and
         // its result is fenced.
         if let Err(e) = self
@@ -877,22 +876,12 @@ impl TaskRouter {
         if !is_task_id(id) {
             return Err(HostError::NotFound(id.to_string()));
         }
-        if let Some(bytes) = self
-            .results
-            .get(key_for(id))
-            .await
-            .map_err(|e| self.error("ORCH_RESULTS", e))?
-        {
+        if let Some(bytes) = self.read_result(id).await? {
             let stored: StoredResult =
                 serde_json::from_slice(&bytes).map_err(|e| corrupt(id, "ORCH_RESULTS", e))?;
             return self.decode(stored).await;
         }
-        match self
-            .queued
-            .get(key_for(id))
-            .await
-            .map_err(|e| self.error("ORCH_QUEUED", e))?
-        {
+        match self.read_queued(id).await? {
             Some(bytes) => Ok(Fetched {
                 record: serde_json::from_slice(&bytes)
                     .map_err(|e| corrupt(id, "ORCH_QUEUED", e))?,
@@ -941,7 +930,7 @@ impl TaskRouter {
                 .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get_mut(&key_for(id))
+                .get_mut(id)
                 .and_then(|(_, rx)| rx.take());
             if let Some(rx) = rx {
                 return self.await_result(id, rx, until).await;
@@ -951,7 +940,7 @@ impl TaskRouter {
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(key_for(id))
+            .entry(id.to_string())
             .or_default()
             .push(tx);
         // A task published straight to the stream by another client has no
@@ -963,7 +952,7 @@ impl TaskRouter {
                 self.pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key_for(id));
+                    .remove(id);
                 return Ok(current);
             }
             Ok(_) | Err(HostError::NotFound(_)) => {}
@@ -1007,7 +996,7 @@ impl TaskRouter {
             self.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&key_for(id));
+                .remove(id);
         }
         outcome
     }
@@ -1015,108 +1004,66 @@ impl TaskRouter {
     /// Drops the waiters of `id` that stopped waiting without a notification.
     fn forget_closed_waiters(&self, id: &str) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        let key = key_for(id);
-        if let Some(list) = waiters.get_mut(&key) {
+        if let Some(list) = waiters.get_mut(id) {
             list.retain(|tx| !tx.is_closed());
             if list.is_empty() {
-                waiters.remove(&key);
+                waiters.remove(id);
             }
         }
     }
 
-    /// Newest first, from both buckets: each read in one pass of its
-    /// stream (the last value of every key), with no request per task, and
-    /// only the newest `limit` matches kept in memory.
+    /// Newest first: the newest `limit` results and unfinished records
+    /// that match, merged by submission time. Each bucket is read from its
+    /// end through the server's subject index (see [`keys`]), so a request
+    /// reads about what it returns, never every task.
     pub async fn list(
         &self,
         status: Option<Status>,
         capability: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, HostError> {
-        // Ordered by (submitted, id): the oldest kept is dropped first.
-        let mut newest: BTreeMap<(u64, String), TaskRecord> = BTreeMap::new();
-        let mut keep = |r: TaskRecord| {
-            if status.is_some_and(|s| r.status != s)
-                || capability.is_some_and(|c| r.capability != c)
-                || limit == 0
-            {
-                return;
-            }
-            newest.insert((r.submitted_at_ms, r.id.clone()), r);
-            if newest.len() > limit {
-                newest.pop_first();
-            }
-        };
-        // Ended tasks are in ORCH_RESULTS; their queued records stay in
-        // ORCH_QUEUED until they expire, so those ids are skipped there.
-        let mut ended = BTreeSet::new();
-        let wants_ended = status.is_none_or(Status::is_final);
-        self.scan(&self.results, RESULTS, |key, value| {
-            if wants_ended {
-                if let Ok(stored) = serde_json::from_slice::<StoredResult>(&value) {
-                    keep(stored.task);
-                }
-            }
-            ended.insert(key);
-        })
-        .await?;
+        let mut found: Vec<TaskRecord> = Vec::new();
+        if status.is_none_or(Status::is_final) {
+            let filter = keys::results_where(RESULTS, status, capability);
+            keys::newest(
+                &self.client,
+                &format!("KV_{RESULTS}"),
+                &filter,
+                limit,
+                |e| match serde_json::from_slice::<StoredResult>(&e.payload) {
+                    Ok(stored) => {
+                        found.push(stored.task);
+                        true
+                    }
+                    Err(_) => false,
+                },
+            )
+            .await
+            .map_err(|e| self.error(RESULTS, e))?;
+        }
         if status.is_none_or(|s| !s.is_final()) {
-            self.scan(&self.queued, QUEUED, |key, value| {
-                // Claims (`claim/<id>`) are not tasks.
-                if key.contains('/') || ended.contains(&key) {
-                    return;
+            // At most `max_unfinished` per host: the records of ended tasks
+            // are deleted.
+            let ended: BTreeSet<String> = found.iter().map(|r| r.id.clone()).collect();
+            let filter = keys::queued_where(QUEUED, capability);
+            keys::newest(&self.client, &format!("KV_{QUEUED}"), &filter, limit, |e| {
+                if e.deleted {
+                    return false;
                 }
-                if let Ok(record) = serde_json::from_slice::<TaskRecord>(&value) {
-                    keep(record);
+                match serde_json::from_slice::<TaskRecord>(&e.payload) {
+                    Ok(r) if status.is_none_or(|s| r.status == s) && !ended.contains(&r.id) => {
+                        found.push(r);
+                        true
+                    }
+                    _ => false,
                 }
             })
-            .await?;
-        }
-        Ok(newest.into_values().rev().collect())
-    }
-
-    /// Calls `each` with the key and value of every entry of `bucket`, in
-    /// one pass of its stream.
-    async fn scan(
-        &self,
-        bucket: &kv::Store,
-        name: &str,
-        mut each: impl FnMut(String, bytes::Bytes),
-    ) -> Result<(), HostError> {
-        // The bucket's own status is the info cached when it was opened;
-        // the stream's is read now.
-        let values = self
-            .js
-            .get_stream(format!("KV_{name}"))
             .await
-            .map_err(|e| self.error(name, e))?
-            .cached_info()
-            .state
-            .messages;
-        if values == 0 {
-            // A watch of an empty bucket would wait for the first write.
-            return Ok(());
+            .map_err(|e| self.error(QUEUED, e))?;
         }
-        let mut watch = bucket
-            .watch_with_history(">")
-            .await
-            .map_err(|e| self.error(name, e))?;
-        loop {
-            // Bounded: a bucket emptied since its status was read has
-            // nothing more to send.
-            let next = match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
-                Err(_) | Ok(None) => return Ok(()),
-                Ok(Some(next)) => next,
-            };
-            let entry = next.map_err(|e| self.error(name, e))?;
-            let last = entry.delta == 0;
-            if entry.operation == kv::Operation::Put {
-                each(entry.key, entry.value);
-            }
-            if last {
-                return Ok(());
-            }
-        }
+        found.sort_by(|a, b| (b.submitted_at_ms, &b.id).cmp(&(a.submitted_at_ms, &a.id)));
+        found.truncate(limit);
+        Ok(found)
     }
 
     /// Slots for `capability` on this host that no pulled task holds.
@@ -1406,17 +1353,10 @@ async fn run_and_store(
     // errors of the earlier attempts. A first delivery needs neither: its
     // headers carry what the record needs, which saves two round trips.
     let stored = if delivered > 1 {
-        if router
-            .results
-            .get(key_for(&id))
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-        {
+        if router.read_result(&id).await.ok().flatten().is_some() {
             return Ok(Settle::Ack);
         }
-        router.queued.get(key_for(&id)).await.ok().flatten()
+        router.read_queued(&id).await.ok().flatten()
     } else {
         None
     };
@@ -1467,7 +1407,7 @@ async fn run_and_store(
     let _watchdog = AbortOnDrop({
         let acker = message.clone();
         let queued = router.queued.clone();
-        let key = key_for(&id);
+        let key = keys::queued(capability, &id);
         let json = serde_json::to_vec(&record).ok();
         tokio::spawn(async move {
             tokio::select! {
@@ -1518,7 +1458,6 @@ async fn run_and_store(
         }
     };
     record.payload_bytes = payload.len() as u64;
-    let running_since = Instant::now();
     let ran = run::execute(
         router.host.scheduler(),
         run::Run {
@@ -1571,7 +1510,10 @@ async fn run_and_store(
         // one stays.
         let _ = shown_rx.await;
         if let Ok(json) = serde_json::to_vec(&record) {
-            let _ = router.queued.put(key_for(&id), json.into()).await;
+            let _ = router
+                .queued
+                .put(keys::queued(capability, &id), json.into())
+                .await;
         }
         if let Some(last) = record.attempt_errors.last() {
             router
@@ -1591,14 +1533,10 @@ async fn run_and_store(
         record.status = Status::Dead;
     }
     let settle = router.store_result(record, result, typed_error).await?;
-    if running_since.elapsed() >= RUNNING_AFTER {
-        // It may have a `running` record: the task has ended, so that goes
-        // (a short task wrote none, and its queued record expires with the
-        // retention time; lists and reads take the result first).
-        if let Err(e) = router.queued.delete(key_for(&id)).await {
-            tracing::debug!(task = %id, error = %e, "cannot delete a running record");
-        }
-    }
+    // Ended: its record leaves the unfinished ones, after a running record
+    // being written, if any, so that none is left behind.
+    let _ = shown_rx.await;
+    router.drop_queued(capability, &id).await;
     if let Some(name) = object {
         // The task has its result: its payload is not needed any more.
         if let Err(e) = router.objects.delete(&name).await {
@@ -1699,19 +1637,99 @@ impl TaskRouter {
             json = serde_json::to_vec(&stored)
                 .map_err(|e| HostError::InvalidRequest(e.to_string()))?;
         }
-        match router.results.create(key_for(&id), json.into()).await {
-            Ok(_) => router.host.events().ended(&stored.task),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                // Another host finished this task first (it was redelivered while
-                // this one was slow or paused), or it was cancelled: that result
-                // stands.
-                router.counters.fenced.fetch_add(1, Ordering::Relaxed);
-                router.host.events().record(EventKind::Fenced, &stored.task);
-                tracing::warn!(task = %id, "a late result was fenced: the task already has one");
-            }
-            Err(e) => return Err(router.error("ORCH_RESULTS", e)),
+        if router.create_result(&stored.task, json).await? {
+            router.host.events().ended(&stored.task);
+        } else {
+            // Another host finished this task first (it was redelivered while
+            // this one was slow or paused), or it was cancelled: that result
+            // stands.
+            router.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            router.host.events().record(EventKind::Fenced, &stored.task);
+            tracing::warn!(task = %id, "a late result was fenced: the task already has one");
         }
         Ok(Settle::Ack)
+    }
+}
+
+impl TaskRouter {
+    /// Writes a task's result unless it has one, under any status: `false`
+    /// when it had one (this outcome is fenced).
+    async fn create_result(&self, task: &TaskRecord, json: Vec<u8>) -> Result<bool, HostError> {
+        let key = keys::result(task.status, &task.capability, &task.id);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            keys::result_of(RESULTS, &task.id).as_str(),
+        );
+        let ack = async {
+            self.js
+                .send_publish(
+                    format!("$KV.{RESULTS}.{key}"),
+                    jetstream::message::PublishMessage::build()
+                        .payload(json.into())
+                        .headers(headers),
+                )
+                .await?
+                .await
+        };
+        match ack.await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Ok(false)
+            }
+            Err(e) => Err(self.error("ORCH_RESULTS", e)),
+        }
+    }
+
+    /// The stored result of `id`, whatever its status.
+    async fn read_result(&self, id: &str) -> Result<Option<bytes::Bytes>, HostError> {
+        let entry = keys::last(
+            &self.client,
+            &format!("KV_{RESULTS}"),
+            &keys::result_of(RESULTS, id),
+        )
+        .await
+        .map_err(|e| self.error("ORCH_RESULTS", e))?;
+        Ok(entry.map(|e| e.payload))
+    }
+
+    /// The queued or running record of `id`, if it has not ended.
+    async fn read_queued(&self, id: &str) -> Result<Option<bytes::Bytes>, HostError> {
+        let entry = keys::last(
+            &self.client,
+            &format!("KV_{QUEUED}"),
+            &keys::queued_of(QUEUED, id),
+        )
+        .await
+        .map_err(|e| self.error("ORCH_QUEUED", e))?;
+        Ok(entry.filter(|e| !e.deleted).map(|e| e.payload))
+    }
+
+    /// Like [`TaskRouter::forget_queued`], with a core NATS publish of the
+    /// delete marker: no round trip on every task's path. The stream stores
+    /// it like a KV delete; if it is lost (a disconnect), the record stays
+    /// until the retention time, as below.
+    async fn drop_queued(&self, capability: &str, id: &str) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("KV-Operation", "DEL");
+        let subject = format!("$KV.{QUEUED}.{}", keys::queued(capability, id));
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, headers, bytes::Bytes::new())
+            .await
+        {
+            tracing::debug!(task = %id, error = %e, "cannot delete the queued record of an ended task");
+        }
+    }
+
+    /// Deletes the queued or running record of a task that has ended. A
+    /// record left by a failed delete shows the task unfinished in lists
+    /// until the retention time; reads of the task take its result.
+    async fn forget_queued(&self, capability: &str, id: &str) {
+        if let Err(e) = self.queued.delete(keys::queued(capability, id)).await {
+            tracing::debug!(task = %id, error = %e, "cannot delete the queued record of an ended task");
+        }
     }
 }
 
