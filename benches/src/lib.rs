@@ -118,6 +118,19 @@ pub fn bare_echo_with(
     (engine, pre)
 }
 
+/// A bare wasmtime engine with epoch interruption and the pre-linked
+/// component `name` (from `target/plugins`).
+pub fn bare_component(name: &str) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
+    let mut config = wasmtime::Config::new();
+    config.wasm_component_model(true).epoch_interruption(true);
+    let engine = wasmtime::Engine::new(&config).unwrap();
+    let component = Component::from_file(&engine, plugin(name)).unwrap();
+    let mut linker = Linker::new(&engine);
+    bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
+    let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    (engine, pre)
+}
+
 /// `n` bare instantiate + `handle` calls of echo, one after the other: the
 /// baseline loop the throughput benches run on two threads.
 pub async fn bare_echo_calls(engine: &wasmtime::Engine, pre: &bindings::AgentPre<Bare>, n: u64) {

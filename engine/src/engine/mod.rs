@@ -12,9 +12,8 @@ pub mod bindings;
 mod cache;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Linker;
@@ -35,7 +34,8 @@ pub struct EngineConfig {
     /// waits for a free slot instead of finding the pool exhausted.
     pub instance_slots: u32,
     /// How often the epoch advances; a running guest yields to the host at
-    /// every tick, so deadlines are enforced to within about one tick.
+    /// every tick. Deadlines do not wait for a tick: the epoch also
+    /// advances at each armed deadline ([`Engine::arm_deadline`]).
     pub epoch_tick: Duration,
     /// Maximum wasm stack per instance, in bytes.
     pub max_wasm_stack: usize,
@@ -78,7 +78,7 @@ struct Inner<T: 'static> {
     /// One permit per pool slot: whoever instantiates holds one for as long
     /// as the instance lives.
     instances: Arc<tokio::sync::Semaphore>,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
 /// The right to one instance slot of the engine's pool, released when
@@ -180,7 +180,7 @@ impl<T: 'static> Engine<T> {
                 config,
                 compat,
                 instances,
-                _ticker: ticker,
+                ticker,
             }),
         })
     }
@@ -193,6 +193,13 @@ impl<T: 'static> Engine<T> {
             .try_acquire_owned()
             .ok()
             .map(|p| InstancePermit { _permit: p })
+    }
+
+    /// Advances the epoch at `at` as well as at every tick, for as long as
+    /// the returned guard lives: a guest running past `at` yields (and its
+    /// epoch callback stops it) within about the thread's wake-up time.
+    pub fn arm_deadline(&self, at: Instant) -> Deadline {
+        self.inner.ticker.arm(at)
     }
 
     /// Waits for a free instance slot. The semaphore is never closed, so
@@ -397,38 +404,134 @@ fn check_world(path: &Path, imports: &[String], exports: &[String]) -> Result<()
     })
 }
 
-/// Advances the engine's epoch on a background thread. Running guests yield
-/// at each tick, which lets the task's timeout fire even inside a tight loop.
+/// Advances the engine's epoch on a background thread: every tick, and at
+/// each armed task deadline. Running guests yield at each advance, which
+/// lets the task's timeout fire even inside a tight loop; the advance at a
+/// deadline stops a guest past it within the thread's wake-up time instead
+/// of at a later tick (tokio's timers cannot: they are only seen when the
+/// guest yields).
 struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    clock: Arc<Clock>,
+}
+
+/// What the epoch thread and the tasks share.
+struct Clock {
+    state: std::sync::Mutex<ClockState>,
+    wake: std::sync::Condvar,
+}
+
+struct ClockState {
+    /// Deadlines of running tasks, each with a number that tells equal
+    /// instants apart. One entry per live [`Deadline`], so at most one per
+    /// running task.
+    deadlines: std::collections::BTreeSet<(Instant, u64)>,
+    next_id: u64,
+    /// When the thread wakes next if no deadline comes first.
+    next_tick: Instant,
+    stop: bool,
+}
+
+/// An armed deadline, disarmed when dropped.
+pub struct Deadline {
+    clock: Arc<Clock>,
+    key: (Instant, u64),
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        let mut state = self.clock.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.deadlines.remove(&self.key);
+    }
 }
 
 impl EpochTicker {
     /// Fails when the thread cannot start: an engine without a ticker could
     /// not interrupt a looping guest, so it must not exist.
     fn start(engine: wasmtime::Engine, tick: Duration) -> Result<EpochTicker, LoadError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let clock = Arc::new(Clock {
+            state: std::sync::Mutex::new(ClockState {
+                deadlines: std::collections::BTreeSet::new(),
+                next_id: 0,
+                next_tick: Instant::now() + tick,
+                stop: false,
+            }),
+            wake: std::sync::Condvar::new(),
+        });
+        let shared = clock.clone();
         std::thread::Builder::new()
             .name("orch-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(tick);
-                    engine.increment_epoch();
-                }
-            })
+            .spawn(move || run_clock(&shared, &engine, tick))
             .map_err(|e| {
                 LoadError::Engine(format!(
                     "cannot start the epoch ticker thread, without which deadlines cannot interrupt a guest: {e}"
                 ))
             })?;
-        Ok(EpochTicker { stop })
+        Ok(EpochTicker { clock })
+    }
+
+    fn arm(&self, at: Instant) -> Deadline {
+        let mut state = self.clock.state.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (at, state.next_id);
+        state.next_id = state.next_id.wrapping_add(1);
+        // The thread wakes by the next tick anyway; only a deadline before
+        // that and before every other one needs it woken now (a short
+        // deadline; a task's usual seconds never do).
+        let sooner = at < state.next_tick && state.deadlines.first().is_none_or(|f| at < f.0);
+        state.deadlines.insert(key);
+        drop(state);
+        if sooner {
+            self.clock.wake.notify_one();
+        }
+        Deadline {
+            clock: self.clock.clone(),
+            key,
+        }
+    }
+}
+
+fn run_clock(clock: &Clock, engine: &wasmtime::Engine, tick: Duration) {
+    let mut state = clock.state.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if state.stop {
+            return;
+        }
+        let now = Instant::now();
+        let mut advance = false;
+        if now >= state.next_tick {
+            advance = true;
+            // From now, not from the missed tick: no burst after a stall.
+            state.next_tick = now + tick;
+        }
+        while let Some(&first) = state.deadlines.first() {
+            if first.0 > now {
+                break;
+            }
+            state.deadlines.remove(&first);
+            advance = true;
+        }
+        if advance {
+            engine.increment_epoch();
+        }
+        let until = state
+            .deadlines
+            .first()
+            .map_or(state.next_tick, |f| f.0.min(state.next_tick));
+        state = clock
+            .wake
+            .wait_timeout(state, until.saturating_duration_since(now))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.clock
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop = true;
+        self.clock.wake.notify_one();
     }
 }
 

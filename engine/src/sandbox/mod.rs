@@ -549,7 +549,9 @@ impl Agent {
     /// Calls `describe` in a fresh instance. kv is not available here: the
     /// agent's namespace is not known until `describe` has answered.
     pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
-        let mut store = self.new_store(limits, KvState::Describe, None);
+        let started = Instant::now();
+        let mut store = self.new_store(limits, KvState::Describe, None, started);
+        let _deadline = self.engine.arm_deadline(started + limits.timeout);
         let outcome = tokio::time::timeout(limits.timeout, async {
             let _instance = self.engine.instance_permit().await;
             let instance = self.pre.instantiate_async(&mut store).await?;
@@ -625,7 +627,8 @@ impl Agent {
             charged: 0,
             reports: Vec::new(),
         });
-        let mut store = self.new_store(limits, kv, calls);
+        let mut store = self.new_store(limits, kv, calls, started);
+        let _deadline = self.engine.arm_deadline(started + limits.timeout);
         store.data_mut().bus = bus;
         let task = wit::Task {
             id: task.id,
@@ -704,11 +707,15 @@ impl Agent {
         self.engine.config().instance_slots
     }
 
+    /// A store for one call that started at `started`: past its deadline
+    /// the guest is stopped at its next epoch check (see
+    /// [`crate::engine::Engine::arm_deadline`]).
     fn new_store(
         &self,
         limits: &Limits,
         kv: KvState,
         calls: Option<CallState>,
+        started: Instant,
     ) -> Store<StoreData> {
         let metered_calls = calls.is_some();
         // `describe` runs before anyone confirmed the grants (at install, at
@@ -743,10 +750,18 @@ impl Agent {
         let _ = store.set_fuel(limits.fuel);
         store.set_hostcall_fuel(usize::try_from(limits.hostcall_budget()).unwrap_or(usize::MAX));
         // Arm the epoch before anything runs: the guest yields to the executor
-        // at every tick from the first instruction on, so the timeout around
-        // the call can always fire.
+        // at every advance from the first instruction on, so the timeout
+        // around the call can always fire, and one past its deadline traps
+        // at once (the epoch advances at the deadline too).
         store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        let deadline = started + limits.timeout;
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(Trap::Interrupt.into())
+            } else {
+                Ok(wasmtime::UpdateDeadline::Yield(1))
+            }
+        });
         store
     }
 }

@@ -141,6 +141,29 @@ async fn an_endless_loop_with_unlimited_fuel_is_cut_off_by_the_deadline() {
     );
 }
 
+/// The epoch advances at a task's deadline, not only at its ticks: with a
+/// tick of an hour, a looping guest is still stopped at its deadline, and a
+/// guest inside its deadline is not (the pair: a task that ends in time).
+#[tokio::test]
+async fn a_deadline_stops_a_looping_guest_without_waiting_for_a_tick() {
+    let h = Harness::with_config(orch::EngineConfig {
+        epoch_tick: Duration::from_secs(3600),
+        ..Default::default()
+    });
+    let spin = h.load("spin").await;
+    let limits = Limits {
+        fuel: u64::MAX,
+        timeout: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    assert_eq!(
+        run(&spin, b"", &limits).await.unwrap_err(),
+        TaskError::DeadlineExceeded { ms: 50 }
+    );
+    let echo = h.load("echo").await;
+    assert_eq!(run_ok(&echo, b"in time", &limits).await, "in time");
+}
+
 /// A 1 ms deadline, many times over: the deadline is armed before the guest
 /// starts, so no run can slip past it and hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
