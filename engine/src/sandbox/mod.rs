@@ -551,7 +551,9 @@ impl Agent {
     pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
         let started = Instant::now();
         let mut store = self.new_store(limits, KvState::Describe, None, started);
-        let _deadline = self.engine.arm_deadline(started + limits.timeout);
+        let _deadline = started
+            .checked_add(limits.timeout)
+            .map(|at| self.engine.arm_deadline(at));
         let outcome = tokio::time::timeout(limits.timeout, async {
             let _instance = self.engine.instance_permit().await;
             let instance = self.pre.instantiate_async(&mut store).await?;
@@ -628,7 +630,9 @@ impl Agent {
             reports: Vec::new(),
         });
         let mut store = self.new_store(limits, kv, calls, started);
-        let _deadline = self.engine.arm_deadline(started + limits.timeout);
+        let _deadline = started
+            .checked_add(limits.timeout)
+            .map(|at| self.engine.arm_deadline(at));
         store.data_mut().bus = bus;
         let task = wit::Task {
             id: task.id,
@@ -754,9 +758,10 @@ impl Agent {
         // around the call can always fire, and one past its deadline traps
         // at once (the epoch advances at the deadline too).
         store.set_epoch_deadline(1);
-        let deadline = started + limits.timeout;
+        // A timeout too large for an Instant never passes.
+        let deadline = started.checked_add(limits.timeout);
         store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 Err(Trap::Interrupt.into())
             } else {
                 Ok(wasmtime::UpdateDeadline::Yield(1))

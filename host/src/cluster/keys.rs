@@ -109,8 +109,14 @@ fn entry(stream_subject: &str, message: async_nats::Message) -> Result<Option<En
             .unwrap_or_default()
     };
     let operation = get("KV-Operation", &headers);
+    let sequence = get("Nats-Sequence", &headers)
+        .parse()
+        .map_err(|_| ReadError::Status {
+            subject: stream_subject.to_string(),
+            status: 200,
+        })?;
     Ok(Some(Entry {
-        sequence: get("Nats-Sequence", &headers).parse().unwrap_or(0),
+        sequence,
         payload: message.payload,
         deleted: operation == "DEL" || operation == "PURGE",
     }))
@@ -140,56 +146,55 @@ pub async fn last(
 /// Most messages one batch read asks for.
 const BATCH: u64 = 256;
 
-/// The messages of `stream` on subjects matching `filter`, newest first,
-/// until `each` has been called `want` times with `true` answers or the
-/// stream's start is reached. The server's subject index finds them: the
-/// tail is read in windows of sequences, each larger than the last, with
-/// batched direct gets, so the work follows what is wanted, not the size
-/// of the stream.
-pub async fn newest(
+/// Largest window of sequences one pass reads.
+const MAX_WINDOW: u64 = 1 << 20;
+
+/// The newest `want` messages of `stream` on subjects matching `filter`
+/// that `keep` turns into a value, newest first (fewer when the stream has
+/// fewer). The server's subject index finds them: the tail is read in
+/// windows of sequences, each larger than the last, with batched direct
+/// gets, so the work follows what is wanted, not the size of the stream;
+/// at most `want` values are held at once.
+pub async fn newest<T>(
     client: &async_nats::Client,
     stream: &str,
     filter: &str,
     want: usize,
-    mut each: impl FnMut(Entry) -> bool,
-) -> Result<(), ReadError> {
+    mut keep: impl FnMut(Entry) -> Option<T>,
+) -> Result<Vec<T>, ReadError> {
+    let mut out = Vec::new();
     if want == 0 {
-        return Ok(());
+        return Ok(out);
     }
     let Some(last) = last(client, stream, filter).await? else {
-        return Ok(());
+        return Ok(out);
     };
     let mut high = last.sequence;
     let mut window = (want as u64).saturating_mul(4).max(BATCH);
-    let mut taken = 0;
     loop {
         let low = high.saturating_sub(window - 1).max(1);
-        let found = between(client, stream, filter, low, high).await?;
-        for entry in found.into_iter().rev() {
-            if each(entry) {
-                taken += 1;
-                if taken >= want {
-                    return Ok(());
-                }
-            }
-        }
-        if low <= 1 {
-            return Ok(());
+        let need = want - out.len();
+        let found = between(client, stream, filter, low, high, need, &mut keep).await?;
+        out.extend(found.into_iter().rev());
+        if out.len() >= want || low <= 1 {
+            return Ok(out);
         }
         high = low - 1;
-        window = window.saturating_mul(4);
+        window = window.saturating_mul(4).min(MAX_WINDOW);
     }
 }
 
-/// The messages matching `filter` with sequences in `low..=high`, oldest
-/// first.
-async fn between(
+/// The newest `need` values `keep` makes of the messages matching `filter`
+/// with sequences in `low..=high`, oldest first.
+async fn between<T>(
     client: &async_nats::Client,
     stream: &str,
     filter: &str,
     low: u64,
     high: u64,
-) -> Result<Vec<Entry>, ReadError> {
+    need: usize,
+    keep: &mut impl FnMut(Entry) -> Option<T>,
+) -> Result<std::collections::VecDeque<T>, ReadError> {
     let subject = format!("$JS.API.DIRECT.GET.{stream}");
     let inbox = client.new_inbox();
     let mut answers = client
@@ -199,7 +204,7 @@ async fn between(
             subject: subject.clone(),
             source: e.into(),
         })?;
-    let mut found = Vec::new();
+    let mut found = std::collections::VecDeque::new();
     let mut from = low;
     'batches: while from <= high {
         let body = serde_json::json!({
@@ -234,12 +239,19 @@ async fn between(
             let Some(entry) = entry(&subject, answer)? else {
                 break 'batches;
             };
-            got += 1;
-            from = entry.sequence + 1;
-            if entry.sequence > high {
+            // Past the window, or not forward (a server that answered
+            // otherwise than asked): this window is done.
+            if entry.sequence > high || entry.sequence < from {
                 break 'batches;
             }
-            found.push(entry);
+            got += 1;
+            from = entry.sequence + 1;
+            if let Some(value) = keep(entry) {
+                found.push_back(value);
+                if found.len() > need {
+                    found.pop_front();
+                }
+            }
         }
         if got == 0 {
             break;

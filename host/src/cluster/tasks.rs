@@ -8,10 +8,10 @@
 //!   capability (`cap_<capability with . as _>`), only as many messages as it
 //!   has free slots for that capability, and runs each task once in its local
 //!   scheduler while it sends progress acks.
-//! - The outcome goes to the KV bucket `ORCH_RESULTS` with `create`, which
-//!   fails when the key exists: the first attempt to finish writes the one
-//!   result, and a late attempt (the task was redelivered elsewhere while this
-//!   host was paused) is fenced. The message is acked only after the result is
+//! - The outcome goes to the KV bucket `ORCH_RESULTS` with a create-only
+//!   write over every status of the task id (see `keys`): the first attempt
+//!   to finish writes the one result, and a late attempt (the task was
+//!   redelivered elsewhere while this host was paused) is fenced. The message is acked only after the result is
 //!   stored; a retryable failure is nak'd with a backoff, and on its last
 //!   delivery becomes a dead letter carrying every attempt's error.
 
@@ -160,6 +160,16 @@ struct Counters {
     duplicates: AtomicU64,
 }
 
+/// Whether a server version (`2.15.1`, `2.12.0-beta.1`) is at least
+/// `major.minor`; an unreadable one is not.
+fn server_is_at_least(version: &str, major: u64, minor: u64) -> bool {
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u64>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
 /// Whether `id` can name a task: 1-64 of letters, digits, '-', '_' and
 /// '.' (every such id is a valid KV key). A message with any other id is
 /// terminated, never redelivered.
@@ -258,6 +268,15 @@ impl TaskRouter {
         let err = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
             ClusterError::new(&url, ClusterErrorKind::Request, what, e)
         };
+        // Results are fenced with a header 2.11 brought; an older server
+        // would ignore it and store two results for one task.
+        let version = cluster.client.server_info().version;
+        if !server_is_at_least(&version, 2, 11) {
+            return Err(err(
+                "server version",
+                format!("nats-server {version} is older than 2.11, which orch needs to keep one result per task").into(),
+            ));
+        }
         let js = jetstream::new(cluster.client.clone());
         let stream = js
             .get_or_create_stream(stream::Config {
@@ -1025,41 +1044,38 @@ impl TaskRouter {
         let mut found: Vec<TaskRecord> = Vec::new();
         if status.is_none_or(Status::is_final) {
             let filter = keys::results_where(RESULTS, status, capability);
-            keys::newest(
+            let ended = keys::newest(
                 &self.client,
                 &format!("KV_{RESULTS}"),
                 &filter,
                 limit,
-                |e| match serde_json::from_slice::<StoredResult>(&e.payload) {
-                    Ok(stored) => {
-                        found.push(stored.task);
-                        true
-                    }
-                    Err(_) => false,
+                |e| {
+                    serde_json::from_slice::<StoredResult>(&e.payload)
+                        .ok()
+                        .map(|stored| stored.task)
                 },
             )
             .await
             .map_err(|e| self.error(RESULTS, e))?;
+            found.extend(ended);
         }
         if status.is_none_or(|s| !s.is_final()) {
             // At most `max_unfinished` per host: the records of ended tasks
-            // are deleted.
+            // are removed.
             let ended: BTreeSet<String> = found.iter().map(|r| r.id.clone()).collect();
             let filter = keys::queued_where(QUEUED, capability);
-            keys::newest(&self.client, &format!("KV_{QUEUED}"), &filter, limit, |e| {
-                if e.deleted {
-                    return false;
-                }
-                match serde_json::from_slice::<TaskRecord>(&e.payload) {
-                    Ok(r) if status.is_none_or(|s| r.status == s) && !ended.contains(&r.id) => {
-                        found.push(r);
-                        true
+            let unfinished =
+                keys::newest(&self.client, &format!("KV_{QUEUED}"), &filter, limit, |e| {
+                    if e.deleted {
+                        return None;
                     }
-                    _ => false,
-                }
-            })
-            .await
-            .map_err(|e| self.error(QUEUED, e))?;
+                    serde_json::from_slice::<TaskRecord>(&e.payload)
+                        .ok()
+                        .filter(|r| status.is_none_or(|s| r.status == s) && !ended.contains(&r.id))
+                })
+                .await
+                .map_err(|e| self.error(QUEUED, e))?;
+            found.extend(unfinished);
         }
         found.sort_by(|a, b| (b.submitted_at_ms, &b.id).cmp(&(a.submitted_at_ms, &a.id)));
         found.truncate(limit);
@@ -1354,6 +1370,8 @@ async fn run_and_store(
     // headers carry what the record needs, which saves two round trips.
     let stored = if delivered > 1 {
         if router.read_result(&id).await.ok().flatten().is_some() {
+            // Ended already; a record a retry wrote meanwhile goes too.
+            router.forget_queued(capability, &id).await;
             return Ok(Settle::Ack);
         }
         router.read_queued(&id).await.ok().flatten()
@@ -1452,7 +1470,11 @@ async fn run_and_store(
                         _ => TaskError::Unavailable(format!("the task's payload {name}: {e}")),
                     };
                     record.attempts = delivered;
-                    return router.store_failure(record, error).await;
+                    let settle = router.store_failure(record, error).await;
+                    drop(ran_tx);
+                    let _ = shown_rx.await;
+                    router.forget_queued(capability, &id).await;
+                    return settle;
                 }
             }
         }
@@ -1706,30 +1728,38 @@ impl TaskRouter {
         Ok(entry.filter(|e| !e.deleted).map(|e| e.payload))
     }
 
-    /// Like [`TaskRouter::forget_queued`], with a core NATS publish of the
-    /// delete marker: no round trip on every task's path. The stream stores
-    /// it like a KV delete; if it is lost (a disconnect), the record stays
-    /// until the retention time, as below.
+    /// Removes the queued or running record of a task that has ended: a
+    /// purge of its subject, which leaves no delete marker behind (markers
+    /// would match a listing's filter for the whole retention time). Sent
+    /// without waiting for the answer: no round trip on every task's path.
+    /// A record left by a lost purge (a disconnect) shows the task
+    /// unfinished in lists until the retention time; reads of the task take
+    /// its result.
     async fn drop_queued(&self, capability: &str, id: &str) {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("KV-Operation", "DEL");
-        let subject = format!("$KV.{QUEUED}.{}", keys::queued(capability, id));
-        if let Err(e) = self
+        let (subject, body) = self.purge_request(capability, id);
+        let sent = self
             .client
-            .publish_with_headers(subject, headers, bytes::Bytes::new())
-            .await
-        {
-            tracing::debug!(task = %id, error = %e, "cannot delete the queued record of an ended task");
+            .publish_with_reply(subject, self.client.new_inbox(), body.into())
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(task = %id, error = %e, "cannot remove the queued record of an ended task");
         }
     }
 
-    /// Deletes the queued or running record of a task that has ended. A
-    /// record left by a failed delete shows the task unfinished in lists
-    /// until the retention time; reads of the task take its result.
+    /// [`TaskRouter::drop_queued`], waiting for the server's answer.
     async fn forget_queued(&self, capability: &str, id: &str) {
-        if let Err(e) = self.queued.delete(keys::queued(capability, id)).await {
-            tracing::debug!(task = %id, error = %e, "cannot delete the queued record of an ended task");
+        let (subject, body) = self.purge_request(capability, id);
+        if let Err(e) = self.client.request(subject, body.into()).await {
+            tracing::debug!(task = %id, error = %e, "cannot remove the queued record of an ended task");
         }
+    }
+
+    fn purge_request(&self, capability: &str, id: &str) -> (String, String) {
+        let filter = format!("$KV.{QUEUED}.{}", keys::queued(capability, id));
+        (
+            format!("$JS.API.STREAM.PURGE.KV_{QUEUED}"),
+            serde_json::json!({ "filter": filter }).to_string(),
+        )
     }
 }
 
@@ -1854,5 +1884,22 @@ impl TaskStore for TaskRouter {
 
     fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>> {
         Box::pin(TaskRouter::cancel(self, id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_is_at_least;
+
+    #[test]
+    fn a_server_before_2_11_is_refused_and_2_11_on_is_taken() {
+        assert!(!server_is_at_least("2.10.22", 2, 11));
+        assert!(!server_is_at_least("2.9.15", 2, 11));
+        assert!(server_is_at_least("2.11.0", 2, 11));
+        assert!(server_is_at_least("2.15.1", 2, 11));
+        assert!(server_is_at_least("2.12.0-beta.1", 2, 11));
+        assert!(server_is_at_least("3.0.0", 2, 11));
+        assert!(!server_is_at_least("", 2, 11));
+        assert!(!server_is_at_least("v2.x", 2, 11));
     }
 }
