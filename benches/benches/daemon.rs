@@ -3,8 +3,9 @@
 //! for HTTP, the journal's fsynced accept and result writes, the scheduler
 //! and the sandbox. Baselines in the same run: a bare wasmtime
 //! instantiate + call loop on two threads, and `GET /v1/status` over the
-//! same HTTP stack (no task, no disk). Prints p50/p99 submit-to-result
-//! latency of the HTTP path.
+//! same HTTP stack (no task, no disk). Also the same tasks as one
+//! `POST /v1/tasks:batch?wait=` whose results stream back. Prints p50/p99
+//! submit-to-result latency of the HTTP path.
 //!
 //! `cargo bench -p orch-benches --bench daemon` after `bash plugins/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -122,6 +123,35 @@ fn daemon(c: &mut Criterion) {
                 load(|agent| {
                     agent.get(&status_url).call().unwrap();
                 });
+            }
+            started.elapsed()
+        })
+    });
+    // The same 1,600 tasks as one `POST /v1/tasks:batch?wait=` from one
+    // client: each result streams back as its task ends.
+    let batch_url = format!("{base}/v1/tasks:batch?wait=30s");
+    let batch_body =
+        vec![r#"{"capability":"echo","input":"hello, orch"}"#; BATCH as usize].join("\n");
+    group.bench_function("http_batch_wait", |b| {
+        b.iter_custom(|iters| {
+            let agent = client();
+            let started = Instant::now();
+            for _ in 0..iters {
+                let mut r = agent
+                    .post(&batch_url)
+                    .header("content-type", "application/x-ndjson")
+                    .send(&batch_body)
+                    .unwrap();
+                let body = r
+                    .body_mut()
+                    .with_config()
+                    .limit(64 << 20)
+                    .read_to_string()
+                    .unwrap();
+                assert_eq!(
+                    body.matches(r#""status":"completed""#).count(),
+                    BATCH as usize
+                );
             }
             started.elapsed()
         })

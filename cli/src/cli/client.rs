@@ -83,16 +83,63 @@ impl Client {
             let kind = value["error"]["kind"].as_str().unwrap_or("error");
             let message = value["error"]["message"].as_str().unwrap_or(&text);
             eprintln!("error: {message}");
-            let code = match kind {
-                "not-found" | "unknown-capability" | "invalid-request" | "payload-too-large" => {
-                    exit::BAD_INPUT
-                }
-                "unavailable" | "shutting-down" | "no-capacity" => exit::UNAVAILABLE,
-                _ => exit::ERROR,
-            };
-            return Err(Failed(code));
+            return Err(Failed(exit_for_refusal(kind)));
         }
         Ok((status, value))
+    }
+
+    /// POSTs `body` as JSON lines to `path` and calls `each` with every
+    /// line of the answer as it arrives.
+    pub fn post_lines(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        mut each: impl FnMut(&str),
+    ) -> Result<(), Failed> {
+        use std::io::BufRead;
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .agent
+            .post(&url)
+            .header("content-type", "application/x-ndjson")
+            .send(&body[..]);
+        let mut response = response.map_err(|e| {
+            eprintln!(
+                "error: cannot reach the orch host API at {}: {e}",
+                self.base
+            );
+            Failed(exit::ERROR)
+        })?;
+        if response.status().as_u16() >= 400 {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let kind = value["error"]["kind"].as_str().unwrap_or("error");
+            eprintln!(
+                "error: {}",
+                value["error"]["message"].as_str().unwrap_or(&text)
+            );
+            return Err(Failed(exit_for_refusal(kind)));
+        }
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|e| {
+                eprintln!("error: {url}: the answer stopped: {e}");
+                Failed(exit::ERROR)
+            })?;
+            each(&line);
+        }
+        Ok(())
+    }
+}
+
+/// The exit code for a request the API refused, by the error's kind.
+pub fn exit_for_refusal(kind: &str) -> u8 {
+    match kind {
+        "not-found" | "unknown-capability" | "invalid-request" | "payload-too-large" => {
+            exit::BAD_INPUT
+        }
+        "unavailable" | "shutting-down" | "no-capacity" => exit::UNAVAILABLE,
+        _ => exit::ERROR,
     }
 }
 

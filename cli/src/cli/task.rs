@@ -23,10 +23,17 @@ pub struct ApiArgs {
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Submit a task by capability. Prints the task id, or with --wait the result.
+    /// With --batch, submits one task per line of a file and prints one JSON
+    /// line per task (with --wait, as each task ends).
     Submit {
         /// The capability to run, e.g. text.wordcount.
-        #[arg(long)]
-        capability: String,
+        #[arg(long, required_unless_present = "batch")]
+        capability: Option<String>,
+        /// File of JSON lines, one submission per line as the body of
+        /// `POST /v1/tasks` (`{"capability", "input", ...}`); `-` reads
+        /// standard input. At most 10,000 lines.
+        #[arg(long, conflicts_with_all = ["capability", "input", "deadline", "idempotency_key"])]
+        batch: Option<PathBuf>,
         /// File with the payload; `-` reads standard input. Default: empty.
         #[arg(long)]
         input: Option<PathBuf>,
@@ -121,13 +128,39 @@ fn client(home: &Path, api: &ApiArgs, wait: Option<Duration>) -> Client {
 pub fn run(home: &Path, cmd: Command) -> u8 {
     let result = match cmd {
         Command::Submit {
-            capability,
+            batch: Some(batch),
+            wait,
+            api,
+            ..
+        } => (|| {
+            let wait = wait.wait()?;
+            let body = read_input(Some(&batch))?;
+            let client = client(home, &api, wait);
+            let path = match wait {
+                Some(w) => format!("/v1/tasks:batch?wait={}ms", w.as_millis()),
+                None => "/v1/tasks:batch".to_string(),
+            };
+            let mut code = 0;
+            let mut out = std::io::stdout().lock();
+            client
+                .post_lines(&path, body, |line| {
+                    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+                    if code == 0 {
+                        code = batch_line_code(line, wait.is_some());
+                    }
+                })
+                .map_err(|Failed(c)| c)?;
+            Ok(code)
+        })(),
+        Command::Submit {
+            capability: Some(capability),
             input,
             priority,
             deadline,
             idempotency_key,
             wait,
             api,
+            batch: None,
         } => (|| {
             let wait = wait.wait()?;
             let payload = read_input(input.as_deref())?;
@@ -163,6 +196,8 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 }
             })
         })(),
+        // clap requires a capability without --batch.
+        Command::Submit { .. } => Err(exit::BAD_INPUT),
         Command::Get { id, wait, api } => (|| {
             let wait = wait.wait()?;
             let client = client(home, &api, wait);
@@ -349,6 +384,29 @@ fn read_input(input: Option<&Path>) -> Result<Vec<u8>, u8> {
             eprintln!("error: cannot read {}: {e}", p.display());
             exit::BAD_INPUT
         }),
+    }
+}
+
+/// The exit code one answer line of a batch calls for: 0 for a task
+/// accepted (or, when waited for, completed), else what `orch task submit`
+/// exits with for that refusal or that task's error.
+fn batch_line_code(line: &str, waited: bool) -> u8 {
+    let Ok(value) = serde_json::from_str::<Value>(line) else {
+        return exit::ERROR;
+    };
+    if let Some(kind) = value["error"]["kind"].as_str() {
+        return super::client::exit_for_refusal(kind);
+    }
+    if !waited {
+        return 0;
+    }
+    let task = &value["task"];
+    match task["status"].as_str().unwrap_or_default() {
+        "completed" => 0,
+        "failed" | "dead" | "cancelled" => {
+            exit_for_kind(task["error"]["kind"].as_str().unwrap_or_default())
+        }
+        _ => exit::ERROR,
     }
 }
 

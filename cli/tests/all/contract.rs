@@ -598,3 +598,111 @@ contract!(watching_a_task_ends_when_the_task_has_ended, |d| {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 });
+
+/// POSTs JSON lines to `/v1/tasks:batch` and returns the status and the
+/// answer's lines.
+fn batch(d: &Deployment, query: &str, lines: &[String]) -> (u16, Vec<Value>) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into();
+    let mut response = agent
+        .post(&format!("{}/v1/tasks:batch{query}", d.api().url))
+        .header("content-type", "application/x-ndjson")
+        .send(lines.join("\n"))
+        .unwrap();
+    let code = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .unwrap();
+    let answers = if code == 200 {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    } else {
+        vec![serde_json::from_str(&text).unwrap()]
+    };
+    (code, answers)
+}
+
+contract!(
+    a_batch_answers_every_line_and_streams_results_as_tasks_end,
+    |d| {
+        let lines = vec![
+            json!({ "capability": "echo", "input": "a" }).to_string(),
+            json!({ "capability": "no.such", "input": "x" }).to_string(),
+            String::new(),
+            json!({ "capability": "echo", "input": "b", "priority": 3 }).to_string(),
+            "{not json".to_string(),
+        ];
+        // Without wait: one answer per non-blank line, in the batch's order.
+        let (code, answers) = batch(d, "", &lines);
+        assert_eq!(code, 200);
+        let indexes: Vec<u64> = answers
+            .iter()
+            .map(|a| a["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(indexes, [0, 1, 2, 3]);
+        assert_eq!(answers[0]["task"]["capability"], "echo", "{}", answers[0]);
+        assert_eq!(answers[1]["code"], 400);
+        assert_eq!(answers[1]["error"]["kind"], "unknown-capability");
+        assert_eq!(answers[2]["task"]["priority"], 3);
+        assert_eq!(answers[3]["error"]["kind"], "invalid-request");
+        assert!(answers[3]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 4:"));
+        for a in [&answers[0], &answers[2]] {
+            let id = a["task"]["id"].as_str().unwrap();
+            assert_eq!(d.api().wait(id)["status"], "completed");
+        }
+        // With wait: every line answered once, tasks with their results.
+        let (code, answers) = batch(d, "?wait=60s", &lines);
+        assert_eq!(code, 200);
+        let mut by_index: Vec<(u64, Value)> = answers
+            .into_iter()
+            .map(|a| (a["index"].as_u64().unwrap(), a))
+            .collect();
+        by_index.sort_by_key(|(i, _)| *i);
+        assert_eq!(by_index.len(), 4);
+        assert_eq!(by_index[0].1["task"]["result"], "a", "{}", by_index[0].1);
+        assert_eq!(by_index[2].1["task"]["result"], "b", "{}", by_index[2].1);
+        assert_eq!(by_index[1].1["error"]["kind"], "unknown-capability");
+        // The CLI prints every line and exits with the first failure's code.
+        let file = d.cli().home.path().join("batch.jsonl");
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let out = d.cli().run(&[
+            "task",
+            "submit",
+            "--api",
+            &d.api().url,
+            "--batch",
+            file.to_str().unwrap(),
+            "--wait",
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        assert_eq!(crate::common::stdout(&out).lines().count(), 4);
+    }
+);
+
+contract!(
+    a_batch_of_10000_lines_is_answered_and_one_more_is_refused,
+    |d| {
+        let line = json!({ "capability": "no.such" }).to_string();
+        let (code, answers) = batch(d, "", &vec![line.clone(); 10_000]);
+        assert_eq!(code, 200);
+        assert_eq!(answers.len(), 10_000);
+        assert!(answers.iter().all(|a| a["code"] == 400));
+        let (code, answers) = batch(d, "", &vec![line; 10_001]);
+        assert_eq!(code, 400, "{:?}", answers);
+        assert_eq!(answers[0]["error"]["kind"], "invalid-request");
+        assert!(answers[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 10000 tasks; this one has 10001"));
+    }
+);

@@ -59,6 +59,7 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/agents", get(agents))
         .route("/v1/tasks", post(submit).get(list))
+        .route("/v1/tasks:batch", post(submit_batch))
         .route("/v1/tasks/{id}", get(task))
         .route("/v1/tasks/{id}/cancel", post(cancel))
         .route("/v1/events", get(events))
@@ -221,14 +222,8 @@ struct WaitQuery {
     wait: Option<String>,
 }
 
-async fn submit(
-    State(state): State<ApiState>,
-    q: Result<Query<WaitQuery>, QueryRejection>,
-    body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
-    let Query(q) = q.map_err(query_error)?;
-    let wait = parse_wait(q.wait.as_deref())?;
+/// The request a submission body asks for.
+fn submit_request(body: SubmitBody) -> Result<SubmitRequest, ApiError> {
     let payload = match (body.input, body.input_base64) {
         (Some(_), Some(_)) => {
             return Err(bad_request("give input or input_base64, not both".into()))
@@ -245,13 +240,24 @@ async fn submit(
         .map(parse_duration)
         .transpose()
         .map_err(|e| bad_request(format!("deadline: {e}")))?;
-    let request = SubmitRequest {
+    Ok(SubmitRequest {
         capability: body.capability,
         payload,
         priority: body.priority,
         deadline,
         idempotency_key: body.idempotency_key,
-    };
+    })
+}
+
+async fn submit(
+    State(state): State<ApiState>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
+    body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
+    let Query(q) = q.map_err(query_error)?;
+    let wait = parse_wait(q.wait.as_deref())?;
+    let request = submit_request(body)?;
     let (stored, existing) = state.tasks.submit_and_wait(request, wait).await?;
     let code = if existing {
         StatusCode::OK
@@ -259,6 +265,93 @@ async fn submit(
         StatusCode::CREATED
     };
     Ok((code, Json(stored_json(&stored))).into_response())
+}
+
+/// Most tasks one batch may hold.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Submissions of one batch in flight at once when the answers come in
+/// the batch's order: enough for the journal to commit many in one
+/// transaction, or for the stream to take many at once.
+const BATCH_IN_FLIGHT: usize = 256;
+
+/// One answer line of a batch: the task, or why its line was refused.
+fn batch_line(index: usize, outcome: Result<(Stored, bool), ApiError>) -> bytes::Bytes {
+    let mut line = match outcome {
+        Ok((stored, existing)) => json!({
+            "index": index,
+            "existing": existing,
+            "task": stored_json(&stored),
+        }),
+        Err(ApiError(code, kind, message)) => json!({
+            "index": index,
+            "code": code.as_u16(),
+            "error": { "kind": kind, "message": message },
+        }),
+    }
+    .to_string();
+    line.push('\n');
+    line.into()
+}
+
+/// `POST /v1/tasks:batch`: one submission per line of the body (JSON
+/// lines, blank lines skipped), answered as JSON lines: in the batch's
+/// order without `wait`, and as each task ends with it, so that many
+/// results arrive without polling. A line that is refused does not stop
+/// the others.
+async fn submit_batch(
+    State(state): State<ApiState>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    let Query(q) = q.map_err(query_error)?;
+    let wait = parse_wait(q.wait.as_deref())?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| bad_request(format!("the batch is not UTF-8: {e}")))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() > MAX_BATCH {
+        return Err(bad_request(format!(
+            "a batch holds at most {MAX_BATCH} tasks; this one has {}",
+            lines.len()
+        )));
+    }
+    let requests: Vec<Result<SubmitRequest, ApiError>> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str::<SubmitBody>(line)
+                .map_err(|e| bad_request(format!("line {}: {e}", i + 1)))
+                .and_then(submit_request)
+        })
+        .collect();
+    let tasks = state.tasks.clone();
+    let answers = futures_util::stream::iter(requests.into_iter().enumerate()).map(
+        move |(index, request)| {
+            let tasks = tasks.clone();
+            async move {
+                let outcome = match request {
+                    Ok(request) => tasks
+                        .submit_and_wait(request, wait)
+                        .await
+                        .map_err(ApiError::from),
+                    Err(e) => Err(e),
+                };
+                Ok::<_, std::convert::Infallible>(batch_line(index, outcome))
+            }
+        },
+    );
+    let body = match wait {
+        None => axum::body::Body::from_stream(answers.buffered(BATCH_IN_FLIGHT)),
+        // All at once: each waits for its own task (bounded by MAX_BATCH,
+        // and by `[host] max_waits` through the wait slots).
+        Some(_) => axum::body::Body::from_stream(answers.buffer_unordered(MAX_BATCH)),
+    };
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
 }
 
 async fn task(
