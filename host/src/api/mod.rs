@@ -186,9 +186,13 @@ impl<'a> TaskJson<'a> {
     }
 }
 
-fn stored_json(stored: &Stored) -> Value {
-    serde_json::to_value(TaskJson::new(&stored.record, stored.result.as_deref()))
-        .unwrap_or(Value::Null)
+/// The task's JSON, serialized once, straight from the record.
+fn task_response(code: StatusCode, stored: &Stored) -> Response {
+    (
+        code,
+        Json(TaskJson::new(&stored.record, stored.result.as_deref())),
+    )
+        .into_response()
 }
 
 fn parse_wait(wait: Option<&str>) -> Result<Option<Duration>, ApiError> {
@@ -264,7 +268,7 @@ async fn submit(
     } else {
         StatusCode::CREATED
     };
-    Ok((code, Json(stored_json(&stored))).into_response())
+    Ok(task_response(code, &stored))
 }
 
 /// Most tasks one batch may hold.
@@ -277,20 +281,28 @@ const BATCH_IN_FLIGHT: usize = 256;
 
 /// One answer line of a batch: the task, or why its line was refused.
 fn batch_line(index: usize, outcome: Result<(Stored, bool), ApiError>) -> bytes::Bytes {
+    #[derive(Serialize)]
+    struct Accepted<'a> {
+        index: usize,
+        existing: bool,
+        task: TaskJson<'a>,
+    }
     let mut line = match outcome {
-        Ok((stored, existing)) => json!({
-            "index": index,
-            "existing": existing,
-            "task": stored_json(&stored),
-        }),
+        Ok((stored, existing)) => serde_json::to_vec(&Accepted {
+            index,
+            existing,
+            task: TaskJson::new(&stored.record, stored.result.as_deref()),
+        })
+        .unwrap_or_default(),
         Err(ApiError(code, kind, message)) => json!({
             "index": index,
             "code": code.as_u16(),
             "error": { "kind": kind, "message": message },
-        }),
-    }
-    .to_string();
-    line.push('\n');
+        })
+        .to_string()
+        .into_bytes(),
+    };
+    line.push(b'\n');
     line.into()
 }
 
@@ -358,20 +370,23 @@ async fn task(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     q: Result<Query<WaitQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(query_error)?;
     let stored = match parse_wait(q.wait.as_deref())? {
         Some(w) => state.tasks.wait(&id, w).await?,
         None => state.tasks.get(&id).await?,
     };
-    Ok(Json(stored_json(&stored)))
+    Ok(task_response(StatusCode::OK, &stored))
 }
 
 async fn cancel(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(stored_json(&state.tasks.cancel(&id).await?)))
+) -> Result<Response, ApiError> {
+    Ok(task_response(
+        StatusCode::OK,
+        &state.tasks.cancel(&id).await?,
+    ))
 }
 
 #[derive(Deserialize)]
