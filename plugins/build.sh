@@ -78,8 +78,13 @@ for manifest in "$root"/plugins/*/Cargo.toml; do
     if grep -q '^target = "wasm32-wasip1"' "$manifest"; then wasip1+=("$name"); else unknown+=("$name"); fi
 done
 
-log "building the componentize tool"
-(cd "$root" && cargo build --quiet --release -p orch-componentize)
+# The whole workspace with its tests, in one build: every later cargo
+# command (the demo's binary, `cargo test --workspace --release`) then finds
+# it done. Building one package alone would resolve other features for the
+# crates it shares with the tests (resolver 2 adds dev-dependencies' features
+# only when tests are built), and wasmtime would compile twice.
+log "building the host, the CLI, the componentize tool and the tests"
+(cd "$root" && cargo build --quiet --release --workspace --bins --tests)
 componentize="$root/target/release/orch-componentize"
 
 start=$(date +%s)

@@ -11,8 +11,8 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# Builds the workspace too (target/release/orch), as the test command needs it.
 bash plugins/build.sh
-cargo build --quiet --release -p orch-cli
 if [ -z "${ORCH_HOME:-}" ]; then
     export ORCH_HOME=$root/target/demo-home
     rm -rf "$ORCH_HOME"
