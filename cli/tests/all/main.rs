@@ -8,4 +8,5 @@ mod cluster;
 mod common;
 mod contract;
 mod daemon;
+mod metrics;
 mod plugin;

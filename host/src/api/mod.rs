@@ -65,6 +65,7 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/sync", post(sync))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -533,6 +534,48 @@ async fn status(State(state): State<ApiState>) -> Json<Value> {
             "duplicates": router.as_ref().map_or(0, |r| r.duplicates()),
         })),
     }))
+}
+
+/// `GET /metrics`: the host's metrics in the OpenMetrics text format.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    use crate::scheduler::breaker::State as Breaker;
+    let host = state.host();
+    let agents = host
+        .agents()
+        .into_iter()
+        .map(|a| {
+            let breaker = match a.breaker {
+                Breaker::Closed => 0,
+                Breaker::HalfOpen => 1,
+                Breaker::Open => 2,
+            };
+            (a.label, a.in_flight, a.max_in_flight, breaker, a.score)
+        })
+        .collect();
+    let mut members = std::collections::BTreeMap::<String, i64>::new();
+    if let Some(c) = &state.cluster {
+        for m in c.members() {
+            *members.entry(m.state.to_string()).or_default() += 1;
+        }
+    }
+    let router = state.router.as_ref();
+    let snapshot = crate::metrics::Snapshot {
+        queued: host.scheduler().queued(),
+        agents,
+        members: members.into_iter().collect(),
+        redelivered: router.map_or(0, |r| r.redelivered()),
+        terminated: router.map_or(0, |r| r.terminated()),
+        duplicates: router.map_or(0, |r| r.duplicates()),
+    };
+    let text = host.events().metrics().render(snapshot);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn plugins(State(state): State<ApiState>) -> Json<Value> {

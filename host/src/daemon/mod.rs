@@ -218,6 +218,7 @@ impl Host {
                     capability,
                     agent,
                     attempt,
+                    waited,
                 } => {
                     if let Some(l) = lock(&hook_live).get_mut(id) {
                         l.record.status = Status::Running;
@@ -227,6 +228,7 @@ impl Host {
                     hook_events.emit(EventKind::Started, id, capability, |e| {
                         e.agent = Some(agent.to_string());
                         e.attempt = attempt;
+                        e.waited_us = Some(waited.as_micros() as u64);
                     });
                 }
                 AttemptEvent::Retrying {

@@ -2,9 +2,9 @@
 //! here and emitted in three places only: the task service (accepted,
 //! cancelled), the scheduler's attempt hook (started, retried) and the code
 //! that writes a run's outcome to its store (completed, failed, dead,
-//! fenced). Watchers (the API's `/v1/events`, and later metrics, traces, the
-//! audit trail, the dashboard and workflows) subscribe to them instead of
-//! reading the stores' records.
+//! fenced). The host's metrics count every one; watchers (the API's
+//! `/v1/events`, and later traces, the audit trail, the dashboard and
+//! workflows) subscribe to them instead of reading the stores' records.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -76,6 +76,10 @@ pub struct TaskEvent {
     /// Submission to end, for the events that end a task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub took_ms: Option<u64>,
+    /// For `started`: microseconds the attempt waited in this host's
+    /// scheduler (its queue, then for a slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel_used: Option<u64>,
     /// `TaskError::kind()` of the failure, for `retried`, `failed`, `dead`.
@@ -96,12 +100,12 @@ impl TaskEvent {
     }
 }
 
-/// The host's event channel. Sending costs one atomic load when nobody
-/// watches.
+/// The host's event channel, and its metrics, which count every event.
 #[derive(Clone)]
 pub struct Events {
     tx: broadcast::Sender<Arc<TaskEvent>>,
     host: Arc<str>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Live [`Watch`]es: read on every emit, so kept apart from the
     /// channel's own count (which takes a lock).
     watchers: Arc<AtomicUsize>,
@@ -133,6 +137,7 @@ impl Events {
         Events {
             tx,
             host: Arc::from(host),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             watchers: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -141,7 +146,11 @@ impl Events {
         &self.host
     }
 
-    /// Whether anyone watches; callers skip building events when not.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Whether anyone watches.
     pub fn watched(&self) -> bool {
         self.watchers.load(Ordering::Acquire) > 0
     }
@@ -156,8 +165,8 @@ impl Events {
         }
     }
 
-    /// Emits the event that `make` builds from a blank one of this host,
-    /// if anyone watches.
+    /// Emits the event that `make` builds from a blank one of this host:
+    /// counted in the metrics, and sent to the watchers if any.
     pub fn emit(
         &self,
         kind: EventKind,
@@ -165,9 +174,6 @@ impl Events {
         capability: &str,
         make: impl FnOnce(&mut TaskEvent),
     ) {
-        if !self.watched() {
-            return;
-        }
         let mut event = TaskEvent {
             kind,
             task: task.to_string(),
@@ -178,12 +184,17 @@ impl Events {
             at_ms: now_ms(),
             submitted_at_ms: None,
             took_ms: None,
+            waited_us: None,
             fuel_used: None,
             error: None,
             tenant: crate::daemon::journal::DEFAULT_TENANT.to_string(),
             principal: crate::daemon::journal::ANONYMOUS.to_string(),
         };
         make(&mut event);
+        self.metrics.observe(&event);
+        if !self.watched() {
+            return;
+        }
         // An error only means nobody watches any more.
         let _ = self.tx.send(Arc::new(event));
     }

@@ -1,0 +1,142 @@
+//! The host's `/metrics`, scraped by a real Prometheus server (Debian's
+//! `prometheus` package, which `.ci/run` installs) and read back through
+//! Prometheus's own query API.
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{install_fixture, p, HostProc, Orch};
+
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` (`host:port`) every second.
+    fn start(target: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: orch\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the prometheus binary (apt-get install prometheus; .ci/run installs it)");
+        Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    /// The value of an instant query that returns one sample, once it
+    /// equals `want`; bounded at 60 s, asking every 200 ms.
+    fn until_equals(&self, query: &str, want: f64) {
+        let started = Instant::now();
+        let mut last = Value::Null;
+        while started.elapsed() < Duration::from_secs(60) {
+            if let Ok(mut r) = ureq::get(&format!("{}/api/v1/query", self.url))
+                .query("query", query)
+                .call()
+            {
+                let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap())
+                    .unwrap_or(Value::Null);
+                let value = body["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse::<f64>().ok());
+                if value == Some(want) {
+                    return;
+                }
+                last = body;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{query} did not reach {want} within 60 s; last answer: {last}");
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
+    let orch = Orch::new();
+    orch.config("[host]\nmax_attempts = 2\n");
+    orch.ok(&["plugin", "install", "-y", &p("wordcount")]);
+    install_fixture(&orch, "panic", "test.panic", "");
+    let host = HostProc::start(&orch);
+    for i in 0..7 {
+        let (code, task) = host.post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": "text.wordcount", "input": format!("one two {i}") }),
+        );
+        assert_eq!(code, 201, "{task}");
+        assert_eq!(task["status"], "completed", "{task}");
+    }
+    let (_, task) = host.post(
+        "/v1/tasks?wait=60s",
+        &json!({ "capability": "test.panic", "input": "x" }),
+    );
+    assert_eq!(task["status"], "dead", "{task}");
+    // A refused submission is no task: not counted.
+    let (code, _) = host.post("/v1/tasks", &json!({ "capability": "no.such" }));
+    assert_eq!(code, 400);
+
+    let target = host.url.trim_start_matches("http://");
+    let prometheus = Prometheus::start(target);
+    prometheus.until_equals("up{job=\"orch\"}", 1.0);
+    prometheus.until_equals(
+        "sum(orch_tasks_total{capability=\"text.wordcount\",outcome=\"completed\"})",
+        7.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_tasks_total{capability=\"test.panic\",outcome=\"dead\",error=\"trap\"})",
+        1.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_task_submit_to_result_seconds_count{capability=\"text.wordcount\"})",
+        7.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_task_queue_wait_seconds_count{capability=\"text.wordcount\"})",
+        7.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_task_fuel_used_count{capability=\"text.wordcount\"})",
+        7.0,
+    );
+    // Two attempts of the trapping task, one retried.
+    prometheus.until_equals(
+        "sum(orch_task_attempts_total{capability=\"test.panic\"})",
+        2.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_task_retries_total{capability=\"test.panic\"})",
+        1.0,
+    );
+    prometheus.until_equals("sum(orch_agent_free_slots)", 32.0);
+}
