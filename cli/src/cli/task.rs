@@ -31,8 +31,9 @@ pub enum Command {
         capability: Option<String>,
         /// File of JSON lines, one submission per line as the body of
         /// `POST /v1/tasks` (`{"capability", "input", ...}`); `-` reads
-        /// standard input. At most 10,000 lines.
-        #[arg(long, conflicts_with_all = ["capability", "input", "deadline", "idempotency_key"])]
+        /// standard input. At most 10,000 lines. Prints the answer lines
+        /// (JSON, whatever --output says).
+        #[arg(long, conflicts_with_all = ["capability", "input", "priority", "deadline", "idempotency_key"])]
         batch: Option<PathBuf>,
         /// File with the payload; `-` reads standard input. Default: empty.
         #[arg(long)]

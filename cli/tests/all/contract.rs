@@ -639,6 +639,10 @@ contract!(
             json!({ "capability": "echo", "input": "b", "priority": 3 }).to_string(),
             "{not json".to_string(),
         ];
+        // A batch of no task is refused.
+        let (code, answers) = batch(d, "", &[String::new(), " ".into()]);
+        assert_eq!(code, 400, "{answers:?}");
+        assert_eq!(answers[0]["error"]["kind"], "invalid-request");
         // Without wait: one answer per non-blank line, in the batch's order.
         let (code, answers) = batch(d, "", &lines);
         assert_eq!(code, 200);
@@ -655,7 +659,7 @@ contract!(
         assert!(answers[3]["error"]["message"]
             .as_str()
             .unwrap()
-            .starts_with("line 4:"));
+            .starts_with("line 5:"));
         for a in [&answers[0], &answers[2]] {
             let id = a["task"]["id"].as_str().unwrap();
             assert_eq!(d.api().wait(id)["status"], "completed");

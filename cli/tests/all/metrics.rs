@@ -1,5 +1,5 @@
 //! The host's `/metrics`, scraped by a real Prometheus server (Debian's
-//! `prometheus` package, which `.ci/run` installs) and read back through
+//! `prometheus` package, which `plugins/build.sh` installs) and read back through
 //! Prometheus's own query API.
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ impl Prometheus {
             .local_addr()
             .unwrap()
             .port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -39,9 +40,9 @@ impl Prometheus {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
-            .expect("the prometheus binary (apt-get install prometheus; .ci/run installs it)");
+            .expect("the prometheus binary (plugins/build.sh installs Debian's prometheus)");
         Prometheus {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -51,10 +52,15 @@ impl Prometheus {
 
     /// The value of an instant query that returns one sample, once it
     /// equals `want`; bounded at 60 s, asking every 200 ms.
-    fn until_equals(&self, query: &str, want: f64) {
+    fn until_equals(&mut self, query: &str, want: f64) {
         let started = Instant::now();
         let mut last = Value::Null;
         while started.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(self._dir.path().join("prometheus.log"))
+                    .unwrap_or_default();
+                panic!("prometheus exited ({status}):\n{log}");
+            }
             if let Ok(mut r) = ureq::get(&format!("{}/api/v1/query", self.url))
                 .query("query", query)
                 .call()
@@ -107,7 +113,7 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
     assert_eq!(code, 400);
 
     let target = host.url.trim_start_matches("http://");
-    let prometheus = Prometheus::start(target);
+    let mut prometheus = Prometheus::start(target);
     prometheus.until_equals("up{job=\"orch\"}", 1.0);
     prometheus.until_equals(
         "sum(orch_tasks_total{capability=\"text.wordcount\",outcome=\"completed\"})",

@@ -315,14 +315,35 @@ fn batch_line(index: usize, outcome: Result<(Stored, bool), ApiError>) -> bytes:
 async fn submit_batch(
     State(state): State<ApiState>,
     q: Result<Query<WaitQuery>, QueryRejection>,
-    body: bytes::Bytes,
+    body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     use futures_util::StreamExt;
     let Query(q) = q.map_err(query_error)?;
     let wait = parse_wait(q.wait.as_deref())?;
+    // The whole batch is one request body, under the same limit as one
+    // submission's.
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!(
+                "the batch is larger than one request may be: {}",
+                e.body_text()
+            ),
+        ),
+        _ => bad_request(e.body_text()),
+    })?;
     let text = std::str::from_utf8(&body)
         .map_err(|e| bad_request(format!("the batch is not UTF-8: {e}")))?;
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    // With their line numbers in the body (from 1), blank lines skipped.
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    if lines.is_empty() {
+        return Err(bad_request("the batch holds no task".into()));
+    }
     if lines.len() > MAX_BATCH {
         return Err(bad_request(format!(
             "a batch holds at most {MAX_BATCH} tasks; this one has {}",
@@ -331,10 +352,9 @@ async fn submit_batch(
     }
     let requests: Vec<Result<SubmitRequest, ApiError>> = lines
         .iter()
-        .enumerate()
-        .map(|(i, line)| {
+        .map(|(n, line)| {
             serde_json::from_str::<SubmitBody>(line)
-                .map_err(|e| bad_request(format!("line {}: {e}", i + 1)))
+                .map_err(|e| bad_request(format!("line {}: {e}", n + 1)))
                 .and_then(submit_request)
         })
         .collect();

@@ -228,7 +228,7 @@ impl Host {
                     hook_events.emit(EventKind::Started, id, capability, |e| {
                         e.agent = Some(agent.to_string());
                         e.attempt = attempt;
-                        e.waited_us = Some(waited.as_micros() as u64);
+                        e.waited_us = waited.map(|w| w.as_micros() as u64);
                     });
                 }
                 AttemptEvent::Retrying {

@@ -157,9 +157,9 @@ pub enum AttemptEvent<'a> {
         capability: &'a str,
         agent: &'a str,
         attempt: u32,
-        /// Since the task entered this scheduler (its queue wait, for a
-        /// first attempt).
-        waited: Duration,
+        /// For the first attempt in this scheduler: since the task entered
+        /// it (its queue wait, then for a slot).
+        waited: Option<Duration>,
     },
     /// An attempt failed with `error` and the task waits for its next one.
     Retrying {
@@ -1139,7 +1139,10 @@ async fn run(inner: Arc<Inner>, job: Job) {
             capability: task.route.name(),
             agent: &label,
             attempt,
-            waited: started.saturating_duration_since(task.submitted),
+            waited: task
+                .attempts
+                .is_empty()
+                .then(|| started.saturating_duration_since(task.submitted)),
         });
     }
     // A message for a subscription reaches the agent with its subject as

@@ -76,8 +76,8 @@ pub struct TaskEvent {
     /// Submission to end, for the events that end a task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub took_ms: Option<u64>,
-    /// For `started`: microseconds the attempt waited in this host's
-    /// scheduler (its queue, then for a slot).
+    /// For the first `started` of a task on this host: microseconds it
+    /// waited in the host's scheduler (its queue, then for a slot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waited_us: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

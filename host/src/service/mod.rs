@@ -255,13 +255,20 @@ impl TaskService {
                 size,
             )
         };
-        let events = self.events();
-        let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
-        match self
-            .store
-            .accept(record.clone(), request.payload, &stored)
-            .await?
-        {
+        // On a task of its own: a caller dropped mid-way (a client that
+        // disconnected) must not drop a store write half done, e.g. a task
+        // journaled but not yet handed to the scheduler, which would then
+        // wait for the host's restart to run.
+        let (store, events, new) = (self.store.clone(), self.events().clone(), record.clone());
+        let accept = tokio::spawn(async move {
+            let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
+            store.accept(new, request.payload, &stored).await
+        });
+        let accepted = accept.await.map_err(|e| HostError::Unavailable {
+            what: format!("task {}: its submission stopped", record.id),
+            source: Box::new(e),
+        })??;
+        match accepted {
             Accepted::Existing(id) => Ok(Submitted {
                 task: self.store.get(&id).await?.record,
                 existing: true,
