@@ -453,6 +453,62 @@ fn a_plain_nats_client_can_submit_a_task_as_documented() {
     assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
 }
 
+/// A listing asks the server only for what it returns: the matches near
+/// the stream's end, found by the server's subject index. A read of every
+/// entry (the listing before the indexed keys) would hand all 4,003 to
+/// `keep`.
+#[test]
+fn a_listing_reads_matches_near_the_end_not_every_entry() {
+    use orch::cluster::keys;
+    let nats = NatsServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "T".into(),
+            subjects: vec!["t.>".into()],
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let subjects = (0..2000)
+            .map(|i| format!("t.a.{i}"))
+            .chain((0..3).map(|i| format!("t.b.{i}")))
+            .chain((2000..4000).map(|i| format!("t.a.{i}")));
+        let mut acks = Vec::new();
+        for subject in subjects {
+            acks.push(js.publish(subject, "x".into()).await.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+        let mut kept = 0;
+        let found = keys::newest(&client, "T", "t.b.>", 3, |e| {
+            kept += 1;
+            Some(e.sequence)
+        })
+        .await
+        .unwrap();
+        assert_eq!(found, [2003, 2002, 2001]);
+        assert_eq!(kept, 3);
+        let mut kept = 0;
+        let found = keys::newest(&client, "T", "t.a.>", 5, |e| {
+            kept += 1;
+            Some(e.sequence)
+        })
+        .await
+        .unwrap();
+        assert_eq!(found, [4003, 4002, 4001, 4000, 3999]);
+        // One window of 256 sequences from the end, not the whole stream.
+        assert!(kept <= 256, "{kept} entries read");
+    });
+}
+
 /// A listing reads the buckets from their end through the server's
 /// subject index: a match far behind hundreds of newer tasks of another
 /// capability is found, and the newest come first.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-mod keys;
+pub mod keys;
 pub mod messages;
 pub mod tasks;
 

@@ -126,19 +126,27 @@ async fn work_within_the_deadline_passes_past_it_fails() {
     );
 }
 
-#[tokio::test]
-async fn an_endless_loop_with_unlimited_fuel_is_cut_off_by_the_deadline() {
-    let h = Harness::new();
-    let spin = h.load("spin").await;
-    let limits = Limits {
+/// Unlimited fuel and a 50 ms deadline.
+fn fuel_unlimited_50_ms() -> Limits {
+    Limits {
         fuel: u64::MAX,
         timeout: Duration::from_millis(50),
         ..Limits::default()
-    };
+    }
+}
+
+/// `spin` under [`fuel_unlimited_50_ms`] ends with the deadline.
+async fn assert_spin_stopped_at_50_ms(h: &Harness) {
+    let spin = h.load("spin").await;
     assert_eq!(
-        run(&spin, b"", &limits).await.unwrap_err(),
+        run(&spin, b"", &fuel_unlimited_50_ms()).await.unwrap_err(),
         TaskError::DeadlineExceeded { ms: 50 }
     );
+}
+
+#[tokio::test]
+async fn an_endless_loop_with_unlimited_fuel_is_cut_off_by_the_deadline() {
+    assert_spin_stopped_at_50_ms(&Harness::new()).await;
 }
 
 /// The epoch advances at a task's deadline, not only at its ticks: with a
@@ -150,18 +158,12 @@ async fn a_deadline_stops_a_looping_guest_without_waiting_for_a_tick() {
         epoch_tick: Duration::from_secs(3600),
         ..Default::default()
     });
-    let spin = h.load("spin").await;
-    let limits = Limits {
-        fuel: u64::MAX,
-        timeout: Duration::from_millis(50),
-        ..Limits::default()
-    };
-    assert_eq!(
-        run(&spin, b"", &limits).await.unwrap_err(),
-        TaskError::DeadlineExceeded { ms: 50 }
-    );
+    assert_spin_stopped_at_50_ms(&h).await;
     let echo = h.load("echo").await;
-    assert_eq!(run_ok(&echo, b"in time", &limits).await, "in time");
+    assert_eq!(
+        run_ok(&echo, b"in time", &fuel_unlimited_50_ms()).await,
+        "in time"
+    );
 }
 
 /// A 1 ms deadline, many times over: the deadline is armed before the guest
