@@ -343,9 +343,13 @@ impl TaskRouter {
                 .map_err(|e| err(name, e.into()))?
                 .config
                 .clone();
+            // Per-message TTLs for the queued records' delete markers.
+            let ttl = name == QUEUED;
             let stale = (republish.is_some() && config.republish != republish)
-                || config.max_age != retention;
+                || config.max_age != retention
+                || (ttl && !config.allow_message_ttl);
             if stale {
+                config.allow_message_ttl |= ttl;
                 if republish.is_some() {
                     config.republish = republish;
                 }
@@ -1558,7 +1562,7 @@ async fn run_and_store(
     // Ended: its record leaves the unfinished ones, after a running record
     // being written, if any, so that none is left behind.
     let _ = shown_rx.await;
-    router.drop_queued(capability, &id).await;
+    router.forget_queued(capability, &id).await;
     if let Some(name) = object {
         // The task has its result: its payload is not needed any more.
         if let Err(e) = router.objects.delete(&name).await {
@@ -1729,39 +1733,31 @@ impl TaskRouter {
     }
 
     /// Removes the queued or running record of a task that has ended: a
-    /// purge of its subject, which leaves no delete marker behind (markers
-    /// would match a listing's filter for the whole retention time). Sent
-    /// without waiting for the answer: no round trip on every task's path.
-    /// A record left by a lost purge (a disconnect) shows the task
-    /// unfinished in lists until the retention time; reads of the task take
-    /// its result.
-    async fn drop_queued(&self, capability: &str, id: &str) {
-        let (subject, body) = self.purge_request(capability, id);
+    /// KV delete marker that itself expires after [`MARKER_TTL`] (a
+    /// per-message TTL), so that listings do not walk the markers of every
+    /// task of the retention time. A marker, unlike a purge, is a message of
+    /// the bucket's stream: it is stored after the record's write, which
+    /// reached the server before the task could even start. Sent without
+    /// waiting for the answer: no round trip on every task's path. A record
+    /// left by a lost marker (a disconnect) shows the task unfinished in
+    /// lists until the retention time; reads of the task take its result.
+    async fn forget_queued(&self, capability: &str, id: &str) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("KV-Operation", "DEL");
+        headers.insert("Nats-TTL", MARKER_TTL);
+        let subject = format!("$KV.{QUEUED}.{}", keys::queued(capability, id));
         let sent = self
             .client
-            .publish_with_reply(subject, self.client.new_inbox(), body.into())
+            .publish_with_headers(subject, headers, bytes::Bytes::new())
             .await;
         if let Err(e) = sent {
             tracing::debug!(task = %id, error = %e, "cannot remove the queued record of an ended task");
         }
     }
-
-    /// [`TaskRouter::drop_queued`], waiting for the server's answer.
-    async fn forget_queued(&self, capability: &str, id: &str) {
-        let (subject, body) = self.purge_request(capability, id);
-        if let Err(e) = self.client.request(subject, body.into()).await {
-            tracing::debug!(task = %id, error = %e, "cannot remove the queued record of an ended task");
-        }
-    }
-
-    fn purge_request(&self, capability: &str, id: &str) -> (String, String) {
-        let filter = format!("$KV.{QUEUED}.{}", keys::queued(capability, id));
-        (
-            format!("$JS.API.STREAM.PURGE.KV_{QUEUED}"),
-            serde_json::json!({ "filter": filter }).to_string(),
-        )
-    }
 }
+
+/// How long the delete marker of an ended task's queued record stays.
+const MARKER_TTL: &str = "1s";
 
 /// Why an object could not be read.
 #[derive(Debug, thiserror::Error)]
