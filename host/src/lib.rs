@@ -23,6 +23,8 @@
 //! - [`cluster`]: many hosts over NATS (the only module that talks to it).
 //! - [`config`]: the host's configuration file (limit maxima, signature policy).
 //! - [`units`]: parsing of sizes and durations given by users.
+//! - [`workflow`]: durable workflows (task graphs, checkpoints,
+//!   compensation) over the task service.
 
 pub mod api;
 pub mod cluster;
@@ -34,6 +36,7 @@ pub mod plugin;
 pub mod scheduler;
 pub mod service;
 pub mod units;
+pub mod workflow;
 
 // The engine and sandbox are their own crate (`engine/`), which knows
 // nothing of what is built here; re-exported so that `orch::engine`,

@@ -14,6 +14,7 @@ use crate::config::HostConfig;
 use crate::daemon::{now_ms, Host, HostError};
 use crate::sandbox::Engine;
 use crate::service::TaskService;
+use crate::workflow::{LocalStore, WorkflowError, WorkflowStore, Workflows};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -21,6 +22,8 @@ pub enum NodeError {
     Host(#[from] HostError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Workflow(#[from] WorkflowError),
 }
 
 /// How a node reaches its peers and its clients.
@@ -38,6 +41,7 @@ pub struct Node {
     cluster: Option<Arc<Cluster>>,
     router: Option<Arc<TaskRouter>>,
     tasks: TaskService,
+    workflows: Workflows,
     api: Option<String>,
 }
 
@@ -53,8 +57,12 @@ impl Node {
         let max_attempts = config.host.max_attempts;
         let host = Host::start(home, config, engine).await?;
         let Some(nats) = &options.nats else {
+            let tasks = TaskService::local(host.clone());
+            let store: Arc<dyn WorkflowStore> =
+                Arc::new(LocalStore::open(&home.join("workflows.redb"))?);
             return Ok(Node {
-                tasks: TaskService::local(host.clone()),
+                workflows: Workflows::start(tasks.clone(), store),
+                tasks,
                 host,
                 cluster: None,
                 router: None,
@@ -70,8 +78,12 @@ impl Node {
         );
         let router = TaskRouter::start(&cluster, host.clone(), max_attempts).await?;
         crate::cluster::messages::start(&cluster, host.clone());
+        let tasks = TaskService::new(host.clone(), router.clone());
+        let store: Arc<dyn WorkflowStore> =
+            Arc::new(crate::cluster::workflows::KvStore::open(&cluster).await?);
         Ok(Node {
-            tasks: TaskService::new(host.clone(), router.clone()),
+            workflows: Workflows::start(tasks.clone(), store),
+            tasks,
             host,
             cluster: Some(cluster),
             router: Some(router),
@@ -87,6 +99,10 @@ impl Node {
         &self.tasks
     }
 
+    pub fn workflows(&self) -> &Workflows {
+        &self.workflows
+    }
+
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.as_ref()
     }
@@ -99,6 +115,7 @@ impl Node {
     pub fn api_state(&self) -> ApiState {
         ApiState {
             tasks: self.tasks.clone(),
+            workflows: Some(self.workflows.clone()),
             cluster: self.cluster.clone(),
             router: self.router.clone(),
         }

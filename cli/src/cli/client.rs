@@ -47,13 +47,33 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), Failed> {
+        let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
+        self.send(method, path, body)
+    }
+
+    /// POSTs `body` with its content type; the answer as for `request`.
+    pub fn post_text(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Value), Failed> {
+        self.send("POST", path, Some((content_type, body)))
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<(u16, Value), Failed> {
         let url = format!("{}{path}", self.base);
         let response = match (method, body) {
-            ("POST", Some(body)) => self
+            ("POST", Some((content_type, body))) => self
                 .agent
                 .post(&url)
-                .header("content-type", "application/json")
-                .send(body.to_string()),
+                .header("content-type", content_type)
+                .send(&body[..]),
             ("POST", None) => self.agent.post(&url).send_empty(),
             _ => self.agent.get(&url).call(),
         };
@@ -135,9 +155,8 @@ impl Client {
 /// The exit code for a request the API refused, by the error's kind.
 pub fn exit_for_refusal(kind: &str) -> u8 {
     match kind {
-        "not-found" | "unknown-capability" | "invalid-request" | "payload-too-large" => {
-            exit::BAD_INPUT
-        }
+        "not-found" | "unknown-capability" | "invalid-request" | "payload-too-large"
+        | "invalid-workflow" | "already-exists" => exit::BAD_INPUT,
         "unavailable" | "shutting-down" | "no-capacity" => exit::UNAVAILABLE,
         _ => exit::ERROR,
     }

@@ -9,6 +9,7 @@ mod key;
 mod plugin;
 mod run;
 mod task;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +77,9 @@ enum Command {
     /// Submit, show and list tasks on a running host.
     #[command(subcommand)]
     Task(task::Command),
+    /// Register, run, show and cancel durable workflows on a running host.
+    #[command(subcommand)]
+    Workflow(workflow::Command),
     /// Show a running host: tasks, agents, capabilities, breakers.
     Status(task::ApiArgs),
 }
@@ -111,6 +115,7 @@ pub fn main() -> ExitCode {
             // The API client is blocking (ureq); keep it off the runtime's
             // worker threads.
             Command::Task(cmd) => blocking(move || task::run(&home, cmd)).await,
+            Command::Workflow(cmd) => blocking(move || workflow::run(&home, cmd)).await,
             Command::Status(api) => blocking(move || task::status(&home, api)).await,
         }
     });

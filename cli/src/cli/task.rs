@@ -15,9 +15,9 @@ pub struct ApiArgs {
     /// URL of the host's API (default: the host running on $ORCH_HOME, else
     /// http://127.0.0.1:7878).
     #[arg(long, env = "ORCH_API")]
-    api: Option<String>,
+    pub api: Option<String>,
     #[arg(long, value_enum, default_value_t)]
-    output: Output,
+    pub output: Output,
 }
 
 #[derive(clap::Subcommand)]
@@ -370,7 +370,7 @@ pub fn status(home: &Path, api: ApiArgs) -> u8 {
     0
 }
 
-fn read_input(input: Option<&Path>) -> Result<Vec<u8>, u8> {
+pub fn read_input(input: Option<&Path>) -> Result<Vec<u8>, u8> {
     match input {
         None => Ok(Vec::new()),
         Some(p) if p == Path::new("-") => {
@@ -411,7 +411,7 @@ fn batch_line_code(line: &str, waited: bool) -> u8 {
     }
 }
 
-fn print_json(value: &Value) -> u8 {
+pub fn print_json(value: &Value) -> u8 {
     println!("{value}");
     0
 }

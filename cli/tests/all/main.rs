@@ -10,3 +10,4 @@ mod contract;
 mod daemon;
 mod metrics;
 mod plugin;
+mod workflow;

@@ -24,6 +24,9 @@ use crate::cluster::Cluster;
 use crate::daemon::{AttemptInfo, ErrorInfo, Host, HostError, Status, SubmitRequest, TaskRecord};
 use crate::service::{ListQuery, Stored, TaskEvent, TaskService};
 use crate::units::parse_duration;
+use crate::workflow::Workflows;
+
+mod workflows;
 
 /// The longest a request may wait for a task to end.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -33,6 +36,8 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 #[derive(Clone)]
 pub struct ApiState {
     pub tasks: TaskService,
+    /// None for an API over a bare `Host` (`ApiState::local`).
+    pub workflows: Option<Workflows>,
     pub cluster: Option<Arc<Cluster>>,
     pub router: Option<Arc<TaskRouter>>,
 }
@@ -42,6 +47,7 @@ impl ApiState {
     pub fn local(host: Host) -> ApiState {
         ApiState {
             tasks: TaskService::local(host),
+            workflows: None,
             cluster: None,
             router: None,
         }
@@ -65,6 +71,15 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/sync", post(sync))
+        .route(
+            "/v1/workflows",
+            post(workflows::register).get(workflows::list_definitions),
+        )
+        .route("/v1/workflows/{name}", get(workflows::inspect))
+        .route("/v1/workflows/{name}/runs", post(workflows::start))
+        .route("/v1/runs", get(workflows::runs))
+        .route("/v1/runs/{id}", get(workflows::run))
+        .route("/v1/runs/{id}/cancel", post(workflows::cancel))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

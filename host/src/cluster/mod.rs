@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub mod keys;
 pub mod messages;
 pub mod tasks;
+pub mod workflows;
 
 /// How often a host announces itself.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);

@@ -1,0 +1,725 @@
+//! Workflows on real hosts with real agents: each case runs against a lone
+//! host and against a 2-host cluster over a real nats-server (runs are
+//! started and driven on host A, which serves no plugin; their tasks run on
+//! host B), with the same assertions.
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::{p, HostProc, NatsServer, Orch};
+
+pub struct Deployment {
+    _nats: Option<NatsServer>,
+    _homes: Vec<Orch>,
+    hosts: Vec<HostProc>,
+}
+
+#[derive(Clone, Copy)]
+pub enum Mode {
+    Lone,
+    Cluster,
+}
+
+const CONFIG: &str = "[host]\nmax_attempts = 1\n[limits]\nmax_fuel = 1000000000000\n";
+
+/// echo, flaky and kvtool with their manifests, and sleep with room for
+/// four 10 s spins at once.
+fn install(orch: &Orch) {
+    orch.config(CONFIG);
+    for plugin in ["echo", "flaky", "kvtool"] {
+        orch.ok(&["plugin", "install", "-y", &p(plugin)]);
+    }
+    crate::common::install_fixture(
+        orch,
+        "sleep",
+        "test.sleep",
+        "[limits]\nmax_instances = 4\nfuel = 1000000000000\ntimeout = \"20s\"\n",
+    );
+}
+
+impl Deployment {
+    pub fn start(mode: Mode) -> Deployment {
+        match mode {
+            Mode::Lone => {
+                let orch = Orch::new();
+                install(&orch);
+                let host = HostProc::start(&orch);
+                Deployment {
+                    _nats: None,
+                    _homes: vec![orch],
+                    hosts: vec![host],
+                }
+            }
+            Mode::Cluster => {
+                let nats = NatsServer::start();
+                let a = Orch::new();
+                a.config(CONFIG);
+                let b = Orch::new();
+                install(&b);
+                let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
+                let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+                ha.until("host A sees host B's capabilities", |h| {
+                    let (_, status) = h.get("/v1/status");
+                    status["cluster"]["hosts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|m| {
+                            m["state"] == "alive"
+                                && m["capabilities"]
+                                    .as_array()
+                                    .is_some_and(|c| c.iter().any(|c| c == "test.sleep"))
+                        })
+                });
+                Deployment {
+                    _nats: Some(nats),
+                    _homes: vec![a, b],
+                    hosts: vec![ha, hb],
+                }
+            }
+        }
+    }
+
+    /// Where runs are started (and driven).
+    pub fn api(&self) -> &HostProc {
+        &self.hosts[0]
+    }
+
+    /// Where their tasks run.
+    pub fn runner(&self) -> &HostProc {
+        self.hosts.last().unwrap()
+    }
+}
+
+/// Registers a TOML definition; the API's status and answer.
+pub fn register(host: &HostProc, toml: &str) -> (u16, Value) {
+    let mut r = HostProc::agent()
+        .post(&format!("{}/v1/workflows", host.url))
+        .header("content-type", "application/toml")
+        .send(toml)
+        .unwrap();
+    let code = r.status().as_u16();
+    (
+        code,
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+    )
+}
+
+fn registered(host: &HostProc, toml: &str) {
+    let (code, answer) = register(host, toml);
+    assert_eq!(code, 201, "{answer}");
+}
+
+/// Starts a run; waits for its end when `wait`.
+pub fn start(host: &HostProc, name: &str, body: Value, wait: bool) -> Value {
+    let path = if wait {
+        format!("/v1/workflows/{name}/runs?wait=60s")
+    } else {
+        format!("/v1/workflows/{name}/runs")
+    };
+    let (code, run) = host.post(&path, &body);
+    assert_eq!(code, 201, "{run}");
+    run
+}
+
+pub fn wait_run(host: &HostProc, id: &str) -> Value {
+    let (code, run) = host.get(&format!("/v1/runs/{id}?wait=60s"));
+    assert_eq!(code, 200, "{run}");
+    assert!(
+        run["status"] != "running" && run["status"] != "compensating",
+        "{run}"
+    );
+    run
+}
+
+pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {run}"))
+}
+
+fn ms(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a time: {v}"))
+}
+
+/// Task events of a host, read on a thread.
+pub struct Events {
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Events {
+    /// Connected when this returns: every later event is seen.
+    pub fn open(host: &HostProc, query: &str) -> Events {
+        let response = ureq::get(&format!("{}/v1/events?{query}", host.url))
+            .call()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let reader = BufReader::new(response.into_body().into_reader());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if let Some(data) = line.strip_prefix("data:") {
+                    if let Ok(v) = serde_json::from_str(data.trim()) {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Events { rx }
+    }
+
+    /// The next event of `kind`, bounded in time.
+    pub fn next(&self, kind: &str) -> Value {
+        loop {
+            let event = self
+                .rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no {kind} event"));
+            if event["kind"] == kind {
+                return event;
+            }
+        }
+    }
+}
+
+macro_rules! both {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn lone() {
+                let case: fn(&Deployment) = $body;
+                case(&Deployment::start(Mode::Lone));
+            }
+            #[test]
+            fn cluster() {
+                let case: fn(&Deployment) = $body;
+                case(&Deployment::start(Mode::Cluster));
+            }
+        }
+    };
+}
+
+both!(
+    independent_steps_run_at_once_and_a_join_waits_for_both,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "par"
+version = 1
+[[steps]]
+id = "a"
+capability = "test.sleep"
+input = "200"
+[[steps]]
+id = "b"
+capability = "test.sleep"
+input = "200"
+[[steps]]
+id = "join"
+capability = "echo"
+after = ["a", "b"]
+input = { a = "${steps.a}", b = "${steps.b}" }
+"#,
+        );
+        let run = start(d.api(), "par", json!({}), true);
+        assert_eq!(run["status"], "completed", "{run}");
+        let (a, b, join) = (step(&run, "a"), step(&run, "b"), step(&run, "join"));
+        // Each spun 200 ms; together they took well under 400 ms.
+        let first = ms(&a["started_at_ms"]).min(ms(&b["started_at_ms"]));
+        let last = ms(&a["ended_at_ms"]).max(ms(&b["ended_at_ms"]));
+        assert!(
+            last - first < 360,
+            "a and b took {} ms together: {run}",
+            last - first
+        );
+        assert!(ms(&a["started_at_ms"]) < ms(&b["ended_at_ms"]), "{run}");
+        assert!(ms(&b["started_at_ms"]) < ms(&a["ended_at_ms"]), "{run}");
+        assert!(ms(&join["started_at_ms"]) >= last, "{run}");
+        // The join's input was built from both results (the spun ms, as JSON).
+        assert!(join["result"]["a"].as_u64().unwrap() >= 200, "{run}");
+        assert!(join["result"]["b"].as_u64().unwrap() >= 200, "{run}");
+    }
+);
+
+both!(
+    a_fan_out_keeps_the_order_and_never_runs_more_than_its_cap,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "fan"
+version = 1
+[[steps]]
+id = "each"
+capability = "echo"
+for_each = "${input/list}"
+concurrency = 5
+input = { n = "${item}", of = "${input/name}" }
+"#,
+        );
+        let events = Events::open(d.runner(), "capability=echo");
+        let list: Vec<u64> = (0..200).collect();
+        let run = start(
+            d.api(),
+            "fan",
+            json!({ "input": { "list": list, "name": "x" } }),
+            true,
+        );
+        assert_eq!(run["status"], "completed", "{run}");
+        let each = step(&run, "each");
+        assert_eq!(each["elements"], 200);
+        let expected: Vec<Value> = (0..200).map(|n| json!({ "n": n, "of": "x" })).collect();
+        assert_eq!(each["result"], Value::Array(expected));
+        // 200 tasks ran, never more than 5 at once.
+        let (mut running, mut most, mut ended) = (0i64, 0i64, 0);
+        while ended < 200 {
+            let e = events.next_any();
+            match e["kind"].as_str().unwrap() {
+                "accepted" => {}
+                "started" => running += 1,
+                "completed" => {
+                    running -= 1;
+                    ended += 1;
+                }
+                other => panic!("unexpected {other} event: {e}"),
+            }
+            most = most.max(running);
+        }
+        assert!(most <= 5, "{most} elements ran at once, past the cap of 5");
+        assert!(most >= 2, "the elements ran one at a time");
+    }
+);
+
+both!(
+    conditions_skip_steps_and_if_skipped_decides_for_dependants,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "cond"
+version = 1
+[[steps]]
+id = "check"
+capability = "echo"
+input = { ok = "${input/go}" }
+[[steps]]
+id = "yes"
+capability = "echo"
+after = ["check"]
+input = "yes"
+when = { value = "${steps.check/ok}" }
+[[steps]]
+id = "no"
+capability = "echo"
+after = ["check"]
+input = "no"
+when = { value = "${steps.check/ok}", equals = false }
+[[steps]]
+id = "after_yes"
+capability = "echo"
+after = ["yes"]
+input = "after"
+[[steps]]
+id = "always"
+capability = "echo"
+after = ["yes"]
+if_skipped = "run"
+input = "always"
+"#,
+        );
+        let statuses = |run: &Value| -> Vec<String> {
+            ["yes", "no", "after_yes", "always"]
+                .iter()
+                .map(|s| step(run, s)["status"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let run = start(d.api(), "cond", json!({ "input": { "go": true } }), true);
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(
+            statuses(&run),
+            ["completed", "skipped", "completed", "completed"]
+        );
+        let run = start(d.api(), "cond", json!({ "input": { "go": false } }), true);
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(
+            statuses(&run),
+            ["skipped", "completed", "skipped", "completed"]
+        );
+    }
+);
+
+both!(
+    compensations_run_in_the_reverse_of_completion_order_in_a_diamond,
+    |d| {
+        // Each compensation is a `recover` call of flaky on one kv counter:
+        // its result is its call number, so the results give the order.
+        registered(
+            d.api(),
+            r#"
+name = "diamond"
+version = 1
+[[steps]]
+id = "a"
+capability = "test.kv"
+input = "set a 1"
+compensate = { capability = "test.flaky", input = "recover undo 0" }
+[[steps]]
+id = "b"
+capability = "test.sleep"
+after = ["a"]
+input = "30"
+compensate = { capability = "test.flaky", input = "recover undo 0" }
+[[steps]]
+id = "c"
+capability = "test.kv"
+after = ["a"]
+input = "set c 1"
+compensate = { capability = "test.flaky", input = "recover undo 0" }
+[[steps]]
+id = "d"
+capability = "test.flaky"
+after = ["b", "c"]
+input = "fail"
+"#,
+        );
+        let run = start(d.api(), "diamond", json!({}), true);
+        assert_eq!(run["status"], "compensated", "{run}");
+        assert_eq!(run["error"]["step"], "d", "{run}");
+        assert_eq!(step(&run, "d")["status"], "failed");
+        let mut by_completion: Vec<&Value> =
+            ["a", "b", "c"].iter().map(|s| step(&run, s)).collect();
+        by_completion.sort_by_key(|s| std::cmp::Reverse(s["completed_order"].as_u64().unwrap()));
+        let calls: Vec<String> = by_completion
+            .iter()
+            .map(|s| {
+                let c = &s["compensation"];
+                assert_eq!(c["status"], "completed", "{run}");
+                let task = d.api().wait(c["task_id"].as_str().unwrap());
+                task["result"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(calls, ["1", "2", "3"], "undo order by completion: {run}");
+        assert_eq!(
+            by_completion[2]["id"], "a",
+            "a completed first, so is undone last"
+        );
+    }
+);
+
+both!(
+    a_failing_compensation_leaves_the_run_compensation_failed,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "undo-fails"
+version = 1
+[[steps]]
+id = "a"
+capability = "echo"
+input = "a"
+compensate = { capability = "echo" }
+[[steps]]
+id = "b"
+capability = "echo"
+after = ["a"]
+input = "b"
+compensate = { capability = "test.flaky", input = "fail", retry = { attempts = 2, backoff = "10ms" } }
+[[steps]]
+id = "c"
+capability = "test.flaky"
+after = ["b"]
+input = "fail"
+"#,
+        );
+        let run = start(d.api(), "undo-fails", json!({}), true);
+        assert_eq!(run["status"], "compensation-failed", "{run}");
+        assert_eq!(step(&run, "a")["compensation"]["status"], "completed");
+        let b = &step(&run, "b")["compensation"];
+        assert_eq!(b["status"], "failed", "{run}");
+        assert_eq!(b["attempts"], 2, "{run}");
+        let message = run["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("undone: [a]") && message.contains("not undone: [b]"),
+            "{run}"
+        );
+        // The default compensation input: the step's input and result.
+        let a_undo = d
+            .api()
+            .wait(step(&run, "a")["compensation"]["task_id"].as_str().unwrap());
+        let input: Value = serde_json::from_str(a_undo["result"].as_str().unwrap()).unwrap();
+        assert_eq!(input, json!({ "input": "a", "result": "a" }));
+    }
+);
+
+both!(a_cancel_waits_for_the_running_step_then_undoes_it, |d| {
+    registered(
+        d.api(),
+        r#"
+name = "cancel"
+version = 1
+[[steps]]
+id = "slow"
+capability = "test.sleep"
+input = "1000"
+compensate = { capability = "echo" }
+[[steps]]
+id = "next"
+capability = "echo"
+after = ["slow"]
+"#,
+    );
+    let events = Events::open(d.runner(), "capability=test.sleep");
+    let run = start(d.api(), "cancel", json!({}), false);
+    events.next("started");
+    let id = run["id"].as_str().unwrap();
+    let (code, cancelled) = d.api().post(&format!("/v1/runs/{id}/cancel"), &json!({}));
+    assert_eq!(code, 200, "{cancelled}");
+    assert_eq!(cancelled["cancel_requested"], true);
+    let run = wait_run(d.api(), id);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(step(&run, "slow")["status"], "completed", "{run}");
+    assert_eq!(
+        step(&run, "slow")["compensation"]["status"],
+        "completed",
+        "{run}"
+    );
+    assert_eq!(step(&run, "next")["status"], "not-run", "{run}");
+    // A second cancel of an ended run returns it as it is.
+    let (code, again) = d.api().post(&format!("/v1/runs/{id}/cancel"), &json!({}));
+    assert_eq!(code, 200);
+    assert_eq!(again["status"], "cancelled");
+});
+
+both!(
+    a_run_deadline_cuts_the_step_short_and_undoes_the_rest,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "deadline"
+version = 1
+[[steps]]
+id = "first"
+capability = "echo"
+compensate = { capability = "echo" }
+[[steps]]
+id = "spin"
+capability = "test.sleep"
+after = ["first"]
+input = "${input/ms}"
+"#,
+        );
+        // Inside the deadline: completes.
+        let run = start(
+            d.api(),
+            "deadline",
+            json!({ "input": { "ms": "50" }, "deadline": "10s" }),
+            true,
+        );
+        assert_eq!(run["status"], "completed", "{run}");
+        // Past it: the step gets only the time left, and the run is undone.
+        let run = start(
+            d.api(),
+            "deadline",
+            json!({ "input": { "ms": "5000" }, "deadline": "400ms" }),
+            true,
+        );
+        assert_eq!(run["status"], "compensated", "{run}");
+        let spin = step(&run, "spin");
+        assert_eq!(spin["status"], "failed", "{run}");
+        assert_eq!(spin["error"]["kind"], "deadline-exceeded", "{run}");
+        let took = ms(&run["ended_at_ms"]) - ms(&run["created_at_ms"]);
+        assert!(took < 3000, "the run took {took} ms with a 400 ms deadline");
+    }
+);
+
+impl Events {
+    fn next_any(&self) -> Value {
+        self.rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no event within 60 s")
+    }
+}
+
+/// Definitions that break each rule, and the message each gets (golden
+/// files in `cli/tests/workflows/invalid/`: NAME.toml and NAME.err).
+#[test]
+fn each_invalid_definition_is_refused_naming_the_step_and_field() {
+    let orch = Orch::new();
+    install(&orch);
+    let host = HostProc::start(&orch);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workflows/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 8, "{files:?}");
+    let bless = std::env::var_os("BLESS").is_some();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let (code, answer) = register(&host, &text);
+        assert_eq!(code, 400, "{}: {answer}", file.display());
+        assert_eq!(answer["error"]["kind"], "invalid-workflow");
+        let message = answer["error"]["message"].as_str().unwrap().to_string() + "\n";
+        let golden = file.with_extension("err");
+        if bless {
+            std::fs::write(&golden, &message).unwrap();
+        }
+        let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+        assert_eq!(message, expected, "{}", file.display());
+    }
+    // A valid one is stored once; the same version again is refused; a
+    // capability no agent serves is a warning, and fails its step when run.
+    let valid =
+        "name = \"ok\"\nversion = 1\n[[steps]]\nid = \"x\"\ncapability = \"nobody.serves\"\n";
+    let (code, answer) = register(&host, valid);
+    assert_eq!(code, 201, "{answer}");
+    assert_eq!(
+        answer["warnings"],
+        json!(["no agent provides capability nobody.serves now"])
+    );
+    let (code, answer) = register(&host, valid);
+    assert_eq!(code, 409, "{answer}");
+    assert_eq!(answer["error"]["kind"], "already-exists");
+    let run = start(&host, "ok", json!({}), true);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(step(&run, "x")["error"]["kind"], "unavailable", "{run}");
+    // And through the CLI: the same message, exit code 3.
+    let path = orch.work.path().join("bad.toml");
+    std::fs::write(&path, "name = \"w\"\nversion = 1\nsteps = []\n").unwrap();
+    let out = orch.run(&[
+        "workflow",
+        "register",
+        path.to_str().unwrap(),
+        "--api",
+        &host.url,
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        crate::common::stderr(&out).contains("steps: a workflow needs at least one step"),
+        "{}",
+        crate::common::stderr(&out)
+    );
+}
+
+/// kill -9 of a lone host with 50 runs in flight: after the restart every
+/// run ends; a step that had completed is never run again (each step's kv
+/// counter says how often it ran), and one that was running runs again
+/// under the same task.
+#[test]
+fn after_kill_9_a_lone_host_resumes_every_run_and_reruns_no_completed_step() {
+    let orch = Orch::new();
+    install(&orch);
+    let host = HostProc::start(&orch);
+    // Eight counted steps, each followed by a 30 ms spin (at most four at
+    // once), so that many runs are part done when the host is killed.
+    let steps: String = (1..=8)
+        .map(|n| {
+            let after = if n == 1 {
+                String::new()
+            } else {
+                format!("after = [\"w{}\"]\n", n - 1)
+            };
+            format!(
+                "[[steps]]\nid = \"s{n}\"\ncapability = \"test.flaky\"\n{after}input = \"${{input/s{n}}}\"\n\
+                 [[steps]]\nid = \"w{n}\"\ncapability = \"test.sleep\"\nafter = [\"s{n}\"]\ninput = \"30\"\n"
+            )
+        })
+        .collect();
+    registered(&host, &format!("name = \"long\"\nversion = 1\n{steps}"));
+    let mut ids = Vec::new();
+    for r in 0..50 {
+        // Each step counts its runs under its own kv key.
+        let input: serde_json::Map<String, Value> = (1..=8)
+            .map(|n| (format!("s{n}"), json!(format!("recover r{r}s{n} 0"))))
+            .collect();
+        let run = start(&host, "long", json!({ "input": input }), false);
+        ids.push(run["id"].as_str().unwrap().to_string());
+    }
+    // Kill once some steps have completed and some runs have not ended.
+    host.until("some runs are part done", |h| {
+        let (_, runs) = h.get("/v1/runs?limit=100");
+        let runs = runs["runs"].as_array().unwrap().clone();
+        let done = |r: &Value| {
+            r["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["status"] == "completed")
+                .count()
+        };
+        runs.iter().map(done).sum::<usize>() >= 20 && runs.iter().any(|r| done(r) < 8)
+    });
+    let (_, before) = host.get("/v1/runs?limit=100");
+    host.kill9();
+    let completed_before: HashMap<(String, String), String> = before["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["status"] == "completed")
+                .map(move |s| {
+                    (
+                        (
+                            r["id"].as_str().unwrap().to_string(),
+                            s["id"].as_str().unwrap().to_string(),
+                        ),
+                        s["result"].to_string(),
+                    )
+                })
+        })
+        .collect();
+    let unfinished = before["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "running")
+        .count();
+    assert!(unfinished > 0);
+    let host = HostProc::start(&orch);
+    let mut reran = 0;
+    for (r, id) in ids.iter().enumerate() {
+        let run = wait_run(&host, id);
+        assert_eq!(run["status"], "completed", "{run}");
+        for n in 1..=8 {
+            let s = step(&run, &format!("s{n}"));
+            // The counter after this step's last run.
+            let runs: u64 = s["result"].as_u64().unwrap_or_else(|| panic!("{run}"));
+            let key = (id.clone(), format!("s{n}"));
+            match completed_before.get(&key) {
+                // Completed before the kill: its recorded result stands,
+                // and it never ran again.
+                Some(result) => {
+                    assert_eq!(result, &s["result"].to_string(), "r{r} s{n}: {run}");
+                    assert_eq!(runs, 1, "r{r} s{n} ran again after it completed: {run}");
+                }
+                // Running at the kill: its task ran again, at most once more.
+                None => {
+                    assert!(runs <= 2, "r{r} s{n} ran {runs} times");
+                    reran += usize::from(runs == 2);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{} steps had completed before the kill; {reran} ran twice",
+        completed_before.len()
+    );
+}

@@ -1,0 +1,487 @@
+//! Durable workflows: definitions of steps (a task graph with fan-out,
+//! conditions, retries and compensations), and runs of them that survive a
+//! crash.
+//!
+//! [`Workflows`] is the service (register, start, get, wait, list, cancel).
+//! A run is driven by one host at a time ([`run::Driver`]) through the
+//! task service, the same way in both modes; what differs is the
+//! [`store::WorkflowStore`] under it: a redb file on a lone host, JetStream
+//! KV in a cluster. Each checkpoint replaces the run's record with a
+//! compare-and-set on its revision, so a driver that lost its lease (a host
+//! paused past it) is fenced at its next write.
+
+pub mod def;
+pub mod record;
+mod run;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{broadcast, watch};
+
+use crate::daemon::now_ms;
+use crate::service::TaskService;
+pub use def::{Checked, Definition, Invalid};
+pub use record::{RunRecord, RunStatus, StepRecord, StepStatus};
+pub use store::{LocalStore, Registered, WorkflowStore};
+
+/// How long a driver holds a run without writing it, in a cluster: past
+/// it, another host takes the run over. Renewed every third of it.
+pub const LEASE: Duration = Duration::from_secs(3);
+/// The largest a run's record may grow (its steps' inputs and results):
+/// one NATS message with the server's default `max_payload`, less room.
+pub const MAX_RUN_BYTES: usize = 900 * 1024;
+/// Runs one host drives at once; past it, a start is refused.
+pub const MAX_RUNS: usize = 10_000;
+/// How often a host looks for runs that no one drives (a lone host's
+/// after a restart, or a dead host's in a cluster).
+const SCAN: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("workflow {name} version {version} is registered already; register a new version")]
+    Exists { name: String, version: u32 },
+    #[error("no {0}")]
+    NotFound(String),
+    #[error("no capacity: {limit} workflow runs are running on this host, its limit; retry later")]
+    NoCapacity { limit: usize },
+    #[error("the host is shutting down and starts no new runs")]
+    ShuttingDown,
+    #[error("workflow store: {what}: {source}")]
+    Store {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl WorkflowError {
+    pub fn store(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> WorkflowError {
+        WorkflowError::Store {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A stable name for API clients.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkflowError::Invalid(_) => "invalid-workflow",
+            WorkflowError::Exists { .. } => "already-exists",
+            WorkflowError::NotFound(_) => "not-found",
+            WorkflowError::NoCapacity { .. } => "no-capacity",
+            WorkflowError::ShuttingDown => "shutting-down",
+            WorkflowError::Store { .. } => "unavailable",
+        }
+    }
+}
+
+/// What a registration stored, and what it warns of.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub registered: Registered,
+    /// Capabilities no agent serves now: their steps fail (`unavailable`)
+    /// if that is still so when they run.
+    pub warnings: Vec<String>,
+}
+
+pub(crate) struct Shared {
+    tasks: TaskService,
+    store: Arc<dyn WorkflowStore>,
+    /// Runs this host drives, with the sender that tells a driver to read
+    /// its run again (a cancel).
+    driving: Mutex<HashMap<String, watch::Sender<()>>>,
+    definitions: Mutex<HashMap<(String, u32), Arc<Checked>>>,
+    /// Ids of runs as they end on this host, for waiters.
+    ended: broadcast::Sender<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The workflow service of one host.
+#[derive(Clone)]
+pub struct Workflows {
+    shared: Arc<Shared>,
+}
+
+impl Workflows {
+    /// The service over `store`; starts the scan that takes up runs no one
+    /// drives (all running ones, on a lone host just started).
+    pub fn start(tasks: TaskService, store: Arc<dyn WorkflowStore>) -> Workflows {
+        let (ended, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            tasks,
+            store,
+            driving: Mutex::new(HashMap::new()),
+            definitions: Mutex::new(HashMap::new()),
+            ended,
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SCAN);
+            let mut sweep = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let Some(shared) = weak.upgrade() else { return };
+                        if shared.tasks.host().is_stopping() {
+                            return;
+                        }
+                        if let Err(e) = scan(&shared).await {
+                            tracing::warn!(error = %e, "looking for workflow runs to resume failed");
+                        }
+                    }
+                    _ = sweep.tick() => {
+                        let Some(shared) = weak.upgrade() else { return };
+                        if let Err(e) = retention(&shared).await {
+                            tracing::warn!(error = %e, "removing old workflow runs failed");
+                        }
+                    }
+                }
+            }
+        });
+        Workflows { shared }
+    }
+
+    /// Checks and stores a definition; a second registration of a name and
+    /// version is refused.
+    pub async fn register(&self, definition: Definition) -> Result<Registration, WorkflowError> {
+        let checked = definition.clone().check()?;
+        let warnings = checked
+            .capabilities
+            .iter()
+            .filter(|c| !self.shared.tasks.store().serves(c))
+            .map(|c| format!("no agent provides capability {c} now"))
+            .collect();
+        let registered = Registered {
+            definition,
+            registered_at_ms: now_ms(),
+        };
+        if !self.shared.store.register(&registered).await? {
+            return Err(WorkflowError::Exists {
+                name: registered.definition.name,
+                version: registered.definition.version,
+            });
+        }
+        Ok(Registration {
+            registered,
+            warnings,
+        })
+    }
+
+    /// Every registered definition, by name then version.
+    pub async fn definitions(&self) -> Result<Vec<Registered>, WorkflowError> {
+        let mut all = self.shared.store.definitions().await?;
+        all.sort_by(|a, b| {
+            (&a.definition.name, a.definition.version)
+                .cmp(&(&b.definition.name, b.definition.version))
+        });
+        Ok(all)
+    }
+
+    /// A definition's versions, oldest first.
+    pub async fn versions(&self, name: &str) -> Result<Vec<Registered>, WorkflowError> {
+        let found: Vec<Registered> = self
+            .definitions()
+            .await?
+            .into_iter()
+            .filter(|r| r.definition.name == name)
+            .collect();
+        if found.is_empty() {
+            return Err(WorkflowError::NotFound(format!("workflow named {name}")));
+        }
+        Ok(found)
+    }
+
+    async fn checked(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Arc<Checked>, WorkflowError> {
+        if let Some(v) = version {
+            if let Some(c) = lock(&self.shared.definitions).get(&(name.to_string(), v)) {
+                return Ok(c.clone());
+            }
+        }
+        self.shared.checked(name, version).await
+    }
+
+    /// Starts a run of the definition's latest version (or `version`).
+    pub async fn start_run(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        input: Value,
+        deadline: Option<Duration>,
+    ) -> Result<RunRecord, WorkflowError> {
+        if self.shared.tasks.host().is_stopping() {
+            return Err(WorkflowError::ShuttingDown);
+        }
+        let def = self.checked(name, version).await?;
+        let now = now_ms();
+        let deadline_ms = deadline
+            .or(def.deadline)
+            .map(|d| now.saturating_add(d.as_millis() as u64));
+        let run = RunRecord {
+            id: ulid::Ulid::new().to_string(),
+            workflow: def.def.name.clone(),
+            version: def.def.version,
+            status: RunStatus::Running,
+            input,
+            created_at_ms: now,
+            ended_at_ms: None,
+            deadline_ms,
+            error: None,
+            cancel_requested: false,
+            owner: Some(self.shared.owner_token()),
+            lease_until_ms: now + LEASE.as_millis() as u64,
+            steps: def
+                .steps
+                .iter()
+                .map(|s| StepRecord::pending(&s.step.id, &s.step.capability))
+                .collect(),
+            completed: 0,
+        };
+        let size = serde_json::to_vec(&run).map_or(0, |v| v.len());
+        if size > MAX_RUN_BYTES {
+            return Err(WorkflowError::Invalid(Invalid {
+                problems: vec![format!(
+                    "input: the run's record would be {size} bytes, past the limit of {MAX_RUN_BYTES} bytes"
+                )],
+            }));
+        }
+        // Counted as driven before it is stored, so that the scan never
+        // takes it up as well.
+        let poke = self.shared.claim(&run.id)?;
+        let rev = match self.shared.store.create_run(&run).await {
+            Ok(rev) => rev,
+            Err(e) => {
+                lock(&self.shared.driving).remove(&run.id);
+                return Err(e);
+            }
+        };
+        spawn_driver(self.shared.clone(), def, run.clone(), rev, poke);
+        Ok(run)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<RunRecord, WorkflowError> {
+        match self.shared.store.run(id).await? {
+            Some((run, _)) => Ok(run),
+            None => Err(WorkflowError::NotFound(format!(
+                "workflow run with id {id}"
+            ))),
+        }
+    }
+
+    /// Waits up to `timeout` for the run to end, then returns it as it is.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<RunRecord, WorkflowError> {
+        let mut ended = self.shared.ended.subscribe();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let run = self.get(id).await?;
+            if run.status.is_final() || tokio::time::Instant::now() >= until {
+                return Ok(run);
+            }
+            // A run driven by another host ends there: read again each
+            // second as well.
+            let next = (tokio::time::Instant::now() + SCAN).min(until);
+            loop {
+                match tokio::time::timeout_at(next, ended.recv()).await {
+                    Ok(Ok(ended_id)) if ended_id != id => continue,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                        tokio::time::sleep_until(next).await;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// Runs, newest first, at most `limit`.
+    pub async fn list(
+        &self,
+        status: Option<RunStatus>,
+        workflow: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, WorkflowError> {
+        let mut runs: Vec<RunRecord> = self
+            .shared
+            .store
+            .runs()
+            .await?
+            .into_iter()
+            .map(|(r, _)| r)
+            .filter(|r| status.is_none_or(|s| r.status == s))
+            .filter(|r| workflow.is_none_or(|w| r.workflow == w))
+            .collect();
+        // Ulids sort by creation time.
+        runs.sort_by(|a, b| b.id.cmp(&a.id));
+        runs.truncate(limit);
+        Ok(runs)
+    }
+
+    /// Asks the run to stop: no step starts after this, running ones end,
+    /// then the completed steps' compensations run. A run that ended is
+    /// returned as it is.
+    pub async fn cancel(&self, id: &str) -> Result<RunRecord, WorkflowError> {
+        loop {
+            let Some((mut run, rev)) = self.shared.store.run(id).await? else {
+                return Err(WorkflowError::NotFound(format!(
+                    "workflow run with id {id}"
+                )));
+            };
+            if run.status.is_final() || run.cancel_requested {
+                return Ok(run);
+            }
+            run.cancel_requested = true;
+            if self.shared.store.update_run(&run, rev).await?.is_some() {
+                if let Some(poke) = lock(&self.shared.driving).get(id) {
+                    let _ = poke.send(());
+                }
+                return Ok(run);
+            }
+        }
+    }
+
+    /// Runs this host drives now.
+    pub fn driving(&self) -> usize {
+        lock(&self.shared.driving).len()
+    }
+}
+
+impl Shared {
+    /// A token naming this host and this take-over: the run's `owner`
+    /// while this driver holds it.
+    fn owner_token(&self) -> String {
+        format!("{}/{}", self.tasks.host().id(), ulid::Ulid::new())
+    }
+
+    fn claim(&self, id: &str) -> Result<watch::Receiver<()>, WorkflowError> {
+        let mut driving = lock(&self.driving);
+        if driving.len() >= MAX_RUNS {
+            return Err(WorkflowError::NoCapacity { limit: MAX_RUNS });
+        }
+        let (tx, rx) = watch::channel(());
+        driving.insert(id.to_string(), tx);
+        Ok(rx)
+    }
+
+    async fn checked(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Arc<Checked>, WorkflowError> {
+        let all = self.store.definitions().await?;
+        let found = all
+            .into_iter()
+            .filter(|r| r.definition.name == name)
+            .filter(|r| version.is_none_or(|v| r.definition.version == v))
+            .max_by_key(|r| r.definition.version)
+            .ok_or_else(|| {
+                WorkflowError::NotFound(match version {
+                    Some(v) => format!("workflow named {name} with version {v}"),
+                    None => format!("workflow named {name}"),
+                })
+            })?;
+        let key = (name.to_string(), found.definition.version);
+        let checked = Arc::new(found.definition.check()?);
+        lock(&self.definitions).insert(key, checked.clone());
+        Ok(checked)
+    }
+}
+
+fn spawn_driver(
+    shared: Arc<Shared>,
+    def: Arc<Checked>,
+    run: RunRecord,
+    rev: u64,
+    poke: watch::Receiver<()>,
+) {
+    tokio::spawn(async move {
+        let id = run.id.clone();
+        let driver = run::Driver::new(shared.clone(), def, run, rev);
+        match driver.drive(poke).await {
+            Ok(run) => {
+                tracing::debug!(run = %id, status = run.status.as_str(), "workflow run ended");
+            }
+            Err(run::Stop::Fenced) => {
+                tracing::warn!(run = %id, "another host drives this workflow run now; this host stopped driving it");
+            }
+            Err(run::Stop::Stopping) => {}
+            Err(run::Stop::Store(e)) => {
+                tracing::error!(run = %id, error = %e, "a workflow run's store failed; the run waits to be taken up again");
+            }
+        }
+        lock(&shared.driving).remove(&id);
+        let _ = shared.ended.send(id);
+    });
+}
+
+/// Takes up the runs that no one drives: on a lone host every running run
+/// it does not drive (after a restart, or a store failure), in a cluster
+/// those whose lease ran out.
+async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
+    let now = now_ms();
+    for (mut run, rev) in shared.store.runs().await? {
+        if run.status.is_final() || lock(&shared.driving).contains_key(&run.id) {
+            continue;
+        }
+        if !shared.store.exclusive() && run.lease_until_ms > now {
+            continue;
+        }
+        let def = match shared.checked(&run.workflow, Some(run.version)).await {
+            Ok(def) => def,
+            Err(e) => {
+                tracing::error!(run = %run.id, error = %e, "a workflow run's definition cannot be read");
+                continue;
+            }
+        };
+        let poke = match shared.claim(&run.id) {
+            Ok(poke) => poke,
+            Err(_) => return Ok(()),
+        };
+        run.owner = Some(shared.owner_token());
+        run.lease_until_ms = now + LEASE.as_millis() as u64;
+        match shared.store.update_run(&run, rev).await {
+            Ok(Some(rev)) => {
+                tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
+                spawn_driver(shared.clone(), def, run, rev, poke);
+            }
+            // Another host took it first.
+            Ok(None) => {
+                lock(&shared.driving).remove(&run.id);
+            }
+            Err(e) => {
+                lock(&shared.driving).remove(&run.id);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes ended runs older than the host's retention.
+async fn retention(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
+    let keep = shared.tasks.host().config().host.retention.as_millis() as u64;
+    let now = now_ms();
+    for (run, _) in shared.store.runs().await? {
+        if run
+            .ended_at_ms
+            .is_some_and(|t| t.saturating_add(keep) < now)
+        {
+            shared.store.delete_run(&run.id).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! A run as stored and as the API shows it (`docs/api.md`, field names
+//! stable): the run's status, and each step's status, attempts, task, host,
+//! agent, times, fuel, error, input and result.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::daemon::ErrorInfo;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Failed,
+    Compensating,
+    Compensated,
+    CompensationFailed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Compensating => "compensating",
+            RunStatus::Compensated => "compensated",
+            RunStatus::CompensationFailed => "compensation-failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        [
+            RunStatus::Running,
+            RunStatus::Completed,
+            RunStatus::Failed,
+            RunStatus::Compensating,
+            RunStatus::Compensated,
+            RunStatus::CompensationFailed,
+            RunStatus::Cancelled,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
+    /// Whether the run has ended (nothing more will change it).
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Running | RunStatus::Compensating)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepStatus {
+    /// Not started yet.
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    /// Its condition was false, or a step it runs after was skipped.
+    Skipped,
+    /// Never started: the run stopped first (a failure, cancel, deadline).
+    NotRun,
+}
+
+impl StepStatus {
+    pub fn has_ended(self) -> bool {
+        !matches!(self, StepStatus::Pending | StepStatus::Running)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompensationStatus {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+}
+
+/// What went wrong, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunError {
+    /// The step that failed; none for a cancel or the run's deadline.
+    pub step: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub workflow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    pub input: Value,
+    pub created_at_ms: u64,
+    pub ended_at_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub error: Option<RunError>,
+    pub cancel_requested: bool,
+    /// The host driving the run, and until when it holds it unless it
+    /// renews (in a cluster).
+    pub owner: Option<String>,
+    pub lease_until_ms: u64,
+    /// Steps in the order they may start (each after those it runs after).
+    pub steps: Vec<StepRecord>,
+    /// Completed steps so far; numbers `completed_order`.
+    pub completed: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub id: String,
+    pub capability: String,
+    pub status: StepStatus,
+    /// Attempts started (of the last element, for a fan-out).
+    pub attempts: u32,
+    /// The last attempt's task (none for a fan-out: its elements each
+    /// have theirs, found by `elements`).
+    pub task_id: Option<String>,
+    pub host: Option<String>,
+    pub agent: Option<String>,
+    pub started_at_ms: Option<u64>,
+    pub ended_at_ms: Option<u64>,
+    /// Summed over a fan-out's elements.
+    pub fuel_used: Option<u64>,
+    pub error: Option<ErrorInfo>,
+    /// For a fan-out, the element count.
+    pub elements: Option<u32>,
+    pub input: Option<Value>,
+    pub result: Option<Value>,
+    /// 1 for the first step of the run to complete, 2 for the next...:
+    /// compensations run in the reverse of this order.
+    pub completed_order: Option<u32>,
+    pub compensation: Option<CompensationRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompensationRecord {
+    pub capability: String,
+    pub status: CompensationStatus,
+    pub attempts: u32,
+    pub task_id: Option<String>,
+    pub started_at_ms: Option<u64>,
+    pub ended_at_ms: Option<u64>,
+    pub error: Option<ErrorInfo>,
+}
+
+impl StepRecord {
+    pub fn pending(id: &str, capability: &str) -> StepRecord {
+        StepRecord {
+            id: id.to_string(),
+            capability: capability.to_string(),
+            status: StepStatus::Pending,
+            attempts: 0,
+            task_id: None,
+            host: None,
+            agent: None,
+            started_at_ms: None,
+            ended_at_ms: None,
+            fuel_used: None,
+            error: None,
+            elements: None,
+            input: None,
+            result: None,
+            completed_order: None,
+            compensation: None,
+        }
+    }
+}

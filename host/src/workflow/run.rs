@@ -1,0 +1,920 @@
+//! The driver of one run: starts steps as their dependencies end, writes a
+//! checkpoint before any step that depends on another starts, and runs the
+//! compensations when the run fails or is cancelled.
+//!
+//! Every task a run submits has an idempotency key made of the run id, the
+//! step, the fan-out element and the attempt (`wf/RUN/STEP[/i]/N`), so a
+//! driver that starts again after a crash, or on another host, submits the
+//! same keys and gets the same tasks: a task that ended is not run again,
+//! and one still running ends with one result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::def::{Checked, CheckedStep, IfSkipped, Ref};
+use super::record::{
+    CompensationRecord, CompensationStatus, RunError, RunRecord, RunStatus, StepStatus,
+};
+use super::{Shared, WorkflowError, LEASE, MAX_RUN_BYTES};
+use crate::daemon::{now_ms, ErrorInfo, HostError, Status, SubmitRequest};
+use crate::service::TaskService;
+
+/// Why a driver gave a run up without ending it: another host holds it
+/// now, this host is stopping, or the store failed (the run is taken up
+/// again by this host's scan, or another host's once the lease ends).
+#[derive(Debug)]
+pub(super) enum Stop {
+    Fenced,
+    Stopping,
+    Store(WorkflowError),
+}
+
+/// How a step, an element or a compensation ended.
+enum Outcome {
+    Completed {
+        result: Value,
+        task: Option<TaskEnd>,
+        fuel: u64,
+        attempts: u32,
+    },
+    Failed {
+        error: ErrorInfo,
+        task: Option<TaskEnd>,
+        attempts: u32,
+    },
+    Stopping,
+}
+
+/// The fields of a step's last task that its record shows.
+struct TaskEnd {
+    id: String,
+    host: Option<String>,
+    agent: Option<String>,
+}
+
+/// A step's first attempt has a task: shown before the step ends.
+struct Progress {
+    step: usize,
+    attempt: u32,
+    task: String,
+}
+
+/// What one attempt loop needs.
+#[derive(Clone)]
+struct Spec {
+    capability: String,
+    priority: i32,
+    timeout: Option<Duration>,
+    attempts: u32,
+    backoff: Duration,
+    deadline_ms: Option<u64>,
+}
+
+pub(super) struct Driver {
+    pub shared: Arc<Shared>,
+    pub def: Arc<Checked>,
+    pub run: RunRecord,
+    pub rev: u64,
+    dirty: bool,
+}
+
+fn error(kind: &str, message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo {
+        kind: kind.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A task's input bytes: a JSON string as its text, anything else as JSON.
+pub(super) fn payload(value: &Value) -> Vec<u8> {
+    match value {
+        Value::String(s) => s.clone().into_bytes(),
+        // A Value always serializes.
+        other => serde_json::to_vec(other).unwrap_or_default(),
+    }
+}
+
+/// A task's result as JSON: parsed when it is JSON, else kept as text.
+pub(super) fn result_value(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// What references resolve against.
+struct Scope<'a> {
+    input: &'a Value,
+    run: &'a RunRecord,
+    index: &'a HashMap<String, usize>,
+    item: Option<&'a Value>,
+    result: Option<&'a Value>,
+}
+
+impl Scope<'_> {
+    /// The template with each reference replaced by its value. A step that
+    /// was skipped has the value `null`; a pointer to nothing is an error.
+    fn resolve(&self, template: &Value) -> Result<Value, String> {
+        Ok(match template {
+            Value::String(s) => match Ref::parse(s) {
+                None => template.clone(),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(r)) => {
+                    let (base, pointer) = match &r {
+                        Ref::Input(p) => (Some(self.input), p),
+                        Ref::Item(p) => (self.item, p),
+                        Ref::Result(p) => (self.result, p),
+                        Ref::Step(id, p) => (
+                            self.index
+                                .get(id)
+                                .and_then(|&i| self.run.steps.get(i))
+                                .map(|s| s.result.as_ref().unwrap_or(&Value::Null)),
+                            p,
+                        ),
+                    };
+                    let base = base.ok_or_else(|| format!("{s} has no value here"))?;
+                    base.pointer(pointer)
+                        .cloned()
+                        .ok_or_else(|| format!("{s}: nothing at {pointer:?}"))?
+                }
+            },
+            Value::Array(a) => Value::Array(
+                a.iter()
+                    .map(|v| self.resolve(v))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| Ok((k.clone(), self.resolve(v)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+}
+
+impl Driver {
+    pub fn new(shared: Arc<Shared>, def: Arc<Checked>, run: RunRecord, rev: u64) -> Driver {
+        Driver {
+            shared,
+            def,
+            run,
+            rev,
+            dirty: false,
+        }
+    }
+
+    /// Drives the run to its end, or until it must give it up.
+    pub async fn drive(mut self, poke: watch::Receiver<()>) -> Result<RunRecord, Stop> {
+        if self.run.status == RunStatus::Running {
+            self.forward(poke).await?;
+        }
+        if self.run.status == RunStatus::Compensating {
+            self.compensate().await?;
+        }
+        Ok(self.run)
+    }
+
+    /// Writes the run if it changed since the last write. A write that
+    /// meets a newer revision merges a cancel request, and stops when
+    /// another driver holds the run.
+    async fn save(&mut self) -> Result<(), Stop> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.write().await?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    async fn write(&mut self) -> Result<(), Stop> {
+        let store = &self.shared.store;
+        let mut failures = 0u32;
+        loop {
+            if !store.exclusive() {
+                self.run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
+            }
+            let result = match store.update_run(&self.run, self.rev).await {
+                Ok(Some(rev)) => {
+                    self.rev = rev;
+                    return Ok(());
+                }
+                Ok(None) => store.run(&self.run.id).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Some((theirs, rev))) if theirs.owner == self.run.owner => {
+                    // A cancel request came in through another writer.
+                    self.run.cancel_requested |= theirs.cancel_requested;
+                    self.rev = rev;
+                }
+                Ok(_) => return Err(Stop::Fenced),
+                Err(e) => {
+                    failures += 1;
+                    if failures >= 5 || self.shared.tasks.host().is_stopping() {
+                        return Err(Stop::Store(e));
+                    }
+                    tracing::warn!(run = %self.run.id, error = %e, "writing a workflow run failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << failures)).await;
+                }
+            }
+        }
+    }
+
+    fn spec(&self, s: &CheckedStep) -> Spec {
+        Spec {
+            capability: s.step.capability.clone(),
+            priority: s.step.priority,
+            timeout: s.timeout,
+            attempts: s.attempts,
+            backoff: s.backoff,
+            deadline_ms: self.run.deadline_ms,
+        }
+    }
+
+    fn scope<'a>(&'a self, item: Option<&'a Value>) -> Scope<'a> {
+        Scope {
+            input: &self.run.input,
+            run: &self.run,
+            index: &self.def.index,
+            item,
+            result: None,
+        }
+    }
+
+    fn fail(&mut self, step: Option<&str>, e: &ErrorInfo) {
+        if self.run.error.is_none() {
+            self.run.error = Some(RunError {
+                step: step.map(String::from),
+                kind: e.kind.clone(),
+                message: e.message.clone(),
+            });
+        }
+        self.dirty = true;
+    }
+
+    /// Starts (marks running, with its input) every pending step whose
+    /// dependencies have all ended; skips those whose condition is false.
+    /// Returns the steps to spawn.
+    fn start_ready(&mut self) -> Vec<usize> {
+        let mut started = Vec::new();
+        // One pass in dependency order: a step skipped here makes its
+        // dependants ready in the same pass.
+        for i in 0..self.run.steps.len() {
+            if self.run.steps[i].status != StepStatus::Pending {
+                continue;
+            }
+            let step = self.def.steps[i].step.clone();
+            let deps: Vec<StepStatus> = step
+                .after
+                .iter()
+                .filter_map(|a| self.def.index.get(a))
+                .map(|&d| self.run.steps[d].status)
+                .collect();
+            if !deps.iter().all(|s| s.has_ended()) {
+                continue;
+            }
+            let now = now_ms();
+            let skip = |d: &mut Driver| {
+                let r = &mut d.run.steps[i];
+                r.status = StepStatus::Skipped;
+                r.ended_at_ms = Some(now);
+                d.dirty = true;
+            };
+            if deps.contains(&StepStatus::Skipped) && step.if_skipped == IfSkipped::Skip {
+                skip(self);
+                continue;
+            }
+            if let Some(when) = &step.when {
+                let value = self
+                    .scope(None)
+                    .resolve(&Value::String(when.value.clone()))
+                    .unwrap_or(Value::Null);
+                let run = match &when.equals {
+                    Some(expected) => &value == expected,
+                    None => value == Value::Bool(true),
+                };
+                if !run {
+                    skip(self);
+                    continue;
+                }
+            }
+            match self.input_of(i) {
+                Ok((input, elements)) => {
+                    let r = &mut self.run.steps[i];
+                    r.status = StepStatus::Running;
+                    r.started_at_ms = Some(now);
+                    r.input = Some(input);
+                    r.elements = elements;
+                    started.push(i);
+                }
+                Err(message) => {
+                    let e = error("invalid-input", message);
+                    let r = &mut self.run.steps[i];
+                    r.status = StepStatus::Failed;
+                    r.started_at_ms = Some(now);
+                    r.ended_at_ms = Some(now);
+                    r.error = Some(e.clone());
+                    self.fail(Some(&step.id), &e);
+                    // Nothing more starts once a step failed.
+                    break;
+                }
+            }
+            self.dirty = true;
+        }
+        started
+    }
+
+    /// A step's input; for a fan-out, the array of its elements' inputs.
+    fn input_of(&self, i: usize) -> Result<(Value, Option<u32>), String> {
+        let step = &self.def.steps[i].step;
+        let Some(for_each) = &step.for_each else {
+            let template = step
+                .input
+                .clone()
+                .unwrap_or_else(|| Value::String("${input}".into()));
+            return Ok((
+                self.scope(None)
+                    .resolve(&template)
+                    .map_err(|e| format!("input: {e}"))?,
+                None,
+            ));
+        };
+        let items = self
+            .scope(None)
+            .resolve(for_each)
+            .map_err(|e| format!("for_each: {e}"))?;
+        let Value::Array(items) = items else {
+            return Err(format!("for_each: {for_each} is not an array but {items}"));
+        };
+        if items.len() > super::def::MAX_FAN_OUT {
+            return Err(format!(
+                "for_each: {} elements, past the limit of {}",
+                items.len(),
+                super::def::MAX_FAN_OUT
+            ));
+        }
+        let template = step
+            .input
+            .clone()
+            .unwrap_or_else(|| Value::String("${item}".into()));
+        let inputs = items
+            .iter()
+            .map(|item| self.scope(Some(item)).resolve(&template))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("input: {e}"))?;
+        Ok((Value::Array(inputs), Some(items.len() as u32)))
+    }
+
+    /// The steps, until all have ended or the run stops (a failure, a
+    /// cancel, its deadline) and the running ones have ended.
+    async fn forward(&mut self, mut poke: watch::Receiver<()>) -> Result<(), Stop> {
+        let (tx, mut progress) = mpsc::channel::<Progress>(64);
+        let mut running: JoinSet<(usize, Outcome)> = JoinSet::new();
+        // Steps recorded as running were running when the last driver
+        // stopped: they start again, with the same task keys.
+        let mut spawn: Vec<usize> = (0..self.run.steps.len())
+            .filter(|&i| self.run.steps[i].status == StepStatus::Running)
+            .collect();
+        let mut renew = tokio::time::interval(LEASE / 3);
+        loop {
+            if self.run.error.is_none() {
+                if let Some(d) = self.run.deadline_ms.filter(|&d| now_ms() >= d) {
+                    let left = d.saturating_sub(self.run.created_at_ms);
+                    self.fail(
+                        None,
+                        &error(
+                            "deadline-exceeded",
+                            format!("the run's deadline of {left} ms passed"),
+                        ),
+                    );
+                }
+            }
+            let stopping = self.run.error.is_some() || self.run.cancel_requested;
+            if !stopping {
+                spawn.extend(self.start_ready());
+            }
+            if running.is_empty() && spawn.is_empty() {
+                break;
+            }
+            // The checkpoint: every started step and ended one is written
+            // before a step that depends on it can start.
+            self.save().await?;
+            for i in spawn.drain(..) {
+                running.spawn(self.step(i, tx.clone()));
+            }
+            let deadline = self.run.deadline_ms.filter(|_| self.run.error.is_none());
+            let until_deadline = async {
+                match deadline {
+                    Some(d) => {
+                        tokio::time::sleep(Duration::from_millis(d.saturating_sub(now_ms()))).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                joined = running.join_next() => {
+                    if let Some(Ok((i, outcome))) = joined {
+                        self.ended(i, outcome)?;
+                    }
+                }
+                Some(p) = progress.recv() => {
+                    let r = &mut self.run.steps[p.step];
+                    r.attempts = p.attempt;
+                    r.task_id = Some(p.task);
+                    // Shown with the next checkpoint; not worth a write.
+                }
+                Ok(()) = poke.changed() => {
+                    if let Ok(Some((theirs, _))) = self.shared.store.run(&self.run.id).await {
+                        if theirs.cancel_requested && !self.run.cancel_requested {
+                            self.run.cancel_requested = true;
+                            self.dirty = true;
+                        }
+                    }
+                }
+                () = until_deadline => {}
+                _ = renew.tick(), if !self.shared.store.exclusive() => {
+                    self.dirty = true;
+                }
+            }
+        }
+        let now = now_ms();
+        for r in &mut self.run.steps {
+            if r.status == StepStatus::Pending {
+                r.status = StepStatus::NotRun;
+                r.ended_at_ms = Some(now);
+            }
+        }
+        if self.run.cancel_requested && self.run.error.is_none() {
+            self.fail(None, &error("cancelled", "the run was cancelled"));
+        }
+        let undo = self.undo_order();
+        self.dirty = true;
+        if self.run.error.is_none() {
+            self.finish(RunStatus::Completed);
+        } else if undo.is_empty() {
+            let status = if self.run.cancel_requested {
+                RunStatus::Cancelled
+            } else {
+                RunStatus::Failed
+            };
+            self.finish(status);
+        } else {
+            self.run.status = RunStatus::Compensating;
+            for i in undo {
+                let capability = self.def.steps[i]
+                    .compensation
+                    .as_ref()
+                    .map(|c| c.capability.clone())
+                    .unwrap_or_default();
+                self.run.steps[i].compensation = Some(CompensationRecord {
+                    capability,
+                    status: CompensationStatus::Pending,
+                    attempts: 0,
+                    task_id: None,
+                    started_at_ms: None,
+                    ended_at_ms: None,
+                    error: None,
+                });
+            }
+        }
+        self.save().await
+    }
+
+    fn finish(&mut self, status: RunStatus) {
+        self.run.status = status;
+        self.run.ended_at_ms = Some(now_ms());
+        self.dirty = true;
+    }
+
+    /// Completed steps with a compensation, latest completed first.
+    fn undo_order(&self) -> Vec<usize> {
+        let mut undo: Vec<usize> = (0..self.run.steps.len())
+            .filter(|&i| {
+                self.run.steps[i].status == StepStatus::Completed
+                    && self.def.steps[i].compensation.is_some()
+            })
+            .collect();
+        undo.sort_by_key(|&i| std::cmp::Reverse(self.run.steps[i].completed_order));
+        undo
+    }
+
+    /// Records how a step ended.
+    fn ended(&mut self, i: usize, outcome: Outcome) -> Result<(), Stop> {
+        let now = now_ms();
+        self.dirty = true;
+        let id = self.run.steps[i].id.clone();
+        match outcome {
+            Outcome::Stopping => return Err(Stop::Stopping),
+            Outcome::Completed {
+                result,
+                task,
+                fuel,
+                attempts,
+            } => {
+                let size = serde_json::to_vec(&self.run).map_or(0, |v| v.len())
+                    + serde_json::to_vec(&result).map_or(0, |v| v.len());
+                let r = &mut self.run.steps[i];
+                r.ended_at_ms = Some(now);
+                r.fuel_used = Some(fuel);
+                r.attempts = attempts;
+                if let Some(t) = task {
+                    r.task_id = Some(t.id);
+                    r.host = t.host;
+                    r.agent = t.agent;
+                }
+                if size > MAX_RUN_BYTES {
+                    let e = error(
+                        "result-too-large",
+                        format!(
+                            "the run's record would be {size} bytes with this result, past the limit of {MAX_RUN_BYTES} bytes"
+                        ),
+                    );
+                    r.status = StepStatus::Failed;
+                    r.error = Some(e.clone());
+                    self.fail(Some(&id), &e);
+                } else {
+                    self.run.completed += 1;
+                    let r = &mut self.run.steps[i];
+                    r.status = StepStatus::Completed;
+                    r.result = Some(result);
+                    r.completed_order = Some(self.run.completed);
+                }
+            }
+            Outcome::Failed {
+                error,
+                task,
+                attempts,
+            } => {
+                let r = &mut self.run.steps[i];
+                r.status = StepStatus::Failed;
+                r.ended_at_ms = Some(now);
+                r.attempts = attempts;
+                r.error = Some(error.clone());
+                if let Some(t) = task {
+                    r.task_id = Some(t.id);
+                    r.host = t.host;
+                    r.agent = t.agent;
+                }
+                self.fail(Some(&id), &error);
+            }
+        }
+        Ok(())
+    }
+
+    /// The future of one step: its attempts, or its fan-out's elements.
+    fn step(
+        &self,
+        i: usize,
+        progress: mpsc::Sender<Progress>,
+    ) -> impl std::future::Future<Output = (usize, Outcome)> + Send + 'static {
+        let tasks = self.shared.tasks.clone();
+        let checked = &self.def.steps[i];
+        let spec = self.spec(checked);
+        let concurrency = checked.step.concurrency.unwrap_or(10).max(1) as usize;
+        let fan_out = checked.step.for_each.is_some();
+        let input = self.run.steps[i].input.clone().unwrap_or(Value::Null);
+        let key = format!("wf/{}/{}", self.run.id, checked.step.id);
+        async move {
+            if !fan_out {
+                let report = move |attempt: u32, task: &str| {
+                    let _ = progress.try_send(Progress {
+                        step: i,
+                        attempt,
+                        task: task.to_string(),
+                    });
+                };
+                return (
+                    i,
+                    attempts(&tasks, &spec, payload(&input), &key, report).await,
+                );
+            }
+            let elements = match input {
+                Value::Array(a) => a,
+                other => vec![other],
+            };
+            (
+                i,
+                fan_out_elements(&tasks, &spec, elements, &key, concurrency).await,
+            )
+        }
+    }
+
+    /// Runs the compensations still to run, latest completed step first,
+    /// one at a time.
+    async fn compensate(&mut self) -> Result<(), Stop> {
+        for i in self.undo_order() {
+            let Some(record) = self.run.steps[i].compensation.clone() else {
+                continue;
+            };
+            if matches!(
+                record.status,
+                CompensationStatus::Completed | CompensationStatus::Failed
+            ) {
+                continue;
+            }
+            let Some(c) = self.def.steps[i].compensation.clone() else {
+                continue;
+            };
+            let step = &self.run.steps[i];
+            let default = serde_json::json!({
+                "input": step.input.clone().unwrap_or(Value::Null),
+                "result": step.result.clone().unwrap_or(Value::Null),
+            });
+            let input = match &c.input {
+                None => Ok(default),
+                Some(template) => Scope {
+                    input: step.input.as_ref().unwrap_or(&Value::Null),
+                    run: &self.run,
+                    index: &self.def.index,
+                    item: None,
+                    result: step.result.as_ref(),
+                }
+                .resolve(template),
+            };
+            let key = format!("wf/{}/{}/undo", self.run.id, step.id);
+            let spec = Spec {
+                capability: c.capability.clone(),
+                priority: self.def.steps[i].step.priority,
+                timeout: c.timeout,
+                attempts: c.attempts,
+                backoff: c.backoff,
+                // Undoing is not cut short by the run's deadline.
+                deadline_ms: None,
+            };
+            self.set_compensation(i, |r| {
+                r.status = CompensationStatus::Running;
+                r.started_at_ms = Some(now_ms());
+            });
+            self.save().await?;
+            let outcome = match input {
+                Ok(input) => {
+                    attempts(&self.shared.tasks, &spec, payload(&input), &key, |_, _| {}).await
+                }
+                Err(e) => Outcome::Failed {
+                    error: error("invalid-input", format!("compensate.input: {e}")),
+                    task: None,
+                    attempts: 0,
+                },
+            };
+            match outcome {
+                Outcome::Stopping => return Err(Stop::Stopping),
+                Outcome::Completed { task, attempts, .. } => self.set_compensation(i, |r| {
+                    r.status = CompensationStatus::Completed;
+                    r.attempts = attempts;
+                    r.task_id = task.map(|t| t.id);
+                    r.ended_at_ms = Some(now_ms());
+                }),
+                Outcome::Failed {
+                    error,
+                    task,
+                    attempts,
+                } => self.set_compensation(i, |r| {
+                    r.status = CompensationStatus::Failed;
+                    r.attempts = attempts;
+                    r.task_id = task.map(|t| t.id);
+                    r.error = Some(error);
+                    r.ended_at_ms = Some(now_ms());
+                }),
+            }
+            self.save().await?;
+        }
+        let (mut undone, mut not_undone) = (Vec::new(), Vec::new());
+        for s in &self.run.steps {
+            match s.compensation.as_ref().map(|c| c.status) {
+                Some(CompensationStatus::Completed) => undone.push(s.id.as_str()),
+                Some(_) => not_undone.push(s.id.as_str()),
+                None => {}
+            }
+        }
+        if not_undone.is_empty() {
+            let status = if self.run.cancel_requested {
+                RunStatus::Cancelled
+            } else {
+                RunStatus::Compensated
+            };
+            self.finish(status);
+        } else {
+            let first = self.run.error.clone();
+            self.run.error = Some(RunError {
+                step: first.as_ref().and_then(|e| e.step.clone()),
+                kind: "compensation-failed".into(),
+                message: format!(
+                    "{}; undone: [{}]; not undone: [{}]",
+                    first.map(|e| e.message).unwrap_or_default(),
+                    undone.join(", "),
+                    not_undone.join(", ")
+                ),
+            });
+            self.finish(RunStatus::CompensationFailed);
+        }
+        self.save().await
+    }
+
+    fn set_compensation(&mut self, i: usize, f: impl FnOnce(&mut CompensationRecord)) {
+        if let Some(r) = self.run.steps[i].compensation.as_mut() {
+            f(r);
+            self.dirty = true;
+        }
+    }
+}
+
+/// A fan-out: each element through its own attempts, at most
+/// `concurrency` at once, results in element order. The first element that
+/// fails fails the step; no element starts after it.
+async fn fan_out_elements(
+    tasks: &TaskService,
+    spec: &Spec,
+    elements: Vec<Value>,
+    key: &str,
+    concurrency: usize,
+) -> Outcome {
+    let mut results = Vec::with_capacity(elements.len());
+    let (mut fuel, mut most) = (0u64, 0u32);
+    let mut stream = futures_util::stream::iter(elements.into_iter().enumerate())
+        .map(|(n, input)| {
+            let key = format!("{key}/{n}");
+            async move {
+                (
+                    n,
+                    attempts(tasks, spec, payload(&input), &key, |_, _| {}).await,
+                )
+            }
+        })
+        .buffered(concurrency);
+    while let Some((n, outcome)) = stream.next().await {
+        match outcome {
+            Outcome::Completed {
+                result,
+                fuel: f,
+                attempts,
+                ..
+            } => {
+                results.push(result);
+                fuel += f;
+                most = most.max(attempts);
+            }
+            Outcome::Failed {
+                error: e,
+                task,
+                attempts,
+            } => {
+                return Outcome::Failed {
+                    error: error(&e.kind, format!("element {n}: {}", e.message)),
+                    task,
+                    attempts,
+                }
+            }
+            Outcome::Stopping => return Outcome::Stopping,
+        }
+    }
+    Outcome::Completed {
+        result: Value::Array(results),
+        task: None,
+        fuel,
+        attempts: most,
+    }
+}
+
+/// One step (or element, or compensation): its attempts, each a task with
+/// its own idempotency key, with the backoff doubling between them.
+async fn attempts(
+    tasks: &TaskService,
+    spec: &Spec,
+    payload: Vec<u8>,
+    key: &str,
+    report: impl Fn(u32, &str),
+) -> Outcome {
+    let mut last = None;
+    for attempt in 1..=spec.attempts {
+        if attempt > 1 {
+            let wait = spec.backoff.saturating_mul(1 << (attempt - 2).min(16));
+            tokio::time::sleep(wait).await;
+        }
+        let key = format!("{key}/{attempt}");
+        match task(tasks, spec, payload.clone(), key, |id| report(attempt, id)).await {
+            Err(None) => return Outcome::Stopping,
+            Err(Some(error)) => {
+                last = Some((error, None));
+            }
+            Ok(stored) => {
+                let r = &stored.record;
+                let end = TaskEnd {
+                    id: r.id.clone(),
+                    host: r.host.clone(),
+                    agent: r.agent.clone(),
+                };
+                if r.status == Status::Completed {
+                    return Outcome::Completed {
+                        result: result_value(stored.result.as_deref().unwrap_or_default()),
+                        task: Some(end),
+                        fuel: r.fuel_used.unwrap_or(0) + r.subtask_fuel.unwrap_or(0),
+                        attempts: attempt,
+                    };
+                }
+                let e = r.error.clone().unwrap_or_else(|| {
+                    error(
+                        r.status.as_str(),
+                        format!("the task ended {}", r.status.as_str()),
+                    )
+                });
+                last = Some((e, Some(end)));
+            }
+        }
+        if spec.deadline_ms.is_some_and(|d| now_ms() >= d) {
+            break;
+        }
+    }
+    let (error, task) = last.unwrap_or_else(|| (error("failed", "no attempt ran"), None));
+    Outcome::Failed {
+        error,
+        task,
+        attempts: spec.attempts,
+    }
+}
+
+/// Submits one task (or finds the one its key was given to) and waits for
+/// its end. `Err(None)`: the host is stopping; `Err(Some)`: the task could
+/// not be submitted.
+async fn task(
+    tasks: &TaskService,
+    spec: &Spec,
+    payload: Vec<u8>,
+    key: String,
+    submitted: impl FnOnce(&str),
+) -> Result<crate::service::Stored, Option<ErrorInfo>> {
+    let mut pause = Duration::from_millis(50);
+    let deadline = |now: u64| -> Result<Option<Duration>, Option<ErrorInfo>> {
+        let left = spec.deadline_ms.map(|d| d.saturating_sub(now));
+        if left == Some(0) {
+            return Err(Some(error(
+                "deadline-exceeded",
+                "the run's deadline passed before the step started",
+            )));
+        }
+        let left = left.map(Duration::from_millis);
+        Ok(match (spec.timeout, left) {
+            (Some(t), Some(l)) => Some(t.min(l)),
+            (t, l) => t.or(l),
+        })
+    };
+    let submitted_task = loop {
+        let request = SubmitRequest {
+            capability: spec.capability.clone(),
+            payload: payload.clone(),
+            priority: spec.priority,
+            deadline: deadline(now_ms())?,
+            idempotency_key: Some(key.clone()),
+        };
+        match tasks.submit(request).await {
+            Ok(s) => break s,
+            Err(HostError::ShuttingDown) => return Err(None),
+            Err(HostError::UnknownCapability(c)) => {
+                return Err(Some(error(
+                    "unavailable",
+                    format!("no agent provides capability {c}"),
+                )))
+            }
+            Err(e @ (HostError::PayloadTooLarge { .. } | HostError::InvalidRequest(_))) => {
+                return Err(Some(error(e.kind(), e.to_string())))
+            }
+            // Full, or the store is briefly away: the step waits.
+            Err(e) => {
+                tracing::debug!(error = %e, key, "a workflow step's task waits to be accepted");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let id = submitted_task.task.id.clone();
+    submitted(&id);
+    let mut fresh = !submitted_task.existing;
+    loop {
+        if tasks.host().is_stopping() {
+            return Err(None);
+        }
+        match tasks
+            .store()
+            .wait(&id, Duration::from_secs(30), fresh)
+            .await
+        {
+            Ok(stored) if stored.record.status.is_final() => return Ok(stored),
+            Ok(_) => {}
+            Err(HostError::NotFound(_)) => {
+                return Err(Some(error(
+                    "not-found",
+                    format!("task {id} is no longer kept"),
+                )))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, task = %id, "waiting for a workflow step's task failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        fresh = false;
+    }
+}
