@@ -723,3 +723,148 @@ fn after_kill_9_a_lone_host_resumes_every_run_and_reruns_no_completed_step() {
         completed_before.len()
     );
 }
+
+/// A 3-host cluster: A starts and drives runs and serves nothing, B runs
+/// the tasks, C serves nothing; B and C can take a run over.
+struct Three {
+    _nats: NatsServer,
+    _homes: Vec<Orch>,
+    a: Option<HostProc>,
+    b: HostProc,
+    c: HostProc,
+}
+
+impl Three {
+    fn start() -> Three {
+        let nats = NatsServer::start();
+        let (a, b, c) = (Orch::new(), Orch::new(), Orch::new());
+        a.config(CONFIG);
+        c.config(CONFIG);
+        install(&b);
+        let args = ["--nats", nats.url.as_str()];
+        let hb = HostProc::start_with(&b, &args);
+        let ha = HostProc::start_with(&a, &args);
+        let hc = HostProc::start_with(&c, &args);
+        for h in [&ha, &hc] {
+            h.until("the host sees B's capabilities", |h| {
+                let (_, status) = h.get("/v1/status");
+                status["cluster"]["hosts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| {
+                        m["capabilities"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().any(|c| c == "test.sleep"))
+                    })
+            });
+        }
+        Three {
+            _nats: nats,
+            _homes: vec![a, b, c],
+            a: Some(ha),
+            b: hb,
+            c: hc,
+        }
+    }
+
+    fn a(&self) -> &HostProc {
+        self.a.as_ref().unwrap()
+    }
+}
+
+fn host_id(h: &HostProc) -> String {
+    h.get("/v1/status").1["host"].as_str().unwrap().to_string()
+}
+
+const COUNTED: &str = r#"
+name = "counted"
+version = 1
+[[steps]]
+id = "s1"
+capability = "test.flaky"
+input = "recover s1 0"
+[[steps]]
+id = "s2"
+capability = "test.sleep"
+after = ["s1"]
+input = "1500"
+[[steps]]
+id = "s3"
+capability = "test.flaky"
+after = ["s2"]
+input = "recover s3 0"
+"#;
+
+/// kill -9 of the host driving a run while a step runs: another host (B or
+/// C) takes the run over once its lease ends (2 s, plus a 1 s scan), the
+/// running step's task is the same task, and no step runs twice.
+#[test]
+fn a_cluster_run_survives_kill_9_of_its_driving_host() {
+    let mut t = Three::start();
+    registered(t.a(), COUNTED);
+    let events = Events::open(&t.b, "capability=test.sleep");
+    let run = start(t.a(), "counted", json!({}), false);
+    let id = run["id"].as_str().unwrap().to_string();
+    let a = host_id(t.a());
+    events.next("started");
+    let killed = std::time::Instant::now();
+    t.a.take().unwrap().kill9();
+    let run = wait_run(&t.c, &id);
+    assert_eq!(run["status"], "completed", "{run}");
+    // B or C, whichever scanned first.
+    assert!(
+        !run["owner"].as_str().unwrap().starts_with(&format!("{a}/")),
+        "{run}"
+    );
+    // s1 and s3 each ran once (their kv counters), s2's task ran once.
+    assert_eq!(step(&run, "s1")["result"], 1, "{run}");
+    assert_eq!(step(&run, "s3")["result"], 1, "{run}");
+    let s2 = d_task(&t.b, step(&run, "s2")["task_id"].as_str().unwrap());
+    assert_eq!(s2["attempts"], 1, "{s2}");
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the run ended {took:?} after the kill"
+    );
+}
+
+fn d_task(h: &HostProc, id: &str) -> Value {
+    h.wait(id)
+}
+
+/// SIGSTOP of the driving host past its lease: another host takes the run
+/// over and ends it; when the paused host comes back, its next write is
+/// refused (it logs that it stopped driving) and the run stays as the
+/// other host left it.
+#[test]
+fn a_paused_driving_host_that_comes_back_is_fenced() {
+    let t = Three::start();
+    registered(t.a(), COUNTED);
+    let events = Events::open(&t.b, "capability=test.sleep");
+    let run = start(t.a(), "counted", json!({}), false);
+    let id = run["id"].as_str().unwrap().to_string();
+    let a = host_id(t.a());
+    events.next("started");
+    t.a().signal("-STOP");
+    let ended = wait_run(&t.c, &id);
+    assert_eq!(ended["status"], "completed", "{ended}");
+    assert!(
+        !ended["owner"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{a}/")),
+        "{ended}"
+    );
+    t.a().signal("-CONT");
+    let log = t._homes[0].work.path().join("host.log");
+    t.c.until("host A logs that it was fenced", |_| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("another host drives this workflow run now")
+    });
+    let (_, after) = t.c.get(&format!("/v1/runs/{id}"));
+    assert_eq!(after, ended, "the fenced host changed the run");
+    assert_eq!(step(&after, "s1")["result"], 1);
+    assert_eq!(step(&after, "s3")["result"], 1);
+}

@@ -30,7 +30,7 @@ pub use store::{LocalStore, Registered, WorkflowStore};
 
 /// How long a driver holds a run without writing it, in a cluster: past
 /// it, another host takes the run over. Renewed every third of it.
-pub const LEASE: Duration = Duration::from_secs(3);
+pub const LEASE: Duration = Duration::from_secs(2);
 /// The largest a run's record may grow (its steps' inputs and results):
 /// one NATS message with the server's default `max_payload`, less room.
 pub const MAX_RUN_BYTES: usize = 900 * 1024;
