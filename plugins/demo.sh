@@ -26,6 +26,10 @@ step $orch plugin install $p/wordcount.wasm --yes
 step $orch plugin install $p/wordcount-js.wasm --yes
 step $orch plugin install $p/planner.wasm --yes
 step $orch plugin install $p/counter.wasm --yes
+# The workflow example's agents: a shop in JavaScript, a document splitter
+# and aggregator in Python.
+step $orch plugin install $p/shop-js.wasm --yes
+step $orch plugin install $p/docs-py.wasm --yes
 
 # The host prints its address on its first line and publishes it in
 # $ORCH_HOME/host.json, where the CLI finds it.
@@ -51,6 +55,25 @@ printf '\n$ %s task submit --capability text.wordcount --input ARCHITECTURE.md -
 step $orch task get "$id" --wait
 step $orch task submit --capability image.resize --input README.md
 step $orch task list
+
+# Workflows (plugins/workflows/): an order that completes, and one whose
+# card is declined, so its reservation is released again (compensated).
+step $orch workflow register plugins/workflows/order.toml
+step $orch workflow register plugins/workflows/pipeline.toml
+printf '{"id":"A-1","sku":"lamp","count":2,"amount":40,"card":"visa","address":"1 Main St"}' > "$root/target/demo-order-ok.json"
+printf '{"id":"A-2","sku":"lamp","count":3,"amount":60,"card":"declined","address":"1 Main St"}' > "$root/target/demo-order-declined.json"
+ok=$($orch workflow run order --input "$root/target/demo-order-ok.json")
+printf '\n$ %s workflow run order --input target/demo-order-ok.json\n%s\n' "$orch" "$ok"
+declined=$($orch workflow run order --input "$root/target/demo-order-declined.json")
+printf '\n$ %s workflow run order --input target/demo-order-declined.json\n%s\n' "$orch" "$declined"
+step $orch workflow get "$ok" --wait
+step $orch workflow get "$declined" --wait
+# The stock of lamps: 100, less the 2 of the completed order only.
+step $orch task submit --capability shop.stock --input <(printf lamp) --wait
+echo
+python3 -c 'import json,sys; print(json.dumps({"text": open(sys.argv[1]).read()}))' "$doc" > "$root/target/demo-pipeline.json"
+step $orch workflow run pipeline --input "$root/target/demo-pipeline.json" --wait
+step $orch workflow runs
 
 if [ "${1:-}" = --serve ]; then
     trap - EXIT

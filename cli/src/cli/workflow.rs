@@ -44,18 +44,17 @@ pub enum Command {
         /// its start, e.g. 30s. Default: the definition's.
         #[arg(long)]
         deadline: Option<String>,
-        /// Wait for the run to end.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
-        #[arg(long, default_value = "5m")]
-        timeout: String,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Show a run: its status and each step's.
+    /// Show a run: its status and each step's. With --wait, once it ended
+    /// (and exits as `run --wait` does).
     Get {
         id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -79,6 +78,30 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(clap::Args)]
+pub struct WaitArgs {
+    /// Wait for the run to end.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "5m")]
+    timeout: String,
+}
+
+impl WaitArgs {
+    fn wait(&self) -> Result<Option<Duration>, u8> {
+        if !self.wait {
+            return Ok(None);
+        }
+        orch::units::parse_duration(&self.timeout)
+            .map(Some)
+            .map_err(|e| {
+                eprintln!("error: --timeout: {e}");
+                exit::BAD_INPUT
+            })
+    }
 }
 
 fn client(home: &Path, api: &ApiArgs, wait: Option<Duration>) -> Client {
@@ -182,17 +205,9 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             version,
             deadline,
             wait,
-            timeout,
             api,
         } => (|| {
-            let wait = if wait {
-                Some(orch::units::parse_duration(&timeout).map_err(|e| {
-                    eprintln!("error: --timeout: {e}");
-                    exit::BAD_INPUT
-                })?)
-            } else {
-                None
-            };
+            let wait = wait.wait()?;
             let input = match &input {
                 None => Value::Null,
                 Some(path) => {
@@ -226,9 +241,14 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             }
             Ok(if wait.is_some() { run_code(&run) } else { 0 })
         })(),
-        Command::Get { id, api } => (|| {
-            let (_, run) = client(home, &api, None)
-                .request("GET", &format!("/v1/runs/{id}"), None)
+        Command::Get { id, wait, api } => (|| {
+            let wait = wait.wait()?;
+            let path = match wait {
+                Some(w) => format!("/v1/runs/{id}?wait={}ms", w.as_millis()),
+                None => format!("/v1/runs/{id}"),
+            };
+            let (_, run) = client(home, &api, wait)
+                .request("GET", &path, None)
                 .map_err(|Failed(c)| c)?;
             match api.output {
                 Output::Json => print_json(&run),
@@ -237,7 +257,7 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                     0
                 }
             };
-            Ok(0)
+            Ok(if wait.is_some() { run_code(&run) } else { 0 })
         })(),
         Command::Runs {
             status,

@@ -41,7 +41,14 @@ fn install(orch: &Orch) {
 }
 
 impl Deployment {
-    pub fn start(mode: Mode) -> Deployment {
+    /// With more plugins (installed with their manifests) on the runner.
+    pub fn with(mode: Mode, extra: &[&str]) -> Deployment {
+        let install = |orch: &Orch| {
+            install(orch);
+            for plugin in extra {
+                orch.ok(&["plugin", "install", "-y", &p(plugin)]);
+            }
+        };
         match mode {
             Mode::Lone => {
                 let orch = Orch::new();
@@ -192,17 +199,20 @@ impl Events {
 
 macro_rules! both {
     ($name:ident, $body:expr) => {
+        both!($name, plugins = [], $body);
+    };
+    ($name:ident, plugins = [$($plugin:expr),*], $body:expr) => {
         mod $name {
             use super::*;
             #[test]
             fn lone() {
                 let case: fn(&Deployment) = $body;
-                case(&Deployment::start(Mode::Lone));
+                case(&Deployment::with(Mode::Lone, &[$($plugin),*]));
             }
             #[test]
             fn cluster() {
                 let case: fn(&Deployment) = $body;
-                case(&Deployment::start(Mode::Cluster));
+                case(&Deployment::with(Mode::Cluster, &[$($plugin),*]));
             }
         }
     };
@@ -868,3 +878,77 @@ fn a_paused_driving_host_that_comes_back_is_fenced() {
     assert_eq!(step(&after, "s1")["result"], 1);
     assert_eq!(step(&after, "s3")["result"], 1);
 }
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../plugins/workflows")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// The shop's stock of a SKU and its revenue, through shop.stock.
+fn shop(d: &Deployment, sku: &str) -> Value {
+    let id = d.api().submit("shop.stock", sku);
+    let task = d.api().wait(&id);
+    serde_json::from_str(task["result"].as_str().unwrap()).unwrap()
+}
+
+both!(
+    the_order_example_undoes_its_kv_effects_when_a_step_fails,
+    plugins = ["shop-js"],
+    |d| {
+        registered(d.api(), &example("order.toml"));
+        let order = |id: &str, card: &str, address: &str| json!({ "input": { "id": id, "sku": "lamp", "count": 2, "amount": 40, "card": card, "address": address } });
+        let run = start(d.api(), "order", order("o1", "visa", "1 Main St"), true);
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(
+            step(&run, "ship")["result"],
+            json!({ "tracking": "TRK-o1" })
+        );
+        let after_first = shop(d, "lamp");
+        assert_eq!(
+            after_first,
+            json!({ "sku": "lamp", "stock": 98, "revenue": 40 })
+        );
+        // Declined: the reservation is released; nothing was charged.
+        let run = start(d.api(), "order", order("o2", "declined", "1 Main St"), true);
+        assert_eq!(run["status"], "compensated", "{run}");
+        assert_eq!(step(&run, "reserve")["compensation"]["status"], "completed");
+        assert_eq!(step(&run, "ship")["status"], "not-run");
+        assert_eq!(shop(d, "lamp"), after_first);
+        // Shipping fails: the charge is refunded, then the stock released.
+        let run = start(d.api(), "order", order("o3", "visa", "nowhere"), true);
+        assert_eq!(run["status"], "compensated", "{run}");
+        assert_eq!(step(&run, "charge")["compensation"]["status"], "completed");
+        assert_eq!(step(&run, "reserve")["compensation"]["status"], "completed");
+        assert_eq!(shop(d, "lamp"), after_first);
+    }
+);
+
+both!(
+    the_pipeline_example_counts_each_section_and_adds_them_up,
+    plugins = ["docs-py", "wordcount"],
+    |d| {
+        registered(d.api(), &example("pipeline.toml"));
+        let doc = "# One\nalpha beta\n# Two\ngamma delta epsilon\n# Three\nzeta\n";
+        let run = start(
+            d.api(),
+            "pipeline",
+            json!({ "input": { "text": doc } }),
+            true,
+        );
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(step(&run, "count")["elements"], 3);
+        let result = &step(&run, "aggregate")["result"];
+        // Each section's words, its heading's included.
+        assert_eq!(
+            result["words_by_section"],
+            json!({ "One": 4, "Two": 5, "Three": 3 })
+        );
+        let whole = d.api().wait(&d.api().submit("text.wordcount", doc));
+        let whole: Value = serde_json::from_str(whole["result"].as_str().unwrap()).unwrap();
+        assert_eq!(result["total"], whole, "{run}");
+    }
+);
