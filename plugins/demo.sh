@@ -3,7 +3,9 @@
 # the orch binary, installs agents as plugins (Rust and JavaScript), starts a
 # host (`orch host start`), submits tasks to it by capability (one of them,
 # text.report, has the planner agent call text.wordcount for each section),
-# shows the host's status and task list, then stops the host with SIGTERM.
+# runs workflows (plugins/workflows/: an order that completes, one that is
+# compensated, a document pipeline), shows the host's status and task list,
+# then stops the host with SIGTERM.
 # With --serve the host keeps running in the foreground until Ctrl-C.
 # Data goes to $ORCH_HOME; by default a fresh target/demo-home, so the demo
 # does not touch ~/.orch.

@@ -339,6 +339,14 @@ fn ms_to_time(ms: &Value) -> String {
     })
 }
 
+/// At most `max` characters of `text`, with `...` when cut.
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 fn print_run(r: &Value) {
     let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
     println!("id:       {}", s(&r["id"]));
@@ -390,5 +398,15 @@ fn print_run(r: &Value) {
                     .unwrap_or_default()
             );
         }
+    }
+    // The last step comes after all it depends on: its result is usually
+    // the run's.
+    let last = r["steps"].as_array().and_then(|s| s.last());
+    if let Some(last) = last.filter(|s| s["status"] == "completed") {
+        println!(
+            "result ({}): {}",
+            s(&last["id"]),
+            orch::text::escape_terminal(&clip(&last["result"].to_string(), 400))
+        );
     }
 }
