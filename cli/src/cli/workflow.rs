@@ -71,6 +71,12 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List the schedules of each workflow's latest version and when each
+    /// fires next.
+    Triggers {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Cancel a run: no step starts after this, running steps end, then the
     /// completed steps' compensations run.
     Cancel {
@@ -296,6 +302,32 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             }
             Ok(0)
         })(),
+        Command::Triggers { api } => (|| {
+            let (_, answer) = client(home, &api, None)
+                .request("GET", "/v1/triggers", None)
+                .map_err(|Failed(c)| c)?;
+            if let Output::Json = api.output {
+                return Ok(print_json(&answer));
+            }
+            println!(
+                "{:<28} {:<20} {:<16} NEXT (UTC)",
+                "WORKFLOW", "SCHEDULE", "TIME ZONE"
+            );
+            for t in answer["triggers"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<28} {:<20} {:<16} {}",
+                    format!(
+                        "{} v{}",
+                        t["workflow"].as_str().unwrap_or_default(),
+                        t["version"].as_u64().unwrap_or_default()
+                    ),
+                    t["schedule"].as_str().unwrap_or_default(),
+                    t["timezone"].as_str().unwrap_or_default(),
+                    t["next_at_ms"].as_u64().map_or("never".into(), utc)
+                );
+            }
+            Ok(0)
+        })(),
         Command::Cancel { id, api } => (|| {
             let (_, run) = client(home, &api, None)
                 .request("POST", &format!("/v1/runs/{id}/cancel"), None)
@@ -324,6 +356,14 @@ fn run_code(run: &Value) -> u8 {
             code => code,
         },
     }
+}
+
+/// Unix ms as `YYYY-MM-DD HH:MM:SS` UTC.
+fn utc(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
 }
 
 fn ms_to_time(ms: &Value) -> String {

@@ -952,3 +952,64 @@ both!(
         assert_eq!(result["total"], whole, "{run}");
     }
 );
+
+/// A schedule every 2 s on a 3-host cluster (every host runs the same
+/// schedule): each tick starts one run, whichever host gets there first.
+/// The runs' step is one `recover` call of flaky on one kv counter, so
+/// their results are the call numbers: 1..n with none twice means n runs
+/// ran it once each; the runs' ticks are 2 s apart with none missing.
+#[test]
+fn a_schedule_starts_one_run_per_tick_across_three_hosts() {
+    let t = Three::start();
+    registered(
+        t.a(),
+        r#"
+name = "tick"
+version = 1
+[[steps]]
+id = "count"
+capability = "test.flaky"
+input = "recover ticks 0"
+[[triggers]]
+schedule = "*/2 * * * * *"
+input = { from = "schedule" }
+"#,
+    );
+    let out = t._homes[0].ok(&["workflow", "triggers", "--api", &t.a().url]);
+    assert!(
+        out.contains("tick v1") && out.contains("*/2 * * * * *") && out.contains("UTC"),
+        "{out}"
+    );
+    let events = Events::open(&t.b, "capability=test.flaky");
+    for _ in 0..3 {
+        events.next("completed");
+    }
+    let (_, runs) = t.c.get("/v1/runs?workflow=tick&status=completed&limit=100");
+    let runs = runs["runs"].as_array().unwrap().clone();
+    assert!(runs.len() >= 3, "{runs:?}");
+    let mut calls: Vec<u64> = runs
+        .iter()
+        .map(|r| step(r, "count")["result"].as_u64().unwrap())
+        .collect();
+    calls.sort();
+    let n = calls.len() as u64;
+    assert_eq!(
+        calls,
+        (1..=n).collect::<Vec<_>>(),
+        "a tick ran twice: {runs:?}"
+    );
+    let mut ticks: Vec<u64> = runs
+        .iter()
+        .map(|r| {
+            assert_eq!(r["input"], json!({ "from": "schedule" }));
+            ulid::Ulid::from_string(r["id"].as_str().unwrap())
+                .unwrap()
+                .timestamp_ms()
+        })
+        .collect();
+    ticks.sort();
+    for pair in ticks.windows(2) {
+        assert_eq!(pair[1] - pair[0], 2000, "ticks {ticks:?}");
+    }
+    assert!(ticks.iter().all(|t| t % 2000 == 0), "{ticks:?}");
+}

@@ -77,6 +77,7 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         )
         .route("/v1/workflows/{name}", get(workflows::inspect))
         .route("/v1/workflows/{name}/runs", post(workflows::start))
+        .route("/v1/triggers", get(workflows::triggers))
         .route("/v1/runs", get(workflows::runs))
         .route("/v1/runs/{id}", get(workflows::run))
         .route("/v1/runs/{id}/cancel", post(workflows::cancel))

@@ -188,3 +188,10 @@ pub(super) async fn cancel(
 ) -> Result<Response, ApiError> {
     Ok(Json(service(&state)?.cancel(&id).await?).into_response())
 }
+
+/// `GET /v1/triggers`: the schedules of each workflow's latest version,
+/// with their next tick.
+pub(super) async fn triggers(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let triggers = service(&state)?.triggers().await?;
+    Ok(Json(json!({ "triggers": triggers })).into_response())
+}

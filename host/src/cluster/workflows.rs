@@ -1,6 +1,7 @@
 //! The workflow store of a cluster: definitions in the KV bucket
-//! `ORCH_WORKFLOWS` (key `<name>.v<version>`, written with `create`, so a
-//! version is stored once) and runs in `ORCH_RUNS` (key: the run id; each
+//! `ORCH_WORKFLOWS` (key `def.<name>.v<version>`, written with `create`, so
+//! a version is stored once; `latest.<name>` holds a name's highest
+//! version, raised with compare-and-set) and runs in `ORCH_RUNS` (key: the run id; each
 //! checkpoint is an `update` on the revision the driver read, which is what
 //! fences a driver that lost its lease).
 
@@ -58,6 +59,10 @@ impl KvStore {
     }
 }
 
+fn def_key(name: &str, version: u32) -> String {
+    format!("def.{name}.v{version}")
+}
+
 fn store_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> WorkflowError {
     WorkflowError::store(format!("NATS bucket {what}"), e)
 }
@@ -73,12 +78,50 @@ impl WorkflowStore for KvStore {
 
     fn register<'a>(&'a self, def: &'a Registered) -> BoxFuture<'a, Result<bool, WorkflowError>> {
         Box::pin(async move {
-            let key = format!("{}.v{}", def.definition.name, def.definition.version);
+            let (name, version) = (&def.definition.name, def.definition.version);
             let value = serde_json::to_vec(def).map_err(|e| store_error(DEFINITIONS, e))?;
-            match self.definitions.create(&key, value.into()).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(store_error(DEFINITIONS, e)),
+            match self
+                .definitions
+                .create(def_key(name, version), value.into())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+                Err(e) => return Err(store_error(DEFINITIONS, e)),
+            }
+            // Raise `latest.<name>` unless a higher version is there; two
+            // hosts registering at once retry on each other's revision.
+            let key = format!("latest.{name}");
+            let latest = version.to_string();
+            loop {
+                let entry = self
+                    .definitions
+                    .entry(&key)
+                    .await
+                    .map_err(|e| store_error(DEFINITIONS, e))?;
+                let written = match entry.filter(|e| e.operation == kv::Operation::Put) {
+                    Some(e) => {
+                        let current: u32 = std::str::from_utf8(&e.value)
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        if current >= version {
+                            return Ok(true);
+                        }
+                        self.definitions
+                            .update(&key, latest.clone().into(), e.revision)
+                            .await
+                            .is_ok()
+                    }
+                    None => self
+                        .definitions
+                        .create(&key, latest.clone().into())
+                        .await
+                        .is_ok(),
+                };
+                if written {
+                    return Ok(true);
+                }
             }
         })
     }
@@ -93,10 +136,10 @@ impl WorkflowStore for KvStore {
                 Err(e) => return Err(store_error(DEFINITIONS, e)),
             };
             let mut out = Vec::with_capacity(keys.len());
-            for key in keys {
+            for key in keys.iter().filter(|k| k.starts_with("def.")) {
                 if let Some(v) = self
                     .definitions
-                    .get(&key)
+                    .get(key.as_str())
                     .await
                     .map_err(|e| store_error(DEFINITIONS, e))?
                 {
@@ -107,13 +150,49 @@ impl WorkflowStore for KvStore {
         })
     }
 
-    fn create_run<'a>(&'a self, run: &'a RunRecord) -> BoxFuture<'a, Result<u64, WorkflowError>> {
+    fn definition<'a>(
+        &'a self,
+        name: &'a str,
+        version: u32,
+    ) -> BoxFuture<'a, Result<Option<Registered>, WorkflowError>> {
+        Box::pin(async move {
+            match self
+                .definitions
+                .get(def_key(name, version))
+                .await
+                .map_err(|e| store_error(DEFINITIONS, e))?
+            {
+                Some(v) => Ok(Some(decode(DEFINITIONS, &v)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn latest_version<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u32>, WorkflowError>> {
+        Box::pin(async move {
+            let v = self
+                .definitions
+                .get(format!("latest.{name}"))
+                .await
+                .map_err(|e| store_error(DEFINITIONS, e))?;
+            Ok(v.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()))
+        })
+    }
+
+    fn create_run<'a>(
+        &'a self,
+        run: &'a RunRecord,
+    ) -> BoxFuture<'a, Result<Option<u64>, WorkflowError>> {
         Box::pin(async move {
             let value = serde_json::to_vec(run).map_err(|e| store_error(RUNS, e))?;
-            self.runs
-                .create(&run.id, value.into())
-                .await
-                .map_err(|e| store_error(RUNS, e))
+            match self.runs.create(&run.id, value.into()).await {
+                Ok(rev) => Ok(Some(rev)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(store_error(RUNS, e)),
+            }
         })
     }
 

@@ -33,6 +33,81 @@ pub struct Definition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
     pub steps: Vec<Step>,
+    /// What starts runs besides a request: schedules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<Trigger>,
+}
+
+/// A schedule that starts a run at each tick, with `input` as its input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// Five-field cron (`*/5 * * * *`: minute, hour, day of month, month,
+    /// day of week), or six with seconds first.
+    pub schedule: String,
+    /// An IANA time zone (`Europe/Berlin`); default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+}
+
+/// A trigger's schedule, parsed.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub cron: croner::Cron,
+    pub timezone: chrono_tz::Tz,
+    pub input: Value,
+}
+
+impl Schedule {
+    /// The first tick after `after_ms` (Unix ms), if any.
+    pub fn next_after(&self, after_ms: u64) -> Option<u64> {
+        use chrono::TimeZone;
+        let after = chrono::Utc
+            .timestamp_millis_opt(i64::try_from(after_ms).ok()?)
+            .single()?
+            .with_timezone(&self.timezone);
+        let next = self.cron.find_next_occurrence(&after, false).ok()?;
+        u64::try_from(next.timestamp_millis()).ok()
+    }
+}
+
+fn schedule(t: &Trigger, field: &str, bad: &mut impl FnMut(String)) -> Option<Schedule> {
+    let timezone = match &t.timezone {
+        None => chrono_tz::UTC,
+        Some(z) => match z.parse::<chrono_tz::Tz>() {
+            Ok(tz) => tz,
+            Err(_) => {
+                bad(format!(
+                    "{field}.timezone: {z:?} is not an IANA time zone (e.g. Europe/Berlin, UTC)"
+                ));
+                return None;
+            }
+        },
+    };
+    let fields = t.schedule.split_whitespace().count();
+    if !(5..=6).contains(&fields) {
+        bad(format!(
+            "{field}.schedule: {:?} has {fields} fields: expected 5 (minute hour day-of-month month day-of-week) or 6 (seconds first)",
+            t.schedule
+        ));
+        return None;
+    }
+    match croner::Cron::new(&t.schedule)
+        .with_seconds_optional()
+        .parse()
+    {
+        Ok(cron) => Some(Schedule {
+            cron,
+            timezone,
+            input: t.input.clone().unwrap_or(Value::Null),
+        }),
+        Err(e) => {
+            bad(format!("{field}.schedule: {:?}: {e}", t.schedule));
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +261,8 @@ pub struct Checked {
     pub index: HashMap<String, usize>,
     /// Capabilities named, for the warning of those no agent serves.
     pub capabilities: BTreeSet<String>,
+    /// The triggers' schedules, in definition order.
+    pub schedules: Vec<Schedule>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +318,12 @@ impl Definition {
             bad("version: must be 1 or more".into());
         }
         let deadline = duration(&self.deadline, "deadline", &mut bad);
+        let schedules: Vec<Schedule> = self
+            .triggers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| schedule(t, &format!("triggers[{i}]"), &mut bad))
+            .collect();
         if self.steps.is_empty() {
             bad("steps: a workflow needs at least one step".into());
         }
@@ -351,6 +434,7 @@ impl Definition {
             steps,
             index,
             capabilities,
+            schedules,
         })
     }
 }

@@ -150,6 +150,7 @@ impl Workflows {
                 }
             }
         });
+        tokio::spawn(schedules(Arc::downgrade(&shared)));
         Workflows { shared }
     }
 
@@ -208,11 +209,6 @@ impl Workflows {
         name: &str,
         version: Option<u32>,
     ) -> Result<Arc<Checked>, WorkflowError> {
-        if let Some(v) = version {
-            if let Some(c) = lock(&self.shared.definitions).get(&(name.to_string(), v)) {
-                return Ok(c.clone());
-            }
-        }
         self.shared.checked(name, version).await
     }
 
@@ -224,54 +220,29 @@ impl Workflows {
         input: Value,
         deadline: Option<Duration>,
     ) -> Result<RunRecord, WorkflowError> {
-        if self.shared.tasks.host().is_stopping() {
-            return Err(WorkflowError::ShuttingDown);
-        }
         let def = self.checked(name, version).await?;
+        let id = ulid::Ulid::new().to_string();
+        let run = self.shared.start(def, id, input, deadline).await?;
+        // A fresh ulid is never taken.
+        run.ok_or_else(|| WorkflowError::store("runs", "a new run id was taken"))
+    }
+
+    /// The triggers of each workflow's latest version, with their next tick.
+    pub async fn triggers(&self) -> Result<Vec<TriggerInfo>, WorkflowError> {
         let now = now_ms();
-        let deadline_ms = deadline
-            .or(def.deadline)
-            .map(|d| now.saturating_add(d.as_millis() as u64));
-        let run = RunRecord {
-            id: ulid::Ulid::new().to_string(),
-            workflow: def.def.name.clone(),
-            version: def.def.version,
-            status: RunStatus::Running,
-            input,
-            created_at_ms: now,
-            ended_at_ms: None,
-            deadline_ms,
-            error: None,
-            cancel_requested: false,
-            owner: Some(self.shared.owner_token()),
-            lease_until_ms: now + LEASE.as_millis() as u64,
-            steps: def
-                .steps
-                .iter()
-                .map(|s| StepRecord::pending(&s.step.id, &s.step.capability))
-                .collect(),
-            completed: 0,
-        };
-        let size = serde_json::to_vec(&run).map_or(0, |v| v.len());
-        if size > MAX_RUN_BYTES {
-            return Err(WorkflowError::Invalid(Invalid {
-                problems: vec![format!(
-                    "input: the run's record would be {size} bytes, past the limit of {MAX_RUN_BYTES} bytes"
-                )],
-            }));
-        }
-        // Counted as driven before it is stored, so that the scan never
-        // takes it up as well.
-        let poke = self.shared.claim(&run.id)?;
-        let rev = match self.shared.store.create_run(&run).await {
-            Ok(rev) => rev,
-            Err(e) => {
-                lock(&self.shared.driving).remove(&run.id);
-                return Err(e);
+        let mut out = Vec::new();
+        for def in self.shared.latest_definitions().await? {
+            for (t, s) in def.def.triggers.iter().zip(&def.schedules) {
+                out.push(TriggerInfo {
+                    workflow: def.def.name.clone(),
+                    version: def.def.version,
+                    schedule: t.schedule.clone(),
+                    timezone: s.timezone.name().to_string(),
+                    next_at_ms: s.next_after(now),
+                });
             }
-        };
-        spawn_driver(self.shared.clone(), def, run.clone(), rev, poke);
-        Ok(run)
+        }
+        Ok(out)
     }
 
     pub async fn get(&self, id: &str) -> Result<RunRecord, WorkflowError> {
@@ -360,7 +331,94 @@ impl Workflows {
     }
 }
 
+/// A trigger as `GET /v1/triggers` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TriggerInfo {
+    pub workflow: String,
+    pub version: u32,
+    pub schedule: String,
+    pub timezone: String,
+    pub next_at_ms: Option<u64>,
+}
+
 impl Shared {
+    /// Stores a run with this id and starts driving it; `None` when a run
+    /// with the id exists (a tick another host started first).
+    async fn start(
+        self: &Arc<Self>,
+        def: Arc<Checked>,
+        id: String,
+        input: Value,
+        deadline: Option<Duration>,
+    ) -> Result<Option<RunRecord>, WorkflowError> {
+        if self.tasks.host().is_stopping() {
+            return Err(WorkflowError::ShuttingDown);
+        }
+        let now = now_ms();
+        let deadline_ms = deadline
+            .or(def.deadline)
+            .map(|d| now.saturating_add(d.as_millis() as u64));
+        let run = RunRecord {
+            id,
+            workflow: def.def.name.clone(),
+            version: def.def.version,
+            status: RunStatus::Running,
+            input,
+            created_at_ms: now,
+            ended_at_ms: None,
+            deadline_ms,
+            error: None,
+            cancel_requested: false,
+            owner: Some(self.owner_token()),
+            lease_until_ms: now + LEASE.as_millis() as u64,
+            steps: def
+                .steps
+                .iter()
+                .map(|s| StepRecord::pending(&s.step.id, &s.step.capability))
+                .collect(),
+            completed: 0,
+        };
+        let size = serde_json::to_vec(&run).map_or(0, |v| v.len());
+        if size > MAX_RUN_BYTES {
+            return Err(WorkflowError::Invalid(Invalid {
+                problems: vec![format!(
+                    "input: the run's record would be {size} bytes, past the limit of {MAX_RUN_BYTES} bytes"
+                )],
+            }));
+        }
+        // Counted as driven before it is stored, so that the scan never
+        // takes it up as well.
+        let poke = self.claim(&run.id)?;
+        let rev = match self.store.create_run(&run).await {
+            Ok(Some(rev)) => rev,
+            Ok(None) => {
+                lock(&self.driving).remove(&run.id);
+                return Ok(None);
+            }
+            Err(e) => {
+                lock(&self.driving).remove(&run.id);
+                return Err(e);
+            }
+        };
+        spawn_driver(self.clone(), def, run.clone(), rev, poke);
+        Ok(Some(run))
+    }
+
+    /// The latest version of every workflow, checked.
+    async fn latest_definitions(&self) -> Result<Vec<Arc<Checked>>, WorkflowError> {
+        let mut latest: HashMap<String, u32> = HashMap::new();
+        for r in self.store.definitions().await? {
+            let v = latest.entry(r.definition.name.clone()).or_default();
+            *v = (*v).max(r.definition.version);
+        }
+        let mut out = Vec::with_capacity(latest.len());
+        for (name, version) in latest {
+            out.push(self.checked(&name, Some(version)).await?);
+        }
+        out.sort_by(|a, b| a.def.name.cmp(&b.def.name));
+        Ok(out)
+    }
+
     /// A token naming this host and this take-over: the run's `owner`
     /// while this driver holds it.
     fn owner_token(&self) -> String {
@@ -377,26 +435,39 @@ impl Shared {
         Ok(rx)
     }
 
+    /// A definition, checked; the latest version without `version`. Cached:
+    /// a registered version never changes.
     async fn checked(
         &self,
         name: &str,
         version: Option<u32>,
     ) -> Result<Arc<Checked>, WorkflowError> {
-        let all = self.store.definitions().await?;
-        let found = all
-            .into_iter()
-            .filter(|r| r.definition.name == name)
-            .filter(|r| version.is_none_or(|v| r.definition.version == v))
-            .max_by_key(|r| r.definition.version)
-            .ok_or_else(|| {
-                WorkflowError::NotFound(match version {
-                    Some(v) => format!("workflow named {name} with version {v}"),
-                    None => format!("workflow named {name}"),
-                })
-            })?;
-        let key = (name.to_string(), found.definition.version);
+        let missing = || {
+            WorkflowError::NotFound(match version {
+                Some(v) => format!("workflow named {name} with version {v}"),
+                None => format!("workflow named {name}"),
+            })
+        };
+        let version = match version {
+            Some(v) => v,
+            None => self.store.latest_version(name).await?.ok_or_else(missing)?,
+        };
+        let key = (name.to_string(), version);
+        if let Some(c) = lock(&self.definitions).get(&key) {
+            return Ok(c.clone());
+        }
+        let found = self
+            .store
+            .definition(name, version)
+            .await?
+            .ok_or_else(missing)?;
         let checked = Arc::new(found.definition.check()?);
-        lock(&self.definitions).insert(key, checked.clone());
+        let mut cache = lock(&self.definitions);
+        // Bounded: past this many, start over (each is read again once).
+        if cache.len() >= 1024 {
+            cache.clear();
+        }
+        cache.insert(key, checked.clone());
         Ok(checked)
     }
 }
@@ -426,6 +497,81 @@ fn spawn_driver(
         lock(&shared.driving).remove(&id);
         let _ = shared.ended.send(id);
     });
+}
+
+/// How often the schedules' definitions are read again (a new version's
+/// triggers replace the old one's within this).
+const TRIGGERS_REFRESH: Duration = Duration::from_secs(5);
+
+/// Starts a run at each tick of every schedule of every workflow's latest
+/// version. Every host does this; the run's id is made from the workflow,
+/// version, trigger and tick, and a run is created only if its id is new,
+/// so a tick starts one run in a cluster. Ticks before this host started
+/// (or while it could not read its store) are not made up for.
+async fn schedules(weak: std::sync::Weak<Shared>) {
+    use sha2::Digest;
+    // (workflow, version, trigger) -> next tick: one per trigger of the
+    // definitions read last.
+    let mut next: HashMap<(String, u32, usize), u64> = HashMap::new();
+    let mut defs: Vec<Arc<Checked>> = Vec::new();
+    let mut refreshed: Option<tokio::time::Instant> = None;
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.tasks.host().is_stopping() {
+            return;
+        }
+        if refreshed.is_none_or(|r| r.elapsed() >= TRIGGERS_REFRESH) {
+            match shared.latest_definitions().await {
+                Ok(all) => {
+                    defs = all
+                        .into_iter()
+                        .filter(|d| !d.schedules.is_empty())
+                        .collect();
+                    next.retain(|(name, version, _), _| {
+                        defs.iter()
+                            .any(|d| &d.def.name == name && d.def.version == *version)
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "reading workflow triggers failed"),
+            }
+            refreshed = Some(tokio::time::Instant::now());
+        }
+        let now = now_ms();
+        let mut wake = now + 1000;
+        for def in &defs {
+            for (i, schedule) in def.schedules.iter().enumerate() {
+                let key = (def.def.name.clone(), def.def.version, i);
+                let at = *next
+                    .entry(key.clone())
+                    .or_insert_with(|| schedule.next_after(now).unwrap_or(u64::MAX));
+                if at > now {
+                    wake = wake.min(at);
+                    continue;
+                }
+                let hash = sha2::Sha256::digest(format!("{}/{}/{i}/{at}", key.0, key.1));
+                let mut random = [0u8; 16];
+                random.copy_from_slice(&hash[..16]);
+                let id = ulid::Ulid::from_parts(at, u128::from_be_bytes(random)).to_string();
+                match shared
+                    .start(def.clone(), id, schedule.input.clone(), None)
+                    .await
+                {
+                    Ok(Some(run)) => {
+                        tracing::info!(workflow = %key.0, run = %run.id, tick_ms = at, "a schedule started a workflow run");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(workflow = %key.0, error = %e, "a schedule could not start its run");
+                    }
+                }
+                let following = schedule.next_after(at).unwrap_or(u64::MAX);
+                wake = wake.min(following);
+                next.insert(key, following);
+            }
+        }
+        drop(shared);
+        tokio::time::sleep(Duration::from_millis(wake.saturating_sub(now_ms()))).await;
+    }
 }
 
 /// Takes up the runs that no one drives: on a lone host every running run

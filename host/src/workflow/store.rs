@@ -29,8 +29,23 @@ pub trait WorkflowStore: Send + Sync {
     /// Stores a definition; `false` when that name and version exist.
     fn register<'a>(&'a self, def: &'a Registered) -> BoxFuture<'a, Result<bool, WorkflowError>>;
     fn definitions(&self) -> BoxFuture<'_, Result<Vec<Registered>, WorkflowError>>;
-    /// Stores a new run; its revision.
-    fn create_run<'a>(&'a self, run: &'a RunRecord) -> BoxFuture<'a, Result<u64, WorkflowError>>;
+    /// One version of a definition.
+    fn definition<'a>(
+        &'a self,
+        name: &'a str,
+        version: u32,
+    ) -> BoxFuture<'a, Result<Option<Registered>, WorkflowError>>;
+    /// A name's highest registered version.
+    fn latest_version<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u32>, WorkflowError>>;
+    /// Stores a new run; its revision, or `None` when a run with its id
+    /// exists (a scheduled run another host started first).
+    fn create_run<'a>(
+        &'a self,
+        run: &'a RunRecord,
+    ) -> BoxFuture<'a, Result<Option<u64>, WorkflowError>>;
     /// A run and its revision.
     fn run<'a>(
         &'a self,
@@ -175,14 +190,60 @@ impl WorkflowStore for LocalStore {
         })
     }
 
-    fn create_run<'a>(&'a self, run: &'a RunRecord) -> BoxFuture<'a, Result<u64, WorkflowError>> {
+    fn definition<'a>(
+        &'a self,
+        name: &'a str,
+        version: u32,
+    ) -> BoxFuture<'a, Result<Option<Registered>, WorkflowError>> {
+        let key = def_key(name, version);
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(DEFINITIONS)?;
+            let found = t.get(key.as_str())?;
+            found
+                .map(|v| {
+                    serde_json::from_slice(v.value()).map_err(|_| corrupt("a workflow definition"))
+                })
+                .transpose()
+        })
+    }
+
+    fn latest_version<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u32>, WorkflowError>> {
+        // A name's keys are `name\0` and a zero-padded version: the last
+        // key of that range is the highest version.
+        let (from, to) = (format!("{name}\0"), format!("{name}\u{1}"));
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(DEFINITIONS)?;
+            let last = t
+                .range(from.as_str()..to.as_str())?
+                .next_back()
+                .transpose()?;
+            Ok(last.and_then(|(k, _)| k.value().rsplit('\0').next()?.parse().ok()))
+        })
+    }
+
+    fn create_run<'a>(
+        &'a self,
+        run: &'a RunRecord,
+    ) -> BoxFuture<'a, Result<Option<u64>, WorkflowError>> {
         let (id, value) = (run.id.clone(), encode(run, 1));
         self.blocking(move |db| {
             let txn = db.begin_write()?;
-            txn.open_table(RUNS)?
-                .insert(id.as_str(), value.as_slice())?;
+            let created = {
+                let mut t = txn.open_table(RUNS)?;
+                if t.get(id.as_str())?.is_some() {
+                    false
+                } else {
+                    t.insert(id.as_str(), value.as_slice())?;
+                    true
+                }
+            };
             txn.commit()?;
-            Ok(1)
+            Ok(created.then_some(1))
         })
     }
 
