@@ -80,20 +80,26 @@ impl WorkflowStore for KvStore {
         Box::pin(async move {
             let (name, version) = (&def.definition.name, def.definition.version);
             let value = serde_json::to_vec(def).map_err(|e| store_error(DEFINITIONS, e))?;
-            match self
+            let created = match self
                 .definitions
                 .create(def_key(name, version), value.into())
                 .await
             {
-                Ok(_) => {}
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+                Ok(_) => true,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
                 Err(e) => return Err(store_error(DEFINITIONS, e)),
-            }
-            // Raise `latest.<name>` unless a higher version is there; two
-            // hosts registering at once retry on each other's revision.
+            };
+            // Raise `latest.<name>` unless a higher version is there (also
+            // for a version that existed: a registration cut off between
+            // the two writes is repaired by the next one). Two hosts
+            // registering at once retry on each other's revision.
             let key = format!("latest.{name}");
             let latest = version.to_string();
-            loop {
+            for attempt in 0..10u32 {
+                if attempt > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << attempt.min(6)))
+                        .await;
+                }
                 let entry = self
                     .definitions
                     .entry(&key)
@@ -106,7 +112,7 @@ impl WorkflowStore for KvStore {
                             .and_then(|v| v.parse().ok())
                             .unwrap_or(0);
                         if current >= version {
-                            return Ok(true);
+                            return Ok(created);
                         }
                         self.definitions
                             .update(&key, latest.clone().into(), e.revision)
@@ -120,9 +126,13 @@ impl WorkflowStore for KvStore {
                         .is_ok(),
                 };
                 if written {
-                    return Ok(true);
+                    return Ok(created);
                 }
             }
+            Err(store_error(
+                DEFINITIONS,
+                std::io::Error::other(format!("could not raise {key} to version {version}")),
+            ))
         })
     }
 
@@ -211,9 +221,10 @@ impl WorkflowStore for KvStore {
                 .await
                 .map_err(|e| store_error(RUNS, e))?
             {
-                Some(e) if e.operation == kv::Operation::Put => {
-                    Ok(Some((decode(RUNS, &e.value)?, e.revision)))
-                }
+                Some(e) if e.operation == kv::Operation::Put => Ok(Some((
+                    decode(&format!("{RUNS} key {id}"), &e.value)?,
+                    e.revision,
+                ))),
                 _ => Ok(None),
             }
         })
@@ -242,8 +253,13 @@ impl WorkflowStore for KvStore {
             };
             let mut out = Vec::with_capacity(keys.len());
             for key in keys {
-                if let Some(found) = self.run(&key).await? {
-                    out.push(found);
+                // One damaged record must not hide the others.
+                match self.run(&key).await {
+                    Ok(Some(found)) => out.push(found),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(run = %key, error = %e, "skipping a workflow run record that does not decode")
+                    }
                 }
             }
             Ok(out)

@@ -19,6 +19,10 @@ pub const MAX_STEPS: usize = 256;
 pub const MAX_FAN_OUT: usize = 10_000;
 /// The most attempts a retry policy may ask for.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// The longest first backoff of a retry policy.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// The most elements of one fan-out at once.
+pub const MAX_CONCURRENCY: u32 = 1000;
 
 /// A definition as written. Unknown fields are refused, so a misspelt
 /// field is an error instead of a silently ignored setting.
@@ -366,6 +370,10 @@ impl Definition {
             match (&s.for_each, s.concurrency) {
                 (None, Some(_)) => bad(format!("{}: is for a step with for_each", at("concurrency"))),
                 (Some(_), Some(0)) => bad(format!("{}: must be 1 or more", at("concurrency"))),
+                (Some(_), Some(n)) if n > MAX_CONCURRENCY => bad(format!(
+                    "{}: {n}, past the limit of {MAX_CONCURRENCY}",
+                    at("concurrency")
+                )),
                 (Some(Value::Array(a)), _) if a.len() > MAX_FAN_OUT => bad(format!(
                     "{}: {} elements, past the limit of {MAX_FAN_OUT}",
                     at("for_each"),
@@ -478,6 +486,10 @@ fn retry(r: &Option<Retry>, field: &str, bad: &mut impl FnMut(String)) -> (u32, 
     let backoff = match &r.backoff {
         None => Duration::from_secs(1),
         Some(b) => match parse_duration(b) {
+            Ok(d) if d > MAX_BACKOFF => {
+                bad(format!("{field}.backoff: {b} is past the limit of 1h"));
+                Duration::ZERO
+            }
             Ok(d) => d,
             Err(e) => {
                 bad(format!("{field}.backoff: {e}"));

@@ -127,8 +127,15 @@ impl Workflows {
             ended,
         });
         let weak = Arc::downgrade(&shared);
+        // A lone host has runs to take up after its start, or after one of
+        // its drivers gave up on a store failure: a slow scan will do.
+        let every = if shared.store.exclusive() {
+            Duration::from_secs(30)
+        } else {
+            SCAN
+        };
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SCAN);
+            let mut tick = tokio::time::interval(every);
             let mut sweep = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tokio::select! {
@@ -312,7 +319,9 @@ impl Workflows {
                     "workflow run with id {id}"
                 )));
             };
-            if run.status.is_final() || run.cancel_requested {
+            // A run that failed already is being undone: a cancel adds
+            // nothing (and does not turn `compensated` into `cancelled`).
+            if run.status != RunStatus::Running || run.error.is_some() || run.cancel_requested {
                 return Ok(run);
             }
             run.cancel_requested = true;
@@ -388,7 +397,9 @@ impl Shared {
         }
         // Counted as driven before it is stored, so that the scan never
         // takes it up as well.
-        let poke = self.claim(&run.id)?;
+        let Some(poke) = self.claim(&run.id)? else {
+            return Ok(None);
+        };
         let rev = match self.store.create_run(&run).await {
             Ok(Some(rev)) => rev,
             Ok(None) => {
@@ -425,14 +436,18 @@ impl Shared {
         format!("{}/{}", self.tasks.host().id(), ulid::Ulid::new())
     }
 
-    fn claim(&self, id: &str) -> Result<watch::Receiver<()>, WorkflowError> {
+    /// Counts a run as driven here; `None` when it is already.
+    fn claim(&self, id: &str) -> Result<Option<watch::Receiver<()>>, WorkflowError> {
         let mut driving = lock(&self.driving);
+        if driving.contains_key(id) {
+            return Ok(None);
+        }
         if driving.len() >= MAX_RUNS {
             return Err(WorkflowError::NoCapacity { limit: MAX_RUNS });
         }
         let (tx, rx) = watch::channel(());
         driving.insert(id.to_string(), tx);
-        Ok(rx)
+        Ok(Some(rx))
     }
 
     /// A definition, checked; the latest version without `version`. Cached:
@@ -548,7 +563,13 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
                     wake = wake.min(at);
                     continue;
                 }
-                let hash = sha2::Sha256::digest(format!("{}/{}/{i}/{at}", key.0, key.1));
+                // Not the version: hosts that read a new version at
+                // different times still agree on a tick of the same schedule.
+                let trigger = &def.def.triggers[i];
+                let hash = sha2::Sha256::digest(format!(
+                    "{}/{}/{:?}/{at}",
+                    key.0, trigger.schedule, trigger.timezone
+                ));
                 let mut random = [0u8; 16];
                 random.copy_from_slice(&hash[..16]);
                 let id = ulid::Ulid::from_parts(at, u128::from_be_bytes(random)).to_string();
@@ -594,7 +615,8 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             }
         };
         let poke = match shared.claim(&run.id) {
-            Ok(poke) => poke,
+            Ok(Some(poke)) => poke,
+            Ok(None) => continue,
             Err(_) => return Ok(()),
         };
         run.owner = Some(shared.owner_token());

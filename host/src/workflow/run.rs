@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::def::{Checked, CheckedStep, IfSkipped, Ref};
 use super::record::{
@@ -82,6 +83,8 @@ pub(super) struct Driver {
     pub run: RunRecord,
     pub rev: u64,
     dirty: bool,
+    /// Cancelled when the run is: no attempt starts after it.
+    stop: CancellationToken,
 }
 
 fn error(kind: &str, message: impl Into<String>) -> ErrorInfo {
@@ -165,6 +168,7 @@ impl Driver {
             run,
             rev,
             dirty: false,
+            stop: CancellationToken::new(),
         }
     }
 
@@ -303,7 +307,17 @@ impl Driver {
                     continue;
                 }
             }
-            match self.input_of(i) {
+            let size = serde_json::to_vec(&self.run).map_or(0, |v| v.len());
+            let input = self.input_of(i).and_then(|(input, elements)| {
+                let grown = size + serde_json::to_vec(&input).map_or(0, |v| v.len());
+                if grown > MAX_RUN_BYTES {
+                    return Err(format!(
+                        "input: the run's record would be {grown} bytes with this input, past the limit of {MAX_RUN_BYTES} bytes"
+                    ));
+                }
+                Ok((input, elements))
+            });
+            match input {
                 Ok((input, elements)) => {
                     let r = &mut self.run.steps[i];
                     r.status = StepStatus::Running;
@@ -375,11 +389,17 @@ impl Driver {
     async fn forward(&mut self, mut poke: watch::Receiver<()>) -> Result<(), Stop> {
         let (tx, mut progress) = mpsc::channel::<Progress>(64);
         let mut running: JoinSet<(usize, Outcome)> = JoinSet::new();
+        // Which step each spawned future runs, for one that panics.
+        let mut running_ids: HashMap<tokio::task::Id, usize> = HashMap::new();
         // Steps recorded as running were running when the last driver
-        // stopped: they start again, with the same task keys.
-        let mut spawn: Vec<usize> = (0..self.run.steps.len())
-            .filter(|&i| self.run.steps[i].status == StepStatus::Running)
-            .collect();
+        // stopped: they start again at once, with the same task keys.
+        for i in 0..self.run.steps.len() {
+            if self.run.steps[i].status == StepStatus::Running {
+                let handle = running.spawn(self.step(i, tx.clone()));
+                running_ids.insert(handle.id(), i);
+            }
+        }
+        let mut spawn: Vec<usize> = Vec::new();
         let mut renew = tokio::time::interval(LEASE / 3);
         loop {
             if self.run.error.is_none() {
@@ -404,8 +424,22 @@ impl Driver {
             // The checkpoint: every started step and ended one is written
             // before a step that depends on it can start.
             self.save().await?;
+            if self.run.cancel_requested {
+                // A cancel came in with that write: the steps it marked
+                // running do not start.
+                self.stop.cancel();
+                for i in spawn.drain(..) {
+                    let r = &mut self.run.steps[i];
+                    r.status = StepStatus::Pending;
+                    r.started_at_ms = None;
+                    r.input = None;
+                    r.elements = None;
+                    self.dirty = true;
+                }
+            }
             for i in spawn.drain(..) {
-                running.spawn(self.step(i, tx.clone()));
+                let handle = running.spawn(self.step(i, tx.clone()));
+                running_ids.insert(handle.id(), i);
             }
             let deadline = self.run.deadline_ms.filter(|_| self.run.error.is_none());
             let until_deadline = async {
@@ -417,9 +451,24 @@ impl Driver {
                 }
             };
             tokio::select! {
-                joined = running.join_next() => {
-                    if let Some(Ok((i, outcome))) = joined {
-                        self.ended(i, outcome)?;
+                joined = running.join_next_with_id() => {
+                    match joined {
+                        Some(Ok((id, (i, outcome)))) => {
+                            running_ids.remove(&id);
+                            self.ended(i, outcome)?;
+                        }
+                        // A bug, not the agent's: the step fails with it.
+                        Some(Err(e)) => {
+                            if let Some(i) = running_ids.remove(&e.id()) {
+                                let outcome = Outcome::Failed {
+                                    error: error("host", format!("the step's driver failed: {e}")),
+                                    task: None,
+                                    attempts: self.run.steps[i].attempts,
+                                };
+                                self.ended(i, outcome)?;
+                            }
+                        }
+                        None => {}
                     }
                 }
                 Some(p) = progress.recv() => {
@@ -432,6 +481,7 @@ impl Driver {
                     if let Ok(Some((theirs, _))) = self.shared.store.run(&self.run.id).await {
                         if theirs.cancel_requested && !self.run.cancel_requested {
                             self.run.cancel_requested = true;
+                            self.stop.cancel();
                             self.dirty = true;
                         }
                     }
@@ -449,7 +499,14 @@ impl Driver {
                 r.ended_at_ms = Some(now);
             }
         }
-        if self.run.cancel_requested && self.run.error.is_none() {
+        // A cancel that came after every step ended is too late: the run
+        // completed.
+        let all_ended = self
+            .run
+            .steps
+            .iter()
+            .all(|s| matches!(s.status, StepStatus::Completed | StepStatus::Skipped));
+        if self.run.cancel_requested && self.run.error.is_none() && !all_ended {
             self.fail(None, &error("cancelled", "the run was cancelled"));
         }
         let undo = self.undo_order();
@@ -457,7 +514,7 @@ impl Driver {
         if self.run.error.is_none() {
             self.finish(RunStatus::Completed);
         } else if undo.is_empty() {
-            let status = if self.run.cancel_requested {
+            let status = if self.was_cancelled() {
                 RunStatus::Cancelled
             } else {
                 RunStatus::Failed
@@ -485,6 +542,14 @@ impl Driver {
         self.save().await
     }
 
+    /// Whether the run stopped for a cancel (and not a failure before it).
+    fn was_cancelled(&self) -> bool {
+        self.run
+            .error
+            .as_ref()
+            .is_some_and(|e| e.kind == "cancelled")
+    }
+
     fn finish(&mut self, status: RunStatus) {
         self.run.status = status;
         self.run.ended_at_ms = Some(now_ms());
@@ -495,8 +560,14 @@ impl Driver {
     fn undo_order(&self) -> Vec<usize> {
         let mut undo: Vec<usize> = (0..self.run.steps.len())
             .filter(|&i| {
-                self.run.steps[i].status == StepStatus::Completed
-                    && self.def.steps[i].compensation.is_some()
+                let s = &self.run.steps[i];
+                // A result too large to keep is a task that completed: its
+                // effect is there to undo.
+                let done = s.status == StepStatus::Completed
+                    || s.error
+                        .as_ref()
+                        .is_some_and(|e| e.kind == "result-too-large");
+                done && self.def.steps[i].compensation.is_some()
             })
             .collect();
         undo.sort_by_key(|&i| std::cmp::Reverse(self.run.steps[i].completed_order));
@@ -528,6 +599,10 @@ impl Driver {
                     r.agent = t.agent;
                 }
                 if size > MAX_RUN_BYTES {
+                    // Its task completed: it is undone in its place.
+                    self.run.completed += 1;
+                    let r = &mut self.run.steps[i];
+                    r.completed_order = Some(self.run.completed);
                     let e = error(
                         "result-too-large",
                         format!(
@@ -579,6 +654,7 @@ impl Driver {
         let fan_out = checked.step.for_each.is_some();
         let input = self.run.steps[i].input.clone().unwrap_or(Value::Null);
         let key = format!("wf/{}/{}", self.run.id, checked.step.id);
+        let stop = self.stop.clone();
         async move {
             if !fan_out {
                 let report = move |attempt: u32, task: &str| {
@@ -590,7 +666,7 @@ impl Driver {
                 };
                 return (
                     i,
-                    attempts(&tasks, &spec, payload(&input), &key, report).await,
+                    attempts(&tasks, &spec, payload(&input), &key, &stop, report).await,
                 );
             }
             let elements = match input {
@@ -599,7 +675,7 @@ impl Driver {
             };
             (
                 i,
-                fan_out_elements(&tasks, &spec, elements, &key, concurrency).await,
+                fan_out_elements(&tasks, &spec, elements, &key, concurrency, &stop).await,
             )
         }
     }
@@ -653,7 +729,13 @@ impl Driver {
             self.save().await?;
             let outcome = match input {
                 Ok(input) => {
-                    attempts(&self.shared.tasks, &spec, payload(&input), &key, |_, _| {}).await
+                    // Undoing is not cancelled; the lease is renewed while
+                    // it runs, as while the steps run.
+                    let (tasks, never) = (self.shared.tasks.clone(), CancellationToken::new());
+                    let undo = async move {
+                        attempts(&tasks, &spec, payload(&input), &key, &never, |_, _| {}).await
+                    };
+                    self.renewing(undo).await?
                 }
                 Err(e) => Outcome::Failed {
                     error: error("invalid-input", format!("compensate.input: {e}")),
@@ -692,7 +774,7 @@ impl Driver {
             }
         }
         if not_undone.is_empty() {
-            let status = if self.run.cancel_requested {
+            let status = if self.was_cancelled() {
                 RunStatus::Cancelled
             } else {
                 RunStatus::Compensated
@@ -715,6 +797,22 @@ impl Driver {
         self.save().await
     }
 
+    /// Runs `work` and, in a cluster, renews the run's lease while it runs.
+    async fn renewing<T>(&mut self, work: impl std::future::Future<Output = T>) -> Result<T, Stop> {
+        tokio::pin!(work);
+        let mut renew = tokio::time::interval(LEASE / 3);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                _ = renew.tick(), if !self.shared.store.exclusive() => {
+                    self.dirty = true;
+                    self.save().await?;
+                }
+            }
+        }
+    }
+
     fn set_compensation(&mut self, i: usize, f: impl FnOnce(&mut CompensationRecord)) {
         if let Some(r) = self.run.steps[i].compensation.as_mut() {
             f(r);
@@ -732,6 +830,7 @@ async fn fan_out_elements(
     elements: Vec<Value>,
     key: &str,
     concurrency: usize,
+    stop: &CancellationToken,
 ) -> Outcome {
     let mut results = Vec::with_capacity(elements.len());
     let (mut fuel, mut most) = (0u64, 0u32);
@@ -739,10 +838,22 @@ async fn fan_out_elements(
         .map(|(n, input)| {
             let key = format!("{key}/{n}");
             async move {
-                (
-                    n,
-                    attempts(tasks, spec, payload(&input), &key, |_, _| {}).await,
-                )
+                if stop.is_cancelled() {
+                    let e = error(
+                        "cancelled",
+                        "the run was cancelled before this element started",
+                    );
+                    return (
+                        n,
+                        Outcome::Failed {
+                            error: e,
+                            task: None,
+                            attempts: 0,
+                        },
+                    );
+                }
+                let outcome = attempts(tasks, spec, payload(&input), &key, stop, |_, _| {}).await;
+                (n, outcome)
             }
         })
         .buffered(concurrency);
@@ -781,20 +892,34 @@ async fn fan_out_elements(
 }
 
 /// One step (or element, or compensation): its attempts, each a task with
-/// its own idempotency key, with the backoff doubling between them.
+/// its own idempotency key, with the backoff doubling between them. No
+/// attempt starts after `stop` (a cancel), and no backoff outlasts the
+/// run's deadline.
 async fn attempts(
     tasks: &TaskService,
     spec: &Spec,
     payload: Vec<u8>,
     key: &str,
+    stop: &CancellationToken,
     report: impl Fn(u32, &str),
 ) -> Outcome {
     let mut last = None;
+    let mut ran = 0;
     for attempt in 1..=spec.attempts {
         if attempt > 1 {
-            let wait = spec.backoff.saturating_mul(1 << (attempt - 2).min(16));
-            tokio::time::sleep(wait).await;
+            let mut wait = spec.backoff.saturating_mul(1 << (attempt - 2).min(16));
+            if let Some(d) = spec.deadline_ms {
+                wait = wait.min(Duration::from_millis(d.saturating_sub(now_ms())));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => break,
+            }
+            if stop.is_cancelled() {
+                break;
+            }
         }
+        ran = attempt;
         let key = format!("{key}/{attempt}");
         match task(tasks, spec, payload.clone(), key, |id| report(attempt, id)).await {
             Err(None) => return Outcome::Stopping,
@@ -829,13 +954,25 @@ async fn attempts(
             break;
         }
     }
-    let (error, task) = last.unwrap_or_else(|| (error("failed", "no attempt ran"), None));
+    let (error, task) = last.unwrap_or_else(|| {
+        (
+            error(
+                "cancelled",
+                "the run was cancelled before the step's first attempt",
+            ),
+            None,
+        )
+    });
     Outcome::Failed {
         error,
         task,
-        attempts: spec.attempts,
+        attempts: ran,
     }
 }
+
+/// How many times a submission refused for a reason of the host's own
+/// (its journal, its data directory) is tried before the step fails.
+const HOST_ERROR_TRIES: u32 = 10;
 
 /// Submits one task (or finds the one its key was given to) and waits for
 /// its end. `Err(None)`: the host is stopping; `Err(Some)`: the task could
@@ -848,51 +985,75 @@ async fn task(
     submitted: impl FnOnce(&str),
 ) -> Result<crate::service::Stored, Option<ErrorInfo>> {
     let mut pause = Duration::from_millis(50);
-    let deadline = |now: u64| -> Result<Option<Duration>, Option<ErrorInfo>> {
-        let left = spec.deadline_ms.map(|d| d.saturating_sub(now));
+    let mut host_errors = 0;
+    // A refusal may come after the task was accepted before a crash (the
+    // deadline has passed since, or the agent is gone): then the task the
+    // key names is the step's.
+    let earlier = |refusal: ErrorInfo| async {
+        match tasks.store().find_key(&key).await {
+            Ok(Some(id)) => Ok(id),
+            _ => Err(Some(refusal)),
+        }
+    };
+    let (id, mut fresh) = loop {
+        let left = spec.deadline_ms.map(|d| d.saturating_sub(now_ms()));
         if left == Some(0) {
-            return Err(Some(error(
+            let id = earlier(error(
                 "deadline-exceeded",
                 "the run's deadline passed before the step started",
-            )));
+            ))
+            .await?;
+            break (id, false);
         }
-        let left = left.map(Duration::from_millis);
-        Ok(match (spec.timeout, left) {
+        let deadline = match (spec.timeout, left.map(Duration::from_millis)) {
             (Some(t), Some(l)) => Some(t.min(l)),
             (t, l) => t.or(l),
-        })
-    };
-    let submitted_task = loop {
+        };
         let request = SubmitRequest {
             capability: spec.capability.clone(),
             payload: payload.clone(),
             priority: spec.priority,
-            deadline: deadline(now_ms())?,
+            deadline,
             idempotency_key: Some(key.clone()),
         };
         match tasks.submit(request).await {
-            Ok(s) => break s,
+            Ok(s) => break (s.task.id, !s.existing),
             Err(HostError::ShuttingDown) => return Err(None),
             Err(HostError::UnknownCapability(c)) => {
-                return Err(Some(error(
+                let id = earlier(error(
                     "unavailable",
                     format!("no agent provides capability {c}"),
-                )))
+                ))
+                .await?;
+                break (id, false);
             }
             Err(e @ (HostError::PayloadTooLarge { .. } | HostError::InvalidRequest(_))) => {
                 return Err(Some(error(e.kind(), e.to_string())))
             }
             // Full, or the store is briefly away: the step waits.
-            Err(e) => {
+            Err(
+                e @ (HostError::NoCapacity { .. }
+                | HostError::TooManyWaits { .. }
+                | HostError::Unavailable { .. }),
+            ) => {
                 tracing::debug!(error = %e, key, "a workflow step's task waits to be accepted");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            // The host's own store failed: a few more tries, then the step
+            // fails with that error.
+            Err(e) => {
+                host_errors += 1;
+                if host_errors >= HOST_ERROR_TRIES {
+                    return Err(Some(error(e.kind(), e.to_string())));
+                }
+                tracing::warn!(error = %e, key, "submitting a workflow step's task failed; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
         }
     };
-    let id = submitted_task.task.id.clone();
     submitted(&id);
-    let mut fresh = !submitted_task.existing;
     loop {
         if tasks.host().is_stopping() {
             return Err(None);

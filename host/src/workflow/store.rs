@@ -146,7 +146,11 @@ fn decode(bytes: &[u8]) -> Result<(RunRecord, u64), DbError> {
     let corrupt = || corrupt("a workflow run record");
     let (rev, json) = bytes.split_at_checked(8).ok_or_else(corrupt)?;
     let rev = u64::from_be_bytes(rev.try_into().map_err(|_| corrupt())?);
-    let run = serde_json::from_slice(json).map_err(|_| corrupt())?;
+    let run = serde_json::from_slice(json).map_err(|e| {
+        DbError::from(redb::Error::Corrupted(format!(
+            "a workflow run record is damaged: {e}"
+        )))
+    })?;
     Ok((run, rev))
 }
 
@@ -292,8 +296,13 @@ impl WorkflowStore for LocalStore {
             let t = txn.open_table(RUNS)?;
             let mut out = Vec::new();
             for entry in t.iter()? {
-                let (_, v) = entry?;
-                out.push(decode(v.value())?);
+                let (k, v) = entry?;
+                // One damaged record must not hide the others (or stop the
+                // scan and retention for good).
+                match decode(v.value()) {
+                    Ok(run) => out.push(run),
+                    Err(e) => tracing::error!(run = k.value(), error = %e, "skipping a workflow run record that does not decode"),
+                }
             }
             Ok(out)
         })
