@@ -18,6 +18,7 @@
 //! max_attempts = 3             # attempts per task for retryable failures
 //! max_unfinished = 100000      # accepted tasks not yet ended; more are refused (429)
 //! max_waits = 16384            # requests waiting for results at once; more are refused (429)
+//! log_format = "text"          # or "json": one JSON object per log line
 //!
 //! [kv]                         # per kv namespace (per plugin)
 //! max_bytes = "64MiB"          # keys and values together
@@ -71,6 +72,26 @@ pub struct DaemonConfig {
     pub max_unfinished: usize,
     /// Requests that may wait for task results at once (`?wait=`).
     pub max_waits: usize,
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written: for people, or one JSON object per line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not a log format: text or json")),
+        }
+    }
 }
 
 /// The API address when neither the config nor `--listen` names one.
@@ -86,6 +107,7 @@ impl Default for DaemonConfig {
             max_attempts: 3,
             max_unfinished: 100_000,
             max_waits: 16_384,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -135,6 +157,7 @@ struct HostFile {
     max_attempts: Option<u32>,
     max_unfinished: Option<usize>,
     max_waits: Option<usize>,
+    log_format: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -207,6 +230,11 @@ impl HostConfig {
                 return Err(err("host.max_unfinished: must be at least 1".into()));
             }
             config.host.max_unfinished = n;
+        }
+        if let Some(f) = file.host.log_format {
+            config.host.log_format = f
+                .parse()
+                .map_err(|e| err(format!("host.log_format: {e}")))?;
         }
         if let Some(n) = file.host.max_waits {
             if n == 0 {

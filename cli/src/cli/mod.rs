@@ -55,6 +55,12 @@ struct Cli {
     #[arg(long, env = "ORCH_HOME", global = true)]
     home: Option<PathBuf>,
 
+    /// Log lines as text, or as one JSON object per line (timestamp,
+    /// level, target, message and the event's fields: agent, task, ...).
+    /// Default: `[host] log_format` in config.toml, else text.
+    #[arg(long, value_enum, env = "ORCH_LOG_FORMAT", global = true)]
+    log_format: Option<LogFormatArg>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -84,6 +90,12 @@ enum Command {
     Status(task::ApiArgs),
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, Default, ValueEnum)]
 pub enum Output {
     #[default]
@@ -93,7 +105,14 @@ pub enum Output {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let home = cli.home.clone().unwrap_or_else(default_home);
+    let json = match cli.log_format {
+        Some(f) => matches!(f, LogFormatArg::Json),
+        // A config that does not load is reported by the command itself.
+        None => HostConfig::load(&home.join("config.toml"))
+            .is_ok_and(|c| c.host.log_format == orch::config::LogFormat::Json),
+    };
+    init_tracing(json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -104,7 +123,6 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    let home = cli.home.unwrap_or_else(default_home);
     let code = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(&home, args).await,
@@ -126,14 +144,23 @@ async fn blocking(f: impl FnOnce() -> u8 + Send + 'static) -> u8 {
     tokio::task::spawn_blocking(f).await.unwrap_or(exit::ERROR)
 }
 
-fn init_tracing() {
+fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        // One object per line, the event's fields at the top level.
+        fmt.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 fn default_home() -> PathBuf {

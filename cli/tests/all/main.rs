@@ -8,6 +8,7 @@ mod cluster;
 mod common;
 mod contract;
 mod daemon;
+mod logs;
 mod metrics;
 mod plugin;
 mod workflow;

@@ -24,13 +24,13 @@ impl log::Host for StoreData {
         if matches!(level, log::Level::Error) && message.starts_with("panicked at ") {
             self.panic = Some(message.clone());
         }
-        let agent = &*self.agent;
+        let (agent, task) = (&*self.agent, &*self.task);
         match level {
-            log::Level::Trace => tracing::trace!(target: "orch::guest", agent, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "orch::guest", agent, "{message}"),
-            log::Level::Info => tracing::info!(target: "orch::guest", agent, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "orch::guest", agent, "{message}"),
-            log::Level::Error => tracing::error!(target: "orch::guest", agent, "{message}"),
+            log::Level::Trace => tracing::trace!(target: "orch::guest", agent, task, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "orch::guest", agent, task, "{message}"),
+            log::Level::Info => tracing::info!(target: "orch::guest", agent, task, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "orch::guest", agent, task, "{message}"),
+            log::Level::Error => tracing::error!(target: "orch::guest", agent, task, "{message}"),
         }
     }
 }

@@ -309,6 +309,8 @@ pub struct StoreData {
     kv: KvState,
     grants: Arc<Grants>,
     agent: Arc<str>,
+    /// The task's id, for its log lines; empty in `describe`.
+    task: Arc<str>,
     /// Text of a guest panic reported through `log` just before a trap.
     panic: Option<String>,
     /// The guest's stderr, present once WASI is in use.
@@ -550,7 +552,7 @@ impl Agent {
     /// agent's namespace is not known until `describe` has answered.
     pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
         let started = Instant::now();
-        let mut store = self.new_store(limits, KvState::Describe, None, started);
+        let mut store = self.new_store(limits, KvState::Describe, None, "", started);
         let _deadline = started
             .checked_add(limits.timeout)
             .map(|at| self.engine.arm_deadline(at));
@@ -629,7 +631,7 @@ impl Agent {
             charged: 0,
             reports: Vec::new(),
         });
-        let mut store = self.new_store(limits, kv, calls, started);
+        let mut store = self.new_store(limits, kv, calls, &task.id, started);
         let _deadline = started
             .checked_add(limits.timeout)
             .map(|at| self.engine.arm_deadline(at));
@@ -719,6 +721,7 @@ impl Agent {
         limits: &Limits,
         kv: KvState,
         calls: Option<CallState>,
+        task: &str,
         started: Instant,
     ) -> Store<StoreData> {
         let metered_calls = calls.is_some();
@@ -740,6 +743,7 @@ impl Agent {
             kv,
             grants,
             agent: self.name.clone(),
+            task: task.into(),
             panic: None,
             stderr: None,
             calls,
