@@ -48,6 +48,12 @@ struct Agent {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkflowStatus {
+    workflow: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MemberState {
     state: String,
 }
@@ -85,6 +91,8 @@ pub struct Metrics {
     breaker: Family<Agent, Gauge>,
     score: Family<Agent, Gauge<f64, AtomicU64>>,
     members: Family<MemberState, Gauge>,
+    workflow_runs: Family<WorkflowStatus, Counter>,
+    workflow_steps: Family<WorkflowStatus, Counter>,
     redelivered: Counter,
     terminated: Counter,
     duplicates: Counter,
@@ -125,6 +133,8 @@ impl Metrics {
             breaker: Family::default(),
             score: Family::default(),
             members: Family::default(),
+            workflow_runs: Family::default(),
+            workflow_steps: Family::default(),
             redelivered: Counter::default(),
             terminated: Counter::default(),
             duplicates: Counter::default(),
@@ -211,7 +221,34 @@ impl Metrics {
             "Second messages for a task id that already ran, acked unrun",
             m.duplicates.clone(),
         );
+        registry.register(
+            "orch_workflow_runs",
+            "Workflow runs that ended on this host (the host driving them), by workflow and status",
+            m.workflow_runs.clone(),
+        );
+        registry.register(
+            "orch_workflow_steps",
+            "Steps of those runs, by workflow and the status they ended with",
+            m.workflow_steps.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a workflow run that ended here, and its steps.
+    pub fn workflow_ended<'a>(
+        &self,
+        workflow: &str,
+        status: &str,
+        steps: impl Iterator<Item = &'a str>,
+    ) {
+        let label = |status: &str| WorkflowStatus {
+            workflow: workflow.to_string(),
+            status: status.to_string(),
+        };
+        self.workflow_runs.get_or_create(&label(status)).inc();
+        for s in steps {
+            self.workflow_steps.get_or_create(&label(s)).inc();
+        }
     }
 
     /// Counts one task event.

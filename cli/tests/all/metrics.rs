@@ -108,6 +108,23 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
         &json!({ "capability": "test.panic", "input": "x" }),
     );
     assert_eq!(task["status"], "dead", "{task}");
+    // Workflow runs: two that complete, one whose step fails (each step a
+    // task: 9 wordcount tasks in all, and 2 dead panic tasks).
+    for (name, capability) in [("wm", "text.wordcount"), ("wf-fail", "test.panic")] {
+        let def = format!(
+            "name = \"{name}\"\nversion = 1\n[[steps]]\nid = \"only\"\ncapability = \"{capability}\"\n"
+        );
+        let (code, answer) = crate::workflow::register(&host, &def);
+        assert_eq!(code, 201, "{answer}");
+    }
+    for (name, status) in [
+        ("wm", "completed"),
+        ("wm", "completed"),
+        ("wf-fail", "failed"),
+    ] {
+        let run = crate::workflow::start(&host, name, json!({ "input": "a b" }), true);
+        assert_eq!(run["status"], status, "{run}");
+    }
     // A refused submission is no task: not counted.
     let (code, _) = host.post("/v1/tasks", &json!({ "capability": "no.such" }));
     assert_eq!(code, 400);
@@ -117,32 +134,45 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
     prometheus.until_equals("up{job=\"orch\"}", 1.0);
     prometheus.until_equals(
         "sum(orch_tasks_total{capability=\"text.wordcount\",outcome=\"completed\"})",
-        7.0,
+        9.0,
     );
     prometheus.until_equals(
         "sum(orch_tasks_total{capability=\"test.panic\",outcome=\"dead\",error=\"trap\"})",
-        1.0,
-    );
-    prometheus.until_equals(
-        "sum(orch_task_submit_to_result_seconds_count{capability=\"text.wordcount\"})",
-        7.0,
-    );
-    prometheus.until_equals(
-        "sum(orch_task_queue_wait_seconds_count{capability=\"text.wordcount\"})",
-        7.0,
-    );
-    prometheus.until_equals(
-        "sum(orch_task_fuel_used_count{capability=\"text.wordcount\"})",
-        7.0,
-    );
-    // Two attempts of the trapping task, one retried.
-    prometheus.until_equals(
-        "sum(orch_task_attempts_total{capability=\"test.panic\"})",
         2.0,
     );
     prometheus.until_equals(
+        "sum(orch_task_submit_to_result_seconds_count{capability=\"text.wordcount\"})",
+        9.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_task_queue_wait_seconds_count{capability=\"text.wordcount\"})",
+        9.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_task_fuel_used_count{capability=\"text.wordcount\"})",
+        9.0,
+    );
+    // Two attempts of each trapping task, one retried.
+    prometheus.until_equals(
+        "sum(orch_task_attempts_total{capability=\"test.panic\"})",
+        4.0,
+    );
+    prometheus.until_equals(
         "sum(orch_task_retries_total{capability=\"test.panic\"})",
-        1.0,
+        2.0,
     );
     prometheus.until_equals("sum(orch_agent_free_slots)", 32.0);
+    prometheus.until_equals(
+        "sum(orch_workflow_runs_total{workflow=\"wm\",status=\"completed\"})",
+        2.0,
+    );
+    prometheus.until_equals(
+        "sum(orch_workflow_runs_total{workflow=\"wf-fail\",status=\"failed\"})",
+        1.0,
+    );
+    prometheus.until_equals("sum(orch_workflow_steps_total{status=\"completed\"})", 2.0);
+    prometheus.until_equals(
+        "sum(orch_workflow_steps_total{workflow=\"wf-fail\",status=\"failed\"})",
+        1.0,
+    );
 }

@@ -500,6 +500,11 @@ fn spawn_driver(
         match driver.drive(poke).await {
             Ok(run) => {
                 tracing::debug!(run = %id, status = run.status.as_str(), "workflow run ended");
+                shared.tasks.events().metrics().workflow_ended(
+                    &run.workflow,
+                    run.status.as_str(),
+                    run.steps.iter().map(|s| s.status.as_str()),
+                );
             }
             Err(run::Stop::Fenced) => {
                 tracing::warn!(run = %id, "another host drives this workflow run now; this host stopped driving it");

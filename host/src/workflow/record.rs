@@ -67,6 +67,17 @@ pub enum StepStatus {
 }
 
 impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Completed => "completed",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+            StepStatus::NotRun => "not-run",
+        }
+    }
+
     pub fn has_ended(self) -> bool {
         !matches!(self, StepStatus::Pending | StepStatus::Running)
     }
