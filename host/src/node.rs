@@ -61,7 +61,7 @@ impl Node {
             let store: Arc<dyn WorkflowStore> =
                 Arc::new(LocalStore::open(&home.join("workflows.redb"))?);
             return Ok(Node {
-                workflows: Workflows::start(tasks.clone(), store),
+                workflows: Workflows::start(tasks.clone(), store, Some(host.tap_messages())),
                 tasks,
                 host,
                 cluster: None,
@@ -81,8 +81,9 @@ impl Node {
         let tasks = TaskService::new(host.clone(), router.clone());
         let store: Arc<dyn WorkflowStore> =
             Arc::new(crate::cluster::workflows::KvStore::open(&cluster).await?);
+        let messages = crate::cluster::messages::tap(&cluster).await?;
         Ok(Node {
-            workflows: Workflows::start(tasks.clone(), store),
+            workflows: Workflows::start(tasks.clone(), store, Some(messages)),
             tasks,
             host,
             cluster: Some(cluster),

@@ -310,21 +310,28 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 return Ok(print_json(&answer));
             }
             println!(
-                "{:<28} {:<20} {:<16} NEXT (UTC)",
-                "WORKFLOW", "SCHEDULE", "TIME ZONE"
+                "{:<28} {:<24} {:<16} NEXT (UTC)",
+                "WORKFLOW", "TRIGGER", "TIME ZONE"
             );
             for t in answer["triggers"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<28} {:<20} {:<16} {}",
-                    format!(
-                        "{} v{}",
-                        t["workflow"].as_str().unwrap_or_default(),
-                        t["version"].as_u64().unwrap_or_default()
-                    ),
-                    t["schedule"].as_str().unwrap_or_default(),
-                    t["timezone"].as_str().unwrap_or_default(),
-                    t["next_at_ms"].as_u64().map_or("never".into(), utc)
+                let workflow = format!(
+                    "{} v{}",
+                    t["workflow"].as_str().unwrap_or_default(),
+                    t["version"].as_u64().unwrap_or_default()
                 );
+                match t["subject"].as_str() {
+                    Some(subject) => println!(
+                        "{workflow:<28} {:<24} {:<16} on each message",
+                        format!("subject {subject}"),
+                        "-"
+                    ),
+                    None => println!(
+                        "{workflow:<28} {:<24} {:<16} {}",
+                        t["schedule"].as_str().unwrap_or_default(),
+                        t["timezone"].as_str().unwrap_or_default(),
+                        t["next_at_ms"].as_u64().map_or("never".into(), utc)
+                    ),
+                }
             }
             Ok(0)
         })(),

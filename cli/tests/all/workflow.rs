@@ -1020,3 +1020,46 @@ input = { from = "schedule" }
     }
     assert!(ticks.iter().all(|t| t % 2000 == 0), "{ticks:?}");
 }
+
+both!(
+    a_message_an_agent_publishes_starts_one_run_with_it_as_input,
+    plugins = ["messenger"],
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "on-order"
+version = 1
+[[steps]]
+id = "echo"
+capability = "echo"
+input = { got = "${input/n}" }
+[[triggers]]
+subject = "ping.order"
+"#,
+        );
+        let out = d._homes[0].ok(&["workflow", "triggers", "--api", &d.api().url]);
+        assert!(out.contains("subject ping.order"), "{out}");
+        let events = Events::open(d.runner(), "capability=echo");
+        for n in 1..=3 {
+            let id = d
+                .api()
+                .submit("test.publish", &format!("ping.order\n{{\"n\": {n}}}"));
+            assert_eq!(d.api().wait(&id)["result"], "sent");
+        }
+        // A subject no trigger names starts nothing.
+        let id = d.api().submit("test.publish", "ping.other\n{\"n\": 9}");
+        assert_eq!(d.api().wait(&id)["result"], "sent");
+        for _ in 0..3 {
+            events.next("completed");
+        }
+        let (_, runs) = d.api().get("/v1/runs?workflow=on-order&limit=100");
+        let runs = runs["runs"].as_array().unwrap();
+        let mut got: Vec<u64> = runs
+            .iter()
+            .map(|r| step(r, "echo")["input"]["got"].as_u64().unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(got, [1, 2, 3], "one run per message: {runs:?}");
+    }
+);

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 
 use super::{subjects, Cluster};
 use crate::daemon::Host;
@@ -121,6 +122,58 @@ pub fn start(cluster: &Cluster, host: Host) {
         }
     });
 }
+
+/// Every agent message published in the cluster (not requests), each to
+/// one host (queue group `orch-workflows`), for the workflow triggers by
+/// subject. The channel is bounded: a message that finds it full is
+/// dropped with a warning, as core NATS drops what nobody takes.
+pub async fn tap(
+    cluster: &Cluster,
+) -> Result<mpsc::Receiver<(String, Vec<u8>)>, super::ClusterError> {
+    let (tx, rx) = mpsc::channel(TAP_CAPACITY);
+    let prefix = subjects::message("");
+    let mut sub = cluster
+        .client
+        .queue_subscribe(subjects::message(">"), "orch-workflows".into())
+        .await
+        .map_err(|e| {
+            super::ClusterError::new(
+                &cluster.url,
+                super::ClusterErrorKind::Request,
+                "subscribe to agents' messages",
+                e,
+            )
+        })?;
+    let handle = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if msg.reply.is_some() {
+                continue;
+            }
+            let Some(subject) = msg.subject.as_str().strip_prefix(&prefix) else {
+                continue;
+            };
+            match tx.try_send((subject.to_string(), msg.payload.to_vec())) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(
+                        subject,
+                        "workflow triggers are behind: a message was dropped"
+                    );
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    });
+    cluster
+        .tasks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(handle);
+    Ok(rx)
+}
+
+/// Messages the workflow triggers may fall behind by.
+pub const TAP_CAPACITY: usize = 1024;
 
 /// Hands each message to a subscribing agent as a task; answers requests.
 async fn deliver(

@@ -177,6 +177,9 @@ struct Inner {
     /// Unfinished tasks found in the journal at start.
     recovered: AtomicU64,
     events: Events,
+    /// Where agents' published messages also go, for the workflow
+    /// triggers by subject (`Host::tap_messages`).
+    message_tap: Mutex<Option<tokio::sync::mpsc::Sender<(String, Vec<u8>)>>>,
 }
 
 /// A cheaply cloned handle to the running host.
@@ -269,6 +272,7 @@ impl Host {
                 written: tokio::sync::Notify::new(),
                 recovered: AtomicU64::new(0),
                 events,
+                message_tap: Mutex::new(None),
             }),
         };
         let report = host.sync_plugins().await?;
@@ -288,6 +292,15 @@ impl Host {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// A copy of every message this host's agents publish from now on
+    /// (lone host: they do not leave it), for the workflow triggers. The
+    /// channel is bounded: a message that finds it full is not copied.
+    pub fn tap_messages(&self) -> tokio::sync::mpsc::Receiver<(String, Vec<u8>)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::cluster::messages::TAP_CAPACITY);
+        *lock(&self.inner.message_tap) = Some(tx);
+        rx
     }
 
     pub fn config(&self) -> &HostConfig {
@@ -875,6 +888,18 @@ impl LocalBus {
 
 impl crate::sandbox::Bus for LocalBus {
     fn publish(&self, subject: String, payload: Vec<u8>) -> crate::sandbox::BusFuture<()> {
+        if let Some(inner) = self.0.upgrade() {
+            if let Some(tap) = lock(&inner.message_tap).as_ref() {
+                if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
+                    tap.try_send((subject.clone(), payload.clone()))
+                {
+                    tracing::warn!(
+                        subject,
+                        "workflow triggers are behind: a message was dropped"
+                    );
+                }
+            }
+        }
         // Like NATS: a message nobody subscribes to is dropped.
         let _ = self.send(&subject, payload);
         Box::pin(async { Ok(()) })

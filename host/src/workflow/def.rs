@@ -42,23 +42,32 @@ pub struct Definition {
     pub triggers: Vec<Trigger>,
 }
 
-/// A schedule that starts a run at each tick, with `input` as its input.
+/// What starts a run besides a request: a schedule (a run at each tick,
+/// with `input` as its input) or a subject (a run per message published
+/// on it, with the message as its input).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trigger {
     /// Five-field cron (`*/5 * * * *`: minute, hour, day of month, month,
     /// day of week), or six with seconds first.
-    pub schedule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     /// An IANA time zone (`Europe/Berlin`); default UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<Value>,
+    /// A subject or pattern (`orders.*`, `orders.>`) of agents' messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// A trigger's schedule, parsed.
 #[derive(Debug, Clone)]
 pub struct Schedule {
+    /// Its index in `triggers`.
+    pub trigger: usize,
+    pub schedule: String,
     pub cron: croner::Cron,
     pub timezone: chrono_tz::Tz,
     pub input: Value,
@@ -77,7 +86,30 @@ impl Schedule {
     }
 }
 
-fn schedule(t: &Trigger, field: &str, bad: &mut impl FnMut(String)) -> Option<Schedule> {
+fn schedule(i: usize, t: &Trigger, field: &str, bad: &mut impl FnMut(String)) -> Option<Schedule> {
+    let (schedule, subject) = (t.schedule.as_ref(), t.subject.as_ref());
+    let schedule = match (schedule, subject) {
+        (Some(_), Some(_)) | (None, None) => {
+            bad(format!(
+                "{field}: give a schedule or a subject, one of the two"
+            ));
+            return None;
+        }
+        (None, Some(subject)) => {
+            if !crate::sandbox::subject::is_pattern(subject) {
+                bad(format!(
+                    "{field}.subject: {subject:?} is not a subject or pattern (tokens of letters, digits, - and _, with * or a last >)"
+                ));
+            }
+            if t.timezone.is_some() || t.input.is_some() {
+                bad(format!(
+                    "{field}: timezone and input are for a schedule; a message is the run's input"
+                ));
+            }
+            return None;
+        }
+        (Some(s), None) => s,
+    };
     let timezone = match &t.timezone {
         None => chrono_tz::UTC,
         Some(z) => match z.parse::<chrono_tz::Tz>() {
@@ -90,25 +122,23 @@ fn schedule(t: &Trigger, field: &str, bad: &mut impl FnMut(String)) -> Option<Sc
             }
         },
     };
-    let fields = t.schedule.split_whitespace().count();
+    let fields = schedule.split_whitespace().count();
     if !(5..=6).contains(&fields) {
         bad(format!(
-            "{field}.schedule: {:?} has {fields} fields: expected 5 (minute hour day-of-month month day-of-week) or 6 (seconds first)",
-            t.schedule
+            "{field}.schedule: {schedule:?} has {fields} fields: expected 5 (minute hour day-of-month month day-of-week) or 6 (seconds first)"
         ));
         return None;
     }
-    match croner::Cron::new(&t.schedule)
-        .with_seconds_optional()
-        .parse()
-    {
+    match croner::Cron::new(schedule).with_seconds_optional().parse() {
         Ok(cron) => Some(Schedule {
+            trigger: i,
+            schedule: schedule.clone(),
             cron,
             timezone,
             input: t.input.clone().unwrap_or(Value::Null),
         }),
         Err(e) => {
-            bad(format!("{field}.schedule: {:?}: {e}", t.schedule));
+            bad(format!("{field}.schedule: {schedule:?}: {e}"));
             None
         }
     }
@@ -267,6 +297,8 @@ pub struct Checked {
     pub capabilities: BTreeSet<String>,
     /// The triggers' schedules, in definition order.
     pub schedules: Vec<Schedule>,
+    /// The triggers' subjects (patterns), in definition order.
+    pub subjects: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -326,7 +358,7 @@ impl Definition {
             .triggers
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| schedule(t, &format!("triggers[{i}]"), &mut bad))
+            .filter_map(|(i, t)| schedule(i, t, &format!("triggers[{i}]"), &mut bad))
             .collect();
         if self.steps.is_empty() {
             bad("steps: a workflow needs at least one step".into());
@@ -438,10 +470,15 @@ impl Definition {
             .collect();
         Ok(Checked {
             deadline,
-            def: self,
             steps,
             index,
             capabilities,
+            subjects: self
+                .triggers
+                .iter()
+                .filter_map(|t| t.subject.clone())
+                .collect(),
+            def: self,
             schedules,
         })
     }

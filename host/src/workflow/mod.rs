@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::daemon::now_ms;
 use crate::service::TaskService;
@@ -117,7 +117,13 @@ pub struct Workflows {
 impl Workflows {
     /// The service over `store`; starts the scan that takes up runs no one
     /// drives (all running ones, on a lone host just started).
-    pub fn start(tasks: TaskService, store: Arc<dyn WorkflowStore>) -> Workflows {
+    /// `messages`: agents' messages (subject, payload) for the triggers by
+    /// subject; in a cluster each message reaches one host.
+    pub fn start(
+        tasks: TaskService,
+        store: Arc<dyn WorkflowStore>,
+        messages: Option<mpsc::Receiver<(String, Vec<u8>)>>,
+    ) -> Workflows {
         let (ended, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
             tasks,
@@ -158,6 +164,9 @@ impl Workflows {
             }
         });
         tokio::spawn(schedules(Arc::downgrade(&shared)));
+        if let Some(messages) = messages {
+            tokio::spawn(on_messages(Arc::downgrade(&shared), messages));
+        }
         Workflows { shared }
     }
 
@@ -239,13 +248,24 @@ impl Workflows {
         let now = now_ms();
         let mut out = Vec::new();
         for def in self.shared.latest_definitions().await? {
-            for (t, s) in def.def.triggers.iter().zip(&def.schedules) {
+            for s in &def.schedules {
                 out.push(TriggerInfo {
                     workflow: def.def.name.clone(),
                     version: def.def.version,
-                    schedule: t.schedule.clone(),
-                    timezone: s.timezone.name().to_string(),
+                    schedule: Some(s.schedule.clone()),
+                    timezone: Some(s.timezone.name().to_string()),
+                    subject: None,
                     next_at_ms: s.next_after(now),
+                });
+            }
+            for subject in &def.subjects {
+                out.push(TriggerInfo {
+                    workflow: def.def.name.clone(),
+                    version: def.def.version,
+                    schedule: None,
+                    timezone: None,
+                    subject: Some(subject.clone()),
+                    next_at_ms: None,
                 });
             }
         }
@@ -345,8 +365,10 @@ impl Workflows {
 pub struct TriggerInfo {
     pub workflow: String,
     pub version: u32,
-    pub schedule: String,
-    pub timezone: String,
+    pub schedule: Option<String>,
+    pub timezone: Option<String>,
+    pub subject: Option<String>,
+    /// A schedule's next tick.
     pub next_at_ms: Option<u64>,
 }
 
@@ -570,10 +592,11 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
                 }
                 // Not the version: hosts that read a new version at
                 // different times still agree on a tick of the same schedule.
-                let trigger = &def.def.triggers[i];
                 let hash = sha2::Sha256::digest(format!(
-                    "{}/{}/{:?}/{at}",
-                    key.0, trigger.schedule, trigger.timezone
+                    "{}/{}/{}/{at}",
+                    key.0,
+                    schedule.schedule,
+                    schedule.timezone.name()
                 ));
                 let mut random = [0u8; 16];
                 random.copy_from_slice(&hash[..16]);
@@ -597,6 +620,47 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
         }
         drop(shared);
         tokio::time::sleep(Duration::from_millis(wake.saturating_sub(now_ms()))).await;
+    }
+}
+
+/// Starts a run for each message on a subject a trigger of a workflow's
+/// latest version names, with the message as its input (JSON when it
+/// parses, else its text).
+async fn on_messages(
+    weak: std::sync::Weak<Shared>,
+    mut messages: mpsc::Receiver<(String, Vec<u8>)>,
+) {
+    let mut defs: Vec<Arc<Checked>> = Vec::new();
+    let mut refreshed: Option<tokio::time::Instant> = None;
+    while let Some((subject, payload)) = messages.recv().await {
+        let Some(shared) = weak.upgrade() else { return };
+        if refreshed.is_none_or(|r| r.elapsed() >= TRIGGERS_REFRESH) {
+            match shared.latest_definitions().await {
+                Ok(all) => defs = all.into_iter().filter(|d| !d.subjects.is_empty()).collect(),
+                Err(e) => tracing::warn!(error = %e, "reading workflow triggers failed"),
+            }
+            refreshed = Some(tokio::time::Instant::now());
+        }
+        for def in &defs {
+            if !def
+                .subjects
+                .iter()
+                .any(|p| crate::sandbox::subject::matches(p, &subject))
+            {
+                continue;
+            }
+            let input = run::result_value(&payload);
+            let id = ulid::Ulid::new().to_string();
+            match shared.start(def.clone(), id, input, None).await {
+                Ok(Some(run)) => {
+                    tracing::info!(workflow = %def.def.name, run = %run.id, subject, "a message started a workflow run");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(workflow = %def.def.name, subject, error = %e, "a message could not start its run");
+                }
+            }
+        }
     }
 }
 
