@@ -179,7 +179,7 @@ struct Inner {
     events: Events,
     /// Where agents' published messages also go, for the workflow
     /// triggers by subject (`Host::tap_messages`).
-    message_tap: Mutex<Option<tokio::sync::mpsc::Sender<(String, Vec<u8>)>>>,
+    message_tap: Mutex<Option<tokio::sync::mpsc::Sender<Message>>>,
 }
 
 /// A cheaply cloned handle to the running host.
@@ -187,6 +187,9 @@ struct Inner {
 pub struct Host {
     inner: Arc<Inner>,
 }
+
+/// An agent's message as the workflow triggers get it: subject, payload.
+pub type Message = (String, Vec<u8>);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -297,7 +300,7 @@ impl Host {
     /// A copy of every message this host's agents publish from now on
     /// (lone host: they do not leave it), for the workflow triggers. The
     /// channel is bounded: a message that finds it full is not copied.
-    pub fn tap_messages(&self) -> tokio::sync::mpsc::Receiver<(String, Vec<u8>)> {
+    pub fn tap_messages(&self) -> tokio::sync::mpsc::Receiver<Message> {
         let (tx, rx) = tokio::sync::mpsc::channel(crate::cluster::messages::TAP_CAPACITY);
         *lock(&self.inner.message_tap) = Some(tx);
         rx
