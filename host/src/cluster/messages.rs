@@ -28,8 +28,15 @@ impl Bus for NatsBus {
     fn publish(&self, subject: String, payload: Vec<u8>) -> BusFuture<()> {
         let client = self.client.clone();
         Box::pin(async move {
+            let payload = bytes::Bytes::from(payload);
+            let copy = client.publish(subjects::published(&subject), payload.clone());
+            copy.await.map_err(|e| BusError::Transport {
+                what: "publish",
+                subject: subject.clone(),
+                source: Box::new(e),
+            })?;
             client
-                .publish(subjects::message(&subject), payload.into())
+                .publish(subjects::message(&subject), payload)
                 .await
                 .map_err(|e| BusError::Transport {
                     what: "publish",
@@ -123,18 +130,18 @@ pub fn start(cluster: &Cluster, host: Host) {
     });
 }
 
-/// Every agent message published in the cluster (not requests), each to
-/// one host (queue group `orch-workflows`), for the workflow triggers by
-/// subject. The channel is bounded: a message that finds it full is
+/// Every agent message published in the cluster (not requests; their
+/// copies on `orch.v1.published.>`), each to one host (queue group
+/// `orch-workflows`), for the workflow triggers by subject. The channel is bounded: a message that finds it full is
 /// dropped with a warning, as core NATS drops what nobody takes.
 pub async fn tap(
     cluster: &Cluster,
 ) -> Result<mpsc::Receiver<(String, Vec<u8>)>, super::ClusterError> {
     let (tx, rx) = mpsc::channel(TAP_CAPACITY);
-    let prefix = subjects::message("");
+    let prefix = subjects::published("");
     let mut sub = cluster
         .client
-        .queue_subscribe(subjects::message(">"), "orch-workflows".into())
+        .queue_subscribe(subjects::published(">"), "orch-workflows".into())
         .await
         .map_err(|e| {
             super::ClusterError::new(
@@ -146,9 +153,6 @@ pub async fn tap(
         })?;
     let handle = tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            if msg.reply.is_some() {
-                continue;
-            }
             let Some(subject) = msg.subject.as_str().strip_prefix(&prefix) else {
                 continue;
             };

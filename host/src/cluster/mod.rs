@@ -50,6 +50,13 @@ pub mod subjects {
         format!("{PREFIX}.msg.{subject}")
     }
 
+    /// A copy of each message an agent publishes (not requests), for the
+    /// workflow triggers: a subscriber here must not answer requests on
+    /// `msg`, where "no responders" means no agent subscribes.
+    pub fn published(subject: &str) -> String {
+        format!("{PREFIX}.published.{subject}")
+    }
+
     /// Tasks for one capability (the JetStream stream's subjects).
     pub fn task(capability: &str) -> String {
         format!("{PREFIX}.task.{capability}")
