@@ -87,7 +87,7 @@ enum Command {
     #[command(subcommand)]
     Workflow(workflow::Command),
     /// Show a running host: tasks, agents, capabilities, breakers.
-    Status(task::ApiArgs),
+    Status(task::StatusArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]

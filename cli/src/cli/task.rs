@@ -281,8 +281,55 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
 }
 
 /// `orch status`.
-pub fn status(home: &Path, api: ApiArgs) -> u8 {
-    let client = client(home, &api, None);
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Show the status again every --interval until interrupted; on a
+    /// terminal, in place.
+    #[arg(long)]
+    watch: bool,
+    /// How often --watch refreshes.
+    #[arg(long, default_value = "1s")]
+    interval: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// `orch status [--watch]`.
+pub fn status(home: &Path, args: StatusArgs) -> u8 {
+    if !args.watch {
+        return status_once(home, &args.api);
+    }
+    let interval = match orch::units::parse_duration(&args.interval) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            eprintln!("error: --interval: must be more than 0");
+            return exit::BAD_INPUT;
+        }
+        Err(e) => {
+            eprintln!("error: --interval: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        if terminal {
+            // Cursor home and clear: the new status replaces the old.
+            print!("\x1b[H\x1b[2J");
+        }
+        let code = status_once(home, &args.api);
+        if code != 0 {
+            return code;
+        }
+        if !terminal {
+            println!();
+        }
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(interval);
+    }
+}
+
+fn status_once(home: &Path, api: &ApiArgs) -> u8 {
+    let client = client(home, api, None);
     let value = match client.request("GET", "/v1/status", None) {
         Ok((_, v)) => v,
         Err(Failed(code)) => return code,

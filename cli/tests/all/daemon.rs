@@ -537,3 +537,46 @@ fn a_subscription_outside_the_grants_is_refused_at_install() {
         stderr(&out)
     );
 }
+
+/// `orch status --watch` prints the status again at each interval until
+/// stopped (one JSON object per refresh with --output json, off a terminal).
+#[test]
+fn status_watch_refreshes_until_stopped() {
+    use std::io::BufRead;
+    let orch = Orch::new();
+    let host = HostProc::start(&orch);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orch"))
+        .args([
+            "status",
+            "--watch",
+            "--interval",
+            "100ms",
+            "--output",
+            "json",
+        ])
+        .args(["--api", &host.url])
+        .env("ORCH_HOME", orch.home.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let statuses: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty())
+        .take(3)
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(statuses.len(), 3);
+    assert!(statuses.iter().all(|s| s["host"] == statuses[0]["host"]));
+    // A bad interval is refused before anything is shown.
+    let out = orch.run(&["status", "--watch", "--interval", "0ms", "--api", &host.url]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        crate::common::stderr(&out)
+    );
+}
