@@ -124,6 +124,11 @@ pub enum TaskError {
 
     #[error("cancelled: the task was cancelled before it ended")]
     Cancelled,
+
+    /// A durable agent, run again, made a `tasks.call` that does not match
+    /// the one recorded at that place in its earlier run.
+    #[error("non-deterministic: {0}")]
+    NonDeterministic(String),
 }
 
 fn trap_text(message: &str, guest: &Option<String>) -> String {
@@ -154,6 +159,7 @@ impl TaskError {
             TaskError::Unavailable(_) => "unavailable",
             TaskError::Host(_) => "host",
             TaskError::Cancelled => "cancelled",
+            TaskError::NonDeterministic(_) => "non-deterministic",
         }
     }
 
@@ -178,6 +184,7 @@ impl TaskError {
             "unavailable" => TaskError::Unavailable(strip("unavailable: ")),
             "no-capacity" => TaskError::Unavailable(m),
             "cancelled" => TaskError::Cancelled,
+            "non-deterministic" => TaskError::NonDeterministic(strip("non-deterministic: ")),
             // Other limits keep their text; the caller sees it as a failure.
             _ => TaskError::Failed(m),
         }

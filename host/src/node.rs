@@ -77,6 +77,11 @@ impl Node {
             .await?,
         );
         let router = TaskRouter::start(&cluster, host.clone(), max_attempts).await?;
+        // Durable calls are recorded where any host that runs the task
+        // again can read them.
+        let calls =
+            crate::cluster::calls::KvCallLog::open(&cluster, host.config().host.retention).await?;
+        host.scheduler().set_call_log(Arc::new(calls));
         crate::cluster::messages::start(&cluster, host.clone());
         let tasks = TaskService::new(host.clone(), router.clone());
         let store: Arc<dyn WorkflowStore> =

@@ -580,3 +580,78 @@ fn status_watch_refreshes_until_stopped() {
         crate::common::stderr(&out)
     );
 }
+
+/// A durable agent (the planner, `durable = true`) whose host is killed
+/// after some of its `tasks.call` sub-tasks ended: after the restart its
+/// task runs again and the recorded calls are replayed, so each section is
+/// counted once (at most one more: the one counting at the kill), and the
+/// report is the one a run without the kill gives.
+#[test]
+fn a_durable_agent_replays_its_recorded_calls_after_kill_9() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("planner")]);
+    // One section at a time, so the kill finds some counted, some not.
+    let counter = orch.stage("wordcount-js", "wordcount-js", |m| {
+        m.replace("[limits]\n", "[limits]\nmax_instances = 1\n")
+    });
+    orch.ok(&["plugin", "install", "-y", &counter]);
+    let doc: String = (1..=12)
+        .map(|i| format!("# Part {i}\n{}\n", "word ".repeat(i * 3)))
+        .collect();
+    let host = HostProc::start(&orch);
+    let reference = host.wait(&host.submit("text.report", &doc));
+    assert_eq!(reference["status"], "completed", "{reference}");
+
+    let started = |host: &HostProc| {
+        let response = ureq::get(&format!("{}/v1/events?capability=text.wordcount", host.url))
+            .call()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<Value>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let reader = std::io::BufReader::new(response.into_body().into_reader());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if let Some(data) = line.strip_prefix("data:") {
+                    if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
+                        if v["kind"] == "started" && tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    };
+    let before = started(&host);
+    let id = host.submit("text.report", &doc);
+    for _ in 0..3 {
+        before
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a section started");
+    }
+    host.kill9();
+    let counted_before = 3 + before.try_iter().count();
+    let host = HostProc::start(&orch);
+    let after = started(&host);
+    let report = host.wait(&id);
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["result"], reference["result"], "the report changed");
+    let counted_after = after.try_iter().count();
+    // 12 sections; two had ended for sure at the kill (one slot, three
+    // starts), one may have been counting.
+    assert!(
+        counted_before + counted_after <= 13,
+        "{counted_before} sections started before the kill and {counted_after} after"
+    );
+    assert!(
+        counted_after <= 10,
+        "{counted_after} started after the restart"
+    );
+    // And none was missed: every section started at least once in all.
+    assert!(
+        counted_before + counted_after >= 12,
+        "{counted_before} + {counted_after}"
+    );
+    eprintln!("sections started: {counted_before} before the kill, {counted_after} after");
+}

@@ -246,6 +246,8 @@ fn call_error(e: TaskError) -> tasks::CallError {
         TaskError::NoCapacity { .. } | TaskError::Host(_) | TaskError::Cancelled => {
             C::Unavailable(e.to_string())
         }
+        // The host fails the caller itself once it returns.
+        TaskError::NonDeterministic(_) => C::Refused(e.to_string()),
     }
 }
 

@@ -48,6 +48,10 @@ pub struct Limits {
     pub max_call_depth: u32,
     /// Most sub-tasks one task may start through `tasks.call` in total.
     pub max_subtasks: u32,
+    /// Not a limit, but how `tasks.call` behaves: each call's outcome is
+    /// recorded, and a run of the same task again gets the recorded
+    /// outcomes instead of new sub-tasks (manifest `[plugin] durable`).
+    pub durable: bool,
 }
 
 impl Default for Limits {
@@ -62,6 +66,7 @@ impl Default for Limits {
             max_kv_value: 1 << 20,
             max_call_depth: 4,
             max_subtasks: 32,
+            durable: false,
         }
     }
 }

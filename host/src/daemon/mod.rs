@@ -9,6 +9,7 @@
 //! running when the host died runs again after the restart, under the same
 //! id, and only the attempt that finishes first writes the task's result.
 
+pub mod calls;
 pub mod journal;
 
 use std::collections::{BTreeMap, HashMap};
@@ -285,6 +286,13 @@ impl Host {
         host.inner
             .scheduler
             .set_bus(Arc::new(LocalBus(Arc::downgrade(&host.inner))));
+        let calls =
+            calls::LocalCallLog::open(&home.join("calls.redb"), host.config().host.retention)
+                .map_err(|e| HostError::DataDir {
+                    path: home.join("calls.redb"),
+                    source: std::io::Error::other(e),
+                })?;
+        host.inner.scheduler.set_call_log(Arc::new(calls));
         let recovered = host.recover()?;
         host.inner
             .recovered

@@ -42,6 +42,12 @@ pub struct PluginSection {
     /// `grants.messaging`).
     #[serde(default)]
     pub subscriptions: Vec<String>,
+    /// Record each `tasks.call` outcome, so that a task run again (a
+    /// retry, a restart, another host) replays them instead of calling
+    /// again. Default false: replay needs the agent to make the same calls
+    /// in the same order for the same input.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 /// Requested per-task limits; each must be within the host's maximum.
@@ -373,6 +379,7 @@ impl Manifest {
             }
             limits.timeout = d;
         }
+        limits.durable = self.plugin.durable;
         Ok(limits)
     }
 }

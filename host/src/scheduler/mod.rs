@@ -13,6 +13,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod breaker;
+pub mod calls;
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -493,6 +494,8 @@ struct Inner {
     on_attempt: Option<AttemptHook>,
     remote: Mutex<Option<Arc<dyn Remote>>>,
     bus: Mutex<Option<Arc<dyn Bus>>>,
+    /// Where durable agents' calls are recorded.
+    call_log: Mutex<Option<Arc<dyn calls::CallLog>>>,
     /// Attempts running now, for draining at shutdown.
     running: AtomicU64,
     /// Signalled whenever an attempt ends.
@@ -566,6 +569,7 @@ impl Scheduler {
             on_attempt,
             remote: Mutex::new(None),
             bus: Mutex::new(None),
+            call_log: Mutex::new(None),
             running: AtomicU64::new(0),
             finished: Notify::new(),
             draining: AtomicBool::new(false),
@@ -842,6 +846,16 @@ impl Scheduler {
     /// Where agents' `messaging` calls go.
     pub fn set_bus(&self, bus: Arc<dyn Bus>) {
         *self.inner.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus);
+    }
+
+    /// Where durable agents' `tasks.call` outcomes are recorded; without
+    /// one, `durable` plugins' calls are not recorded.
+    pub fn set_call_log(&self, log: Arc<dyn calls::CallLog>) {
+        *self
+            .inner
+            .call_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(log);
     }
 
     /// Where sub-tasks for capabilities no local agent provides go.
@@ -1153,6 +1167,18 @@ async fn run(inner: Arc<Inner>, job: Job) {
     };
     let mut chain = task.chain.to_vec();
     chain.push(i);
+    // A durable agent's calls are recorded and replayed; a replayed call
+    // that does not match its record fails the task, whatever it returns.
+    let durable_log = if limits.durable {
+        inner
+            .call_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    } else {
+        None
+    };
+    let mismatch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let request = TaskRequest {
         id: task.id.clone(),
         capability,
@@ -1165,9 +1191,11 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 inner: inner.clone(),
                 chain: Arc::from(chain),
                 priority: task.priority,
-                seq: AtomicU64::new(0),
+                seq: Arc::new(AtomicU64::new(0)),
                 cancel: task.cancel.clone(),
                 attempt,
+                durable: durable_log,
+                mismatch: mismatch.clone(),
             }),
             bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
@@ -1183,6 +1211,9 @@ async fn run(inner: Arc<Inner>, job: Job) {
         },
         None => agent.run(request, &limits, Some(instance)).await,
     };
+    if let Some(m) = mismatch.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        result = Err(TaskError::NonDeterministic(m));
+    }
     if by_deadline && matches!(result, Err(TaskError::DeadlineExceeded { .. })) {
         // Cut by the task's deadline, not the agent's timeout: name that one.
         result = Err(task.deadline_error());
@@ -1262,21 +1293,73 @@ async fn run(inner: Arc<Inner>, job: Job) {
 /// Runs the `tasks.call` sub-tasks of one task through the same queues as
 /// every other task. The caller keeps its slot while it waits: a plugin's
 /// instances, waiting callers included, never exceed its slots.
+#[derive(Clone)]
 struct Router {
     inner: Arc<Inner>,
     /// The agents of this task and of its callers, one entry each.
     chain: Arc<[usize]>,
     priority: i32,
-    seq: AtomicU64,
+    seq: Arc<AtomicU64>,
     /// The caller's: cancelling a task cancels its sub-tasks.
     cancel: Option<CancellationToken>,
     /// The caller's attempt: a retried caller's sub-tasks get new ids.
     attempt: u32,
+    /// For a durable caller: where its calls are recorded.
+    durable: Option<Arc<dyn calls::CallLog>>,
+    /// Set when a replayed call did not match its record.
+    mismatch: Arc<Mutex<Option<String>>>,
 }
 
 impl SubTasks for Router {
-    fn call(&self, mut call: SubCall) -> SubCallFuture {
+    fn call(&self, call: SubCall) -> SubCallFuture {
         let n = self.seq.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+        let Some(log) = self.durable.clone() else {
+            return self.dispatch(call, n);
+        };
+        let router = self.clone();
+        Box::pin(async move {
+            let key = format!("{}/{n}", call.parent);
+            let hash = calls::payload_hash(&call.payload);
+            match log.get(&key).await {
+                Ok(Some(record))
+                    if record.capability == call.capability && record.payload_sha256 == hash =>
+                {
+                    return record.outcome();
+                }
+                Ok(Some(record)) => {
+                    let m = format!(
+                        "call {n} asks {} with a payload of sha256 {hash}, but the recorded call {n} asked {} with sha256 {}",
+                        call.capability, record.capability, record.payload_sha256
+                    );
+                    *router.mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.clone());
+                    return Outcome::failed(TaskError::NonDeterministic(m));
+                }
+                Ok(None) => {}
+                // Without its record the call runs; it is the same call.
+                Err(e) => tracing::warn!(key, error = %e, "reading a call record failed"),
+            }
+            let capability = call.capability.clone();
+            let outcome = router.dispatch(call, n).await;
+            // Recorded before the caller sees it: a run again gets this.
+            let record = calls::CallRecord::of(&capability, hash, &outcome, now_ms());
+            if let Err(e) = log.put(&key, &record).await {
+                tracing::warn!(key, error = %e, "recording a call failed; a run again would call again");
+            }
+            outcome
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Router {
+    /// Starts the sub-task of call `n`.
+    fn dispatch(&self, mut call: SubCall, n: u64) -> SubCallFuture {
         // A retry of the caller makes the same calls again: they are new
         // sub-tasks (in a cluster, the stream would drop a repeated id as
         // a duplicate and the retry would get the old outcome).

@@ -499,3 +499,84 @@ async fn a_retried_callers_sub_tasks_get_new_ids() {
         ]
     );
 }
+
+/// A call log in memory, for the durable-call tests.
+#[derive(Default)]
+struct MemoryLog(
+    std::sync::Mutex<std::collections::HashMap<String, orch::scheduler::calls::CallRecord>>,
+);
+
+impl orch::scheduler::calls::CallLog for MemoryLog {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> orch::scheduler::calls::LogFuture<'a, Option<orch::scheduler::calls::CallRecord>> {
+        let found = self.0.lock().unwrap().get(key).cloned();
+        Box::pin(async move { Ok(found) })
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        record: &'a orch::scheduler::calls::CallRecord,
+    ) -> orch::scheduler::calls::LogFuture<'a, ()> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), record.clone());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A durable caller run twice under one task id: the second run gets the
+/// recorded outcome (the callee does not run again); a second run that
+/// makes another call than the recorded one fails `non-deterministic`,
+/// naming the call. A caller that is not durable calls again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_caller_replays_recorded_calls_and_a_different_call_fails_it() {
+    let h = Harness::new();
+    let durable = Limits {
+        durable: true,
+        ..Limits::default()
+    };
+    let s = team(
+        &h,
+        &[("caller", 2, durable), ("echo", 2, Limits::default())],
+    )
+    .await;
+    let log = Arc::new(MemoryLog::default());
+    s.set_call_log(log.clone());
+    let run = |payload: &str| {
+        s.submit(Submit {
+            id: "durable-1".into(),
+            capability: "test.call".into(),
+            payload: payload.as_bytes().to_vec(),
+            ..Submit::default()
+        })
+        .unwrap()
+        .wait()
+    };
+    let first = run("echo\nhello").await.unwrap();
+    assert_eq!(text(&first), "hello");
+    let echo_runs = || {
+        s.stats()
+            .iter()
+            .find(|a| a.label == "echo")
+            .map(|a| a.completed)
+    };
+    let echoed = echo_runs();
+    assert_eq!(echoed, Some(1));
+    assert_eq!(log.0.lock().unwrap().len(), 1);
+    // The same task again: replayed, echo does not run.
+    let again = run("echo\nhello").await.unwrap();
+    assert_eq!(text(&again), "hello");
+    assert_eq!(echo_runs(), echoed, "the recorded call ran again");
+    // Another payload at the same place: non-deterministic.
+    let failed = run("echo\nbye").await.unwrap_err();
+    match &failed.error {
+        TaskError::NonDeterministic(m) => {
+            assert!(m.contains("call 1 asks echo"), "{m}");
+        }
+        other => panic!("expected non-deterministic, got {other:?}"),
+    }
+    assert_eq!(failed.error.kind(), "non-deterministic");
+}
