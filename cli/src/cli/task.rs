@@ -316,10 +316,9 @@ pub fn status(home: &Path, args: StatusArgs) -> u8 {
             // Cursor home and clear: the new status replaces the old.
             print!("\x1b[H\x1b[2J");
         }
-        let code = status_once(home, &args.api);
-        if code != 0 {
-            return code;
-        }
+        // A host that is restarting comes back: the error is shown and
+        // the watch goes on.
+        let _ = status_once(home, &args.api);
         if !terminal {
             println!();
         }

@@ -64,11 +64,12 @@ impl CallLog for KvCallLog {
     fn put<'a>(&'a self, key: &'a str, record: &'a CallRecord) -> LogFuture<'a, ()> {
         Box::pin(async move {
             let value = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-            self.bucket
-                .put(key, value.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("{BUCKET}: {e}"))
+            // The first outcome of a call stays.
+            match self.bucket.create(key, value.into()).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(format!("{BUCKET}: {e}")),
+            }
         })
     }
 }

@@ -29,20 +29,19 @@ impl Bus for NatsBus {
         let client = self.client.clone();
         Box::pin(async move {
             let payload = bytes::Bytes::from(payload);
-            let copy = client.publish(subjects::published(&subject), payload.clone());
-            copy.await.map_err(|e| BusError::Transport {
-                what: "publish",
-                subject: subject.clone(),
-                source: Box::new(e),
-            })?;
             client
-                .publish(subjects::message(&subject), payload)
+                .publish(subjects::message(&subject), payload.clone())
                 .await
                 .map_err(|e| BusError::Transport {
                     what: "publish",
-                    subject,
+                    subject: subject.clone(),
                     source: Box::new(e),
-                })
+                })?;
+            // The copy for the workflow triggers; the message itself went.
+            if let Err(e) = client.publish(subjects::published(&subject), payload).await {
+                tracing::warn!(subject, error = %e, "the copy of a message for workflow triggers was not sent");
+            }
+            Ok(())
         })
     }
 

@@ -91,10 +91,13 @@ impl CallLog for LocalCallLog {
             let value = value?;
             tokio::task::spawn_blocking(move || {
                 let txn = db.begin_write().map_err(text)?;
-                txn.open_table(CALLS)
-                    .map_err(text)?
-                    .insert(key.as_str(), value.as_slice())
-                    .map_err(text)?;
+                {
+                    let mut t = txn.open_table(CALLS).map_err(text)?;
+                    // The first outcome of a call stays.
+                    if t.get(key.as_str()).map_err(text)?.is_none() {
+                        t.insert(key.as_str(), value.as_slice()).map_err(text)?;
+                    }
+                }
                 txn.commit().map_err(text)
             })
             .await

@@ -26,6 +26,8 @@ pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Sen
 /// in the order the caller made its calls.
 pub trait CallLog: Send + Sync {
     fn get<'a>(&'a self, key: &'a str) -> LogFuture<'a, Option<CallRecord>>;
+    /// Stores a record unless the key has one: the first outcome of a call
+    /// stays (two hosts running the same task, one of them late).
     fn put<'a>(&'a self, key: &'a str, record: &'a CallRecord) -> LogFuture<'a, ()>;
 }
 
@@ -42,6 +44,28 @@ pub struct CallRecord {
     pub subtask_fuel: u64,
     /// When it was recorded (Unix ms), for retention.
     pub at_ms: u64,
+}
+
+/// Whether an outcome is the same on another run: a result, or an error the
+/// callee gives for this input (invalid input, a declared failure, a
+/// limit). Retryable failures, traps, deadlines, cancels and a host with
+/// no room are not recorded: a run again calls again.
+pub fn is_recordable(outcome: &Outcome) -> bool {
+    match &outcome.result {
+        Ok(_) => true,
+        Err(e) => matches!(
+            e,
+            TaskError::InvalidInput(_)
+                | TaskError::Failed(_)
+                | TaskError::FuelExhausted { .. }
+                | TaskError::MemoryLimit { .. }
+                | TaskError::TableLimit { .. }
+                | TaskError::PayloadTooLarge { .. }
+                | TaskError::ResultTooLarge { .. }
+                | TaskError::ResultTooLargeToRead { .. }
+                | TaskError::HostCallDataLimit { .. }
+        ),
+    }
 }
 
 pub fn payload_hash(payload: &[u8]) -> String {

@@ -1318,6 +1318,16 @@ impl SubTasks for Router {
         };
         let router = self.clone();
         Box::pin(async move {
+            // A task that already diverged from its record starts nothing
+            // more: it fails anyway.
+            if let Some(m) = router
+                .mismatch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return Outcome::failed(TaskError::NonDeterministic(m));
+            }
             let key = format!("{}/{n}", call.parent);
             let hash = calls::payload_hash(&call.payload);
             match log.get(&key).await {
@@ -1341,9 +1351,11 @@ impl SubTasks for Router {
             let capability = call.capability.clone();
             let outcome = router.dispatch(call, n).await;
             // Recorded before the caller sees it: a run again gets this.
-            let record = calls::CallRecord::of(&capability, hash, &outcome, now_ms());
-            if let Err(e) = log.put(&key, &record).await {
-                tracing::warn!(key, error = %e, "recording a call failed; a run again would call again");
+            if calls::is_recordable(&outcome) {
+                let record = calls::CallRecord::of(&capability, hash, &outcome, now_ms());
+                if let Err(e) = log.put(&key, &record).await {
+                    tracing::warn!(key, error = %e, "recording a call failed; a run again would call again");
+                }
             }
             outcome
         })

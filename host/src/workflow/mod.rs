@@ -552,11 +552,20 @@ const TRIGGERS_REFRESH: Duration = Duration::from_secs(5);
 /// (or while it could not read its store) are not made up for.
 async fn schedules(weak: std::sync::Weak<Shared>) {
     use sha2::Digest;
-    // (workflow, version, trigger) -> next tick: one per trigger of the
-    // definitions read last.
-    let mut next: HashMap<(String, u32, usize), u64> = HashMap::new();
+    // A schedule (workflow, cron, time zone, input) -> its next tick, one
+    // per schedule of the definitions read last. Not by version: a new
+    // version with the same schedule keeps its next tick.
+    let mut next: HashMap<(String, String, String, String), u64> = HashMap::new();
     let mut defs: Vec<Arc<Checked>> = Vec::new();
     let mut refreshed: Option<tokio::time::Instant> = None;
+    let key_of = |def: &Checked, s: &def::Schedule| {
+        (
+            def.def.name.clone(),
+            s.schedule.clone(),
+            s.timezone.name().to_string(),
+            s.input.to_string(),
+        )
+    };
     loop {
         let Some(shared) = weak.upgrade() else { return };
         if shared.tasks.host().is_stopping() {
@@ -569,10 +578,11 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
                         .into_iter()
                         .filter(|d| !d.schedules.is_empty())
                         .collect();
-                    next.retain(|(name, version, _), _| {
-                        defs.iter()
-                            .any(|d| &d.def.name == name && d.def.version == *version)
-                    });
+                    let live: std::collections::HashSet<_> = defs
+                        .iter()
+                        .flat_map(|d| d.schedules.iter().map(|s| key_of(d, s)))
+                        .collect();
+                    next.retain(|k, _| live.contains(k));
                 }
                 Err(e) => tracing::warn!(error = %e, "reading workflow triggers failed"),
             }
@@ -581,8 +591,8 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
         let now = now_ms();
         let mut wake = now + 1000;
         for def in &defs {
-            for (i, schedule) in def.schedules.iter().enumerate() {
-                let key = (def.def.name.clone(), def.def.version, i);
+            for schedule in &def.schedules {
+                let key = key_of(def, schedule);
                 let at = *next
                     .entry(key.clone())
                     .or_insert_with(|| schedule.next_after(now).unwrap_or(u64::MAX));
@@ -590,14 +600,10 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
                     wake = wake.min(at);
                     continue;
                 }
-                // Not the version: hosts that read a new version at
-                // different times still agree on a tick of the same schedule.
-                let hash = sha2::Sha256::digest(format!(
-                    "{}/{}/{}/{at}",
-                    key.0,
-                    schedule.schedule,
-                    schedule.timezone.name()
-                ));
+                // From the schedule and the tick, not the version: hosts that
+                // read a new version at different times agree on a tick.
+                let hash =
+                    sha2::Sha256::digest(format!("{}/{}/{}/{}/{at}", key.0, key.1, key.2, key.3));
                 let mut random = [0u8; 16];
                 random.copy_from_slice(&hash[..16]);
                 let id = ulid::Ulid::from_parts(at, u128::from_be_bytes(random)).to_string();
@@ -613,7 +619,9 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
                         tracing::warn!(workflow = %key.0, error = %e, "a schedule could not start its run");
                     }
                 }
-                let following = schedule.next_after(at).unwrap_or(u64::MAX);
+                // Ticks missed while this host was busy or suspended are
+                // not made up for: the next one after now.
+                let following = schedule.next_after(at.max(now)).unwrap_or(u64::MAX);
                 wake = wake.min(following);
                 next.insert(key, following);
             }

@@ -579,4 +579,42 @@ async fn a_durable_caller_replays_recorded_calls_and_a_different_call_fails_it()
         other => panic!("expected non-deterministic, got {other:?}"),
     }
     assert_eq!(failed.error.kind(), "non-deterministic");
+    // Another capability at the same place: non-deterministic too.
+    let failed = run("test.fanout\n1").await.unwrap_err();
+    assert_eq!(
+        failed.error.kind(),
+        "non-deterministic",
+        "{:?}",
+        failed.error
+    );
+    // A caller that is not durable calls again under the same task id.
+    let plain = team(
+        &h,
+        &[
+            ("caller", 2, Limits::default()),
+            ("echo", 2, Limits::default()),
+        ],
+    )
+    .await;
+    plain.set_call_log(log.clone());
+    for _ in 0..2 {
+        let done = plain
+            .submit(Submit {
+                id: "plain-1".into(),
+                capability: "test.call".into(),
+                payload: b"echo\nhello".to_vec(),
+                ..Submit::default()
+            })
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(text(&done), "hello");
+    }
+    let echoes = plain
+        .stats()
+        .iter()
+        .find(|a| a.label == "echo")
+        .map(|a| a.completed);
+    assert_eq!(echoes, Some(2));
 }
