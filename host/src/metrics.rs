@@ -54,6 +54,11 @@ struct WorkflowStatus {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Member {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MemberState {
     state: String,
 }
@@ -68,6 +73,9 @@ pub struct Snapshot {
     pub agents: Vec<(String, u32, u32, i64, f64)>,
     /// Cluster members per state; empty on a lone host.
     pub members: Vec<(String, i64)>,
+    /// Seconds since each member's last heartbeat (hosts that left are not
+    /// listed); empty on a lone host.
+    pub heartbeats: Vec<(String, f64)>,
     /// This host's cluster counters: deliveries after the first, task
     /// messages terminated for want of an id, duplicates acked unrun.
     pub redelivered: u64,
@@ -91,6 +99,7 @@ pub struct Metrics {
     breaker: Family<Agent, Gauge>,
     score: Family<Agent, Gauge<f64, AtomicU64>>,
     members: Family<MemberState, Gauge>,
+    heartbeat_age: Family<Member, Gauge<f64, AtomicU64>>,
     workflow_runs: Family<WorkflowStatus, Counter>,
     workflow_steps: Family<WorkflowStatus, Counter>,
     redelivered: Counter,
@@ -133,6 +142,7 @@ impl Metrics {
             breaker: Family::default(),
             score: Family::default(),
             members: Family::default(),
+            heartbeat_age: Family::default(),
             workflow_runs: Family::default(),
             workflow_steps: Family::default(),
             redelivered: Counter::default(),
@@ -220,6 +230,11 @@ impl Metrics {
             "orch_jetstream_duplicates",
             "Second messages for a task id that already ran, acked unrun",
             m.duplicates.clone(),
+        );
+        registry.register(
+            "orch_cluster_heartbeat_age_seconds",
+            "Time since each cluster member's last heartbeat reached this host",
+            m.heartbeat_age.clone(),
         );
         registry.register(
             "orch_workflow_runs",
@@ -326,6 +341,11 @@ impl Metrics {
         self.members.clear();
         for (state, n) in now.members {
             self.members.get_or_create(&MemberState { state }).set(n);
+        }
+        // Members that left (or were forgotten) go.
+        self.heartbeat_age.clear();
+        for (host, age) in now.heartbeats {
+            self.heartbeat_age.get_or_create(&Member { host }).set(age);
         }
         let counters = [&self.redelivered, &self.terminated, &self.duplicates];
         let values = [now.redelivered, now.terminated, now.duplicates];

@@ -1,6 +1,6 @@
 //! The host's `/metrics`, scraped by a real Prometheus server (Debian's
 //! `prometheus` package, which `plugins/build.sh` installs) and read back through
-//! Prometheus's own query API.
+//! Prometheus's own query API; the cluster's heartbeat gauge read directly.
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -175,4 +175,35 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
         "sum(orch_workflow_steps_total{workflow=\"wf-fail\",status=\"failed\"})",
         1.0,
     );
+}
+
+/// The seconds since each member's last heartbeat: under a second while
+/// the other host beats, past a second once it was killed.
+#[test]
+fn heartbeat_age_of_each_member_is_a_gauge() {
+    let nats = crate::common::NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let hb = HostProc::start_with(&b, &args);
+    let b_id = hb.get("/v1/status").1["host"].as_str().unwrap().to_string();
+    let age = |h: &HostProc| -> Option<f64> {
+        let text = HostProc::agent()
+            .get(&format!("{}/metrics", h.url))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let prefix = format!("orch_cluster_heartbeat_age_seconds{{host=\"{b_id}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+    };
+    ha.until("A lists B's heartbeat age", |h| age(h).is_some());
+    let alive = age(&ha).unwrap();
+    assert!((0.0..1.0).contains(&alive), "{alive}");
+    hb.kill9();
+    ha.until("B's heartbeat age passes a second", |h| {
+        age(h).is_some_and(|a| a > 1.0)
+    });
 }

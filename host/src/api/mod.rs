@@ -589,9 +589,13 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         })
         .collect();
     let mut members = std::collections::BTreeMap::<String, i64>::new();
+    let mut heartbeats = Vec::new();
     if let Some(c) = &state.cluster {
         for m in c.members() {
             *members.entry(m.state.to_string()).or_default() += 1;
+            if m.state != "left" {
+                heartbeats.push((m.host, m.last_heartbeat_ms as f64 / 1000.0));
+            }
         }
     }
     let router = state.router.as_ref();
@@ -599,6 +603,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         queued: host.scheduler().queued(),
         agents,
         members: members.into_iter().collect(),
+        heartbeats,
         redelivered: router.map_or(0, |r| r.redelivered()),
         terminated: router.map_or(0, |r| r.terminated()),
         duplicates: router.map_or(0, |r| r.duplicates()),
