@@ -18,13 +18,9 @@ use orch::cluster::tasks::TaskRouter;
 use orch::cluster::{Cluster, Heartbeat, NatsOptions};
 use orch::config::HostConfig;
 use orch::daemon::{Host, SubmitRequest};
-use orch::kv::KvStore;
-use orch::plugin::store::Mode;
-use orch::plugin::PluginStore;
 use orch::service::TaskService;
 use orch::{Engine, EngineConfig};
 use orch_benches::nats::SAMPLES;
-use orch_benches::plugin;
 
 async fn host_with(
     url: &str,
@@ -33,15 +29,7 @@ async fn host_with(
 ) -> (Host, Arc<Cluster>, Arc<TaskRouter>) {
     let config = HostConfig::default();
     let engine = Engine::new(EngineConfig::default()).unwrap();
-    let kv = Arc::new(KvStore::new(home.join("kv.redb")));
-    for p in plugins {
-        let checked = orch::plugin::check(&engine, kv.clone(), &config, &plugin(p), None)
-            .await
-            .unwrap();
-        PluginStore::new(home)
-            .commit(&checked, Mode::Install)
-            .unwrap();
-    }
+    orch_benches::install(home, &engine, &config, plugins).await;
     let host = Host::start(home, config, engine).await.unwrap();
     let beat = host.clone();
     let cluster = Arc::new(

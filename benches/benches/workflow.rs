@@ -14,19 +14,14 @@
 //! plugins/build.sh` (which installs nats-server into target/tools/nats).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orch::cluster::NatsOptions;
 use orch::config::HostConfig;
 use orch::daemon::SubmitRequest;
-use orch::kv::KvStore;
 use orch::node::{Node, NodeOptions};
-use orch::plugin::store::Mode;
-use orch::plugin::PluginStore;
 use orch::workflow::{Definition, RunStatus};
 use orch::{Engine, EngineConfig};
-use orch_benches::plugin;
 use serde_json::json;
 
 const ROUNDS: usize = 15;
@@ -36,16 +31,7 @@ const FAN: usize = 1000;
 async fn node(home: &std::path::Path, plugins: &[&str], nats: Option<&str>) -> Node {
     let config = HostConfig::default();
     let engine = Engine::new(EngineConfig::default()).unwrap();
-    let kv = Arc::new(KvStore::new(home.join("kv.redb")));
-    for p in plugins {
-        let checked = orch::plugin::check(&engine, kv.clone(), &config, &plugin(p), None)
-            .await
-            .unwrap();
-        PluginStore::new(home)
-            .commit(&checked, Mode::Install)
-            .unwrap();
-    }
-    drop(kv);
+    orch_benches::install(home, &engine, &config, plugins).await;
     let options = NodeOptions {
         nats: nats.map(|url| NatsOptions {
             url: url.to_string(),

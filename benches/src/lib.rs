@@ -24,6 +24,25 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// Installs built plugins into the data directory `home`, as `orch
+/// plugin install` would.
+pub async fn install(
+    home: &std::path::Path,
+    engine: &orch::Engine,
+    config: &orch::config::HostConfig,
+    plugins: &[&str],
+) {
+    let kv = std::sync::Arc::new(orch::kv::KvStore::new(home.join("kv.redb")));
+    for p in plugins {
+        let checked = orch::plugin::check(engine, kv.clone(), config, &plugin(p), None)
+            .await
+            .unwrap();
+        orch::plugin::PluginStore::new(home)
+            .commit(&checked, orch::plugin::store::Mode::Install)
+            .unwrap();
+    }
+}
+
 /// The runtime every bench runs on: 2 worker threads, one per core here.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

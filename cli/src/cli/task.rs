@@ -109,19 +109,23 @@ pub struct WaitArgs {
 impl WaitArgs {
     /// The `wait` query parameter to send, if any.
     fn wait(&self) -> Result<Option<Duration>, u8> {
-        if !self.wait {
-            return Ok(None);
-        }
-        orch::units::parse_duration(&self.timeout)
-            .map(Some)
-            .map_err(|e| {
-                eprintln!("error: --timeout: {e}");
-                exit::BAD_INPUT
-            })
+        parse_wait(self.wait, &self.timeout)
     }
 }
 
-fn client(home: &Path, api: &ApiArgs, wait: Option<Duration>) -> Client {
+/// `--wait` and `--timeout` as the wait to ask the API for, if any.
+pub fn parse_wait(wait: bool, timeout: &str) -> Result<Option<Duration>, u8> {
+    if !wait {
+        return Ok(None);
+    }
+    orch::units::parse_duration(timeout).map(Some).map_err(|e| {
+        eprintln!("error: --timeout: {e}");
+        exit::BAD_INPUT
+    })
+}
+
+/// A client of the API that waits `wait` for an answer, and 30 s more.
+pub fn client(home: &Path, api: &ApiArgs, wait: Option<Duration>) -> Client {
     let timeout = wait.unwrap_or_default() + Duration::from_secs(30);
     Client::new(api_url(home, api.api.clone()), timeout)
 }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::client::{api_url, exit_for_kind, Client, Failed};
-use super::task::{print_json, read_input, ApiArgs};
+use super::client::{exit_for_kind, Failed};
+use super::task::{client, print_json, read_input, ApiArgs};
 use super::{exit, Output};
 
 #[derive(clap::Subcommand)]
@@ -98,23 +98,8 @@ pub struct WaitArgs {
 
 impl WaitArgs {
     fn wait(&self) -> Result<Option<Duration>, u8> {
-        if !self.wait {
-            return Ok(None);
-        }
-        orch::units::parse_duration(&self.timeout)
-            .map(Some)
-            .map_err(|e| {
-                eprintln!("error: --timeout: {e}");
-                exit::BAD_INPUT
-            })
+        super::task::parse_wait(self.wait, &self.timeout)
     }
-}
-
-fn client(home: &Path, api: &ApiArgs, wait: Option<Duration>) -> Client {
-    Client::new(
-        api_url(home, api.api.clone()),
-        wait.unwrap_or_default() + Duration::from_secs(30),
-    )
 }
 
 pub fn run(home: &Path, cmd: Command) -> u8 {

@@ -4,17 +4,9 @@
 //! hosts reconnecting after the server restarts.
 use std::time::{Duration, Instant};
 
-use crate::common::{p, HostProc, NatsServer, Orch, TestCa, TestOperator};
+use crate::common::{hosts, p, until_serving, HostProc, NatsServer, Orch, TestCa, TestOperator};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-
-fn hosts(h: &HostProc) -> Vec<Value> {
-    let (_, status) = h.get("/v1/status");
-    status["cluster"]["hosts"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
 
 fn state_of(h: &HostProc, id: &str) -> Option<String> {
     hosts(h)
@@ -149,23 +141,6 @@ fn install_sleep(orch: &Orch) {
 }
 
 /// Waits until `h` sees `n` live hosts that serve `capability`.
-fn until_serving(h: &HostProc, capability: &str, n: usize) {
-    h.until("hosts serving the capability", |h| {
-        hosts(h)
-            .iter()
-            .filter(|m| {
-                m["state"] == "alive"
-                    && m["capabilities"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|c| c == capability)
-            })
-            .count()
-            == n
-    });
-}
-
 #[test]
 fn tasks_run_only_on_hosts_with_the_capability() {
     let nats = NatsServer::start();

@@ -264,6 +264,31 @@ impl HostProc {
     }
 }
 
+/// The cluster members a host's status lists.
+pub fn hosts(h: &HostProc) -> Vec<Value> {
+    let (_, status) = h.get("/v1/status");
+    status["cluster"]["hosts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until `n` alive hosts that `h` sees serve `capability`.
+pub fn until_serving(h: &HostProc, capability: &str, n: usize) {
+    h.until("hosts serving the capability", |h| {
+        hosts(h)
+            .iter()
+            .filter(|m| {
+                m["state"] == "alive"
+                    && m["capabilities"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c == capability))
+            })
+            .count()
+            == n
+    });
+}
+
 /// Installs a fixture without a manifest of its own, with one written here.
 pub fn install_fixture(orch: &Orch, plugin: &str, capability: &str, extra: &str) {
     let manifest = format!(

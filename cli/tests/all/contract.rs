@@ -72,19 +72,7 @@ impl Deployment {
                 let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
                 let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
                 // A submits only once it sees B's capabilities.
-                ha.until("host A sees host B's capabilities", |h| {
-                    let (_, status) = h.get("/v1/status");
-                    status["cluster"]["hosts"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|m| {
-                            m["state"] == "alive"
-                                && m["capabilities"]
-                                    .as_array()
-                                    .is_some_and(|c| c.iter().any(|c| c == "test.panic"))
-                        })
-                });
+                crate::common::until_serving(&ha, "test.panic", 1);
                 Deployment {
                     _nats: Some(nats),
                     homes: vec![a, b],

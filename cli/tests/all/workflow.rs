@@ -68,19 +68,7 @@ impl Deployment {
                 install(&b);
                 let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
                 let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
-                ha.until("host A sees host B's capabilities", |h| {
-                    let (_, status) = h.get("/v1/status");
-                    status["cluster"]["hosts"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|m| {
-                            m["state"] == "alive"
-                                && m["capabilities"]
-                                    .as_array()
-                                    .is_some_and(|c| c.iter().any(|c| c == "test.sleep"))
-                        })
-                });
+                crate::common::until_serving(&ha, "test.sleep", 1);
                 Deployment {
                     _nats: Some(nats),
                     _homes: vec![a, b],
@@ -758,18 +746,7 @@ impl Three {
         let ha = HostProc::start_with(&a, &args);
         let hc = HostProc::start_with(&c, &args);
         for h in [&ha, &hc] {
-            h.until("the host sees B's capabilities", |h| {
-                let (_, status) = h.get("/v1/status");
-                status["cluster"]["hosts"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|m| {
-                        m["capabilities"]
-                            .as_array()
-                            .is_some_and(|c| c.iter().any(|c| c == "test.sleep"))
-                    })
-            });
+            crate::common::until_serving(h, "test.sleep", 1);
         }
         Three {
             _nats: nats,

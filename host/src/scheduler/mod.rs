@@ -1178,7 +1178,8 @@ async fn run(inner: Arc<Inner>, job: Job) {
     } else {
         None
     };
-    let mismatch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    // Only a durable attempt can diverge from its record.
+    let mismatch: Option<Mismatch> = durable_log.as_ref().map(|_| Arc::new(Mutex::new(None)));
     let request = TaskRequest {
         id: task.id.clone(),
         capability,
@@ -1194,8 +1195,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 seq: Arc::new(AtomicU64::new(0)),
                 cancel: task.cancel.clone(),
                 attempt,
-                durable: durable_log,
-                mismatch: mismatch.clone(),
+                durable: durable_log.zip(mismatch.clone()),
             }),
             bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
@@ -1211,7 +1211,10 @@ async fn run(inner: Arc<Inner>, job: Job) {
         },
         None => agent.run(request, &limits, Some(instance)).await,
     };
-    if let Some(m) = mismatch.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(m) = mismatch
+        .as_ref()
+        .and_then(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take())
+    {
         result = Err(TaskError::NonDeterministic(m));
     }
     if by_deadline && matches!(result, Err(TaskError::DeadlineExceeded { .. })) {
@@ -1304,28 +1307,25 @@ struct Router {
     cancel: Option<CancellationToken>,
     /// The caller's attempt: a retried caller's sub-tasks get new ids.
     attempt: u32,
-    /// For a durable caller: where its calls are recorded.
-    durable: Option<Arc<dyn calls::CallLog>>,
-    /// Set when a replayed call did not match its record.
-    mismatch: Arc<Mutex<Option<String>>>,
+    /// For a durable caller: where its calls are recorded, and what is set
+    /// when a replayed call does not match its record.
+    durable: Option<(Arc<dyn calls::CallLog>, Mismatch)>,
 }
+
+/// The first call of a durable attempt that did not match its record.
+type Mismatch = Arc<Mutex<Option<String>>>;
 
 impl SubTasks for Router {
     fn call(&self, call: SubCall) -> SubCallFuture {
         let n = self.seq.fetch_add(1, AtomicOrdering::Relaxed) + 1;
-        let Some(log) = self.durable.clone() else {
+        let Some((log, mismatch)) = self.durable.clone() else {
             return self.dispatch(call, n);
         };
         let router = self.clone();
         Box::pin(async move {
             // A task that already diverged from its record starts nothing
             // more: it fails anyway.
-            if let Some(m) = router
-                .mismatch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-            {
+            if let Some(m) = mismatch.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                 return Outcome::failed(TaskError::NonDeterministic(m));
             }
             let key = format!("{}/{n}", call.parent);
@@ -1341,7 +1341,7 @@ impl SubTasks for Router {
                         "call {n} asks {} with a payload of sha256 {hash}, but the recorded call {n} asked {} with sha256 {}",
                         call.capability, record.capability, record.payload_sha256
                     );
-                    *router.mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.clone());
+                    *mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.clone());
                     return Outcome::failed(TaskError::NonDeterministic(m));
                 }
                 Ok(None) => {}
