@@ -20,7 +20,9 @@ impl From<WorkflowError> for ApiError {
             WorkflowError::Invalid(_) => StatusCode::BAD_REQUEST,
             WorkflowError::Exists { .. } => StatusCode::CONFLICT,
             WorkflowError::NotFound(_) => StatusCode::NOT_FOUND,
-            WorkflowError::NoCapacity { .. } => StatusCode::TOO_MANY_REQUESTS,
+            WorkflowError::NoCapacity { .. } | WorkflowError::TooManyDefinitions { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             WorkflowError::ShuttingDown | WorkflowError::Store { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

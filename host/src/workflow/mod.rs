@@ -36,6 +36,9 @@ pub const LEASE: Duration = Duration::from_secs(2);
 pub const MAX_RUN_BYTES: usize = 900 * 1024;
 /// Runs one host drives at once; past it, a start is refused.
 pub const MAX_RUNS: usize = 10_000;
+/// Definitions kept (all versions of all workflows): every host reads
+/// them all for the triggers, so a client cannot grow them without end.
+pub const MAX_DEFINITIONS: usize = 10_000;
 /// How often a host looks for runs that no one drives (a lone host's
 /// after a restart, or a dead host's in a cluster).
 const SCAN: Duration = Duration::from_secs(1);
@@ -50,6 +53,8 @@ pub enum WorkflowError {
     NotFound(String),
     #[error("no capacity: {limit} workflow runs are running on this host, its limit; retry later")]
     NoCapacity { limit: usize },
+    #[error("too many workflow definitions: {limit} are registered, the limit")]
+    TooManyDefinitions { limit: usize },
     #[error("the host is shutting down and starts no new runs")]
     ShuttingDown,
     #[error("workflow store: {what}: {source}")]
@@ -77,7 +82,9 @@ impl WorkflowError {
             WorkflowError::Invalid(_) => "invalid-workflow",
             WorkflowError::Exists { .. } => "already-exists",
             WorkflowError::NotFound(_) => "not-found",
-            WorkflowError::NoCapacity { .. } => "no-capacity",
+            WorkflowError::NoCapacity { .. } | WorkflowError::TooManyDefinitions { .. } => {
+                "no-capacity"
+            }
             WorkflowError::ShuttingDown => "shutting-down",
             WorkflowError::Store { .. } => "unavailable",
         }
@@ -180,6 +187,11 @@ impl Workflows {
             .filter(|c| !self.shared.tasks.store().serves(c))
             .map(|c| format!("no agent provides capability {c} now"))
             .collect();
+        if self.shared.store.definitions().await?.len() >= MAX_DEFINITIONS {
+            return Err(WorkflowError::TooManyDefinitions {
+                limit: MAX_DEFINITIONS,
+            });
+        }
         let registered = Registered {
             definition,
             registered_at_ms: now_ms(),
