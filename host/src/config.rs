@@ -20,6 +20,9 @@
 //! max_waits = 16384            # requests waiting for results at once; more are refused (429)
 //! log_format = "text"          # or "json": one JSON object per log line
 //!
+//! [audit]
+//! retention = "90d"            # how long audit entries are kept
+//!
 //! [kv]                         # per kv namespace (per plugin)
 //! max_bytes = "64MiB"          # keys and values together
 //! max_keys = 100000
@@ -112,12 +115,27 @@ impl Default for DaemonConfig {
     }
 }
 
+/// The audit trail (`crate::audit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub retention: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostConfig {
     pub limits: HostLimits,
     pub plugins: PluginPolicy,
     pub host: DaemonConfig,
     pub kv: KvLimits,
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +156,14 @@ struct File {
     host: HostFile,
     #[serde(default)]
     kv: KvFile,
+    #[serde(default)]
+    audit: AuditFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    retention: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -247,6 +273,13 @@ impl HostConfig {
                 return Err(err("host.max_attempts: must be at least 1".into()));
             }
             config.host.max_attempts = n;
+        }
+        if let Some(r) = file.audit.retention {
+            let r = parse_duration(&r).map_err(|e| err(format!("audit.retention: {e}")))?;
+            if r < Duration::from_secs(1) {
+                return Err(err("audit.retention: must be at least 1s".into()));
+            }
+            config.audit.retention = r;
         }
         if let Some(b) = file.kv.max_bytes {
             config.kv.max_bytes = parse_size(&b).map_err(|e| err(format!("kv.max_bytes: {e}")))?;

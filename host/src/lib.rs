@@ -27,6 +27,7 @@
 //!   compensation) over the task service.
 
 pub mod api;
+pub mod audit;
 pub mod cluster;
 pub mod config;
 pub mod daemon;

@@ -105,6 +105,8 @@ pub struct Metrics {
     redelivered: Counter,
     terminated: Counter,
     duplicates: Counter,
+    audit_entries: Counter,
+    audit_dropped: Counter,
     /// Last values of the cluster counters, which the router keeps: a
     /// scrape adds what they grew by. Held for a whole scrape, so that two
     /// at once do not see each other's half-set gauges.
@@ -148,6 +150,8 @@ impl Metrics {
             redelivered: Counter::default(),
             terminated: Counter::default(),
             duplicates: Counter::default(),
+            audit_entries: Counter::default(),
+            audit_dropped: Counter::default(),
             cluster_seen: Mutex::new([0; 3]),
             registry: Registry::default(),
         };
@@ -246,7 +250,25 @@ impl Metrics {
             "Steps of those runs, by workflow and the status they ended with",
             m.workflow_steps.clone(),
         );
+        registry.register(
+            "orch_audit_entries",
+            "Audit entries this host stored",
+            m.audit_entries.clone(),
+        );
+        registry.register(
+            "orch_audit_dropped",
+            "Audit entries dropped because the audit store was too far behind",
+            m.audit_dropped.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    pub fn audit_written(&self, n: u64) {
+        self.audit_entries.inc_by(n);
+    }
+
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.inc();
     }
 
     /// Counts a workflow run that ended here, and its steps.

@@ -24,6 +24,8 @@ pub enum NodeError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Workflow(#[from] WorkflowError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// How a node reaches its peers and its clients.
@@ -56,7 +58,10 @@ impl Node {
     ) -> Result<Node, NodeError> {
         let max_attempts = config.host.max_attempts;
         let host = Host::start(home, config, engine).await?;
+        let retention = host.config().audit.retention;
         let Some(nats) = &options.nats else {
+            let audit = crate::audit::local::LocalAudit::open(&home.join("audit.redb"))?;
+            host.audit().start(Arc::new(audit), retention).await?;
             let tasks = TaskService::local(host.clone());
             let store: Arc<dyn WorkflowStore> =
                 Arc::new(LocalStore::open(&home.join("workflows.redb"))?);
@@ -76,6 +81,8 @@ impl Node {
             })
             .await?,
         );
+        let audit = crate::cluster::audit::StreamAudit::open(&cluster, retention).await?;
+        host.audit().start(Arc::new(audit), retention).await?;
         let router = TaskRouter::start(&cluster, host.clone(), max_attempts).await?;
         // Durable calls are recorded where any host that runs the task
         // again can read them.

@@ -104,6 +104,21 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
         }
     };
     let host = node.host().clone();
+    // The configuration it started with, for the audit trail: a change
+    // shows as a new sha256 from one start to the next.
+    let text = std::fs::read_to_string(&config_path).unwrap_or_default();
+    host.audit().record(
+        orch::audit::Kind::HostStart,
+        &orch::audit::local_user(),
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "config_path": config_path.display().to_string(),
+            "config_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())),
+            "config": text.chars().take(16 << 10).collect::<String>(),
+            "listen": api,
+            "nats": args.nats,
+        }),
+    );
     let published = serde_json::json!({
         "api": api,
         "pid": std::process::id(),

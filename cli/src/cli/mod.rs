@@ -1,6 +1,7 @@
 //! clap commands of `orch`. This layer parses arguments, opens the data
 //! directory and prints; all behaviour lives in the library.
 
+mod audit;
 mod client;
 mod fetch;
 mod host;
@@ -41,7 +42,8 @@ pub mod exit {
 const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 error, 2 usage, 3 bad input (file, component, payload, invalid-input),
 4 limit exceeded (fuel, memory, deadline, result size), 5 agent failed (trap, panic, failed),
-6 (orch task, orch status) the host or its NATS server is unavailable, or has no room now: retry.
+6 (orch task, orch status) the host or its NATS server is unavailable, or has no room now: retry,
+7 (orch audit verify) the audit trail is broken: an entry was altered or removed.
 
 Environment: ORCH_HOME is the data directory (default ~/.orch): installed plugins, kv store,
 compiled-component cache, task journal, and config.toml (limit maxima, signature policy, host).
@@ -88,6 +90,9 @@ enum Command {
     Workflow(workflow::Command),
     /// Show a running host: tasks, agents, capabilities, breakers.
     Status(task::StatusArgs),
+    /// List and verify the audit trail: who changed what.
+    #[command(subcommand)]
+    Audit(audit::Command),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -135,6 +140,7 @@ pub fn main() -> ExitCode {
             Command::Task(cmd) => blocking(move || task::run(&home, cmd)).await,
             Command::Workflow(cmd) => blocking(move || workflow::run(&home, cmd)).await,
             Command::Status(api) => blocking(move || task::status(&home, api)).await,
+            Command::Audit(cmd) => blocking(move || audit::run(&home, cmd)).await,
         }
     });
     ExitCode::from(code)

@@ -3,6 +3,7 @@
 //! test, and a real nats-server on a free port for the cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod cli;
 mod cluster;
 mod common;

@@ -294,9 +294,12 @@ impl StoreData {
 impl messaging::Host for StoreData {
     async fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), String> {
         let bus = self.bus_for(&subject, &payload)?;
-        bus.publish(subject, payload)
+        let bytes = payload.len();
+        bus.publish(subject.clone(), payload)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        bus.published(&self.agent, &self.task, &subject, bytes);
+        Ok(())
     }
 
     async fn request(

@@ -237,6 +237,9 @@ pub enum BusError {
 pub trait Bus: Send + Sync {
     fn publish(&self, subject: String, payload: Vec<u8>) -> BusFuture<()>;
     fn request(&self, subject: String, payload: Vec<u8>, timeout: Duration) -> BusFuture<Vec<u8>>;
+    /// Told of each message `agent` published while running `task`, once
+    /// it went (the host's audit trail records it).
+    fn published(&self, _agent: &str, _task: &str, _subject: &str, _bytes: usize) {}
 }
 
 /// The content type of a task that delivers a message.

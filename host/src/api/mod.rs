@@ -81,9 +81,82 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .route("/v1/runs", get(workflows::runs))
         .route("/v1/runs/{id}", get(workflows::run))
         .route("/v1/runs/{id}/cancel", post(workflows::cancel))
+        .route("/v1/audit", get(audit_list))
+        .route("/v1/audit/verify", get(audit_verify))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_refusals,
+        ))
         .with_state(state)
+}
+
+/// Who sent a request, for the audit trail: the client's address (the API
+/// has no tokens yet), or `unknown` when served without one.
+pub struct Client(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Client, Self::Rejection> {
+        Ok(Client(client_of(&parts.extensions)))
+    }
+}
+
+fn client_of(extensions: &axum::http::Extensions) -> String {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.to_string())
+}
+
+/// What an error answer refused, for the audit trail.
+#[derive(Clone)]
+struct Refusal {
+    kind: &'static str,
+    message: String,
+}
+
+/// Records every POST the API answers with an error (reads change
+/// nothing, so their errors are not audited).
+async fn audit_refusals(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let path = request.uri().path().to_string();
+    let by = client_of(request.extensions());
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        let (kind, message) = match response.extensions().get::<Refusal>() {
+            Some(r) => (r.kind, r.message.clone()),
+            None => ("invalid-request", status.to_string()),
+        };
+        refused(&state, &by, &path, status.as_u16(), kind, &message);
+    }
+    response
+}
+
+fn refused(state: &ApiState, by: &str, path: &str, status: u16, kind: &str, message: &str) {
+    state.host().audit().record(
+        crate::audit::Kind::RequestRefused,
+        by,
+        json!({
+            "method": "POST",
+            "path": path,
+            "status": status,
+            "error": kind,
+            // Bounded: an error may quote the request.
+            "message": message.chars().take(512).collect::<String>(),
+        }),
+    );
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -93,7 +166,9 @@ pub async fn serve(
     max_payload: u64,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, max_payload))
+    let app =
+        router(state, max_payload).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -103,7 +178,13 @@ struct ApiError(StatusCode, &'static str, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "kind": self.1, "message": self.2 } });
-        (self.0, Json(body)).into_response()
+        let refusal = Refusal {
+            kind: self.1,
+            message: self.2,
+        };
+        let mut response = (self.0, Json(body)).into_response();
+        response.extensions_mut().insert(refusal);
+        response
     }
 }
 
@@ -272,6 +353,7 @@ fn submit_request(body: SubmitBody) -> Result<SubmitRequest, ApiError> {
 
 async fn submit(
     State(state): State<ApiState>,
+    Client(by): Client,
     q: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -280,12 +362,30 @@ async fn submit(
     let wait = parse_wait(q.wait.as_deref())?;
     let request = submit_request(body)?;
     let (stored, existing) = state.tasks.submit_and_wait(request, wait).await?;
+    if !existing {
+        audit_submit(&state.tasks, &by, &stored.record);
+    }
     let code = if existing {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
     Ok(task_response(code, &stored))
+}
+
+/// The audit entry of a task a client submitted.
+fn audit_submit(tasks: &TaskService, by: &str, record: &TaskRecord) {
+    tasks.host().audit().record(
+        crate::audit::Kind::TaskSubmit,
+        by,
+        json!({
+            "task": record.id,
+            "capability": record.capability,
+            "priority": record.priority,
+            "payload_bytes": record.payload_bytes,
+            "idempotency_key": record.idempotency_key,
+        }),
+    );
 }
 
 /// Most tasks one batch may hold.
@@ -330,6 +430,7 @@ fn batch_line(index: usize, outcome: Result<(Stored, bool), ApiError>) -> bytes:
 /// the others.
 async fn submit_batch(
     State(state): State<ApiState>,
+    Client(by): Client,
     q: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -375,9 +476,10 @@ async fn submit_batch(
         })
         .collect();
     let tasks = state.tasks.clone();
+    let by: Arc<str> = Arc::from(by);
     let answers = futures_util::stream::iter(requests.into_iter().enumerate()).map(
         move |(index, request)| {
-            let tasks = tasks.clone();
+            let (tasks, by, state) = (tasks.clone(), by.clone(), state.clone());
             async move {
                 let outcome = match request {
                     Ok(request) => tasks
@@ -386,6 +488,18 @@ async fn submit_batch(
                         .map_err(ApiError::from),
                     Err(e) => Err(e),
                 };
+                match &outcome {
+                    Ok((stored, false)) => audit_submit(&tasks, &by, &stored.record),
+                    Ok((_, true)) => {}
+                    Err(ApiError(code, kind, message)) => refused(
+                        &state,
+                        &by,
+                        &format!("/v1/tasks:batch (line {})", index + 1),
+                        code.as_u16(),
+                        kind,
+                        message,
+                    ),
+                }
                 Ok::<_, std::convert::Infallible>(batch_line(index, outcome))
             }
         },
@@ -418,12 +532,61 @@ async fn task(
 
 async fn cancel(
     State(state): State<ApiState>,
+    Client(by): Client,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(task_response(
-        StatusCode::OK,
-        &state.tasks.cancel(&id).await?,
-    ))
+    let stored = state.tasks.cancel(&id).await?;
+    state.host().audit().record(
+        crate::audit::Kind::TaskCancel,
+        &by,
+        json!({
+            "task": stored.record.id,
+            "capability": stored.record.capability,
+            "status": stored.record.status.as_str(),
+        }),
+    );
+    Ok(task_response(StatusCode::OK, &stored))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Unix milliseconds.
+    since_ms: Option<u64>,
+    /// A kind, or the start of kinds (`plugin`).
+    kind: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/audit`: the last `limit` (default 100, at most 10,000)
+/// entries from `since_ms` on, oldest first.
+async fn audit_list(
+    State(state): State<ApiState>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let entries = state
+        .host()
+        .audit()
+        .list(q.since_ms.unwrap_or(0), q.kind.as_deref(), limit)
+        .await
+        .map_err(audit_error)?;
+    Ok(Json(json!({ "entries": entries })).into_response())
+}
+
+/// `GET /v1/audit/verify`: checks every chain (200 either way; `ok` says).
+async fn audit_verify(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let verdict = state.host().audit().verify().await.map_err(audit_error)?;
+    Ok(Json(verdict).into_response())
+}
+
+fn audit_error(e: crate::audit::AuditError) -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        e.to_string(),
+    )
 }
 
 #[derive(Deserialize)]

@@ -10,7 +10,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{bad_request, parse_wait, query_error, ApiError, ApiState, WaitQuery};
+use super::{bad_request, parse_wait, query_error, ApiError, ApiState, Client, WaitQuery};
+use crate::audit::Kind;
 use crate::units::parse_duration;
 use crate::workflow::{Definition, RunStatus, WorkflowError, Workflows};
 
@@ -45,6 +46,7 @@ fn service(state: &ApiState) -> Result<&Workflows, ApiError> {
 /// application/toml`) or JSON.
 pub(super) async fn register(
     State(state): State<ApiState>,
+    Client(by): Client,
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
@@ -61,6 +63,14 @@ pub(super) async fn register(
     }
     .map_err(WorkflowError::from)?;
     let r = service(&state)?.register(def).await?;
+    state.host().audit().record(
+        Kind::WorkflowRegister,
+        &by,
+        json!({
+            "workflow": r.registered.definition.name,
+            "version": r.registered.definition.version,
+        }),
+    );
     let body = json!({
         "name": r.registered.definition.name,
         "version": r.registered.definition.version,
@@ -113,6 +123,7 @@ pub(super) struct StartBody {
 /// `POST /v1/workflows/{name}/runs[?wait=30s]`: starts a run.
 pub(super) async fn start(
     State(state): State<ApiState>,
+    Client(by): Client,
     Path(name): Path<String>,
     q: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Json<StartBody>, axum::extract::rejection::JsonRejection>,
@@ -133,6 +144,11 @@ pub(super) async fn start(
     let mut run = workflows
         .start_run(&name, body.version, body.input, deadline)
         .await?;
+    state.host().audit().record(
+        Kind::WorkflowStart,
+        &by,
+        json!({ "run": run.id, "workflow": run.workflow, "version": run.version }),
+    );
     if let Some(w) = wait {
         run = workflows.wait(&run.id, w).await?;
     }
@@ -186,9 +202,16 @@ pub(super) async fn run(
 /// `POST /v1/runs/{id}/cancel`.
 pub(super) async fn cancel(
     State(state): State<ApiState>,
+    Client(by): Client,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(service(&state)?.cancel(&id).await?).into_response())
+    let run = service(&state)?.cancel(&id).await?;
+    state.host().audit().record(
+        Kind::WorkflowCancel,
+        &by,
+        json!({ "run": run.id, "workflow": run.workflow, "status": run.status }),
+    );
+    Ok(Json(run).into_response())
 }
 
 /// `GET /v1/triggers`: the schedules of each workflow's latest version,

@@ -22,6 +22,7 @@ const HEADER_ERROR: &str = "Orch-Error";
 
 pub struct NatsBus {
     client: async_nats::Client,
+    audit: crate::audit::Audit,
 }
 
 impl Bus for NatsBus {
@@ -43,6 +44,10 @@ impl Bus for NatsBus {
             }
             Ok(())
         })
+    }
+
+    fn published(&self, agent: &str, task: &str, subject: &str, bytes: usize) {
+        crate::daemon::audit_message(&self.audit, agent, task, subject, bytes);
     }
 
     fn request(&self, subject: String, payload: Vec<u8>, timeout: Duration) -> BusFuture<Vec<u8>> {
@@ -84,6 +89,7 @@ pub fn start(cluster: &Cluster, host: Host) {
     let client = cluster.client.clone();
     host.scheduler().set_bus(Arc::new(NatsBus {
         client: client.clone(),
+        audit: host.audit().clone(),
     }));
     let subscribed: Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>> =
         Arc::new(Mutex::new(HashMap::new()));

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+pub mod audit;
 pub mod calls;
 pub mod keys;
 pub mod messages;

@@ -178,9 +178,11 @@ struct Inner {
     /// Unfinished tasks found in the journal at start.
     recovered: AtomicU64,
     events: Events,
+    audit: crate::audit::Audit,
     /// Where agents' published messages also go, for the workflow
     /// triggers by subject (`Host::tap_messages`).
     message_tap: Mutex<Option<tokio::sync::mpsc::Sender<Message>>>,
+    home: PathBuf,
 }
 
 /// A cheaply cloned handle to the running host.
@@ -211,6 +213,7 @@ impl Host {
             .unwrap_or(0);
         let id = host_id(home, salt)?;
         let events = Events::new(&id);
+        let audit = crate::audit::Audit::new(&id, events.shared_metrics());
         let hook_events = events.clone();
         let live: LiveMap = Arc::new(Mutex::new(HashMap::new()));
         let hook_live = live.clone();
@@ -275,8 +278,10 @@ impl Host {
                 stopping: AtomicBool::new(false),
                 written: tokio::sync::Notify::new(),
                 recovered: AtomicU64::new(0),
+                audit,
                 events,
                 message_tap: Mutex::new(None),
+                home: home.to_path_buf(),
             }),
         };
         let report = host.sync_plugins().await?;
@@ -414,6 +419,58 @@ impl Host {
 
     pub fn is_stopping(&self) -> bool {
         self.inner.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The host's audit trail.
+    pub fn audit(&self) -> &crate::audit::Audit {
+        &self.inner.audit
+    }
+
+    /// Records the plugin store's changes this host has not recorded yet
+    /// (the CLI changes the store; the host keeps the trail). The last
+    /// change recorded is kept in `audited-plugin-changes`.
+    fn audit_plugin_changes(&self) {
+        let cursor = self.inner.home.join("audited-plugin-changes");
+        let seen: u64 = std::fs::read_to_string(&cursor)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let changes = match self.inner.plugins.changes_since(0) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the plugin changes for the audit trail failed");
+                return;
+            }
+        };
+        let Some(last) = changes.last().map(|c| c.seq) else {
+            return;
+        };
+        // A store that counts from 1 again (its registry was replaced).
+        let seen = if last < seen { 0 } else { seen };
+        for c in changes.iter().filter(|c| c.seq > seen) {
+            let kind = match c.op.as_str() {
+                "install" => crate::audit::Kind::PluginInstall,
+                "upgrade" => crate::audit::Kind::PluginUpgrade,
+                "rollback" => crate::audit::Kind::PluginRollback,
+                _ => crate::audit::Kind::PluginRemove,
+            };
+            self.inner.audit.record(
+                kind,
+                &c.by,
+                serde_json::json!({
+                    "plugin": c.name,
+                    "version": c.version,
+                    "sha256": c.sha256,
+                    "signed_by": c.signed_by,
+                    "changed_at_ms": c.at_ms,
+                }),
+            );
+        }
+        if last != seen {
+            if let Err(e) = std::fs::write(&cursor, last.to_string()) {
+                tracing::warn!(path = %cursor.display(), error = %e, "keeping the audited plugin changes failed");
+            }
+        }
     }
 
     /// The host's task events.
@@ -587,6 +644,7 @@ impl Host {
     /// new version, tasks already running finish on the old one.
     pub async fn sync_plugins(&self) -> Result<SyncReport, HostError> {
         let _one_at_a_time = self.inner.sync_lock.lock().await;
+        self.audit_plugin_changes();
         let registry = match self.inner.plugins.list() {
             Ok(r) => r,
             Err(e) => return Err(HostError::Plugin(e.into())),
@@ -871,6 +929,21 @@ impl From<StoreError> for HostError {
 /// for the subscribing agent. The cluster replaces it with one over NATS.
 struct LocalBus(std::sync::Weak<Inner>);
 
+/// The audit entry of a message an agent published.
+pub fn audit_message(
+    audit: &crate::audit::Audit,
+    agent: &str,
+    task: &str,
+    subject: &str,
+    bytes: usize,
+) {
+    audit.record(
+        crate::audit::Kind::MessagePublish,
+        &format!("agent:{agent}"),
+        serde_json::json!({ "subject": subject, "bytes": bytes, "agent": agent, "task": task }),
+    );
+}
+
 impl LocalBus {
     fn send(
         &self,
@@ -914,6 +987,12 @@ impl crate::sandbox::Bus for LocalBus {
         // Like NATS: a message nobody subscribes to is dropped.
         let _ = self.send(&subject, payload);
         Box::pin(async { Ok(()) })
+    }
+
+    fn published(&self, agent: &str, task: &str, subject: &str, bytes: usize) {
+        if let Some(inner) = self.0.upgrade() {
+            audit_message(&inner.audit, agent, task, subject, bytes);
+        }
     }
 
     fn request(

@@ -9,7 +9,7 @@
 //! leaves the store as it was: at most an unreferenced blob, never a
 //! registry entry without its blob.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -97,6 +97,49 @@ struct Registry {
     /// again or purged.
     #[serde(default)]
     reserved: BTreeMap<String, String>,
+    /// The last [`MAX_CHANGES`] changes, for the audit trail (a host
+    /// records those it has not recorded yet when it starts and syncs).
+    #[serde(default)]
+    changes: VecDeque<Change>,
+}
+
+/// Changes the registry keeps for the audit trail.
+pub const MAX_CHANGES: usize = 1000;
+
+/// One change to the installed plugins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Counts from 1 in this store.
+    pub seq: u64,
+    pub at_ms: u64,
+    /// install, upgrade, rollback or remove.
+    pub op: String,
+    pub name: String,
+    /// The version active after the change (before it, for remove).
+    pub version: String,
+    pub sha256: String,
+    pub signed_by: Option<String>,
+    /// Who made it (`user:NAME`).
+    pub by: String,
+}
+
+impl Registry {
+    fn note(&mut self, op: &str, name: &str, version: Option<&VersionRecord>) {
+        let seq = self.changes.back().map_or(1, |c| c.seq + 1);
+        if self.changes.len() >= MAX_CHANGES {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(Change {
+            seq,
+            at_ms: crate::daemon::now_ms(),
+            op: op.to_string(),
+            name: name.to_string(),
+            version: version.map(|v| v.version.clone()).unwrap_or_default(),
+            sha256: version.map(|v| v.sha256.clone()).unwrap_or_default(),
+            signed_by: version.and_then(|v| v.signed_by.clone()),
+            by: crate::audit::local_user(),
+        });
+    }
 }
 
 impl Registry {
@@ -196,6 +239,16 @@ impl PluginStore {
         write_atomic(&path, &bytes).map_err(|e| self.io(&path, e))
     }
 
+    /// The changes after `seq`, oldest first.
+    pub fn changes_since(&self, seq: u64) -> Result<Vec<Change>, StoreError> {
+        Ok(self
+            .read()?
+            .changes
+            .into_iter()
+            .filter(|c| c.seq > seq)
+            .collect())
+    }
+
     pub fn list(&self) -> Result<BTreeMap<String, PluginRecord>, StoreError> {
         Ok(self.read()?.plugins)
     }
@@ -267,6 +320,11 @@ impl PluginStore {
         entry.versions.push(record.clone());
         entry.active = version.clone();
         entry.history.push(version);
+        let op = match mode {
+            Mode::Install => "install",
+            Mode::Upgrade => "upgrade",
+        };
+        registry.note(op, &m.plugin.name, Some(&record));
         self.write(&registry)?;
         Ok(record)
     }
@@ -333,6 +391,7 @@ impl PluginStore {
         for ns in namespaces(name, &record) {
             registry.reserved.insert(ns, name.to_string());
         }
+        registry.note("remove", name, record.active_version());
         self.write(&registry)?;
         for v in &record.versions {
             let used = registry
@@ -415,6 +474,8 @@ impl PluginStore {
         let from = record.history.pop().unwrap_or_default();
         let to = record.history.last().cloned().unwrap_or_default();
         record.active = to.clone();
+        let active = record.active_version().cloned();
+        registry.note("rollback", name, active.as_ref());
         self.write(&registry)?;
         Ok((from, to))
     }

@@ -150,6 +150,10 @@ impl Events {
         &self.metrics
     }
 
+    pub fn shared_metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.metrics.clone()
+    }
+
     /// Whether anyone watches.
     pub fn watched(&self) -> bool {
         self.watchers.load(Ordering::Acquire) > 0

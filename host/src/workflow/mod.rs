@@ -111,6 +111,17 @@ pub(crate) struct Shared {
     ended: broadcast::Sender<String>,
 }
 
+impl Shared {
+    /// The audit entry of a run a trigger started (`by` names it).
+    fn audit_start(&self, run: &RunRecord, by: &str) {
+        self.tasks.host().audit().record(
+            crate::audit::Kind::WorkflowStart,
+            by,
+            serde_json::json!({ "run": run.id, "workflow": run.workflow, "version": run.version }),
+        );
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -625,6 +636,7 @@ async fn schedules(weak: std::sync::Weak<Shared>) {
                 {
                     Ok(Some(run)) => {
                         tracing::info!(workflow = %key.0, run = %run.id, tick_ms = at, "a schedule started a workflow run");
+                        shared.audit_start(&run, &format!("schedule:{}", key.0));
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -674,6 +686,7 @@ async fn on_messages(
             match shared.start(def.clone(), id, input, None).await {
                 Ok(Some(run)) => {
                     tracing::info!(workflow = %def.def.name, run = %run.id, subject, "a message started a workflow run");
+                    shared.audit_start(&run, &format!("subject:{subject}"));
                 }
                 Ok(None) => {}
                 Err(e) => {
