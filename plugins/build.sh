@@ -135,6 +135,16 @@ if ! command -v prometheus >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 fi
+# The dashboard test drives Debian's headless Chromium over DevTools.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        log "missing Debian package; install: apt-get install --no-install-recommends chromium"
+        exit 1
+    fi
+    log "installing chromium"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 if [ "${ORCH_PLUGINS:-all}" = rust ]; then
     copy_manifests
     exit 0

@@ -107,10 +107,188 @@ pub struct Metrics {
     duplicates: Counter,
     audit_entries: Counter,
     audit_dropped: Counter,
+    /// The last minutes of ended tasks, for the dashboard.
+    recent: Mutex<Recent>,
     /// Last values of the cluster counters, which the router keeps: a
     /// scrape adds what they grew by. Held for a whole scrape, so that two
     /// at once do not see each other's half-set gauges.
     cluster_seen: Mutex<[u64; 3]>,
+}
+
+/// Width of one bucket of the recent-activity series (`GET /v1/stats`).
+pub const RECENT_STEP_MS: u64 = 5_000;
+/// Buckets kept: 10 minutes.
+pub const RECENT_BUCKETS: usize = 120;
+/// Upper bounds of the latency buckets, in ms (the last catches the rest):
+/// quantiles are read as the bound of the bucket they fall in.
+const LATENCY_BOUNDS_MS: [u64; 40] = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    13,
+    16,
+    20,
+    25,
+    32,
+    40,
+    50,
+    64,
+    80,
+    100,
+    128,
+    160,
+    200,
+    256,
+    320,
+    400,
+    512,
+    640,
+    800,
+    1000,
+    1280,
+    1600,
+    2000,
+    2560,
+    3200,
+    4000,
+    5120,
+    6400,
+    8000,
+    10000,
+    u64::MAX,
+];
+
+#[derive(Clone)]
+struct Bucket {
+    start_ms: u64,
+    ended: u64,
+    failed: u64,
+    latency: [u32; LATENCY_BOUNDS_MS.len()],
+}
+
+#[derive(Default)]
+struct Recent {
+    buckets: std::collections::VecDeque<Bucket>,
+    totals: RecentTotals,
+}
+
+/// Tasks that ended on this host since it started, by outcome.
+#[derive(Default, Clone, serde::Serialize)]
+pub struct RecentTotals {
+    pub completed: u64,
+    pub failed: u64,
+    pub dead: u64,
+    pub cancelled: u64,
+}
+
+/// One bucket as the dashboard reads it.
+#[derive(serde::Serialize)]
+pub struct RecentPoint {
+    pub at_ms: u64,
+    /// Tasks that ended in the bucket, and those of them that failed or
+    /// were dead letters.
+    pub ended: u64,
+    pub failed: u64,
+    /// Submission to end; null for a bucket with no task.
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+pub struct RecentJson {
+    pub step_ms: u64,
+    pub totals: RecentTotals,
+    pub series: Vec<RecentPoint>,
+}
+
+impl Recent {
+    fn ended(&mut self, e: &TaskEvent) {
+        let start_ms = e.at_ms - e.at_ms % RECENT_STEP_MS;
+        if self.buckets.back().is_none_or(|b| b.start_ms < start_ms) {
+            if self.buckets.len() == RECENT_BUCKETS {
+                self.buckets.pop_front();
+            }
+            self.buckets.push_back(Bucket {
+                start_ms,
+                ended: 0,
+                failed: 0,
+                latency: [0; LATENCY_BOUNDS_MS.len()],
+            });
+        }
+        let totals = &mut self.totals;
+        let failed = match e.kind {
+            EventKind::Completed => {
+                totals.completed += 1;
+                false
+            }
+            EventKind::Failed => {
+                totals.failed += 1;
+                true
+            }
+            EventKind::Dead => {
+                totals.dead += 1;
+                true
+            }
+            _ => {
+                totals.cancelled += 1;
+                false
+            }
+        };
+        // Events of one host come in about time order; a late one counts
+        // in the newest bucket.
+        let Some(bucket) = self.buckets.back_mut() else {
+            return;
+        };
+        bucket.ended += 1;
+        bucket.failed += u64::from(failed);
+        let took = e.took_ms.unwrap_or(0);
+        let i = LATENCY_BOUNDS_MS.partition_point(|&b| b < took);
+        if let Some(n) = bucket.latency.get_mut(i) {
+            *n = n.saturating_add(1);
+        }
+    }
+
+    fn json(&self, now_ms: u64) -> RecentJson {
+        let last = now_ms - now_ms % RECENT_STEP_MS;
+        let first = last.saturating_sub(RECENT_STEP_MS * (RECENT_BUCKETS as u64 - 1));
+        let series = (0..RECENT_BUCKETS as u64)
+            .map(|i| first + i * RECENT_STEP_MS)
+            .map(|at_ms| {
+                let bucket = self.buckets.iter().find(|b| b.start_ms == at_ms);
+                let quantile = |q: f64| {
+                    let b = bucket?;
+                    let want = ((b.ended as f64) * q).ceil().max(1.0) as u64;
+                    let mut seen = 0u64;
+                    for (i, n) in b.latency.iter().enumerate() {
+                        seen += u64::from(*n);
+                        if seen >= want {
+                            // The open last bucket reads as the bound below it.
+                            return Some(LATENCY_BOUNDS_MS[i.min(LATENCY_BOUNDS_MS.len() - 2)]);
+                        }
+                    }
+                    None
+                };
+                RecentPoint {
+                    at_ms,
+                    ended: bucket.map_or(0, |b| b.ended),
+                    failed: bucket.map_or(0, |b| b.failed),
+                    p50_ms: quantile(0.5),
+                    p99_ms: quantile(0.99),
+                }
+            })
+            .collect();
+        RecentJson {
+            step_ms: RECENT_STEP_MS,
+            totals: self.totals.clone(),
+            series,
+        }
+    }
 }
 
 /// Seconds, from 1 ms to about 9 minutes.
@@ -152,6 +330,7 @@ impl Metrics {
             duplicates: Counter::default(),
             audit_entries: Counter::default(),
             audit_dropped: Counter::default(),
+            recent: Mutex::new(Recent::default()),
             cluster_seen: Mutex::new([0; 3]),
             registry: Registry::default(),
         };
@@ -331,8 +510,22 @@ impl Metrics {
                 if let Some(fuel) = e.fuel_used {
                     self.fuel.get_or_create(&capability()).observe(fuel as f64);
                 }
+                self.recent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ended(e);
             }
         }
+    }
+
+    /// Tasks that ended on this host: totals since it started, and the
+    /// last [`RECENT_BUCKETS`] buckets of [`RECENT_STEP_MS`] (oldest
+    /// first, empty ones included) up to `now_ms`.
+    pub fn recent(&self, now_ms: u64) -> RecentJson {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .json(now_ms)
     }
 
     /// The metrics as OpenMetrics text, with the gauges set from `now`.
@@ -383,6 +576,7 @@ impl Metrics {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -418,5 +612,14 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+        let recent = m.recent(2_000);
+        assert_eq!(recent.totals.completed, 2);
+        let last = recent.series.last().unwrap();
+        assert_eq!(
+            (last.ended, last.p50_ms, last.p99_ms),
+            (2, Some(1000), Some(1000))
+        );
+        assert_eq!(recent.series.len(), RECENT_BUCKETS);
+        assert_eq!(recent.series[0].ended, 0);
     }
 }

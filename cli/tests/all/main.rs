@@ -9,6 +9,7 @@ mod cluster;
 mod common;
 mod contract;
 mod daemon;
+mod dashboard;
 mod logs;
 mod metrics;
 mod plugin;

@@ -81,6 +81,8 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .route("/v1/runs", get(workflows::runs))
         .route("/v1/runs/{id}", get(workflows::run))
         .route("/v1/runs/{id}/cancel", post(workflows::cancel))
+        .route("/", get(dashboard))
+        .route("/v1/stats", get(stats))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/metrics", get(metrics))
@@ -717,6 +719,7 @@ async fn status(State(state): State<ApiState>) -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_ms": host.uptime().as_millis() as u64,
         "tasks": { "queued": queued, "running": running },
+        "queues": host.scheduler().queued().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         "capabilities": host.scheduler().capabilities(),
         "agents": agents_json(host),
         "plugin_errors": errors,
@@ -733,6 +736,37 @@ async fn status(State(state): State<ApiState>) -> Json<Value> {
             "duplicates": router.as_ref().map_or(0, |r| r.duplicates()),
         })),
     }))
+}
+
+/// `GET /`: the dashboard, one page with its script and styles inline
+/// (no request leaves the host, so it works offline). It reads the API
+/// like any client.
+async fn dashboard() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The page runs only its own inline code and talks only to
+            // this host.
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+            ),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// `GET /v1/stats`: tasks that ended on this host, totals and the last
+/// minutes in buckets, for the dashboard's chart.
+async fn stats(State(state): State<ApiState>) -> Json<crate::metrics::RecentJson> {
+    Json(
+        state
+            .host()
+            .events()
+            .metrics()
+            .recent(crate::daemon::now_ms()),
+    )
 }
 
 /// `GET /metrics`: the host's metrics in the OpenMetrics text format.
