@@ -82,6 +82,7 @@ async fn plain(node: &Node, n: usize) {
         priority: 0,
         deadline: None,
         idempotency_key: None,
+        trace: None,
     };
     let (stored, _) = node
         .tasks()
@@ -106,6 +107,7 @@ async fn plain_at_once(node: &Node, n: usize) {
                 priority: 0,
                 deadline: None,
                 idempotency_key: None,
+                trace: None,
             },
             Some(Duration::from_secs(60)),
         )

@@ -23,6 +23,9 @@
 //! [audit]
 //! retention = "90d"            # how long audit entries are kept
 //!
+//! [telemetry]
+//! otlp_endpoint = "http://127.0.0.1:4318"  # export task traces by OTLP/HTTP
+//!
 //! [kv]                         # per kv namespace (per plugin)
 //! max_bytes = "64MiB"          # keys and values together
 //! max_keys = 100000
@@ -129,6 +132,13 @@ impl Default for AuditConfig {
     }
 }
 
+/// Where task traces go (`crate::trace`); nowhere by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP base URL (`/v1/traces` goes after it).
+    pub otlp_endpoint: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostConfig {
     pub limits: HostLimits,
@@ -136,6 +146,7 @@ pub struct HostConfig {
     pub host: DaemonConfig,
     pub kv: KvLimits,
     pub audit: AuditConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +169,14 @@ struct File {
     kv: KvFile,
     #[serde(default)]
     audit: AuditFile,
+    #[serde(default)]
+    telemetry: TelemetryFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TelemetryFile {
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -280,6 +299,14 @@ impl HostConfig {
                 return Err(err("audit.retention: must be at least 1s".into()));
             }
             config.audit.retention = r;
+        }
+        if let Some(e) = file.telemetry.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(err(format!(
+                    "telemetry.otlp_endpoint: {e:?} is not an http:// or https:// URL"
+                )));
+            }
+            config.telemetry.otlp_endpoint = Some(e);
         }
         if let Some(b) = file.kv.max_bytes {
             config.kv.max_bytes = parse_size(&b).map_err(|e| err(format!("kv.max_bytes: {e}")))?;

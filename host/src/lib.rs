@@ -36,6 +36,7 @@ pub mod node;
 pub mod plugin;
 pub mod scheduler;
 pub mod service;
+pub mod trace;
 pub mod units;
 pub mod workflow;
 

@@ -51,6 +51,25 @@ pub async fn run(home: &Path, cmd: Command) -> u8 {
     }
 }
 
+/// For `orch host start` with an OTLP endpoint (config or environment):
+/// what the trace exporter needs. A config that does not load is reported
+/// by the command itself.
+pub fn export(home: &Path, command: &super::Command) -> Option<super::telemetry::Export> {
+    let super::Command::Host(Command::Start(args)) = command else {
+        return None;
+    };
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| home.join("config.toml"));
+    let endpoint = HostConfig::load(&path).ok()?.telemetry.otlp_endpoint;
+    if !super::telemetry::wanted(endpoint.as_deref()) {
+        return None;
+    }
+    let host_id = orch::daemon::host_id_of(home).ok()?;
+    Some(super::telemetry::Export { endpoint, host_id })
+}
+
 async fn start(home: &Path, args: StartArgs) -> u8 {
     let config_path = args.config.unwrap_or_else(|| home.join("config.toml"));
     let config = match HostConfig::load(&config_path) {
@@ -161,6 +180,8 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
         grace.as_millis()
     );
     let cut = node.shutdown(grace).await;
+    // Off the runtime: the exporter's last send blocks.
+    let _ = tokio::task::spawn_blocking(super::telemetry::flush).await;
     let _ = stop_api.send(());
     let _ = server.await;
     let (queued, _) = host.live_counts();

@@ -10,6 +10,7 @@ mod key;
 mod plugin;
 mod run;
 mod task;
+mod telemetry;
 mod workflow;
 
 use std::path::PathBuf;
@@ -117,7 +118,7 @@ pub fn main() -> ExitCode {
         None => HostConfig::load(&home.join("config.toml"))
             .is_ok_and(|c| c.host.log_format == orch::config::LogFormat::Json),
     };
-    init_tracing(json);
+    telemetry::init(json, host::export(&home, &cli.command));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,25 +149,6 @@ pub fn main() -> ExitCode {
 
 async fn blocking(f: impl FnOnce() -> u8 + Send + 'static) -> u8 {
     tokio::task::spawn_blocking(f).await.unwrap_or(exit::ERROR)
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ORCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        // One object per line, the event's fields at the top level.
-        fmt.json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init();
-    } else {
-        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
-    }
 }
 
 fn default_home() -> PathBuf {

@@ -511,6 +511,9 @@ fn print_task(t: &Value) {
     println!("status:     {}", field("status"));
     println!("attempts:   {}", t["attempts"]);
     println!("agent:      {}", field("agent"));
+    if let Some(trace) = t["trace_id"].as_str() {
+        println!("trace:      {trace}");
+    }
     if let Some(fuel) = t["fuel_used"].as_u64() {
         match t["subtasks"].as_u64().unwrap_or(0) {
             0 => println!("fuel:       {fuel}"),

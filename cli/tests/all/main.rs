@@ -13,4 +13,5 @@ mod dashboard;
 mod logs;
 mod metrics;
 mod plugin;
+mod traces;
 mod workflow;

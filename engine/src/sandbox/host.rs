@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{CallReport, StoreData, SubCall};
+use tracing::Instrument;
+
+use super::{CallReport, StoreData, SubCall, TRACE_TARGET};
 use crate::engine::bindings::orch::agent::{kv, log, messaging, tasks, types};
 use crate::error::TaskError;
 
@@ -73,7 +75,11 @@ impl kv::Host for StoreData {
             return None;
         };
         let (store, ns) = (access.store.clone(), access.namespace.clone());
-        match blocking(move || store.get(&ns, &key)).await {
+        let span = tracing::info_span!(target: TRACE_TARGET, "host.kv.get");
+        match blocking(move || store.get(&ns, &key))
+            .instrument(span)
+            .await
+        {
             Ok(value) => value,
             Err(error) => {
                 // `get` has no error case in the WIT; a storage failure reads
@@ -97,7 +103,10 @@ impl kv::Host for StoreData {
             ));
         }
         let (store, ns) = (access.store.clone(), access.namespace.clone());
-        blocking(move || store.set(&ns, &key, &value)).await
+        let span = tracing::info_span!(target: TRACE_TARGET, "host.kv.set");
+        blocking(move || store.set(&ns, &key, &value))
+            .instrument(span)
+            .await
     }
 
     async fn delete(&mut self, key: String) -> Result<(), String> {
@@ -106,7 +115,10 @@ impl kv::Host for StoreData {
             Err(e) => return Err(e),
         };
         let (store, ns) = (access.store.clone(), access.namespace.clone());
-        blocking(move || store.delete(&ns, &key)).await
+        let span = tracing::info_span!(target: TRACE_TARGET, "host.kv.delete");
+        blocking(move || store.delete(&ns, &key))
+            .instrument(span)
+            .await
     }
 }
 
@@ -136,8 +148,19 @@ impl tasks::Host for StoreData {
 }
 
 impl StoreData {
-    /// Starts every request as a sub-task at once and waits for all of them.
+    /// Starts every request as a sub-task at once and waits for all of them,
+    /// in a span of the task's trace (the sub-tasks' are under it).
     async fn sub_tasks(&mut self, requests: Vec<tasks::CallRequest>) -> Vec<CallResult> {
+        let span = tracing::info_span!(
+            target: TRACE_TARGET,
+            "host.tasks.call",
+            calls = requests.len(),
+            capability = requests.first().map_or("", |r| r.capability.as_str()),
+        );
+        self.start_sub_tasks(requests).instrument(span).await
+    }
+
+    async fn start_sub_tasks(&mut self, requests: Vec<tasks::CallRequest>) -> Vec<CallResult> {
         let n = requests.len() as u32;
         let refuse = |message: String| -> Vec<CallResult> {
             (0..n)
@@ -185,7 +208,10 @@ impl StoreData {
                 fuel: share,
                 depth,
             });
-            running.spawn(async move { (i, capability, given_ms, call.await) });
+            running.spawn(
+                async move { (i, capability, given_ms, call.await) }
+                    .instrument(tracing::Span::current()),
+            );
         }
         let mut results: Vec<CallResult> = (0..n)
             .map(|_| {
@@ -295,9 +321,11 @@ impl messaging::Host for StoreData {
     async fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), String> {
         let bus = self.bus_for(&subject, &payload)?;
         let bytes = payload.len();
-        bus.publish(subject.clone(), payload)
-            .await
-            .map_err(|e| e.to_string())?;
+        let span =
+            tracing::info_span!(target: TRACE_TARGET, "host.messaging.publish", subject = %subject);
+        // Created in the span: the bus reads its trace context for the message.
+        let sent = span.in_scope(|| bus.publish(subject.clone(), payload));
+        sent.instrument(span).await.map_err(|e| e.to_string())?;
         bus.published(&self.agent, &self.task, &subject, bytes);
         Ok(())
     }
@@ -314,8 +342,9 @@ impl messaging::Host for StoreData {
         if let Some(calls) = &self.calls {
             wait = wait.min(calls.deadline.saturating_duration_since(Instant::now()));
         }
-        bus.request(subject, payload, wait)
-            .await
-            .map_err(|e| e.to_string())
+        let span =
+            tracing::info_span!(target: TRACE_TARGET, "host.messaging.request", subject = %subject);
+        let asked = span.in_scope(|| bus.request(subject, payload, wait));
+        asked.instrument(span).await.map_err(|e| e.to_string())
     }
 }

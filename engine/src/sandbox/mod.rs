@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
 use wasmtime::component::ResourceTable;
 use wasmtime::{CallHook, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
@@ -241,6 +242,10 @@ pub trait Bus: Send + Sync {
     /// it went (the host's audit trail records it).
     fn published(&self, _agent: &str, _task: &str, _subject: &str, _bytes: usize) {}
 }
+
+/// The `tracing` target of the spans of a task's trace (the host exports
+/// those by OTLP when configured; see the host's `trace` module).
+pub const TRACE_TARGET: &str = "orch::trace";
 
 /// The content type of a task that delivers a message.
 pub const MESSAGE_CONTENT_TYPE: &str = "application/vnd.orch.message";
@@ -668,8 +673,15 @@ impl Agent {
                 ),
                 None => None,
             };
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, &task).await
+            let instance = self
+                .pre
+                .instantiate_async(&mut store)
+                .instrument(tracing::info_span!(target: TRACE_TARGET, "wasm.instantiate"))
+                .await?;
+            instance
+                .call_handle(&mut store, &task)
+                .instrument(tracing::info_span!(target: TRACE_TARGET, "guest.handle"))
+                .await
         })
         .await;
         // A charge the call hook has not applied yet (the deadline cut the

@@ -244,6 +244,8 @@ pub struct TaskJson<'a> {
     subtasks: Option<u32>,
     calls: &'a [crate::sandbox::CallReport],
     payload_bytes: u64,
+    /// The trace id of the task's trace (32 hex digits), when it has one.
+    trace_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -280,6 +282,7 @@ impl<'a> TaskJson<'a> {
             subtasks: record.subtasks,
             calls: &record.calls,
             payload_bytes: record.payload_bytes,
+            trace_id: record.trace.as_deref().and_then(crate::trace::trace_id),
             result: text,
             result_base64: b64,
         }
@@ -326,6 +329,16 @@ struct WaitQuery {
     wait: Option<String>,
 }
 
+/// The W3C `traceparent` a request carries, when valid (an invalid one is
+/// ignored, as the W3C recommendation says).
+fn traceparent(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get(crate::trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::trace::is_valid(v))
+        .map(String::from)
+}
+
 /// The request a submission body asks for.
 fn submit_request(body: SubmitBody) -> Result<SubmitRequest, ApiError> {
     let payload = match (body.input, body.input_base64) {
@@ -350,19 +363,24 @@ fn submit_request(body: SubmitBody) -> Result<SubmitRequest, ApiError> {
         priority: body.priority,
         deadline,
         idempotency_key: body.idempotency_key,
+        trace: None,
     })
 }
 
 async fn submit(
     State(state): State<ApiState>,
     Client(by): Client,
+    headers: axum::http::HeaderMap,
     q: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
     let Query(q) = q.map_err(query_error)?;
     let wait = parse_wait(q.wait.as_deref())?;
-    let request = submit_request(body)?;
+    let request = SubmitRequest {
+        trace: traceparent(&headers),
+        ..submit_request(body)?
+    };
     let (stored, existing) = state.tasks.submit_and_wait(request, wait).await?;
     if !existing {
         audit_submit(&state.tasks, &by, &stored.record);
@@ -433,6 +451,7 @@ fn batch_line(index: usize, outcome: Result<(Stored, bool), ApiError>) -> bytes:
 async fn submit_batch(
     State(state): State<ApiState>,
     Client(by): Client,
+    headers: axum::http::HeaderMap,
     q: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -475,6 +494,10 @@ async fn submit_batch(
             serde_json::from_str::<SubmitBody>(line)
                 .map_err(|e| bad_request(format!("line {}: {e}", n + 1)))
                 .and_then(submit_request)
+                .map(|r| SubmitRequest {
+                    trace: traceparent(&headers),
+                    ..r
+                })
         })
         .collect();
     let tasks = state.tasks.clone();

@@ -20,6 +20,16 @@ use crate::scheduler::Submit;
 const QUEUE_GROUP: &str = "orch";
 const HEADER_ERROR: &str = "Orch-Error";
 
+/// The sending span's trace context, for the task the message becomes on
+/// the receiving host.
+fn trace_headers() -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(t) = crate::trace::current(None) {
+        headers.insert(crate::trace::HEADER, t.as_str());
+    }
+    headers
+}
+
 pub struct NatsBus {
     client: async_nats::Client,
     audit: crate::audit::Audit,
@@ -28,10 +38,11 @@ pub struct NatsBus {
 impl Bus for NatsBus {
     fn publish(&self, subject: String, payload: Vec<u8>) -> BusFuture<()> {
         let client = self.client.clone();
+        let headers = trace_headers();
         Box::pin(async move {
             let payload = bytes::Bytes::from(payload);
             client
-                .publish(subjects::message(&subject), payload.clone())
+                .publish_with_headers(subjects::message(&subject), headers, payload.clone())
                 .await
                 .map_err(|e| BusError::Transport {
                     what: "publish",
@@ -52,8 +63,10 @@ impl Bus for NatsBus {
 
     fn request(&self, subject: String, payload: Vec<u8>, timeout: Duration) -> BusFuture<Vec<u8>> {
         let client = self.client.clone();
+        let headers = trace_headers();
         Box::pin(async move {
-            let asked = client.request(subjects::message(&subject), payload.into());
+            let asked =
+                client.request_with_headers(subjects::message(&subject), headers, payload.into());
             let reply = match tokio::time::timeout(timeout, asked).await {
                 Err(_) => {
                     return Err(BusError::Timeout {
@@ -192,9 +205,17 @@ async fn deliver(
     mut sub: async_nats::Subscriber,
 ) {
     while let Some(message) = sub.next().await {
+        let trace = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(crate::trace::HEADER))
+            .map(|t| t.as_str())
+            .filter(|t| crate::trace::is_valid(t))
+            .map(String::from);
         let submit = Submit {
             id: host.new_message_id(),
             payload: message.payload.to_vec(),
+            trace,
             ..Submit::default()
         };
         let handle = host.scheduler().submit_message(&subject, submit);

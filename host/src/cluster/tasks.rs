@@ -640,9 +640,9 @@ impl TaskRouter {
     /// A `tasks.call` sub-task for a capability only other hosts serve: on
     /// the stream like any task, with the caller's deadline, remaining fuel
     /// and the call depth in its headers.
-    async fn call_remote(&self, call: SubCall, priority: i32) -> Outcome {
+    async fn call_remote(&self, call: SubCall, priority: i32, trace: Option<String>) -> Outcome {
         let fuel = call.fuel;
-        match self.call_remote_result(call, priority).await {
+        match self.call_remote_result(call, priority, trace).await {
             Ok(output) => Outcome {
                 fuel_used: output.fuel_used,
                 result: Ok(output),
@@ -660,6 +660,7 @@ impl TaskRouter {
         &self,
         call: SubCall,
         priority: i32,
+        trace: Option<String>,
     ) -> Result<TaskOutput, (TaskError, Option<u64>)> {
         if !self.live_capabilities().contains(&call.capability) {
             return Err((
@@ -679,6 +680,7 @@ impl TaskRouter {
         let record = TaskRecord {
             priority,
             deadline_ms: Some(now + left.as_millis() as u64),
+            trace,
             ..TaskRecord::queued(
                 id.clone(),
                 call.capability.clone(),
@@ -758,6 +760,9 @@ impl TaskRouter {
         }
         if let Some(k) = &record.idempotency_key {
             headers.insert(HEADER_KEY, k.as_str());
+        }
+        if let Some(t) = &record.trace {
+            headers.insert(crate::trace::HEADER, t.as_str());
         }
         // The queued record and the task are written at the same time: the
         // task carries everything a host needs in its headers, and a record
@@ -1400,6 +1405,9 @@ async fn run_and_store(
                 .unwrap_or(0),
             deadline_ms: header(message, HEADER_DEADLINE).and_then(|d| d.parse().ok()),
             idempotency_key: header(message, HEADER_KEY).map(String::from),
+            trace: header(message, crate::trace::HEADER)
+                .filter(|t| crate::trace::is_valid(t))
+                .map(String::from),
             ..TaskRecord::queued(
                 id.clone(),
                 capability.to_string(),
@@ -1558,7 +1566,10 @@ async fn run_and_store(
     if retryable && depth.is_none() {
         record.status = Status::Dead;
     }
-    let settle = router.store_result(record, result, typed_error).await?;
+    let span = result_span(&record);
+    let settle =
+        tracing::Instrument::instrument(router.store_result(record, result, typed_error), span)
+            .await?;
     // Ended: its record leaves the unfinished ones, after a running record
     // being written, if any, so that none is left behind.
     let _ = shown_rx.await;
@@ -1570,6 +1581,18 @@ async fn run_and_store(
         }
     }
     Ok(settle)
+}
+
+/// The span of a task's result write, in the task's trace.
+pub(crate) fn result_span(record: &TaskRecord) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: crate::trace::TARGET,
+        "task.result",
+        task.id = %record.id,
+        task.status = record.status.as_str(),
+    );
+    crate::trace::adopt(&span, record.trace.as_deref());
+    span
 }
 
 /// Aborts a spawned task when dropped.
@@ -1782,11 +1805,11 @@ fn result_object(id: &str) -> String {
 struct RemoteCalls(std::sync::Weak<TaskRouter>);
 
 impl Remote for RemoteCalls {
-    fn call(&self, call: SubCall, priority: i32) -> SubCallFuture {
+    fn call(&self, call: SubCall, priority: i32, trace: Option<String>) -> SubCallFuture {
         let router = self.0.upgrade();
         Box::pin(async move {
             match router {
-                Some(router) => router.call_remote(call, priority).await,
+                Some(router) => router.call_remote(call, priority, trace).await,
                 None => Outcome::failed(TaskError::Unavailable(
                     "the host has left the cluster".into(),
                 )),

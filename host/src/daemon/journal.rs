@@ -184,6 +184,9 @@ pub struct TaskRecord {
     pub tenant: String,
     #[serde(default = "anonymous")]
     pub principal: String,
+    /// The task's trace context, a W3C `traceparent` (`crate::trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 pub const DEFAULT_TENANT: &str = "default";
@@ -240,6 +243,7 @@ impl TaskRecord {
             payload_bytes,
             tenant: default_tenant(),
             principal: anonymous(),
+            trace: None,
         }
     }
 

@@ -107,6 +107,8 @@ pub struct SubmitRequest {
     pub deadline: Option<Duration>,
     /// A second submission with the same key returns the first task.
     pub idempotency_key: Option<String>,
+    /// The trace context to continue (a W3C `traceparent`), if any.
+    pub trace: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -799,6 +801,19 @@ impl Host {
     }
 }
 
+/// The id of the host on `home`, made now if it has none yet.
+pub fn host_id_of(home: &Path) -> Result<String, HostError> {
+    let salt = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    std::fs::create_dir_all(home).map_err(|e| HostError::DataDir {
+        path: home.to_path_buf(),
+        source: e,
+    })?;
+    host_id(home, salt)
+}
+
 /// The host's id: made once per data directory and kept in `host-id`, so a
 /// restarted host is the same host to its peers.
 fn host_id(home: &Path, salt: u64) -> Result<String, HostError> {
@@ -861,7 +876,8 @@ async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
         // The scheduler went away under a shutdown: not the task's fault.
         return;
     }
-    write_end(inner, record, result).await;
+    let span = crate::cluster::tasks::result_span(&record);
+    tracing::Instrument::instrument(write_end(inner, record, result), span).await;
 }
 
 /// Writes a task's end to the journal, unless a cancel wrote it first (then
@@ -955,6 +971,8 @@ impl LocalBus {
         let submit = Submit {
             id: host.new_message_id(),
             payload,
+            // The message's task is a child of the span that sent it.
+            trace: crate::trace::current(None),
             ..Submit::default()
         };
         host.inner

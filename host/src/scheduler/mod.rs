@@ -120,6 +120,9 @@ pub struct Submit {
     /// deliveries): attempt numbers, and the ids of sub-tasks, go on from
     /// there.
     pub attempts_before: u32,
+    /// The task's trace context (a W3C `traceparent`): its attempts' spans
+    /// are children of it.
+    pub trace: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,7 +147,8 @@ pub enum SubmitError {
 /// so that `tasks.call` reaches agents on other hosts. `call.parent` holds
 /// the sub-task's own id here.
 pub trait Remote: Send + Sync {
-    fn call(&self, call: SubCall, priority: i32) -> SubCallFuture;
+    /// `trace`: the sub-task's trace context (a `traceparent`).
+    fn call(&self, call: SubCall, priority: i32, trace: Option<String>) -> SubCallFuture;
 }
 
 /// What happens to a task between submission and its end, for whoever shows
@@ -260,6 +264,7 @@ struct Pending {
     submitted: Instant,
     cancel: Option<CancellationToken>,
     attempts_before: u32,
+    trace: Option<String>,
     /// Payload bytes counted against `max_queued_bytes` while queued: a
     /// message's or sub-task's (guest-made); 0 for a submitted task, which
     /// whoever accepted it bounds.
@@ -950,6 +955,7 @@ fn submit(
             chain,
             submitted: Instant::now(),
             cancel: task.cancel,
+            trace: task.trace,
         };
         enqueue(&mut state, pending);
     }
@@ -1196,21 +1202,53 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 cancel: task.cancel.clone(),
                 attempt,
                 durable: durable_log.zip(mismatch.clone()),
+                trace: task.trace.clone(),
             }),
             bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
     };
+    // The trace: the wait in this host's queue up to the placement on an
+    // agent (first attempt only), then the attempt, under which the
+    // engine's spans (instantiate, the guest's handle, host calls) fall.
+    if task.attempts.is_empty() && task.trace.is_some() {
+        let now = std::time::SystemTime::now();
+        crate::trace::ended(
+            "task.queue",
+            task.trace.as_deref(),
+            now - started.saturating_duration_since(task.submitted),
+            now,
+            vec![
+                opentelemetry::KeyValue::new("task.id", task.id.clone()),
+                opentelemetry::KeyValue::new("orch.agent", label.clone()),
+            ],
+        );
+    }
+    let span = tracing::info_span!(
+        target: crate::trace::TARGET,
+        "task.attempt",
+        task.id = %task.id,
+        task.capability = %task.route.name(),
+        task.attempt = attempt,
+        orch.agent = %label,
+        error = tracing::field::Empty,
+    );
+    crate::trace::adopt(&span, task.trace.as_deref());
+    let attempt_run =
+        tracing::Instrument::instrument(agent.run(request, &limits, Some(instance)), span.clone());
     let Outcome {
         mut result,
         fuel_used,
     } = match task.cancel.clone() {
         // Dropping the run drops its store: the instance is freed at once.
         Some(cancel) => tokio::select! {
-            outcome = agent.run(request, &limits, Some(instance)) => outcome,
+            outcome = attempt_run => outcome,
             () = cancel.cancelled() => Outcome::failed(TaskError::Cancelled),
         },
-        None => agent.run(request, &limits, Some(instance)).await,
+        None => attempt_run.await,
     };
+    if let Err(e) = &result {
+        span.record("error", e.kind());
+    }
     if let Some(m) = mismatch
         .as_ref()
         .and_then(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take())
@@ -1310,6 +1348,9 @@ struct Router {
     /// For a durable caller: where its calls are recorded, and what is set
     /// when a replayed call does not match its record.
     durable: Option<(Arc<dyn calls::CallLog>, Mismatch)>,
+    /// The caller's trace context: a sub-task's spans are under the call's
+    /// span, or under this when spans are not recorded.
+    trace: Option<String>,
 }
 
 /// The first call of a durable attempt that did not match its record.
@@ -1381,13 +1422,14 @@ impl Router {
             format!("{}.{n}", call.parent)
         };
         let route = Route::Capability(call.capability.clone());
+        let trace = crate::trace::current(self.trace.as_deref());
         if !self.inner.state().index.contains_key(&route) {
             if let Some(remote) = self.inner.remote() {
                 // No local agent: another host's, through the cluster.
                 let priority = self.priority;
                 return Box::pin(async move {
                     call.parent = id;
-                    remote.call(call, priority).await
+                    remote.call(call, priority, trace).await
                 });
             }
         }
@@ -1400,6 +1442,7 @@ impl Router {
             max_attempts: Some(1),
             cancel: self.cancel.as_ref().map(CancellationToken::child_token),
             attempts_before: 0,
+            trace,
         };
         let submitted = submit(
             &self.inner,

@@ -185,6 +185,26 @@ impl TaskService {
     /// at least once. A submission with the idempotency key of an earlier
     /// one gets that task (`existing`).
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, HostError> {
+        use tracing::Instrument;
+        // The first span of the task's trace (a child of the submitter's,
+        // when it sent one); every later span of the task is under it.
+        let span = tracing::info_span!(
+            target: crate::trace::TARGET,
+            "task.submit",
+            otel.kind = "server",
+            task.capability = %request.capability,
+            task.id = tracing::field::Empty,
+            orch.host = %self.host.id(),
+        );
+        crate::trace::adopt(&span, request.trace.as_deref());
+        let trace = crate::trace::of(&span, request.trace.as_deref());
+        self.admit(SubmitRequest { trace, ..request })
+            .instrument(span)
+            .await
+    }
+
+    async fn admit(&self, mut request: SubmitRequest) -> Result<Submitted, HostError> {
+        use tracing::Instrument;
         if self.host.is_stopping() {
             return Err(HostError::ShuttingDown);
         }
@@ -248,6 +268,7 @@ impl TaskService {
             priority: request.priority,
             deadline_ms,
             idempotency_key: key.clone(),
+            trace: request.trace.take(),
             ..TaskRecord::queued(
                 self.store.new_id(key.as_deref()),
                 request.capability,
@@ -260,10 +281,16 @@ impl TaskService {
         // journaled but not yet handed to the scheduler, which would then
         // wait for the host's restart to run.
         let (store, events, new) = (self.store.clone(), self.events().clone(), record.clone());
-        let accept = tokio::spawn(async move {
-            let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
-            store.accept(new, request.payload, &stored).await
-        });
+        tracing::Span::current().record("task.id", record.id.as_str());
+        let span =
+            tracing::info_span!(target: crate::trace::TARGET, "task.accept", store = store.name());
+        let accept = tokio::spawn(
+            async move {
+                let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
+                store.accept(new, request.payload, &stored).await
+            }
+            .instrument(span),
+        );
         let accepted = accept.await.map_err(|e| HostError::Unavailable {
             what: format!("task {}: its submission stopped", record.id),
             source: Box::new(e),

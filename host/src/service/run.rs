@@ -71,6 +71,7 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
         max_attempts,
         cancel,
         attempts_before: record.attempts,
+        trace: record.trace.clone(),
     };
     let submitted = match sub_task {
         Some((depth, fuel)) => scheduler.submit_sub_task(submit, depth, fuel),

@@ -431,6 +431,15 @@ impl Shared {
                 .map(|s| StepRecord::pending(&s.step.id, &s.step.capability))
                 .collect(),
             completed: 0,
+            trace: {
+                let span = tracing::info_span!(
+                    target: crate::trace::TARGET,
+                    "workflow.start",
+                    workflow = %def.def.name,
+                    version = def.def.version,
+                );
+                crate::trace::of(&span, None)
+            },
         };
         let size = serde_json::to_vec(&run).map_or(0, |v| v.len());
         if size > MAX_RUN_BYTES {

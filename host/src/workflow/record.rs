@@ -121,6 +121,10 @@ pub struct RunRecord {
     pub steps: Vec<StepRecord>,
     /// Completed steps so far; numbers `completed_order`.
     pub completed: u32,
+    /// The run's trace context (a W3C `traceparent`): its steps' tasks are
+    /// in this trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -75,6 +75,7 @@ struct Spec {
     attempts: u32,
     backoff: Duration,
     deadline_ms: Option<u64>,
+    trace: Option<String>,
 }
 
 pub(super) struct Driver {
@@ -237,6 +238,7 @@ impl Driver {
             attempts: s.attempts,
             backoff: s.backoff,
             deadline_ms: self.run.deadline_ms,
+            trace: self.run.trace.clone(),
         }
     }
 
@@ -721,6 +723,7 @@ impl Driver {
                 backoff: c.backoff,
                 // Undoing is not cut short by the run's deadline.
                 deadline_ms: None,
+                trace: self.run.trace.clone(),
             };
             self.set_compensation(i, |r| {
                 r.status = CompensationStatus::Running;
@@ -1015,6 +1018,7 @@ async fn task(
             priority: spec.priority,
             deadline,
             idempotency_key: Some(key.clone()),
+            trace: spec.trace.clone(),
         };
         match tasks.submit(request).await {
             Ok(s) => break (s.task.id, !s.existing),

@@ -117,6 +117,7 @@ async fn queue_order_is_priority_then_deadline_then_arrival() {
                 max_attempts: None,
                 cancel: None,
                 attempts_before: 0,
+                trace: None,
             })
             .unwrap();
         let order = order.clone();

@@ -1,0 +1,253 @@
+//! Task traces exported by OTLP/HTTP to a receiver in this test that
+//! decodes the real OTLP protobuf (`opentelemetry-proto`): no OpenTelemetry
+//! Collector or Jaeger binary installs from Debian, PyPI or npm here. A
+//! planner task submitted on host A, run on host B, whose `tasks.call`
+//! sub-tasks run on A again, is one trace with the parent/child structure
+//! `docs/operations.md#traces` describes.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use prost::Message;
+use serde_json::Value;
+
+use crate::common::{p, HostProc, NatsServer, Orch};
+
+#[derive(Debug, Clone)]
+struct Span {
+    name: String,
+    trace: String,
+    id: String,
+    parent: String,
+    /// `orch.host` of the resource: the host that made it.
+    host: String,
+    attributes: HashMap<String, String>,
+}
+
+/// An OTLP/HTTP receiver on a free port: every span it is sent.
+struct Receiver {
+    url: String,
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Any::StringValue(s)) => s.clone(),
+        Some(Any::IntValue(i)) => i.to_string(),
+        Some(Any::BoolValue(b)) => b.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let kept = spans.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let export = move |body: axum::body::Bytes| {
+                    let kept = kept.clone();
+                    async move {
+                        let request = ExportTraceServiceRequest::decode(body).unwrap();
+                        let mut out = kept.lock().unwrap();
+                        for resource in request.resource_spans {
+                            let host = resource
+                                .resource
+                                .iter()
+                                .flat_map(|r| &r.attributes)
+                                .find(|a| a.key == "orch.host")
+                                .map(|a| text(&a.value))
+                                .unwrap_or_default();
+                            for scope in resource.scope_spans {
+                                for s in scope.spans {
+                                    out.push(Span {
+                                        name: s.name,
+                                        trace: hex::encode(s.trace_id),
+                                        id: hex::encode(s.span_id),
+                                        parent: hex::encode(s.parent_span_id),
+                                        host: host.clone(),
+                                        attributes: s
+                                            .attributes
+                                            .iter()
+                                            .map(|a| (a.key.clone(), text(&a.value)))
+                                            .collect(),
+                                    });
+                                }
+                            }
+                        }
+                        (
+                            [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                            ExportTraceServiceResponse::default().encode_to_vec(),
+                        )
+                    }
+                };
+                let app = axum::Router::new().route("/v1/traces", axum::routing::post(export));
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        Receiver { url, spans }
+    }
+
+    fn spans(&self, trace: &str) -> Vec<Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace == trace)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Stops a host with SIGTERM and waits for it to exit: it exports its last
+/// spans before it does.
+fn stop(mut host: HostProc) {
+    host.signal("-TERM");
+    let status = host.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_planner_task_is_one_trace_across_two_hosts() {
+    let receiver = Receiver::start();
+    let nats = NatsServer::start();
+    let config = format!("[telemetry]\notlp_endpoint = \"{}\"\n", receiver.url);
+    let (a, b) = (Orch::new(), Orch::new());
+    a.config(&config);
+    b.config(&config);
+    a.ok(&["plugin", "install", "-y", &p("wordcount")]);
+    b.ok(&["plugin", "install", "-y", &p("planner")]);
+    let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    crate::common::until_serving(&ha, "text.report", 1);
+    crate::common::until_serving(&hb, "text.wordcount", 1);
+    let host_id = |h: &HostProc| h.get("/v1/status").1["host"].as_str().unwrap().to_string();
+    let (ida, idb) = (host_id(&ha), host_id(&hb));
+
+    // The caller's own trace, continued.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let mut r = HostProc::agent()
+        .post(&format!("{}/v1/tasks?wait=60s", ha.url))
+        .header("content-type", "application/json")
+        .header("traceparent", &format!("00-{trace}-{caller}-01"))
+        .send(
+            serde_json::json!({ "capability": "text.report", "input": "# one\na b c\n# two\nd e\n" })
+                .to_string(),
+        )
+        .unwrap();
+    let task: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["trace_id"], trace, "{task}");
+    let id = task["id"].as_str().unwrap().to_string();
+    // `orch task get` shows it too.
+    let shown = a.ok(&["task", "get", &id, "--api", &ha.url]);
+    assert!(shown.contains(&format!("trace:      {trace}")), "{shown}");
+    stop(ha);
+    stop(hb);
+
+    let spans = receiver.spans(trace);
+    let find = |name: &str, task: &str| -> Span {
+        spans
+            .iter()
+            .find(|s| {
+                s.name == name && s.attributes.get("task.id").map(String::as_str) == Some(task)
+            })
+            .unwrap_or_else(|| panic!("no {name} of {task} in {spans:#?}"))
+            .clone()
+    };
+    let child = |name: &str, parent: &Span| -> Span {
+        spans
+            .iter()
+            .find(|s| s.name == name && s.parent == parent.id)
+            .unwrap_or_else(|| panic!("no {name} under {} in {spans:#?}", parent.name))
+            .clone()
+    };
+    // Host A accepts it under the caller's span.
+    let submit = find("task.submit", &id);
+    assert_eq!(
+        (submit.parent.as_str(), submit.host.as_str()),
+        (caller, ida.as_str())
+    );
+    child("task.accept", &submit);
+    // Host B waits, runs it and writes its result, all under the submission.
+    let queue = find("task.queue", &id);
+    let attempt = find("task.attempt", &id);
+    let result = child("task.result", &submit);
+    for s in [&queue, &attempt, &result] {
+        assert_eq!(
+            (s.parent.as_str(), s.host.as_str()),
+            (submit.id.as_str(), idb.as_str()),
+            "{s:?}"
+        );
+    }
+    assert_eq!(queue.attributes["orch.agent"], "planner@0.1.0");
+    child("wasm.instantiate", &attempt);
+    let handle = child("guest.handle", &attempt);
+    // Its two sections are counted by sub-tasks on host A, under the call.
+    let call = child("host.tasks.call", &handle);
+    assert_eq!(call.attributes["calls"], "2");
+    for n in 1..=2 {
+        let sub = format!("{id}.{n}");
+        // Sent on the stream by host B with the call's context in its
+        // `traceparent` header.
+        for name in ["task.queue", "task.attempt"] {
+            let s = find(name, &sub);
+            assert_eq!(
+                (s.parent.as_str(), s.host.as_str()),
+                (call.id.as_str(), ida.as_str()),
+                "{s:?}"
+            );
+        }
+        child("guest.handle", &find("task.attempt", &sub));
+    }
+    // Nothing of it outside the one trace.
+    let all = receiver.spans.lock().unwrap().clone();
+    assert!(
+        all.iter()
+            .filter(|s| s
+                .attributes
+                .get("task.id")
+                .is_some_and(|t| t.starts_with(&id)))
+            .all(|s| s.trace == trace),
+        "{all:#?}"
+    );
+}
+
+#[test]
+fn without_an_endpoint_nothing_is_exported_and_a_given_trace_id_is_kept() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let host = HostProc::start(&orch);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut r = HostProc::agent()
+        .post(&format!("{}/v1/tasks?wait=60s", host.url))
+        .header("content-type", "application/json")
+        .header("traceparent", &format!("00-{trace}-b7ad6b7169203331-01"))
+        .send(serde_json::json!({ "capability": "echo", "input": "x" }).to_string())
+        .unwrap();
+    let task: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(task["trace_id"], trace, "{task}");
+    // A malformed traceparent is ignored, as W3C says, not refused.
+    let mut r = HostProc::agent()
+        .post(&format!("{}/v1/tasks?wait=60s", host.url))
+        .header("content-type", "application/json")
+        .header("traceparent", "00-not-a-trace-01")
+        .send(serde_json::json!({ "capability": "echo", "input": "x" }).to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let task: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(task["trace_id"], Value::Null, "{task}");
+}

@@ -1,0 +1,127 @@
+//! Traces of tasks (`docs/operations.md#traces`). A task's trace context is
+//! a W3C `traceparent` kept in its record (`TaskRecord::trace`) and sent in
+//! the `traceparent` header of its NATS messages, so that every span of a
+//! task, on any host, joins one trace: each host makes its spans as
+//! `tracing` spans of target [`TARGET`], parented on the stored context.
+//!
+//! The library only makes spans; whoever installs the subscriber decides
+//! whether they go anywhere (`orch host start` exports them by OTLP when
+//! an endpoint is configured). Without a subscriber that records them, the
+//! spans are disabled at their call site, and the incoming `traceparent`
+//! (if any) is kept and passed on unchanged.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The target of every span of a task's trace (subscribers filter on it).
+pub const TARGET: &str = crate::sandbox::TRACE_TARGET;
+
+/// The W3C trace context header, in HTTP and in NATS messages.
+pub const HEADER: &str = "traceparent";
+
+/// The context a `traceparent` stands for (a remote parent); empty when
+/// there is none or it does not parse.
+pub fn context(traceparent: Option<&str>) -> Context {
+    let Some(value) = traceparent else {
+        return Context::new();
+    };
+    let carrier = HashMap::from([(HEADER.to_string(), value.to_string())]);
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// The `traceparent` of a context's span, if it has a valid one.
+pub fn traceparent(cx: &Context) -> Option<String> {
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(cx, &mut carrier);
+    carrier.remove(HEADER)
+}
+
+/// Whether `value` is a valid `traceparent`.
+pub fn is_valid(value: &str) -> bool {
+    context(Some(value)).span().span_context().is_valid()
+}
+
+/// The trace id (32 hex digits) of a `traceparent`.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    traceparent.split('-').nth(1).filter(|id| id.len() == 32)
+}
+
+/// Makes `span` a child of `parent` (a `traceparent`); nothing when the
+/// span is not recorded or there is no parent.
+pub fn adopt(span: &tracing::Span, parent: Option<&str>) {
+    if span.is_disabled() || parent.is_none() {
+        return;
+    }
+    // Only fails for a span already started, which a new one is not.
+    let _ = span.set_parent(context(parent));
+}
+
+/// The `traceparent` of `span` for what it starts (a sub-task, a message),
+/// or `fallback` when the span is not recorded.
+pub fn of(span: &tracing::Span, fallback: Option<&str>) -> Option<String> {
+    if span.is_disabled() {
+        return fallback.map(String::from);
+    }
+    traceparent(&span.context()).or_else(|| fallback.map(String::from))
+}
+
+/// [`of`] the current span.
+pub fn current(fallback: Option<&str>) -> Option<String> {
+    of(&tracing::Span::current(), fallback)
+}
+
+/// A span that has already ended (the time a task waited in a queue),
+/// with its times given, as a child of `parent`. Recorded only when a
+/// tracer provider is installed and the parent is sampled.
+pub fn ended(
+    name: &'static str,
+    parent: Option<&str>,
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+) {
+    let Some(parent) = parent else { return };
+    let cx = context(Some(parent));
+    if !cx.span().span_context().is_sampled() {
+        return;
+    }
+    let tracer = opentelemetry::global::tracer("orch");
+    let mut span = tracer
+        .span_builder(name)
+        .with_kind(SpanKind::Internal)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, &cx);
+    opentelemetry::trace::Span::end_with_timestamp(&mut span, end);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_round_trips_and_a_bad_one_is_no_context() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(is_valid(tp));
+        assert_eq!(traceparent(&context(Some(tp))).as_deref(), Some(tp));
+        assert_eq!(trace_id(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for bad in [
+            "",
+            "00-xyz",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            assert!(!is_valid(bad), "{bad}");
+            assert_eq!(traceparent(&context(Some(bad))), None);
+        }
+    }
+}
