@@ -43,6 +43,12 @@ struct Capability {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Trap {
+    capability: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Agent {
     agent: String,
 }
@@ -107,6 +113,10 @@ pub struct Metrics {
     duplicates: Counter,
     audit_entries: Counter,
     audit_dropped: Counter,
+    run_time: Family<Capability, Histogram>,
+    memory: Family<Capability, Histogram>,
+    traps: Family<Trap, Counter>,
+    journal_commit: Histogram,
     /// The last minutes of ended tasks, for the dashboard.
     recent: Mutex<Recent>,
     /// Last values of the cluster counters, which the router keeps: a
@@ -256,9 +266,10 @@ impl Recent {
 
     fn json(&self, now_ms: u64) -> RecentJson {
         let last = now_ms - now_ms % RECENT_STEP_MS;
-        let first = last.saturating_sub(RECENT_STEP_MS * (RECENT_BUCKETS as u64 - 1));
+        // Oldest first; none before the clock's start.
         let series = (0..RECENT_BUCKETS as u64)
-            .map(|i| first + i * RECENT_STEP_MS)
+            .rev()
+            .filter_map(|back| last.checked_sub(back * RECENT_STEP_MS))
             .map(|at_ms| {
                 let bucket = self.buckets.iter().find(|b| b.start_ms == at_ms);
                 let quantile = |q: f64| {
@@ -330,6 +341,13 @@ impl Metrics {
             duplicates: Counter::default(),
             audit_entries: Counter::default(),
             audit_dropped: Counter::default(),
+            run_time: Family::new_with_constructor(seconds),
+            memory: Family::new_with_constructor(|| {
+                // 64 KiB (one wasm page) to 4 GiB.
+                Histogram::new(exponential_buckets(65536.0, 4.0, 9))
+            }),
+            traps: Family::default(),
+            journal_commit: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             recent: Mutex::new(Recent::default()),
             cluster_seen: Mutex::new([0; 3]),
             registry: Registry::default(),
@@ -430,6 +448,26 @@ impl Metrics {
             m.workflow_steps.clone(),
         );
         registry.register(
+            "orch_task_run_seconds",
+            "Time an attempt ran on this host (instantiate and the guest's handle, host calls included)",
+            m.run_time.clone(),
+        );
+        registry.register(
+            "orch_task_memory_bytes",
+            "The most linear memory an attempt's instance had",
+            m.memory.clone(),
+        );
+        registry.register(
+            "orch_task_traps",
+            "Attempts the sandbox stopped, by kind: trap, fuel-exhausted, memory-limit, table-limit, deadline-exceeded, host-call-data-limit",
+            m.traps.clone(),
+        );
+        registry.register(
+            "orch_journal_commit_seconds",
+            "Time of one commit (fsynced) of the lone host's task journal, with every write queued for it",
+            m.journal_commit.clone(),
+        );
+        registry.register(
             "orch_audit_entries",
             "Audit entries this host stored",
             m.audit_entries.clone(),
@@ -440,6 +478,48 @@ impl Metrics {
             m.audit_dropped.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Counts an attempt that ended on this host.
+    pub fn attempt_ended(
+        &self,
+        capability: &str,
+        _agent: &str,
+        ran: std::time::Duration,
+        memory: u64,
+        error: Option<&crate::error::TaskError>,
+    ) {
+        let label = Capability {
+            capability: capability.to_string(),
+        };
+        self.run_time
+            .get_or_create(&label)
+            .observe(ran.as_secs_f64());
+        if memory > 0 {
+            self.memory.get_or_create(&label).observe(memory as f64);
+        }
+        let kind = error.map(|e| e.kind());
+        if let Some(
+            kind @ ("trap"
+            | "fuel-exhausted"
+            | "memory-limit"
+            | "table-limit"
+            | "deadline-exceeded"
+            | "host-call-data-limit"),
+        ) = kind
+        {
+            self.traps
+                .get_or_create(&Trap {
+                    capability: capability.to_string(),
+                    kind: kind.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    /// Times one journal commit.
+    pub fn journal_committed(&self, took: std::time::Duration) {
+        self.journal_commit.observe(took.as_secs_f64());
     }
 
     pub fn audit_written(&self, n: u64) {
@@ -619,7 +699,11 @@ mod tests {
             (last.ended, last.p50_ms, last.p99_ms),
             (2, Some(1000), Some(1000))
         );
-        assert_eq!(recent.series.len(), RECENT_BUCKETS);
-        assert_eq!(recent.series[0].ended, 0);
+        // Ten minutes later the bucket is the oldest one shown, then gone.
+        let later = m.recent(2_000 + (RECENT_BUCKETS as u64 - 1) * RECENT_STEP_MS);
+        assert_eq!(later.series.len(), RECENT_BUCKETS);
+        assert_eq!((later.series[0].at_ms, later.series[0].ended), (0, 2));
+        let gone = m.recent(2_000 + RECENT_BUCKETS as u64 * RECENT_STEP_MS);
+        assert!(gone.series.iter().all(|p| p.ended == 0));
     }
 }

@@ -161,6 +161,22 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
         "sum(orch_task_retries_total{capability=\"test.panic\"})",
         2.0,
     );
+    // Each attempt's run time and peak memory; the trapping attempts by
+    // kind; the journal's commits.
+    for metric in [
+        "orch_task_run_seconds_count",
+        "orch_task_memory_bytes_count",
+    ] {
+        prometheus.until_equals(
+            &format!("sum({metric}{{capability=\"text.wordcount\"}})"),
+            9.0,
+        );
+    }
+    prometheus.until_equals(
+        "sum(orch_task_traps_total{capability=\"test.panic\",kind=\"trap\"})",
+        4.0,
+    );
+    prometheus.until_equals("sum(orch_journal_commit_seconds_count) > bool 0", 1.0);
     prometheus.until_equals("sum(orch_agent_free_slots)", 32.0);
     prometheus.until_equals(
         "sum(orch_workflow_runs_total{workflow=\"wm\",status=\"completed\"})",

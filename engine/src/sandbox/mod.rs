@@ -139,6 +139,9 @@ pub struct Outcome {
     pub result: Result<TaskOutput, TaskError>,
     /// Fuel the task used, its sub-tasks' included; 0 when it never ran.
     pub fuel_used: u64,
+    /// The most linear memory its instance had (memories only grow, so
+    /// the size at its end); 0 when it never ran here.
+    pub memory: u64,
 }
 
 impl Outcome {
@@ -147,6 +150,7 @@ impl Outcome {
         Outcome {
             result: Err(error),
             fuel_used: 0,
+            memory: 0,
         }
     }
 }
@@ -699,9 +703,11 @@ impl Agent {
             .map_or((0, 0, Vec::new()), |c| {
                 (c.started, c.charged, std::mem::take(&mut c.reports))
             });
+        let memory = store.data().limiter.used;
         let failed = |error| Outcome {
             result: Err(error),
             fuel_used,
+            memory,
         };
         let result = match outcome {
             Err(_) => return failed(deadline(limits)),
@@ -726,6 +732,7 @@ impl Agent {
                 calls,
             }),
             fuel_used,
+            memory,
         }
     }
 

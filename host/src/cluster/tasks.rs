@@ -646,12 +646,14 @@ impl TaskRouter {
             Ok(output) => Outcome {
                 fuel_used: output.fuel_used,
                 result: Ok(output),
+                memory: 0,
             },
             // Charged what the remote attempt reported using; its whole
             // allowance when it reported nothing (it never ran here).
             Err((error, used)) => Outcome {
                 fuel_used: used.unwrap_or(fuel).min(fuel),
                 result: Err(error),
+                memory: 0,
             },
         }
     }

@@ -317,6 +317,11 @@ impl Drop for Journal {
 impl Journal {
     /// Opens (or creates) the journal and starts its writer thread.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        Journal::open_timed(path, None)
+    }
+
+    /// [`Journal::open`], telling `timed` how long each commit took.
+    pub fn open_timed(path: &Path, timed: Option<CommitTimer>) -> Result<Journal, JournalError> {
         let open = |e: redb::Error| JournalError::new(path, JournalErrorKind::Open, e);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -340,7 +345,7 @@ impl Journal {
         let writer_path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("orch-journal".into())
-            .spawn(move || write_loop(&writer_db, &writer_path, rx))
+            .spawn(move || write_loop(&writer_db, &writer_path, rx, timed))
             .map_err(|e| JournalError::new(path, JournalErrorKind::Open, e))?;
         Ok(Journal {
             path: path.to_path_buf(),
@@ -604,7 +609,10 @@ impl<'t> Indexes<'t> {
     }
 }
 
-fn write_loop(db: &Database, path: &Path, rx: mpsc::Receiver<Op>) {
+/// Told how long each journal commit took (the host's metrics).
+pub type CommitTimer = Box<dyn Fn(std::time::Duration) + Send>;
+
+fn write_loop(db: &Database, path: &Path, rx: mpsc::Receiver<Op>, timed: Option<CommitTimer>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -613,7 +621,12 @@ fn write_loop(db: &Database, path: &Path, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let outcome = commit(db, &batch).map_err(|(kind, source)| JournalError {
+        let started = std::time::Instant::now();
+        let outcome = commit(db, &batch);
+        if let Some(timed) = &timed {
+            timed(started.elapsed());
+        }
+        let outcome = outcome.map_err(|(kind, source)| JournalError {
             path: path.to_path_buf(),
             kind,
             source: Some(source),

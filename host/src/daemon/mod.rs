@@ -208,13 +208,13 @@ impl Host {
     /// requeues the tasks the journal holds unfinished. Must run inside a
     /// tokio runtime.
     pub async fn start(home: &Path, config: HostConfig, engine: Engine) -> Result<Host, HostError> {
-        let journal = Journal::open(&home.join("tasks.redb"))?;
-        let salt = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::from(d.subsec_nanos()))
-            .unwrap_or(0);
-        let id = host_id(home, salt)?;
+        let id = host_id_of(home)?;
         let events = Events::new(&id);
+        let metrics = events.shared_metrics();
+        let journal = Journal::open_timed(
+            &home.join("tasks.redb"),
+            Some(Box::new(move |took| metrics.journal_committed(took))),
+        )?;
         let audit = crate::audit::Audit::new(&id, events.shared_metrics());
         let hook_events = events.clone();
         let live: LiveMap = Arc::new(Mutex::new(HashMap::new()));
@@ -243,6 +243,15 @@ impl Host {
                         e.waited_us = waited.map(|w| w.as_micros() as u64);
                     });
                 }
+                AttemptEvent::Ended {
+                    capability,
+                    agent,
+                    ran,
+                    memory,
+                    error,
+                } => hook_events
+                    .metrics()
+                    .attempt_ended(capability, agent, ran, memory, error),
                 AttemptEvent::Retrying {
                     id,
                     capability,

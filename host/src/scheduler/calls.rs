@@ -118,6 +118,7 @@ impl CallRecord {
         Outcome {
             result,
             fuel_used: self.fuel_used,
+            memory: 0,
         }
     }
 }
@@ -136,6 +137,7 @@ mod tests {
                 ..TaskOutput::default()
             }),
             fuel_used: 10,
+            memory: 0,
         };
         let r = CallRecord::of("text.wordcount", payload_hash(b"a b"), &ok, 1);
         let again = r.outcome();

@@ -166,6 +166,15 @@ pub enum AttemptEvent<'a> {
         /// it (its queue wait, then for a slot).
         waited: Option<Duration>,
     },
+    /// An attempt ended (before `Retrying`, or the task's end): how long
+    /// it ran, the most linear memory it had, and its error if it failed.
+    Ended {
+        capability: &'a str,
+        agent: &'a str,
+        ran: Duration,
+        memory: u64,
+        error: Option<&'a TaskError>,
+    },
     /// An attempt failed with `error` and the task waits for its next one.
     Retrying {
         id: &'a str,
@@ -1238,6 +1247,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
     let Outcome {
         mut result,
         fuel_used,
+        memory,
     } = match task.cancel.clone() {
         // Dropping the run drops its store: the instance is freed at once.
         Some(cancel) => tokio::select! {
@@ -1261,6 +1271,15 @@ async fn run(inner: Arc<Inner>, job: Job) {
     }
     // The attempt is over: its slot is free before anything else happens.
     drop(slot);
+    if let Some(hook) = &inner.on_attempt {
+        hook(AttemptEvent::Ended {
+            capability: task.route.name(),
+            agent: &label,
+            ran: started.elapsed(),
+            memory,
+            error: result.as_ref().err(),
+        });
+    }
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let now = Instant::now();
     let backoff = {
@@ -1462,13 +1481,16 @@ impl Router {
                 Err(other) => return Outcome::failed(TaskError::Unavailable(other.to_string())),
             };
             match handle.wait().await {
+                // The sub-task's memory is its own attempt's, counted there.
                 Ok(done) => Outcome {
                     fuel_used: done.output.fuel_used,
                     result: Ok(done.output),
+                    memory: 0,
                 },
                 Err(failure) => Outcome {
                     fuel_used: failure.fuel_used,
                     result: Err(failure.error),
+                    memory: 0,
                 },
             }
         })
