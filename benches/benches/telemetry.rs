@@ -70,12 +70,10 @@ fn traces(endpoint: &str) -> (Traces, opentelemetry_sdk::trace::SdkTracerProvide
         .with_batch_exporter(exporter)
         .build();
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("orch"))
-        .with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target(orch::trace::TARGET, tracing::Level::INFO),
-        );
+    // Without the host's per-layer filter on orch::trace: a filtered layer
+    // cannot be swapped in by `reload` (its filter is never registered),
+    // and every span the library makes has that target anyway.
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("orch"));
     (Some(Box::new(layer)), provider)
 }
 

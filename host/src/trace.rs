@@ -50,6 +50,26 @@ pub fn is_valid(value: &str) -> bool {
     context(Some(value)).span().span_context().is_valid()
 }
 
+/// Whether a `traceparent` says its trace is sampled (flags bit 0): only
+/// then are spans made under it.
+pub fn sampled(traceparent: Option<&str>) -> bool {
+    traceparent
+        .and_then(|t| t.rsplit('-').next())
+        .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+        .is_some_and(|flags| flags & 1 == 1)
+}
+
+/// A span of a task's trace under `parent`, made only when `parent` is
+/// sampled (`make` builds it); `Span::none()` otherwise.
+pub fn under(parent: Option<&str>, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if !sampled(parent) {
+        return tracing::Span::none();
+    }
+    let span = make();
+    adopt(&span, parent);
+    span
+}
+
 /// The trace id (32 hex digits) of a `traceparent`.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     traceparent.split('-').nth(1).filter(|id| id.len() == 32)
@@ -115,6 +135,9 @@ mod tests {
         assert!(is_valid(tp));
         assert_eq!(traceparent(&context(Some(tp))).as_deref(), Some(tp));
         assert_eq!(trace_id(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert!(sampled(Some(tp)));
+        assert!(!sampled(Some(&tp.replace("-01", "-00"))));
+        assert!(!sampled(None));
         for bad in [
             "",
             "00-xyz",

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::{CallReport, StoreData, SubCall, TRACE_TARGET};
+use super::{CallReport, StoreData, SubCall};
 use crate::engine::bindings::orch::agent::{kv, log, messaging, tasks, types};
 use crate::error::TaskError;
 
@@ -75,7 +75,7 @@ impl kv::Host for StoreData {
             return None;
         };
         let (store, ns) = (access.store.clone(), access.namespace.clone());
-        let span = tracing::info_span!(target: TRACE_TARGET, "host.kv.get");
+        let span = crate::trace_span!("host.kv.get");
         match blocking(move || store.get(&ns, &key))
             .instrument(span)
             .await
@@ -103,7 +103,7 @@ impl kv::Host for StoreData {
             ));
         }
         let (store, ns) = (access.store.clone(), access.namespace.clone());
-        let span = tracing::info_span!(target: TRACE_TARGET, "host.kv.set");
+        let span = crate::trace_span!("host.kv.set");
         blocking(move || store.set(&ns, &key, &value))
             .instrument(span)
             .await
@@ -115,7 +115,7 @@ impl kv::Host for StoreData {
             Err(e) => return Err(e),
         };
         let (store, ns) = (access.store.clone(), access.namespace.clone());
-        let span = tracing::info_span!(target: TRACE_TARGET, "host.kv.delete");
+        let span = crate::trace_span!("host.kv.delete");
         blocking(move || store.delete(&ns, &key))
             .instrument(span)
             .await
@@ -151,8 +151,7 @@ impl StoreData {
     /// Starts every request as a sub-task at once and waits for all of them,
     /// in a span of the task's trace (the sub-tasks' are under it).
     async fn sub_tasks(&mut self, requests: Vec<tasks::CallRequest>) -> Vec<CallResult> {
-        let span = tracing::info_span!(
-            target: TRACE_TARGET,
+        let span = crate::trace_span!(
             "host.tasks.call",
             calls = requests.len(),
             capability = requests.first().map_or("", |r| r.capability.as_str()),
@@ -321,8 +320,7 @@ impl messaging::Host for StoreData {
     async fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), String> {
         let bus = self.bus_for(&subject, &payload)?;
         let bytes = payload.len();
-        let span =
-            tracing::info_span!(target: TRACE_TARGET, "host.messaging.publish", subject = %subject);
+        let span = crate::trace_span!("host.messaging.publish", subject = %subject);
         // Created in the span: the bus reads its trace context for the message.
         let sent = span.in_scope(|| bus.publish(subject.clone(), payload));
         sent.instrument(span).await.map_err(|e| e.to_string())?;
@@ -342,8 +340,7 @@ impl messaging::Host for StoreData {
         if let Some(calls) = &self.calls {
             wait = wait.min(calls.deadline.saturating_duration_since(Instant::now()));
         }
-        let span =
-            tracing::info_span!(target: TRACE_TARGET, "host.messaging.request", subject = %subject);
+        let span = crate::trace_span!("host.messaging.request", subject = %subject);
         let asked = span.in_scope(|| bus.request(subject, payload, wait));
         asked.instrument(span).await.map_err(|e| e.to_string())
     }

@@ -251,6 +251,20 @@ pub trait Bus: Send + Sync {
 /// those by OTLP when configured; see the host's `trace` module).
 pub const TRACE_TARGET: &str = "orch::trace";
 
+/// A span of the task's trace under the current span, or no span when the
+/// current one is not recorded (traces off, or the task's trace not
+/// sampled): an unsampled task costs no span below its first.
+#[macro_export]
+macro_rules! trace_span {
+    ($($arg:tt)*) => {
+        if ::tracing::Span::current().is_disabled() {
+            ::tracing::Span::none()
+        } else {
+            ::tracing::info_span!(target: $crate::sandbox::TRACE_TARGET, $($arg)*)
+        }
+    };
+}
+
 /// The content type of a task that delivers a message.
 pub const MESSAGE_CONTENT_TYPE: &str = "application/vnd.orch.message";
 
@@ -680,11 +694,11 @@ impl Agent {
             let instance = self
                 .pre
                 .instantiate_async(&mut store)
-                .instrument(tracing::info_span!(target: TRACE_TARGET, "wasm.instantiate"))
+                .instrument(crate::trace_span!("wasm.instantiate"))
                 .await?;
             instance
                 .call_handle(&mut store, &task)
-                .instrument(tracing::info_span!(target: TRACE_TARGET, "guest.handle"))
+                .instrument(crate::trace_span!("guest.handle"))
                 .await
         })
         .await;

@@ -1587,14 +1587,14 @@ async fn run_and_store(
 
 /// The span of a task's result write, in the task's trace.
 pub(crate) fn result_span(record: &TaskRecord) -> tracing::Span {
-    let span = tracing::info_span!(
-        target: crate::trace::TARGET,
-        "task.result",
-        task.id = %record.id,
-        task.status = record.status.as_str(),
-    );
-    crate::trace::adopt(&span, record.trace.as_deref());
-    span
+    crate::trace::under(record.trace.as_deref(), || {
+        tracing::info_span!(
+            target: crate::trace::TARGET,
+            "task.result",
+            task.id = %record.id,
+            task.status = record.status.as_str(),
+        )
+    })
 }
 
 /// Aborts a spawned task when dropped.

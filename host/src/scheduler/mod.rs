@@ -1219,7 +1219,7 @@ async fn run(inner: Arc<Inner>, job: Job) {
     // The trace: the wait in this host's queue up to the placement on an
     // agent (first attempt only), then the attempt, under which the
     // engine's spans (instantiate, the guest's handle, host calls) fall.
-    if task.attempts.is_empty() && task.trace.is_some() {
+    if task.attempts.is_empty() && crate::trace::sampled(task.trace.as_deref()) {
         let now = std::time::SystemTime::now();
         crate::trace::ended(
             "task.queue",
@@ -1232,16 +1232,17 @@ async fn run(inner: Arc<Inner>, job: Job) {
             ],
         );
     }
-    let span = tracing::info_span!(
-        target: crate::trace::TARGET,
-        "task.attempt",
-        task.id = %task.id,
-        task.capability = %task.route.name(),
-        task.attempt = attempt,
-        orch.agent = %label,
-        error = tracing::field::Empty,
-    );
-    crate::trace::adopt(&span, task.trace.as_deref());
+    let span = crate::trace::under(task.trace.as_deref(), || {
+        tracing::info_span!(
+            target: crate::trace::TARGET,
+            "task.attempt",
+            task.id = %task.id,
+            task.capability = %task.route.name(),
+            task.attempt = attempt,
+            orch.agent = %label,
+            error = tracing::field::Empty,
+        )
+    });
     let attempt_run =
         tracing::Instrument::instrument(agent.run(request, &limits, Some(instance)), span.clone());
     let Outcome {

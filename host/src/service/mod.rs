@@ -282,8 +282,10 @@ impl TaskService {
         // wait for the host's restart to run.
         let (store, events, new) = (self.store.clone(), self.events().clone(), record.clone());
         tracing::Span::current().record("task.id", record.id.as_str());
-        let span =
-            tracing::info_span!(target: crate::trace::TARGET, "task.accept", store = store.name());
+        let span = crate::trace::under(
+            record.trace.as_deref(),
+            || tracing::info_span!(target: crate::trace::TARGET, "task.accept", store = store.name()),
+        );
         let accept = tokio::spawn(
             async move {
                 let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
