@@ -22,6 +22,7 @@
 //!
 //! [audit]
 //! retention = "90d"            # how long audit entries are kept
+//! max_entries = 10000000       # and how many at most (the oldest go)
 //!
 //! [telemetry]
 //! otlp_endpoint = "http://127.0.0.1:4318"  # export task traces by OTLP/HTTP
@@ -122,12 +123,16 @@ impl Default for DaemonConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
     pub retention: Duration,
+    /// Entries kept at most, all hosts' together in a cluster; past it the
+    /// oldest go.
+    pub max_entries: u64,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             retention: Duration::from_secs(90 * 24 * 3600),
+            max_entries: 10_000_000,
         }
     }
 }
@@ -183,6 +188,7 @@ struct TelemetryFile {
 #[serde(deny_unknown_fields)]
 struct AuditFile {
     retention: Option<String>,
+    max_entries: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -299,6 +305,12 @@ impl HostConfig {
                 return Err(err("audit.retention: must be at least 1s".into()));
             }
             config.audit.retention = r;
+        }
+        if let Some(n) = file.audit.max_entries {
+            if n == 0 {
+                return Err(err("audit.max_entries: must be at least 1".into()));
+            }
+            config.audit.max_entries = n;
         }
         if let Some(e) = file.telemetry.otlp_endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {

@@ -530,6 +530,10 @@ impl Metrics {
         self.audit_dropped.inc();
     }
 
+    pub fn audit_dropped_count(&self) -> u64 {
+        self.audit_dropped.get()
+    }
+
     /// Counts a workflow run that ended here, and its steps.
     pub fn workflow_ended<'a>(
         &self,

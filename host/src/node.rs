@@ -58,9 +58,13 @@ impl Node {
     ) -> Result<Node, NodeError> {
         let max_attempts = config.host.max_attempts;
         let host = Host::start(home, config, engine).await?;
-        let retention = host.config().audit.retention;
+        let (retention, max_entries) = (
+            host.config().audit.retention,
+            host.config().audit.max_entries,
+        );
         let Some(nats) = &options.nats else {
-            let audit = crate::audit::local::LocalAudit::open(&home.join("audit.redb"))?;
+            let audit =
+                crate::audit::local::LocalAudit::open(&home.join("audit.redb"), max_entries)?;
             host.audit().start(Arc::new(audit), retention).await?;
             let tasks = TaskService::local(host.clone());
             let store: Arc<dyn WorkflowStore> =
@@ -81,7 +85,8 @@ impl Node {
             })
             .await?,
         );
-        let audit = crate::cluster::audit::StreamAudit::open(&cluster, retention).await?;
+        let audit =
+            crate::cluster::audit::StreamAudit::open(&cluster, retention, max_entries).await?;
         host.audit().start(Arc::new(audit), retention).await?;
         let router = TaskRouter::start(&cluster, host.clone(), max_attempts).await?;
         // Durable calls are recorded where any host that runs the task
@@ -144,6 +149,8 @@ impl Node {
             router.stop();
         }
         let cut = self.host.shutdown(grace).await;
+        // What the stop itself recorded (refused requests meanwhile).
+        self.host.audit().flush(Duration::from_secs(5)).await;
         if let Some(cluster) = &self.cluster {
             if let Err(e) = cluster
                 .leave(heartbeat(&self.host, self.api.as_deref()))

@@ -124,18 +124,31 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     };
     let host = node.host().clone();
     // The configuration it started with, for the audit trail: a change
-    // shows as a new sha256 from one start to the next.
-    let text = std::fs::read_to_string(&config_path).unwrap_or_default();
+    // shows as a new sha256 from one start to the next. Not the text, nor
+    // a NATS URL's user and password: the audit trail is readable by
+    // anyone who reaches the API.
+    let text = std::fs::read(&config_path).unwrap_or_default();
+    let nats_url = args.nats.as_deref().map(|urls| {
+        urls.split(',')
+            .map(|u| match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    format!("{}{}", &u[..scheme + 3], &u[at + 1..])
+                }
+                _ => u.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    });
     host.audit().record(
         orch::audit::Kind::HostStart,
         &orch::audit::local_user(),
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "config_path": config_path.display().to_string(),
-            "config_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())),
-            "config": text.chars().take(16 << 10).collect::<String>(),
+            "config_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text)),
+            "config_bytes": text.len(),
             "listen": api,
-            "nats": args.nats,
+            "nats": nats_url,
         }),
     );
     let published = serde_json::json!({

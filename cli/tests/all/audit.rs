@@ -201,7 +201,7 @@ both!(every_kind_of_entry_appears_with_who_asked, |mode| {
     assert_eq!(upgrade["detail"]["version"], "0.2.0");
     assert_eq!(upgrade["detail"]["sha256"], sha256_of(&v2));
     assert!(
-        upgrade["by"].as_str().unwrap().starts_with("user:"),
+        upgrade["by"].as_str().unwrap().starts_with("uid:"),
         "{upgrade}"
     );
     let rollback = one("plugin.rollback", &|_| true);

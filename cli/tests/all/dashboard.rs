@@ -72,6 +72,11 @@ impl Browser {
             .find(|t| t["type"] == "page")
             .expect("a page target");
         let (ws, _) = tungstenite::connect(page["webSocketDebuggerUrl"].as_str().unwrap()).unwrap();
+        // A browser that stops answering fails the test instead of hanging it.
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+                .unwrap();
+        }
         Browser {
             child,
             ws,

@@ -227,7 +227,7 @@ fn a_planner_task_is_one_trace_across_two_hosts() {
 }
 
 #[test]
-fn without_an_endpoint_nothing_is_exported_and_a_given_trace_id_is_kept() {
+fn without_an_endpoint_a_given_trace_id_is_kept_and_a_malformed_one_ignored() {
     let orch = Orch::new();
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
     let host = HostProc::start(&orch);

@@ -27,12 +27,23 @@ impl log::Host for StoreData {
             self.panic = Some(message.clone());
         }
         let (agent, task) = (&*self.agent, &*self.task);
+        let trace_id = self.calls.as_ref().and_then(|c| c.ctx.trace_id.as_deref());
         match level {
-            log::Level::Trace => tracing::trace!(target: "orch::guest", agent, task, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "orch::guest", agent, task, "{message}"),
-            log::Level::Info => tracing::info!(target: "orch::guest", agent, task, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "orch::guest", agent, task, "{message}"),
-            log::Level::Error => tracing::error!(target: "orch::guest", agent, task, "{message}"),
+            log::Level::Trace => {
+                tracing::trace!(target: "orch::guest", agent, task, trace_id, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "orch::guest", agent, task, trace_id, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "orch::guest", agent, task, trace_id, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "orch::guest", agent, task, trace_id, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "orch::guest", agent, task, trace_id, "{message}")
+            }
         }
     }
 }

@@ -282,6 +282,8 @@ pub struct CallContext {
     pub tasks: Arc<dyn SubTasks>,
     /// Where `messaging` calls go; without it they fail.
     pub bus: Option<Arc<dyn Bus>>,
+    /// The id of the task's trace, for its log lines.
+    pub trace_id: Option<String>,
 }
 
 impl std::fmt::Debug for CallContext {

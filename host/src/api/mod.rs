@@ -152,7 +152,7 @@ fn refused(state: &ApiState, by: &str, path: &str, status: u16, kind: &str, mess
         by,
         json!({
             "method": "POST",
-            "path": path,
+            "path": path.chars().take(512).collect::<String>(),
             "status": status,
             "error": kind,
             // Bounded: an error may quote the request.
@@ -381,10 +381,14 @@ async fn submit(
         trace: traceparent(&headers),
         ..submit_request(body)?
     };
-    let (stored, existing) = state.tasks.submit_and_wait(request, wait).await?;
-    if !existing {
-        audit_submit(&state.tasks, &by, &stored.record);
-    }
+    let (stored, existing) = state
+        .tasks
+        .submit_then_wait(request, wait, |s| {
+            if !s.existing {
+                audit_submit(&state.tasks, &by, &s.task);
+            }
+        })
+        .await?;
     let code = if existing {
         StatusCode::OK
     } else {
@@ -508,14 +512,17 @@ async fn submit_batch(
             async move {
                 let outcome = match request {
                     Ok(request) => tasks
-                        .submit_and_wait(request, wait)
+                        .submit_then_wait(request, wait, |s| {
+                            if !s.existing {
+                                audit_submit(&tasks, &by, &s.task);
+                            }
+                        })
                         .await
                         .map_err(ApiError::from),
                     Err(e) => Err(e),
                 };
                 match &outcome {
-                    Ok((stored, false)) => audit_submit(&tasks, &by, &stored.record),
-                    Ok((_, true)) => {}
+                    Ok(_) => {}
                     Err(ApiError(code, kind, message)) => refused(
                         &state,
                         &by,

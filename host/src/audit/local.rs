@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::mpsc;
 
 use super::{AuditError, AuditStore, Entry, Raw};
@@ -14,6 +14,7 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 
 pub struct LocalAudit {
     db: Arc<Database>,
+    max_entries: u64,
 }
 
 fn err(what: &str) -> impl Fn(redb::Error) -> AuditError + '_ {
@@ -21,13 +22,17 @@ fn err(what: &str) -> impl Fn(redb::Error) -> AuditError + '_ {
 }
 
 impl LocalAudit {
-    pub fn open(path: &Path) -> Result<LocalAudit, AuditError> {
+    /// Keeps at most `max_entries` (the oldest go first).
+    pub fn open(path: &Path, max_entries: u64) -> Result<LocalAudit, AuditError> {
         let db = Database::create(path).map_err(|e| err("opening")(e.into()))?;
         let txn = db.begin_write().map_err(|e| err("opening")(e.into()))?;
         txn.open_table(ENTRIES)
             .map_err(|e| err("opening")(e.into()))?;
         txn.commit().map_err(|e| err("opening")(e.into()))?;
-        Ok(LocalAudit { db: Arc::new(db) })
+        Ok(LocalAudit {
+            db: Arc::new(db),
+            max_entries,
+        })
     }
 }
 
@@ -51,7 +56,7 @@ impl AuditStore for LocalAudit {
             };
             serde_json::from_slice(v.value())
                 .map(Some)
-                .map_err(|x| AuditError::new("audit.redb: the last entry", x))
+                .map_err(|x| AuditError::damaged("audit.redb: the last entry", x))
         }))
     }
 
@@ -109,22 +114,28 @@ impl AuditStore for LocalAudit {
     }
 
     fn prune(&self, cutoff_ms: u64) -> BoxFuture<'_, Result<u64, AuditError>> {
-        let db = self.db.clone();
+        let (db, max) = (self.db.clone(), self.max_entries);
         Box::pin(blocking(move || {
             let e = err("pruning");
             // Read first: most prunes find nothing old and need no commit.
             let old: Vec<u64> = {
                 let txn = db.begin_read().map_err(|x| e(x.into()))?;
                 let t = txn.open_table(ENTRIES).map_err(|x| e(x.into()))?;
+                // Past the count, the oldest go whatever their age.
+                let over = t.len().map_err(|x| e(x.into()))?.saturating_sub(max);
                 let mut old = Vec::new();
                 for row in t.iter().map_err(|x| e(x.into()))? {
                     let (k, v) = row.map_err(|x| e(x.into()))?;
+                    if (old.len() as u64) < over {
+                        old.push(k.value());
+                        continue;
+                    }
                     match serde_json::from_slice::<Entry>(v.value()) {
                         Ok(entry) if entry.at_ms < cutoff_ms => old.push(k.value()),
                         // Kept: newer, or damaged (verify must see it).
                         _ => break,
                     }
-                    if old.len() >= 100_000 {
+                    if old.len() >= 100_000 && (old.len() as u64) >= over {
                         break;
                     }
                 }

@@ -100,8 +100,8 @@ pub struct Entry {
     pub seq: u64,
     pub at_ms: u64,
     pub kind: String,
-    /// Who asked: the API client's address, `user:NAME` for the CLI on
-    /// the host's machine, `agent:NAME@VERSION` for an agent, or what
+    /// Who asked: the API client's address, `uid:N user:NAME` for the CLI
+    /// on the host's machine, `agent:NAME` for an agent, or what
     /// started a workflow run (`schedule:NAME`, `subject:S`).
     pub by: String,
     /// What the entry is about (ids, names, sizes); the keys depend on
@@ -146,6 +146,8 @@ impl Entry {
 #[error("audit trail: {what}: {source}")]
 pub struct AuditError {
     pub what: String,
+    /// A stored entry that does not decode, not a store that failed.
+    pub damaged: bool,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
@@ -157,7 +159,19 @@ impl AuditError {
     ) -> AuditError {
         AuditError {
             what: what.into(),
+            damaged: false,
             source: source.into(),
+        }
+    }
+
+    /// An entry that does not decode.
+    pub fn damaged(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> AuditError {
+        AuditError {
+            damaged: true,
+            ..AuditError::new(what, source)
         }
     }
 }
@@ -191,15 +205,54 @@ struct Draft {
     detail: Value,
 }
 
+enum Msg {
+    Entry(Draft),
+    /// Answered once everything sent before it is stored.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Entries the writer holds apart for the kinds no client or guest can
+/// cause at will (plugin changes, host starts): a flood of the others
+/// never crowds them out.
+const RESERVED: usize = 1024;
+
+impl Kind {
+    /// Recorded through the reserved channel.
+    fn reserved(self) -> bool {
+        matches!(
+            self,
+            Kind::PluginInstall
+                | Kind::PluginUpgrade
+                | Kind::PluginRollback
+                | Kind::PluginRemove
+                | Kind::HostStart
+        )
+    }
+}
+
+/// The last entry the writer stored.
+#[derive(Clone)]
+struct Written {
+    seq: u64,
+    hash: String,
+    at_ms: u64,
+}
+
+struct Channels {
+    entries: mpsc::Receiver<Msg>,
+    reserved: mpsc::Receiver<Msg>,
+}
+
 /// A host's handle on its audit trail; cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
     host: Arc<str>,
-    tx: mpsc::Sender<Draft>,
-    rx: Arc<Mutex<Option<mpsc::Receiver<Draft>>>>,
-    /// The last entry the writer stored: `(seq, hash)`.
-    written: Arc<Mutex<Option<(u64, String)>>>,
+    tx: mpsc::Sender<Msg>,
+    reserved: mpsc::Sender<Msg>,
+    rx: Arc<Mutex<Option<Channels>>>,
+    written: Arc<Mutex<Option<Written>>>,
     store: Arc<Mutex<Option<Arc<dyn AuditStore>>>>,
+    retention: Arc<Mutex<Duration>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -210,35 +263,54 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Audit {
     /// A trail that holds entries until [`Audit::start`] gives it a store.
     pub fn new(host: &str, metrics: Arc<crate::metrics::Metrics>) -> Audit {
-        let (tx, rx) = mpsc::channel(BACKLOG);
+        let (tx, entries) = mpsc::channel(BACKLOG);
+        let (reserved, reserved_rx) = mpsc::channel(RESERVED);
         Audit {
             host: Arc::from(host),
             tx,
-            rx: Arc::new(Mutex::new(Some(rx))),
+            reserved,
+            rx: Arc::new(Mutex::new(Some(Channels {
+                entries,
+                reserved: reserved_rx,
+            }))),
             written: Arc::new(Mutex::new(None)),
             store: Arc::new(Mutex::new(None)),
+            retention: Arc::new(Mutex::new(Duration::MAX)),
             metrics,
         }
     }
 
     /// Starts the writer on `store`: it continues this host's chain from
     /// the store's last entry, and drops entries older than `retention`.
-    /// A second call does nothing.
+    /// A last entry that cannot be read (damaged) is logged, and the chain
+    /// starts again after it (`verify` reports the damage). A second call
+    /// does nothing.
     pub async fn start(
         &self,
         store: Arc<dyn AuditStore>,
         retention: Duration,
     ) -> Result<(), AuditError> {
-        let Some(rx) = lock(&self.rx).take() else {
+        let Some(channels) = lock(&self.rx).take() else {
             return Ok(());
         };
-        let head = store.head(&self.host).await?;
-        let head = head.map(|e| (e.seq, e.hash));
+        let head = match store.head(&self.host).await {
+            Ok(head) => head.map(|e| Written {
+                seq: e.seq,
+                hash: e.hash,
+                at_ms: e.at_ms,
+            }),
+            Err(e) if e.damaged => {
+                tracing::error!(error = %e, "the last audit entry of this host cannot be read; its chain starts again");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         *lock(&self.written) = head.clone();
         *lock(&self.store) = Some(store.clone());
+        *lock(&self.retention) = retention;
         tokio::spawn(write(
             self.host.clone(),
-            rx,
+            channels,
             store,
             head,
             self.written.clone(),
@@ -250,18 +322,44 @@ impl Audit {
 
     /// Records an entry; never waits (see the module's note on drops).
     pub fn record(&self, kind: Kind, by: &str, detail: Value) {
-        let draft = Draft {
+        let draft = Msg::Entry(Draft {
             at_ms: now_ms(),
             kind,
             by: by.to_string(),
             detail,
+        });
+        let tx = if kind.reserved() {
+            &self.reserved
+        } else {
+            &self.tx
         };
-        if self.tx.try_send(draft).is_err() {
+        if tx.try_send(draft).is_err() {
             self.metrics.audit_dropped();
-            tracing::warn!(
-                kind = kind.as_str(),
-                "audit entry dropped: the audit store is {BACKLOG} entries behind"
-            );
+            // One line per 1,000 drops, not one per drop.
+            if self.metrics.audit_dropped_count() % 1000 == 1 {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    "audit entries dropped: the audit store is {BACKLOG} entries behind"
+                );
+            }
+        }
+    }
+
+    /// Waits (at most `timeout`) until every entry recorded before this
+    /// call is stored: at the end of a graceful stop.
+    pub async fn flush(&self, timeout: Duration) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (rtx, rrx) = tokio::sync::oneshot::channel();
+        let both = async {
+            if self.reserved.send(Msg::Flush(rtx)).await.is_ok() {
+                let _ = rrx.await;
+            }
+            if self.tx.send(Msg::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(timeout, both).await.is_err() {
+            tracing::warn!("audit entries not yet stored at the stop are lost");
         }
     }
 
@@ -280,6 +378,8 @@ impl Audit {
         kind: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Entry>, AuditError> {
+        // Nothing is stored in the future; a time past any clock is now.
+        let since_ms = since_ms.min(now_ms() + 1);
         let mut rx = self.store()?.scan(since_ms);
         let mut kept = VecDeque::with_capacity(limit.min(1024));
         while let Some(raw) = rx.recv().await {
@@ -299,11 +399,12 @@ impl Audit {
         Ok(kept.into())
     }
 
-    /// Checks every stored chain (see [`check`]); for this host's chain
+    /// Checks every stored chain (see [`Check`]); for this host's chain
     /// also that nothing it wrote before the check began is missing at the
-    /// end.
+    /// end (unless retention has dropped it since).
     pub async fn verify(&self) -> Result<Verdict, AuditError> {
         let written = lock(&self.written).clone();
+        let retention = *lock(&self.retention);
         let mut rx = self.store()?.scan(0);
         let mut check = Check::default();
         while let Some(raw) = rx.recv().await {
@@ -312,35 +413,41 @@ impl Audit {
             }
         }
         let mut verdict = check.finish();
-        if verdict.bad.is_none() {
-            if let Some((seq, hash)) = written {
-                let last = verdict.chains.get(self.host.as_ref());
-                if last.is_none_or(|c| c.last_seq < seq) {
-                    let have = last.map_or(0, |c| c.last_seq);
-                    verdict.bad = Some(Bad {
-                        position: None,
-                        host: Some(self.host.to_string()),
-                        seq: Some(have + 1),
-                        reason: format!(
-                            "entries {} to {seq} of this host's chain are missing: it wrote them (the last with hash {hash})",
-                            have + 1
-                        ),
-                        entry: None,
-                    });
-                }
+        let kept_from =
+            now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        if let (None, Some(w)) = (&verdict.bad, written) {
+            let last = verdict.chains.get(self.host.as_ref());
+            // A margin of a second: retention drops entries a little late,
+            // never early.
+            if last.is_none_or(|c| c.last_seq < w.seq) && w.at_ms >= kept_from + 1000 {
+                let have = last.map_or(0, |c| c.last_seq);
+                verdict.ok = false;
+                verdict.bad = Some(Bad {
+                    position: None,
+                    host: Some(self.host.to_string()),
+                    seq: Some(have + 1),
+                    reason: format!(
+                        "entries {} to {} of this host's chain are missing: it wrote them (the last with hash {})",
+                        have + 1,
+                        w.seq,
+                        w.hash
+                    ),
+                    entry: None,
+                });
             }
         }
         Ok(verdict)
     }
 }
 
-/// The writer: chains drafts and stores them in batches, in order.
+/// The writer: chains drafts and stores them in batches, in order, the
+/// reserved kinds first.
 async fn write(
     host: Arc<str>,
-    mut rx: mpsc::Receiver<Draft>,
+    mut channels: Channels,
     store: Arc<dyn AuditStore>,
-    mut head: Option<(u64, String)>,
-    written: Arc<Mutex<Option<(u64, String)>>>,
+    mut head: Option<Written>,
+    written: Arc<Mutex<Option<Written>>>,
     retention: Duration,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
@@ -349,23 +456,38 @@ async fn write(
         (retention / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
     );
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut drafts = Vec::with_capacity(BATCH);
+    let (mut urgent, mut rest) = (Vec::new(), Vec::with_capacity(BATCH));
     loop {
         tokio::select! {
-            n = rx.recv_many(&mut drafts, BATCH) => if n == 0 { return },
+            biased;
+            n = channels.reserved.recv_many(&mut urgent, BATCH) => if n == 0 { return },
+            n = channels.entries.recv_many(&mut rest, BATCH) => if n == 0 { return },
             _ = prune.tick() => {
-                let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+                let cutoff = now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
                 if let Err(e) = store.prune(cutoff).await {
                     tracing::warn!(error = %e, "dropping old audit entries failed");
                 }
                 continue;
             }
         }
-        let (mut seq, mut prev) = head.clone().unwrap_or_else(|| (0, GENESIS.to_string()));
-        let entries: Vec<Entry> = drafts
+        let (mut seq, mut prev) = head
+            .as_ref()
+            .map_or((0, GENESIS.to_string()), |w| (w.seq, w.hash.clone()));
+        let mut flushes = Vec::new();
+        let mut last_at = head.as_ref().map_or(0, |w| w.at_ms);
+        let entries: Vec<Entry> = urgent
             .drain(..)
+            .chain(rest.drain(..))
+            .filter_map(|m| match m {
+                Msg::Flush(done) => {
+                    flushes.push(done);
+                    None
+                }
+                Msg::Entry(d) => Some(d),
+            })
             .map(|d| {
                 seq += 1;
+                last_at = d.at_ms;
                 let mut entry = Entry {
                     host: host.to_string(),
                     seq,
@@ -382,29 +504,28 @@ async fn write(
             })
             .collect();
         let n = entries.len() as u64;
-        // A failed batch is tried again (the chain must not skip it), with
-        // growing pauses; meanwhile new entries wait in the channel.
+        // A failed batch is tried again whole (the chain must not skip
+        // it), with growing pauses; meanwhile new entries wait in the
+        // channel. A store that kept part of it drops the repeats (the
+        // stream by message id, redb by key).
         let mut pause = Duration::from_millis(100);
-        loop {
-            match store.append(entries.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, entries = n, "storing audit entries failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(10));
-                    // What was stored of the batch, if anything, is now
-                    // the store's head: continue from there.
-                    if let Ok(Some(last)) = store.head(&host).await {
-                        if last.seq >= seq {
-                            break;
-                        }
-                    }
-                }
+        if n > 0 {
+            while let Err(e) = store.append(entries.clone()).await {
+                tracing::warn!(error = %e, entries = n, "storing audit entries failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
             }
+            metrics.audit_written(n);
+            head = Some(Written {
+                seq,
+                hash: prev,
+                at_ms: last_at,
+            });
+            *lock(&written) = head.clone();
         }
-        metrics.audit_written(n);
-        head = Some((seq, prev));
-        *lock(&written) = head.clone();
+        for done in flushes {
+            let _ = done.send(());
+        }
     }
 }
 
@@ -554,16 +675,16 @@ impl Check {
     }
 }
 
-/// Who runs this process, for entries the CLI leaves (plugin changes).
+/// Who runs this process, for entries the CLI leaves (plugin changes):
+/// the uid, which the kernel vouches for, and the name `$USER` claims.
 pub fn local_user() -> String {
-    let name = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_default();
-    if name.is_empty() {
-        // SAFETY: getuid cannot fail and touches no memory.
-        format!("user:uid {}", unsafe { libc::getuid() })
-    } else {
-        format!("user:{name}")
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+        Ok(name) if !name.is_empty() => {
+            format!("uid:{uid} user:{}", crate::text::escape_capped(&name, 64))
+        }
+        _ => format!("uid:{uid}"),
     }
 }
 

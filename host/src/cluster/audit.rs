@@ -27,15 +27,21 @@ pub struct StreamAudit {
 impl StreamAudit {
     /// Opens the stream, creating it if this host is the first, and sets
     /// its retention to `retention` (the last host to start decides).
-    pub async fn open(cluster: &Cluster, retention: Duration) -> Result<StreamAudit, ClusterError> {
+    pub async fn open(
+        cluster: &Cluster,
+        retention: Duration,
+        max_entries: u64,
+    ) -> Result<StreamAudit, ClusterError> {
         let js = jetstream::new(cluster.client.clone());
         let config = stream::Config {
             name: STREAM.to_string(),
             subjects: vec![format!("{}.audit.*", subjects::PREFIX)],
             storage: stream::StorageType::File,
             max_age: retention,
-            // No deduplication: the writer never publishes an entry twice
-            // on purpose, and the window may not exceed max_age.
+            max_messages: i64::try_from(max_entries).unwrap_or(i64::MAX),
+            // A batch published again after a failure repeats message ids
+            // (host, seq, hash): the server drops what it already has. The
+            // window may not exceed max_age.
             duplicate_window: retention.min(Duration::from_secs(120)),
             ..Default::default()
         };
@@ -50,7 +56,9 @@ impl StreamAudit {
         let stream = match js.get_stream(STREAM).await {
             Ok(mut s) => {
                 let info = s.info().await.map_err(|e| err(e.into()))?;
-                if info.config.max_age != retention {
+                if info.config.max_age != retention
+                    || info.config.max_messages != config.max_messages
+                {
                     js.update_stream(config).await.map_err(|e| err(e.into()))?;
                 }
                 s
@@ -77,9 +85,9 @@ impl AuditStore for StreamAudit {
                 .get_last_raw_message_by_subject(&subject(host))
                 .await
             {
-                Ok(m) => serde_json::from_slice(&m.payload)
-                    .map(Some)
-                    .map_err(|e| err("the last entry", e)),
+                Ok(m) => serde_json::from_slice(&m.payload).map(Some).map_err(|e| {
+                    AuditError::damaged(format!("stream {STREAM}: the last entry"), e)
+                }),
                 Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
                 Err(e) => Err(err("reading the last entry", e)),
             }
@@ -93,9 +101,17 @@ impl AuditStore for StreamAudit {
             let mut acks = Vec::with_capacity(entries.len());
             for entry in &entries {
                 let bytes = serde_json::to_vec(entry).map_err(|e| err("encoding", e))?;
+                let mut headers = async_nats::HeaderMap::new();
+                let id = format!(
+                    "{}-{}-{}",
+                    entry.host,
+                    entry.seq,
+                    &entry.hash[..16.min(entry.hash.len())]
+                );
+                headers.insert("Nats-Msg-Id", id.as_str());
                 let ack = self
                     .js
-                    .publish(subject(&entry.host), bytes.into())
+                    .publish_with_headers(subject(&entry.host), headers, bytes.into())
                     .await
                     .map_err(|e| err("publishing", e))?;
                 acks.push(ack);

@@ -1214,6 +1214,11 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 trace: task.trace.clone(),
             }),
             bus: inner.bus.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            trace_id: task
+                .trace
+                .as_deref()
+                .and_then(crate::trace::trace_id)
+                .map(String::from),
         }),
     };
     // The trace: the wait in this host's queue up to the placement on an

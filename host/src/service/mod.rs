@@ -315,6 +315,19 @@ impl TaskService {
         request: SubmitRequest,
         wait: Option<Duration>,
     ) -> Result<(Stored, bool), HostError> {
+        self.submit_then_wait(request, wait, |_| {}).await
+    }
+
+    /// [`TaskService::submit_and_wait`], calling `submitted` once the task
+    /// is stored, before the wait (the API records it in the audit trail
+    /// then, so that a client that hangs up while waiting is recorded).
+    pub async fn submit_then_wait(
+        &self,
+        request: SubmitRequest,
+        wait: Option<Duration>,
+        submitted: impl FnOnce(&Submitted),
+    ) -> Result<(Stored, bool), HostError> {
+        let on_submitted = submitted;
         // Taken before the task is stored: a refused wait must not be a
         // refused submission of a task that was accepted.
         let _waiting = match wait {
@@ -322,6 +335,7 @@ impl TaskService {
             None => None,
         };
         let submitted = self.submit(request).await?;
+        on_submitted(&submitted);
         let stored = match wait {
             Some(w) => {
                 self.store
