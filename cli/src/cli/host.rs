@@ -196,7 +196,14 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     // Off the runtime: the exporter's last send blocks.
     let _ = tokio::task::spawn_blocking(super::telemetry::flush).await;
     let _ = stop_api.send(());
-    let _ = server.await;
+    // Requests still open after the stop (a client that keeps a stream
+    // open) are not waited for long.
+    if tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .is_err()
+    {
+        eprintln!("warning: requests still open after 10 s were cut off");
+    }
     let (queued, _) = host.live_counts();
     if published_by_us(home) {
         let _ = std::fs::remove_file(address_file(home));

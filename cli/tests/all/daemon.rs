@@ -666,3 +666,32 @@ fn a_durable_agent_replays_its_recorded_calls_after_kill_9() {
     );
     eprintln!("sections started: {counted_before} before the kill, {counted_after} after");
 }
+
+/// A client that keeps the event stream (or the dashboard) open does not
+/// keep SIGTERM from stopping the host: the stream ends at the stop.
+#[test]
+fn sigterm_ends_open_event_streams_and_the_host_exits() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let mut host = HostProc::start(&orch);
+    let events = crate::workflow::Events::open(&host, "");
+    let id = host.submit("echo", "x");
+    events.next("completed");
+    assert_eq!(host.wait(&id)["status"], "completed");
+    host.signal("-TERM");
+    // Waited for on a thread, so that a host that never exits fails the
+    // test instead of hanging it.
+    let mut child = std::mem::replace(
+        &mut host.child,
+        std::process::Command::new("true").spawn().unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the host did not exit within 60 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -251,3 +251,71 @@ fn without_an_endpoint_a_given_trace_id_is_kept_and_a_malformed_one_ignored() {
     let task: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
     assert_eq!(task["trace_id"], Value::Null, "{task}");
 }
+
+#[test]
+fn workflow_steps_and_agent_messages_are_in_their_parents_trace() {
+    let receiver = Receiver::start();
+    let orch = Orch::new();
+    orch.config(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\n",
+        receiver.url
+    ));
+    for plugin in ["echo", "messenger"] {
+        orch.ok(&["plugin", "install", "-y", &p(plugin)]);
+    }
+    let host = HostProc::start(&orch);
+    // A run of two steps: one trace, under the run's first span.
+    let (code, answer) = crate::workflow::register(
+        &host,
+        "name = \"two\"\nversion = 1\n[[steps]]\nid = \"a\"\ncapability = \"echo\"\n\
+         [[steps]]\nid = \"b\"\ncapability = \"echo\"\nafter = [\"a\"]\n",
+    );
+    assert_eq!(code, 201, "{answer}");
+    let run = crate::workflow::start(&host, "two", serde_json::json!({ "input": "x" }), true);
+    assert_eq!(run["status"], "completed", "{run}");
+    let step_tasks: Vec<String> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["task_id"].as_str().unwrap().to_string())
+        .collect();
+    // A message an agent publishes: its task is under the publish.
+    let delivered = crate::workflow::Events::open(&host, "capability=ping.hello");
+    let publisher = host.submit("test.publish", "ping.hello\nhello");
+    let publisher_task = host.wait(&publisher);
+    assert_eq!(publisher_task["result"], "sent");
+    let trace = publisher_task["trace_id"].as_str().unwrap().to_string();
+    // The subscriber started it (a message is no stored task: it has no
+    // end event); the graceful stop lets it end.
+    delivered.next("started");
+    stop(host);
+
+    let all = receiver.spans.lock().unwrap().clone();
+    let start = all
+        .iter()
+        .find(|s| s.name == "workflow.start")
+        .unwrap_or_else(|| panic!("no workflow.start in {all:#?}"));
+    for id in &step_tasks {
+        let submit = all
+            .iter()
+            .find(|s| s.name == "task.submit" && s.attributes.get("task.id") == Some(id))
+            .unwrap_or_else(|| panic!("no task.submit of step task {id} in {all:#?}"));
+        assert_eq!(
+            (&submit.trace, &submit.parent),
+            (&start.trace, &start.id),
+            "{submit:?}"
+        );
+    }
+    let spans = receiver.spans(&trace);
+    let publish = spans
+        .iter()
+        .find(|s| s.name == "host.messaging.publish")
+        .unwrap_or_else(|| panic!("no host.messaging.publish in {spans:#?}"));
+    assert_eq!(publish.attributes["subject"], "ping.hello");
+    // The subscriber's task: its attempt is a child of the publish.
+    let delivered = spans
+        .iter()
+        .find(|s| s.name == "task.attempt" && s.parent == publish.id)
+        .unwrap_or_else(|| panic!("no message task under the publish in {spans:#?}"));
+    assert_eq!(delivered.attributes["task.capability"], "ping.hello");
+}

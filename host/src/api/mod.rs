@@ -668,6 +668,9 @@ async fn events(
             }
         }
     });
+    // Ends when the host stops: a graceful stop waits for open requests.
+    let stream =
+        futures_util::StreamExt::take_until(stream, state.host().stopped().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

@@ -175,6 +175,10 @@ struct Inner {
     sync_lock: tokio::sync::Mutex<()>,
     ids: Mutex<ulid::Generator>,
     stopping: AtomicBool,
+    /// Cancelled when the host starts to stop: long-lived streams (the
+    /// API's event stream) end then, so that a graceful stop never waits
+    /// for a client that keeps watching.
+    stopped: tokio_util::sync::CancellationToken,
     /// Signalled after each task's outcome is in the journal.
     written: tokio::sync::Notify,
     /// Unfinished tasks found in the journal at start.
@@ -287,6 +291,7 @@ impl Host {
                 sync_lock: tokio::sync::Mutex::new(()),
                 ids: Mutex::new(ulid::Generator::new()),
                 stopping: AtomicBool::new(false),
+                stopped: tokio_util::sync::CancellationToken::new(),
                 written: tokio::sync::Notify::new(),
                 recovered: AtomicU64::new(0),
                 audit,
@@ -430,6 +435,11 @@ impl Host {
 
     pub fn is_stopping(&self) -> bool {
         self.inner.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Cancelled once the host starts to stop.
+    pub fn stopped(&self) -> tokio_util::sync::CancellationToken {
+        self.inner.stopped.clone()
     }
 
     /// The host's audit trail.
@@ -792,6 +802,7 @@ impl Host {
     /// Returns how many attempts were cut off.
     pub async fn shutdown(&self, grace: Duration) -> u64 {
         self.inner.stopping.store(true, Ordering::Relaxed);
+        self.inner.stopped.cancel();
         let cut = self.inner.scheduler.drain(grace).await;
         // The attempts that ended hand their outcome to their drivers, which
         // write it to the journal; wait for those writes (a task stays
