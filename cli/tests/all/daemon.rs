@@ -625,13 +625,33 @@ fn a_durable_agent_replays_its_recorded_calls_after_kill_9() {
     };
     let before = started(&host);
     let id = host.submit("text.report", &doc);
-    for _ in 0..3 {
+    // Four starts on one slot: the first sections have ended, and a
+    // section's call is recorded as it ends.
+    for _ in 0..4 {
         before
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("a section started");
     }
     host.kill9();
-    let counted_before = 3 + before.try_iter().count();
+    // What the durable log holds of this report's calls at the kill: those
+    // are replayed, every other section runs again.
+    let recorded = {
+        use redb::ReadableTable;
+        let db = redb::Database::open(orch.home.path().join("calls.redb")).unwrap();
+        let txn = db.begin_read().unwrap();
+        let calls: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("calls");
+        let table = txn.open_table(calls).unwrap();
+        let prefix = format!("{id}/");
+        table
+            .iter()
+            .unwrap()
+            .filter(|row| {
+                row.as_ref()
+                    .is_ok_and(|(k, _)| k.value().starts_with(&prefix))
+            })
+            .count()
+    };
+    assert!((1..12).contains(&recorded), "{recorded} calls recorded");
     let host = HostProc::start(&orch);
     let report = host.wait(&id);
     assert_eq!(report["status"], "completed", "{report}");
@@ -653,18 +673,9 @@ fn a_durable_agent_replays_its_recorded_calls_after_kill_9() {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
         .sum();
-    // 12 sections; two had ended for sure at the kill (one slot, three
-    // starts), one may have been counting: at most 10 run again, and every
-    // section ran at least once.
-    assert!(
-        counted_after <= 10,
-        "{counted_after} started after the restart"
-    );
-    assert!(
-        counted_before + counted_after >= 12,
-        "{counted_before} + {counted_after}"
-    );
-    eprintln!("sections started: {counted_before} before the kill, {counted_after} after");
+    // Exactly the sections without a record ran again.
+    assert_eq!(counted_after, 12 - recorded, "{recorded} recorded");
+    eprintln!("calls recorded at the kill: {recorded}; sections run after it: {counted_after}");
 }
 
 /// A client that keeps the event stream (or the dashboard) open does not
