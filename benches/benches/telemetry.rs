@@ -20,7 +20,6 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use orch::config::HostConfig;
-use orch::daemon::SubmitRequest;
 use orch::node::{Node, NodeOptions};
 use orch::scheduler::{Scheduler, SchedulerConfig, Submit};
 use orch::{Agent, Engine, EngineConfig, Limits};
@@ -95,18 +94,7 @@ async fn echo_service(tasks: orch::service::TaskService, n: usize, in_flight: us
         let tasks = tasks.clone();
         workers.push(tokio::spawn(async move {
             for _ in 0..n / in_flight {
-                let (done, _) = tasks
-                    .submit_and_wait(
-                        SubmitRequest {
-                            capability: "echo".into(),
-                            payload: b"hello, orch".to_vec(),
-                            ..Default::default()
-                        },
-                        Some(Duration::from_secs(30)),
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(done.record.status.as_str(), "completed");
+                orch_benches::echo_through(&tasks).await;
             }
         }));
     }

@@ -171,3 +171,25 @@ pub async fn bare_echo_calls(engine: &wasmtime::Engine, pre: &bindings::AgentPre
             .unwrap();
     }
 }
+
+/// One echo task through a task service, as the API submits it, waited
+/// for; panics unless it echoed.
+pub async fn echo_through(service: &orch::service::TaskService) {
+    let (done, _) = service
+        .submit_and_wait(
+            orch::daemon::SubmitRequest {
+                capability: "echo".into(),
+                payload: b"hello, orch".to_vec(),
+                ..Default::default()
+            },
+            Some(std::time::Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        done.result.as_deref(),
+        Some(&b"hello, orch"[..]),
+        "{:?}",
+        done.record
+    );
+}

@@ -166,17 +166,11 @@ both!(every_kind_of_entry_appears_with_who_asked, |mode| {
     assert_eq!(code, 400);
     let publisher = api.submit("test.publish", "ping.audit\nhello");
     assert_eq!(api.wait(&publisher)["result"], "sent");
-    let mut r = HostProc::agent()
-        .post(&format!("{}/v1/workflows", api.url))
-        .header("content-type", "application/toml")
-        .send("name = \"one\"\nversion = 1\n[[steps]]\nid = \"a\"\ncapability = \"echo\"\n")
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        201,
-        "{}",
-        r.body_mut().read_to_string().unwrap()
+    let (code, answer) = crate::workflow::register(
+        api,
+        "name = \"one\"\nversion = 1\n[[steps]]\nid = \"a\"\ncapability = \"echo\"\n",
     );
+    assert_eq!(code, 201, "{answer}");
     let (code, run) = api.post("/v1/workflows/one/runs?wait=60s", &json!({ "input": "x" }));
     assert_eq!(code, 201, "{run}");
     let id = run["id"].as_str().unwrap();

@@ -170,23 +170,15 @@ fn the_dashboard_shows_agents_counts_and_a_dead_task_and_follows_new_tasks() {
     }
     let dead = host.submit("test.flaky", "fail");
     assert_eq!(host.wait(&dead)["status"], "dead");
-    let mut r = HostProc::agent()
-        .post(&format!("{}/v1/workflows", host.url))
-        .header("content-type", "application/toml")
-        .send(
-            "name = \"diamond\"\nversion = 1\n\
+    let (code, answer) = crate::workflow::register(
+        &host,
+        "name = \"diamond\"\nversion = 1\n\
              [[steps]]\nid = \"split\"\ncapability = \"echo\"\n\
              [[steps]]\nid = \"left\"\ncapability = \"echo\"\nafter = [\"split\"]\n\
              [[steps]]\nid = \"right\"\ncapability = \"echo\"\nafter = [\"split\"]\n\
              [[steps]]\nid = \"join\"\ncapability = \"echo\"\nafter = [\"left\", \"right\"]\n",
-        )
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        201,
-        "{}",
-        r.body_mut().read_to_string().unwrap()
     );
+    assert_eq!(code, 201, "{answer}");
     let (code, run) = host.post(
         "/v1/workflows/diamond/runs?wait=60s",
         &json!({ "input": "x" }),
