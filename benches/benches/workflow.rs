@@ -133,7 +133,11 @@ async fn bench(label: &str, driver: &Node) {
     plain(driver, 10).await;
     run(driver, "linear", json!(null)).await;
     let (mut wf, mut tasks, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    let rounds = std::env::var("ORCH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
+    for _ in 0..rounds {
         let t = Instant::now();
         plain(driver, 10).await;
         let p = t.elapsed().as_secs_f64() * 1e6 / 10.0;

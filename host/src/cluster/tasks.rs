@@ -824,14 +824,17 @@ impl TaskRouter {
     }
 
     /// Puts an admitted task on the stream; returns once the stream has
-    /// stored it. A keyed task whose id exists already is that task.
+    /// stored it. A keyed task whose id exists already is that task: found
+    /// by a read first (its stream message may be gone, and the duplicate
+    /// window with it), unless the caller knows the key is unused.
     async fn accept(
         &self,
         record: TaskRecord,
         payload: Vec<u8>,
         stored: &(dyn Fn(&TaskRecord) + Send + Sync),
+        unused_key: bool,
     ) -> Result<Accepted, HostError> {
-        if record.idempotency_key.is_some() {
+        if record.idempotency_key.is_some() && !unused_key {
             match self.fetch(&record.id).await {
                 Ok(_) => return Ok(Accepted::Existing(record.id)),
                 Err(HostError::NotFound(_)) => {}
@@ -1874,8 +1877,11 @@ impl TaskStore for TaskRouter {
         record: TaskRecord,
         payload: Vec<u8>,
         stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
+        unused_key: bool,
     ) -> BoxFuture<'a, Result<Accepted, HostError>> {
-        Box::pin(TaskRouter::accept(self, record, payload, stored))
+        Box::pin(TaskRouter::accept(
+            self, record, payload, stored, unused_key,
+        ))
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>> {

@@ -1093,6 +1093,9 @@ impl TaskStore for Host {
         record: TaskRecord,
         payload: Vec<u8>,
         stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
+        // The journal looks the key up inside the write that stores the
+        // task, at no extra cost.
+        _unused_key: bool,
     ) -> BoxFuture<'a, Result<Accepted, HostError>> {
         Box::pin(Host::accept(self, record, payload, stored))
     }

@@ -79,11 +79,14 @@ pub trait TaskStore: Send + Sync {
     /// idempotency key names. The journal calls `stored` before the task can
     /// start, so `accepted` comes first on a lone host; JetStream calls it
     /// after the stream's ack, when another host may be running it already.
+    /// `unused_key`: no earlier submission used the key (see
+    /// [`TaskService::submit_keyed`]); a store may skip looking it up.
     fn accept<'a>(
         &'a self,
         record: TaskRecord,
         payload: Vec<u8>,
         stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
+        unused_key: bool,
     ) -> BoxFuture<'a, Result<Accepted, HostError>>;
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>>;
     /// Waits up to `timeout` for the task to end, then returns it as it is.
@@ -185,6 +188,19 @@ impl TaskService {
     /// at least once. A submission with the idempotency key of an earlier
     /// one gets that task (`existing`).
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, HostError> {
+        self.submit_keyed(request, false).await
+    }
+
+    /// [`TaskService::submit`]; `unused_key`: the caller knows that no
+    /// earlier submission used the request's idempotency key (a workflow
+    /// driver that has just recorded the step as started), so a cluster
+    /// does not look the key up first. A second submission with it within
+    /// the stream's duplicate window is still that task.
+    pub(crate) async fn submit_keyed(
+        &self,
+        request: SubmitRequest,
+        unused_key: bool,
+    ) -> Result<Submitted, HostError> {
         use tracing::Instrument;
         // The first span of the task's trace (a child of the submitter's,
         // when it sent one); every later span of the task is under it.
@@ -198,12 +214,16 @@ impl TaskService {
         );
         crate::trace::adopt(&span, request.trace.as_deref());
         let trace = crate::trace::of(&span, request.trace.as_deref());
-        self.admit(SubmitRequest { trace, ..request })
+        self.admit(SubmitRequest { trace, ..request }, unused_key)
             .instrument(span)
             .await
     }
 
-    async fn admit(&self, mut request: SubmitRequest) -> Result<Submitted, HostError> {
+    async fn admit(
+        &self,
+        mut request: SubmitRequest,
+        unused_key: bool,
+    ) -> Result<Submitted, HostError> {
         use tracing::Instrument;
         if self.host.is_stopping() {
             return Err(HostError::ShuttingDown);
@@ -289,7 +309,9 @@ impl TaskService {
         let accept = tokio::spawn(
             async move {
                 let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
-                store.accept(new, request.payload, &stored).await
+                store
+                    .accept(new, request.payload, &stored, unused_key)
+                    .await
             }
             .instrument(span),
         );

@@ -107,8 +107,9 @@ pub(crate) struct Shared {
     /// its run again (a cancel).
     driving: Mutex<HashMap<String, watch::Sender<()>>>,
     definitions: Mutex<HashMap<(String, u32), Arc<Checked>>>,
-    /// Ids of runs as they end on this host, for waiters.
-    ended: broadcast::Sender<String>,
+    /// A run this host drove stopped: its id, and its record when it ended
+    /// (a waiter needs no read then).
+    ended: broadcast::Sender<(String, Option<Arc<RunRecord>>)>,
 }
 
 impl Shared {
@@ -318,7 +319,10 @@ impl Workflows {
             let next = (tokio::time::Instant::now() + SCAN).min(until);
             loop {
                 match tokio::time::timeout_at(next, ended.recv()).await {
-                    Ok(Ok(ended_id)) if ended_id != id => continue,
+                    Ok(Ok((ended_id, _))) if ended_id != id => continue,
+                    Ok(Ok((_, Some(run)))) if run.status.is_final() => {
+                        return Ok(Arc::unwrap_or_clone(run))
+                    }
                     Ok(Err(broadcast::error::RecvError::Closed)) => {
                         tokio::time::sleep_until(next).await;
                         break;
@@ -551,6 +555,7 @@ fn spawn_driver(
     tokio::spawn(async move {
         let id = run.id.clone();
         let driver = run::Driver::new(shared.clone(), def, run, rev);
+        let mut ended = None;
         match driver.drive(poke).await {
             Ok(run) => {
                 tracing::debug!(run = %id, status = run.status.as_str(), "workflow run ended");
@@ -559,6 +564,7 @@ fn spawn_driver(
                     run.status.as_str(),
                     run.steps.iter().map(|s| s.status.as_str()),
                 );
+                ended = Some(Arc::new(run));
             }
             Err(run::Stop::Fenced) => {
                 tracing::warn!(run = %id, "another host drives this workflow run now; this host stopped driving it");
@@ -569,7 +575,7 @@ fn spawn_driver(
             }
         }
         lock(&shared.driving).remove(&id);
-        let _ = shared.ended.send(id);
+        let _ = shared.ended.send((id, ended));
     });
 }
 

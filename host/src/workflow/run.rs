@@ -76,6 +76,11 @@ struct Spec {
     backoff: Duration,
     deadline_ms: Option<u64>,
     trace: Option<String>,
+    /// In a cluster, when this driver recorded the step as started: no
+    /// driver submitted its first attempt before, and none will while this
+    /// driver's lease lasts, until this time (see
+    /// `TaskService::submit_keyed`).
+    unused_until_ms: Option<u64>,
 }
 
 pub(super) struct Driver {
@@ -239,6 +244,7 @@ impl Driver {
             backoff: s.backoff,
             deadline_ms: self.run.deadline_ms,
             trace: self.run.trace.clone(),
+            unused_until_ms: None,
         }
     }
 
@@ -397,7 +403,7 @@ impl Driver {
         // stopped: they start again at once, with the same task keys.
         for i in 0..self.run.steps.len() {
             if self.run.steps[i].status == StepStatus::Running {
-                let handle = running.spawn(self.step(i, tx.clone()));
+                let handle = running.spawn(self.step(i, tx.clone(), false));
                 running_ids.insert(handle.id(), i);
             }
         }
@@ -424,11 +430,25 @@ impl Driver {
                 break;
             }
             // The checkpoint: every started step and ended one is written
-            // before a step that depends on it can start.
+            // before a step that depends on it can start. On a lone host a
+            // step's task is a checkpoint of its own: the journal holds it
+            // under its key (`wf/RUN/STEP/N`), with its result, before
+            // anything depends on it, and a restarted driver that resubmits
+            // a step finds that task by the key. So there the run's write
+            // and the new steps' submissions overlap. In a cluster the write
+            // comes first: it is what fences a driver another host replaced.
+            // A cancel waiting to be read (a poke) keeps the order too.
+            if self.shared.store.exclusive() && !poke.has_changed().unwrap_or(true) {
+                for i in spawn.drain(..) {
+                    let handle = running.spawn(self.step(i, tx.clone(), true));
+                    running_ids.insert(handle.id(), i);
+                }
+            }
             self.save().await?;
             if self.run.cancel_requested {
                 // A cancel came in with that write: the steps it marked
-                // running do not start.
+                // running do not start (on a lone host they may have; the
+                // stop token ends their attempts).
                 self.stop.cancel();
                 for i in spawn.drain(..) {
                     let r = &mut self.run.steps[i];
@@ -440,7 +460,7 @@ impl Driver {
                 }
             }
             for i in spawn.drain(..) {
-                let handle = running.spawn(self.step(i, tx.clone()));
+                let handle = running.spawn(self.step(i, tx.clone(), true));
                 running_ids.insert(handle.id(), i);
             }
             let deadline = self.run.deadline_ms.filter(|_| self.run.error.is_none());
@@ -648,10 +668,17 @@ impl Driver {
         &self,
         i: usize,
         progress: mpsc::Sender<Progress>,
+        started_here: bool,
     ) -> impl std::future::Future<Output = (usize, Outcome)> + Send + 'static {
         let tasks = self.shared.tasks.clone();
         let checked = &self.def.steps[i];
-        let spec = self.spec(checked);
+        // In a cluster only: there the step was recorded as started before
+        // this runs (on a lone host the journal checks keys anyway).
+        let spec = Spec {
+            unused_until_ms: (started_here && !self.shared.store.exclusive())
+                .then_some(self.run.lease_until_ms),
+            ..self.spec(checked)
+        };
         let concurrency = checked.step.concurrency.unwrap_or(10).max(1) as usize;
         let fan_out = checked.step.for_each.is_some();
         let input = self.run.steps[i].input.clone().unwrap_or(Value::Null);
@@ -724,6 +751,7 @@ impl Driver {
                 // Undoing is not cut short by the run's deadline.
                 deadline_ms: None,
                 trace: self.run.trace.clone(),
+                unused_until_ms: None,
             };
             self.set_compensation(i, |r| {
                 r.status = CompensationStatus::Running;
@@ -924,7 +952,14 @@ async fn attempts(
         }
         ran = attempt;
         let key = format!("{key}/{attempt}");
-        match task(tasks, spec, payload.clone(), key, |id| report(attempt, id)).await {
+        // A driver paused past its lease may have been replaced: then its
+        // key is looked up, as a resumed driver's is.
+        let unused = attempt == 1 && spec.unused_until_ms.is_some_and(|t| now_ms() < t);
+        match task(tasks, spec, payload.clone(), key, unused, |id| {
+            report(attempt, id)
+        })
+        .await
+        {
             Err(None) => return Outcome::Stopping,
             Err(Some(error)) => {
                 last = Some((error, None));
@@ -985,6 +1020,7 @@ async fn task(
     spec: &Spec,
     payload: Vec<u8>,
     key: String,
+    mut unused_key: bool,
     submitted: impl FnOnce(&str),
 ) -> Result<crate::service::Stored, Option<ErrorInfo>> {
     let mut pause = Duration::from_millis(50);
@@ -1020,7 +1056,9 @@ async fn task(
             idempotency_key: Some(key.clone()),
             trace: spec.trace.clone(),
         };
-        match tasks.submit(request).await {
+        // Only the first try: one that failed may have stored the task.
+        let unused = std::mem::take(&mut unused_key);
+        match tasks.submit_keyed(request, unused).await {
             Ok(s) => break (s.task.id, !s.existing),
             Err(HostError::ShuttingDown) => return Err(None),
             Err(HostError::UnknownCapability(c)) => {

@@ -142,10 +142,18 @@ fn encode(run: &RunRecord, rev: u64) -> Vec<u8> {
     out
 }
 
+/// A record's revision, without decoding the rest (a write compares it).
+fn revision(bytes: &[u8]) -> Result<u64, DbError> {
+    let rev = bytes
+        .first_chunk::<8>()
+        .ok_or_else(|| corrupt("a workflow run record"))?;
+    Ok(u64::from_be_bytes(*rev))
+}
+
 fn decode(bytes: &[u8]) -> Result<(RunRecord, u64), DbError> {
     let corrupt = || corrupt("a workflow run record");
-    let (rev, json) = bytes.split_at_checked(8).ok_or_else(corrupt)?;
-    let rev = u64::from_be_bytes(rev.try_into().map_err(|_| corrupt())?);
+    let rev = revision(bytes)?;
+    let json = bytes.get(8..).ok_or_else(corrupt)?;
     let run = serde_json::from_slice(json).map_err(|e| {
         DbError::from(redb::Error::Corrupted(format!(
             "a workflow run record is damaged: {e}"
@@ -275,7 +283,7 @@ impl WorkflowStore for LocalStore {
             let written = {
                 let mut t = txn.open_table(RUNS)?;
                 let now = match t.get(id.as_str())? {
-                    Some(v) => Some(decode(v.value())?.1),
+                    Some(v) => Some(revision(v.value())?),
                     None => None,
                 };
                 if now == Some(rev) {
