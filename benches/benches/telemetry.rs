@@ -1,7 +1,11 @@
 //! What exporting task traces costs: the same workloads with the OTLP
 //! trace layer off and on, in alternating rounds of one run, the spans
 //! sent by OTLP/HTTP to a receiver in this process that decodes them
-//! (metrics are always on: they have no off switch). Workloads:
+//! (metrics are always on: they have no off switch). The subscriber is the
+//! one `orch host start` installs with an endpoint (a log layer at `warn`,
+//! and the OTLP layer filtered to the `orch::trace` target), with a switch
+//! in the OTLP layer's filter: off, it takes no span, as a host without an
+//! endpoint has no such layer. Workloads:
 //! - `scheduler`: echo tasks straight into the in-process scheduler, 64 in
 //!   flight (spans: attempt, instantiate, handle);
 //! - `lone`: echo tasks through a lone host's task service (journal
@@ -9,10 +13,14 @@
 //! - `cluster`: host A submits, host B runs, over a real nats-server, 64 in
 //!   flight.
 //!
+//! Tasks are sampled as a host samples them: `OTEL_TRACES_SAMPLER` (all by
+//! default), at most `ORCH_BENCH_TRACES_PER_SECOND` new traces a second
+//! (100, the host's default; 0 for no cap).
+//!
 //! `cargo bench -p orch-benches --bench telemetry` after `bash plugins/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,9 +34,10 @@ use orch::{Agent, Engine, EngineConfig, Limits};
 use prost::Message;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, Layer, Registry};
+use tracing_subscriber::Layer;
 
-type Traces = Option<Box<dyn Layer<Registry> + Send + Sync>>;
+/// Whether the OTLP layer takes spans (the "on" rounds).
+static ON: AtomicBool = AtomicBool::new(false);
 
 /// Spans the receiver decoded.
 static RECEIVED: AtomicU64 = AtomicU64::new(0);
@@ -58,8 +67,14 @@ fn receiver(rt: &tokio::runtime::Runtime) -> String {
     url
 }
 
-/// The layer `orch host start` installs with an endpoint.
-fn traces(endpoint: &str) -> (Traces, opentelemetry_sdk::trace::SdkTracerProvider) {
+/// The subscriber and sampling `orch host start` installs with an endpoint
+/// (`cli::telemetry::init`), its OTLP layer's filter switched by [`ON`].
+/// The sampling is set in both arms (it cannot be unset): in the "off"
+/// rounds a task not taken still gets its unsampled `traceparent`, which a
+/// host without an endpoint does not make (well under a microsecond).
+fn install(endpoint: &str) -> opentelemetry_sdk::trace::SdkTracerProvider {
+    use tracing::metadata::LevelFilter;
+    use tracing_subscriber::filter;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_endpoint(format!("{endpoint}/v1/traces"))
@@ -67,13 +82,44 @@ fn traces(endpoint: &str) -> (Traces, opentelemetry_sdk::trace::SdkTracerProvide
         .unwrap();
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
+        .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+            opentelemetry_sdk::trace::Sampler::AlwaysOn,
+        )))
         .build();
+    // As the host's `[telemetry] max_traces_per_second` (100 unless set).
+    let per_second = std::env::var("ORCH_BENCH_TRACES_PER_SECOND")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    orch::trace::set_sampling(orch::trace::Sampling {
+        sampler: opentelemetry_sdk::trace::Config::default().sampler,
+        per_second: std::num::NonZeroU32::new(per_second),
+    });
     opentelemetry::global::set_tracer_provider(provider.clone());
-    // Without the host's per-layer filter on orch::trace: a filtered layer
-    // cannot be swapped in by `reload` (its filter is never registered),
-    // and every span the library makes has that target anyway.
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("orch"));
-    (Some(Box::new(layer)), provider)
+    let target = |m: &tracing::Metadata<'_>| m.target().starts_with(orch::trace::TARGET);
+    // The host's filter is `Targets` (orch::trace at INFO); this one is
+    // the same plus the switch, asked at each span of that target.
+    let only = filter::dynamic_filter_fn(move |m, _| ON.load(Ordering::Relaxed) && target(m))
+        .with_callsite_filter(move |m| {
+            if target(m) {
+                tracing::subscriber::Interest::sometimes()
+            } else {
+                tracing::subscriber::Interest::never()
+            }
+        })
+        .with_max_level_hint(LevelFilter::INFO);
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::sink)
+        .with_filter(tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("orch"))
+                .with_filter(only),
+        )
+        .init();
+    provider
 }
 
 /// Tasks per second of `run(n)`.
@@ -132,8 +178,7 @@ async fn echo_scheduler(s: Scheduler, n: usize) {
 fn main() {
     let rt = orch_benches::runtime();
     let endpoint = receiver(&rt);
-    let (layer, handle) = reload::Layer::new(None as Traces);
-    tracing_subscriber::registry().with(layer).init();
+    let provider = install(&endpoint);
     let rounds: usize = std::env::var("ORCH_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -197,23 +242,17 @@ fn main() {
         echo_service(lone.tasks().clone(), 320, 32).await;
         echo_service(a.tasks().clone(), 640, 64).await;
 
-        let mut provider = None;
         let workloads = ["scheduler", "lone", "cluster"];
         let mut figures: Vec<[Vec<f64>; 2]> = vec![Default::default(); workloads.len()];
         for round in 0..rounds * 2 {
             let on = round % 2 == 1;
-            if on {
-                let (layer, p) = traces(&endpoint);
-                handle.reload(layer).unwrap();
-                provider = Some(p);
-            } else {
-                handle.reload(None as Traces).unwrap();
-                if let Some(p) = provider.take() {
-                    // Off the runtime: the last export blocks.
-                    tokio::task::spawn_blocking(move || p.shutdown().unwrap())
-                        .await
-                        .unwrap();
-                }
+            ON.store(on, Ordering::Relaxed);
+            if !on {
+                // The spans of the last round sent before this one starts.
+                let p = provider.clone();
+                tokio::task::spawn_blocking(move || p.force_flush().unwrap())
+                    .await
+                    .unwrap();
             }
             let s = scheduler.clone();
             figures[0][on as usize]
@@ -223,11 +262,11 @@ fn main() {
             figures[2][on as usize]
                 .push(rate(2_000, |n| echo_service(a.tasks().clone(), n, 64)).await);
         }
-        if let Some(p) = provider.take() {
-            tokio::task::spawn_blocking(move || p.shutdown().unwrap())
-                .await
-                .unwrap();
-        }
+        // Off the runtime: the last export blocks.
+        let p = provider.clone();
+        tokio::task::spawn_blocking(move || p.shutdown().unwrap())
+            .await
+            .unwrap();
         println!("tasks/s, {rounds} rounds each, off and on alternating (min / median / max):");
         for (name, [off, on]) in workloads.iter().zip(figures) {
             let (off, on) = (stats(off), stats(on));

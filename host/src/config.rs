@@ -26,6 +26,7 @@
 //!
 //! [telemetry]
 //! otlp_endpoint = "http://127.0.0.1:4318"  # export task traces by OTLP/HTTP
+//! max_traces_per_second = 100  # new traces at most (0: no cap)
 //!
 //! [kv]                         # per kv namespace (per plugin)
 //! max_bytes = "64MiB"          # keys and values together
@@ -138,10 +139,22 @@ impl Default for AuditConfig {
 }
 
 /// Where task traces go (`crate::trace`); nowhere by default.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetryConfig {
     /// The OTLP/HTTP base URL (`/v1/traces` goes after it).
     pub otlp_endpoint: Option<String>,
+    /// New traces a second at most: tasks without a sampled parent that
+    /// the sampler takes past this are not traced; 0 is no cap.
+    pub max_traces_per_second: u32,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            max_traces_per_second: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -182,6 +195,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct TelemetryFile {
     otlp_endpoint: Option<String>,
+    max_traces_per_second: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -319,6 +333,9 @@ impl HostConfig {
                 )));
             }
             config.telemetry.otlp_endpoint = Some(e);
+        }
+        if let Some(n) = file.telemetry.max_traces_per_second {
+            config.telemetry.max_traces_per_second = n;
         }
         if let Some(b) = file.kv.max_bytes {
             config.kv.max_bytes = parse_size(&b).map_err(|e| err(format!("kv.max_bytes: {e}")))?;

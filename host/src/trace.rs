@@ -9,14 +9,23 @@
 //! an endpoint is configured). Without a subscriber that records them, the
 //! spans are disabled at their call site, and the incoming `traceparent`
 //! (if any) is kept and passed on unchanged.
+//!
+//! Whether a task is traced is decided before its first span
+//! ([`decide`]), so that a task not traced makes no span at all: a task
+//! follows its submitter's sampled flag, and any other task is traced as
+//! the sampling set with [`set_sampling`] says (all, without one).
 
-use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{LazyLock, OnceLock};
 use std::time::SystemTime;
 
-use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceState, Tracer,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SamplingDecision, ShouldSample};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The target of every span of a task's trace (subscribers filter on it).
@@ -25,14 +34,37 @@ pub const TARGET: &str = crate::sandbox::TRACE_TARGET;
 /// The W3C trace context header, in HTTP and in NATS messages.
 pub const HEADER: &str = "traceparent";
 
+static PROPAGATOR: LazyLock<TraceContextPropagator> = LazyLock::new(TraceContextPropagator::new);
+
+/// A carrier of one `traceparent` (no map to build for each task).
+#[derive(Default)]
+struct One(Option<String>);
+
+impl Extractor for One {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.as_deref().filter(|_| key == HEADER)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![HEADER]
+    }
+}
+
+impl Injector for One {
+    fn set(&mut self, key: &str, value: String) {
+        if key == HEADER {
+            self.0 = Some(value);
+        }
+    }
+}
+
 /// The context a `traceparent` stands for (a remote parent); empty when
 /// there is none or it does not parse.
 pub fn context(traceparent: Option<&str>) -> Context {
     let Some(value) = traceparent else {
         return Context::new();
     };
-    let carrier = HashMap::from([(HEADER.to_string(), value.to_string())]);
-    TraceContextPropagator::new().extract(&carrier)
+    PROPAGATOR.extract(&One(Some(value.to_string())))
 }
 
 /// The `traceparent` of a context's span, if it has a valid one.
@@ -40,9 +72,84 @@ pub fn traceparent(cx: &Context) -> Option<String> {
     if !cx.span().span_context().is_valid() {
         return None;
     }
-    let mut carrier = HashMap::new();
-    TraceContextPropagator::new().inject_context(cx, &mut carrier);
-    carrier.remove(HEADER)
+    let mut carrier = One::default();
+    PROPAGATOR.inject_context(cx, &mut carrier);
+    carrier.0
+}
+
+/// Which tasks without a sampled parent get a trace: those `sampler`
+/// takes (the OpenTelemetry SDK's, e.g. from `OTEL_TRACES_SAMPLER`), at
+/// most `per_second` of them a second (`None`: no cap).
+pub struct Sampling {
+    pub sampler: Box<dyn ShouldSample>,
+    pub per_second: Option<NonZeroU32>,
+}
+
+struct Sampler {
+    sampler: Box<dyn ShouldSample>,
+    cap: Option<governor::DefaultDirectRateLimiter>,
+}
+
+static SAMPLING: OnceLock<Sampler> = OnceLock::new();
+
+/// Sets how tasks are sampled, once per process (whoever installs the
+/// trace exporter); a second call changes nothing. Without it every task
+/// is traced, as far as the subscriber records spans.
+pub fn set_sampling(sampling: Sampling) {
+    let cap = sampling
+        .per_second
+        .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+    let _ = SAMPLING.set(Sampler {
+        sampler: sampling.sampler,
+        cap,
+    });
+}
+
+/// Whether a task's spans are made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Make them: the submitter's trace is sampled, or the sampling took
+    /// this task.
+    Record,
+    /// Make none; the task carries this `traceparent` on, unchanged (the
+    /// submitter's, or a new one marked not sampled, so that the tasks and
+    /// messages it starts are not traced either).
+    Skip(Option<String>),
+}
+
+/// Decides whether the spans of a task submitted with `parent` (its
+/// submitter's `traceparent`) are made, before any is.
+pub fn decide(parent: Option<&str>) -> Decision {
+    let Some(sampling) = SAMPLING.get() else {
+        return Decision::Record;
+    };
+    let cx = context(parent);
+    let remote = cx.span().span_context().clone();
+    if remote.is_valid() {
+        return if remote.is_sampled() {
+            Decision::Record
+        } else {
+            Decision::Skip(parent.map(String::from))
+        };
+    }
+    let trace_id = RandomIdGenerator::default().new_trace_id();
+    let decision = sampling
+        .sampler
+        .should_sample(None, trace_id, "task", &SpanKind::Server, &[], &[])
+        .decision;
+    let taken = decision == SamplingDecision::RecordAndSample
+        && sampling.cap.as_ref().is_none_or(|cap| cap.check().is_ok());
+    if taken {
+        return Decision::Record;
+    }
+    let span = SpanContext::new(
+        trace_id,
+        RandomIdGenerator::default().new_span_id(),
+        TraceFlags::default(),
+        false,
+        TraceState::default(),
+    );
+    Decision::Skip(traceparent(&Context::new().with_remote_span_context(span)))
 }
 
 /// Whether `value` is a valid `traceparent`.

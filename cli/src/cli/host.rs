@@ -62,12 +62,16 @@ pub fn export(home: &Path, command: &super::Command) -> Option<super::telemetry:
         .config
         .clone()
         .unwrap_or_else(|| home.join("config.toml"));
-    let endpoint = HostConfig::load(&path).ok()?.telemetry.otlp_endpoint;
-    if !super::telemetry::wanted(endpoint.as_deref()) {
+    let telemetry = HostConfig::load(&path).ok()?.telemetry;
+    if !super::telemetry::wanted(telemetry.otlp_endpoint.as_deref()) {
         return None;
     }
     let host_id = orch::daemon::host_id_of(home).ok()?;
-    Some(super::telemetry::Export { endpoint, host_id })
+    Some(super::telemetry::Export {
+        endpoint: telemetry.otlp_endpoint,
+        host_id,
+        max_traces_per_second: telemetry.max_traces_per_second,
+    })
 }
 
 async fn start(home: &Path, args: StartArgs) -> u8 {

@@ -3,14 +3,17 @@
 //! otlp_endpoint` in config.toml, or the standard
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
 //! (`OTEL_SDK_DISABLED=true` turns it off). The library makes the spans
-//! (target `orch::trace`); this installs the layer that records them.
+//! (target `orch::trace`); this installs the layer that records them, and
+//! sets which tasks are traced: every task whose submitter's trace is
+//! sampled, and of the others those that `OTEL_TRACES_SAMPLER` takes (all
+//! by default), at most `[telemetry] max_traces_per_second`.
 
 use std::sync::OnceLock;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -20,6 +23,8 @@ pub struct Export {
     /// From config.toml; `None` leaves it to the OTEL_* variables.
     pub endpoint: Option<String>,
     pub host_id: String,
+    /// 0: no cap.
+    pub max_traces_per_second: u32,
 }
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
@@ -55,7 +60,8 @@ pub fn init(json: bool, export: Option<Export>) {
     };
     let mut problem = None;
     let traces = export.and_then(|e| match provider(e) {
-        Ok(provider) => {
+        Ok((provider, sampling)) => {
+            orch::trace::set_sampling(sampling);
             let tracer = provider.tracer("orch");
             opentelemetry::global::set_tracer_provider(provider.clone());
             let _ = PROVIDER.set(provider);
@@ -82,7 +88,9 @@ pub fn init(json: bool, export: Option<Export>) {
     }
 }
 
-fn provider(export: Export) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+fn provider(
+    export: Export,
+) -> Result<(SdkTracerProvider, orch::trace::Sampling), opentelemetry_otlp::ExporterBuildError> {
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
     if let Some(endpoint) = export.endpoint {
         // The base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is: the traces path
@@ -99,10 +107,19 @@ fn provider(export: Export) -> Result<SdkTracerProvider, opentelemetry_otlp::Exp
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
         ])
         .build();
-    Ok(SdkTracerProvider::builder()
+    // The library decides before a task's first span (the SDK's sampler
+    // from the OTEL_TRACES_SAMPLER variables, then the cap); the provider
+    // records what it was given.
+    let sampling = orch::trace::Sampling {
+        sampler: opentelemetry_sdk::trace::Config::default().sampler,
+        per_second: std::num::NonZeroU32::new(export.max_traces_per_second),
+    };
+    let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource)
-        .build())
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+        .build();
+    Ok((provider, sampling))
 }
 
 /// Sends the spans not yet exported (at the end of `orch host start`).

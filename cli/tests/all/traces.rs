@@ -319,3 +319,86 @@ fn workflow_steps_and_agent_messages_are_in_their_parents_trace() {
         .unwrap_or_else(|| panic!("no message task under the publish in {spans:#?}"));
     assert_eq!(delivered.attributes["task.capability"], "ping.hello");
 }
+
+/// `[telemetry] max_traces_per_second`, as a pair: the first tasks of a
+/// burst, up to the cap, are traced; the rest run untraced (each with a
+/// trace id marked not sampled, passed on to what it starts). A task whose
+/// submitter's trace is sampled is traced past the cap, and one whose
+/// submitter's trace is not sampled is not traced.
+#[test]
+fn new_traces_stop_at_the_cap_and_a_sampled_submitter_is_traced_past_it() {
+    const CAP: usize = 3;
+    const BURST: usize = 30;
+    let receiver = Receiver::start();
+    let orch = Orch::new();
+    orch.config(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\nmax_traces_per_second = {CAP}\n",
+        receiver.url
+    ));
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    let host = HostProc::start(&orch);
+    let lines: Vec<String> = (0..BURST)
+        .map(|i| serde_json::json!({ "capability": "echo", "input": i.to_string() }).to_string())
+        .collect();
+    let started = std::time::Instant::now();
+    let mut r = HostProc::agent()
+        .post(&format!("{}/v1/tasks:batch?wait=60s", host.url))
+        .header("content-type", "application/x-ndjson")
+        .send(lines.join("\n"))
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer = r.body_mut().read_to_string().unwrap();
+    let took = started.elapsed().as_secs_f64();
+    let burst: Vec<Value> = answer
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["task"].clone())
+        .collect();
+    assert_eq!(burst.len(), BURST);
+    let with_trace = |trace: &str, flags: &str| {
+        let mut r = HostProc::agent()
+            .post(&format!("{}/v1/tasks?wait=60s", host.url))
+            .header("content-type", "application/json")
+            .header(
+                "traceparent",
+                &format!("00-{trace}-b7ad6b7169203331-{flags}"),
+            )
+            .send(serde_json::json!({ "capability": "echo", "input": "x" }).to_string())
+            .unwrap();
+        let task: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(task["status"], "completed", "{task}");
+        task
+    };
+    // Straight after the burst: the bucket is empty, or nearly.
+    let sampled = with_trace("5bf92f3577b34da6a3ce929d0e0e4736", "01");
+    let unsampled = with_trace("6bf92f3577b34da6a3ce929d0e0e4736", "00");
+    stop(host);
+
+    let all = receiver.spans.lock().unwrap().clone();
+    let traced = |task: &Value| {
+        let id = task["id"].as_str().unwrap();
+        all.iter().any(|s| {
+            s.name == "task.submit" && s.attributes.get("task.id").map(String::as_str) == Some(id)
+        })
+    };
+    for task in &burst {
+        assert_eq!(task["status"], "completed", "{task}");
+        // Traced or not, each has a trace id of its own.
+        assert_eq!(task["trace_id"].as_str().map(str::len), Some(32), "{task}");
+    }
+    let n = burst.iter().filter(|t| traced(t)).count();
+    // The bucket starts full (CAP) and refills at CAP a second.
+    let most = CAP + (took * CAP as f64).ceil() as usize;
+    assert!(
+        (CAP..=most).contains(&n),
+        "{n} of {BURST} tasks traced in {took:.2}s with a cap of {CAP}/s"
+    );
+    assert!(n < BURST, "every task of the burst was traced");
+    // An untraced task's trace id makes no span anywhere.
+    let untraced = burst.iter().find(|t| !traced(t)).unwrap();
+    let trace = untraced["trace_id"].as_str().unwrap();
+    assert!(receiver.spans(trace).is_empty(), "{trace}");
+    assert!(traced(&sampled), "{sampled}");
+    assert_eq!(sampled["trace_id"], "5bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(!traced(&unsampled), "{unsampled}");
+    assert_eq!(unsampled["trace_id"], "6bf92f3577b34da6a3ce929d0e0e4736");
+}

@@ -203,17 +203,24 @@ impl TaskService {
     ) -> Result<Submitted, HostError> {
         use tracing::Instrument;
         // The first span of the task's trace (a child of the submitter's,
-        // when it sent one); every later span of the task is under it.
-        let span = tracing::info_span!(
-            target: crate::trace::TARGET,
-            "task.submit",
-            otel.kind = "server",
-            task.capability = %request.capability,
-            task.id = tracing::field::Empty,
-            orch.host = %self.host.id(),
-        );
-        crate::trace::adopt(&span, request.trace.as_deref());
-        let trace = crate::trace::of(&span, request.trace.as_deref());
+        // when it sent one); every later span of the task is under it. A
+        // task not traced makes none.
+        let (span, trace) = match crate::trace::decide(request.trace.as_deref()) {
+            crate::trace::Decision::Record => {
+                let span = tracing::info_span!(
+                    target: crate::trace::TARGET,
+                    "task.submit",
+                    otel.kind = "server",
+                    task.capability = %request.capability,
+                    task.id = tracing::field::Empty,
+                    orch.host = %self.host.id(),
+                );
+                crate::trace::adopt(&span, request.trace.as_deref());
+                let trace = crate::trace::of(&span, request.trace.as_deref());
+                (span, trace)
+            }
+            crate::trace::Decision::Skip(trace) => (tracing::Span::none(), trace),
+        };
         self.admit(SubmitRequest { trace, ..request }, unused_key)
             .instrument(span)
             .await

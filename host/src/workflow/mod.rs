@@ -435,14 +435,17 @@ impl Shared {
                 .map(|s| StepRecord::pending(&s.step.id, &s.step.capability))
                 .collect(),
             completed: 0,
-            trace: {
-                let span = tracing::info_span!(
-                    target: crate::trace::TARGET,
-                    "workflow.start",
-                    workflow = %def.def.name,
-                    version = def.def.version,
-                );
-                crate::trace::of(&span, None)
+            trace: match crate::trace::decide(None) {
+                crate::trace::Decision::Record => {
+                    let span = tracing::info_span!(
+                        target: crate::trace::TARGET,
+                        "workflow.start",
+                        workflow = %def.def.name,
+                        version = def.def.version,
+                    );
+                    crate::trace::of(&span, None)
+                }
+                crate::trace::Decision::Skip(trace) => trace,
             },
         };
         let size = serde_json::to_vec(&run).map_or(0, |v| v.len());
