@@ -5,7 +5,12 @@
 //! instantiate + call loop on two threads, and `GET /v1/status` over the
 //! same HTTP stack (no task, no disk). Also the same tasks as one
 //! `POST /v1/tasks:batch?wait=` whose results stream back. Prints p50/p99
-//! submit-to-result latency of the HTTP path.
+//! submit-to-result latency of the HTTP path at 16 in flight, and at one
+//! in flight beside its floors in the same run: `GET /v1/status` on one
+//! connection, the journal's own commit time (from its histogram), and
+//! `fdatasync` after writing 1 and 10 pages of 4 KiB in place in a file of
+//! the host's data directory (a task waits for two commits: its accept and
+//! its result; each writes about ten B-tree pages).
 //!
 //! `cargo bench -p orch-benches --bench daemon` after `bash plugins/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -176,7 +181,78 @@ fn daemon(c: &mut Criterion) {
         pct(0.50),
         pct(0.99)
     );
+    // One in flight, one keep-alive connection, and the floors under it.
+    const ONE: usize = 1000;
+    let timed = |f: &dyn Fn()| {
+        let mut v: Vec<Duration> = (0..ONE)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        (v[ONE / 2], v[ONE * 99 / 100])
+    };
+    let agent = client();
+    let (status_p50, status_p99) = timed(&|| {
+        agent.get(&status_url).call().unwrap();
+    });
+    let commits = || journal_commits(&agent, &format!("{base}/metrics"));
+    let before = commits();
+    let (task_p50, task_p99) = timed(&|| submit(&agent, &tasks_url));
+    let after = commits();
+    let per_commit = (after.1 - before.1) / (after.0 - before.0) as f64;
+    // In place in a file already written, as redb writes its pages: no
+    // block to allocate, no size to sync.
+    const PROBE_PAGES: u64 = 16 << 10;
+    let file = std::fs::File::create(home.path().join("fsync-probe")).unwrap();
+    std::io::Write::write_all(&mut &file, &vec![0u8; (PROBE_PAGES * 4096) as usize]).unwrap();
+    file.sync_all().unwrap();
+    let page = |n: u64| {
+        let at = (n * 7919 % PROBE_PAGES) * 4096;
+        std::os::unix::fs::FileExt::write_all_at(&file, &[7u8; 4096], at).unwrap();
+    };
+    let round = std::cell::Cell::new(0u64);
+    let sync = |pages: u64| {
+        for p in 0..pages {
+            page(round.get() * pages + p);
+        }
+        round.set(round.get() + 1);
+        file.sync_data().unwrap();
+    };
+    let (one_p50, one_p99) = timed(&|| sync(1));
+    let (ten_p50, ten_p99) = timed(&|| sync(10));
+    println!(
+        "one in flight, {ONE} each: submit->result p50 {task_p50:?} p99 {task_p99:?}; \
+         GET /v1/status p50 {status_p50:?} p99 {status_p99:?}; \
+         journal commit mean {:?} ({} commits); \
+         fdatasync after 1 page p50 {one_p50:?} p99 {one_p99:?}, after 10 pages p50 {ten_p50:?} p99 {ten_p99:?}",
+        Duration::from_secs_f64(per_commit),
+        after.0 - before.0,
+    );
     drop(host);
+}
+
+/// `orch_journal_commit_seconds`: (count, sum) so far, from `/metrics`.
+fn journal_commits(agent: &ureq::Agent, url: &str) -> (u64, f64) {
+    let text = agent
+        .get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap()
+    };
+    (
+        value("orch_journal_commit_seconds_count ") as u64,
+        value("orch_journal_commit_seconds_sum "),
+    )
 }
 
 criterion_group!(benches, daemon);
