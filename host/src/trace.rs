@@ -160,8 +160,9 @@ pub fn is_valid(value: &str) -> bool {
 /// Whether a `traceparent` says its trace is sampled (flags bit 0): only
 /// then are spans made under it.
 pub fn sampled(traceparent: Option<&str>) -> bool {
+    // The fourth field: later versions may add fields after it.
     traceparent
-        .and_then(|t| t.rsplit('-').next())
+        .and_then(|t| t.split('-').nth(3))
         .and_then(|flags| u8::from_str_radix(flags, 16).ok())
         .is_some_and(|flags| flags & 1 == 1)
 }

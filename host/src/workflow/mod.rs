@@ -143,7 +143,9 @@ impl Workflows {
         store: Arc<dyn WorkflowStore>,
         messages: Option<mpsc::Receiver<(String, Vec<u8>)>>,
     ) -> Workflows {
-        let (ended, _) = broadcast::channel(1024);
+        // A waiter that falls behind reads the run again: the channel
+        // need not hold many records (each up to MAX_RUN_BYTES).
+        let (ended, _) = broadcast::channel(64);
         let shared = Arc::new(Shared {
             tasks,
             store,
@@ -372,10 +374,17 @@ impl Workflows {
                 return Ok(run);
             }
             run.cancel_requested = true;
-            if self.shared.store.update_run(&run, rev).await?.is_some() {
+            let poke = || {
                 if let Some(poke) = lock(&self.shared.driving).get(id) {
                     let _ = poke.send(());
                 }
+            };
+            // Before the write too: a driver with a poke waiting writes the
+            // run before it starts a step (see `run.rs`), so the steps it was
+            // about to start wait for this cancel.
+            poke();
+            if self.shared.store.update_run(&run, rev).await?.is_some() {
+                poke();
                 return Ok(run);
             }
         }

@@ -272,12 +272,16 @@ impl Driver {
     /// Starts (marks running, with its input) every pending step whose
     /// dependencies have all ended; skips those whose condition is false.
     /// Returns the steps to spawn.
-    fn start_ready(&mut self) -> Vec<usize> {
+    /// Starts the pending steps whose dependencies ended (only those in
+    /// `only`, when given).
+    fn start_ready(&mut self, only: Option<&[usize]>) -> Vec<usize> {
         let mut started = Vec::new();
         // One pass in dependency order: a step skipped here makes its
         // dependants ready in the same pass.
         for i in 0..self.run.steps.len() {
-            if self.run.steps[i].status != StepStatus::Pending {
+            if self.run.steps[i].status != StepStatus::Pending
+                || only.is_some_and(|only| !only.contains(&i))
+            {
                 continue;
             }
             let step = self.def.steps[i].step.clone();
@@ -407,6 +411,23 @@ impl Driver {
                 running_ids.insert(handle.id(), i);
             }
         }
+        // On a lone host a step's task may be stored while the run still
+        // says the step is pending (the two writes overlap, below): such a
+        // step started before a crash. It is started again whatever comes
+        // (a cancel, a failure, the deadline), so that its task is waited
+        // for and, completed, undone like any other.
+        let mut started_before = Vec::new();
+        if self.shared.store.exclusive() {
+            for i in 0..self.run.steps.len() {
+                if self.run.steps[i].status != StepStatus::Pending {
+                    continue;
+                }
+                let key = format!("wf/{}/{}/1", self.run.id, self.def.steps[i].step.id);
+                if let Ok(Some(_)) = self.shared.tasks.store().find_key(&key).await {
+                    started_before.push(i);
+                }
+            }
+        }
         let mut spawn: Vec<usize> = Vec::new();
         let mut renew = tokio::time::interval(LEASE / 3);
         loop {
@@ -424,8 +445,11 @@ impl Driver {
             }
             let stopping = self.run.error.is_some() || self.run.cancel_requested;
             if !stopping {
-                spawn.extend(self.start_ready());
+                spawn.extend(self.start_ready(None));
+            } else if !started_before.is_empty() {
+                spawn.extend(self.start_ready(Some(&started_before)));
             }
+            started_before.retain(|&i| self.run.steps[i].status == StepStatus::Pending);
             if running.is_empty() && spawn.is_empty() {
                 break;
             }
@@ -437,8 +461,13 @@ impl Driver {
             // a step finds that task by the key. So there the run's write
             // and the new steps' submissions overlap. In a cluster the write
             // comes first: it is what fences a driver another host replaced.
-            // A cancel waiting to be read (a poke) keeps the order too.
-            if self.shared.store.exclusive() && !poke.has_changed().unwrap_or(true) {
+            // A cancel waiting to be read (a poke) keeps the order too, and
+            // so does a fan-out (its elements' keys are not looked up when a
+            // run is taken up again).
+            let plain = spawn
+                .iter()
+                .all(|&i| self.def.steps[i].step.for_each.is_none());
+            if self.shared.store.exclusive() && plain && !poke.has_changed().unwrap_or(true) {
                 for i in spawn.drain(..) {
                     let handle = running.spawn(self.step(i, tx.clone(), true));
                     running_ids.insert(handle.id(), i);
