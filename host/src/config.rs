@@ -15,6 +15,7 @@
 //! retention = "24h"            # how long finished tasks and results are kept
 //! shutdown_grace = "30s"       # how long SIGTERM waits for running tasks
 //! instances = 16               # tasks at once per plugin without max_instances
+//! instance_slots = 256         # instances alive at once, all plugins together
 //! max_attempts = 3             # attempts per task for retryable failures
 //! max_unfinished = 100000      # accepted tasks not yet ended; more are refused (429)
 //! max_waits = 16384            # requests waiting for results at once; more are refused (429)
@@ -76,6 +77,9 @@ pub struct DaemonConfig {
     pub retention: Duration,
     pub shutdown_grace: Duration,
     pub instances: u32,
+    /// Instances alive at once on the host, all plugins together (the
+    /// engine's pool); a task waits for a free one.
+    pub instance_slots: u32,
     pub max_attempts: u32,
     pub max_unfinished: usize,
     /// Requests that may wait for task results at once (`?wait=`).
@@ -102,6 +106,13 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// The most `[host] instance_slots` may be. Each slot reserves address
+/// space for its memories (about 8 GiB: two of 4 GiB, so that wasm code
+/// needs no bounds checks): 10,000 slots reserve about 80 TiB of the
+/// 128 TiB an x86-64 process has, and 12,000 failed to start here
+/// (benches/README.md, `density`).
+pub const MAX_INSTANCE_SLOTS: u32 = 10_000;
+
 /// The API address when neither the config nor `--listen` names one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 
@@ -112,6 +123,7 @@ impl Default for DaemonConfig {
             retention: Duration::from_secs(24 * 3600),
             shutdown_grace: Duration::from_secs(30),
             instances: 16,
+            instance_slots: 256,
             max_attempts: 3,
             max_unfinished: 100_000,
             max_waits: 16_384,
@@ -219,6 +231,7 @@ struct HostFile {
     retention: Option<String>,
     shutdown_grace: Option<String>,
     instances: Option<u32>,
+    instance_slots: Option<u32>,
     max_attempts: Option<u32>,
     max_unfinished: Option<usize>,
     max_waits: Option<usize>,
@@ -290,6 +303,14 @@ impl HostConfig {
             }
             config.host.instances = n;
         }
+        if let Some(n) = file.host.instance_slots {
+            if !(1..=MAX_INSTANCE_SLOTS).contains(&n) {
+                return Err(err(format!(
+                    "host.instance_slots: {n} is not between 1 and {MAX_INSTANCE_SLOTS}"
+                )));
+            }
+            config.host.instance_slots = n;
+        }
         if let Some(n) = file.host.max_unfinished {
             if n == 0 {
                 return Err(err("host.max_unfinished: must be at least 1".into()));
@@ -351,5 +372,36 @@ impl HostConfig {
             trusted_keys: file.plugins.trusted_keys,
         };
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<HostConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        HostConfig::load(&path)
+    }
+
+    #[test]
+    fn instance_slots_are_taken_up_to_their_limit_and_refused_past_it() {
+        assert_eq!(load("").unwrap().host.instance_slots, 256);
+        for n in [1, MAX_INSTANCE_SLOTS] {
+            let config = load(&format!("[host]\ninstance_slots = {n}\n")).unwrap();
+            assert_eq!(config.host.instance_slots, n);
+        }
+        for n in [0, MAX_INSTANCE_SLOTS + 1] {
+            let e = load(&format!("[host]\ninstance_slots = {n}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!(
+                    "host.instance_slots: {n} is not between 1 and 10000"
+                )),
+                "{e}"
+            );
+        }
     }
 }

@@ -91,7 +91,7 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
         );
         return exit::BAD_INPUT;
     }
-    let engine = match super::engine(home) {
+    let engine = match super::engine_with(home, config.host.instance_slots) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}");

@@ -161,8 +161,15 @@ fn default_home() -> PathBuf {
 /// The engine every command uses: compiled components are cached under the
 /// data directory so that the second run of a component does not compile it.
 pub fn engine(home: &std::path::Path) -> Result<Engine, LoadError> {
+    engine_with(home, EngineConfig::default().instance_slots)
+}
+
+/// [`engine`] with a pool of `instance_slots` instances (`orch host start`
+/// takes it from `[host] instance_slots`).
+pub fn engine_with(home: &std::path::Path, instance_slots: u32) -> Result<Engine, LoadError> {
     Engine::new(EngineConfig {
         cache_dir: Some(home.join("cache").join("components")),
+        instance_slots,
         ..EngineConfig::default()
     })
 }

@@ -706,3 +706,53 @@ fn sigterm_ends_open_event_streams_and_the_host_exits() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// `[host] instance_slots`, as a pair: with 4 slots, 4 tasks that wait
+/// 600 ms in a host call (the `nap` fixture sleeps through WASI's clock)
+/// all run at once; 8 at once wait for a free slot in turn, never more
+/// than 4 running, and none fails for lack of one.
+#[test]
+fn tasks_past_the_instance_slots_wait_for_one_and_none_fails() {
+    const SLOTS: usize = 4;
+    let orch = Orch::new();
+    orch.config(&format!(
+        "[host]\ninstance_slots = {SLOTS}\ninstances = {}\n",
+        SLOTS * 2
+    ));
+    orch.ok(&["plugin", "install", "-y", &p("nap")]);
+    let host = HostProc::start(&orch);
+    let run = |n: usize| -> usize {
+        let lines: Vec<String> = (0..n)
+            .map(|_| json!({ "capability": "test.nap", "input": "600" }).to_string())
+            .collect();
+        let mut r = HostProc::agent()
+            .post(&format!("{}/v1/tasks:batch?wait=60s", host.url))
+            .header("content-type", "application/x-ndjson")
+            .send(lines.join("\n"))
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let answer = r.body_mut().read_to_string().unwrap();
+        // Each task ran from its end less the time the agent slept.
+        let mut edges = Vec::new();
+        for line in answer.lines() {
+            let task = serde_json::from_str::<Value>(line).unwrap()["task"].clone();
+            assert_eq!(task["status"], "completed", "{task}");
+            let slept: u64 = task["result"].as_str().unwrap().parse().unwrap();
+            assert!(slept >= 600, "{task}");
+            let end = task["finished_at_ms"].as_u64().unwrap();
+            // A millisecond's rounding either side is not an overlap.
+            edges.push((end - slept + 2, 1i32));
+            edges.push((end - 2, -1i32));
+        }
+        assert_eq!(edges.len(), 2 * n);
+        edges.sort();
+        let (mut now, mut most) = (0i32, 0i32);
+        for (_, step) in edges {
+            now += step;
+            most = most.max(now);
+        }
+        most as usize
+    };
+    assert_eq!(run(SLOTS), SLOTS, "tasks within the slots run at once");
+    assert_eq!(run(SLOTS * 2), SLOTS, "tasks past the slots wait for one");
+}
