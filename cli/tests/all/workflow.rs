@@ -1035,3 +1035,79 @@ subject = "ping.order"
         assert_eq!(got, [1, 2, 3], "one run per message: {runs:?}");
     }
 );
+
+/// On a lone host a step's task and the run's write that says the step
+/// started go at the same time. A crash between them leaves the task
+/// stored and the step `pending`; this makes that state (the run edited in
+/// `workflows.redb` with the host killed, a cancel added) and checks that
+/// the restarted host finds the task by its key: the step is waited for,
+/// not left `not-run` with its task running on its own, and is undone.
+#[test]
+fn a_step_stored_before_a_crash_but_not_written_as_started_is_waited_for_and_undone() {
+    let orch = Orch::new();
+    install(&orch);
+    orch.ok(&["plugin", "install", "-y", &p("nap")]);
+    let host = HostProc::start(&orch);
+    registered(
+        &host,
+        "name = \"pair\"\nversion = 1\n\
+         [[steps]]\nid = \"a\"\ncapability = \"echo\"\ninput = \"a\"\n\
+         compensate = { capability = \"echo\", input = \"undo a\" }\n\
+         [[steps]]\nid = \"b\"\ncapability = \"test.nap\"\nafter = [\"a\"]\ninput = \"1500\"\n\
+         compensate = { capability = \"echo\", input = \"undo b\" }\n\
+         [[steps]]\nid = \"c\"\ncapability = \"echo\"\nafter = [\"b\"]\ninput = \"c\"\n",
+    );
+    let run = start(&host, "pair", json!({ "input": null }), false);
+    let id = run["id"].as_str().unwrap().to_string();
+    host.until("step b runs", |h| {
+        let (_, run) = h.get(&format!("/v1/runs/{id}"));
+        step(&run, "b")["status"] == "running"
+    });
+    host.kill9();
+    {
+        let db = redb::Database::open(orch.home.path().join("workflows.redb")).unwrap();
+        use redb::ReadableTable;
+        let runs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("runs");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(runs).unwrap();
+            let stored = table.get(id.as_str()).unwrap().unwrap().value().to_vec();
+            let (rev, record) = stored.split_at(8);
+            let mut record: Value = serde_json::from_slice(record).unwrap();
+            let b = record["steps"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|s| s["id"] == "b")
+                .unwrap();
+            assert_eq!(b["status"], "running", "{b}");
+            b["status"] = json!("pending");
+            b["started_at_ms"] = Value::Null;
+            b["input"] = Value::Null;
+            b["task_id"] = Value::Null;
+            record["cancel_requested"] = json!(true);
+            let mut value = rev.to_vec();
+            value.extend(serde_json::to_vec(&record).unwrap());
+            table.insert(id.as_str(), value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let host = HostProc::start(&orch);
+    let run = wait_run(&host, &id);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    let b = step(&run, "b");
+    assert_eq!(b["status"], "completed", "{run}");
+    assert_eq!(step(&run, "c")["status"], "not-run", "{run}");
+    // The nap's result: the milliseconds it slept.
+    assert!(b["result"].as_u64().is_some_and(|ms| ms >= 1500), "{run}");
+    for s in ["b", "a"] {
+        assert_eq!(
+            step(&run, s)["compensation"]["status"],
+            "completed",
+            "{run}"
+        );
+    }
+    // b's task is the one stored before the crash: one task for its key.
+    let (_, tasks) = host.get("/v1/tasks?capability=test.nap&limit=10");
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "{tasks}");
+}
