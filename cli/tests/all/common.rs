@@ -228,6 +228,30 @@ impl HostProc {
         )
     }
 
+    /// `POST /v1/tasks:batch?wait=60s` of `lines`: the tasks of its answer
+    /// lines, as each ended.
+    pub fn batch(&self, lines: &[Value]) -> Vec<Value> {
+        let body: Vec<String> = lines.iter().map(Value::to_string).collect();
+        let mut r = Self::agent()
+            .post(&format!("{}/v1/tasks:batch?wait=60s", self.url))
+            .header("content-type", "application/x-ndjson")
+            .send(body.join("\n"))
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let answer = r
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .unwrap();
+        let tasks: Vec<Value> = answer
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["task"].clone())
+            .collect();
+        assert_eq!(tasks.len(), lines.len(), "{answer}");
+        tasks
+    }
+
     pub fn submit(&self, capability: &str, input: &str) -> String {
         let (code, task) = self.post(
             "/v1/tasks",

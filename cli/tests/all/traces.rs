@@ -337,23 +337,12 @@ fn new_traces_stop_at_the_cap_and_a_sampled_submitter_is_traced_past_it() {
     ));
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
     let host = HostProc::start(&orch);
-    let lines: Vec<String> = (0..BURST)
-        .map(|i| serde_json::json!({ "capability": "echo", "input": i.to_string() }).to_string())
+    let lines: Vec<Value> = (0..BURST)
+        .map(|i| serde_json::json!({ "capability": "echo", "input": i.to_string() }))
         .collect();
     let started = std::time::Instant::now();
-    let mut r = HostProc::agent()
-        .post(&format!("{}/v1/tasks:batch?wait=60s", host.url))
-        .header("content-type", "application/x-ndjson")
-        .send(lines.join("\n"))
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let answer = r.body_mut().read_to_string().unwrap();
+    let burst = host.batch(&lines);
     let took = started.elapsed().as_secs_f64();
-    let burst: Vec<Value> = answer
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["task"].clone())
-        .collect();
-    assert_eq!(burst.len(), BURST);
     let with_trace = |trace: &str, flags: &str| {
         let mut r = HostProc::agent()
             .post(&format!("{}/v1/tasks?wait=60s", host.url))
