@@ -84,9 +84,35 @@ struct Inner<T: 'static> {
 /// The right to one instance slot of the engine's pool, released when
 /// dropped. The scheduler takes one when it places a task; `Agent::handle`
 /// takes one itself when called without.
-#[derive(Debug)]
 pub struct InstancePermit {
+    /// Dropped before the permit (fields drop in order): what the holder
+    /// counts as busy for as long as the slot is (see [`Self::attach`]).
+    attached: Option<Box<dyn std::any::Any + Send + Sync>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InstancePermit {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit) -> InstancePermit {
+        InstancePermit {
+            attached: None,
+            _permit: permit,
+        }
+    }
+
+    /// Releases `guard` just before the slot, wherever the permit is
+    /// dropped: the scheduler attaches the agent's slot, so that no one can
+    /// see the engine slot free while the agent still counts it in use.
+    pub fn attach(&mut self, guard: impl std::any::Any + Send + Sync) {
+        self.attached = Some(Box::new(guard));
+    }
+}
+
+impl std::fmt::Debug for InstancePermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstancePermit")
+            .field("attached", &self.attached.is_some())
+            .finish()
+    }
 }
 
 /// Facts about a loaded component, for `orch inspect` and logs.
@@ -192,7 +218,7 @@ impl<T: 'static> Engine<T> {
             .clone()
             .try_acquire_owned()
             .ok()
-            .map(|p| InstancePermit { _permit: p })
+            .map(InstancePermit::new)
     }
 
     /// Advances the epoch at `at` as well as at every tick, for as long as
@@ -207,7 +233,7 @@ impl<T: 'static> Engine<T> {
     pub async fn instance_permit(&self) -> InstancePermit {
         loop {
             if let Ok(p) = self.inner.instances.clone().acquire_owned().await {
-                return InstancePermit { _permit: p };
+                return InstancePermit::new(p);
             }
         }
     }

@@ -664,6 +664,10 @@ impl Agent {
             charged: 0,
             reports: Vec::new(),
         });
+        // Declared before the store, so dropped after it: the slot is free
+        // only once the instance is (another task instantiating in between
+        // would find the pool full).
+        let mut held: Option<InstancePermit> = None;
         let mut store = self.new_store(limits, kv, calls, &task.id, started);
         let _deadline = started
             .checked_add(limits.timeout)
@@ -679,10 +683,10 @@ impl Agent {
         };
         let outcome = tokio::time::timeout(limits.timeout, async {
             // Waiting for a free slot counts against the deadline.
-            let _instance = match permit {
+            held = Some(match permit {
                 Some(p) => p,
                 None => self.engine.instance_permit().await,
-            };
+            });
             let _permit = match &self.instances {
                 Some((slots, _)) => Some(
                     slots

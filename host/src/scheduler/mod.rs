@@ -1149,8 +1149,12 @@ async fn run(inner: Arc<Inner>, job: Job) {
         mut limits,
         mut task,
         slot,
-        instance,
+        mut instance,
     } = job;
+    // The agent's slot is free the moment the engine's is, not after: a
+    // placement in between would count the agent busy and the engine slot
+    // free, and could give the slot away that an idle agent is kept.
+    instance.attach(slot);
     let started = Instant::now();
     let mut by_deadline = false;
     if let Some(deadline) = task.deadline {
@@ -1275,8 +1279,6 @@ async fn run(inner: Arc<Inner>, job: Job) {
         // Cut by the task's deadline, not the agent's timeout: name that one.
         result = Err(task.deadline_error());
     }
-    // The attempt is over: its slot is free before anything else happens.
-    drop(slot);
     if let Some(hook) = &inner.on_attempt {
         hook(AttemptEvent::Ended {
             capability: task.route.name(),
