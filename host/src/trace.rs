@@ -36,13 +36,12 @@ pub const HEADER: &str = "traceparent";
 
 static PROPAGATOR: LazyLock<TraceContextPropagator> = LazyLock::new(TraceContextPropagator::new);
 
-/// A carrier of one `traceparent` (no map to build for each task).
-#[derive(Default)]
-struct One(Option<String>);
+/// One `traceparent` to read (no map or copy to make for each task).
+struct Header<'a>(&'a str);
 
-impl Extractor for One {
+impl Extractor for Header<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.as_deref().filter(|_| key == HEADER)
+        (key == HEADER).then_some(self.0)
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -50,7 +49,11 @@ impl Extractor for One {
     }
 }
 
-impl Injector for One {
+/// Where one `traceparent` is written.
+#[derive(Default)]
+struct Slot(Option<String>);
+
+impl Injector for Slot {
     fn set(&mut self, key: &str, value: String) {
         if key == HEADER {
             self.0 = Some(value);
@@ -64,7 +67,7 @@ pub fn context(traceparent: Option<&str>) -> Context {
     let Some(value) = traceparent else {
         return Context::new();
     };
-    PROPAGATOR.extract(&One(Some(value.to_string())))
+    PROPAGATOR.extract(&Header(value))
 }
 
 /// The `traceparent` of a context's span, if it has a valid one.
@@ -72,7 +75,7 @@ pub fn traceparent(cx: &Context) -> Option<String> {
     if !cx.span().span_context().is_valid() {
         return None;
     }
-    let mut carrier = One::default();
+    let mut carrier = Slot::default();
     PROPAGATOR.inject_context(cx, &mut carrier);
     carrier.0
 }

@@ -411,3 +411,32 @@ both!(entries_older_than_the_retention_are_dropped, |mode| {
     let out = s.audit(&["verify"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 });
+
+// `[audit] max_entries`, as a pair: inside it every entry is kept; past it
+// the oldest go (on a lone host at the next prune, a quarter of the
+// retention, here 10 s; in a cluster the stream drops them as it stores),
+// and the trail still verifies from its oldest kept entry.
+both!(entries_past_max_entries_drop_the_oldest, |mode| {
+    const MAX: usize = 12;
+    let s = Setup::start(
+        mode,
+        &format!("[audit]\nretention = \"40s\"\nmax_entries = {MAX}\n"),
+    );
+    let first = s.api().submit("echo", "first");
+    let has = |e: &[Value], id: &str| {
+        e.iter()
+            .any(|e| e["kind"] == "task.submit" && e["detail"]["task"] == id)
+    };
+    let entries = s.until("the first submission recorded", |e| has(e, &first));
+    assert!(entries.len() <= MAX, "{entries:#?}");
+    let ids: Vec<String> = (0..MAX)
+        .map(|i| s.api().submit("echo", &format!("more {i}")))
+        .collect();
+    let last = ids.last().unwrap().clone();
+    let entries = s.until("the oldest entries dropped", |e| {
+        has(e, &last) && !has(e, &first) && e.len() <= MAX
+    });
+    assert!(entries.len() <= MAX, "{entries:#?}");
+    let out = s.audit(&["verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+});
