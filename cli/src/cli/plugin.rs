@@ -400,6 +400,12 @@ fn write_summary(
             .map_or(format!("{default_instances} (the host's default)"), |n| n
                 .to_string())
     )?;
+    if let Some(n) = m.limits.reuse.filter(|&n| n > 1) {
+        writeln!(
+            out,
+            "  reuse:        one instance serves up to {n} tasks in a row; memory and globals carry over between them"
+        )?;
+    }
     writeln!(out, "  grants:")?;
     let g = &m.grants;
     writeln!(

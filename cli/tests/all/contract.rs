@@ -30,7 +30,8 @@ fn config(host_keys: &str) -> String {
 }
 
 /// Plugins every deployment serves: echo, sleep (one instance, so a
-/// second task waits for the first), panic (traps every time), flaky.
+/// second task waits for the first), panic (traps every time), tally (an
+/// instance serves 3 tasks in a row, and counts them).
 fn install(orch: &Orch, config: &str) {
     orch.config(config);
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
@@ -42,6 +43,7 @@ fn install(orch: &Orch, config: &str) {
             "[limits]\nmax_instances = 1\nfuel = 1000000000000\ntimeout = \"120s\"\n",
         ),
         ("panic", "test.panic", ""),
+        ("tally", "test.tally", "[limits]\nreuse = 3\n"),
     ] {
         crate::common::install_fixture(orch, plugin, capability, extra);
     }
@@ -272,6 +274,29 @@ contract!(
             .map(|t| &t["id"])
             .collect();
         assert_eq!(ids, vec![&task["id"]], "{listed}");
+    }
+);
+
+contract!(
+    a_plugin_with_reuse_serves_tasks_in_a_row_on_one_instance_until_one_fails,
+    |d| {
+        let tally = |input: &str| {
+            let (code, task) = d.api().post(
+                "/v1/tasks?wait=60s",
+                &json!({ "capability": "test.tally", "input": input }),
+            );
+            assert_eq!(code, 201, "{task}");
+            task
+        };
+        // One task at a time: each finds the instance the last one left.
+        let served: Vec<Value> = (0..7).map(|_| tally("count")["result"].clone()).collect();
+        assert_eq!(served, ["1", "2", "3", "1", "2", "3", "1"], "{served:?}");
+        // A trap drops the instance (the retry gets a fresh one, which
+        // traps too); the next task starts on a fresh instance.
+        let trapped = tally("trap");
+        assert_eq!(trapped["status"], "dead", "{trapped}");
+        assert_eq!(trapped["error"]["kind"], "trap", "{trapped}");
+        assert_eq!(tally("count")["result"], "1");
     }
 );
 

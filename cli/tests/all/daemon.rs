@@ -745,3 +745,30 @@ fn tasks_past_the_instance_slots_wait_for_one_and_none_fails() {
     assert_eq!(run(SLOTS), SLOTS, "tasks within the slots run at once");
     assert_eq!(run(SLOTS * 2), SLOTS, "tasks past the slots wait for one");
 }
+
+/// A plugin with `reuse` whose kept instance holds the host's only slot
+/// runs its next task on that instance (placement takes the slot with the
+/// instance in it, instead of dropping it for a slot); another plugin's
+/// task takes the slot from it.
+#[test]
+fn a_kept_instance_holding_the_only_slot_serves_its_plugin_and_yields_to_others() {
+    let orch = Orch::new();
+    orch.config("[host]\ninstance_slots = 1\n");
+    orch.ok(&["plugin", "install", "-y", &p("echo")]);
+    orch.ok(&["plugin", "install", "-y", &p("tally")]);
+    let host = HostProc::start(&orch);
+    let task = |capability: &str, input: &str| {
+        let (code, task) = host.post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": capability, "input": input }),
+        );
+        assert_eq!(code, 201, "{task}");
+        assert_eq!(task["status"], "completed", "{task}");
+        task["result"].as_str().unwrap().to_string()
+    };
+    // tally.toml: reuse = 3.
+    let served: Vec<String> = (0..4).map(|_| task("test.tally", "count")).collect();
+    assert_eq!(served, ["1", "2", "3", "1"]);
+    assert_eq!(task("echo", "x"), "x");
+    assert_eq!(task("test.tally", "count"), "1");
+}

@@ -11,8 +11,11 @@
 pub mod bindings;
 mod cache;
 
+use std::any::Any;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -78,25 +81,82 @@ struct Inner<T: 'static> {
     /// One permit per pool slot: whoever instantiates holds one for as long
     /// as the instance lives.
     instances: Arc<tokio::sync::Semaphore>,
+    idle: Idle,
     ticker: EpochTicker,
+}
+
+/// Instances kept alive between tasks (`[limits] reuse`), each holding its
+/// slot's permit. They count as free slots: whoever needs a slot and finds
+/// none evicts the one parked longest ago, and while anyone waits for a
+/// slot nothing stays parked, so a kept instance never makes a task wait.
+struct Idle {
+    parked: Mutex<VecDeque<Parked>>,
+    /// Callers inside [`Engine::instance_permit`] that found no slot.
+    waiters: AtomicUsize,
+    next_owner: AtomicU64,
+}
+
+struct Parked {
+    owner: u64,
+    /// The slot, with the owner's instance kept in it.
+    permit: InstancePermit,
+}
+
+impl Idle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
+        // Nothing in here can be left half-done by a panic.
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the instance parked longest ago; false when there is none.
+    fn evict_oldest(&self) -> bool {
+        let evicted = self.lock().pop_front();
+        // Dropped outside the lock: freeing an instance is not free.
+        evicted.is_some()
+    }
+}
+
+/// Counts a caller waiting for a slot for as long as it waits (the wait can
+/// be cancelled with its task).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The right to one instance slot of the engine's pool, released when
 /// dropped. The scheduler takes one when it places a task; `Agent::handle`
 /// takes one itself when called without.
 pub struct InstancePermit {
-    /// Dropped before the permit (fields drop in order): what the holder
-    /// counts as busy for as long as the slot is (see [`Self::attach`]).
-    attached: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// An instance kept in the slot for its owner's next task (see
+    /// [`Engine::park`]). Fields drop in order: the instance first.
+    kept: Option<Box<dyn Any + Send>>,
+    /// Dropped before the permit: what the holder counts as busy for as
+    /// long as the slot is (see [`Self::attach`]).
+    attached: Option<Box<dyn Any + Send + Sync>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl InstancePermit {
     fn new(permit: tokio::sync::OwnedSemaphorePermit) -> InstancePermit {
         InstancePermit {
+            kept: None,
             attached: None,
             _permit: permit,
         }
+    }
+
+    /// Puts an instance in the slot, to be parked with it.
+    pub fn keep(&mut self, instance: Box<dyn Any + Send>) {
+        self.kept = Some(instance);
+    }
+
+    /// The instance kept in this slot, if any: a permit from
+    /// [`Engine::unpark`] or [`Engine::try_instance_permit_for`] may hold one.
+    pub fn take_kept(&mut self) -> Option<Box<dyn Any + Send>> {
+        self.kept.take()
     }
 
     /// Releases `guard` just before the slot, wherever the permit is
@@ -105,11 +165,29 @@ impl InstancePermit {
     pub fn attach(&mut self, guard: impl std::any::Any + Send + Sync) {
         self.attached = Some(Box::new(guard));
     }
+
+    /// Moves what `other` has attached to this permit and releases
+    /// `other`'s slot: a task given a slot that runs on a kept instance
+    /// (which has its own) gives the spare one back.
+    pub fn take_over(&mut self, mut other: InstancePermit) {
+        if let Some(guard) = other.attached.take() {
+            self.attached = Some(guard);
+        }
+    }
+
+    /// Takes out what is attached, keeping the slot (an instance parked for
+    /// the next task holds its slot but no agent's). The caller drops it
+    /// once the instance is parked, so that no one sees the agent's slot
+    /// free while its instance is in neither place.
+    pub fn detach(&mut self) -> Option<Box<dyn Any + Send + Sync>> {
+        self.attached.take()
+    }
 }
 
 impl std::fmt::Debug for InstancePermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InstancePermit")
+            .field("kept", &self.kept.is_some())
             .field("attached", &self.attached.is_some())
             .finish()
     }
@@ -206,19 +284,86 @@ impl<T: 'static> Engine<T> {
                 config,
                 compat,
                 instances,
+                idle: Idle {
+                    parked: Mutex::new(VecDeque::new()),
+                    waiters: AtomicUsize::new(0),
+                    next_owner: AtomicU64::new(1),
+                },
                 ticker,
             }),
         })
     }
 
-    /// An instance slot if one is free now.
+    /// An instance slot if one is free now, or held by a parked instance
+    /// (which is dropped for it).
     pub fn try_instance_permit(&self) -> Option<InstancePermit> {
-        self.inner
-            .instances
-            .clone()
-            .try_acquire_owned()
-            .ok()
-            .map(InstancePermit::new)
+        self.try_instance_permit_for(None)
+    }
+
+    /// Like [`Engine::try_instance_permit`] for a task of `owner`: when no
+    /// slot is free and `owner` has an instance parked, the slot comes with
+    /// that instance in it ([`InstancePermit::take_kept`]) instead of
+    /// another instance being dropped for it.
+    pub fn try_instance_permit_for(&self, owner: Option<u64>) -> Option<InstancePermit> {
+        loop {
+            if let Ok(p) = self.inner.instances.clone().try_acquire_owned() {
+                return Some(InstancePermit::new(p));
+            }
+            if let Some(kept) = owner.and_then(|o| self.unpark(o)) {
+                return Some(kept);
+            }
+            if !self.inner.idle.evict_oldest() {
+                return None;
+            }
+        }
+    }
+
+    /// A key for [`Engine::park`], one per owner of parked instances.
+    pub fn new_owner(&self) -> u64 {
+        self.inner.idle.next_owner.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Keeps `permit`'s slot and the instance in it
+    /// ([`InstancePermit::keep`]) for `owner`'s next task. It is dropped
+    /// instead when someone waits for a slot, and later when a slot is
+    /// needed and none is free.
+    pub fn park(&self, owner: u64, permit: InstancePermit) {
+        let evicted = {
+            let mut parked = self.inner.idle.lock();
+            parked.push_back(Parked { owner, permit });
+            // Read under the lock: a waiter counts itself before it looks
+            // here, so either it sees this entry or this sees it.
+            (self.inner.idle.waiters.load(Ordering::SeqCst) > 0)
+                .then(|| parked.pop_front())
+                .flatten()
+        };
+        drop(evicted);
+    }
+
+    /// The slot `owner` parked most recently, with its instance, if it is
+    /// still there.
+    pub fn unpark(&self, owner: u64) -> Option<InstancePermit> {
+        let mut parked = self.inner.idle.lock();
+        let at = parked.iter().rposition(|p| p.owner == owner)?;
+        parked.remove(at).map(|p| p.permit)
+    }
+
+    /// Drops every instance `owner` parked (the agent is being unloaded).
+    pub fn evict(&self, owner: u64) {
+        let evicted: VecDeque<Parked> = {
+            let mut parked = self.inner.idle.lock();
+            let (gone, kept) = std::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|p| p.owner == owner);
+            *parked = kept;
+            gone
+        };
+        drop(evicted);
+    }
+
+    /// Instances parked now.
+    pub fn parked_instances(&self) -> usize {
+        self.inner.idle.lock().len()
     }
 
     /// Advances the epoch at `at` as well as at every tick, for as long as
@@ -231,6 +376,15 @@ impl<T: 'static> Engine<T> {
     /// Waits for a free instance slot. The semaphore is never closed, so
     /// this only ends with a permit (or is cancelled with its caller).
     pub async fn instance_permit(&self) -> InstancePermit {
+        let idle = &self.inner.idle;
+        if let Some(p) = self.try_instance_permit() {
+            return p;
+        }
+        idle.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&idle.waiters);
+        // Counted first, then looked: an instance parked in between is
+        // evicted by `park` itself.
+        while idle.evict_oldest() {}
         loop {
             if let Ok(p) = self.inner.instances.clone().acquire_owned().await {
                 return InstancePermit::new(p);
@@ -238,9 +392,9 @@ impl<T: 'static> Engine<T> {
         }
     }
 
-    /// Instance slots free now.
+    /// Instance slots free now, those held by parked instances included.
     pub fn free_instances(&self) -> usize {
-        self.inner.instances.available_permits()
+        self.inner.instances.available_permits() + self.parked_instances()
     }
 
     pub fn config(&self) -> &EngineConfig {

@@ -53,6 +53,10 @@ pub struct Limits {
     /// recorded, and a run of the same task again gets the recorded
     /// outcomes instead of new sub-tasks (manifest `[plugin] durable`).
     pub durable: bool,
+    /// How many tasks in a row one instance may serve (manifest `[limits]
+    /// reuse`); 0 and 1 give every task a fresh instance. See
+    /// [`Agent::run`] for when a kept instance is dropped.
+    pub reuse: u32,
 }
 
 impl Default for Limits {
@@ -68,6 +72,7 @@ impl Default for Limits {
             max_call_depth: 4,
             max_subtasks: 32,
             durable: false,
+            reuse: 0,
         }
     }
 }
@@ -448,7 +453,8 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 }
 
 /// A loaded agent: a checked, pre-linked component and its descriptor.
-/// Cheap to share between tasks; every task gets a fresh instance.
+/// Cheap to share between tasks; every task gets a fresh instance, unless
+/// its limits allow reuse ([`Limits::reuse`]), see [`Agent::run`].
 pub struct Agent {
     engine: Engine,
     pre: AgentPre<StoreData>,
@@ -463,6 +469,23 @@ pub struct Agent {
     instances: Option<(Arc<tokio::sync::Semaphore>, u32)>,
     name: Arc<str>,
     subscriptions: Vec<String>,
+    /// This agent's key for the instances it parks in the engine.
+    owner: u64,
+}
+
+/// An instance kept for the agent's next task, parked in its slot
+/// ([`InstancePermit::keep`]).
+struct Warm {
+    store: Store<StoreData>,
+    instance: bindings::Agent,
+    /// Tasks it has served.
+    served: u32,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.engine.evict(self.owner);
+    }
 }
 
 impl Agent {
@@ -520,6 +543,7 @@ impl Agent {
             instances: None,
             name: Arc::from(""),
             subscriptions: Vec::new(),
+            owner: engine.new_owner(),
         };
         let descriptor = agent
             .describe(limits)
@@ -570,6 +594,13 @@ impl Agent {
         self.subscriptions = subjects;
     }
 
+    /// A slot for one of this agent's tasks if one is free now, or one
+    /// holding an instance this agent kept, which the task then runs on
+    /// (see [`crate::engine::Engine::try_instance_permit_for`]).
+    pub fn try_instance_permit(&self) -> Option<InstancePermit> {
+        self.engine.try_instance_permit_for(Some(self.owner))
+    }
+
     /// The `max_instances` limit, if the agent has one.
     pub fn max_instances(&self) -> Option<u32> {
         self.instances.as_ref().map(|(_, max)| *max)
@@ -618,6 +649,13 @@ impl Agent {
     /// dropped afterwards whatever happened, so a trap never leaks into the
     /// next task. Waits for a free instance slot of the engine first (within
     /// the deadline).
+    ///
+    /// With `limits.reuse` above 1 (and not durable), the task runs on an
+    /// instance the agent kept from an earlier task when there is one, and
+    /// its instance is kept in turn if the task ended well, the instance
+    /// has served fewer than `reuse` tasks, was never refused memory or a
+    /// table, and has at least half its memory limit free. Fuel, the
+    /// deadline and the host-call budget are set again for every task.
     pub async fn handle(
         &self,
         task: TaskRequest,
@@ -664,11 +702,50 @@ impl Agent {
             charged: 0,
             reports: Vec::new(),
         });
+        // A durable task's calls are replayed against its record, which
+        // state carried over from another task could make it diverge from.
+        let reusable = limits.reuse > 1 && !limits.durable;
+        // An instance this agent kept from an earlier task, if it may use
+        // one: in the slot it was given, or parked in the engine.
+        let mut slot = permit;
+        let mut warm: Option<Box<Warm>> = None;
+        if reusable {
+            if let Some(kept) = slot.as_mut().and_then(InstancePermit::take_kept) {
+                warm = kept.downcast::<Warm>().ok();
+            } else if let Some(mut parked) = self.engine.unpark(self.owner) {
+                warm = parked.take_kept().and_then(|k| k.downcast::<Warm>().ok());
+                if let Some(given) = slot.take() {
+                    // The given slot is spare; what it carries (the
+                    // agent's slot) goes with the parked one.
+                    parked.take_over(given);
+                }
+                slot = Some(parked);
+            }
+        } else if let Some(given) = slot.as_mut() {
+            // An instance kept in the slot is not for this task, and the
+            // slot holds one instance at a time.
+            drop(given.take_kept());
+        }
         // Declared before the store, so dropped after it: the slot is free
         // only once the instance is (another task instantiating in between
         // would find the pool full).
-        let mut held: Option<InstancePermit> = None;
-        let mut store = self.new_store(limits, kv, calls, &task.id, started);
+        let mut held: Option<InstancePermit>;
+        let (mut store, mut kept, served) = match warm {
+            Some(warm) => {
+                let Warm {
+                    mut store,
+                    instance,
+                    served,
+                } = *warm;
+                self.prepare_store(&mut store, limits, kv, calls, &task.id, started);
+                (store, Some(instance), served)
+            }
+            None => {
+                let store = self.new_store(limits, kv, calls, &task.id, started);
+                (store, None, 0)
+            }
+        };
+        held = slot;
         let _deadline = started
             .checked_add(limits.timeout)
             .map(|at| self.engine.arm_deadline(at));
@@ -683,10 +760,9 @@ impl Agent {
         };
         let outcome = tokio::time::timeout(limits.timeout, async {
             // Waiting for a free slot counts against the deadline.
-            held = Some(match permit {
-                Some(p) => p,
-                None => self.engine.instance_permit().await,
-            });
+            if held.is_none() {
+                held = Some(self.engine.instance_permit().await);
+            }
             let _permit = match &self.instances {
                 Some((slots, _)) => Some(
                     slots
@@ -697,15 +773,21 @@ impl Agent {
                 ),
                 None => None,
             };
-            let instance = self
-                .pre
-                .instantiate_async(&mut store)
-                .instrument(crate::trace_span!("wasm.instantiate"))
-                .await?;
-            instance
+            let instance = match kept.take() {
+                Some(instance) => instance,
+                None => {
+                    self.pre
+                        .instantiate_async(&mut store)
+                        .instrument(crate::trace_span!("wasm.instantiate"))
+                        .await?
+                }
+            };
+            let result = instance
                 .call_handle(&mut store, &task)
                 .instrument(crate::trace_span!("guest.handle"))
-                .await
+                .await;
+            kept = Some(instance);
+            result
         })
         .await;
         // A charge the call hook has not applied yet (the deadline cut the
@@ -742,6 +824,33 @@ impl Agent {
                 limit: limits.max_result,
             });
         }
+        // Kept for the next task only after a task that ended well, while
+        // it has tasks left to serve and at least half its memory limit
+        // free: any trap, limit or error drops it, and a guest that grows
+        // its memory task after task gets a fresh instance before a task
+        // could fail for the growth of earlier ones.
+        let served = served.saturating_add(1);
+        let limiter = &store.data().limiter;
+        let within = memory <= limiter.limit / 2
+            && limiter.refused.is_none()
+            && limiter.table_refused.is_none();
+        if reusable && served < limits.reuse && within {
+            if let (Some(instance), Some(mut permit)) = (kept.take(), held.take()) {
+                // The engine slot stays with the instance; the agent's slot
+                // is free with the task, once the instance is parked.
+                let agent_slot = permit.detach();
+                let data = store.data_mut();
+                data.calls = None;
+                data.bus = None;
+                permit.keep(Box::new(Warm {
+                    store,
+                    instance,
+                    served,
+                }));
+                self.engine.park(self.owner, permit);
+                drop(agent_slot);
+            }
+        }
         Outcome {
             result: Ok(TaskOutput {
                 result,
@@ -758,6 +867,37 @@ impl Agent {
 
     fn slots(&self) -> u32 {
         self.engine.config().instance_slots
+    }
+
+    /// Readies a kept store for its next task: what [`Agent::new_store`]
+    /// sets per task, set again. The instance's memory, globals, WASI
+    /// context and resource table stay: that is what reuse keeps.
+    fn prepare_store(
+        &self,
+        store: &mut Store<StoreData>,
+        limits: &Limits,
+        kv: KvState,
+        calls: Option<CallState>,
+        task: &str,
+        started: Instant,
+    ) {
+        let metered_calls = calls.is_some();
+        let data = store.data_mut();
+        data.limiter.limit = limits.memory.min(self.engine.config().max_memory);
+        // A kept instance never hit a limit (it would not have been kept).
+        data.limiter.refused = None;
+        data.limiter.table_refused = None;
+        data.kv = kv;
+        data.task = task.into();
+        data.panic = None;
+        data.calls = calls;
+        if let Some(stderr) = &data.stderr {
+            stderr.clear();
+        }
+        if metered_calls {
+            store.call_hook(on_host_call);
+        }
+        self.set_budgets(store, limits, started);
     }
 
     /// A store for one call that started at `started`: past its deadline
@@ -801,6 +941,12 @@ impl Agent {
         if metered_calls {
             store.call_hook(on_host_call);
         }
+        self.set_budgets(&mut store, limits, started);
+        store
+    }
+
+    /// The per-call budgets: fuel, host-call data, and the deadline.
+    fn set_budgets(&self, store: &mut Store<StoreData>, limits: &Limits, started: Instant) {
         // Fuel cannot fail to be set: the engine always has fuel enabled.
         let _ = store.set_fuel(limits.fuel);
         store.set_hostcall_fuel(usize::try_from(limits.hostcall_budget()).unwrap_or(usize::MAX));
@@ -818,7 +964,6 @@ impl Agent {
                 Ok(wasmtime::UpdateDeadline::Yield(1))
             }
         });
-        store
     }
 }
 

@@ -31,6 +31,13 @@ impl StderrTail {
         buf.extend(bytes);
     }
 
+    /// Forgets what was captured (a kept instance starts its next task).
+    pub(super) fn clear(&self) {
+        if let Ok(mut buf) = self.buf.lock() {
+            buf.clear();
+        }
+    }
+
     /// The captured text, trimmed; `None` when the guest wrote nothing.
     pub(super) fn text(&self) -> Option<String> {
         let buf = self.buf.lock().ok()?;

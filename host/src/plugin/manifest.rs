@@ -19,6 +19,11 @@ pub const MAX_MANIFEST_SIZE: u64 = 1 << 20;
 /// Name of the custom section that may carry the manifest.
 pub const SECTION: &str = "orch-manifest";
 
+/// Most tasks one instance may serve (`[limits] reuse`). What a guest
+/// leaves in host-side tables (open WASI resources) is bounded by this many
+/// tasks' worth; its memory is bounded by its memory limit.
+pub const MAX_REUSE: u32 = 10_000;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -61,6 +66,11 @@ pub struct LimitsSection {
     pub timeout: Option<String>,
     /// Most instances of this plugin alive at once.
     pub max_instances: Option<u32>,
+    /// How many tasks in a row one instance may serve. The plugin declares
+    /// by it that it keeps no state a later task must not see: memory,
+    /// globals and open WASI resources carry over. Absent or 1, every task
+    /// gets a fresh instance.
+    pub reuse: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +247,27 @@ impl Manifest {
                 "must be greater than zero".into(),
             ));
         }
+        match self.limits.reuse {
+            Some(0) => {
+                return Err(field(
+                    "limits.reuse",
+                    "must be at least 1 (1 gives every task a fresh instance)".into(),
+                ))
+            }
+            Some(n) if n > MAX_REUSE => {
+                return Err(field(
+                    "limits.reuse",
+                    format!("{n} is past the limit of {MAX_REUSE} tasks for one instance"),
+                ))
+            }
+            Some(n) if n > 1 && self.plugin.durable => {
+                return Err(field(
+                    "limits.reuse",
+                    "a durable plugin cannot reuse instances: its calls are replayed against a record that state kept from another task could make them diverge from".into(),
+                ))
+            }
+            _ => {}
+        }
         if let Some(ns) = &g.kv {
             if !is_name(ns) {
                 return Err(field(
@@ -380,6 +411,9 @@ impl Manifest {
             limits.timeout = d;
         }
         limits.durable = self.plugin.durable;
+        if let Some(n) = self.limits.reuse {
+            limits.reuse = n;
+        }
         Ok(limits)
     }
 }
@@ -552,6 +586,39 @@ dirs = [{ host = "/srv/in", guest = "/in" }, { host = "/srv/out", guest = "/out"
             .unwrap()
             .limits(&host(), "m.toml")
             .is_ok());
+    }
+
+    #[test]
+    fn reuse_must_be_1_to_max_and_not_on_a_durable_plugin() {
+        let with = |n: u32| GOOD.replace("fuel = 5000", &format!("fuel = 5000\nreuse = {n}"));
+        let err = Manifest::parse(&with(0), "m.toml").unwrap_err().to_string();
+        assert!(err.contains("field `limits.reuse`"), "{err}");
+        assert!(err.contains("must be at least 1"), "{err}");
+        for n in [1, 3, MAX_REUSE] {
+            let m = Manifest::parse(&with(n), "m.toml").unwrap();
+            assert_eq!(m.limits(&host(), "m.toml").unwrap().reuse, n);
+        }
+        let err = Manifest::parse(&with(MAX_REUSE + 1), "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("past the limit of 10000 tasks"), "{err}");
+        let durable = with(3).replace(
+            "capabilities = [\"counter\"]",
+            "capabilities = [\"counter\"]\ndurable = true",
+        );
+        let err = Manifest::parse(&durable, "m.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("a durable plugin cannot reuse instances"),
+            "{err}"
+        );
+        assert!(Manifest::parse(
+            &with(1).replace(
+                "capabilities = [\"counter\"]",
+                "capabilities = [\"counter\"]\ndurable = true"
+            ),
+            "m.toml"
+        )
+        .is_ok());
     }
 
     #[test]

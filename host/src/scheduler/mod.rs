@@ -1034,7 +1034,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     let Ok(slot) = e.slots.clone().try_acquire_owned() else {
                         break;
                     };
-                    let Some(instance) = e.engine.try_instance_permit() else {
+                    let Some(instance) = agent.try_instance_permit() else {
                         break;
                     };
                     let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) else {

@@ -9,6 +9,7 @@ mod grants;
 mod kv;
 mod limits;
 mod malformed;
+mod reuse;
 mod scheduler;
 mod teams;
 mod traps;
