@@ -87,6 +87,10 @@ pub struct Snapshot {
     pub redelivered: u64,
     pub terminated: u64,
     pub duplicates: u64,
+    /// The engine's instance slots free now, those held by kept instances
+    /// included, and the instances kept ([limits] reuse).
+    pub free_instances: usize,
+    pub kept_instances: usize,
 }
 
 /// The host's metrics.
@@ -103,6 +107,8 @@ pub struct Metrics {
     in_flight: Family<Agent, Gauge>,
     free_slots: Family<Agent, Gauge>,
     breaker: Family<Agent, Gauge>,
+    free_instances: Gauge,
+    kept_instances: Gauge,
     score: Family<Agent, Gauge<f64, AtomicU64>>,
     members: Family<MemberState, Gauge>,
     heartbeat_age: Family<Member, Gauge<f64, AtomicU64>>,
@@ -331,6 +337,8 @@ impl Metrics {
             in_flight: Family::default(),
             free_slots: Family::default(),
             breaker: Family::default(),
+            free_instances: Gauge::default(),
+            kept_instances: Gauge::default(),
             score: Family::default(),
             members: Family::default(),
             heartbeat_age: Family::default(),
@@ -401,6 +409,16 @@ impl Metrics {
             "orch_agent_free_slots",
             "Tasks an agent could start now",
             m.free_slots.clone(),
+        );
+        registry.register(
+            "orch_instance_slots_free",
+            "Engine instance slots free now, those held by kept instances included",
+            m.free_instances.clone(),
+        );
+        registry.register(
+            "orch_instances_kept",
+            "Instances kept for their plugin's next task ([limits] reuse)",
+            m.kept_instances.clone(),
         );
         registry.register(
             "orch_agent_breaker_state",
@@ -646,6 +664,8 @@ impl Metrics {
         for (host, age) in now.heartbeats {
             self.heartbeat_age.get_or_create(&Member { host }).set(age);
         }
+        self.free_instances.set(now.free_instances as i64);
+        self.kept_instances.set(now.kept_instances as i64);
         let counters = [&self.redelivered, &self.terminated, &self.duplicates];
         let values = [now.redelivered, now.terminated, now.duplicates];
         for ((counter, value), last) in counters.iter().zip(values).zip(seen.iter_mut()) {

@@ -94,7 +94,14 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
     orch.config("[host]\nmax_attempts = 2\n");
     orch.ok(&["plugin", "install", "-y", &p("wordcount")]);
     install_fixture(&orch, "panic", "test.panic", "");
+    orch.ok(&["plugin", "install", "-y", &p("tally")]);
     let host = HostProc::start(&orch);
+    // tally.toml: reuse = 3. Its instance is kept after this task.
+    let (_, task) = host.post(
+        "/v1/tasks?wait=60s",
+        &json!({ "capability": "test.tally", "input": "count" }),
+    );
+    assert_eq!(task["result"], "1", "{task}");
     for i in 0..7 {
         let (code, task) = host.post(
             "/v1/tasks?wait=60s",
@@ -177,7 +184,9 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
         4.0,
     );
     prometheus.until_equals("sum(orch_journal_commit_seconds_count) > bool 0", 1.0);
-    prometheus.until_equals("sum(orch_agent_free_slots)", 32.0);
+    prometheus.until_equals("sum(orch_agent_free_slots)", 48.0);
+    prometheus.until_equals("orch_instances_kept", 1.0);
+    prometheus.until_equals("orch_instance_slots_free", 256.0);
     prometheus.until_equals(
         "sum(orch_workflow_runs_total{workflow=\"wm\",status=\"completed\"})",
         2.0,

@@ -837,6 +837,8 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         redelivered: router.map_or(0, |r| r.redelivered()),
         terminated: router.map_or(0, |r| r.terminated()),
         duplicates: router.map_or(0, |r| r.duplicates()),
+        free_instances: host.engine().free_instances(),
+        kept_instances: host.engine().parked_instances(),
     };
     let text = host.events().metrics().render(snapshot);
     (

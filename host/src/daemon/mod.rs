@@ -348,6 +348,11 @@ impl Host {
         self.inner.started.elapsed()
     }
 
+    /// The engine every plugin of this host runs on (its instance slots).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
     pub fn scheduler(&self) -> &Scheduler {
         &self.inner.scheduler
     }
