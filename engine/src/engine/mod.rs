@@ -44,6 +44,10 @@ pub struct EngineConfig {
     pub max_wasm_stack: usize,
     /// Where compiled components are cached; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
+    /// How long an instance kept for reuse may wait for its next task
+    /// before it is dropped (checked at every epoch tick), so a quiet host
+    /// does not hold the memory of a past burst.
+    pub keep_idle: Duration,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             epoch_tick: Duration::from_millis(10),
             max_wasm_stack: 512 << 10,
             cache_dir: None,
+            keep_idle: Duration::from_secs(30),
         }
     }
 }
@@ -81,7 +86,7 @@ struct Inner<T: 'static> {
     /// One permit per pool slot: whoever instantiates holds one for as long
     /// as the instance lives.
     instances: Arc<tokio::sync::Semaphore>,
-    idle: Idle,
+    idle: Arc<Idle>,
     ticker: EpochTicker,
 }
 
@@ -98,6 +103,7 @@ struct Idle {
 
 struct Parked {
     owner: u64,
+    since: Instant,
     /// The slot, with the owner's instance kept in it.
     permit: InstancePermit,
 }
@@ -106,6 +112,20 @@ impl Idle {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Parked>> {
         // Nothing in here can be left half-done by a panic.
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes out the instances parked `keep_idle` or longer before `now`
+    /// (the list is in the order they were parked).
+    fn expired(&self, now: Instant, keep_idle: Duration) -> Vec<Parked> {
+        let mut parked = self.lock();
+        let mut gone = Vec::new();
+        while parked
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.since) >= keep_idle)
+        {
+            gone.extend(parked.pop_front());
+        }
+        gone
     }
 
     /// Drops the instance parked longest ago; false when there is none.
@@ -275,7 +295,16 @@ impl<T: 'static> Engine<T> {
             wasmtime.precompile_compatibility_hash().hash(&mut h);
             format!("{:016x}", h.finish())
         };
-        let ticker = EpochTicker::start(wasmtime.clone(), config.epoch_tick)?;
+        let idle = Arc::new(Idle {
+            parked: Mutex::new(VecDeque::new()),
+            waiters: AtomicUsize::new(0),
+            next_owner: AtomicU64::new(1),
+        });
+        let ticker = EpochTicker::start(
+            wasmtime.clone(),
+            config.epoch_tick,
+            (idle.clone(), config.keep_idle),
+        )?;
         let instances = Arc::new(tokio::sync::Semaphore::new(slots as usize));
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -284,11 +313,7 @@ impl<T: 'static> Engine<T> {
                 config,
                 compat,
                 instances,
-                idle: Idle {
-                    parked: Mutex::new(VecDeque::new()),
-                    waiters: AtomicUsize::new(0),
-                    next_owner: AtomicU64::new(1),
-                },
+                idle,
                 ticker,
             }),
         })
@@ -330,7 +355,11 @@ impl<T: 'static> Engine<T> {
     pub fn park(&self, owner: u64, permit: InstancePermit) {
         let evicted = {
             let mut parked = self.inner.idle.lock();
-            parked.push_back(Parked { owner, permit });
+            parked.push_back(Parked {
+                owner,
+                since: Instant::now(),
+                permit,
+            });
             // Read under the lock: a waiter counts itself before it looks
             // here, so either it sees this entry or this sees it.
             (self.inner.idle.waiters.load(Ordering::SeqCst) > 0)
@@ -627,7 +656,11 @@ impl Drop for Deadline {
 impl EpochTicker {
     /// Fails when the thread cannot start: an engine without a ticker could
     /// not interrupt a looping guest, so it must not exist.
-    fn start(engine: wasmtime::Engine, tick: Duration) -> Result<EpochTicker, LoadError> {
+    fn start(
+        engine: wasmtime::Engine,
+        tick: Duration,
+        idle: (Arc<Idle>, Duration),
+    ) -> Result<EpochTicker, LoadError> {
         let clock = Arc::new(Clock {
             state: std::sync::Mutex::new(ClockState {
                 deadlines: std::collections::BTreeSet::new(),
@@ -640,7 +673,7 @@ impl EpochTicker {
         let shared = clock.clone();
         std::thread::Builder::new()
             .name("orch-epoch".into())
-            .spawn(move || run_clock(&shared, &engine, tick))
+            .spawn(move || run_clock(&shared, &engine, tick, &idle))
             .map_err(|e| {
                 LoadError::Engine(format!(
                     "cannot start the epoch ticker thread, without which deadlines cannot interrupt a guest: {e}"
@@ -669,7 +702,12 @@ impl EpochTicker {
     }
 }
 
-fn run_clock(clock: &Clock, engine: &wasmtime::Engine, tick: Duration) {
+fn run_clock(
+    clock: &Clock,
+    engine: &wasmtime::Engine,
+    tick: Duration,
+    (idle, keep_idle): &(Arc<Idle>, Duration),
+) {
     let mut state = clock.state.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if state.stop {
@@ -681,6 +719,14 @@ fn run_clock(clock: &Clock, engine: &wasmtime::Engine, tick: Duration) {
             advance = true;
             // From now, not from the missed tick: no burst after a stall.
             state.next_tick = now + tick;
+            let expired = idle.expired(now, *keep_idle);
+            if !expired.is_empty() {
+                // Freed without the clock's lock: tasks arm deadlines
+                // under it.
+                drop(state);
+                drop(expired);
+                state = clock.state.lock().unwrap_or_else(|p| p.into_inner());
+            }
         }
         while let Some(&first) = state.deadlines.first() {
             if first.0 > now {

@@ -245,3 +245,31 @@ async fn the_deadline_stays_per_task_on_a_kept_instance() {
         TaskError::DeadlineExceeded { ms: 200 }
     );
 }
+
+/// A kept instance that waits `keep_idle` for its next task is dropped; one
+/// whose next task comes sooner serves it.
+#[tokio::test]
+async fn a_kept_instance_idle_past_keep_idle_is_dropped() {
+    let h = Harness::with_config(EngineConfig {
+        instance_slots: 4,
+        keep_idle: Duration::from_millis(300),
+        ..EngineConfig::default()
+    });
+    let tally = h.load("tally").await;
+    let limits = reuse(100);
+    assert_eq!(counts(&tally, 2, &limits).await, ["1", "2"]);
+    assert_eq!(h.engine.parked_instances(), 1);
+    // Gone within a few ticks of 300 ms; the test gives it 10 s.
+    let waited = std::time::Instant::now();
+    while h.engine.parked_instances() > 0 {
+        assert!(waited.elapsed() < Duration::from_secs(10), "still kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        waited.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        waited.elapsed()
+    );
+    assert_eq!(h.engine.free_instances(), 4);
+    assert_eq!(run_ok(&tally, b"count", &limits).await, "1");
+}
