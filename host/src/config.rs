@@ -5,6 +5,7 @@
 //! max_fuel = 10000000000
 //! max_memory = "1GiB"
 //! max_timeout = "5m"
+//! max_reuse = 10000            # tasks one instance may serve ([limits] reuse); 1: none
 //!
 //! [plugins]
 //! require_signed = true        # refuse plugins without a trusted signature
@@ -50,6 +51,9 @@ pub struct HostLimits {
     pub max_fuel: u64,
     pub max_memory: u64,
     pub max_timeout: Duration,
+    /// The most tasks one instance may serve (a manifest's `reuse`); 1
+    /// gives every task of this host a fresh instance.
+    pub max_reuse: u32,
 }
 
 impl Default for HostLimits {
@@ -59,6 +63,7 @@ impl Default for HostLimits {
             max_fuel: 10_000_000_000,
             max_memory: 1 << 30,
             max_timeout: Duration::from_secs(300),
+            max_reuse: crate::plugin::manifest::MAX_REUSE,
         }
     }
 }
@@ -244,6 +249,7 @@ struct LimitsFile {
     max_fuel: Option<u64>,
     max_memory: Option<String>,
     max_timeout: Option<String>,
+    max_reuse: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -279,6 +285,15 @@ impl HostConfig {
         if let Some(t) = file.limits.max_timeout {
             config.limits.max_timeout =
                 parse_duration(&t).map_err(|e| err(format!("limits.max_timeout: {e}")))?;
+        }
+        if let Some(n) = file.limits.max_reuse {
+            let max = crate::plugin::manifest::MAX_REUSE;
+            if !(1..=max).contains(&n) {
+                return Err(err(format!(
+                    "limits.max_reuse: {n} is not between 1 and {max}"
+                )));
+            }
+            config.limits.max_reuse = n;
         }
         for key in &file.plugins.trusted_keys {
             crate::plugin::signature::check_public_key(key)
@@ -385,6 +400,24 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).unwrap();
         HostConfig::load(&path)
+    }
+
+    #[test]
+    fn max_reuse_is_taken_from_1_to_its_limit_and_refused_past_it() {
+        let max = crate::plugin::manifest::MAX_REUSE;
+        assert_eq!(load("").unwrap().limits.max_reuse, max);
+        for n in [1, max] {
+            let config = load(&format!("[limits]\nmax_reuse = {n}\n")).unwrap();
+            assert_eq!(config.limits.max_reuse, n);
+        }
+        for n in [0, max + 1] {
+            let e = load(&format!("[limits]\nmax_reuse = {n}\n")).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("limits.max_reuse: {n} is not between 1 and {max}")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

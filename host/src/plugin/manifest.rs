@@ -412,6 +412,13 @@ impl Manifest {
         }
         limits.durable = self.plugin.durable;
         if let Some(n) = self.limits.reuse {
+            if n > host.max_reuse {
+                return Err(over(
+                    "limits.reuse",
+                    n.to_string(),
+                    host.max_reuse.to_string(),
+                ));
+            }
             limits.reuse = n;
         }
         Ok(limits)
@@ -598,6 +605,20 @@ dirs = [{ host = "/srv/in", guest = "/in" }, { host = "/srv/out", guest = "/out"
             let m = Manifest::parse(&with(n), "m.toml").unwrap();
             assert_eq!(m.limits(&host(), "m.toml").unwrap().reuse, n);
         }
+        // Within the host's maximum, and refused past it.
+        let strict = HostLimits {
+            max_reuse: 3,
+            ..host()
+        };
+        let m = Manifest::parse(&with(3), "m.toml").unwrap();
+        assert_eq!(m.limits(&strict, "m.toml").unwrap().reuse, 3);
+        let err = Manifest::parse(&with(4), "m.toml")
+            .unwrap()
+            .limits(&strict, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("field `limits.reuse`"), "{err}");
+        assert!(err.contains("4 is above this host's maximum of 3"), "{err}");
         let err = Manifest::parse(&with(MAX_REUSE + 1), "m.toml")
             .unwrap_err()
             .to_string();
