@@ -96,12 +96,6 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
     install_fixture(&orch, "panic", "test.panic", "");
     orch.ok(&["plugin", "install", "-y", &p("tally")]);
     let host = HostProc::start(&orch);
-    // tally.toml: reuse = 3. Its instance is kept after this task.
-    let (_, task) = host.post(
-        "/v1/tasks?wait=60s",
-        &json!({ "capability": "test.tally", "input": "count" }),
-    );
-    assert_eq!(task["result"], "1", "{task}");
     for i in 0..7 {
         let (code, task) = host.post(
             "/v1/tasks?wait=60s",
@@ -139,6 +133,15 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
     let target = host.url.trim_start_matches("http://");
     let mut prometheus = Prometheus::start(target);
     prometheus.until_equals("up{job=\"orch\"}", 1.0);
+    // tally.toml: reuse = 3. Its instance is kept after this task (for
+    // 30 s without another: checked first, well within that).
+    let (_, task) = host.post(
+        "/v1/tasks?wait=60s",
+        &json!({ "capability": "test.tally", "input": "count" }),
+    );
+    assert_eq!(task["result"], "1", "{task}");
+    prometheus.until_equals("orch_instances_kept", 1.0);
+    prometheus.until_equals("orch_instance_slots_free", 256.0);
     prometheus.until_equals(
         "sum(orch_tasks_total{capability=\"text.wordcount\",outcome=\"completed\"})",
         9.0,
@@ -185,8 +188,6 @@ fn prometheus_scrapes_task_counts_and_histograms_by_outcome() {
     );
     prometheus.until_equals("sum(orch_journal_commit_seconds_count) > bool 0", 1.0);
     prometheus.until_equals("sum(orch_agent_free_slots)", 48.0);
-    prometheus.until_equals("orch_instances_kept", 1.0);
-    prometheus.until_equals("orch_instance_slots_free", 256.0);
     prometheus.until_equals(
         "sum(orch_workflow_runs_total{workflow=\"wm\",status=\"completed\"})",
         2.0,

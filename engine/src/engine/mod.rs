@@ -114,14 +114,15 @@ impl Idle {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes out the instances parked `keep_idle` or longer before `now`
-    /// (the list is in the order they were parked).
-    fn expired(&self, now: Instant, keep_idle: Duration) -> Vec<Parked> {
+    /// Takes out at most `most` of the instances parked `keep_idle` or
+    /// longer before `now` (the list is in the order they were parked).
+    fn expired(&self, now: Instant, keep_idle: Duration, most: usize) -> Vec<Parked> {
         let mut parked = self.lock();
         let mut gone = Vec::new();
-        while parked
-            .front()
-            .is_some_and(|p| now.saturating_duration_since(p.since) >= keep_idle)
+        while gone.len() < most
+            && parked
+                .front()
+                .is_some_and(|p| now.saturating_duration_since(p.since) >= keep_idle)
         {
             gone.extend(parked.pop_front());
         }
@@ -235,6 +236,11 @@ pub struct Compiled<T: 'static> {
 /// The most elements any one table may have (each pool slot is sized for
 /// it); a task asking for more is stopped with a table limit.
 pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Most idle instances the epoch thread drops per tick: freeing one takes
+/// microseconds to a millisecond (a large memory's pages go back to the
+/// kernel), and the thread's next deadline waits meanwhile.
+const EXPIRE_PER_TICK: usize = 4;
 
 /// Freed pool slots are returned to the kernel (`madvise`) in batches of
 /// this many. Each `madvise` makes the kernel flush the TLB of every CPU
@@ -715,18 +721,12 @@ fn run_clock(
         }
         let now = Instant::now();
         let mut advance = false;
+        let mut ticked = false;
         if now >= state.next_tick {
             advance = true;
+            ticked = true;
             // From now, not from the missed tick: no burst after a stall.
             state.next_tick = now + tick;
-            let expired = idle.expired(now, *keep_idle);
-            if !expired.is_empty() {
-                // Freed without the clock's lock: tasks arm deadlines
-                // under it.
-                drop(state);
-                drop(expired);
-                state = clock.state.lock().unwrap_or_else(|p| p.into_inner());
-            }
         }
         while let Some(&first) = state.deadlines.first() {
             if first.0 > now {
@@ -737,6 +737,19 @@ fn run_clock(
         }
         if advance {
             engine.increment_epoch();
+        }
+        if ticked {
+            let expired = idle.expired(now, *keep_idle, EXPIRE_PER_TICK);
+            if !expired.is_empty() {
+                // Freed after this tick's work and without the clock's
+                // lock (tasks arm deadlines under it), then round again
+                // from the time it is then: a deadline armed meanwhile is
+                // not waited past.
+                drop(state);
+                drop(expired);
+                state = clock.state.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
         }
         let until = state
             .deadlines

@@ -616,12 +616,15 @@ impl Agent {
     /// agent's namespace is not known until `describe` has answered.
     pub async fn describe(&self, limits: &Limits) -> Result<Descriptor, TaskError> {
         let started = Instant::now();
+        // Declared before the store, so the slot is free only after the
+        // instance is.
+        let mut _held: Option<InstancePermit> = None;
         let mut store = self.new_store(limits, KvState::Describe, None, "", started);
         let _deadline = started
             .checked_add(limits.timeout)
             .map(|at| self.engine.arm_deadline(at));
         let outcome = tokio::time::timeout(limits.timeout, async {
-            let _instance = self.engine.instance_permit().await;
+            _held = Some(self.engine.instance_permit().await);
             let instance = self.pre.instantiate_async(&mut store).await?;
             instance.call_describe(&mut store).await
         })
