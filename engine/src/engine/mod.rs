@@ -264,9 +264,12 @@ impl<T: 'static> Engine<T> {
 
         let mut pool = PoolingAllocationConfig::default();
         // Slot counts are derived from the instance count: components built
-        // from JS or Python hold several core instances, memories and tables.
+        // from JS or Python hold several core instances, memories and tables
+        // (a componentize-py component has 14 core modules, so 16 core
+        // instances a slot: with 8, half the slots could be taken by Python
+        // instances and the rest refused for want of core instances).
         pool.total_component_instances(slots)
-            .total_core_instances(slots.saturating_mul(8))
+            .total_core_instances(slots.saturating_mul(16))
             .total_memories(slots.saturating_mul(2))
             .total_tables(slots.saturating_mul(4))
             .total_stacks(slots)

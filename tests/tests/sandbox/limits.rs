@@ -560,3 +560,29 @@ async fn a_table_may_grow_to_its_limit_and_a_grow_past_it_is_a_table_limit() {
         assert!(err.is_limit());
     }
 }
+
+/// Every instance slot holds a whole Python component (14 core modules, so
+/// 14 core instances): as many Python tasks as slots run at once, each to
+/// its own deadline, and none is refused for want of pool space while a
+/// slot is free. (With 8 core instances a slot, the pool ran out at 2 of 4.)
+#[tokio::test]
+async fn as_many_python_instances_as_slots_run_at_once() {
+    const SLOTS: usize = 4;
+    let h = Harness::with_config(orch::EngineConfig {
+        instance_slots: SLOTS as u32,
+        cache_dir: Some(orch_tests::repo_root().join("target/test-cache/components")),
+        ..Default::default()
+    });
+    let py = h.load("fixture-py").await;
+    let limits = Limits {
+        fuel: u64::MAX / 2,
+        timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    // A spinning guest yields at every epoch tick, so the tasks overlap.
+    let spin = || orch_tests::run_capability(&py, "test.spin", b"", &limits);
+    let (a, b, c, d) = tokio::join!(spin(), spin(), spin(), spin());
+    for result in [a, b, c, d] {
+        assert_eq!(result.unwrap_err(), TaskError::DeadlineExceeded { ms: 300 });
+    }
+}
