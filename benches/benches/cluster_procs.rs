@@ -11,36 +11,16 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use orch_benches::nats::{cpu_time, print_cpu, report, NatsServer, SAMPLES};
-use orch_benches::plugin;
+use orch_benches::{orch_binary, plugin, HostProc};
 
 type Waiters = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>>;
-
-/// A host process, killed when dropped.
-struct HostProc(Child);
-
-impl Drop for HostProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn orch_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/orch");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --release -p orch-cli` first",
-        path.display()
-    );
-    path
-}
 
 /// Installs echo into `home` and starts a host on it joined to `url`;
 /// returns once the host prints its address.

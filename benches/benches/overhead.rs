@@ -21,38 +21,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use orch::engine::bindings::{self, orch::agent as wit};
 use orch_benches::nats::cpu_time;
-use orch_benches::{plugin, Bare};
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{InstanceAllocationStrategy, PoolingAllocationConfig};
+use orch_benches::{orch_binary, plugin, Bare, HostProc};
+use wasmtime::PoolingAllocationConfig;
 
 const TASKS: usize = 2_000;
 const CLIENTS: usize = 16;
-
-/// A host process, killed when dropped.
-struct HostProc(Child);
-
-impl Drop for HostProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn orch_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/orch");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --release -p orch-cli` first",
-        path.display()
-    );
-    path
-}
 
 /// Installs burn into `home` and starts a lone host on it; returns the
 /// process and its API address once it prints it.
@@ -92,18 +71,7 @@ fn start_host(home: &Path) -> (HostProc, String) {
 fn bare_burn() -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
     let mut pool = PoolingAllocationConfig::default();
     pool.decommit_batch_size(orch::engine::DECOMMIT_BATCH);
-    let mut config = wasmtime::Config::new();
-    config
-        .wasm_component_model(true)
-        .consume_fuel(true)
-        .epoch_interruption(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    let engine = wasmtime::Engine::new(&config).unwrap();
-    let component = Component::from_file(&engine, plugin("burn")).unwrap();
-    let mut linker = Linker::new(&engine);
-    bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
-    let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
-    (engine, pre)
+    orch_benches::bare_pooled("burn", true, pool, wasmtime::Config::new())
 }
 
 /// `n` fresh-instance burn tasks, one after the other.

@@ -107,6 +107,27 @@ impl wit::tasks::Host for Bare {
     }
 }
 
+/// A host process started by a bench, killed when dropped.
+pub struct HostProc(pub std::process::Child);
+
+impl Drop for HostProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `orch` binary of `cargo build --release -p orch-cli`.
+pub fn orch_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/orch");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release -p orch-cli` first",
+        path.display()
+    );
+    path
+}
+
 /// A bare wasmtime engine and the pre-linked echo component. `metered`
 /// turns on the same fuel and epoch instrumentation orch uses, to separate
 /// wasmtime's metering cost from orch's own.
@@ -122,6 +143,16 @@ pub fn bare_echo(metered: bool) -> (wasmtime::Engine, bindings::AgentPre<Bare>) 
 pub fn bare_echo_with(
     metered: bool,
     pool: PoolingAllocationConfig,
+    config: wasmtime::Config,
+) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
+    bare_pooled("echo", metered, pool, config)
+}
+
+/// [`bare_echo_with`] for the component `name` (from `target/plugins`).
+pub fn bare_pooled(
+    name: &str,
+    metered: bool,
+    pool: PoolingAllocationConfig,
     mut config: wasmtime::Config,
 ) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
     config
@@ -130,7 +161,7 @@ pub fn bare_echo_with(
         .epoch_interruption(metered)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = wasmtime::Engine::new(&config).unwrap();
-    let component = Component::from_file(&engine, plugin("echo")).unwrap();
+    let component = Component::from_file(&engine, plugin(name)).unwrap();
     let mut linker = Linker::new(&engine);
     bindings::Agent::add_to_linker::<Bare, HasSelf<Bare>>(&mut linker, |b| b).unwrap();
     let pre = bindings::AgentPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
