@@ -931,3 +931,86 @@ fn a_remote_callees_limit_reaches_the_caller_as_the_same_typed_error() {
         "{answer}"
     );
 }
+
+/// A nats-server with its monitoring port on, and that port.
+fn monitored_nats() -> (NatsServer, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (NatsServer::start_with(&["-m", &port.to_string()]), port)
+}
+
+fn monitor(port: u16, path: &str) -> Value {
+    let body = ureq::get(&format!("http://127.0.0.1:{port}{path}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The subjects each orch host's connection subscribes to, by host id.
+fn host_subscriptions(port: u16) -> Vec<(String, Vec<String>)> {
+    monitor(port, "/connz?subs=1")["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| {
+            let host = c["name"].as_str()?.strip_prefix("orch-host-")?;
+            let subs = c["subscriptions_list"]
+                .as_array()
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some((host.to_string(), subs))
+        })
+        .collect()
+}
+
+#[test]
+fn a_host_subscribes_to_the_results_it_waits_for_and_to_no_others() {
+    let (nats, port) = monitored_nats();
+    let (a, b) = (Orch::new(), Orch::new());
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    install_sleep(&b);
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let hb = HostProc::start_with(&b, &args);
+    until_serving(&ha, "test.sleep", 1);
+    let (ida, idb) = (host_id(&a), host_id(&b));
+    let results_subs = |host: &str| -> Vec<String> {
+        host_subscriptions(port)
+            .into_iter()
+            .filter(|(h, _)| h == host)
+            .flat_map(|(_, subs)| subs)
+            .filter(|s| s.starts_with("orch.v1.results"))
+            .collect()
+    };
+    // Submitted through A, run by B: A hears of its result, B does not.
+    let id = ha.submit("test.sleep", "1000");
+    ha.until("B runs the task", |h| {
+        h.get(&format!("/v1/tasks/{id}")).1["status"] == "running"
+    });
+    assert_eq!(results_subs(&ida), vec![format!("orch.v1.results.{id}")]);
+    assert_eq!(results_subs(&idb), Vec::<String>::new());
+    let task = ha.wait(&id);
+    assert_eq!(
+        (task["status"].as_str(), task["host"].as_str()),
+        (Some("completed"), Some(idb.as_str()))
+    );
+    // Ended: the subscription goes, so none stays per task.
+    ha.until("A unsubscribes", |_| results_subs(&ida).is_empty());
+    // A wait on a host that did not submit the task subscribes for as long
+    // as it waits.
+    let id = ha.submit("test.sleep", "200");
+    let task = hb.wait(&id);
+    assert_eq!(task["status"], "completed");
+    hb.until("B unsubscribes", |_| results_subs(&idb).is_empty());
+    ha.until("A unsubscribes", |_| results_subs(&ida).is_empty());
+}

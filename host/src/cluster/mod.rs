@@ -219,6 +219,10 @@ pub struct Cluster {
     url: String,
     members: Members,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Counts the connections made to the server, the first included: a
+    /// change means the server may have forgotten this host's pull
+    /// requests.
+    connects: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Drop for Cluster {
@@ -240,16 +244,24 @@ impl Cluster {
         let connect_error = |what: String, e: Box<dyn std::error::Error + Send + Sync>| {
             ClusterError::new(&url, ClusterErrorKind::Connect, what, e)
         };
+        let (connected, connects) = tokio::sync::watch::channel(0u64);
+        let connected = Arc::new(connected);
         let mut connect = async_nats::ConnectOptions::new()
             .name(format!("orch-host-{id}"))
             .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS; reconnecting")
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting")
+                        }
+                        async_nats::Event::Connected => {
+                            connected.send_modify(|n| *n += 1);
+                            tracing::info!("connected to NATS")
+                        }
+                        other => tracing::debug!(event = %other, "NATS event"),
                     }
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    other => tracing::debug!(event = %other, "NATS event"),
                 }
             });
         if let Some(token) = &options.token {
@@ -352,6 +364,7 @@ impl Cluster {
             url: options.url.clone(),
             members,
             tasks: Mutex::new(vec![listener, beater, watcher]),
+            connects,
         })
     }
 

@@ -234,6 +234,99 @@ pub struct TaskRouter {
     /// Tasks cancelled lately, so that a delivery of one does not run it.
     /// Bounded: the oldest are forgotten (their results fence them anyway).
     cancelled: Arc<Mutex<RecentCancels>>,
+    /// Changes when the connection to the server is made again.
+    connects: tokio::sync::watch::Receiver<u64>,
+    /// Subscriptions to the result notices of the tasks waited for here.
+    notices: Notices,
+}
+
+/// Forgets a wait of `id` when dropped: see [`TaskRouter::forget_closed_waiters`].
+struct WaitEnd<'a> {
+    router: &'a TaskRouter,
+    id: &'a str,
+}
+
+impl Drop for WaitEnd<'_> {
+    fn drop(&mut self) {
+        self.router.forget_closed_waiters(self.id);
+    }
+}
+
+/// A host hears of the results it waits for, and of no others: one
+/// subscription to `orch.v1.results.<id>` per task submitted through this
+/// host and not ended, or waited for here, made before the task is
+/// published or its result read. (A subscription to every result would
+/// send each one to every host.)
+struct Notices {
+    client: async_nats::Client,
+    url: String,
+    waiters: Waiters,
+    pending: Pending,
+    /// Task id → the task that reads its one notice. Bounded by the tasks
+    /// submitted here and not ended (`[host] max_unfinished`, forgotten
+    /// after 10 minutes) and the waits (`[host] max_waits`).
+    watched: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
+}
+
+impl Notices {
+    /// Subscribes to the notice of `id`'s result unless this host does
+    /// already. Returns once the subscription is sent to the server, ahead
+    /// of anything this host sends after it.
+    async fn watch(&self, id: &str) -> Result<(), HostError> {
+        if self
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+        {
+            return Ok(());
+        }
+        let mut sub = self
+            .client
+            .subscribe(format!("{}.{id}", subjects::results()))
+            .await
+            .map_err(|e| HostError::Unavailable {
+                what: format!("NATS at {}: subscribe to the result of {id}", self.url),
+                source: Box::new(e),
+            })?;
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if watched.contains_key(id) {
+            // Another request subscribed meanwhile; this one unsubscribes
+            // as it drops.
+            return Ok(());
+        }
+        let (waiters, pending, all) = (
+            self.waiters.clone(),
+            self.pending.clone(),
+            self.watched.clone(),
+        );
+        let key = id.to_string();
+        let reader = tokio::spawn(async move {
+            if let Some(message) = sub.next().await {
+                wake(&waiters, &pending, &key, &message.payload);
+            }
+            // Its own entry only: a newer reader may have replaced it.
+            let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+            if all.get(&key).map(|r| r.id()) == Some(tokio::task::id()) {
+                all.remove(&key);
+            }
+            // Dropping `sub` unsubscribes.
+        });
+        watched.insert(id.to_string(), reader.abort_handle());
+        Ok(())
+    }
+
+    /// Unsubscribes from the notice of `id`: nothing here waits for it.
+    fn drop_notice(&self, id: &str) {
+        if let Some(reader) = self
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
+            reader.abort();
+        }
+    }
 }
 
 /// Most cancelled ids a host remembers.
@@ -371,6 +464,8 @@ impl TaskRouter {
                 .await
                 .map_err(|e| err("object store ORCH_OBJECTS", e.into()))?,
         };
+        let waiters: Waiters = Arc::default();
+        let pending: Pending = Arc::default();
         let router = Arc::new(TaskRouter {
             objects,
             js,
@@ -382,21 +477,28 @@ impl TaskRouter {
             loops: Mutex::new(HashMap::new()),
             taken: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(tokio::sync::Notify::new()),
-            waiters: Arc::new(Mutex::new(HashMap::new())),
-            pending: Arc::new(Mutex::new(HashMap::new())),
             members: cluster.members.clone(),
             url,
             max_value: (cluster.client.server_info().max_payload).saturating_sub(4 << 10),
             running: Arc::new(Mutex::new(HashMap::new())),
             client: cluster.client.clone(),
             cancelled: Arc::new(Mutex::new(RecentCancels::default())),
+            connects: cluster.connects.clone(),
+            notices: Notices {
+                client: cluster.client.clone(),
+                url: cluster.url.clone(),
+                waiters: waiters.clone(),
+                pending: pending.clone(),
+                watched: Arc::default(),
+            },
+            waiters,
+            pending,
         });
         router
             .host
             .scheduler()
             .set_remote(Arc::new(RemoteCalls(Arc::downgrade(&router))));
         router.follow_capabilities();
-        router.follow_results(&cluster.client).await?;
         router.follow_cancels(&cluster.client).await?;
         Ok(router)
     }
@@ -542,17 +644,6 @@ impl TaskRouter {
             .unwrap_or_else(|p| p.into_inner())
             .ids
             .contains(id)
-    }
-
-    /// Results republished by the server wake the requests waiting for
-    /// them. Core NATS delivers at most once, so waiters also read the
-    /// bucket now and then (see `wait_for`).
-    async fn follow_results(&self, client: &async_nats::Client) -> Result<(), ClusterError> {
-        let (waiters, pending) = (self.waiters.clone(), self.pending.clone());
-        self.follow(client, subjects::results(), move |key, value| {
-            wake(&waiters, &pending, key, value)
-        })
-        .await
     }
 
     /// A NATS fault: the request was fine, the broker failed it.
@@ -791,6 +882,9 @@ impl TaskRouter {
                 .await
                 .map_err(|e| self.error("publish ack", e))
         };
+        // Subscribed before the task is on the stream, so that a fast
+        // result cannot slip past its notice.
+        self.notices.watch(&record.id).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = record.id.clone();
         self.waiters
@@ -879,6 +973,7 @@ impl TaskRouter {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        self.forget_closed_waiters(id);
         self.forget_queued(&stored.task.capability, id).await;
         // At most once: a host that misses it runs the task to its end and
         // its result is fenced.
@@ -956,6 +1051,10 @@ impl TaskRouter {
             return Err(HostError::NotFound(id.to_string()));
         }
         let until = tokio::time::Instant::now() + timeout;
+        // Declared before the receiver, so that it runs after the receiver
+        // is dropped, however the wait ends (a caller that hangs up drops
+        // it half way).
+        let _end = WaitEnd { router: self, id };
         if just_submitted {
             // The entry stays (the task is unfinished) until its result
             // arrives; only its receiver is taken.
@@ -976,16 +1075,19 @@ impl TaskRouter {
             .entry(id.to_string())
             .or_default()
             .push(tx);
+        // Subscribed before the read, so that a result stored after the
+        // read is announced to this host.
+        self.notices.watch(id).await?;
         // A task published straight to the stream by another client has no
         // record until a host picks it up; wait for it all the same.
         match self.fetch(id).await {
             Ok(current) if current.record.status.is_final() => {
                 drop(rx);
-                self.forget_closed_waiters(id);
                 self.pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(id);
+                self.forget_closed_waiters(id);
                 return Ok(current);
             }
             Ok(_) | Err(HostError::NotFound(_)) => {}
@@ -1024,17 +1126,21 @@ impl TaskRouter {
             check = (check * 2).min(Duration::from_secs(5));
         };
         drop(rx);
-        self.forget_closed_waiters(id);
         if matches!(&outcome, Ok(c) if c.record.status.is_final()) {
             self.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(id);
         }
+        self.forget_closed_waiters(id);
         outcome
     }
 
-    /// Drops the waiters of `id` that stopped waiting without a notification.
+    /// Drops the waiters of `id` that stopped waiting without a
+    /// notification, and the subscription to its notice if nothing here
+    /// waits for it any more. The waiters stay locked until then, so that
+    /// a wait registering meanwhile keeps (or makes) the subscription.
+    /// Locks are taken in the order waiters, pending, watched.
     fn forget_closed_waiters(&self, id: &str) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = waiters.get_mut(id) {
@@ -1042,6 +1148,17 @@ impl TaskRouter {
             if list.is_empty() {
                 waiters.remove(id);
             }
+        }
+        if waiters.contains_key(id) {
+            return;
+        }
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id);
+        if !pending {
+            self.notices.drop_notice(id);
         }
     }
 
@@ -1096,23 +1213,24 @@ impl TaskRouter {
         Ok(found)
     }
 
-    /// Slots for `capability` on this host that no pulled task holds.
-    fn free_slots(&self, capability: &str) -> u32 {
-        let capacity: u32 = self
-            .host
+    /// Slots for `capability` on this host.
+    fn capacity(&self, capability: &str) -> u32 {
+        self.host
             .agents()
             .iter()
             .filter(|a| a.capabilities.iter().any(|c| c == capability))
             .map(|a| a.max_in_flight)
-            .sum();
-        let taken = self
-            .taken
+            .sum()
+    }
+
+    /// Slots for `capability` on this host that pulled tasks hold.
+    fn taken(&self, capability: &str) -> u32 {
+        self.taken
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(capability)
             .copied()
-            .unwrap_or(0);
-        capacity.saturating_sub(taken)
+            .unwrap_or(0)
     }
 
     fn take(&self, capability: &str, n: i64) {
@@ -1170,17 +1288,46 @@ fn decode_stored(stored: StoredResult) -> Fetched {
     }
 }
 
+/// How long one pull request waits at the server for tasks. The server
+/// answers an expired request with the count it did not deliver.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Past the newest request's expiry by this much, no request of this host
+/// can be alive at the server: whatever it still counted as asked for was
+/// lost with a status message.
+const PULL_GRACE: Duration = Duration::from_secs(1);
+
 /// Pulls tasks for one capability while this host has free slots for it.
 async fn pull_loop(router: Arc<TaskRouter>, capability: String) {
-    let name = consumer_name(&capability);
-    let consumer: consumer::PullConsumer = loop {
+    loop {
+        let consumer = make_consumer(&router, &capability).await;
+        loop {
+            match pull(&router, &capability, &consumer).await {
+                // A fresh inbox: the server drops the old one's requests,
+                // which nothing hears any more.
+                Pulled::Again => continue,
+                Pulled::ConsumerGone => {
+                    tracing::warn!(capability = %capability, "the capability's consumer is gone; making it again");
+                    break;
+                }
+                Pulled::Failed(e) => {
+                    tracing::warn!(capability = %capability, error = %e, "cannot pull tasks; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn make_consumer(router: &TaskRouter, capability: &str) -> consumer::PullConsumer {
+    let name = consumer_name(capability);
+    loop {
         let made = router
             .stream
             .get_or_create_consumer(
                 &name,
                 consumer::pull::Config {
                     durable_name: Some(name.clone()),
-                    filter_subject: subjects::task(&capability),
+                    filter_subject: subjects::task(capability),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: ACK_WAIT,
                     // Unlimited: a delivery cut off by a host crash must
@@ -1192,45 +1339,131 @@ async fn pull_loop(router: Arc<TaskRouter>, capability: String) {
             )
             .await;
         match made {
-            Ok(c) => break c,
+            Ok(c) => return c,
             Err(e) => {
                 tracing::warn!(capability = %capability, error = %e, "cannot create the consumer; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+enum Pulled {
+    /// Pull again on a new inbox.
+    Again,
+    ConsumerGone,
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// One long-lived pull on one inbox: pull requests for exactly the slots
+/// nothing is asked for yet, so that the host never holds more tasks than
+/// it can start. `asked` counts what the requests out may still bring: less
+/// one per task delivered, less a request's remainder when it ends (the
+/// server says it in `Nats-Pending-Messages`). Past the newest request's
+/// expiry, nothing can be out. After a reconnect, or a status that cannot
+/// be counted, the pull starts again on a new inbox.
+async fn pull(
+    router: &Arc<TaskRouter>,
+    capability: &str,
+    consumer: &consumer::PullConsumer,
+) -> Pulled {
+    let inbox = router.client.new_inbox();
+    let mut sub = match router.client.subscribe(inbox.clone()).await {
+        Ok(s) => s,
+        Err(e) => return Pulled::Failed(e.into()),
     };
+    let subject = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{}",
+        consumer.cached_info().name
+    );
+    let mut connects = router.connects.clone();
+    connects.borrow_and_update();
+    let mut asked: u32 = 0;
+    // When the newest request expires at the server.
+    let mut last_expiry = tokio::time::Instant::now();
     loop {
-        let freed = router.freed.notified();
-        let free = router.free_slots(&capability);
-        if free == 0 {
-            // Backpressure: pull nothing until a slot frees.
-            freed.await;
-            continue;
+        let now = tokio::time::Instant::now();
+        if asked > 0 && last_expiry + PULL_GRACE <= now {
+            asked = 0;
         }
-        let batch = consumer
-            .fetch()
-            .max_messages(free as usize)
-            .expires(Duration::from_millis(500))
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(capability = %capability, error = %e, "fetch failed");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        // Registered before the slots are counted, so that a slot freed
+        // from here on wakes this loop.
+        let freed = router.freed.notified();
+        let capacity = router.capacity(capability);
+        let free = capacity.saturating_sub(router.taken(capability));
+        let want = free.saturating_sub(asked);
+        // One request for several freed slots while tasks are still coming.
+        if want > 0 && (asked == 0 || want >= (capacity / 4).max(1)) {
+            let request = format!(
+                "{{\"batch\":{want},\"expires\":{}}}",
+                PULL_EXPIRES.as_nanos()
+            );
+            if let Err(e) = router
+                .client
+                .publish_with_reply(subject.clone(), inbox.clone(), request.into())
+                .await
+            {
+                return Pulled::Failed(e.into());
             }
+            asked += want;
+            last_expiry = now + PULL_EXPIRES;
+        }
+        let message = tokio::select! {
+            () = freed => continue,
+            changed = connects.changed() => match changed {
+                // Made again (the first connection is 1): the server may
+                // have forgotten the requests, or may still serve them.
+                Ok(()) if *connects.borrow_and_update() > 1 => return Pulled::Again,
+                Ok(()) => continue,
+                Err(e) => return Pulled::Failed(e.into()),
+            },
+            () = tokio::time::sleep_until(last_expiry + PULL_GRACE), if asked > 0 => continue,
+            message = sub.next() => message,
         };
-        while let Some(message) = batch.next().await {
-            let message = match message {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(error = %e, "fetch ended");
-                    break;
+        let Some(message) = message else {
+            return Pulled::Failed("the pull subscription ended".into());
+        };
+        match message.status {
+            None | Some(async_nats::StatusCode::OK) => {
+                asked = asked.saturating_sub(1);
+                router.take(capability, 1);
+                let message = jetstream::Message {
+                    message,
+                    context: router.js.clone(),
+                };
+                tokio::spawn(run_one(router.clone(), capability.to_string(), message));
+            }
+            Some(async_nats::StatusCode::IDLE_HEARTBEAT) => {}
+            Some(async_nats::StatusCode::NO_RESPONDERS) => {
+                return Pulled::Failed("JetStream does not answer".into());
+            }
+            Some(status) => {
+                let description = message.description.as_deref().unwrap_or_default();
+                if description == "Consumer Deleted" {
+                    return Pulled::ConsumerGone;
                 }
-            };
-            router.take(&capability, 1);
-            tokio::spawn(run_one(router.clone(), capability.clone(), message));
+                let left = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Pending-Messages"))
+                    .and_then(|v| v.as_str().parse::<u32>().ok());
+                match left {
+                    // A request ended: expired (408), or ended by the server
+                    // (409: leadership change, shutdown).
+                    Some(left) => {
+                        asked = asked.saturating_sub(left);
+                        tracing::debug!(capability = %capability, %status, description, left, "pull request ended");
+                    }
+                    // Refused (a consumer limit) or not countable: asking
+                    // again at once would be refused again.
+                    None => {
+                        return Pulled::Failed(
+                            format!("the server ended a pull request: {status} {description}")
+                                .into(),
+                        )
+                    }
+                }
+            }
         }
     }
 }
@@ -1423,6 +1656,10 @@ async fn run_and_store(
             )
         },
     };
+    // Another client's task on its first delivery has no queued record
+    // (orch writes one for the tasks it publishes, and for a retry): unless
+    // this attempt writes a running record, there is none to remove.
+    let unrecorded = !from_orch && delivered == 1;
     // Registered before the check, so that a cancel arriving from now on
     // stops the attempt, and one that came before is seen here.
     let cancel = router.running(&id);
@@ -1448,13 +1685,17 @@ async fn run_and_store(
             tokio::select! {
                 () = tokio::time::sleep(RUNNING_AFTER) => {
                     if let Some(json) = json {
+                        // Said even if the write failed: it may have been
+                        // stored all the same.
                         let _ = queued.put(key, json.into()).await;
+                        let _ = shown_tx.send(());
+                    } else {
+                        drop(shown_tx);
                     }
                 }
                 // The run ended first: nothing to show.
-                _ = ran_rx => {}
+                _ = ran_rx => drop(shown_tx),
             }
-            drop(shown_tx);
             loop {
                 tokio::time::sleep(PROGRESS_EVERY).await;
                 if acker.ack_with(AckKind::Progress).await.is_err() {
@@ -1489,8 +1730,10 @@ async fn run_and_store(
                     record.attempts = delivered;
                     let settle = router.store_failure(record, error).await;
                     drop(ran_tx);
-                    let _ = shown_rx.await;
-                    router.forget_queued(capability, &id).await;
+                    let shown = shown_rx.await.is_ok();
+                    if shown || !unrecorded {
+                        router.forget_queued(capability, &id).await;
+                    }
                     return settle;
                 }
             }
@@ -1577,8 +1820,10 @@ async fn run_and_store(
             .await?;
     // Ended: its record leaves the unfinished ones, after a running record
     // being written, if any, so that none is left behind.
-    let _ = shown_rx.await;
-    router.forget_queued(capability, &id).await;
+    let shown = shown_rx.await.is_ok();
+    if shown || !unrecorded {
+        router.forget_queued(capability, &id).await;
+    }
     if let Some(name) = object {
         // The task has its result: its payload is not needed any more.
         if let Err(e) = router.objects.delete(&name).await {
