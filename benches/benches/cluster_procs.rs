@@ -6,7 +6,8 @@
 //! baselines of `orch_benches::nats` run first, against the same server.
 //!
 //! `cargo build --release -p orch-cli && cargo bench -p orch-benches --bench
-//! cluster_procs` after `bash plugins/build.sh`.
+//! cluster_procs` after `bash plugins/build.sh`; `ORCH_BENCH_TASKS=N` for the
+//! load phase, `ORCH_BENCH_REUSE=N` to install echo with `[limits] reuse = N`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -23,11 +24,27 @@ use orch_benches::{orch_binary, plugin, HostProc};
 type Waiters = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>>;
 
 /// Installs echo into `home` and starts a host on it joined to `url`;
-/// returns once the host prints its address.
-fn start_host(home: &Path, url: &str) -> HostProc {
+/// returns once the host prints its address. With `reuse`, echo's manifest
+/// declares `[limits] reuse = N`: one instance serves N tasks in a row.
+fn start_host(home: &Path, url: &str, reuse: Option<u32>) -> HostProc {
+    let component = match reuse {
+        None => plugin("echo"),
+        Some(n) => {
+            let dir = home.join("echo-reuse");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(plugin("echo"), dir.join("echo.wasm")).unwrap();
+            let manifest = std::fs::read_to_string(plugin("echo").with_extension("toml")).unwrap();
+            std::fs::write(
+                dir.join("echo.toml"),
+                format!("{manifest}\n[limits]\nreuse = {n}\n"),
+            )
+            .unwrap();
+            dir.join("echo.wasm")
+        }
+    };
     let installed = Command::new(orch_binary())
         .args(["plugin", "install", "-y"])
-        .arg(plugin("echo"))
+        .arg(component)
         .env("ORCH_HOME", home)
         .stdout(Stdio::null())
         .status()
@@ -72,8 +89,15 @@ fn main() {
     let rt = orch_benches::runtime();
     let server = NatsServer::start();
     let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = start_host(home_a.path(), &server.url);
-    let b = start_host(home_b.path(), &server.url);
+    // ORCH_BENCH_REUSE=N: echo keeps its instance for N tasks.
+    let reuse: Option<u32> = std::env::var("ORCH_BENCH_REUSE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(n) = reuse {
+        println!("echo declares [limits] reuse = {n}");
+    }
+    let a = start_host(home_a.path(), &server.url, reuse);
+    let b = start_host(home_b.path(), &server.url, reuse);
     let pids = [
         ("nats-server", server.pid()),
         ("host A", a.0.id()),
