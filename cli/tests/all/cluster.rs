@@ -973,6 +973,61 @@ fn host_subscriptions(port: u16) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// The consumer of `test.nap`, from the JetStream API: (delivered and not
+/// acked, not delivered).
+fn nap_consumer(nats: &NatsServer) -> (u64, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        let info = async_nats::jetstream::new(client)
+            .get_stream("ORCH_TASKS")
+            .await
+            .unwrap()
+            .consumer_info("cap_test_nap")
+            .await
+            .unwrap();
+        (info.num_ack_pending as u64, info.num_pending)
+    })
+}
+
+#[test]
+fn a_host_takes_as_many_tasks_as_its_slots_and_the_rest_wait_on_the_stream() {
+    let nats = NatsServer::start();
+    let orch = Orch::new();
+    orch.config("[host]\ninstances = 2\n");
+    orch.ok(&["plugin", "install", "-y", &p("nap")]);
+    let h = HostProc::start_with(&orch, &["--nats", nats.url.as_str()]);
+    until_serving(&h, "test.nap", 1);
+    // Tasks that wait in a host call: the host's runtime stays free to
+    // answer while they run.
+    let ids: Vec<String> = (0..5).map(|_| h.submit("test.nap", "1000")).collect();
+    // Two slots: two tasks taken, three left on the stream for any host,
+    // for as long as the first two run.
+    h.until("two tasks taken", |_| nap_consumer(&nats) == (2, 3));
+    let mut seen = Vec::new();
+    while h.get(&format!("/v1/tasks/{}", ids[0])).1["status"] != "completed" {
+        seen.push(nap_consumer(&nats));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // (3, 2) only in the moment between the first task's end, which frees
+    // its slot, and its ack, which follows its stored result.
+    assert!(
+        seen.iter().filter(|s| **s == (2, 3)).count() > 3,
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|s| *s == (2, 3) || *s == (3, 2)),
+        "{seen:?}"
+    );
+    for id in &ids {
+        assert_eq!(h.wait(id)["status"], "completed");
+    }
+    h.until("every task acked", |_| nap_consumer(&nats) == (0, 0));
+}
+
 #[test]
 fn a_host_subscribes_to_the_results_it_waits_for_and_to_no_others() {
     let (nats, port) = monitored_nats();
