@@ -964,7 +964,16 @@ impl Agent {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 Err(Trap::Interrupt.into())
             } else {
-                Ok(wasmtime::UpdateDeadline::Yield(1))
+                // tokio's `yield_now`, not a plain wake: a task that wakes
+                // itself is polled again before the worker looks for I/O
+                // (it does that every 61 polls), so two guests spinning on
+                // two workers kept the host's HTTP and NATS traffic waiting
+                // for hundreds of milliseconds. `yield_now` lets the worker
+                // poll for I/O first.
+                Ok(wasmtime::UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
     }
