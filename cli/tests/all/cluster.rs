@@ -1069,3 +1069,48 @@ fn a_host_subscribes_to_the_results_it_waits_for_and_to_no_others() {
     hb.until("B unsubscribes", |_| results_subs(&idb).is_empty());
     ha.until("A unsubscribes", |_| results_subs(&ida).is_empty());
 }
+
+#[test]
+fn past_its_limit_of_result_subscriptions_a_host_hears_every_result_until_the_tasks_end() {
+    let (nats, port) = monitored_nats();
+    let (a, b) = (Orch::new(), Orch::new());
+    // The per-task subscriptions are bounded by max_waits (and 4,096).
+    a.config("[host]\nmax_waits = 8\n");
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    b.ok(&["plugin", "install", "-y", &p("nap")]);
+    let args = ["--nats", nats.url.as_str()];
+    let ha = HostProc::start_with(&a, &args);
+    let _hb = HostProc::start_with(&b, &args);
+    until_serving(&ha, "test.nap", 1);
+    let ida = host_id(&a);
+    let results_subs = || -> Vec<String> {
+        let mut subs: Vec<String> = host_subscriptions(port)
+            .into_iter()
+            .filter(|(h, _)| *h == ida)
+            .flat_map(|(_, subs)| subs)
+            .filter(|s| s.starts_with("orch.v1.results"))
+            .collect();
+        subs.sort();
+        subs
+    };
+    // Inside the limit: one subscription per task.
+    let mut ids: Vec<String> = (0..8).map(|_| ha.submit("test.nap", "3000")).collect();
+    let mut each: Vec<String> = ids
+        .iter()
+        .map(|id| format!("orch.v1.results.{id}"))
+        .collect();
+    each.sort();
+    assert_eq!(results_subs(), each);
+    // Past it: one subscription to every result.
+    ids.push(ha.submit("test.nap", "3000"));
+    assert!(
+        results_subs().contains(&"orch.v1.results.>".to_string()),
+        "{:?}",
+        results_subs()
+    );
+    for id in &ids {
+        assert_eq!(ha.wait(id)["status"], "completed");
+    }
+    // Ended: back to none at all.
+    ha.until("A subscribes to no results", |_| results_subs().is_empty());
+}

@@ -256,39 +256,61 @@ impl Drop for WaitEnd<'_> {
 /// subscription to `orch.v1.results.<id>` per task submitted through this
 /// host and not ended, or waited for here, made before the task is
 /// published or its result read. (A subscription to every result would
-/// send each one to every host.)
+/// send each one to every host.) Each costs the NATS client about 6.5 KiB,
+/// so past `limit` of them the host subscribes to every result instead,
+/// until fewer than half that many are watched again.
 struct Notices {
     client: async_nats::Client,
     url: String,
     waiters: Waiters,
     pending: Pending,
-    /// Task id → the task that reads its one notice. Bounded by the tasks
-    /// submitted here and not ended (`[host] max_unfinished`, forgotten
-    /// after 10 minutes) and the waits (`[host] max_waits`).
+    /// Task id → the task that reads its one notice. At most `limit`.
     watched: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
+    /// The reader of every result, while too many tasks are watched.
+    every: Mutex<Option<tokio::task::AbortHandle>>,
+    limit: usize,
 }
 
 impl Notices {
+    fn subscribe_error(&self, subject: &str, e: async_nats::SubscribeError) -> HostError {
+        HostError::Unavailable {
+            what: format!("NATS at {}: subscribe to {subject}", self.url),
+            source: Box::new(e),
+        }
+    }
+
     /// Subscribes to the notice of `id`'s result unless this host does
     /// already. Returns once the subscription is sent to the server, ahead
     /// of anything this host sends after it.
     async fn watch(&self, id: &str) -> Result<(), HostError> {
         if self
-            .watched
+            .every
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
+            .is_some()
         {
             return Ok(());
         }
+        let crowded = {
+            let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+            if watched.contains_key(id) {
+                return Ok(());
+            }
+            watched.len() >= self.limit
+        };
+        if crowded {
+            return self.watch_every().await;
+        }
+        self.watch_one(id).await
+    }
+
+    async fn watch_one(&self, id: &str) -> Result<(), HostError> {
+        let subject = format!("{}.{id}", subjects::results());
         let mut sub = self
             .client
-            .subscribe(format!("{}.{id}", subjects::results()))
+            .subscribe(subject.clone())
             .await
-            .map_err(|e| HostError::Unavailable {
-                what: format!("NATS at {}: subscribe to the result of {id}", self.url),
-                source: Box::new(e),
-            })?;
+            .map_err(|e| self.subscribe_error(&subject, e))?;
         let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
         if watched.contains_key(id) {
             // Another request subscribed meanwhile; this one unsubscribes
@@ -316,6 +338,74 @@ impl Notices {
         Ok(())
     }
 
+    /// Subscribes to every result, for the tasks past `limit`.
+    async fn watch_every(&self) -> Result<(), HostError> {
+        let prefix = format!("{}.", subjects::results());
+        let subject = format!("{prefix}>");
+        let mut sub = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| self.subscribe_error(&subject, e))?;
+        let mut every = self.every.lock().unwrap_or_else(|p| p.into_inner());
+        if every.is_some() {
+            return Ok(());
+        }
+        let (waiters, pending) = (self.waiters.clone(), self.pending.clone());
+        let reader = tokio::spawn(async move {
+            while let Some(message) = sub.next().await {
+                if let Some(id) = message.subject.as_str().strip_prefix(&prefix) {
+                    wake(&waiters, &pending, id, &message.payload);
+                }
+            }
+        });
+        tracing::info!(limit = self.limit, "more tasks wait for results here than the per-task subscriptions allowed; hearing every result");
+        *every = Some(reader.abort_handle());
+        Ok(())
+    }
+
+    /// Back to a subscription per task once fewer than half the limit are
+    /// waited for: each gets its own before the one to every result goes,
+    /// so that none is left without.
+    async fn settle(&self) {
+        if self
+            .every
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            return;
+        }
+        let mut ids: BTreeSet<String> = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        ids.extend(
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned(),
+        );
+        if ids.len() >= self.limit / 2 {
+            return;
+        }
+        // From here on, new waits subscribe for themselves.
+        let Some(every) = self.every.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        for id in ids {
+            if let Err(e) = self.watch_one(&id).await {
+                tracing::warn!(task = %id, error = %e, "cannot subscribe to a result; its waiters read the bucket");
+            }
+        }
+        every.abort();
+        tracing::info!("back to a subscription per task waited for");
+    }
+
     /// Unsubscribes from the notice of `id`: nothing here waits for it.
     fn drop_notice(&self, id: &str) {
         if let Some(reader) = self
@@ -328,6 +418,10 @@ impl Notices {
         }
     }
 }
+
+/// Most per-task result subscriptions a host keeps (less if `[host]
+/// max_waits` is less): about 27 MiB of the NATS client's buffers.
+const MAX_WATCHED: usize = 4096;
 
 /// Most cancelled ids a host remembers.
 const RECENT_CANCELS: usize = 4096;
@@ -466,6 +560,7 @@ impl TaskRouter {
         };
         let waiters: Waiters = Arc::default();
         let pending: Pending = Arc::default();
+        let watch_limit = host.config().host.max_waits.clamp(1, MAX_WATCHED);
         let router = Arc::new(TaskRouter {
             objects,
             js,
@@ -490,6 +585,8 @@ impl TaskRouter {
                 waiters: waiters.clone(),
                 pending: pending.clone(),
                 watched: Arc::default(),
+                every: Mutex::new(None),
+                limit: watch_limit,
             },
             waiters,
             pending,
@@ -680,6 +777,7 @@ impl TaskRouter {
                     }
                 }
                 router.forget_stale_pending();
+                router.notices.settle().await;
                 drop(router);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
