@@ -1094,21 +1094,34 @@ fn past_its_limit_of_result_subscriptions_a_host_hears_every_result_until_the_ta
         subs
     };
     // Inside the limit: one subscription per task.
-    let mut ids: Vec<String> = (0..8).map(|_| ha.submit("test.nap", "3000")).collect();
-    let mut each: Vec<String> = ids
-        .iter()
-        .map(|id| format!("orch.v1.results.{id}"))
-        .collect();
-    each.sort();
-    assert_eq!(results_subs(), each);
+    let subjects = |ids: &[String]| -> Vec<String> {
+        let mut subs: Vec<String> = ids
+            .iter()
+            .map(|id| format!("orch.v1.results.{id}"))
+            .collect();
+        subs.sort();
+        subs
+    };
+    let short: Vec<String> = (0..5).map(|_| ha.submit("test.nap", "1500")).collect();
+    let long: Vec<String> = (0..3).map(|_| ha.submit("test.nap", "5000")).collect();
+    let all: Vec<String> = short.iter().chain(&long).cloned().collect();
+    assert_eq!(results_subs(), subjects(&all));
     // Past it: one subscription to every result.
-    ids.push(ha.submit("test.nap", "3000"));
+    let one_more = ha.submit("test.nap", "1500");
     assert!(
         results_subs().contains(&"orch.v1.results.>".to_string()),
         "{:?}",
         results_subs()
     );
-    for id in &ids {
+    for id in short.iter().chain([&one_more]) {
+        assert_eq!(ha.wait(id)["status"], "completed");
+    }
+    // Three left, under half the limit: a subscription each again, and
+    // none to every result.
+    ha.until("A subscribes per task again", |_| {
+        results_subs() == subjects(&long)
+    });
+    for id in &long {
         assert_eq!(ha.wait(id)["status"], "completed");
     }
     // Ended: back to none at all.

@@ -266,8 +266,9 @@ struct Notices {
     pending: Pending,
     /// Task id → the task that reads its one notice. At most `limit`.
     watched: Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>,
-    /// The reader of every result, while too many tasks are watched.
-    every: Mutex<Option<tokio::task::AbortHandle>>,
+    /// While too many tasks are watched: the reader of every result, told
+    /// to stop through the sender.
+    every: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     limit: usize,
 }
 
@@ -351,16 +352,48 @@ impl Notices {
         if every.is_some() {
             return Ok(());
         }
-        let (waiters, pending) = (self.waiters.clone(), self.pending.clone());
-        let reader = tokio::spawn(async move {
-            while let Some(message) = sub.next().await {
+        let (waiters, pending, watched) = (
+            self.waiters.clone(),
+            self.pending.clone(),
+            self.watched.clone(),
+        );
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut draining = false;
+            loop {
+                let message = tokio::select! {
+                    m = sub.next() => m,
+                    _ = &mut stopped, if !draining => {
+                        // Unsubscribed, and the notices already on their
+                        // way still read: none is lost in the switch.
+                        draining = true;
+                        let _ = sub.drain().await;
+                        continue;
+                    }
+                };
+                let Some(message) = message else { break };
                 if let Some(id) = message.subject.as_str().strip_prefix(&prefix) {
                     wake(&waiters, &pending, id, &message.payload);
                 }
             }
+            // A task that ended while the switch was made may have got a
+            // subscription of its own after its notice, which nothing would
+            // end: drop every one nothing here waits for.
+            let waiters = waiters.lock().unwrap_or_else(|p| p.into_inner());
+            let pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+            watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id, reader| {
+                    let keep = waiters.contains_key(id) || pending.contains_key(id);
+                    if !keep {
+                        reader.abort();
+                    }
+                    keep
+                });
         });
         tracing::info!(limit = self.limit, "more tasks wait for results here than the per-task subscriptions allowed; hearing every result");
-        *every = Some(reader.abort_handle());
+        *every = Some(stop);
         Ok(())
     }
 
@@ -368,14 +401,12 @@ impl Notices {
     /// waited for: each gets its own before the one to every result goes,
     /// so that none is left without.
     async fn settle(&self) {
-        if self
-            .every
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-        {
+        // Taken first: a wait registered from here on subscribes for
+        // itself, and one registered before is in the list below (a task
+        // is registered before its subscription is asked for).
+        let Some(stop) = self.every.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
-        }
+        };
         let mut ids: BTreeSet<String> = self
             .waiters
             .lock()
@@ -390,19 +421,30 @@ impl Notices {
                 .keys()
                 .cloned(),
         );
-        if ids.len() >= self.limit / 2 {
+        if ids.len() * 2 >= self.limit {
+            // Still too many: keep hearing every result.
+            let mut every = self.every.lock().unwrap_or_else(|p| p.into_inner());
+            if every.is_none() {
+                *every = Some(stop);
+            }
             return;
         }
-        // From here on, new waits subscribe for themselves.
-        let Some(every) = self.every.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
-        };
         for id in ids {
+            let watched = self
+                .watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id);
+            if watched {
+                continue;
+            }
             if let Err(e) = self.watch_one(&id).await {
                 tracing::warn!(task = %id, error = %e, "cannot subscribe to a result; its waiters read the bucket");
             }
         }
-        every.abort();
+        // The reader drains its subscription, then drops the subscriptions
+        // of the tasks that ended meanwhile.
+        let _ = stop.send(());
         tracing::info!("back to a subscription per task waited for");
     }
 
@@ -980,9 +1022,6 @@ impl TaskRouter {
                 .await
                 .map_err(|e| self.error("publish ack", e))
         };
-        // Subscribed before the task is on the stream, so that a fast
-        // result cannot slip past its notice.
-        self.notices.watch(&record.id).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = record.id.clone();
         self.waiters
@@ -995,6 +1034,17 @@ impl TaskRouter {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), (Instant::now(), Some(rx)));
+        // Subscribed before the task is on the stream, so that a fast
+        // result cannot slip past its notice; and after the task is
+        // registered, so that a switch between subscriptions sees it.
+        if let Err(e) = self.notices.watch(&record.id).await {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            self.forget_closed_waiters(&key);
+            return Err(e);
+        }
         let (put, ack) = tokio::join!(put, publish);
         if put.is_err() || ack.is_err() {
             self.pending
