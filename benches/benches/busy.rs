@@ -13,12 +13,10 @@
 //! busy` after `bash plugins/build.sh`; `ORCH_BENCH_ROUNDS=N` (default 3).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use orch_benches::{orch_binary, plugin, HostProc};
+use orch_benches::{plugin, HostProc};
 
 const GETS: usize = 100;
 /// Within the fuel a manifest may ask for (10^10; the spin costs about
@@ -35,32 +33,7 @@ fn start_host(home: &Path) -> (HostProc, String) {
         "[plugin]\nname = \"sleep\"\nversion = \"0.1.0\"\ncapabilities = [\"test.sleep\"]\n[limits]\nfuel = 10000000000\ntimeout = \"60s\"\n",
     )
     .unwrap();
-    let installed = Command::new(orch_binary())
-        .args(["plugin", "install", "-y"])
-        .arg(dir.join("sleep.wasm"))
-        .env("ORCH_HOME", home)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(installed.success());
-    let mut child = Command::new(orch_binary())
-        .args(["host", "start", "--listen", "127.0.0.1:0"])
-        .env("ORCH_HOME", home)
-        .env("ORCH_LOG", "warn")
-        .env_remove("RUST_BACKTRACE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("host exited").unwrap();
-        if let Some(at) = line.find("http://") {
-            break line[at..].split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (HostProc(child), url)
+    HostProc::start(home, &[dir.join("sleep.wasm")], &[])
 }
 
 /// Up to GETS status requests one after another, until `until`: p50, p99,

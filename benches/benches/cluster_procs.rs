@@ -11,15 +11,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use orch_benches::nats::{cpu_time, print_cpu, report, NatsServer, SAMPLES};
-use orch_benches::{orch_binary, plugin, HostProc};
+use orch_benches::{plugin, HostProc};
 
 type Waiters = Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>>;
 
@@ -42,29 +40,7 @@ fn start_host(home: &Path, url: &str, reuse: Option<u32>) -> HostProc {
             dir.join("echo.wasm")
         }
     };
-    let installed = Command::new(orch_binary())
-        .args(["plugin", "install", "-y"])
-        .arg(component)
-        .env("ORCH_HOME", home)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(installed.success());
-    let mut child = Command::new(orch_binary())
-        .args(["host", "start", "--listen", "127.0.0.1:0", "--nats", url])
-        .env("ORCH_HOME", home)
-        .env("ORCH_LOG", "warn")
-        .env_remove("RUST_BACKTRACE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert!(line.contains("http://"), "{line}");
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    HostProc(child)
+    HostProc::start(home, &[component], &["--nats", url]).0
 }
 
 /// Submits one echo task and waits for its result notification.

@@ -20,14 +20,12 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use orch::engine::bindings::{self, orch::agent as wit};
 use orch_benches::nats::cpu_time;
-use orch_benches::{orch_binary, plugin, Bare, HostProc};
+use orch_benches::{plugin, Bare, HostProc};
 use wasmtime::PoolingAllocationConfig;
 
 const TASKS: usize = 2_000;
@@ -36,34 +34,7 @@ const CLIENTS: usize = 16;
 /// Installs burn into `home` and starts a lone host on it; returns the
 /// process and its API address once it prints it.
 fn start_host(home: &Path) -> (HostProc, String) {
-    let installed = Command::new(orch_binary())
-        .args(["plugin", "install", "-y"])
-        .arg(plugin("burn"))
-        .env("ORCH_HOME", home)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(installed.success());
-    let mut child = Command::new(orch_binary())
-        .args(["host", "start", "--listen", "127.0.0.1:0"])
-        .env("ORCH_HOME", home)
-        .env("ORCH_LOG", "warn")
-        .env_remove("RUST_BACKTRACE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        let line = lines.next().expect("host exited").unwrap();
-        if let Some(at) = line.find("http://") {
-            break line[at..].split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep reading, so the host never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (HostProc(child), url)
+    HostProc::start(home, &[plugin("burn")], &[])
 }
 
 /// Bare wasmtime with orch's metering (fuel, epochs) and a pool, and the

@@ -117,6 +117,55 @@ impl Drop for HostProc {
     }
 }
 
+impl HostProc {
+    /// Installs each component into `home` (`orch plugin install -y`, its
+    /// manifest beside it), then starts `orch host start --listen
+    /// 127.0.0.1:0` with `extra` arguments; returns the host and its API's
+    /// URL once it prints it.
+    pub fn start(
+        home: &std::path::Path,
+        components: &[PathBuf],
+        extra: &[&str],
+    ) -> (HostProc, String) {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        for component in components {
+            let installed = Command::new(orch_binary())
+                .args(["plugin", "install", "-y"])
+                .arg(component)
+                .env("ORCH_HOME", home)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(
+                installed.success(),
+                "cannot install {}",
+                component.display()
+            );
+        }
+        let mut child = Command::new(orch_binary())
+            .args(["host", "start", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("ORCH_HOME", home)
+            .env("ORCH_LOG", "warn")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            let line = lines.next().expect("host exited").unwrap();
+            if let Some(at) = line.find("http://") {
+                break line[at..].split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep reading, so the host never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        (HostProc(child), url)
+    }
+}
+
 /// The `orch` binary of `cargo build --release -p orch-cli`.
 pub fn orch_binary() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/orch");
