@@ -20,6 +20,8 @@
 //! max_attempts = 3             # attempts per task for retryable failures
 //! max_unfinished = 100000      # accepted tasks not yet ended; more are refused (429)
 //! max_waits = 16384            # requests waiting for results at once; more are refused (429)
+//! commit_delay = "2ms"         # while tasks wait for an instance, how long the journal
+//!                              # holds a commit of results for more (0ms: never; at most 100ms)
 //! log_format = "text"          # or "json": one JSON object per log line
 //!
 //! [audit]
@@ -89,6 +91,9 @@ pub struct DaemonConfig {
     pub max_unfinished: usize,
     /// Requests that may wait for task results at once (`?wait=`).
     pub max_waits: usize,
+    /// While tasks wait for an instance, how long the journal may hold a
+    /// commit of results back to write more with one fsync.
+    pub commit_delay: Duration,
     pub log_format: LogFormat,
 }
 
@@ -118,6 +123,11 @@ impl std::str::FromStr for LogFormat {
 /// (benches/README.md, `density`).
 pub const MAX_INSTANCE_SLOTS: u32 = 10_000;
 
+/// The most `[host] commit_delay` may be: a result may become visible that
+/// much later, and a task whose result was held back runs again after a
+/// crash.
+pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
+
 /// The API address when neither the config nor `--listen` names one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 
@@ -132,6 +142,7 @@ impl Default for DaemonConfig {
             max_attempts: 3,
             max_unfinished: 100_000,
             max_waits: 16_384,
+            commit_delay: Duration::from_millis(2),
             log_format: LogFormat::Text,
         }
     }
@@ -240,6 +251,7 @@ struct HostFile {
     max_attempts: Option<u32>,
     max_unfinished: Option<usize>,
     max_waits: Option<usize>,
+    commit_delay: Option<String>,
     log_format: Option<String>,
 }
 
@@ -343,6 +355,17 @@ impl HostConfig {
             }
             config.host.max_waits = n;
         }
+        if let Some(d) = file.host.commit_delay {
+            let d = parse_duration(&d).map_err(|e| err(format!("host.commit_delay: {e}")))?;
+            if d > MAX_COMMIT_DELAY {
+                return Err(err(format!(
+                    "host.commit_delay: {} ms is past the limit of {} ms",
+                    d.as_millis(),
+                    MAX_COMMIT_DELAY.as_millis()
+                )));
+            }
+            config.host.commit_delay = d;
+        }
         if let Some(n) = file.host.max_attempts {
             if n == 0 {
                 return Err(err("host.max_attempts: must be at least 1".into()));
@@ -436,5 +459,23 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn commit_delay_is_taken_from_zero_to_its_limit_and_refused_past_it() {
+        assert_eq!(
+            load("").unwrap().host.commit_delay,
+            Duration::from_millis(2)
+        );
+        for (text, ms) in [("0ms", 0), ("100ms", 100)] {
+            let config = load(&format!("[host]\ncommit_delay = \"{text}\"\n")).unwrap();
+            assert_eq!(config.host.commit_delay, Duration::from_millis(ms));
+        }
+        let e = load("[host]\ncommit_delay = \"101ms\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("host.commit_delay: 101 ms is past the limit of 100 ms"),
+            "{e}"
+        );
     }
 }

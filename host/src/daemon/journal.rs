@@ -6,9 +6,14 @@
 //!
 //! Writes go through one writer thread that commits whatever has queued up
 //! in one transaction (group commit): under load, hundreds of submissions
-//! share one fsync instead of paying one each.
+//! share one fsync instead of paying one each. Results come one or two at
+//! a time when tasks take a millisecond or more, so while tasks wait for a
+//! free instance the writer holds a commit of results (and of nothing
+//! else) back for up to `[host] commit_delay`, to write more of them with
+//! the same fsync.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -40,6 +45,25 @@ const ID_END: &str = "\u{10ffff}";
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
+
+/// Whether tasks wait for a free instance: asked by the writer before it
+/// holds a commit of results back.
+pub type Backlog = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// How long a commit of results may wait for more, and when.
+struct CommitDelay {
+    max: std::time::Duration,
+    backlog: Backlog,
+}
+
+/// Shared by the journal's handle and its writer thread.
+#[derive(Default)]
+struct Linger {
+    /// Set once, after the scheduler exists (it is made after the journal).
+    delay: std::sync::OnceLock<CommitDelay>,
+    /// The writer is parked holding a commit back: a submission wakes it.
+    parked: AtomicBool,
+}
 
 /// A journal failure: what failed ([`JournalErrorKind`]), on which file,
 /// with the underlying error as its source.
@@ -301,6 +325,7 @@ pub struct Journal {
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<Op>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    linger: Arc<Linger>,
 }
 
 impl Drop for Journal {
@@ -309,6 +334,7 @@ impl Drop for Journal {
     fn drop(&mut self) {
         self.writer = None;
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
@@ -343,16 +369,31 @@ impl Journal {
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
         let writer_path = path.to_path_buf();
+        let linger = Arc::new(Linger::default());
+        let writer_linger = linger.clone();
         let thread = std::thread::Builder::new()
             .name("orch-journal".into())
-            .spawn(move || write_loop(&writer_db, &writer_path, rx, timed))
+            .spawn(move || write_loop(&writer_db, &writer_path, rx, timed, &writer_linger))
             .map_err(|e| JournalError::new(path, JournalErrorKind::Open, e))?;
         Ok(Journal {
             path: path.to_path_buf(),
             db,
             writer: Some(tx),
             thread: Some(thread),
+            linger,
         })
+    }
+
+    /// From now on, while `backlog` says tasks wait, a commit holding only
+    /// results (and retention's removals) waits up to `max` after its
+    /// first write for more, unless a submission comes. A result is then
+    /// visible, and durable, up to `max` later; a crash in between runs
+    /// its task again, as a crash before any commit does. Zero, or a
+    /// second call, changes nothing.
+    pub fn delay_commits(&self, max: std::time::Duration, backlog: Backlog) {
+        if !max.is_zero() {
+            let _ = self.linger.delay.set(CommitDelay { max, backlog });
+        }
     }
 
     fn error(&self, e: impl Into<redb::Error>) -> JournalError {
@@ -376,10 +417,17 @@ impl Journal {
         op: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Op,
     ) -> Result<T, JournalError> {
         let (tx, rx) = oneshot::channel();
+        let op = op(tx);
+        let submission = matches!(op, Op::Accept { .. });
         self.writer
             .as_ref()
-            .and_then(|w| w.send(op(tx)).ok())
+            .and_then(|w| w.send(op).ok())
             .ok_or_else(|| self.stopped())?;
+        if submission && self.linger.parked.load(Ordering::SeqCst) {
+            if let Some(thread) = &self.thread {
+                thread.thread().unpark();
+            }
+        }
         rx.await.map_err(|_| self.stopped())?
     }
 
@@ -612,14 +660,58 @@ impl<'t> Indexes<'t> {
 /// Told how long each journal commit took (the host's metrics).
 pub type CommitTimer = Box<dyn Fn(std::time::Duration) + Send>;
 
-fn write_loop(db: &Database, path: &Path, rx: mpsc::Receiver<Op>, timed: Option<CommitTimer>) {
+fn write_loop(
+    db: &Database,
+    path: &Path,
+    rx: mpsc::Receiver<Op>,
+    timed: Option<CommitTimer>,
+    linger: &Linger,
+) {
     while let Ok(first) = rx.recv() {
+        let first_at = std::time::Instant::now();
         let mut batch = vec![first];
+        // Decided once per batch, when the channel is first found empty.
+        let mut until: Option<Option<std::time::Instant>> = None;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+                Ok(op) => {
+                    batch.push(op);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {}
             }
+            let results_only = batch
+                .iter()
+                .all(|op| matches!(op, Op::Finish { .. } | Op::Forget { .. }));
+            if !results_only {
+                break;
+            }
+            let until = *until.get_or_insert_with(|| {
+                linger
+                    .delay
+                    .get()
+                    .filter(|d| (d.backlog)())
+                    .map(|d| first_at + d.max)
+            });
+            let Some(left) = until
+                .map(|u| u.saturating_duration_since(std::time::Instant::now()))
+                .filter(|l| !l.is_zero())
+            else {
+                break;
+            };
+            // Parked rather than blocked on the channel, so that results
+            // sent meanwhile do not wake the writer one by one (a wake-up
+            // each cost more CPU than the commits saved); a submission
+            // does wake it (`Journal::send`). Checked once more after
+            // `parked` is set, for one sent just before.
+            linger.parked.store(true, Ordering::SeqCst);
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(mpsc::TryRecvError::Empty) => std::thread::park_timeout(left),
+                Err(mpsc::TryRecvError::Disconnected) => {}
+            }
+            linger.parked.store(false, Ordering::SeqCst);
         }
         let started = std::time::Instant::now();
         let outcome = commit(db, &batch);
@@ -789,6 +881,96 @@ mod tests {
             j.accept(record("c", Some("k")), Vec::new()).await.unwrap(),
             Accepted::New
         );
+    }
+
+    /// A journal that counts its commits, with a backlog the test sets.
+    fn counted(
+        dir: &Path,
+        delay: std::time::Duration,
+    ) -> (
+        Journal,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let commits = Arc::new(AtomicUsize::new(0));
+        let counter = commits.clone();
+        let j = Journal::open_timed(
+            &dir.join("tasks.redb"),
+            Some(Box::new(move |_| {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })),
+        )
+        .unwrap();
+        let backlog = Arc::new(AtomicBool::new(false));
+        let probe = backlog.clone();
+        j.delay_commits(delay, Box::new(move || probe.load(Ordering::SeqCst)));
+        (j, commits, backlog)
+    }
+
+    /// Fails the test, instead of holding it, if `f` does not end soon.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(20), f)
+            .await
+            .unwrap()
+    }
+
+    fn done(id: &str) -> TaskRecord {
+        TaskRecord {
+            status: Status::Completed,
+            finished_at_ms: Some(2),
+            ..TaskRecord::queued(id.into(), "echo".into(), 1, 0)
+        }
+    }
+
+    /// With no task waiting, a result is committed at once (a delay of a
+    /// minute would hold the test); with tasks waiting, a submission ends
+    /// the wait at once.
+    #[tokio::test]
+    async fn results_wait_for_more_only_while_tasks_wait_and_not_past_a_submission() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let minute = std::time::Duration::from_secs(60);
+        let (j, commits, backlog) = counted(dir.path(), minute);
+        within(j.finish(done("a"), None)).await.unwrap();
+        assert_eq!(commits.swap(0, Ordering::SeqCst), 1);
+
+        backlog.store(true, Ordering::SeqCst);
+        let (finished, accepted) = within(async {
+            tokio::join!(
+                j.finish(done("b"), None),
+                j.accept(record("c", None), Vec::new())
+            )
+        })
+        .await;
+        finished.unwrap();
+        assert_eq!(accepted.unwrap(), Accepted::New);
+        assert_eq!(commits.swap(0, Ordering::SeqCst), 1);
+        assert_eq!(j.get("b").unwrap().unwrap().status, Status::Completed);
+    }
+
+    /// Results under a backlog wait out the delay and go in one commit;
+    /// with a zero delay they are not held at all.
+    #[tokio::test]
+    async fn results_are_held_for_the_delay_and_committed_together() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let delay = std::time::Duration::from_millis(300);
+        let (j, commits, backlog) = counted(dir.path(), delay);
+        backlog.store(true, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let (a, b) = tokio::join!(j.finish(done("a"), None), j.finish(done("b"), None));
+        a.unwrap();
+        b.unwrap();
+        assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+        assert_eq!(j.get("a").unwrap().unwrap().status, Status::Completed);
+
+        let other = tempfile::tempdir().unwrap();
+        let (j, commits, backlog) = counted(other.path(), std::time::Duration::ZERO);
+        backlog.store(true, Ordering::SeqCst);
+        within(j.finish(done("a"), None)).await.unwrap();
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
     }
 
     fn ids(records: Vec<TaskRecord>) -> Vec<String> {

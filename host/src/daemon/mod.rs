@@ -274,6 +274,7 @@ impl Host {
                 }
             }),
         );
+        journal.delay_commits(config.host.commit_delay, Box::new(scheduler.backlog()));
         let kv = Arc::new(KvStore::with_limits(home.join("kv.redb"), config.kv));
         let host = Host {
             inner: Arc::new(Inner {

@@ -754,6 +754,18 @@ impl Scheduler {
         q
     }
 
+    /// Whether any task waits in a queue (for an agent, an instance or an
+    /// engine slot), asked through a weak reference: the answer holds no
+    /// scheduler alive. A scheduler that is gone has none waiting.
+    pub fn backlog(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let inner = Arc::downgrade(&self.inner);
+        move || {
+            inner
+                .upgrade()
+                .is_some_and(|i| i.state().queues.values().any(|q| !q.is_empty()))
+        }
+    }
+
     /// Attempts running now.
     pub fn running(&self) -> u64 {
         self.inner.running.load(AtomicOrdering::Relaxed)
