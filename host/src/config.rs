@@ -20,7 +20,7 @@
 //! max_attempts = 3             # attempts per task for retryable failures
 //! max_unfinished = 100000      # accepted tasks not yet ended; more are refused (429)
 //! max_waits = 16384            # requests waiting for results at once; more are refused (429)
-//! commit_delay = "2ms"         # while tasks wait for an instance, how long the journal
+//! commit_delay = "2ms"         # while tasks wait in the queues, how long the journal
 //!                              # holds a commit of results for more (0ms: never; at most 100ms)
 //! log_format = "text"          # or "json": one JSON object per log line
 //!
@@ -91,7 +91,7 @@ pub struct DaemonConfig {
     pub max_unfinished: usize,
     /// Requests that may wait for task results at once (`?wait=`).
     pub max_waits: usize,
-    /// While tasks wait for an instance, how long the journal may hold a
+    /// While tasks wait in the scheduler's queues, how long the journal may hold a
     /// commit of results back to write more with one fsync.
     pub commit_delay: Duration,
     pub log_format: LogFormat,

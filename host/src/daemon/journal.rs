@@ -7,13 +7,12 @@
 //! Writes go through one writer thread that commits whatever has queued up
 //! in one transaction (group commit): under load, hundreds of submissions
 //! share one fsync instead of paying one each. Results come one or two at
-//! a time when tasks take a millisecond or more, so while tasks wait for a
-//! free instance the writer holds a commit of results (and of nothing
-//! else) back for up to `[host] commit_delay`, to write more of them with
-//! the same fsync.
+//! a time when tasks take a millisecond or more, so while tasks wait in the
+//! scheduler's queues the writer holds a commit of results (and of nothing
+//! else) back for up to `[host] commit_delay` after it took the first, to
+//! write more of them with the same fsync.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -56,14 +55,9 @@ struct CommitDelay {
     backlog: Backlog,
 }
 
-/// Shared by the journal's handle and its writer thread.
-#[derive(Default)]
-struct Linger {
-    /// Set once, after the scheduler exists (it is made after the journal).
-    delay: std::sync::OnceLock<CommitDelay>,
-    /// The writer is parked holding a commit back: a submission wakes it.
-    parked: AtomicBool,
-}
+/// Set once, after the scheduler exists (it is made after the journal);
+/// shared by the journal's handle and its writer thread.
+type Linger = std::sync::OnceLock<CommitDelay>;
 
 /// A journal failure: what failed ([`JournalErrorKind`]), on which file,
 /// with the underlying error as its source.
@@ -369,7 +363,7 @@ impl Journal {
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
         let writer_path = path.to_path_buf();
-        let linger = Arc::new(Linger::default());
+        let linger = Arc::new(Linger::new());
         let writer_linger = linger.clone();
         let thread = std::thread::Builder::new()
             .name("orch-journal".into())
@@ -392,7 +386,7 @@ impl Journal {
     /// second call, changes nothing.
     pub fn delay_commits(&self, max: std::time::Duration, backlog: Backlog) {
         if !max.is_zero() {
-            let _ = self.linger.delay.set(CommitDelay { max, backlog });
+            let _ = self.linger.set(CommitDelay { max, backlog });
         }
     }
 
@@ -423,7 +417,9 @@ impl Journal {
             .as_ref()
             .and_then(|w| w.send(op).ok())
             .ok_or_else(|| self.stopped())?;
-        if submission && self.linger.parked.load(Ordering::SeqCst) {
+        // A writer parked holding results back commits them with this at
+        // once; one not parked keeps the token and loops once more.
+        if submission && self.linger.get().is_some() {
             if let Some(thread) = &self.thread {
                 thread.thread().unpark();
             }
@@ -657,6 +653,11 @@ impl<'t> Indexes<'t> {
     }
 }
 
+/// A result (or retention's removal): what a commit may hold back.
+fn is_result(op: &Op) -> bool {
+    matches!(op, Op::Finish { .. } | Op::Forget { .. })
+}
+
 /// Told how long each journal commit took (the host's metrics).
 pub type CommitTimer = Box<dyn Fn(std::time::Duration) + Send>;
 
@@ -670,30 +671,31 @@ fn write_loop(
     while let Ok(first) = rx.recv() {
         let first_at = std::time::Instant::now();
         let mut batch = vec![first];
-        // Decided once per batch, when the channel is first found empty.
-        let mut until: Option<Option<std::time::Instant>> = None;
+        // Whether the batch has only results, and until when it waits for
+        // more: decided when the channel is first found empty.
+        let mut results_only = is_result(&batch[0]);
+        let mut until: Option<std::time::Instant> = None;
+        let mut decided = false;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => {
+                    results_only &= is_result(&op);
                     batch.push(op);
                     continue;
                 }
                 Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) => {}
             }
-            let results_only = batch
-                .iter()
-                .all(|op| matches!(op, Op::Finish { .. } | Op::Forget { .. }));
             if !results_only {
                 break;
             }
-            let until = *until.get_or_insert_with(|| {
-                linger
-                    .delay
+            if !decided {
+                decided = true;
+                until = linger
                     .get()
                     .filter(|d| (d.backlog)())
-                    .map(|d| first_at + d.max)
-            });
+                    .and_then(|d| first_at.checked_add(d.max));
+            }
             let Some(left) = until
                 .map(|u| u.saturating_duration_since(std::time::Instant::now()))
                 .filter(|l| !l.is_zero())
@@ -703,15 +705,9 @@ fn write_loop(
             // Parked rather than blocked on the channel, so that results
             // sent meanwhile do not wake the writer one by one (a wake-up
             // each cost more CPU than the commits saved); a submission
-            // does wake it (`Journal::send`). Checked once more after
-            // `parked` is set, for one sent just before.
-            linger.parked.store(true, Ordering::SeqCst);
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(mpsc::TryRecvError::Empty) => std::thread::park_timeout(left),
-                Err(mpsc::TryRecvError::Disconnected) => {}
-            }
-            linger.parked.store(false, Ordering::SeqCst);
+            // unparks it (`Journal::send`), and an early or spurious
+            // wake-up loops back to here.
+            std::thread::park_timeout(left);
         }
         let started = std::time::Instant::now();
         let outcome = commit(db, &batch);
@@ -936,6 +932,7 @@ mod tests {
         assert_eq!(commits.swap(0, Ordering::SeqCst), 1);
 
         backlog.store(true, Ordering::SeqCst);
+        // `join!` polls in order: the result is sent (and held) first.
         let (finished, accepted) = within(async {
             tokio::join!(
                 j.finish(done("b"), None),
@@ -949,8 +946,7 @@ mod tests {
         assert_eq!(j.get("b").unwrap().unwrap().status, Status::Completed);
     }
 
-    /// Results under a backlog wait out the delay and go in one commit;
-    /// with a zero delay they are not held at all.
+    /// Results under a backlog wait out the delay and go in one commit.
     #[tokio::test]
     async fn results_are_held_for_the_delay_and_committed_together() {
         use std::sync::atomic::Ordering;
@@ -965,12 +961,6 @@ mod tests {
         assert!(started.elapsed() >= delay, "{:?}", started.elapsed());
         assert_eq!(commits.load(Ordering::SeqCst), 1);
         assert_eq!(j.get("a").unwrap().unwrap().status, Status::Completed);
-
-        let other = tempfile::tempdir().unwrap();
-        let (j, commits, backlog) = counted(other.path(), std::time::Duration::ZERO);
-        backlog.store(true, Ordering::SeqCst);
-        within(j.finish(done("a"), None)).await.unwrap();
-        assert_eq!(commits.load(Ordering::SeqCst), 1);
     }
 
     fn ids(records: Vec<TaskRecord>) -> Vec<String> {

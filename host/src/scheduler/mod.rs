@@ -389,6 +389,9 @@ struct State {
     rng: u64,
     /// Payload bytes of the messages and sub-tasks in `queues`.
     queued_bytes: u64,
+    /// Whether a task waits in `queues`: set by each enqueue and after each
+    /// placement pass, read without the lock ([`Scheduler::backlog`]).
+    waiting: Arc<AtomicBool>,
 }
 
 impl State {
@@ -595,6 +598,7 @@ impl Scheduler {
                 seq: 0,
                 rng: seed,
                 queued_bytes: 0,
+                waiting: Arc::new(AtomicBool::new(false)),
             }),
             ready: Mutex::new(std::collections::VecDeque::new()),
             wake: Notify::new(),
@@ -755,15 +759,12 @@ impl Scheduler {
     }
 
     /// Whether any task waits in a queue (for an agent, an instance or an
-    /// engine slot), asked through a weak reference: the answer holds no
-    /// scheduler alive. A scheduler that is gone has none waiting.
+    /// engine slot, a breaker's cool-down, or the next placement pass), as
+    /// of the last enqueue or placement pass; read without the scheduler's
+    /// lock, which a placement pass holds.
     pub fn backlog(&self) -> impl Fn() -> bool + Send + Sync + 'static {
-        let inner = Arc::downgrade(&self.inner);
-        move || {
-            inner
-                .upgrade()
-                .is_some_and(|i| i.state().queues.values().any(|q| !q.is_empty()))
-        }
+        let waiting = self.inner.state().waiting.clone();
+        move || waiting.load(AtomicOrdering::Relaxed)
     }
 
     /// Attempts running now.
@@ -987,6 +988,7 @@ fn submit(
 fn enqueue(state: &mut State, task: Pending) {
     state.queued_bytes += task.counted_bytes;
     state.seq += 1;
+    state.waiting.store(true, AtomicOrdering::Relaxed);
     let seq = state.seq;
     state
         .queues
@@ -1067,6 +1069,7 @@ async fn dispatch(inner: Arc<Inner>) {
                 }
             }
             let waiting = state.queues.values().any(|q| !q.is_empty());
+            state.waiting.store(waiting, AtomicOrdering::Relaxed);
             if waiting {
                 state
                     .agents
