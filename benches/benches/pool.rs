@@ -1,7 +1,9 @@
-//! Bare wasmtime instantiate + `handle` of echo with three pool settings,
+//! Bare wasmtime instantiate + `handle` of echo with four pool settings,
 //! on one tokio task and on two at once (a 2-worker runtime): wasmtime's
-//! defaults, orch's batched decommit (`orch::engine::DECOMMIT_BATCH`), and
-//! batched decommit without copy-on-write memory images, for reference.
+//! defaults, batched decommit (`orch::engine::DECOMMIT_BATCH`), batched
+//! decommit without copy-on-write memory images, and orch's pool: batched
+//! decommit and the written pages reset in place
+//! (`orch::engine::reset_in_place`, Linux 6.7 and later).
 //!
 //! Why: with the defaults, two threads instantiating at once did fewer
 //! tasks per second than one. A profile showed the time in TLB-flush
@@ -19,22 +21,33 @@ const TASKS: u64 = 10_000;
 
 fn main() {
     let rt = orch_benches::runtime();
-    let settings: [(&str, usize, bool); 3] = [
-        ("wasmtime defaults", 1, true),
+    let settings: [(&str, usize, bool, bool); 4] = [
+        ("wasmtime defaults", 1, true, false),
         (
-            "batched decommit (orch)",
+            "batched decommit",
             orch::engine::DECOMMIT_BATCH,
             true,
+            false,
         ),
         (
             "batched decommit, no copy-on-write",
             orch::engine::DECOMMIT_BATCH,
             false,
+            false,
+        ),
+        (
+            "batched decommit, reset in place (orch)",
+            orch::engine::DECOMMIT_BATCH,
+            true,
+            true,
         ),
     ];
-    for (name, batch, cow) in settings {
+    for (name, batch, cow, in_place) in settings {
         let mut pool = PoolingAllocationConfig::default();
         pool.decommit_batch_size(batch);
+        if in_place {
+            pool = orch::engine::reset_in_place(&pool, 256).unwrap();
+        }
         let mut config = wasmtime::Config::new();
         config.memory_init_cow(cow);
         let (engine, pre) = bare_echo_with(false, pool, config);
