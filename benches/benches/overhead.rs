@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use orch::engine::bindings::{self, orch::agent as wit};
 use orch_benches::nats::cpu_time;
 use orch_benches::{plugin, Bare, HostProc};
+use wasmtime::PoolingAllocationConfig;
 
 const TASKS: usize = 2_000;
 const CLIENTS: usize = 16;
@@ -39,12 +40,9 @@ fn start_host(home: &Path) -> (HostProc, String) {
 /// Bare wasmtime with orch's metering (fuel, epochs) and a pool, and the
 /// pre-linked burn component.
 fn bare_burn() -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
-    orch_benches::bare_pooled(
-        "burn",
-        true,
-        orch_benches::orch_pool(),
-        wasmtime::Config::new(),
-    )
+    let mut pool = PoolingAllocationConfig::default();
+    pool.decommit_batch_size(orch::engine::DECOMMIT_BATCH);
+    orch_benches::bare_pooled("burn", true, pool, wasmtime::Config::new())
 }
 
 /// `n` fresh-instance burn tasks, one after the other.

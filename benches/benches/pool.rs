@@ -1,9 +1,10 @@
 //! Bare wasmtime instantiate + `handle` of echo with four pool settings,
 //! on one tokio task and on two at once (a 2-worker runtime): wasmtime's
-//! defaults, batched decommit (`orch::engine::DECOMMIT_BATCH`), batched
-//! decommit without copy-on-write memory images, and orch's pool: batched
-//! decommit and the written pages reset in place
-//! (`orch::engine::reset_in_place`, Linux 6.7 and later).
+//! defaults, orch's batched decommit (`orch::engine::DECOMMIT_BATCH`),
+//! batched decommit without copy-on-write memory images, and batched
+//! decommit with up to 64 KiB of written pages reset in place (found with
+//! Linux's `PAGEMAP_SCAN`; skipped where the kernel lacks it), which orch
+//! does not use: see benches/README.md.
 //!
 //! Why: with the defaults, two threads instantiating at once did fewer
 //! tasks per second than one. A profile showed the time in TLB-flush
@@ -24,7 +25,7 @@ fn main() {
     let settings: [(&str, usize, bool, bool); 4] = [
         ("wasmtime defaults", 1, true, false),
         (
-            "batched decommit",
+            "batched decommit (orch)",
             orch::engine::DECOMMIT_BATCH,
             true,
             false,
@@ -36,7 +37,7 @@ fn main() {
             false,
         ),
         (
-            "batched decommit, reset in place (orch)",
+            "batched decommit, 64 KiB reset in place",
             orch::engine::DECOMMIT_BATCH,
             true,
             true,
@@ -46,7 +47,13 @@ fn main() {
         let mut pool = PoolingAllocationConfig::default();
         pool.decommit_batch_size(batch);
         if in_place {
-            pool = orch::engine::reset_in_place(&pool, 256).unwrap();
+            if !PoolingAllocationConfig::is_pagemap_scan_available() {
+                println!("{name}: skipped, this kernel has no PAGEMAP_SCAN");
+                continue;
+            }
+            pool.pagemap_scan(wasmtime::Enabled::Yes)
+                .linear_memory_keep_resident(64 << 10)
+                .table_keep_resident(64 << 10);
         }
         let mut config = wasmtime::Config::new();
         config.memory_init_cow(cow);

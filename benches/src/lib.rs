@@ -180,19 +180,12 @@ pub fn orch_binary() -> PathBuf {
 /// A bare wasmtime engine and the pre-linked echo component. `metered`
 /// turns on the same fuel and epoch instrumentation orch uses, to separate
 /// wasmtime's metering cost from orch's own.
-/// The pool resets freed slots as orch's does ([`orch_pool`]), so that the
-/// baseline does not pay a cost orch does not (see the `pool` bench).
+/// The pool returns freed slots to the kernel in orch's batch size, so that
+/// the baseline does not pay a cost orch does not (see the `pool` bench).
 pub fn bare_echo(metered: bool) -> (wasmtime::Engine, bindings::AgentPre<Bare>) {
-    bare_echo_with(metered, orch_pool(), wasmtime::Config::new())
-}
-
-/// A pool that frees slots the way orch's engine does with its default 256
-/// slots: in place where the kernel allows (`orch::engine::reset_in_place`;
-/// the benches' machine does), and decommits in orch's batch size.
-pub fn orch_pool() -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
     pool.decommit_batch_size(orch::engine::DECOMMIT_BATCH);
-    orch::engine::reset_in_place(&pool, 256).unwrap_or(pool)
+    bare_echo_with(metered, pool, wasmtime::Config::new())
 }
 
 /// [`bare_echo`] with the given pool and engine settings.

@@ -250,44 +250,6 @@ const EXPIRE_PER_TICK: usize = 4;
 /// pool runs out of free slots, so no allocation waits for it.
 pub const DECOMMIT_BATCH: usize = 64;
 
-/// Of each freed linear memory and table, up to this many bytes of the
-/// pages the instance wrote are reset in place (copied back from the
-/// module's image, or zeroed) instead of returned to the kernel, when the
-/// kernel can say which pages were written (`PAGEMAP_SCAN`, Linux 6.7 and
-/// later). A small agent's next instance in that slot then takes no page
-/// faults and its reset no `madvise`: echo's bare instantiate and call went
-/// from about 48k to 90k a second (`pool` bench). Without the ioctl nothing
-/// is kept: wasmtime would then zero the lowest addresses, which in a Rust
-/// agent are its untouched stack, and make them resident.
-pub const KEEP_RESIDENT: usize = 64 << 10;
-
-/// What the kept pages may add up to over the whole pool: past
-/// `KEEP_RESIDENT_TOTAL / KEEP_RESIDENT` memories and tables (two memories
-/// and four tables a slot), each keeps less, down to nothing, so that a
-/// host configured for 10,000 slots does not keep 10,000 instances' pages
-/// after a burst.
-const KEEP_RESIDENT_TOTAL: usize = 128 << 20;
-
-/// `pool` set to reset freed memories and tables in place (see
-/// [`KEEP_RESIDENT`]) for `slots` instance slots: whole pages, at most
-/// `KEEP_RESIDENT` each. `None` when that leaves less than a page. An
-/// engine made with it fails where the kernel has no `PAGEMAP_SCAN`.
-pub fn reset_in_place(
-    pool: &PoolingAllocationConfig,
-    slots: u32,
-) -> Option<PoolingAllocationConfig> {
-    let per = KEEP_RESIDENT_TOTAL / (slots as usize).saturating_mul(6).max(1);
-    let keep = per.min(KEEP_RESIDENT) & !0xfff;
-    if keep == 0 {
-        return None;
-    }
-    let mut pool = pool.clone();
-    pool.pagemap_scan(wasmtime::Enabled::Yes)
-        .linear_memory_keep_resident(keep)
-        .table_keep_resident(keep);
-    Some(pool)
-}
-
 impl<T: 'static> Engine<T> {
     /// Makes the engine; `imports` adds the host's imports to the linker
     /// (WASI and the world's own).
@@ -324,22 +286,14 @@ impl<T: 'static> Engine<T> {
         // that. The elements are bounded by MAX_TABLE_ELEMENTS instead.
         let mut costs = wasmtime::OperatorCost::new();
         costs.variable.table_grow_per_element = 0;
-        let with_pool = |pool: PoolingAllocationConfig| {
-            let mut wt = wasmtime::Config::new();
-            wt.wasm_component_model(true)
-                .consume_fuel(true)
-                .operator_cost(costs.clone())
-                .epoch_interruption(true)
-                .max_wasm_stack(config.max_wasm_stack)
-                .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-            wasmtime::Engine::new(&wt)
-        };
-        // `Yes` fails where the kernel has no PAGEMAP_SCAN: then freed
-        // memories go back to the kernel whole, as before.
-        let wasmtime = match reset_in_place(&pool, slots).map(with_pool) {
-            Some(Ok(engine)) => engine,
-            _ => with_pool(pool).map_err(engine_err)?,
-        };
+        let mut wt = wasmtime::Config::new();
+        wt.wasm_component_model(true)
+            .consume_fuel(true)
+            .operator_cost(costs)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_wasm_stack)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let wasmtime = wasmtime::Engine::new(&wt).map_err(engine_err)?;
 
         let mut linker = Linker::new(&wasmtime);
         imports(&mut linker).map_err(engine_err)?;
@@ -824,33 +778,8 @@ impl Drop for EpochTicker {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    /// Up to about 340 slots each memory and table keeps 64 KiB; past
-    /// that less, in whole pages, within 128 MiB over the pool; with
-    /// 10,000 slots nothing, and no in-place reset at all.
-    #[test]
-    fn kept_pages_are_64_kib_each_within_a_budget_over_the_pool() {
-        let pool = PoolingAllocationConfig::default();
-        let keep = |slots: u32| {
-            reset_in_place(&pool, slots).map(|p| {
-                assert_eq!(p.get_pagemap_scan(), wasmtime::Enabled::Yes);
-                assert_eq!(p.get_table_keep_resident(), p.get_memory_keep_resident());
-                p.get_memory_keep_resident()
-            })
-        };
-        assert_eq!(keep(1), Some(KEEP_RESIDENT));
-        assert_eq!(keep(341), Some(KEEP_RESIDENT));
-        let past = keep(342).unwrap();
-        assert!(past < KEEP_RESIDENT && past % 4096 == 0, "{past}");
-        for slots in [342, 1000, 5000] {
-            let kept = keep(slots).unwrap() * 6 * slots as usize;
-            assert!(kept <= KEEP_RESIDENT_TOTAL, "{slots}: {kept}");
-        }
-        assert_eq!(keep(10_000), None);
-    }
 
     #[test]
     fn header_classification() {

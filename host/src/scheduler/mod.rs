@@ -863,6 +863,9 @@ impl Scheduler {
                 *queue = kept;
             }
             state.queued_bytes -= freed;
+            // No placement pass may follow to clear it.
+            let waiting = state.queues.values().any(|q| !q.is_empty());
+            state.waiting.store(waiting, AtomicOrdering::Relaxed);
             gone
         };
         for task in gone {

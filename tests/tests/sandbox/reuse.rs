@@ -41,14 +41,12 @@ async fn an_instance_serves_up_to_reuse_tasks_in_a_row_then_a_fresh_one_starts()
     assert_eq!(counts(&tally, 3, &reuse(1)).await, ["1", "1", "1"]);
 }
 
-/// With one engine slot every task's instance is made in the slot the one
-/// before used, which the pool resets in place where the kernel allows
-/// (the pages it wrote copied back from the image or zeroed, up to 64 KiB;
-/// `orch::engine::reset_in_place`): each still starts from the module's
-/// initial memory, after a task that wrote a few bytes and after one that
-/// wrote 2 MiB, past what a slot keeps.
+/// With one engine slot every task's instance is made in pool slots the
+/// ones before used and freed: each still starts from the module's initial
+/// memory, after a task that wrote a few bytes and after one that wrote
+/// 2 MiB.
 #[tokio::test]
-async fn a_fresh_instance_in_a_slot_reset_in_place_starts_from_the_initial_memory() {
+async fn a_fresh_instance_in_a_reused_slot_starts_from_the_initial_memory() {
     let h = Harness::with_config(EngineConfig {
         instance_slots: 1,
         ..EngineConfig::default()

@@ -514,3 +514,35 @@ async fn a_removed_agent_is_freed_once_its_running_task_ends() {
     assert_eq!(s.idle(Duration::from_secs(5)).await, 0);
     assert!(weak.upgrade().is_none(), "freed after its last task");
 }
+
+/// `Scheduler::backlog` (what the journal asks before it holds results):
+/// false with nothing queued, true while a task waits for a slot, false
+/// again once the waiting task is cancelled out of its queue, with no
+/// placement pass in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_is_set_while_a_task_waits_and_cleared_when_none_does() {
+    let h = Harness::new();
+    let s = scheduler_with(&h, SchedulerConfig::default(), &[("nap", "nap", 1)]).await;
+    let backlog = s.backlog();
+    assert!(!backlog());
+    let first = s.submit(task("test.nap", "300")).unwrap();
+    until_in_flight(&s, "nap", 1).await;
+    assert!(!backlog(), "the only task runs: nothing waits");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let second = s
+        .submit(Submit {
+            cancel: Some(cancel.clone()),
+            ..task("test.nap", "300")
+        })
+        .unwrap();
+    assert!(backlog(), "the second task waits for the slot");
+    cancel.cancel();
+    s.forget_cancelled();
+    assert!(!backlog(), "the waiting task was cancelled");
+    assert!(matches!(
+        second.wait().await.unwrap_err().error,
+        TaskError::Cancelled
+    ));
+    first.wait().await.unwrap();
+    assert!(!backlog());
+}
