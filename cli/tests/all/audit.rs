@@ -298,10 +298,7 @@ fn tamper(s: &mut Setup, mode: Mode, seq: u64, edit: bool) {
         }
         Mode::Cluster => {
             let url = s.nats.as_ref().unwrap().url.clone();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = crate::common::runtime();
             rt.block_on(async {
                 let client = async_nats::connect(url.as_str()).await.unwrap();
                 let js = async_nats::jetstream::new(client);

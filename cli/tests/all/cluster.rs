@@ -391,10 +391,7 @@ fn a_plain_nats_client_can_submit_a_task_as_documented() {
     until_serving(&ha, "echo", 1);
     // docs/cluster.md: a JetStream publish on orch.v1.task.<capability>
     // with Nats-Msg-Id and Orch-Task-Id, the payload as the body.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::common::runtime();
     let republished = rt.block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
         // The result is republished on orch.v1.results.<task id> once stored.
@@ -436,10 +433,7 @@ fn a_plain_nats_client_can_submit_a_task_as_documented() {
 fn a_listing_reads_matches_near_the_end_not_every_entry() {
     use orch::cluster::keys;
     let nats = NatsServer::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::common::runtime();
     rt.block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
         let js = async_nats::jetstream::new(client.clone());
@@ -537,10 +531,7 @@ fn a_listing_finds_old_matches_behind_many_newer_tasks() {
 #[test]
 fn a_results_bucket_made_without_republish_gets_it() {
     let nats = NatsServer::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::common::runtime();
     let js = rt.block_on(async {
         let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
         // As a host before results were republished made it.
@@ -737,10 +728,7 @@ fn a_server_in_operator_mode_admits_a_host_with_user_credentials() {
 /// Publishes a task message with `headers` on `orch.v1.task.<capability>`
 /// as a plain JetStream client would.
 fn publish_raw(nats: &NatsServer, capability: &str, headers: &[(&str, &str)], body: &[u8]) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::common::runtime();
     rt.block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
         let js = async_nats::jetstream::new(client);
@@ -976,10 +964,7 @@ fn host_subscriptions(port: u16) -> Vec<(String, Vec<String>)> {
 /// The consumer of `test.nap`, from the JetStream API: (delivered and not
 /// acked, not delivered).
 fn nap_consumer(nats: &NatsServer) -> (u64, u64) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::common::runtime();
     rt.block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
         let info = async_nats::jetstream::new(client)

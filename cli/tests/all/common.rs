@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// A current-thread tokio runtime, for a test's own NATS, HTTP or
+/// database client calls.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A file built by `plugins/build.sh` (component or manifest).
 pub fn built(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

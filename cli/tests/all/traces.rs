@@ -51,10 +51,7 @@ impl Receiver {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let kept = spans.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = crate::common::runtime();
             rt.block_on(async move {
                 let export = move |body: axum::body::Bytes| {
                     let kept = kept.clone();

@@ -412,7 +412,7 @@ impl Journal {
     ) -> Result<T, JournalError> {
         let (tx, rx) = oneshot::channel();
         let op = op(tx);
-        let submission = matches!(op, Op::Accept { .. });
+        let submission = !is_result(&op);
         self.writer
             .as_ref()
             .and_then(|w| w.send(op).ok())
