@@ -250,6 +250,51 @@ input = { a = "${steps.a}", b = "${steps.b}" }
 );
 
 both!(
+    a_new_run_is_stored_with_its_first_steps_already_started,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "first"
+version = 1
+[[steps]]
+id = "a"
+capability = "test.sleep"
+input = "1000"
+[[steps]]
+id = "b"
+capability = "echo"
+after = ["a"]
+input = "${steps.a}"
+"#,
+        );
+        // The record that creates the run says that `a` started (one
+        // write, not two, before its task); `b` waits for it.
+        let run = start(d.api(), "first", json!({}), false);
+        let (a, b) = (step(&run, "a"), step(&run, "b"));
+        assert_eq!(a["status"], "running", "{run}");
+        assert_eq!(a["input"], json!("1000"), "{run}");
+        assert!(
+            ms(&a["started_at_ms"]) >= ms(&run["created_at_ms"]),
+            "{run}"
+        );
+        assert_eq!(b["status"], "pending", "{run}");
+        let id = run["id"].as_str().unwrap();
+        let (code, stored) = d.api().get(&format!("/v1/runs/{id}"));
+        assert_eq!(code, 200, "{stored}");
+        assert_eq!(step(&stored, "a")["status"], "running", "{stored}");
+        let done = wait_run(d.api(), id);
+        assert_eq!(done["status"], "completed", "{done}");
+        assert_eq!(step(&done, "a")["attempts"], 1, "{done}");
+        assert_eq!(
+            step(&done, "b")["result"],
+            step(&done, "a")["result"],
+            "{done}"
+        );
+    }
+);
+
+both!(
     a_fan_out_keeps_the_order_and_never_runs_more_than_its_cap,
     |d| {
         registered(

@@ -470,18 +470,21 @@ impl Shared {
         let Some(poke) = self.claim(&run.id)? else {
             return Ok(None);
         };
-        let rev = match self.store.create_run(&run).await {
+        let mut driver = run::Driver::new(self.clone(), def, run, 0);
+        driver.start_new();
+        driver.rev = match self.store.create_run(&driver.run).await {
             Ok(Some(rev)) => rev,
             Ok(None) => {
-                lock(&self.driving).remove(&run.id);
+                lock(&self.driving).remove(&driver.run.id);
                 return Ok(None);
             }
             Err(e) => {
-                lock(&self.driving).remove(&run.id);
+                lock(&self.driving).remove(&driver.run.id);
                 return Err(e);
             }
         };
-        spawn_driver(self.clone(), def, run.clone(), rev, poke);
+        let run = driver.run.clone();
+        spawn_driver(self.clone(), driver, poke);
         Ok(Some(run))
     }
 
@@ -557,16 +560,9 @@ impl Shared {
     }
 }
 
-fn spawn_driver(
-    shared: Arc<Shared>,
-    def: Arc<Checked>,
-    run: RunRecord,
-    rev: u64,
-    poke: watch::Receiver<()>,
-) {
+fn spawn_driver(shared: Arc<Shared>, driver: run::Driver, poke: watch::Receiver<()>) {
     tokio::spawn(async move {
-        let id = run.id.clone();
-        let driver = run::Driver::new(shared.clone(), def, run, rev);
+        let id = driver.run.id.clone();
         let mut ended = None;
         match driver.drive(poke).await {
             Ok(run) => {
@@ -753,7 +749,11 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
         match shared.store.update_run(&run, rev).await {
             Ok(Some(rev)) => {
                 tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
-                spawn_driver(shared.clone(), def, run, rev, poke);
+                spawn_driver(
+                    shared.clone(),
+                    run::Driver::new(shared.clone(), def, run, rev),
+                    poke,
+                );
             }
             // Another host took it first.
             Ok(None) => {

@@ -89,6 +89,9 @@ pub(super) struct Driver {
     pub run: RunRecord,
     pub rev: u64,
     dirty: bool,
+    /// The run is new and its first steps were started in the record
+    /// that created it (`start_new`).
+    fresh: bool,
     /// Cancelled when the run is: no attempt starts after it.
     stop: CancellationToken,
 }
@@ -174,8 +177,18 @@ impl Driver {
             run,
             rev,
             dirty: false,
+            fresh: false,
             stop: CancellationToken::new(),
         }
+    }
+
+    /// Starts a new run's first steps in its record before the record is
+    /// first stored: its creation is then their checkpoint, which saves a
+    /// write per run (in a cluster, a round trip before the first step).
+    pub fn start_new(&mut self) {
+        self.start_ready(None);
+        self.dirty = false;
+        self.fresh = true;
     }
 
     /// Drives the run to its end, or until it must give it up.
@@ -404,10 +417,11 @@ impl Driver {
         // Which step each spawned future runs, for one that panics.
         let mut running_ids: HashMap<tokio::task::Id, usize> = HashMap::new();
         // Steps recorded as running were running when the last driver
-        // stopped: they start again at once, with the same task keys.
+        // stopped: they start again at once, with the same task keys. In a
+        // new run they are the first steps, started by `start_new`.
         for i in 0..self.run.steps.len() {
             if self.run.steps[i].status == StepStatus::Running {
-                let handle = running.spawn(self.step(i, tx.clone(), false));
+                let handle = running.spawn(self.step(i, tx.clone(), self.fresh));
                 running_ids.insert(handle.id(), i);
             }
         }
