@@ -67,6 +67,13 @@ impl Breaker {
         self.probe_in_flight = false;
     }
 
+    /// An attempt that says nothing of the agent's health (bad input):
+    /// a probe ends without closing or opening the breaker, and the next
+    /// task is the probe.
+    pub fn on_inconclusive(&mut self) {
+        self.probe_in_flight = false;
+    }
+
     pub fn on_failure(&mut self, now: Instant) {
         self.consecutive_failures += 1;
         let probing = self.probe_in_flight;
@@ -101,7 +108,18 @@ mod tests {
         b.on_failure(later);
         assert_eq!(b.state(later), State::Open, "a failed probe opens it again");
 
-        let again = later + Duration::from_secs(1);
+        // A probe with bad input decides nothing: the next task probes.
+        let next = later + Duration::from_secs(1);
+        b.on_send(next);
+        assert!(!b.allows(next));
+        b.on_inconclusive();
+        assert_eq!(b.state(next), State::HalfOpen);
+        assert!(
+            b.allows(next),
+            "a probe with bad input lets the next one through"
+        );
+
+        let again = next;
         b.on_send(again);
         b.on_success();
         assert_eq!(b.state(again), State::Closed);

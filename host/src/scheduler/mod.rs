@@ -1318,8 +1318,12 @@ async fn run(inner: Arc<Inner>, job: Job) {
                 e.success = 0.9 * e.success + 0.1;
                 e.breaker.on_success();
             }
-            // Bad input says nothing about the agent's health.
-            Err(TaskError::InvalidInput(_)) => e.completed += 1,
+            // Bad input says nothing about the agent's health; a half-open
+            // probe with bad input leaves the next task to probe.
+            Err(TaskError::InvalidInput(_)) => {
+                e.completed += 1;
+                e.breaker.on_inconclusive();
+            }
             Err(_) => {
                 e.failed += 1;
                 e.success *= 0.9;

@@ -251,6 +251,25 @@ async fn breaker_opens_probes_and_closes() {
         .await
         .unwrap_err();
     assert_eq!(s.stats()[0].breaker, State::Open);
+
+    // A probe with bad input says nothing of the agent: it neither closes
+    // nor opens the breaker, and the next task is the probe (the agent
+    // stayed shut to every task after such a probe).
+    let bad = s
+        .submit(task("test.flaky", "no such payload"))
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert!(matches!(bad.error, TaskError::InvalidInput(_)), "{bad:?}");
+    assert_eq!(s.stats()[0].breaker, State::HalfOpen);
+    let next = s.submit(task("test.flaky", "ok")).unwrap().wait();
+    let done = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("the next task runs: the breaker let no probe through")
+        .unwrap();
+    assert_eq!(done.output.result, b"ok");
+    assert_eq!(s.stats()[0].breaker, State::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
