@@ -112,6 +112,40 @@ fn hosts_reconnect_after_the_server_restarts() {
 }
 
 #[test]
+fn a_submission_while_the_server_is_down_is_unavailable_not_unknown() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "echo", 1);
+    let (code, _) = ha.post("/v1/tasks", &json!({ "capability": "echo" }));
+    assert_eq!(code, 201);
+    drop(nats);
+    // No heartbeat arrives, its own included: no host seems to serve echo.
+    let ida = host_id(&a);
+    ha.until("the host hears no one", |h| {
+        state_of(h, &ida).as_deref() == Some("dead")
+    });
+    let (code, answer) = ha.post("/v1/tasks", &json!({ "capability": "echo" }));
+    assert_eq!(code, 503, "{answer}");
+    assert_eq!(answer["error"]["kind"], "unavailable", "{answer}");
+    let out = a.run(&["task", "submit", "--api", &ha.url, "--capability", "echo"]);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    // A capability nobody ever served is unavailable too: the host cannot
+    // tell while it hears no one.
+    let (code, answer) = ha.post("/v1/tasks", &json!({ "capability": "no.such" }));
+    assert_eq!(
+        (code, answer["error"]["kind"].as_str()),
+        (503, Some("unavailable"))
+    );
+}
+
+#[test]
 fn a_host_without_a_reachable_server_says_so() {
     let orch = Orch::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -961,9 +995,9 @@ fn host_subscriptions(port: u16) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// The consumer of `test.nap`, from the JetStream API: (delivered and not
-/// acked, not delivered).
-fn nap_consumer(nats: &NatsServer) -> (u64, u64) {
+/// A capability's consumer (`cap_test_nap` for `test.nap`), from the
+/// JetStream API: (delivered and not acked, not delivered).
+fn consumer_counts(nats: &NatsServer, consumer: &str) -> (u64, u64) {
     let rt = crate::common::runtime();
     rt.block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
@@ -971,11 +1005,15 @@ fn nap_consumer(nats: &NatsServer) -> (u64, u64) {
             .get_stream("ORCH_TASKS")
             .await
             .unwrap()
-            .consumer_info("cap_test_nap")
+            .consumer_info(consumer)
             .await
             .unwrap();
         (info.num_ack_pending as u64, info.num_pending)
     })
+}
+
+fn nap_consumer(nats: &NatsServer) -> (u64, u64) {
+    consumer_counts(nats, "cap_test_nap")
 }
 
 #[test]
@@ -1011,6 +1049,59 @@ fn a_host_takes_as_many_tasks_as_its_slots_and_the_rest_wait_on_the_stream() {
         assert_eq!(h.wait(id)["status"], "completed");
     }
     h.until("every task acked", |_| nap_consumer(&nats) == (0, 0));
+}
+
+#[test]
+fn slots_added_while_tasks_run_take_the_tasks_waiting_on_the_stream() {
+    let nats = NatsServer::start();
+    let orch = Orch::new();
+    // One slot per plugin, and fuel for spinning until the deadline.
+    orch.config("[host]\ninstances = 1\n[limits]\nmax_fuel = 1000000000000\n");
+    let install = |plugin: &str| {
+        let shipped = std::fs::read_to_string(p(plugin).replace(".wasm", ".toml")).unwrap();
+        let wasm = orch.work.path().join(format!("{plugin}.wasm"));
+        std::fs::copy(p(plugin), &wasm).unwrap();
+        std::fs::write(
+            wasm.with_extension("toml"),
+            format!("{shipped}\n[limits]\nfuel = 1000000000000\n"),
+        )
+        .unwrap();
+        orch.ok(&["plugin", "install", "-y", wasm.to_str().unwrap()]);
+    };
+    install("fixture-js");
+    let h = HostProc::start_with(&orch, &["--nats", nats.url.as_str()]);
+    until_serving(&h, "test.spin", 1);
+    let events = crate::workflow::Events::open(&h, "capability=test.spin");
+    // `test.spin` loops until its deadline.
+    let spin = || {
+        let (code, task) = h.post(
+            "/v1/tasks",
+            &json!({ "capability": "test.spin", "deadline": "8s" }),
+        );
+        assert_eq!(code, 201, "{task}");
+        task["id"].as_str().unwrap().to_string()
+    };
+    let first = spin();
+    assert_eq!(events.next("started")["task"], first.as_str());
+    // One slot, which the first holds: the second waits on the stream.
+    let second = spin();
+    h.until("the second waits on the stream", |_| {
+        consumer_counts(&nats, "cap_test_spin") == (1, 1)
+    });
+    // A second agent for the capability: one more slot. The second task
+    // starts on it while the first still runs.
+    install("fixture-c");
+    let started = events.next_of(&["started", "failed"]);
+    assert_eq!(
+        (started["kind"].as_str(), started["task"].as_str()),
+        (Some("started"), Some(second.as_str())),
+        "{started}"
+    );
+    assert_eq!(started["agent"], "fixture-c@0.1.0", "{started}");
+    for id in [&first, &second] {
+        let (code, _) = h.post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
+        assert_eq!(code, 200);
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@
 //!   stored; a retryable failure is nak'd with a backoff, and on its last
 //!   delivery becomes a dead letter carrying every attempt's error.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -793,14 +793,29 @@ impl TaskRouter {
         }
     }
 
-    /// Starts and stops pull loops as the host's capabilities change.
+    /// Starts and stops pull loops as the host's capabilities change, and
+    /// wakes them when a capability gains slots (an agent installed or
+    /// upgraded), so that tasks waiting on the stream take the new slots
+    /// without waiting for a busy one to free.
     fn follow_capabilities(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut slots: BTreeMap<String, u32> = BTreeMap::new();
             loop {
                 let Some(router) = weak.upgrade() else { return };
                 let want: BTreeSet<String> =
                     router.host.scheduler().capabilities().into_iter().collect();
+                let now: BTreeMap<String, u32> = want
+                    .iter()
+                    .map(|cap| (cap.clone(), router.capacity(cap)))
+                    .collect();
+                if now
+                    .iter()
+                    .any(|(cap, n)| slots.get(cap).is_some_and(|before| n > before))
+                {
+                    router.freed.notify_waiters();
+                }
+                slots = now;
                 {
                     let mut loops = router.loops.lock().unwrap_or_else(|p| p.into_inner());
                     loops.retain(|cap, handle| {
@@ -2225,6 +2240,18 @@ impl TaskStore for TaskRouter {
     /// Some live host (this one included) serves it.
     fn serves(&self, capability: &str) -> bool {
         super::serves(&self.members, capability)
+    }
+
+    /// Without a connection no host's heartbeat arrives, this host's own
+    /// included: every capability would look unserved.
+    fn reachable(&self) -> Result<(), HostError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(self.error(
+                "not connected",
+                std::io::Error::new(std::io::ErrorKind::NotConnected, state.to_string()),
+            )),
+        }
     }
 
     /// The host's limit, as on a lone host: a payload too large for one

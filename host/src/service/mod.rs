@@ -62,6 +62,12 @@ pub trait TaskStore: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether an agent this store reaches serves `capability` now.
     fn serves(&self, capability: &str) -> bool;
+    /// An error when the store cannot be reached now (a cluster's NATS
+    /// connection is down), so that a capability nobody seems to serve is
+    /// not called unknown because the hosts that serve it cannot be heard.
+    fn reachable(&self) -> Result<(), HostError> {
+        Ok(())
+    }
     /// The largest payload the store takes (the host's limit, or less).
     fn max_payload(&self) -> u64;
     /// Tasks accepted through this host that have not ended.
@@ -239,6 +245,7 @@ impl TaskService {
             return Err(HostError::InvalidRequest("capability is empty".into()));
         }
         if !self.store.serves(&request.capability) {
+            self.store.reachable()?;
             return Err(HostError::UnknownCapability(request.capability));
         }
         let limit = self.store.max_payload();
