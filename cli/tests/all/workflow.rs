@@ -173,12 +173,17 @@ impl Events {
 
     /// The next event of `kind`, bounded in time.
     pub fn next(&self, kind: &str) -> Value {
+        self.next_of(&[kind])
+    }
+
+    /// The next event of any of `kinds`, bounded in time.
+    pub fn next_of(&self, kinds: &[&str]) -> Value {
         loop {
             let event = self
                 .rx
                 .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("no {kind} event"));
-            if event["kind"] == kind {
+                .unwrap_or_else(|_| panic!("no {kinds:?} event"));
+            if kinds.iter().any(|k| event["kind"] == *k) {
                 return event;
             }
         }
@@ -549,6 +554,88 @@ after = ["slow"]
     assert_eq!(code, 200);
     assert_eq!(again["status"], "cancelled");
 });
+
+both!(
+    a_cancel_during_a_retry_backoff_ends_the_run_cancelled,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "backoff"
+version = 1
+[[steps]]
+id = "a"
+capability = "echo"
+input = "a"
+compensate = { capability = "echo" }
+[[steps]]
+id = "spin"
+capability = "test.sleep"
+after = ["a"]
+input = "1000"
+timeout = "100ms"
+retry = { attempts = 5, backoff = "5s" }
+"#,
+        );
+        let events = Events::open(d.runner(), "capability=test.sleep");
+        let run = start(d.api(), "backoff", json!({}), false);
+        // The first attempt ran out of time; the step waits 5 s to retry.
+        assert_eq!(events.next("failed")["error"], "deadline-exceeded");
+        let id = run["id"].as_str().unwrap();
+        let (code, _) = d.api().post(&format!("/v1/runs/{id}/cancel"), &json!({}));
+        assert_eq!(code, 200);
+        let run = wait_run(d.api(), id);
+        assert_eq!(run["status"], "cancelled", "{run}");
+        assert_eq!(run["error"]["kind"], "cancelled", "{run}");
+        let spin = step(&run, "spin");
+        assert_eq!(spin["attempts"], 1, "no attempt after the cancel: {run}");
+        assert_eq!(spin["error"]["kind"], "deadline-exceeded", "{run}");
+        assert_eq!(
+            step(&run, "a")["compensation"]["status"],
+            "completed",
+            "{run}"
+        );
+    }
+);
+
+both!(
+    an_error_that_quotes_a_huge_value_is_kept_short_in_the_run,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "quote"
+version = 1
+[[steps]]
+id = "a"
+capability = "echo"
+input = "a"
+[[steps]]
+id = "each"
+capability = "echo"
+after = ["a"]
+for_each = "${input/xs}"
+"#,
+        );
+        // Not an array: the step fails with an error that quotes the value,
+        // 800,000 bytes, twice (the step's error and the run's).
+        let xs = "x".repeat(800_000);
+        let run = start(d.api(), "quote", json!({ "input": { "xs": xs } }), true);
+        assert_eq!(run["status"], "failed", "{}", &run.to_string()[..2000]);
+        let error = &step(&run, "each")["error"];
+        assert_eq!(error["kind"], "invalid-input", "{error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.len() < 1100, "{} bytes", message.len());
+        assert!(message.ends_with("more bytes not kept)"), "{message}");
+        assert!(run["error"]["message"].as_str().unwrap().len() < 1100);
+        // The run's record: the input, and little more.
+        assert!(
+            run.to_string().len() < 820_000,
+            "{} bytes",
+            run.to_string().len()
+        );
+    }
+);
 
 both!(
     a_run_deadline_cuts_the_step_short_and_undoes_the_rest,

@@ -472,6 +472,7 @@ impl Shared {
         };
         let mut driver = run::Driver::new(self.clone(), def, run, 0);
         driver.start_new();
+        driver.run.fit(MAX_RUN_BYTES);
         driver.rev = match self.store.create_run(&driver.run).await {
             Ok(Some(rev)) => rev,
             Ok(None) => {

@@ -165,6 +165,57 @@ pub struct CompensationRecord {
     pub error: Option<ErrorInfo>,
 }
 
+/// The most bytes of an error message a run's record keeps. Error messages
+/// are the one part of a record that no check bounds (an agent's error may
+/// quote its whole input, and the run's error repeats its step's).
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// What is kept of each error message when a record is past its limit even
+/// so: 2 per step and the run's, at about 130 bytes each in JSON, stay far
+/// inside the room between the data checks' limit and a NATS message.
+const SHORT_ERROR_MESSAGE: usize = 64;
+
+impl RunRecord {
+    /// Cuts the record's error messages to `MAX_ERROR_MESSAGE` bytes, and
+    /// to `SHORT_ERROR_MESSAGE` when the record is still larger than `max`
+    /// (inputs and results are checked against it as they come).
+    pub fn fit(&mut self, max: usize) {
+        self.cut_errors(MAX_ERROR_MESSAGE);
+        if serde_json::to_vec(self).map_or(0, |v| v.len()) > max {
+            self.cut_errors(SHORT_ERROR_MESSAGE);
+        }
+    }
+
+    fn cut_errors(&mut self, keep: usize) {
+        if let Some(e) = &mut self.error {
+            cut(&mut e.message, keep);
+        }
+        for s in &mut self.steps {
+            if let Some(e) = &mut s.error {
+                cut(&mut e.message, keep);
+            }
+            if let Some(e) = s.compensation.as_mut().and_then(|c| c.error.as_mut()) {
+                cut(&mut e.message, keep);
+            }
+        }
+    }
+}
+
+/// Keeps the first `keep` bytes of `message` (at a character boundary) and
+/// says how much was cut.
+fn cut(message: &mut String, keep: usize) {
+    if message.len() <= keep {
+        return;
+    }
+    let mut end = keep;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = message.len() - end;
+    message.truncate(end);
+    message.push_str(&format!("... ({cut} more bytes not kept)"));
+}
+
 impl StepRecord {
     pub fn pending(id: &str, capability: &str) -> StepRecord {
         StepRecord {
@@ -185,5 +236,21 @@ impl StepRecord {
             completed_order: None,
             compensation: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_cut_at_a_character_boundary_and_says_how_much_went() {
+        let mut m = "é".repeat(600); // 1,200 bytes
+        cut(&mut m, MAX_ERROR_MESSAGE);
+        assert!(m.starts_with(&"é".repeat(512)), "{m}");
+        assert!(m.ends_with("... (176 more bytes not kept)"), "{m}");
+        let mut short = "x".repeat(MAX_ERROR_MESSAGE);
+        cut(&mut short, MAX_ERROR_MESSAGE);
+        assert_eq!(short.len(), MAX_ERROR_MESSAGE);
     }
 }

@@ -215,6 +215,7 @@ impl Driver {
     }
 
     async fn write(&mut self) -> Result<(), Stop> {
+        self.run.fit(MAX_RUN_BYTES);
         let store = &self.shared.store;
         let mut failures = 0u32;
         loop {
@@ -273,10 +274,21 @@ impl Driver {
 
     fn fail(&mut self, step: Option<&str>, e: &ErrorInfo) {
         if self.run.error.is_none() {
-            self.run.error = Some(RunError {
-                step: step.map(String::from),
-                kind: e.kind.clone(),
-                message: e.message.clone(),
+            // A failure after a cancel (the cancel stops the attempts and
+            // backoffs, which end with the error they had) is the cancel's
+            // doing: the run ends `cancelled`. The step keeps its error.
+            self.run.error = Some(if self.run.cancel_requested {
+                RunError {
+                    step: None,
+                    kind: "cancelled".to_string(),
+                    message: "the run was cancelled".to_string(),
+                }
+            } else {
+                RunError {
+                    step: step.map(String::from),
+                    kind: e.kind.clone(),
+                    message: e.message.clone(),
+                }
             });
         }
         self.dirty = true;
