@@ -73,7 +73,7 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 path.push_str(&format!("&since_ms={ms}"));
             }
             if let Some(k) = kind {
-                path.push_str(&format!("&kind={}", encode(&k)));
+                path.push_str(&format!("&kind={}", super::client::segment(&k)));
             }
             let (_, answer) = client(home, &api, None)
                 .request("GET", &path, None)
@@ -130,15 +130,4 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
         })(),
     };
     result.unwrap_or_else(|c| c)
-}
-
-/// Percent-encodes a query value (kinds are letters, digits, '.' and '-';
-/// anything else is encoded).
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -163,6 +163,15 @@ pub fn exit_for_refusal(kind: &str) -> u8 {
 }
 
 /// The exit code for a task's error kind, the same as `orch run` uses.
+/// A name or id as one path segment of an API URL: every byte but letters,
+/// digits, `-` and `_` escaped, so that `a/b`, `..` or `x?y` cannot reach
+/// another endpoint or lose a part.
+pub fn segment(s: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+    percent_encoding::utf8_percent_encode(s, KEEP).to_string()
+}
+
 pub fn exit_for_kind(kind: &str) -> u8 {
     match kind {
         "invalid-input" | "payload-too-large" => exit::BAD_INPUT,
@@ -204,45 +213,119 @@ pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
         eprintln!("error: {text}");
         return exit::BAD_INPUT;
     }
+    // The stream's lines, and the task's end as read from its record, meet
+    // in one channel: the task's ending event is on the host that ran it,
+    // which in a cluster may be another, and it may have ended before the
+    // stream opened.
+    enum Seen {
+        Line(String),
+        Closed,
+        Ended(Value),
+        Failed(u8),
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Seen>();
     if let Some(t) = task {
-        // The task's ending event is on the host that ran it, which in a
-        // cluster may be another, and it may have ended before the stream
-        // opened: the task's end, however it is learnt, ends the watch.
-        let (base, t) = (base.to_string(), t.to_string());
+        let (base, t, tx) = (base.to_string(), t.to_string(), tx.clone());
         std::thread::spawn(move || {
             let client = Client::new(base, Duration::from_secs(330));
             loop {
-                match client.request("GET", &format!("/v1/tasks/{t}?wait=300s"), None) {
-                    Ok((_, task)) if is_final(&task["status"]) => std::process::exit(0),
+                match client.request("GET", &format!("/v1/tasks/{}?wait=300s", segment(&t)), None) {
+                    Ok((_, task)) if is_final(&task["status"]) => {
+                        let _ = tx.send(Seen::Ended(task));
+                        return;
+                    }
                     Ok(_) => {}
-                    Err(Failed(code)) => std::process::exit(i32::from(code)),
+                    Err(Failed(code)) => {
+                        let _ = tx.send(Seen::Failed(code));
+                        return;
+                    }
                 }
             }
         });
     }
-    let reader = std::io::BufReader::new(response.into_body().into_reader());
-    let mut out = std::io::stdout().lock();
-    for line in reader.lines() {
-        let Ok(line) = line else {
-            eprintln!("error: the host closed the event stream");
-            return exit::ERROR;
-        };
-        let Some(data) = line.strip_prefix("data:") else {
-            continue;
-        };
-        let data = data.trim_start();
-        if writeln!(out, "{data}").and_then(|_| out.flush()).is_err() {
-            return 0;
+    std::thread::spawn(move || {
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data:") {
+                if tx.send(Seen::Line(data.trim_start().to_string())).is_err() {
+                    return;
+                }
+            }
         }
-        if let Some(t) = task {
-            let ended = serde_json::from_str::<Value>(data)
-                .is_ok_and(|e| e["task"] == t && is_final(&e["kind"]));
-            if ended {
-                return 0;
+        let _ = tx.send(Seen::Closed);
+    });
+    let mut out = std::io::stdout().lock();
+    // Once the record says the task ended, its event gets this long to come.
+    let mut ended: Option<(Value, std::time::Instant)> = None;
+    loop {
+        let seen = match &ended {
+            None => rx.recv().unwrap_or(Seen::Closed),
+            Some((_, at)) => {
+                let left = Duration::from_millis(500).saturating_sub(at.elapsed());
+                match rx.recv_timeout(left) {
+                    Ok(seen) => seen,
+                    Err(_) => Seen::Closed,
+                }
+            }
+        };
+        match seen {
+            Seen::Line(data) => {
+                if writeln!(out, "{data}").and_then(|_| out.flush()).is_err() {
+                    return 0;
+                }
+                if let Some(t) = task {
+                    let end = serde_json::from_str::<Value>(&data)
+                        .is_ok_and(|e| e["task"] == t && is_final(&e["kind"]));
+                    if end {
+                        return 0;
+                    }
+                }
+            }
+            Seen::Ended(record) => ended = Some((record, std::time::Instant::now())),
+            Seen::Failed(code) => return code,
+            Seen::Closed => {
+                return match ended {
+                    // Not on this host's stream: the end from the record,
+                    // with the event's fields.
+                    Some((record, _)) => {
+                        let _ = writeln!(out, "{}", end_event(&record));
+                        0
+                    }
+                    None => {
+                        eprintln!("error: the host closed the event stream");
+                        exit::ERROR
+                    }
+                };
             }
         }
     }
-    0
+}
+
+/// A task's ending event built from its record, for a watch whose stream
+/// did not carry it.
+fn end_event(task: &Value) -> Value {
+    let mut event = serde_json::json!({
+        "kind": task["status"],
+        "task": task["id"],
+        "capability": task["capability"],
+        "host": task["host"],
+        "agent": task["agent"],
+        "attempt": task["attempts"],
+        "at_ms": task["finished_at_ms"],
+        "submitted_at_ms": task["submitted_at_ms"],
+        "fuel_used": task["fuel_used"],
+    });
+    if let (Some(end), Some(start)) = (
+        task["finished_at_ms"].as_u64(),
+        task["submitted_at_ms"].as_u64(),
+    ) {
+        event["took_ms"] = end.saturating_sub(start).into();
+    }
+    if let Some(kind) = task["error"]["kind"].as_str() {
+        event["error"] = kind.into();
+    }
+    event
 }
 
 /// Whether a status or an event kind ends a task.

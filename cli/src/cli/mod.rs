@@ -111,6 +111,16 @@ pub enum Output {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Host(_)) {
+        // Output to a closed pipe (`| head`) ends the command quietly, as it
+        // does other Unix tools; Rust ignores SIGPIPE, so `println!` would
+        // panic. The host keeps ignoring it. (Sockets are not affected:
+        // std writes them with MSG_NOSIGNAL.)
+        // SAFETY: no thread has started yet; this restores the default.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let home = cli.home.clone().unwrap_or_else(default_home);
     let json = match cli.log_format {
         Some(f) => matches!(f, LogFormatArg::Json),

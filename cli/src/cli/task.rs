@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::client::{api_url, exit_for_kind, Client, Failed};
+use super::client::{api_url, exit_for_kind, segment, Client, Failed};
 use super::{exit, Output};
 
 #[derive(clap::Args)]
@@ -193,7 +193,11 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 .request("POST", &path, Some(&body))
                 .map_err(|Failed(c)| c)?;
             Ok(match (api.output, wait.is_some()) {
-                (Output::Json, _) => print_json(&task),
+                (Output::Json, false) => print_json(&task),
+                (Output::Json, true) => {
+                    print_json(&task);
+                    waited_code(&task)
+                }
                 (Output::Text, true) => print_result(&task),
                 (Output::Text, false) => {
                     println!("{}", task["id"].as_str().unwrap_or_default());
@@ -207,8 +211,8 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             let wait = wait.wait()?;
             let client = client(home, &api, wait);
             let path = match wait {
-                Some(w) => format!("/v1/tasks/{id}?wait={}ms", w.as_millis()),
-                None => format!("/v1/tasks/{id}"),
+                Some(w) => format!("/v1/tasks/{}?wait={}ms", segment(&id), w.as_millis()),
+                None => format!("/v1/tasks/{}", segment(&id)),
             };
             let (_, task) = client.request("GET", &path, None).map_err(|Failed(c)| c)?;
             Ok(match api.output {
@@ -222,7 +226,7 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
         Command::Cancel { id, api } => (|| {
             let client = client(home, &api, None);
             let (_, task) = client
-                .request("POST", &format!("/v1/tasks/{id}/cancel"), None)
+                .request("POST", &format!("/v1/tasks/{}/cancel", segment(&id)), None)
                 .map_err(|Failed(c)| c)?;
             Ok(match api.output {
                 Output::Json => print_json(&task),
@@ -253,10 +257,10 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             let client = client(home, &api, None);
             let mut path = format!("/v1/tasks?limit={limit}");
             if let Some(s) = status {
-                path.push_str(&format!("&status={s}"));
+                path.push_str(&format!("&status={}", segment(&s)));
             }
             if let Some(c) = capability {
-                path.push_str(&format!("&capability={c}"));
+                path.push_str(&format!("&capability={}", segment(&c)));
             }
             let (_, value) = client.request("GET", &path, None).map_err(|Failed(c)| c)?;
             Ok(match api.output {
@@ -451,7 +455,12 @@ fn batch_line_code(line: &str, waited: bool) -> u8 {
     if !waited {
         return 0;
     }
-    let task = &value["task"];
+    waited_code(&value["task"])
+}
+
+/// The exit code for a task that was waited for: 0 completed, its error's
+/// code when it ended otherwise, 1 when the wait ran out first.
+fn waited_code(task: &Value) -> u8 {
     match task["status"].as_str().unwrap_or_default() {
         "completed" => 0,
         "failed" | "dead" | "cancelled" => {
@@ -483,7 +492,7 @@ fn print_result(task: &Value) -> u8 {
             let _ = out.flush();
             0
         }
-        "failed" | "dead" => {
+        "failed" | "dead" | "cancelled" => {
             let kind = task["error"]["kind"].as_str().unwrap_or_default();
             eprintln!(
                 "error: task {} {}: {}",

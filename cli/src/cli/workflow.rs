@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::client::{exit_for_kind, Failed};
+use super::client::{exit_for_kind, segment, Failed};
 use super::task::{client, print_json, read_input, ApiArgs};
 use super::{exit, Output};
 
@@ -152,7 +152,7 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
         })(),
         Command::Inspect { name, api } => (|| {
             let (_, answer) = client(home, &api, None)
-                .request("GET", &format!("/v1/workflows/{name}"), None)
+                .request("GET", &format!("/v1/workflows/{}", segment(&name)), None)
                 .map_err(|Failed(c)| c)?;
             if let Output::Json = api.output {
                 return Ok(print_json(&answer));
@@ -217,8 +217,12 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 body["deadline"] = json!(d);
             }
             let path = match wait {
-                Some(w) => format!("/v1/workflows/{name}/runs?wait={}ms", w.as_millis()),
-                None => format!("/v1/workflows/{name}/runs"),
+                Some(w) => format!(
+                    "/v1/workflows/{}/runs?wait={}ms",
+                    segment(&name),
+                    w.as_millis()
+                ),
+                None => format!("/v1/workflows/{}/runs", segment(&name)),
             };
             let (_, run) = client(home, &api, wait)
                 .request("POST", &path, Some(&body))
@@ -235,8 +239,8 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
         Command::Get { id, wait, api } => (|| {
             let wait = wait.wait()?;
             let path = match wait {
-                Some(w) => format!("/v1/runs/{id}?wait={}ms", w.as_millis()),
-                None => format!("/v1/runs/{id}"),
+                Some(w) => format!("/v1/runs/{}?wait={}ms", segment(&id), w.as_millis()),
+                None => format!("/v1/runs/{}", segment(&id)),
             };
             let (_, run) = client(home, &api, wait)
                 .request("GET", &path, None)
@@ -258,10 +262,10 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
         } => (|| {
             let mut path = format!("/v1/runs?limit={limit}");
             if let Some(s) = status {
-                path.push_str(&format!("&status={s}"));
+                path.push_str(&format!("&status={}", segment(&s)));
             }
             if let Some(w) = workflow {
-                path.push_str(&format!("&workflow={w}"));
+                path.push_str(&format!("&workflow={}", segment(&w)));
             }
             let (_, answer) = client(home, &api, None)
                 .request("GET", &path, None)
@@ -322,7 +326,7 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
         })(),
         Command::Cancel { id, api } => (|| {
             let (_, run) = client(home, &api, None)
-                .request("POST", &format!("/v1/runs/{id}/cancel"), None)
+                .request("POST", &format!("/v1/runs/{}/cancel", segment(&id)), None)
                 .map_err(|Failed(c)| c)?;
             match api.output {
                 Output::Json => print_json(&run),

@@ -1,6 +1,6 @@
 //! The `orch` binary as a user runs it: real processes, real components from
 //! plugins/ (built by `plugins/build.sh`), a temporary ORCH_HOME each.
-use crate::common::{p, stderr, stdout, Orch};
+use crate::common::{p, stderr, stdout, HostProc, Orch};
 
 #[test]
 fn run_prints_the_result_bytes() {
@@ -231,4 +231,46 @@ fn second_run_uses_the_compiled_cache() {
     let out = orch.run(&["inspect", &p("wordcount"), "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["compiled"], "cache");
+}
+
+#[test]
+fn output_to_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let orch = Orch::new();
+    // The reader is gone before the command writes, as after `| head -1`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orch"))
+        .args(["inspect", &p("counter")])
+        .env("ORCH_HOME", orch.home.path())
+        .env_remove("RUST_BACKTRACE")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    // Ended by SIGPIPE (13), as `cat` would be; not a panic's exit code.
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {err}", out.status);
+}
+
+#[test]
+fn names_and_ids_reach_the_api_as_one_path_segment_each() {
+    let orch = Orch::new();
+    let host = HostProc::start(&orch);
+    for name in ["a/b", "../runs", "order?x=1", "x y", ".."] {
+        let out = orch.run(&["workflow", "inspect", name, "--api", &host.url]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "{name}: {err}");
+        assert!(
+            err.contains(&format!("workflow named {name}")),
+            "{name}: {err}"
+        );
+    }
+    for id in ["a/b", "../tasks", "bad id!", "t1?wait=1s"] {
+        let out = orch.run(&["task", "get", id, "--api", &host.url]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "{id}: {err}");
+        assert!(!err.contains("cannot reach"), "{id}: {err}");
+    }
 }

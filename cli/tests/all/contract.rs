@@ -188,6 +188,51 @@ contract!(an_unknown_capability_is_refused_at_submit, |d| {
     assert!(stderr(&out).contains("no agent provides capability no.such"));
 });
 
+contract!(
+    a_waited_submission_exits_with_its_tasks_code_in_text_and_json,
+    |d| {
+        let submit = |capability: &str, input: &str, deadline: &str, json: bool| {
+            let mut args = vec![
+                "task",
+                "submit",
+                "--api",
+                &d.api().url,
+                "--capability",
+                capability,
+                "--input",
+                input,
+                "--deadline",
+                deadline,
+                "--wait",
+            ];
+            if json {
+                args.extend(["--output", "json"]);
+            }
+            d.cli().run(&args)
+        };
+        let dir = d.cli().home.path();
+        let (ok, spin) = (dir.join("ok.txt"), dir.join("spin.txt"));
+        std::fs::write(&ok, "ok").unwrap();
+        std::fs::write(&spin, "5000").unwrap();
+        for json in [false, true] {
+            let done = submit("echo", ok.to_str().unwrap(), "30s", json);
+            assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
+            // Past its deadline: 4, a limit, in either output.
+            let late = submit("test.sleep", spin.to_str().unwrap(), "300ms", json);
+            assert_eq!(
+                late.status.code(),
+                Some(4),
+                "json {json}: {}",
+                stderr(&late)
+            );
+            if json {
+                let task: Value = serde_json::from_slice(&late.stdout).unwrap();
+                assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
+            }
+        }
+    }
+);
+
 contract!(a_malformed_deadline_or_priority_is_refused, |d| {
     for body in [
         json!({ "capability": "echo", "deadline": "soon" }),
