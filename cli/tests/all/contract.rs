@@ -590,6 +590,43 @@ contract!(
 );
 
 contract!(
+    a_text_payload_of_16_mib_whose_json_escapes_double_it_goes_through_the_cli,
+    |d| {
+        let limit = 16usize << 20;
+        // As JSON text, 32 MiB: past the request body's limit (about 21.4
+        // MiB). The CLI sends such text as base64, so it is taken whole.
+        let text = "\n".repeat(limit);
+        let file = d.cli().home.path().join("lines.txt");
+        std::fs::write(&file, &text).unwrap();
+        let out = d.cli().run(&[
+            "task",
+            "submit",
+            "--api",
+            &d.api().url,
+            "--capability",
+            "echo",
+            "--input",
+            file.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let id = crate::common::stdout(&out).trim().to_string();
+        let done = d.api().wait(&id);
+        assert_eq!(done["status"], "completed", "{}", done["error"]);
+        assert_eq!(done["payload_bytes"], limit, "{}", done["error"]);
+        assert_eq!(done["result"].as_str().map(str::len), Some(limit));
+    }
+);
+
+contract!(unknown_endpoints_and_methods_answer_a_json_error, |d| {
+    let (code, body) = d.api().get("/v1/no-such-thing");
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body["error"]["kind"], "not-found", "{body}");
+    let (code, body) = d.api().post("/v1/status", &json!({}));
+    assert_eq!(code, 405, "{body}");
+    assert_eq!(body["error"]["kind"], "invalid-request", "{body}");
+});
+
+contract!(
     past_max_unfinished_a_submission_is_429_and_a_keyed_retry_gets_its_task,
     config = "max_unfinished = 2",
     |d| {

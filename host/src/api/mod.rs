@@ -58,9 +58,14 @@ impl ApiState {
     }
 }
 
+/// The largest request body: a payload may come base64-encoded in JSON,
+/// 4/3 of its size, plus room for the rest of the body.
+fn body_limit(max_payload: u64) -> usize {
+    usize::try_from(max_payload / 3 * 4 + (64 << 10)).unwrap_or(usize::MAX)
+}
+
 pub fn router(state: ApiState, max_payload: u64) -> Router {
-    // A payload may come base64-encoded in JSON: 4/3 of its size plus room.
-    let body_limit = usize::try_from(max_payload / 3 * 4 + (64 << 10)).unwrap_or(usize::MAX);
+    let body_limit = body_limit(max_payload);
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/agents", get(agents))
@@ -86,12 +91,30 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit_refusals,
         ))
         .with_state(state)
+}
+
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
+}
+
+async fn no_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid-request",
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 /// Who sent a request, for the audit trail: the client's address (the API
@@ -374,7 +397,20 @@ async fn submit(
     q: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
+    let Json(body) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            let max = state.tasks.store().max_payload();
+            ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                format!(
+                    "the request body is past the limit of {} bytes (a payload of the limit of {max} bytes, base64-encoded, and room for the rest); a text payload whose JSON escapes make it longer than that can go as input_base64",
+                    body_limit(max)
+                ),
+            )
+        }
+        _ => bad_request(e.body_text()),
+    })?;
     let Query(q) = q.map_err(query_error)?;
     let wait = parse_wait(q.wait.as_deref())?;
     let request = SubmitRequest {

@@ -39,6 +39,8 @@ pub const MAX_RUNS: usize = 10_000;
 /// Definitions kept (all versions of all workflows): every host reads
 /// them all for the triggers, so a client cannot grow them without end.
 pub const MAX_DEFINITIONS: usize = 10_000;
+/// The most bytes a definition may take as JSON.
+pub const MAX_DEFINITION_BYTES: usize = 256 * 1024;
 /// How often a host looks for runs that no one drives (a lone host's
 /// after a restart, or a dead host's in a cluster).
 const SCAN: Duration = Duration::from_secs(1);
@@ -195,6 +197,16 @@ impl Workflows {
     /// version is refused.
     pub async fn register(&self, definition: Definition) -> Result<Registration, WorkflowError> {
         let checked = definition.clone().check()?;
+        // Every host keeps every definition (for the triggers) and a
+        // listing prints them whole.
+        let size = serde_json::to_vec(&definition).map_or(0, |v| v.len());
+        if size > MAX_DEFINITION_BYTES {
+            return Err(WorkflowError::Invalid(Invalid {
+                problems: vec![format!(
+                    "the definition is {size} bytes as JSON, past the limit of {MAX_DEFINITION_BYTES} bytes"
+                )],
+            }));
+        }
         let warnings = checked
             .capabilities
             .iter()
