@@ -752,6 +752,30 @@ fn each_invalid_definition_is_refused_naming_the_step_and_field() {
 /// kv counter says how often it ran); one that was running at the kill ran
 /// at most once more (its task again, as tasks run at least once).
 #[test]
+fn a_definition_is_taken_up_to_256_kib_and_refused_past_it() {
+    let orch = Orch::new();
+    let host = HostProc::start(&orch);
+    let definition = |name: &str, description: usize| {
+        json!({
+            "name": name,
+            "version": 1,
+            "description": "d".repeat(description),
+            "steps": [{ "id": "a", "capability": "echo" }],
+        })
+    };
+    // Sized as JSON: the rest of the definition is under 200 bytes.
+    let (code, answer) = host.post("/v1/workflows", &definition("inside", 200 * 1024));
+    assert_eq!(code, 201, "{}", answer["error"]);
+    let (code, answer) = host.post("/v1/workflows", &definition("past", 256 * 1024));
+    assert_eq!(code, 400, "{}", answer["error"]);
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("past the limit of 262144 bytes"),
+        "{message}"
+    );
+}
+
+#[test]
 fn after_kill_9_a_lone_host_resumes_every_run_and_reruns_no_completed_step() {
     let orch = Orch::new();
     install(&orch);
