@@ -162,7 +162,6 @@ pub fn exit_for_refusal(kind: &str) -> u8 {
     }
 }
 
-/// The exit code for a task's error kind, the same as `orch run` uses.
 /// A name or id as one path segment of an API URL: every byte but letters,
 /// digits, `-` and `_` escaped, so that `a/b`, `..` or `x?y` cannot reach
 /// another endpoint or lose a part.
@@ -172,6 +171,7 @@ pub fn segment(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, KEEP).to_string()
 }
 
+/// The exit code for a task's error kind, the same as `orch run` uses.
 pub fn exit_for_kind(kind: &str) -> u8 {
     match kind {
         "invalid-input" | "payload-too-large" => exit::BAD_INPUT,
@@ -219,11 +219,14 @@ pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
     // stream opened.
     enum Seen {
         Line(String),
-        Closed,
+        /// The stream ended: cut (true), or closed by the host.
+        Closed(bool),
         Ended(Value),
         Failed(u8),
     }
-    let (tx, rx) = std::sync::mpsc::channel::<Seen>();
+    // Bounded: a slow reader of stdout holds the stream back, and the
+    // host then reports what it missed (`lagged`).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Seen>(1024);
     if let Some(t) = task {
         let (base, t, tx) = (base.to_string(), t.to_string(), tx.clone());
         std::thread::spawn(move || {
@@ -246,26 +249,29 @@ pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
     std::thread::spawn(move || {
         let reader = std::io::BufReader::new(response.into_body().into_reader());
         for line in reader.lines() {
-            let Ok(line) = line else { break };
+            let Ok(line) = line else {
+                let _ = tx.send(Seen::Closed(true));
+                return;
+            };
             if let Some(data) = line.strip_prefix("data:") {
                 if tx.send(Seen::Line(data.trim_start().to_string())).is_err() {
                     return;
                 }
             }
         }
-        let _ = tx.send(Seen::Closed);
+        let _ = tx.send(Seen::Closed(false));
     });
     let mut out = std::io::stdout().lock();
     // Once the record says the task ended, its event gets this long to come.
     let mut ended: Option<(Value, std::time::Instant)> = None;
     loop {
         let seen = match &ended {
-            None => rx.recv().unwrap_or(Seen::Closed),
+            None => rx.recv().unwrap_or(Seen::Closed(false)),
             Some((_, at)) => {
                 let left = Duration::from_millis(500).saturating_sub(at.elapsed());
                 match rx.recv_timeout(left) {
                     Ok(seen) => seen,
-                    Err(_) => Seen::Closed,
+                    Err(_) => Seen::Closed(false),
                 }
             }
         };
@@ -284,7 +290,7 @@ pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
             }
             Seen::Ended(record) => ended = Some((record, std::time::Instant::now())),
             Seen::Failed(code) => return code,
-            Seen::Closed => {
+            Seen::Closed(cut) => {
                 return match ended {
                     // Not on this host's stream: the end from the record,
                     // with the event's fields.
@@ -292,10 +298,11 @@ pub fn watch(base: &str, task: Option<&str>, capability: Option<&str>) -> u8 {
                         let _ = writeln!(out, "{}", end_event(&record));
                         0
                     }
-                    None => {
+                    None if cut => {
                         eprintln!("error: the host closed the event stream");
                         exit::ERROR
                     }
+                    None => 0,
                 };
             }
         }

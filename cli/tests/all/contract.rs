@@ -692,6 +692,12 @@ contract!(watching_a_task_ends_when_the_task_has_ended, |d| {
         task["id"].as_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Its end, from the task's record: the event was not on this stream.
+    let out = crate::common::stdout(&out);
+    let last: Value = serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(last["kind"], "completed", "{out}");
+    assert_eq!(last["task"], task["id"], "{out}");
+    assert_eq!(last["agent"], "echo@0.1.0", "{out}");
 });
 
 /// POSTs JSON lines to `/v1/tasks:batch` and returns the status and the

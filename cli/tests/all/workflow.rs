@@ -747,10 +747,6 @@ fn each_invalid_definition_is_refused_naming_the_step_and_field() {
     );
 }
 
-/// kill -9 of a lone host with 50 runs in flight: after the restart every
-/// run ends, and a step that had completed is never run again (each step's
-/// kv counter says how often it ran); one that was running at the kill ran
-/// at most once more (its task again, as tasks run at least once).
 #[test]
 fn a_definition_is_taken_up_to_256_kib_and_refused_past_it() {
     let orch = Orch::new();
@@ -764,7 +760,7 @@ fn a_definition_is_taken_up_to_256_kib_and_refused_past_it() {
         })
     };
     // Sized as JSON: the rest of the definition is under 200 bytes.
-    let (code, answer) = host.post("/v1/workflows", &definition("inside", 200 * 1024));
+    let (code, answer) = host.post("/v1/workflows", &definition("inside", 255 * 1024));
     assert_eq!(code, 201, "{}", answer["error"]);
     let (code, answer) = host.post("/v1/workflows", &definition("past", 256 * 1024));
     assert_eq!(code, 400, "{}", answer["error"]);
@@ -775,6 +771,10 @@ fn a_definition_is_taken_up_to_256_kib_and_refused_past_it() {
     );
 }
 
+/// kill -9 of a lone host with 50 runs in flight: after the restart every
+/// run ends, and a step that had completed is never run again (each step's
+/// kv counter says how often it ran); one that was running at the kill ran
+/// at most once more (its task again, as tasks run at least once).
 #[test]
 fn after_kill_9_a_lone_host_resumes_every_run_and_reruns_no_completed_step() {
     let orch = Orch::new();

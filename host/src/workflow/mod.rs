@@ -196,7 +196,6 @@ impl Workflows {
     /// Checks and stores a definition; a second registration of a name and
     /// version is refused.
     pub async fn register(&self, definition: Definition) -> Result<Registration, WorkflowError> {
-        let checked = definition.clone().check()?;
         // Every host keeps every definition (for the triggers) and a
         // listing prints them whole.
         let size = serde_json::to_vec(&definition).map_or(0, |v| v.len());
@@ -207,6 +206,7 @@ impl Workflows {
                 )],
             }));
         }
+        let checked = definition.clone().check()?;
         let warnings = checked
             .capabilities
             .iter()

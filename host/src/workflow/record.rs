@@ -201,19 +201,30 @@ impl RunRecord {
     }
 }
 
+const CUT_END: &str = " more bytes not kept)";
+
 /// Keeps the first `keep` bytes of `message` (at a character boundary) and
-/// says how much was cut.
+/// says how much was cut, counting what an earlier cut took (a record is
+/// fitted at each write).
 fn cut(message: &mut String, keep: usize) {
-    if message.len() <= keep {
+    let (mut kept, mut gone) = (message.len(), 0);
+    if let Some(head) = message.strip_suffix(CUT_END) {
+        if let Some(at) = head.rfind("... (") {
+            if let Ok(n) = head[at + 5..].parse::<usize>() {
+                (kept, gone) = (at, n);
+            }
+        }
+    }
+    if kept <= keep {
         return;
     }
     let mut end = keep;
     while !message.is_char_boundary(end) {
         end -= 1;
     }
-    let cut = message.len() - end;
+    let gone = gone + (kept - end);
     message.truncate(end);
-    message.push_str(&format!("... ({cut} more bytes not kept)"));
+    message.push_str(&format!("... ({gone}{CUT_END}"));
 }
 
 impl StepRecord {
@@ -249,6 +260,14 @@ mod tests {
         cut(&mut m, MAX_ERROR_MESSAGE);
         assert!(m.starts_with(&"é".repeat(512)), "{m}");
         assert!(m.ends_with("... (176 more bytes not kept)"), "{m}");
+        // Cut again, at each write: the count stays, and a shorter cut
+        // adds what it takes.
+        let once = m.clone();
+        cut(&mut m, MAX_ERROR_MESSAGE);
+        assert_eq!(m, once);
+        cut(&mut m, SHORT_ERROR_MESSAGE);
+        assert!(m.starts_with(&"é".repeat(32)), "{m}");
+        assert!(m.ends_with("... (1136 more bytes not kept)"), "{m}");
         let mut short = "x".repeat(MAX_ERROR_MESSAGE);
         cut(&mut short, MAX_ERROR_MESSAGE);
         assert_eq!(short.len(), MAX_ERROR_MESSAGE);

@@ -455,7 +455,11 @@ impl Driver {
             }
         }
         let mut spawn: Vec<usize> = Vec::new();
-        let mut renew = tokio::time::interval(LEASE / 3);
+        // The first renewal a third of a lease from now: the write that
+        // made or took the run set its lease (an interval's first tick
+        // would write again at once).
+        let mut renew =
+            tokio::time::interval_at(tokio::time::Instant::now() + LEASE / 3, LEASE / 3);
         loop {
             if self.run.error.is_none() {
                 if let Some(d) = self.run.deadline_ms.filter(|&d| now_ms() >= d) {
@@ -868,14 +872,16 @@ impl Driver {
             self.finish(status);
         } else {
             let first = self.run.error.clone();
+            // The lists first: a long first error is cut when the record
+            // is written (`RunRecord::fit`), and they must stay.
             self.run.error = Some(RunError {
                 step: first.as_ref().and_then(|e| e.step.clone()),
                 kind: "compensation-failed".into(),
                 message: format!(
-                    "{}; undone: [{}]; not undone: [{}]",
-                    first.map(|e| e.message).unwrap_or_default(),
+                    "undone: [{}]; not undone: [{}]; {}",
                     undone.join(", "),
-                    not_undone.join(", ")
+                    not_undone.join(", "),
+                    first.map(|e| e.message).unwrap_or_default(),
                 ),
             });
             self.finish(RunStatus::CompensationFailed);
