@@ -599,6 +599,41 @@ retry = { attempts = 5, backoff = "5s" }
 );
 
 both!(
+    a_run_input_is_taken_up_to_the_record_limit_and_413_past_it,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "big"
+version = 1
+[[steps]]
+id = "a"
+capability = "echo"
+input = "x"
+"#,
+        );
+        let run = start(
+            d.api(),
+            "big",
+            json!({ "input": "i".repeat(850 * 1024) }),
+            true,
+        );
+        assert_eq!(run["status"], "completed", "{}", run["error"]);
+        let (code, refused) = d.api().post(
+            "/v1/workflows/big/runs",
+            &json!({ "input": "i".repeat(900 * 1024) }),
+        );
+        assert_eq!(code, 413, "{}", refused["error"]);
+        assert_eq!(refused["error"]["kind"], "payload-too-large");
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("past the limit of 921600 bytes"),
+            "{message}"
+        );
+    }
+);
+
+both!(
     an_error_that_quotes_a_huge_value_is_kept_short_in_the_run,
     |d| {
         registered(

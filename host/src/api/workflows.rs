@@ -20,6 +20,7 @@ impl From<WorkflowError> for ApiError {
         let code = match &e {
             WorkflowError::Invalid(_) => StatusCode::BAD_REQUEST,
             WorkflowError::Exists { .. } => StatusCode::CONFLICT,
+            WorkflowError::InputTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             WorkflowError::NotFound(_) => StatusCode::NOT_FOUND,
             WorkflowError::NoCapacity { .. } | WorkflowError::TooManyDefinitions { .. } => {
                 StatusCode::TOO_MANY_REQUESTS

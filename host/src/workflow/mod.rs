@@ -57,6 +57,8 @@ pub enum WorkflowError {
     NoCapacity { limit: usize },
     #[error("too many workflow definitions: {limit} are registered, the limit")]
     TooManyDefinitions { limit: usize },
+    #[error("payload too large: the run's record would be {size} bytes with this input, past the limit of {limit} bytes")]
+    InputTooLarge { size: usize, limit: usize },
     #[error("the host is shutting down and starts no new runs")]
     ShuttingDown,
     #[error("workflow store: {what}: {source}")]
@@ -87,6 +89,7 @@ impl WorkflowError {
             WorkflowError::NoCapacity { .. } | WorkflowError::TooManyDefinitions { .. } => {
                 "no-capacity"
             }
+            WorkflowError::InputTooLarge { .. } => "payload-too-large",
             WorkflowError::ShuttingDown => "shutting-down",
             WorkflowError::Store { .. } => "unavailable",
         }
@@ -471,11 +474,10 @@ impl Shared {
         };
         let size = serde_json::to_vec(&run).map_or(0, |v| v.len());
         if size > MAX_RUN_BYTES {
-            return Err(WorkflowError::Invalid(Invalid {
-                problems: vec![format!(
-                    "input: the run's record would be {size} bytes, past the limit of {MAX_RUN_BYTES} bytes"
-                )],
-            }));
+            return Err(WorkflowError::InputTooLarge {
+                size,
+                limit: MAX_RUN_BYTES,
+            });
         }
         // Counted as driven before it is stored, so that the scan never
         // takes it up as well.
