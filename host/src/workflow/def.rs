@@ -327,16 +327,33 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl Definition {
-    /// Parses a TOML definition; serde's message names the field and line.
+    /// Parses a TOML definition; the message names the step, the field
+    /// and the line.
     pub fn from_toml(text: &str) -> Result<Definition, Invalid> {
-        toml::from_str(text).map_err(|e| Invalid {
-            problems: vec![e.message().to_string() + &toml_where(text, e.span())],
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let step_id = |i: usize| {
+                let doc = toml::from_str::<toml::Table>(text).ok()?;
+                let id = doc.get("steps")?.get(i)?.get("id")?.as_str()?;
+                Some(id.to_string())
+            };
+            let inner = e.inner();
+            let message = inner.message().to_string() + &toml_where(text, inner.span());
+            Invalid {
+                problems: vec![located(e.path(), message, step_id)],
+            }
         })
     }
 
     pub fn from_json(text: &[u8]) -> Result<Definition, Invalid> {
-        serde_json::from_slice(text).map_err(|e| Invalid {
-            problems: vec![e.to_string()],
+        let mut de = serde_json::Deserializer::from_slice(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let step_id = |i: usize| {
+                let doc = serde_json::from_slice::<Value>(text).ok()?;
+                Some(doc.get("steps")?.get(i)?.get("id")?.as_str()?.to_string())
+            };
+            Invalid {
+                problems: vec![located(e.path(), e.inner().to_string(), step_id)],
+            }
         })
     }
 
@@ -485,6 +502,51 @@ impl Definition {
 }
 
 /// " at line L" for a TOML error's span.
+/// A parse error named as the checks name problems: `steps[0].retry` is
+/// `step "a": retry`. The field of an unknown-field error is left out of
+/// the path: the message names it.
+fn located(
+    path: &serde_path_to_error::Path,
+    message: String,
+    step_id: impl Fn(usize) -> Option<String>,
+) -> String {
+    use serde_path_to_error::Segment;
+    let mut parts: Vec<String> = Vec::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key } => parts.push(key.clone()),
+            Segment::Seq { index } => {
+                let top = parts.len() == 1;
+                match parts.last_mut() {
+                    Some(last) if top && last == "steps" => {
+                        *last = match step_id(*index) {
+                            Some(id) => format!("step {id:?}"),
+                            None => format!("steps[{index}]"),
+                        };
+                    }
+                    Some(last) => last.push_str(&format!("[{index}]")),
+                    None => parts.push(format!("[{index}]")),
+                }
+            }
+            Segment::Enum { variant } => parts.push(variant.clone()),
+            Segment::Unknown => {}
+        }
+    }
+    if message.starts_with("unknown field") {
+        parts.pop();
+    }
+    let mut parts = parts.into_iter();
+    let Some(head) = parts.next() else {
+        return message;
+    };
+    let rest: Vec<String> = parts.collect();
+    if rest.is_empty() {
+        format!("{head}: {message}")
+    } else {
+        format!("{head}: {}: {message}", rest.join("."))
+    }
+}
+
 fn toml_where(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(r) if r.start <= text.len() => {
@@ -707,6 +769,46 @@ mod tests {
         let c = check(&text).unwrap();
         let ids: Vec<&str> = c.steps.iter().map(|s| s.step.id.as_str()).collect();
         assert_eq!(ids, ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn a_field_serde_refuses_is_named_with_its_step() {
+        let two = format!(
+            "{HEAD}[[steps]]\nid = \"a\"\ncapability = \"c\"\n\
+             [[steps]]\nid = \"b\"\ncapability = \"c\"\n"
+        );
+        let e = check(&format!("{two}retries = 3\n")).unwrap_err();
+        assert!(
+            e[0].starts_with(r#"step "b": unknown field `retries`, expected one of `id`"#),
+            "{e:?}"
+        );
+        assert!(e[0].ends_with("(line 9)"), "{e:?}");
+        let e = check(&format!("{two}retry = {{ attempt = 3 }}\n")).unwrap_err();
+        assert!(
+            e[0].starts_with(r#"step "b": retry: unknown field `attempt`, expected"#),
+            "{e:?}"
+        );
+        let e = check(&format!("{two}timeout = 5\n")).unwrap_err();
+        assert!(
+            e[0].starts_with(r#"step "b": timeout: invalid type: integer `5`"#),
+            "{e:?}"
+        );
+        // A step without an id is named by its place; a top-level field by
+        // the message alone.
+        let e = check(&format!("{HEAD}[[steps]]\ncapability = \"c\"\n")).unwrap_err();
+        assert!(e[0].starts_with("steps[0]: missing field `id`"), "{e:?}");
+        let e = check(&format!(
+            "{HEAD}owner = \"x\"\n[[steps]]\nid = \"a\"\ncapability = \"c\"\n"
+        ))
+        .unwrap_err();
+        assert!(e[0].starts_with("unknown field `owner`, expected"), "{e:?}");
+        // The same in JSON.
+        let json = br#"{"name":"w","version":1,"steps":[{"id":"a","capability":"c"},{"id":"b","capability":"c","retry":{"attempt":1}}]}"#;
+        let e = Definition::from_json(json).unwrap_err().problems;
+        assert!(
+            e[0].starts_with(r#"step "b": retry: unknown field `attempt`"#),
+            "{e:?}"
+        );
     }
 
     #[test]
