@@ -279,6 +279,9 @@ input = "${steps.a}"
         let (a, b) = (step(&run, "a"), step(&run, "b"));
         assert_eq!(a["status"], "running", "{run}");
         assert_eq!(a["input"], json!("1000"), "{run}");
+        // Its first attempt counts from its start, not from its end.
+        assert_eq!(a["attempts"], 1, "{run}");
+        assert_eq!(step(&run, "b")["attempts"], 0, "{run}");
         assert!(
             ms(&a["started_at_ms"]) >= ms(&run["created_at_ms"]),
             "{run}"
@@ -288,6 +291,7 @@ input = "${steps.a}"
         let (code, stored) = d.api().get(&format!("/v1/runs/{id}"));
         assert_eq!(code, 200, "{stored}");
         assert_eq!(step(&stored, "a")["status"], "running", "{stored}");
+        assert_eq!(step(&stored, "a")["attempts"], 1, "{stored}");
         let done = wait_run(d.api(), id);
         assert_eq!(done["status"], "completed", "{done}");
         assert_eq!(step(&done, "a")["attempts"], 1, "{done}");

@@ -359,6 +359,9 @@ impl Driver {
                     let r = &mut self.run.steps[i];
                     r.status = StepStatus::Running;
                     r.started_at_ms = Some(now);
+                    // Its first attempt starts now; later ones are shown
+                    // with the checkpoint after them.
+                    r.attempts = r.attempts.max(1);
                     r.input = Some(input);
                     r.elements = elements;
                     started.push(i);
@@ -513,6 +516,7 @@ impl Driver {
                     let r = &mut self.run.steps[i];
                     r.status = StepStatus::Pending;
                     r.started_at_ms = None;
+                    r.attempts = 0;
                     r.input = None;
                     r.elements = None;
                     self.dirty = true;
