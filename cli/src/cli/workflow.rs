@@ -66,7 +66,7 @@ pub enum Command {
         status: Option<String>,
         #[arg(long)]
         workflow: Option<String>,
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 100)]
         limit: usize,
         #[command(flatten)]
         api: ApiArgs,

@@ -486,10 +486,15 @@ contract!(listing_filters_by_status_and_capability, |d| {
     let (_, listed) = d.api().get("/v1/tasks?limit=2");
     assert_eq!(listed["tasks"].as_array().unwrap().len(), 2, "{listed}");
     // A query that does not parse is the API's JSON error, like any other.
+    // So is a key the endpoint does not take, on every endpoint.
+    let one = format!("/v1/tasks/{}?bogus=1", ids[0].as_str().unwrap());
     for bad in [
         "/v1/tasks?status=finished",
         "/v1/tasks?limit=abc",
+        "/v1/tasks?bogus=1",
+        &one,
         "/v1/events?bogus=1",
+        "/v1/runs?bogus=1",
     ] {
         let (code, refused) = d.api().get(bad);
         assert_eq!(code, 400, "{bad}: {refused}");
@@ -513,6 +518,21 @@ contract!(an_unknown_task_id_is_404_in_any_form, |d| {
     let (code, body) = d.api().get("/v1/tasks/not%20an%20id?wait=60s");
     assert_eq!(code, 404, "{body}");
     assert!(started.elapsed() < Duration::from_secs(30));
+    // An id that is not UTF-8 once decoded is a malformed request, in the
+    // API's JSON error form like every other.
+    for url in ["/v1/tasks/%FF%FE", "/v1/tasks/%FF/cancel", "/v1/runs/%C3"] {
+        let (code, body) = if url.ends_with("cancel") {
+            d.api().post(url, &json!({}))
+        } else {
+            d.api().get(url)
+        };
+        assert_eq!(code, 400, "{url}: {body}");
+        assert_eq!(body["error"]["kind"], "invalid-request", "{url}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("UTF-8"),
+            "{url}: {body}"
+        );
+    }
 });
 
 contract!(

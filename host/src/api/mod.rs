@@ -94,11 +94,42 @@ pub fn router(state: ApiState, max_payload: u64) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit_refusals,
         ))
         .with_state(state)
+}
+
+/// Error answers that axum makes itself (a path segment that is not
+/// UTF-8, a body that is not JSON, ...) come as plain text; they are given
+/// the API's JSON form here, so that every error answer has one shape.
+async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || response.extensions().get::<Refusal>().is_some()
+    {
+        return response;
+    }
+    let kind = match status {
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+        s if s.is_server_error() => "host",
+        _ => "invalid-request",
+    };
+    // Rejections' texts are a line or two; a longer one is cut.
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.to_string()
+    } else {
+        text
+    };
+    ApiError(status, kind, message).into_response()
 }
 
 async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
@@ -348,6 +379,7 @@ struct SubmitBody {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WaitQuery {
     wait: Option<String>,
 }
@@ -711,6 +743,7 @@ async fn events(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQueryParams {
     status: Option<String>,
     capability: Option<String>,
