@@ -258,7 +258,10 @@ impl TaskService {
                 "the deadline must be after now".into(),
             ));
         }
-        let key = request.idempotency_key.filter(|k| !k.is_empty());
+        if let Some(k) = &request.idempotency_key {
+            check_key(k)?;
+        }
+        let key = request.idempotency_key;
         // Admission control: every accepted task holds memory until it
         // ends. A retry of a task accepted already is not new work: it gets
         // that task, whatever the load.
@@ -409,4 +412,29 @@ impl TaskService {
         }
         Ok(stored)
     }
+}
+
+/// The longest idempotency key, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// An idempotency key is stored with its task and, in a cluster, sent in a
+/// NATS header: it must be short, and a line break in it would end the
+/// header. An empty key is refused rather than taken as none, so that a
+/// client that meant to send one does not silently get duplicates.
+fn check_key(key: &str) -> Result<(), HostError> {
+    let problem = if key.is_empty() {
+        "is empty (leave it out for none)".to_string()
+    } else if key.len() > MAX_KEY_BYTES {
+        format!(
+            "is {} bytes, past the limit of {MAX_KEY_BYTES} bytes",
+            key.len()
+        )
+    } else if key.chars().any(char::is_control) {
+        "contains a control character".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(HostError::InvalidRequest(format!(
+        "idempotency_key {problem}"
+    )))
 }
