@@ -145,17 +145,20 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 Some(w) => format!("/v1/tasks:batch?wait={}ms", w.as_millis()),
                 None => "/v1/tasks:batch".to_string(),
             };
-            let mut code = 0;
+            // The code of the first line in the batch's order that did not
+            // complete: answers with `wait` come in the order tasks end.
+            let mut first: Option<(u64, u8)> = None;
             let mut out = std::io::stdout().lock();
             client
                 .post_lines(&path, body, |line| {
                     let _ = writeln!(out, "{line}").and_then(|_| out.flush());
-                    if code == 0 {
-                        code = batch_line_code(line, wait.is_some());
+                    let (index, code) = batch_line_code(line, wait.is_some());
+                    if code != 0 && first.is_none_or(|(i, _)| index < i) {
+                        first = Some((index, code));
                     }
                 })
                 .map_err(|Failed(c)| c)?;
-            Ok(code)
+            Ok(first.map_or(0, |(_, code)| code))
         })(),
         Command::Submit {
             capability: Some(capability),
@@ -462,17 +465,20 @@ pub fn read_input(input: Option<&Path>) -> Result<Vec<u8>, u8> {
 /// The exit code one answer line of a batch calls for: 0 for a task
 /// accepted (or, when waited for, completed), else what `orch task submit`
 /// exits with for that refusal or that task's error.
-fn batch_line_code(line: &str, waited: bool) -> u8 {
+/// A batch answer line's `index` and exit code (a line that does not
+/// parse counts as the last).
+fn batch_line_code(line: &str, waited: bool) -> (u64, u8) {
     let Ok(value) = serde_json::from_str::<Value>(line) else {
-        return exit::ERROR;
+        return (u64::MAX, exit::ERROR);
     };
+    let index = value["index"].as_u64().unwrap_or(u64::MAX);
     if let Some(kind) = value["error"]["kind"].as_str() {
-        return super::client::exit_for_refusal(kind);
+        return (index, super::client::exit_for_refusal(kind));
     }
     if !waited {
-        return 0;
+        return (index, 0);
     }
-    waited_code(&value["task"])
+    (index, waited_code(&value["task"]))
 }
 
 /// The exit code for a task that was waited for: 0 completed, its error's

@@ -295,6 +295,37 @@ contract!(
 );
 
 contract!(
+    an_idempotency_key_is_taken_up_to_256_bytes_and_refused_past_it_or_empty,
+    |d| {
+        let at = "k".repeat(256);
+        let body = json!({ "capability": "echo", "input": "x", "idempotency_key": at });
+        let (code, first) = d.api().post("/v1/tasks?wait=60s", &body);
+        assert_eq!(code, 201, "{first}");
+        assert_eq!(first["idempotency_key"], json!(at), "{first}");
+        let (code, again) = d.api().post("/v1/tasks?wait=60s", &body);
+        assert_eq!(code, 200, "{again}");
+        assert_eq!(again["id"], first["id"]);
+        // Past the limit, empty, or with a line break (in a cluster it
+        // would end the NATS header it travels in): refused, naming why.
+        for (key, why) in [
+            ("k".repeat(257), "is 257 bytes, past the limit of 256 bytes"),
+            (String::new(), "is empty"),
+            ("a\r\nNats-Rollup: all".to_string(), "control character"),
+        ] {
+            let (code, refused) = submit(
+                d,
+                json!({ "capability": "echo", "input": "x", "idempotency_key": key }),
+            );
+            assert_eq!(code, 400, "{refused}");
+            assert_eq!(refused["error"]["kind"], "invalid-request", "{refused}");
+            let message = refused["error"]["message"].as_str().unwrap();
+            assert!(message.contains(why), "{refused}");
+            assert!(message.contains("idempotency_key "), "{refused}");
+        }
+    }
+);
+
+contract!(
     a_trapping_task_is_dead_after_every_attempt_with_each_error,
     |d| {
         let (code, task) = d.api().post(
@@ -723,6 +754,10 @@ contract!(watching_a_task_ends_when_the_task_has_ended, |d| {
 /// POSTs JSON lines to `/v1/tasks:batch` and returns the status and the
 /// answer's lines.
 fn batch(d: &Deployment, query: &str, lines: &[String]) -> (u16, Vec<Value>) {
+    batch_bytes(d, query, lines.join("\n").into_bytes())
+}
+
+fn batch_bytes(d: &Deployment, query: &str, body: Vec<u8>) -> (u16, Vec<Value>) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(120)))
@@ -731,7 +766,7 @@ fn batch(d: &Deployment, query: &str, lines: &[String]) -> (u16, Vec<Value>) {
     let mut response = agent
         .post(&format!("{}/v1/tasks:batch{query}", d.api().url))
         .header("content-type", "application/x-ndjson")
-        .send(lines.join("\n"))
+        .send(&body[..])
         .unwrap();
     let code = response.status().as_u16();
     let text = response
@@ -767,6 +802,19 @@ contract!(
         // Without wait: one answer per non-blank line, in the batch's order.
         let (code, answers) = batch(d, "", &lines);
         assert_eq!(code, 200);
+        // A line that is not UTF-8 is refused alone, like one that is not
+        // JSON.
+        let mut body = lines[0].clone().into_bytes();
+        body.extend_from_slice(b"\n{\"capability\": \"echo\", \"input\": \"\xff\xfe\"}\n");
+        body.extend_from_slice(lines[3].as_bytes());
+        let (code, mixed) = batch_bytes(d, "", body);
+        assert_eq!(code, 200, "{mixed:?}");
+        assert_eq!(mixed.len(), 3, "{mixed:?}");
+        assert_eq!(mixed[0]["task"]["capability"], "echo", "{mixed:?}");
+        assert_eq!(mixed[1]["error"]["kind"], "invalid-request", "{mixed:?}");
+        let message = mixed[1]["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("line 2: not UTF-8"), "{message}");
+        assert_eq!(mixed[2]["task"]["priority"], 3, "{mixed:?}");
         let indexes: Vec<u64> = answers
             .iter()
             .map(|a| a["index"].as_u64().unwrap())
@@ -811,6 +859,38 @@ contract!(
         ]);
         assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
         assert_eq!(crate::common::stdout(&out).lines().count(), 4);
+    }
+);
+
+contract!(
+    a_waited_batch_exits_with_the_code_of_its_first_failing_line_in_the_files_order,
+    |d| {
+        // The first line's task traps on every attempt (exit 5) and ends
+        // after its retries; the second is refused at once (exit 3), so its
+        // answer comes first.
+        let lines = [
+            json!({ "capability": "test.panic", "input": "boom" }).to_string(),
+            json!({ "capability": "no.such", "input": "x" }).to_string(),
+        ];
+        let file = d.cli().home.path().join("order.jsonl");
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let out = d.cli().run(&[
+            "task",
+            "submit",
+            "--api",
+            &d.api().url,
+            "--batch",
+            file.to_str().unwrap(),
+            "--wait",
+        ]);
+        let printed: Vec<Value> = crate::common::stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(printed.len(), 2, "{printed:?}");
+        assert_eq!(printed[0]["index"], 1, "answered first: {printed:?}");
+        assert_eq!(printed[1]["task"]["status"], "dead", "{printed:?}");
+        assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     }
 );
 

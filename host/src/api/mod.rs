@@ -543,13 +543,14 @@ async fn submit_batch(
         ),
         _ => bad_request(e.body_text()),
     })?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|e| bad_request(format!("the batch is not UTF-8: {e}")))?;
     // With their line numbers in the body (from 1), blank lines skipped.
-    let lines: Vec<(usize, &str)> = text
-        .lines()
+    // Each line is decoded on its own: one that is not UTF-8 is refused
+    // alone, like one that is not JSON.
+    let lines: Vec<(usize, &[u8])> = body
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
+        .filter(|(_, l)| !l.trim_ascii().is_empty())
         .collect();
     if lines.is_empty() {
         return Err(bad_request("the batch holds no task".into()));
@@ -563,8 +564,12 @@ async fn submit_batch(
     let requests: Vec<Result<SubmitRequest, ApiError>> = lines
         .iter()
         .map(|(n, line)| {
-            serde_json::from_str::<SubmitBody>(line)
-                .map_err(|e| bad_request(format!("line {}: {e}", n + 1)))
+            std::str::from_utf8(line)
+                .map_err(|e| bad_request(format!("line {}: not UTF-8: {e}", n + 1)))
+                .and_then(|line| {
+                    serde_json::from_str::<SubmitBody>(line)
+                        .map_err(|e| bad_request(format!("line {}: {e}", n + 1)))
+                })
                 .and_then(submit_request)
                 .map(|r| SubmitRequest {
                     trace: traceparent(&headers),
