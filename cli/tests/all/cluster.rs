@@ -1203,3 +1203,95 @@ fn past_its_limit_of_result_subscriptions_a_host_hears_every_result_until_the_ta
     // Ended: back to none at all.
     ha.until("A subscribes to no results", |_| results_subs().is_empty());
 }
+
+/// Submits a task for `key` under `fence` straight to a host's store, as a
+/// workflow driver's step does.
+async fn submit_under(
+    store: &dyn orch::service::TaskStore,
+    key: &str,
+    fence: &orch::service::Fence,
+) -> Result<orch::daemon::Accepted, orch::daemon::HostError> {
+    let record = orch::daemon::TaskRecord {
+        idempotency_key: Some(key.to_string()),
+        ..orch::daemon::TaskRecord::queued(
+            store.new_id(Some(key)),
+            "nobody.serves".into(),
+            orch::daemon::now_ms(),
+            1,
+        )
+    };
+    store
+        .accept(record, b"x".to_vec(), &|_| {}, true, Some(fence))
+        .await
+}
+
+/// A workflow run's tasks are stored under its fence: once another driver
+/// raises it (a takeover), the replaced driver's submissions are refused
+/// by the server in the same write, and leave no record that a new
+/// driver's check of the key would find; the new driver's are taken.
+#[test]
+fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
+    use orch::service::Fence;
+    let nats = NatsServer::start();
+    let home = tempfile::tempdir().unwrap();
+    let rt = crate::common::runtime();
+    rt.block_on(async {
+        let options = orch::node::NodeOptions {
+            nats: Some(orch::cluster::NatsOptions {
+                url: nats.url.clone(),
+                ..Default::default()
+            }),
+            api: None,
+        };
+        let engine = orch::Engine::new(orch::EngineConfig::default()).unwrap();
+        let node = orch::node::Node::start(
+            home.path(),
+            orch::config::HostConfig::default(),
+            engine,
+            options,
+        )
+        .await
+        .unwrap();
+        let store = node.tasks().store();
+        let old = Fence {
+            name: "r1".into(),
+            sequence: 0,
+        };
+        // A new run's driver: no fence raised yet.
+        let first = submit_under(store, "wf/r1/a/1", &old).await;
+        assert!(
+            matches!(first, Ok(orch::daemon::Accepted::New)),
+            "{first:?}"
+        );
+        // Another driver takes the run over.
+        let raised = store.raise_fence("r1").await.unwrap().unwrap();
+        let new = Fence {
+            name: "r1".into(),
+            sequence: raised,
+        };
+        // The replaced driver's next step is refused, and leaves nothing.
+        let stale = submit_under(store, "wf/r1/b/1", &old).await;
+        assert!(
+            matches!(&stale, Err(orch::daemon::HostError::Fenced(_))),
+            "{stale:?}"
+        );
+        assert!(!store.key_used("wf/r1/b/1", "nobody.serves").await.unwrap());
+        // What it submitted before the fence went up is found.
+        assert!(store.key_used("wf/r1/a/1", "nobody.serves").await.unwrap());
+        // The new driver's submission of the same step is taken.
+        let taken = submit_under(store, "wf/r1/b/1", &new).await;
+        assert!(
+            matches!(taken, Ok(orch::daemon::Accepted::New)),
+            "{taken:?}"
+        );
+        assert!(store.key_used("wf/r1/b/1", "nobody.serves").await.unwrap());
+        // Another run's fence is another fence.
+        let other = Fence {
+            name: "r2".into(),
+            sequence: 0,
+        };
+        let free = submit_under(store, "wf/r2/a/1", &other).await;
+        assert!(matches!(free, Ok(orch::daemon::Accepted::New)), "{free:?}");
+        node.shutdown(Duration::from_secs(5)).await;
+    });
+}

@@ -251,6 +251,7 @@ impl From<HostError> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             HostError::NotFound(_) => StatusCode::NOT_FOUND,
+            HostError::Fenced(_) => StatusCode::CONFLICT,
             HostError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HostError::NoCapacity { .. } | HostError::TooManyWaits { .. } => {
                 StatusCode::TOO_MANY_REQUESTS

@@ -64,6 +64,12 @@ pub mod subjects {
         format!("{PREFIX}.task.{capability}")
     }
 
+    /// The fence of a workflow run (see `service::Fence`), in the tasks'
+    /// stream so that a task's publish can be checked against it.
+    pub fn fence(name: &str) -> String {
+        format!("{PREFIX}.fence.{name}")
+    }
+
     /// Where the server republishes each stored result (see
     /// `tasks::TaskRouter`); the last tokens are the task id.
     pub fn results() -> String {

@@ -31,7 +31,7 @@ use crate::daemon::{now_ms, Accepted, ErrorInfo, Host, HostError, Status, TaskRe
 use crate::error::TaskError;
 use crate::sandbox::{Outcome, SubCall, SubCallFuture, TaskOutput};
 use crate::scheduler::{CancellationToken, Remote};
-use crate::service::{run, BoxFuture, EventKind, ListQuery, Stored, TaskStore};
+use crate::service::{run, BoxFuture, EventKind, Fence, ListQuery, Stored, TaskStore};
 
 pub const STREAM: &str = "ORCH_TASKS";
 pub const QUEUED: &str = "ORCH_QUEUED";
@@ -507,10 +507,16 @@ impl TaskRouter {
             ));
         }
         let js = jetstream::new(cluster.client.clone());
-        let stream = js
+        // Tasks, and the workflow runs' fences, which a task's publish is
+        // checked against (`service::Fence`); no consumer takes the fences.
+        let task_subjects = vec![
+            format!("{}.task.>", subjects::PREFIX),
+            format!("{}.fence.>", subjects::PREFIX),
+        ];
+        let mut stream = js
             .get_or_create_stream(stream::Config {
                 name: STREAM.to_string(),
-                subjects: vec![format!("{}.task.>", subjects::PREFIX)],
+                subjects: task_subjects.clone(),
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: DUPLICATE_WINDOW,
@@ -518,6 +524,21 @@ impl TaskRouter {
             })
             .await
             .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
+        // A stream made before fences gets their subjects.
+        let config = stream
+            .info()
+            .await
+            .map_err(|e| err("stream ORCH_TASKS", e.into()))?
+            .config
+            .clone();
+        if config.subjects != task_subjects {
+            js.update_stream(stream::Config {
+                subjects: task_subjects,
+                ..config
+            })
+            .await
+            .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
+        }
         // Finished tasks are kept for `[host] retention`, as on a lone host:
         // the server drops results, records and claims older than that.
         let retention = host.config().host.retention;
@@ -940,7 +961,7 @@ impl TaskRouter {
         let mut extra = async_nats::HeaderMap::new();
         extra.insert(HEADER_FUEL, call.fuel.to_string().as_str());
         extra.insert(HEADER_DEPTH, call.depth.to_string().as_str());
-        self.publish(&record, call.payload, extra)
+        self.publish(&record, call.payload, extra, None)
             .await
             .map_err(host_error)?;
         let Fetched {
@@ -985,6 +1006,7 @@ impl TaskRouter {
         record: &TaskRecord,
         mut payload: Vec<u8>,
         extra: async_nats::HeaderMap,
+        fence: Option<&Fence>,
     ) -> Result<bool, HostError> {
         let json = serde_json::to_vec(record).map_err(|e| self.error("encode", e))?;
         let mut headers = extra;
@@ -1012,16 +1034,41 @@ impl TaskRouter {
         if let Some(t) = &record.trace {
             headers.insert(crate::trace::HEADER, t.as_str());
         }
+        if let Some(f) = fence {
+            // Stored only if the run's last fence is still the one this
+            // driver knows: the server checks it in the same write.
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                f.sequence.to_string().as_str(),
+            );
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                subjects::fence(&f.name).as_str(),
+            );
+        }
         // The queued record and the task are written at the same time: the
         // task carries everything a host needs in its headers, and a record
         // that lands after the result is read second (results are read
         // first). The write is sent before the task on this connection, so
         // it lands long before the task can end and its record be deleted.
+        // Under a fence the record is created, not overwritten: another
+        // driver's record of the same task (same key, same id) stays, and
+        // `key_used` is ordered after it. `None`: that record was there.
         let put = async {
-            self.queued
-                .put(keys::queued(&record.capability, &record.id), json.into())
-                .await
-                .map_err(|e| self.error("ORCH_QUEUED", e))
+            let key = keys::queued(&record.capability, &record.id);
+            if fence.is_none() {
+                return self
+                    .queued
+                    .put(key, json.into())
+                    .await
+                    .map(Some)
+                    .map_err(|e| self.error("ORCH_QUEUED", e));
+            }
+            match self.queued.create(key, json.into()).await {
+                Ok(rev) => Ok(Some(rev)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(self.error("ORCH_QUEUED", e)),
+            }
         };
         let publish = async {
             self.js
@@ -1035,7 +1082,16 @@ impl TaskRouter {
                 .await
                 .map_err(|e| self.error("publish", e))?
                 .await
-                .map_err(|e| self.error("publish ack", e))
+                .map_err(|e| match e.kind() {
+                    jetstream::context::PublishErrorKind::WrongLastSequence => {
+                        HostError::Fenced(format!(
+                            "task {}: another driver raised the fence of {}",
+                            record.id,
+                            fence.map_or("", |f| f.name.as_str())
+                        ))
+                    }
+                    _ => self.error("publish ack", e),
+                })
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = record.id.clone();
@@ -1068,11 +1124,17 @@ impl TaskRouter {
                 .remove(&key);
             self.forget_closed_waiters(&record.id);
         }
-        if put.is_ok() && ack.is_err() {
+        if let (Ok(Some(rev)), Err(_)) = (&put, &ack) {
             // The submitter is told it failed: no record may say queued for
             // a task that is not on the stream (a keyed retry would find it).
+            // Only this write's: another submission of the task may have
+            // written one since.
             let queued_key = keys::queued(&record.capability, &record.id);
-            if let Err(e) = self.queued.delete(&queued_key).await {
+            if let Err(e) = self
+                .queued
+                .delete_expect_revision(&queued_key, Some(*rev))
+                .await
+            {
                 tracing::warn!(task = %record.id, error = %e, "cannot delete the record of a task that was not published");
             }
         }
@@ -1090,6 +1152,7 @@ impl TaskRouter {
         payload: Vec<u8>,
         stored: &(dyn Fn(&TaskRecord) + Send + Sync),
         unused_key: bool,
+        fence: Option<&Fence>,
     ) -> Result<Accepted, HostError> {
         if record.idempotency_key.is_some() && !unused_key {
             match self.fetch(&record.id).await {
@@ -1099,7 +1162,7 @@ impl TaskRouter {
             }
         }
         let duplicate = self
-            .publish(&record, payload, async_nats::HeaderMap::new())
+            .publish(&record, payload, async_nats::HeaderMap::new(), fence)
             .await?;
         Ok(if duplicate {
             Accepted::Existing(record.id)
@@ -2298,10 +2361,62 @@ impl TaskStore for TaskRouter {
         payload: Vec<u8>,
         stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
         unused_key: bool,
+        fence: Option<&'a Fence>,
     ) -> BoxFuture<'a, Result<Accepted, HostError>> {
         Box::pin(TaskRouter::accept(
-            self, record, payload, stored, unused_key,
+            self, record, payload, stored, unused_key, fence,
         ))
+    }
+
+    fn raise_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<u64>, HostError>> {
+        Box::pin(async move {
+            let ack = self
+                .js
+                .publish(subjects::fence(name), bytes::Bytes::new())
+                .await
+                .map_err(|e| self.error("fence", e))?
+                .await
+                .map_err(|e| self.error("fence ack", e))?;
+            Ok(Some(ack.sequence))
+        })
+    }
+
+    fn drop_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HostError>> {
+        Box::pin(async move {
+            self.stream
+                .purge()
+                .filter(subjects::fence(name))
+                .await
+                .map_err(|e| self.error("fence purge", e))?;
+            Ok(())
+        })
+    }
+
+    /// A create of the key's queued record: it fails when the record
+    /// exists, and is ordered after any earlier submission's record, which
+    /// was sent before that submission's task on its connection. A record
+    /// already removed means the task ended: its result is there. The
+    /// placeholder is empty, so listings skip it for the round trip it
+    /// lives.
+    fn key_used<'a>(
+        &'a self,
+        key: &'a str,
+        capability: &'a str,
+    ) -> BoxFuture<'a, Result<bool, HostError>> {
+        Box::pin(async move {
+            let id = id_for_key(key);
+            let queued = keys::queued(capability, &id);
+            match self.queued.create(&queued, bytes::Bytes::new()).await {
+                Ok(rev) => {
+                    if let Err(e) = self.queued.delete_expect_revision(&queued, Some(rev)).await {
+                        tracing::warn!(task = %id, error = %e, "cannot delete the placeholder of an unused key");
+                    }
+                    Ok(self.read_result(&id).await?.is_some())
+                }
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(true),
+                Err(e) => Err(self.error("ORCH_QUEUED key check", e)),
+            }
+        })
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>> {

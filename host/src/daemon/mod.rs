@@ -71,6 +71,11 @@ pub enum HostError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A submission under a fence that a newer one replaced (see
+    /// `service::Fence`): the submitter no longer drives what it submits
+    /// for. Only the host's own workflow driver submits under a fence.
+    #[error("fenced: {0}")]
+    Fenced(String),
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
@@ -92,6 +97,7 @@ impl HostError {
             HostError::DataDir { .. } => "data-dir",
             HostError::Journal(_) => "journal",
             HostError::Plugin(_) => "plugin",
+            HostError::Fenced(_) => "fenced",
         }
     }
 }
@@ -1102,6 +1108,8 @@ impl TaskStore for Host {
         // The journal looks the key up inside the write that stores the
         // task, at no extra cost.
         _unused_key: bool,
+        // One host drives every run: nothing to fence.
+        _fence: Option<&'a crate::service::Fence>,
     ) -> BoxFuture<'a, Result<Accepted, HostError>> {
         Box::pin(Host::accept(self, record, payload, stored))
     }

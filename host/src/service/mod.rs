@@ -87,13 +87,39 @@ pub trait TaskStore: Send + Sync {
     /// after the stream's ack, when another host may be running it already.
     /// `unused_key`: no earlier submission used the key (see
     /// [`TaskService::submit_keyed`]); a store may skip looking it up.
+    /// `fence`: store the task only under this fence ([`Fence`]); a store
+    /// whose submitters need none ignores it.
     fn accept<'a>(
         &'a self,
         record: TaskRecord,
         payload: Vec<u8>,
         stored: &'a (dyn Fn(&TaskRecord) + Send + Sync),
         unused_key: bool,
+        fence: Option<&'a Fence>,
     ) -> BoxFuture<'a, Result<Accepted, HostError>>;
+    /// Raises the fence `name`: submissions under an earlier one are
+    /// refused from now on. Returns the new fence's sequence, or `None`
+    /// when this store needs no fences (one host drives everything).
+    fn raise_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<u64>, HostError>> {
+        let _ = name;
+        Box::pin(async { Ok(None) })
+    }
+    /// Removes the fence `name` (its runs are gone).
+    fn drop_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HostError>> {
+        let _ = name;
+        Box::pin(async { Ok(()) })
+    }
+    /// Whether a task was submitted under `key` for `capability`, asked
+    /// after [`TaskStore::raise_fence`]: the answer is final, since no
+    /// submission under an earlier fence can be stored after it.
+    fn key_used<'a>(
+        &'a self,
+        key: &'a str,
+        capability: &'a str,
+    ) -> BoxFuture<'a, Result<bool, HostError>> {
+        let _ = capability;
+        Box::pin(async move { Ok(self.find_key(key).await?.is_some()) })
+    }
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>>;
     /// Waits up to `timeout` for the task to end, then returns it as it is.
     /// `fresh`: this host has just accepted it (it cannot have ended yet).
@@ -110,6 +136,18 @@ pub trait TaskStore: Send + Sync {
     /// Ends the task as cancelled, unless it has ended already. Returns the
     /// task, and whether this call cancelled it.
     fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>>;
+}
+
+/// A condition a submission is stored under, checked by the store in the
+/// same write: the last fence raised under `name` is `sequence` (0: none
+/// yet). A workflow driver submits its run's tasks under the fence it
+/// raised when it took the run over; a driver that another replaced
+/// (paused past its lease) has its submissions refused, however late they
+/// come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub name: String,
+    pub sequence: u64,
 }
 
 /// The task service of one host over its store.
@@ -194,18 +232,21 @@ impl TaskService {
     /// at least once. A submission with the idempotency key of an earlier
     /// one gets that task (`existing`).
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, HostError> {
-        self.submit_keyed(request, false).await
+        self.submit_keyed(request, false, None).await
     }
 
     /// [`TaskService::submit`]; `unused_key`: the caller knows that no
     /// earlier submission used the request's idempotency key (a workflow
     /// driver that has just recorded the step as started), so a cluster
     /// does not look the key up first. A second submission with it within
-    /// the stream's duplicate window is still that task.
+    /// the stream's duplicate window is still that task. `fence`: the
+    /// task is stored only under it ([`Fence`]; `HostError::Fenced`
+    /// otherwise).
     pub(crate) async fn submit_keyed(
         &self,
         request: SubmitRequest,
         unused_key: bool,
+        fence: Option<Fence>,
     ) -> Result<Submitted, HostError> {
         use tracing::Instrument;
         // The first span of the task's trace (a child of the submitter's,
@@ -227,7 +268,7 @@ impl TaskService {
             }
             crate::trace::Decision::Skip(trace) => (tracing::Span::none(), trace),
         };
-        self.admit(SubmitRequest { trace, ..request }, unused_key)
+        self.admit(SubmitRequest { trace, ..request }, unused_key, fence)
             .instrument(span)
             .await
     }
@@ -236,6 +277,7 @@ impl TaskService {
         &self,
         mut request: SubmitRequest,
         unused_key: bool,
+        fence: Option<Fence>,
     ) -> Result<Submitted, HostError> {
         use tracing::Instrument;
         if self.host.is_stopping() {
@@ -327,7 +369,7 @@ impl TaskService {
             async move {
                 let stored = |r: &TaskRecord| events.record(EventKind::Accepted, r);
                 store
-                    .accept(new, request.payload, &stored, unused_key)
+                    .accept(new, request.payload, &stored, unused_key, fence.as_ref())
                     .await
             }
             .instrument(span),

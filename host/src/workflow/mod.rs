@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::daemon::now_ms;
-use crate::service::TaskService;
+use crate::service::{Fence, TaskService};
 pub use def::{Checked, Definition, Invalid};
 pub use record::{RunRecord, RunStatus, StepRecord, StepStatus};
 pub use store::{LocalStore, Registered, WorkflowStore};
@@ -485,6 +485,14 @@ impl Shared {
             return Ok(None);
         };
         let mut driver = run::Driver::new(self.clone(), def, run, 0);
+        // A new run has no fence yet: its tasks are stored while none is
+        // raised, that is until another host takes the run over.
+        if !self.store.exclusive() {
+            driver.fence = Some(Fence {
+                name: fence_name(&driver.run.id),
+                sequence: 0,
+            });
+        }
         driver.start_new();
         driver.run.fit(MAX_RUN_BYTES);
         driver.rev = match self.store.create_run(&driver.run).await {
@@ -573,6 +581,16 @@ impl Shared {
         cache.insert(key, checked.clone());
         Ok(checked)
     }
+}
+
+/// The name of a run's fence: its id when that is one subject token.
+fn fence_name(run: &str) -> String {
+    let token = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if !run.is_empty() && run.chars().all(token) {
+        return run.to_string();
+    }
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(run.as_bytes())[..16])
 }
 
 fn spawn_driver(shared: Arc<Shared>, driver: run::Driver, poke: watch::Receiver<()>) {
@@ -759,16 +777,31 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             Ok(None) => continue,
             Err(_) => return Ok(()),
         };
+        // The fence goes up before the run is taken: from then on, tasks
+        // the replaced driver submits are refused, so none of its steps
+        // can start after this driver looked for them. (If two hosts take
+        // the run at once, the one whose write wins may find its fence
+        // raised again by the other: its next submission is refused, it
+        // stops driving, and the run is taken up again when its lease
+        // ends.)
+        let fence = match shared.tasks.store().raise_fence(&fence_name(&run.id)).await {
+            Ok(f) => f.map(|sequence| Fence {
+                name: fence_name(&run.id),
+                sequence,
+            }),
+            Err(e) => {
+                lock(&shared.driving).remove(&run.id);
+                return Err(WorkflowError::store("a run's fence", e));
+            }
+        };
         run.owner = Some(shared.owner_token());
         run.lease_until_ms = now + LEASE.as_millis() as u64;
         match shared.store.update_run(&run, rev).await {
             Ok(Some(rev)) => {
                 tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
-                spawn_driver(
-                    shared.clone(),
-                    run::Driver::new(shared.clone(), def, run, rev),
-                    poke,
-                );
+                let mut driver = run::Driver::new(shared.clone(), def, run, rev);
+                driver.fence = fence;
+                spawn_driver(shared.clone(), driver, poke);
             }
             // Another host took it first.
             Ok(None) => {
@@ -793,6 +826,10 @@ async fn retention(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             .is_some_and(|t| t.saturating_add(keep) < now)
         {
             shared.store.delete_run(&run.id).await?;
+            // Its fence, if a host took it over (none is raised otherwise).
+            if let Err(e) = shared.tasks.store().drop_fence(&fence_name(&run.id)).await {
+                tracing::warn!(run = %run.id, error = %e, "cannot remove a run's fence");
+            }
         }
     }
     Ok(())

@@ -24,7 +24,7 @@ use super::record::{
 };
 use super::{Shared, WorkflowError, LEASE, MAX_RUN_BYTES};
 use crate::daemon::{now_ms, ErrorInfo, HostError, Status, SubmitRequest};
-use crate::service::TaskService;
+use crate::service::{Fence, TaskService};
 
 /// Why a driver gave a run up without ending it: another host holds it
 /// now, this host is stopping, or the store failed (the run is taken up
@@ -49,7 +49,18 @@ enum Outcome {
         task: Option<TaskEnd>,
         attempts: u32,
     },
-    Stopping,
+    /// The host is stopping, or (`fenced`) another driver took the run.
+    Stopping { fenced: bool },
+}
+
+impl Outcome {
+    fn stop(fenced: bool) -> Stop {
+        if fenced {
+            Stop::Fenced
+        } else {
+            Stop::Stopping
+        }
+    }
 }
 
 /// The fields of a step's last task that its record shows.
@@ -81,6 +92,8 @@ struct Spec {
     /// driver's lease lasts, until this time (see
     /// `TaskService::submit_keyed`).
     unused_until_ms: Option<u64>,
+    /// In a cluster, the fence its tasks are submitted under.
+    fence: Option<Fence>,
 }
 
 pub(super) struct Driver {
@@ -94,6 +107,9 @@ pub(super) struct Driver {
     fresh: bool,
     /// Cancelled when the run is: no attempt starts after it.
     stop: CancellationToken,
+    /// In a cluster, the fence this driver submits under: raised when it
+    /// took the run over (sequence 0 for a run it created: none yet).
+    pub fence: Option<Fence>,
 }
 
 fn error(kind: &str, message: impl Into<String>) -> ErrorInfo {
@@ -179,6 +195,7 @@ impl Driver {
             dirty: false,
             fresh: false,
             stop: CancellationToken::new(),
+            fence: None,
         }
     }
 
@@ -259,6 +276,7 @@ impl Driver {
             deadline_ms: self.run.deadline_ms,
             trace: self.run.trace.clone(),
             unused_until_ms: None,
+            fence: self.fence.clone(),
         }
     }
 
@@ -440,23 +458,40 @@ impl Driver {
                 running_ids.insert(handle.id(), i);
             }
         }
-        // On a lone host a step's task may be stored while the run still
-        // says the step is pending (the two writes overlap, below): such a
-        // step started before a crash. It is started again whatever comes
-        // (a cancel, a failure, the deadline), so that its task is waited
-        // for and, completed, undone like any other.
+        // A step's task may be stored while the run still says the step
+        // is pending (the run's write and the step's submission overlap,
+        // below): such a step was started by the driver before this one (a
+        // crash, or in a cluster a host replaced). It is started again
+        // whatever comes (a cancel, a failure, the deadline), so that its
+        // task is waited for and, completed, undone like any other. In a
+        // cluster this driver raised its fence before it took the run, so
+        // no step of the replaced driver can be stored after this looks.
         let mut started_before = Vec::new();
-        if self.shared.store.exclusive() {
-            for i in 0..self.run.steps.len() {
-                if self.run.steps[i].status != StepStatus::Pending {
-                    continue;
-                }
-                let key = format!("wf/{}/{}/1", self.run.id, self.def.steps[i].step.id);
-                if let Ok(Some(_)) = self.shared.tasks.store().find_key(&key).await {
-                    started_before.push(i);
+        if !self.fresh {
+            let checks: Vec<_> = (0..self.run.steps.len())
+                .filter(|&i| self.run.steps[i].status == StepStatus::Pending)
+                .filter(|&i| self.def.steps[i].step.for_each.is_none())
+                .map(|i| {
+                    let step = &self.def.steps[i].step;
+                    let key = format!("wf/{}/{}/1", self.run.id, step.id);
+                    let (store, capability) = (self.shared.tasks.store(), step.capability.clone());
+                    async move { (i, store.key_used(&key, &capability).await) }
+                })
+                .collect();
+            let mut used = futures_util::stream::iter(checks).buffer_unordered(16);
+            while let Some((i, used)) = used.next().await {
+                match used {
+                    Ok(true) => started_before.push(i),
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Err(Stop::Store(WorkflowError::store("a step's task key", e)))
+                    }
                 }
             }
+            started_before.sort_unstable();
         }
+        // Their first attempts' keys are used: looked up when submitted.
+        let submitted_before = started_before.clone();
         let mut spawn: Vec<usize> = Vec::new();
         // The first renewal a third of a lease from now: the write that
         // made or took the run set its lease (an interval's first tick
@@ -500,9 +535,11 @@ impl Driver {
             let plain = spawn
                 .iter()
                 .all(|&i| self.def.steps[i].step.for_each.is_none());
-            if self.shared.store.exclusive() && plain && !poke.has_changed().unwrap_or(true) {
+            let overlap = self.shared.store.exclusive() || self.fence.is_some();
+            if overlap && plain && !poke.has_changed().unwrap_or(true) {
                 for i in spawn.drain(..) {
-                    let handle = running.spawn(self.step(i, tx.clone(), true));
+                    let fresh = !submitted_before.contains(&i);
+                    let handle = running.spawn(self.step(i, tx.clone(), fresh));
                     running_ids.insert(handle.id(), i);
                 }
             }
@@ -523,7 +560,8 @@ impl Driver {
                 }
             }
             for i in spawn.drain(..) {
-                let handle = running.spawn(self.step(i, tx.clone(), true));
+                let fresh = !submitted_before.contains(&i);
+                let handle = running.spawn(self.step(i, tx.clone(), fresh));
                 running_ids.insert(handle.id(), i);
             }
             let deadline = self.run.deadline_ms.filter(|_| self.run.error.is_none());
@@ -665,7 +703,7 @@ impl Driver {
         self.dirty = true;
         let id = self.run.steps[i].id.clone();
         match outcome {
-            Outcome::Stopping => return Err(Stop::Stopping),
+            Outcome::Stopping { fenced } => return Err(Outcome::stop(fenced)),
             Outcome::Completed {
                 result,
                 task,
@@ -815,6 +853,7 @@ impl Driver {
                 deadline_ms: None,
                 trace: self.run.trace.clone(),
                 unused_until_ms: None,
+                fence: self.fence.clone(),
             };
             self.set_compensation(i, |r| {
                 r.status = CompensationStatus::Running;
@@ -838,7 +877,7 @@ impl Driver {
                 },
             };
             match outcome {
-                Outcome::Stopping => return Err(Stop::Stopping),
+                Outcome::Stopping { fenced } => return Err(Outcome::stop(fenced)),
                 Outcome::Completed { task, attempts, .. } => self.set_compensation(i, |r| {
                     r.status = CompensationStatus::Completed;
                     r.attempts = attempts;
@@ -976,7 +1015,7 @@ async fn fan_out_elements(
                     attempts,
                 }
             }
-            Outcome::Stopping => return Outcome::Stopping,
+            s @ Outcome::Stopping { .. } => return s,
         }
     }
     Outcome::Completed {
@@ -1025,7 +1064,10 @@ async fn attempts(
         })
         .await
         {
-            Err(None) => return Outcome::Stopping,
+            Err(None) => return Outcome::Stopping { fenced: false },
+            Err(Some(error)) if error.kind == "fenced" => {
+                return Outcome::Stopping { fenced: true }
+            }
             Err(Some(error)) => {
                 last = Some((error, None));
             }
@@ -1123,9 +1165,14 @@ async fn task(
         };
         // Only the first try: one that failed may have stored the task.
         let unused = std::mem::take(&mut unused_key);
-        match tasks.submit_keyed(request, unused).await {
+        match tasks
+            .submit_keyed(request, unused, spec.fence.clone())
+            .await
+        {
             Ok(s) => break (s.task.id, !s.existing),
             Err(HostError::ShuttingDown) => return Err(None),
+            // Another driver took the run over.
+            Err(e @ HostError::Fenced(_)) => return Err(Some(error(e.kind(), e.to_string()))),
             Err(HostError::UnknownCapability(c)) => {
                 let id = earlier(error(
                     "unavailable",
