@@ -462,11 +462,10 @@ pub fn read_input(input: Option<&Path>) -> Result<Vec<u8>, u8> {
     }
 }
 
-/// The exit code one answer line of a batch calls for: 0 for a task
-/// accepted (or, when waited for, completed), else what `orch task submit`
-/// exits with for that refusal or that task's error.
-/// A batch answer line's `index` and exit code (a line that does not
-/// parse counts as the last).
+/// A batch answer line's `index` and the exit code it calls for: 0 for a
+/// task accepted (or, when waited for, completed), else what `orch task
+/// submit` exits with for that refusal or that task's error. A line that
+/// does not parse counts as the last.
 fn batch_line_code(line: &str, waited: bool) -> (u64, u8) {
     let Ok(value) = serde_json::from_str::<Value>(line) else {
         return (u64::MAX, exit::ERROR);

@@ -254,6 +254,28 @@ input = { a = "${steps.a}", b = "${steps.b}" }
     }
 );
 
+both!(an_unknown_workflow_or_run_is_404_in_any_form, |d| {
+    for name in ["nosuch", "a%20b", "a.%3E", "%2A"] {
+        for (code, body) in [
+            d.api().get(&format!("/v1/workflows/{name}")),
+            d.api()
+                .post(&format!("/v1/workflows/{name}/runs"), &json!({})),
+        ] {
+            assert_eq!(code, 404, "{name}: {body}");
+            assert_eq!(body["error"]["kind"], "not-found", "{name}: {body}");
+        }
+    }
+    for id in ["01nosuchrun", "a%20b", "a.%3E", "%2A"] {
+        for (code, body) in [
+            d.api().get(&format!("/v1/runs/{id}")),
+            d.api().post(&format!("/v1/runs/{id}/cancel"), &json!({})),
+        ] {
+            assert_eq!(code, 404, "{id}: {body}");
+            assert_eq!(body["error"]["kind"], "not-found", "{id}: {body}");
+        }
+    }
+});
+
 both!(
     a_new_run_is_stored_with_its_first_steps_already_started,
     |d| {

@@ -119,7 +119,8 @@ async fn json_errors(request: axum::extract::Request, next: axum::middleware::Ne
         s if s.is_server_error() => "host",
         _ => "invalid-request",
     };
-    // Rejections' texts are a line or two; a longer one is cut.
+    // Rejections' texts are a line or two; one past 4 KiB (none is) would
+    // give the status's text instead.
     let text = axum::body::to_bytes(response.into_body(), 4096)
         .await
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
@@ -562,10 +563,11 @@ async fn submit_batch(
             lines.len()
         )));
     }
-    let requests: Vec<Result<SubmitRequest, ApiError>> = lines
+    // Each with its line number in the body, from 1.
+    let requests: Vec<(usize, Result<SubmitRequest, ApiError>)> = lines
         .iter()
         .map(|(n, line)| {
-            std::str::from_utf8(line)
+            let request = std::str::from_utf8(line)
                 .map_err(|e| bad_request(format!("line {}: not UTF-8: {e}", n + 1)))
                 .and_then(|line| {
                     serde_json::from_str::<SubmitBody>(line)
@@ -575,13 +577,14 @@ async fn submit_batch(
                 .map(|r| SubmitRequest {
                     trace: traceparent(&headers),
                     ..r
-                })
+                });
+            (n + 1, request)
         })
         .collect();
     let tasks = state.tasks.clone();
     let by: Arc<str> = Arc::from(by);
     let answers = futures_util::stream::iter(requests.into_iter().enumerate()).map(
-        move |(index, request)| {
+        move |(index, (line, request))| {
             let (tasks, by, state) = (tasks.clone(), by.clone(), state.clone());
             async move {
                 let outcome = match request {
@@ -600,7 +603,7 @@ async fn submit_batch(
                     Err(ApiError(code, kind, message)) => refused(
                         &state,
                         &by,
-                        &format!("/v1/tasks:batch (line {})", index + 1),
+                        &format!("/v1/tasks:batch (line {line})"),
                         code.as_u16(),
                         kind,
                         message,
@@ -769,6 +772,15 @@ async fn list(
             ))
         })?),
     };
+    // A filter is a capability name, never a pattern: a cluster matches it
+    // against subjects, where `*` would match every capability.
+    if let Some(c) = q.capability.as_deref() {
+        if !crate::sandbox::subject::is_subject(c) {
+            return Err(bad_request(format!(
+                "capability {c:?}: expected a capability name (tokens of letters, digits, - and _, separated by dots)"
+            )));
+        }
+    }
     let query = ListQuery {
         status,
         capability: q.capability,

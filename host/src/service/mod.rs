@@ -460,8 +460,8 @@ impl TaskService {
 pub const MAX_KEY_BYTES: usize = 256;
 
 /// An idempotency key is stored with its task and, in a cluster, sent in a
-/// NATS header: it must be short, and a line break in it would end the
-/// header. An empty key is refused rather than taken as none, so that a
+/// NATS header: it must be short, and async-nats panics on a line break in
+/// a header value. An empty key is refused rather than taken as none, so that a
 /// client that meant to send one does not silently get duplicates.
 fn check_key(key: &str) -> Result<(), HostError> {
     let problem = if key.is_empty() {

@@ -319,7 +319,7 @@ pub struct CheckedCompensation {
     pub backoff: Duration,
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()
@@ -501,7 +501,6 @@ impl Definition {
     }
 }
 
-/// " at line L" for a TOML error's span.
 /// A parse error named as the checks name problems: `steps[0].retry` is
 /// `step "a": retry`. The field of an unknown-field error is left out of
 /// the path: the message names it.
@@ -547,6 +546,7 @@ fn located(
     }
 }
 
+/// " (line L)" for a TOML error's span.
 fn toml_where(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(r) if r.start <= text.len() => {

@@ -559,6 +559,11 @@ impl Shared {
                 None => format!("workflow named {name}"),
             })
         };
+        // A name no definition can have is not looked up (in a cluster it
+        // is not a key the store takes).
+        if !def::valid_name(name) {
+            return Err(missing());
+        }
         let version = match version {
             Some(v) => v,
             None => self.store.latest_version(name).await?.ok_or_else(missing)?,

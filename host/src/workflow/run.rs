@@ -858,6 +858,7 @@ impl Driver {
             self.set_compensation(i, |r| {
                 r.status = CompensationStatus::Running;
                 r.started_at_ms = Some(now_ms());
+                r.attempts = r.attempts.max(1);
             });
             self.save().await?;
             let outcome = match input {
