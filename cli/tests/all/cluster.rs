@@ -1292,6 +1292,9 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
         };
         let free = submit_under(store, "wf/r2/a/1", &other).await;
         assert!(matches!(free, Ok(orch::daemon::Accepted::New)), "{free:?}");
+        // The status counts the three tasks on the stream, not the fence.
+        let on_stream = node.router().unwrap().on_stream().await.unwrap();
+        assert_eq!(on_stream, 3);
         node.shutdown(Duration::from_secs(5)).await;
     });
 }

@@ -877,12 +877,19 @@ impl TaskRouter {
     /// Tasks on the stream now: waiting for a host, or taken and not yet
     /// acked, over the whole cluster.
     pub async fn on_stream(&self) -> Result<u64, HostError> {
-        let mut stream = self.stream.clone();
-        let info = stream
-            .info()
+        // Tasks only, summed over their subjects (one per capability): the
+        // stream holds workflow runs' fences too.
+        let mut counts = self
+            .stream
+            .info_with_subjects(format!("{}.task.>", subjects::PREFIX))
             .await
             .map_err(|e| self.error("stream ORCH_TASKS", e))?;
-        Ok(info.state.messages)
+        let mut total = 0u64;
+        while let Some(count) = counts.next().await {
+            let (_, n) = count.map_err(|e| self.error("stream ORCH_TASKS", e))?;
+            total += n as u64;
+        }
+        Ok(total)
     }
 
     /// Task messages terminated for want of a valid task id.
