@@ -1227,8 +1227,8 @@ async fn submit_under(
 
 /// A workflow run's tasks are stored under its fence: once another driver
 /// raises it (a takeover), the replaced driver's submissions are refused
-/// by the server in the same write, and leave no record that a new
-/// driver's check of the key would find; the new driver's are taken.
+/// by the server in the same write and leave no record; the new driver's
+/// are taken. A fence raised again stays one message.
 #[test]
 fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
     use orch::service::Fence;
@@ -1253,11 +1253,12 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
         .await
         .unwrap();
         let store = node.tasks().store();
-        let old = Fence {
-            name: "r1".into(),
-            sequence: 0,
+        let fence = |name: &str, sequence| Fence {
+            name: name.into(),
+            sequence,
         };
         // A new run's driver: no fence raised yet.
+        let old = fence("r1", 0);
         let first = submit_under(store, "wf/r1/a/1", &old).await;
         assert!(
             matches!(first, Ok(orch::daemon::Accepted::New)),
@@ -1265,36 +1266,53 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
         );
         // Another driver takes the run over.
         let raised = store.raise_fence("r1").await.unwrap().unwrap();
-        let new = Fence {
-            name: "r1".into(),
-            sequence: raised,
-        };
-        // The replaced driver's next step is refused, and leaves nothing.
+        let new = fence("r1", raised);
+        // The replaced driver's next step is refused, and leaves no record.
         let stale = submit_under(store, "wf/r1/b/1", &old).await;
         assert!(
             matches!(&stale, Err(orch::daemon::HostError::Fenced(_))),
             "{stale:?}"
         );
-        assert!(!store.key_used("wf/r1/b/1", "nobody.serves").await.unwrap());
-        // What it submitted before the fence went up is found.
-        assert!(store.key_used("wf/r1/a/1", "nobody.serves").await.unwrap());
+        assert_eq!(store.find_key("wf/r1/b/1").await.unwrap(), None);
         // The new driver's submission of the same step is taken.
         let taken = submit_under(store, "wf/r1/b/1", &new).await;
         assert!(
             matches!(taken, Ok(orch::daemon::Accepted::New)),
             "{taken:?}"
         );
-        assert!(store.key_used("wf/r1/b/1", "nobody.serves").await.unwrap());
+        assert!(store.find_key("wf/r1/b/1").await.unwrap().is_some());
+        // A fence raised again stays one message, and still refuses the
+        // first driver; so does the second now.
+        let again = store.raise_fence("r1").await.unwrap().unwrap();
+        assert!(again > raised);
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        let tasks = async_nats::jetstream::new(client)
+            .get_stream("ORCH_TASKS")
+            .await
+            .unwrap();
+        let mut fences = tasks.info_with_subjects("orch.v1.fence.r1").await.unwrap();
+        let mut kept = 0;
+        while let Some(subject) = fences.next().await {
+            kept += subject.unwrap().1;
+        }
+        assert_eq!(kept, 1, "messages on the fence's subject");
+        for stale in [&old, &new] {
+            let refused = submit_under(store, "wf/r1/c/1", stale).await;
+            assert!(
+                matches!(&refused, Err(orch::daemon::HostError::Fenced(_))),
+                "{refused:?}"
+            );
+        }
         // Another run's fence is another fence.
-        let other = Fence {
-            name: "r2".into(),
-            sequence: 0,
-        };
-        let free = submit_under(store, "wf/r2/a/1", &other).await;
+        let free = submit_under(store, "wf/r2/a/1", &fence("r2", 0)).await;
         assert!(matches!(free, Ok(orch::daemon::Accepted::New)), "{free:?}");
-        // The status counts the three tasks on the stream, not the fence.
-        let on_stream = node.router().unwrap().on_stream().await.unwrap();
-        assert_eq!(on_stream, 3);
+        // The status counts the three tasks on the stream, not the fence;
+        // a run's fence goes with its record.
+        let router = node.router().unwrap();
+        assert_eq!(router.on_stream().await.unwrap(), 3);
+        store.drop_fence("r1").await.unwrap();
+        let mut fences = tasks.info_with_subjects("orch.v1.fence.r1").await.unwrap();
+        assert!(fences.next().await.is_none(), "the fence is gone");
         node.shutdown(Duration::from_secs(5)).await;
     });
 }

@@ -1059,8 +1059,8 @@ impl TaskRouter {
         // first). The write is sent before the task on this connection, so
         // it lands long before the task can end and its record be deleted.
         // Under a fence the record is created, not overwritten: another
-        // driver's record of the same task (same key, same id) stays, and
-        // `key_used` is ordered after it. `None`: that record was there.
+        // driver's record of the same task (same key, same id) stays.
+        // `None`: that record was there.
         let put = async {
             let key = keys::queued(&record.capability, &record.id);
             if fence.is_none() {
@@ -2377,13 +2377,18 @@ impl TaskStore for TaskRouter {
 
     fn raise_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<u64>, HostError>> {
         Box::pin(async move {
+            let subject = subjects::fence(name);
             let ack = self
                 .js
-                .publish(subjects::fence(name), bytes::Bytes::new())
+                .publish(subject.clone(), bytes::Bytes::new())
                 .await
                 .map_err(|e| self.error("fence", e))?
                 .await
                 .map_err(|e| self.error("fence ack", e))?;
+            // One message per fence: the last, whose sequence is the fence.
+            if let Err(e) = self.stream.purge().filter(subject).keep(1).await {
+                tracing::warn!(fence = %name, error = %e, "cannot trim a run's earlier fences");
+            }
             Ok(Some(ack.sequence))
         })
     }
@@ -2396,33 +2401,6 @@ impl TaskStore for TaskRouter {
                 .await
                 .map_err(|e| self.error("fence purge", e))?;
             Ok(())
-        })
-    }
-
-    /// A create of the key's queued record: it fails when the record
-    /// exists, and is ordered after any earlier submission's record, which
-    /// was sent before that submission's task on its connection. A record
-    /// already removed means the task ended: its result is there. The
-    /// placeholder is empty, so listings skip it for the round trip it
-    /// lives.
-    fn key_used<'a>(
-        &'a self,
-        key: &'a str,
-        capability: &'a str,
-    ) -> BoxFuture<'a, Result<bool, HostError>> {
-        Box::pin(async move {
-            let id = id_for_key(key);
-            let queued = keys::queued(capability, &id);
-            match self.queued.create(&queued, bytes::Bytes::new()).await {
-                Ok(rev) => {
-                    if let Err(e) = self.queued.delete_expect_revision(&queued, Some(rev)).await {
-                        tracing::warn!(task = %id, error = %e, "cannot delete the placeholder of an unused key");
-                    }
-                    Ok(self.read_result(&id).await?.is_some())
-                }
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(true),
-                Err(e) => Err(self.error("ORCH_QUEUED key check", e)),
-            }
         })
     }
 

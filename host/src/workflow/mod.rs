@@ -783,9 +783,9 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             Err(_) => return Ok(()),
         };
         // The fence goes up before the run is taken: from then on, tasks
-        // the replaced driver submits are refused, so none of its steps
-        // can start after this driver looked for them. (If two hosts take
-        // the run at once, the one whose write wins may find its fence
+        // the replaced driver submits are refused, also one it was about to
+        // submit after a write it made before the takeover. (If two hosts
+        // take the run at once, the one whose write wins may find its fence
         // raised again by the other: its next submission is refused, it
         // stops driving, and the run is taken up again when its lease
         // ends.)
@@ -800,7 +800,9 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             }
         };
         run.owner = Some(shared.owner_token());
-        run.lease_until_ms = now + LEASE.as_millis() as u64;
+        // From now: the fence took a round trip, and a scan that takes many
+        // runs takes a while.
+        run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
         match shared.store.update_run(&run, rev).await {
             Ok(Some(rev)) => {
                 tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
@@ -830,11 +832,13 @@ async fn retention(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             .ended_at_ms
             .is_some_and(|t| t.saturating_add(keep) < now)
         {
-            shared.store.delete_run(&run.id).await?;
-            // Its fence, if a host took it over (none is raised otherwise).
+            // Its fence first (there is one if a host took it over): a run
+            // whose fence stays is tried again at the next pass.
             if let Err(e) = shared.tasks.store().drop_fence(&fence_name(&run.id)).await {
                 tracing::warn!(run = %run.id, error = %e, "cannot remove a run's fence");
+                continue;
             }
+            shared.store.delete_run(&run.id).await?;
         }
     }
     Ok(())

@@ -458,40 +458,23 @@ impl Driver {
                 running_ids.insert(handle.id(), i);
             }
         }
-        // A step's task may be stored while the run still says the step
-        // is pending (the run's write and the step's submission overlap,
-        // below): such a step was started by the driver before this one (a
-        // crash, or in a cluster a host replaced). It is started again
-        // whatever comes (a cancel, a failure, the deadline), so that its
-        // task is waited for and, completed, undone like any other. In a
-        // cluster this driver raised its fence before it took the run, so
-        // no step of the replaced driver can be stored after this looks.
+        // On a lone host a step's task may be stored while the run still
+        // says the step is pending (the two writes overlap, below): such a
+        // step started before a crash. It is started again whatever comes
+        // (a cancel, a failure, the deadline), so that its task is waited
+        // for and, completed, undone like any other.
         let mut started_before = Vec::new();
-        if !self.fresh {
-            let checks: Vec<_> = (0..self.run.steps.len())
-                .filter(|&i| self.run.steps[i].status == StepStatus::Pending)
-                .filter(|&i| self.def.steps[i].step.for_each.is_none())
-                .map(|i| {
-                    let step = &self.def.steps[i].step;
-                    let key = format!("wf/{}/{}/1", self.run.id, step.id);
-                    let (store, capability) = (self.shared.tasks.store(), step.capability.clone());
-                    async move { (i, store.key_used(&key, &capability).await) }
-                })
-                .collect();
-            let mut used = futures_util::stream::iter(checks).buffer_unordered(16);
-            while let Some((i, used)) = used.next().await {
-                match used {
-                    Ok(true) => started_before.push(i),
-                    Ok(false) => {}
-                    Err(e) => {
-                        return Err(Stop::Store(WorkflowError::store("a step's task key", e)))
-                    }
+        if self.shared.store.exclusive() {
+            for i in 0..self.run.steps.len() {
+                if self.run.steps[i].status != StepStatus::Pending {
+                    continue;
+                }
+                let key = format!("wf/{}/{}/1", self.run.id, self.def.steps[i].step.id);
+                if let Ok(Some(_)) = self.shared.tasks.store().find_key(&key).await {
+                    started_before.push(i);
                 }
             }
-            started_before.sort_unstable();
         }
-        // Their first attempts' keys are used: looked up when submitted.
-        let submitted_before = started_before.clone();
         let mut spawn: Vec<usize> = Vec::new();
         // The first renewal a third of a lease from now: the write that
         // made or took the run set its lease (an interval's first tick
@@ -535,11 +518,9 @@ impl Driver {
             let plain = spawn
                 .iter()
                 .all(|&i| self.def.steps[i].step.for_each.is_none());
-            let overlap = self.shared.store.exclusive() || self.fence.is_some();
-            if overlap && plain && !poke.has_changed().unwrap_or(true) {
+            if self.shared.store.exclusive() && plain && !poke.has_changed().unwrap_or(true) {
                 for i in spawn.drain(..) {
-                    let fresh = !submitted_before.contains(&i);
-                    let handle = running.spawn(self.step(i, tx.clone(), fresh));
+                    let handle = running.spawn(self.step(i, tx.clone(), true));
                     running_ids.insert(handle.id(), i);
                 }
             }
@@ -560,8 +541,7 @@ impl Driver {
                 }
             }
             for i in spawn.drain(..) {
-                let fresh = !submitted_before.contains(&i);
-                let handle = running.spawn(self.step(i, tx.clone(), fresh));
+                let handle = running.spawn(self.step(i, tx.clone(), true));
                 running_ids.insert(handle.id(), i);
             }
             let deadline = self.run.deadline_ms.filter(|_| self.run.error.is_none());
