@@ -1328,3 +1328,113 @@ fn a_step_stored_before_a_crash_but_not_written_as_started_is_waited_for_and_und
     let (_, tasks) = host.get("/v1/tasks?capability=test.nap&limit=10");
     assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "{tasks}");
 }
+
+/// A later attempt of a step that a driver submitted before a crash is
+/// waited for when the run is cancelled meanwhile, not left to run on its
+/// own: completed, it is undone. This makes that state from a run that
+/// ended (its record edited in `workflows.redb` with the host killed: the
+/// step whose second attempt completed is back to `running`, the step
+/// after it to `pending`, the run to `running` with a cancel) and checks
+/// the restarted host.
+#[test]
+fn a_later_attempt_stored_before_a_crash_is_waited_for_and_undone_after_a_cancel() {
+    let orch = Orch::new();
+    install(&orch);
+    let host = HostProc::start(&orch);
+    registered(
+        &host,
+        "name = \"again\"\nversion = 1\n\
+         [[steps]]\nid = \"a\"\ncapability = \"echo\"\ninput = \"a\"\n\
+         compensate = { capability = \"echo\", input = \"undo a\" }\n\
+         [[steps]]\nid = \"b\"\ncapability = \"test.flaky\"\nafter = [\"a\"]\n\
+         input = \"recover again-b 1\"\nretry = { attempts = 2, backoff = \"50ms\" }\n\
+         compensate = { capability = \"echo\", input = \"undo b\" }\n\
+         [[steps]]\nid = \"c\"\ncapability = \"echo\"\nafter = [\"b\"]\ninput = \"c\"\n\
+         when = { value = \"${steps.b}\", equals = 99 }\n",
+    );
+    let run = start(&host, "again", json!({ "input": null }), true);
+    assert_eq!(run["status"], "completed", "{run}");
+    // c never had a task: the crash is to look as if it came before c.
+    assert_eq!(step(&run, "c")["status"], "skipped", "{run}");
+    assert_eq!(step(&run, "b")["attempts"], 2, "{run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    host.kill9();
+    {
+        let db = redb::Database::open(orch.home.path().join("workflows.redb")).unwrap();
+        use redb::ReadableTable;
+        let runs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("runs");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(runs).unwrap();
+            let stored = table.get(id.as_str()).unwrap().unwrap().value().to_vec();
+            let (rev, record) = stored.split_at(8);
+            let mut record: Value = serde_json::from_slice(record).unwrap();
+            record["status"] = json!("running");
+            record["ended_at_ms"] = Value::Null;
+            record["cancel_requested"] = json!(true);
+            record["completed"] = json!(1);
+            let b = record["steps"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|s| s["id"] == "b")
+                .unwrap();
+            b["status"] = json!("running");
+            b["attempts"] = json!(1);
+            for field in [
+                "ended_at_ms",
+                "result",
+                "completed_order",
+                "task_id",
+                "agent",
+                "fuel_used",
+            ] {
+                b[field] = Value::Null;
+            }
+            let c = record["steps"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|s| s["id"] == "c")
+                .unwrap();
+            c["status"] = json!("pending");
+            c["attempts"] = json!(0);
+            for field in [
+                "started_at_ms",
+                "ended_at_ms",
+                "input",
+                "result",
+                "completed_order",
+                "task_id",
+                "agent",
+                "fuel_used",
+            ] {
+                c[field] = Value::Null;
+            }
+            let mut value = rev.to_vec();
+            value.extend(serde_json::to_vec(&record).unwrap());
+            table.insert(id.as_str(), value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let host = HostProc::start(&orch);
+    let run = wait_run(&host, &id);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    // b's second attempt, found by its key: completed (the flaky call 2),
+    // and undone, after which a is.
+    let b = step(&run, "b");
+    assert_eq!(b["status"], "completed", "{run}");
+    assert_eq!(b["result"], 2, "{run}");
+    assert_eq!(b["attempts"], 2, "{run}");
+    assert_eq!(step(&run, "c")["status"], "not-run", "{run}");
+    for s in ["b", "a"] {
+        assert_eq!(
+            step(&run, s)["compensation"]["status"],
+            "completed",
+            "{run}"
+        );
+    }
+    // No third call: the attempts that ran are the two before the crash.
+    let (_, tasks) = host.get("/v1/tasks?capability=test.flaky&limit=10");
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 2, "{tasks}");
+}

@@ -954,7 +954,9 @@ async fn fan_out_elements(
         .map(|(n, input)| {
             let key = format!("{key}/{n}");
             async move {
-                if stop.is_cancelled() {
+                // As for an attempt: an element a driver before this one
+                // submitted is waited for.
+                if stop.is_cancelled() && !submitted_before(tasks, &format!("{key}/1")).await {
                     let e = error(
                         "cancelled",
                         "the run was cancelled before this element started",
@@ -1029,18 +1031,21 @@ async fn attempts(
             }
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = stop.cancelled() => break,
+                () = stop.cancelled() => {}
             }
-            if stop.is_cancelled() {
+            // No attempt starts after a cancel, but one that a driver
+            // before this one submitted (before a crash, or a takeover) is
+            // waited for: completed, it is undone like any other.
+            if stop.is_cancelled() && !submitted_before(tasks, &format!("{key}/{attempt}")).await {
                 break;
             }
         }
         ran = attempt;
-        let key = format!("{key}/{attempt}");
+        let attempt_key = format!("{key}/{attempt}");
         // A driver paused past its lease may have been replaced: then its
         // key is looked up, as a resumed driver's is.
         let unused = attempt == 1 && spec.unused_until_ms.is_some_and(|t| now_ms() < t);
-        match task(tasks, spec, payload.clone(), key, unused, |id| {
+        match task(tasks, spec, payload.clone(), attempt_key, unused, |id| {
             report(attempt, id)
         })
         .await
@@ -1076,7 +1081,11 @@ async fn attempts(
                 last = Some((e, Some(end)));
             }
         }
-        if spec.deadline_ms.is_some_and(|d| now_ms() >= d) {
+        // Past the run's deadline no attempt starts either, with the same
+        // exception.
+        if spec.deadline_ms.is_some_and(|d| now_ms() >= d)
+            && !submitted_before(tasks, &format!("{key}/{}", attempt + 1)).await
+        {
             break;
         }
     }
@@ -1094,6 +1103,12 @@ async fn attempts(
         task,
         attempts: ran,
     }
+}
+
+/// Whether a task was submitted under `key` already (by a driver before
+/// this one). A failed look counts as no.
+async fn submitted_before(tasks: &TaskService, key: &str) -> bool {
+    matches!(tasks.store().find_key(key).await, Ok(Some(_)))
 }
 
 /// How many times a submission refused for a reason of the host's own
