@@ -788,6 +788,21 @@ fn batch_bytes(d: &Deployment, query: &str, body: Vec<u8>) -> (u16, Vec<Value>) 
     (code, answers)
 }
 
+/// `orch task submit --batch FILE --wait` of `lines`.
+fn cli_batch_wait(d: &Deployment, lines: &[String]) -> std::process::Output {
+    let file = d.cli().home.path().join("batch.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    d.cli().run(&[
+        "task",
+        "submit",
+        "--api",
+        &d.api().url,
+        "--batch",
+        file.to_str().unwrap(),
+        "--wait",
+    ])
+}
+
 contract!(
     a_batch_answers_every_line_and_streams_results_as_tasks_end,
     |d| {
@@ -849,17 +864,7 @@ contract!(
         assert_eq!(by_index[2].1["task"]["result"], "b", "{}", by_index[2].1);
         assert_eq!(by_index[1].1["error"]["kind"], "unknown-capability");
         // The CLI prints every line and exits with the first failure's code.
-        let file = d.cli().home.path().join("batch.jsonl");
-        std::fs::write(&file, lines.join("\n")).unwrap();
-        let out = d.cli().run(&[
-            "task",
-            "submit",
-            "--api",
-            &d.api().url,
-            "--batch",
-            file.to_str().unwrap(),
-            "--wait",
-        ]);
+        let out = cli_batch_wait(d, &lines);
         assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
         assert_eq!(crate::common::stdout(&out).lines().count(), 4);
     }
@@ -875,17 +880,7 @@ contract!(
             json!({ "capability": "test.panic", "input": "boom" }).to_string(),
             json!({ "capability": "no.such", "input": "x" }).to_string(),
         ];
-        let file = d.cli().home.path().join("order.jsonl");
-        std::fs::write(&file, lines.join("\n")).unwrap();
-        let out = d.cli().run(&[
-            "task",
-            "submit",
-            "--api",
-            &d.api().url,
-            "--batch",
-            file.to_str().unwrap(),
-            "--wait",
-        ]);
+        let out = cli_batch_wait(d, &lines);
         let printed: Vec<Value> = crate::common::stdout(&out)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())

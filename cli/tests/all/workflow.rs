@@ -1253,6 +1253,36 @@ subject = "ping.order"
     }
 );
 
+/// Edits a run's record in a lone host's `workflows.redb` (the host
+/// stopped), keeping its revision: the state a crash at some moment leaves.
+fn edit_stored_run(orch: &Orch, id: &str, edit: impl FnOnce(&mut Value)) {
+    let db = redb::Database::open(orch.home.path().join("workflows.redb")).unwrap();
+    use redb::ReadableTable;
+    let runs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("runs");
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(runs).unwrap();
+        let stored = table.get(id).unwrap().unwrap().value().to_vec();
+        let (rev, record) = stored.split_at(8);
+        let mut record: Value = serde_json::from_slice(record).unwrap();
+        edit(&mut record);
+        let mut value = rev.to_vec();
+        value.extend(serde_json::to_vec(&record).unwrap());
+        table.insert(id, value.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// A step of a run's record, to edit.
+fn step_mut<'a>(record: &'a mut Value, id: &str) -> &'a mut Value {
+    record["steps"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["id"] == id)
+        .unwrap()
+}
+
 /// On a lone host a step's task and the run's write that says the step
 /// started go at the same time. A crash between them leaves the task
 /// stored and the step `pending`; this makes that state (the run edited in
@@ -1281,34 +1311,15 @@ fn a_step_stored_before_a_crash_but_not_written_as_started_is_waited_for_and_und
         step(&run, "b")["status"] == "running"
     });
     host.kill9();
-    {
-        let db = redb::Database::open(orch.home.path().join("workflows.redb")).unwrap();
-        use redb::ReadableTable;
-        let runs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("runs");
-        let txn = db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(runs).unwrap();
-            let stored = table.get(id.as_str()).unwrap().unwrap().value().to_vec();
-            let (rev, record) = stored.split_at(8);
-            let mut record: Value = serde_json::from_slice(record).unwrap();
-            let b = record["steps"]
-                .as_array_mut()
-                .unwrap()
-                .iter_mut()
-                .find(|s| s["id"] == "b")
-                .unwrap();
-            assert_eq!(b["status"], "running", "{b}");
-            b["status"] = json!("pending");
-            b["started_at_ms"] = Value::Null;
-            b["input"] = Value::Null;
-            b["task_id"] = Value::Null;
-            record["cancel_requested"] = json!(true);
-            let mut value = rev.to_vec();
-            value.extend(serde_json::to_vec(&record).unwrap());
-            table.insert(id.as_str(), value.as_slice()).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    edit_stored_run(&orch, &id, |record| {
+        let b = step_mut(record, "b");
+        assert_eq!(b["status"], "running", "{b}");
+        b["status"] = json!("pending");
+        b["started_at_ms"] = Value::Null;
+        b["input"] = Value::Null;
+        b["task_id"] = Value::Null;
+        record["cancel_requested"] = json!(true);
+    });
     let host = HostProc::start(&orch);
     let run = wait_run(&host, &id);
     assert_eq!(run["status"], "cancelled", "{run}");
@@ -1359,64 +1370,40 @@ fn a_later_attempt_stored_before_a_crash_is_waited_for_and_undone_after_a_cancel
     assert_eq!(step(&run, "b")["attempts"], 2, "{run}");
     let id = run["id"].as_str().unwrap().to_string();
     host.kill9();
-    {
-        let db = redb::Database::open(orch.home.path().join("workflows.redb")).unwrap();
-        use redb::ReadableTable;
-        let runs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("runs");
-        let txn = db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(runs).unwrap();
-            let stored = table.get(id.as_str()).unwrap().unwrap().value().to_vec();
-            let (rev, record) = stored.split_at(8);
-            let mut record: Value = serde_json::from_slice(record).unwrap();
-            record["status"] = json!("running");
-            record["ended_at_ms"] = Value::Null;
-            record["cancel_requested"] = json!(true);
-            record["completed"] = json!(1);
-            let b = record["steps"]
-                .as_array_mut()
-                .unwrap()
-                .iter_mut()
-                .find(|s| s["id"] == "b")
-                .unwrap();
-            b["status"] = json!("running");
-            b["attempts"] = json!(1);
-            for field in [
-                "ended_at_ms",
-                "result",
-                "completed_order",
-                "task_id",
-                "agent",
-                "fuel_used",
-            ] {
-                b[field] = Value::Null;
-            }
-            let c = record["steps"]
-                .as_array_mut()
-                .unwrap()
-                .iter_mut()
-                .find(|s| s["id"] == "c")
-                .unwrap();
-            c["status"] = json!("pending");
-            c["attempts"] = json!(0);
-            for field in [
-                "started_at_ms",
-                "ended_at_ms",
-                "input",
-                "result",
-                "completed_order",
-                "task_id",
-                "agent",
-                "fuel_used",
-            ] {
-                c[field] = Value::Null;
-            }
-            let mut value = rev.to_vec();
-            value.extend(serde_json::to_vec(&record).unwrap());
-            table.insert(id.as_str(), value.as_slice()).unwrap();
+    edit_stored_run(&orch, &id, |record| {
+        record["status"] = json!("running");
+        record["ended_at_ms"] = Value::Null;
+        record["cancel_requested"] = json!(true);
+        record["completed"] = json!(1);
+        let b = step_mut(record, "b");
+        b["status"] = json!("running");
+        b["attempts"] = json!(1);
+        for field in [
+            "ended_at_ms",
+            "result",
+            "completed_order",
+            "task_id",
+            "agent",
+            "fuel_used",
+        ] {
+            b[field] = Value::Null;
         }
-        txn.commit().unwrap();
-    }
+        let c = step_mut(record, "c");
+        c["status"] = json!("pending");
+        c["attempts"] = json!(0);
+        for field in [
+            "started_at_ms",
+            "ended_at_ms",
+            "input",
+            "result",
+            "completed_order",
+            "task_id",
+            "agent",
+            "fuel_used",
+        ] {
+            c[field] = Value::Null;
+        }
+    });
     let host = HostProc::start(&orch);
     let run = wait_run(&host, &id);
     assert_eq!(run["status"], "cancelled", "{run}");
