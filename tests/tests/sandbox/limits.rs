@@ -126,6 +126,34 @@ async fn work_within_the_deadline_passes_past_it_fails() {
     );
 }
 
+/// A task waiting in a host call (`nap-lean` blocks on a WASI monotonic
+/// clock pollable, with no guest code running to reach an epoch check) ends
+/// with its result inside its deadline, and is stopped by the deadline past it.
+#[tokio::test]
+async fn a_wait_in_a_host_call_ends_within_the_deadline_and_is_stopped_past_it() {
+    let h = Harness::new();
+    let nap = h.load("nap-lean").await;
+    let generous = Limits {
+        timeout: Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let slept: u64 = run_ok(&nap, b"20", &generous).await.parse().unwrap();
+    assert!(slept >= 20, "slept {slept} ms");
+
+    let tight = Limits {
+        timeout: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let started = Instant::now();
+    let err = run(&nap, b"10000", &tight).await.unwrap_err();
+    assert_eq!(err, TaskError::DeadlineExceeded { ms: 100 });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 /// Unlimited fuel and a 50 ms deadline.
 fn fuel_unlimited_50_ms() -> Limits {
     Limits {
