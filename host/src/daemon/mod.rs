@@ -909,7 +909,14 @@ async fn drive(inner: Arc<Inner>, record: TaskRecord, payload: Vec<u8>) {
         return;
     }
     let span = crate::cluster::tasks::result_span(&record);
-    tracing::Instrument::instrument(write_end(inner, record, result), span).await;
+    // Boxed: inline, the end's write made this future 1.5 KiB larger for
+    // the whole of the task's run, 15 MiB of a host with 10,000 tasks in
+    // flight (`density` bench).
+    Box::pin(tracing::Instrument::instrument(
+        write_end(inner, record, result),
+        span,
+    ))
+    .await;
 }
 
 /// Writes a task's end to the journal, unless a cancel wrote it first (then
