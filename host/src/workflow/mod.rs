@@ -782,13 +782,28 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             Ok(None) => continue,
             Err(_) => return Ok(()),
         };
-        // The fence goes up before the run is taken: from then on, tasks
-        // the replaced driver submits are refused, also one it was about to
-        // submit after a write it made before the takeover. (If two hosts
-        // take the run at once, the one whose write wins may find its fence
-        // raised again by the other: its next submission is refused, it
-        // stops driving, and the run is taken up again when its lease
-        // ends.)
+        run.owner = Some(shared.owner_token());
+        run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
+        let rev = match shared.store.update_run(&run, rev).await {
+            Ok(Some(rev)) => rev,
+            // Another host took it first.
+            Ok(None) => {
+                lock(&shared.driving).remove(&run.id);
+                continue;
+            }
+            Err(e) => {
+                lock(&shared.driving).remove(&run.id);
+                return Err(e);
+            }
+        };
+        // The fence goes up once the run is this host's, and before this
+        // host submits anything for it: from then on, tasks the replaced
+        // driver submits are refused, also one it was about to submit after
+        // a write it made before the takeover (what it stored before the
+        // fence, this driver looks up by key). Raised only by the host whose
+        // write won, so two hosts taking the run at once do not fence each
+        // other. If it cannot be raised, this host does not drive the run,
+        // and the run is taken up again when the lease just written ends.
         let fence = match shared.tasks.store().raise_fence(&fence_name(&run.id)).await {
             Ok(f) => f.map(|sequence| Fence {
                 name: fence_name(&run.id),
@@ -799,26 +814,10 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
                 return Err(WorkflowError::store("a run's fence", e));
             }
         };
-        run.owner = Some(shared.owner_token());
-        // From now: the fence took a round trip, and a scan that takes many
-        // runs takes a while.
-        run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
-        match shared.store.update_run(&run, rev).await {
-            Ok(Some(rev)) => {
-                tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
-                let mut driver = run::Driver::new(shared.clone(), def, run, rev);
-                driver.fence = fence;
-                spawn_driver(shared.clone(), driver, poke);
-            }
-            // Another host took it first.
-            Ok(None) => {
-                lock(&shared.driving).remove(&run.id);
-            }
-            Err(e) => {
-                lock(&shared.driving).remove(&run.id);
-                return Err(e);
-            }
-        }
+        tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
+        let mut driver = run::Driver::new(shared.clone(), def, run, rev);
+        driver.fence = fence;
+        spawn_driver(shared.clone(), driver, poke);
     }
     Ok(())
 }
