@@ -31,6 +31,7 @@ pub mod audit;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub(crate) mod localdb;
 pub mod metrics;
 pub mod node;
 pub mod plugin;

@@ -24,7 +24,8 @@ fn err(what: &str) -> impl Fn(redb::Error) -> AuditError + '_ {
 impl LocalAudit {
     /// Keeps at most `max_entries` (the oldest go first).
     pub fn open(path: &Path, max_entries: u64) -> Result<LocalAudit, AuditError> {
-        let db = Database::create(path).map_err(|e| err("opening")(e.into()))?;
+        let db = crate::localdb::open(path, crate::localdb::SMALL_CACHE)
+            .map_err(|e| err("opening")(e.into()))?;
         let txn = db.begin_write().map_err(|e| err("opening")(e.into()))?;
         txn.open_table(ENTRIES)
             .map_err(|e| err("opening")(e.into()))?;

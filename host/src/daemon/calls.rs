@@ -23,7 +23,7 @@ fn text(e: impl std::fmt::Display) -> String {
 
 impl LocalCallLog {
     pub fn open(path: &Path, retention: Duration) -> Result<LocalCallLog, String> {
-        let db = Database::create(path).map_err(text)?;
+        let db = crate::localdb::open(path, crate::localdb::SMALL_CACHE).map_err(text)?;
         let txn = db.begin_write().map_err(text)?;
         txn.open_table(CALLS).map_err(text)?;
         txn.commit().map_err(text)?;

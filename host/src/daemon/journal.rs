@@ -347,7 +347,10 @@ impl Journal {
             std::fs::create_dir_all(parent)
                 .map_err(|e| JournalError::new(path, JournalErrorKind::Open, e))?;
         }
-        let db = Arc::new(Database::create(path).map_err(|e| open(e.into()))?);
+        let db = Arc::new(
+            crate::localdb::open(path, crate::localdb::JOURNAL_CACHE)
+                .map_err(|e| open(e.into()))?,
+        );
         // Create the tables up front so that readers never meet a missing
         // one, and index a journal written before the indexes.
         let txn = db.begin_write().map_err(|e| open(e.into()))?;

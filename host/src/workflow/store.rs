@@ -108,7 +108,8 @@ fn def_key(name: &str, version: u32) -> String {
 impl LocalStore {
     pub fn open(path: &Path) -> Result<LocalStore, WorkflowError> {
         let err = |e: DbError| WorkflowError::store(format!("{}", path.display()), e);
-        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let db =
+            crate::localdb::open(path, crate::localdb::SMALL_CACHE).map_err(|e| err(e.into()))?;
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         txn.open_table(DEFINITIONS).map_err(|e| err(e.into()))?;
         txn.open_table(RUNS).map_err(|e| err(e.into()))?;
