@@ -97,7 +97,15 @@ impl KvStore {
                 Database::builder()
                     .set_cache_size(CACHE_SIZE)
                     .create(&self.path)
-                    .map_err(|e| self.open_error(e))
+                    .map_err(|e| match e {
+                        // What a user meets: `orch run` of a kv agent while
+                        // a host runs on the same home.
+                        redb::DatabaseError::DatabaseAlreadyOpen => self.open_error(
+                            "another process has it open (a host running on this home? \
+                             Submit the task to it with `orch task submit`)",
+                        ),
+                        e => self.open_error(e),
+                    })
             })
             .as_ref()
             .map_err(Clone::clone)

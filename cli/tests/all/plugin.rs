@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::common::{built, stderr, Orch};
+use crate::common::{built, p, stderr, HostProc, Orch};
 
 fn same(x: String) -> String {
     x
@@ -814,4 +814,32 @@ fn install_and_run_refuse_files_that_are_not_regular() {
             );
         }
     }
+}
+
+/// `orch run` of a kv agent while a host on the same home holds the kv
+/// store: the task fails with a host error that names the store and why,
+/// instead of its `kv.get` reading as a missing key, and the count stays.
+#[test]
+fn a_kv_read_the_store_cannot_serve_fails_the_task_and_names_why() {
+    let orch = Orch::new();
+    orch.ok(&["plugin", "install", &p("counter"), "--yes"]);
+    assert_eq!(orch.ok(&["run", "counter"]), "1");
+    let _host = HostProc::start(&orch);
+    // Through the host: it opens the kv store, and holds it from then on.
+    let through_host = |expected: &str| {
+        let out = orch.ok(&["task", "submit", "--capability", "counter", "--wait"]);
+        assert_eq!(out, expected);
+    };
+    through_host("2");
+
+    let out = orch.run(&["run", "counter"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("host error: kv get failed: kv store at")
+            && stderr(&out).contains("another process has it open"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was counted by the run that failed.
+    through_host("3");
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::{CallReport, StoreData, SubCall};
+use super::{CallReport, HostFault, StoreData, SubCall};
 use crate::engine::bindings::orch::agent::{kv, log, messaging, tasks, types};
 use crate::error::TaskError;
 
@@ -81,9 +81,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl kv::Host for StoreData {
-    async fn get(&mut self, key: String) -> Option<Vec<u8>> {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         let Ok(access) = self.kv_access(&key) else {
-            return None;
+            return Ok(None);
         };
         let (store, ns) = (access.store.clone(), access.namespace.clone());
         let span = crate::trace_span!("host.kv.get");
@@ -91,12 +91,12 @@ impl kv::Host for StoreData {
             .instrument(span)
             .await
         {
-            Ok(value) => value,
+            Ok(value) => Ok(value),
             Err(error) => {
-                // `get` has no error case in the WIT; a storage failure reads
-                // as a missing key, and the operator sees it in the log.
                 tracing::warn!(agent = &*self.agent, %error, "kv get failed");
-                None
+                Err(wasmtime::Error::new(HostFault(format!(
+                    "kv get failed: {error}"
+                ))))
             }
         }
     }

@@ -1016,9 +1016,26 @@ fn deadline(limits: &Limits) -> TaskError {
     }
 }
 
+/// A host call that could not do its work for a reason of the host's (its
+/// kv store cannot be read) and has no error case in the WIT to say so:
+/// the call traps, and the task fails with a `host` error naming it.
+#[derive(Debug)]
+pub(crate) struct HostFault(pub(crate) String);
+
+impl std::fmt::Display for HostFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HostFault {}
+
 /// Maps a wasmtime error (trap, instantiation failure, host error) to the
 /// typed error a user sees.
 fn classify(err: wasmtime::Error, data: &StoreData, limits: &Limits, slots: u32) -> TaskError {
+    if let Some(fault) = err.chain().find_map(|e| e.downcast_ref::<HostFault>()) {
+        return TaskError::Host(fault.0.clone());
+    }
     if let Some(requested) = data.limiter.table_refused {
         return TaskError::TableLimit {
             limit: crate::engine::MAX_TABLE_ELEMENTS as u64,
