@@ -542,6 +542,83 @@ input = "fail"
     }
 );
 
+both!(
+    a_fan_out_that_fails_or_is_cancelled_names_its_element_and_has_no_task,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "fanfail"
+version = 1
+[[steps]]
+id = "each"
+capability = "test.flaky"
+for_each = "${input}"
+concurrency = 1
+"#,
+        );
+        let run = start(
+            d.api(),
+            "fanfail",
+            json!({"input": ["ok", "fail", "ok"]}),
+            true,
+        );
+        let each = step(&run, "each");
+        assert_eq!(each["status"], "failed", "{run}");
+        assert_eq!(each["error"]["kind"], "retryable", "{run}");
+        assert!(
+            each["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("element 1: "),
+            "{run}"
+        );
+        // A fan-out has no task of its own (docs/api.md), also when an
+        // element failed.
+        assert_eq!(each["task_id"], Value::Null, "{run}");
+        assert_eq!(each["agent"], Value::Null, "{run}");
+
+        registered(
+            d.api(),
+            r#"
+name = "fancancel"
+version = 1
+[[steps]]
+id = "each"
+capability = "test.sleep"
+for_each = "${input}"
+concurrency = 1
+"#,
+        );
+        let events = Events::open(d.runner(), "capability=test.sleep");
+        let run = start(
+            d.api(),
+            "fancancel",
+            json!({"input": ["300", "300", "300"]}),
+            false,
+        );
+        events.next("started");
+        let id = run["id"].as_str().unwrap();
+        let (code, cancelled) = d.api().post(&format!("/v1/runs/{id}/cancel"), &json!({}));
+        assert_eq!(code, 200, "{cancelled}");
+        let run = wait_run(d.api(), id);
+        assert_eq!(run["status"], "cancelled", "{run}");
+        let each = step(&run, "each");
+        assert_eq!(each["status"], "failed", "{run}");
+        assert_eq!(each["error"]["kind"], "cancelled", "{run}");
+        assert!(
+            each["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("element 1: the run was cancelled before this element started"),
+            "{run}"
+        );
+        // It started: attempts count from the start, as for any step.
+        assert_eq!(each["attempts"], 1, "{run}");
+        assert_eq!(each["task_id"], Value::Null, "{run}");
+    }
+);
+
 both!(a_cancel_waits_for_the_running_step_then_undoes_it, |d| {
     registered(
         d.api(),

@@ -988,15 +988,15 @@ async fn fan_out_elements(
                 most = most.max(attempts);
             }
             Outcome::Failed {
-                error: e,
-                task,
-                attempts,
+                error: e, attempts, ..
             } => {
+                // A fan-out has no task of its own (docs/api.md), and it
+                // started: an element that never started has 0 attempts.
                 return Outcome::Failed {
                     error: error(&e.kind, format!("element {n}: {}", e.message)),
-                    task,
-                    attempts,
-                }
+                    task: None,
+                    attempts: most.max(attempts).max(1),
+                };
             }
             s @ Outcome::Stopping { .. } => return s,
         }
