@@ -254,6 +254,46 @@ input = { a = "${steps.a}", b = "${steps.b}" }
     }
 );
 
+both!(a_run_needs_no_body_but_a_body_must_be_json, |d| {
+    registered(
+        d.api(),
+        "name = \"nobody\"\nversion = 1\n[[steps]]\nid = \"a\"\ncapability = \"echo\"\n",
+    );
+    let post = |body: &str, content_type: Option<&str>| {
+        let mut req = HostProc::agent().post(&format!(
+            "{}/v1/workflows/nobody/runs?wait=30s",
+            d.api().url
+        ));
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let mut r = req.send(body.to_string()).unwrap();
+        let code = r.status().as_u16();
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        (code, v)
+    };
+    // No body, and no content type: every field takes its default.
+    let (code, run) = post("", None);
+    assert_eq!(code, 201, "{run}");
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["input"], Value::Null, "{run}");
+    // JSON without its content type is read as JSON.
+    let (code, run) = post(r#"{"input": {"n": 1}}"#, None);
+    assert_eq!(code, 201, "{run}");
+    assert_eq!(run["input"], json!({"n": 1}), "{run}");
+    // A body that is not the JSON object is refused, naming why.
+    let (code, refused) = post("input=1", Some("application/x-www-form-urlencoded"));
+    assert_eq!(code, 400, "{refused}");
+    assert_eq!(refused["error"]["kind"], "invalid-request", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body: "),
+        "{refused}"
+    );
+});
+
 both!(an_unknown_workflow_or_run_is_404_in_any_form, |d| {
     for name in ["nosuch", "a%20b", "a.%3E", "%2A"] {
         for (code, body) in [

@@ -108,7 +108,7 @@ pub(super) async fn inspect(
     Ok(Json(json!({ "name": name, "versions": versions })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct StartBody {
     #[serde(default)]
@@ -127,9 +127,15 @@ pub(super) async fn start(
     Client(by): Client,
     Path(name): Path<String>,
     q: Result<Query<WaitQuery>, QueryRejection>,
-    body: Result<Json<StartBody>, axum::extract::rejection::JsonRejection>,
+    body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| bad_request(e.body_text()))?;
+    // Every field is optional, so is the body; JSON with or without its
+    // content type, as for a definition.
+    let body: StartBody = if body.iter().all(u8::is_ascii_whitespace) {
+        StartBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("the body: {e}")))?
+    };
     let Query(q) = q.map_err(query_error)?;
     let wait = parse_wait(q.wait.as_deref())?;
     let deadline = body
