@@ -71,8 +71,8 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// List the schedules of each workflow's latest version and when each
-    /// fires next.
+    /// List the triggers of each workflow's latest version: its schedules,
+    /// with when each fires next, and its subjects.
     Triggers {
         #[command(flatten)]
         api: ApiArgs,

@@ -138,7 +138,41 @@ fn schedule(i: usize, t: &Trigger, field: &str, bad: &mut impl FnMut(String)) ->
             input: t.input.clone().unwrap_or(Value::Null),
         }),
         Err(e) => {
-            bad(format!("{field}.schedule: {schedule:?}: {e}"));
+            // croner does not say which field it refused: the first one
+            // that fails alone, the others made `*`, is named.
+            let names: &[&str] = if fields == 6 {
+                &[
+                    "seconds",
+                    "minute",
+                    "hour",
+                    "day-of-month",
+                    "month",
+                    "day-of-week",
+                ]
+            } else {
+                &["minute", "hour", "day-of-month", "month", "day-of-week"]
+            };
+            let parts: Vec<&str> = schedule.split_whitespace().collect();
+            let culprit = (0..parts.len()).find(|&k| {
+                let alone: Vec<&str> = (0..parts.len())
+                    .map(|j| if j == k { parts[j] } else { "*" })
+                    .collect();
+                croner::Cron::new(&alone.join(" "))
+                    .with_seconds_optional()
+                    .parse()
+                    .is_err()
+            });
+            let reason = e.to_string();
+            let reason = reason
+                .trim_start_matches("Component error: ")
+                .trim_end_matches('.');
+            match culprit {
+                Some(k) => bad(format!(
+                    "{field}.schedule: {schedule:?}: its {} field {:?}: {reason}",
+                    names[k], parts[k]
+                )),
+                None => bad(format!("{field}.schedule: {schedule:?}: {reason}")),
+            }
             None
         }
     }
@@ -404,6 +438,12 @@ impl Definition {
             let at = |field: &str| format!("step {:?}: {field}", s.id);
             if s.capability.is_empty() {
                 bad(format!("{}: is empty", at("capability")));
+            } else if !crate::sandbox::is_capability_name(&s.capability) {
+                bad(format!(
+                    "{}: {}",
+                    at("capability"),
+                    not_a_capability(&s.capability)
+                ));
             }
             capabilities.insert(s.capability.clone());
             for a in &s.after {
@@ -440,6 +480,12 @@ impl Definition {
                 let field = |f: &str| at(&format!("compensate.{f}"));
                 if c.capability.is_empty() {
                     bad(format!("{}: is empty", field("capability")));
+                } else if !crate::sandbox::is_capability_name(&c.capability) {
+                    bad(format!(
+                        "{}: {}",
+                        field("capability"),
+                        not_a_capability(&c.capability)
+                    ));
                 }
                 capabilities.insert(c.capability.clone());
                 let timeout = duration(&c.timeout, &field("timeout"), &mut bad);
@@ -743,6 +789,14 @@ fn check_refs(
             check("compensate.input", v, false, true);
         }
     }
+}
+
+/// Why `name` cannot be a capability that an agent provides.
+fn not_a_capability(name: &str) -> String {
+    format!(
+        "{name:?} is not one: {} (others, such as ':', are reserved)",
+        crate::sandbox::CAPABILITY_NAME_RULE
+    )
 }
 
 #[cfg(test)]
