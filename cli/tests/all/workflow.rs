@@ -855,6 +855,36 @@ input = "${input/ms}"
         assert_eq!(spin["error"]["kind"], "deadline-exceeded", "{run}");
         let took = ms(&run["ended_at_ms"]) - ms(&run["created_at_ms"]);
         assert!(took < 3000, "the run took {took} ms with a 400 ms deadline");
+
+        // Past it while a step waits to retry: the step fails with the
+        // deadline and with what its last attempt said, one attempt made.
+        registered(
+            d.api(),
+            r#"
+name = "backoff"
+version = 1
+deadline = "500ms"
+[[steps]]
+id = "again"
+capability = "test.flaky"
+input = "fail"
+retry = { attempts = 5, backoff = "10s" }
+"#,
+        );
+        let run = start(d.api(), "backoff", json!({}), true);
+        assert_eq!(run["status"], "failed", "{run}");
+        let again = step(&run, "again");
+        assert_eq!(again["status"], "failed", "{run}");
+        assert_eq!(again["attempts"], 1, "{run}");
+        assert_eq!(again["error"]["kind"], "deadline-exceeded", "{run}");
+        assert_eq!(
+            again["error"]["message"],
+            "the run's deadline passed before attempt 2; attempt 1: retryable failure: asked to fail",
+            "{run}"
+        );
+        assert!(again["task_id"].is_string(), "{run}");
+        let took = ms(&run["ended_at_ms"]) - ms(&run["created_at_ms"]);
+        assert!(took < 5000, "the run took {took} ms with a 500 ms deadline");
     }
 );
 

@@ -1021,7 +1021,7 @@ async fn attempts(
     stop: &CancellationToken,
     report: impl Fn(u32, &str),
 ) -> Outcome {
-    let mut last = None;
+    let mut last: Option<(ErrorInfo, Option<TaskEnd>)> = None;
     let mut ran = 0;
     for attempt in 1..=spec.attempts {
         if attempt > 1 {
@@ -1037,6 +1037,23 @@ async fn attempts(
             // before this one submitted (before a crash, or a takeover) is
             // waited for: completed, it is undone like any other.
             if stop.is_cancelled() && !submitted_before(tasks, &format!("{key}/{attempt}")).await {
+                break;
+            }
+            // The run's deadline passed while the step waited to retry: the
+            // step fails with it, and with what the attempt before said.
+            if spec.deadline_ms.is_some_and(|d| now_ms() >= d)
+                && !submitted_before(tasks, &format!("{key}/{attempt}")).await
+            {
+                if let Some((e, _)) = &mut last {
+                    *e = error(
+                        "deadline-exceeded",
+                        format!(
+                            "the run's deadline passed before attempt {attempt}; attempt {}: {}",
+                            attempt - 1,
+                            e.message
+                        ),
+                    );
+                }
                 break;
             }
         }
