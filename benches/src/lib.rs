@@ -62,8 +62,8 @@ impl wit::log::Host for Bare {
 }
 
 impl wit::kv::Host for Bare {
-    async fn get(&mut self, _key: String) -> Option<Vec<u8>> {
-        None
+    async fn get(&mut self, _key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        Ok(None)
     }
     async fn set(&mut self, _key: String, _value: Vec<u8>) -> Result<(), String> {
         Ok(())
