@@ -60,11 +60,15 @@ pub enum KvError {
 }
 
 /// Handle to the store. The database file is opened on first use, so
-/// commands and agents that never touch kv do not create or lock it.
+/// commands and agents that never touch kv do not create or lock it. An
+/// open that failed is tried again at the next use: the file may have been
+/// held by another process for a while (`orch run` of a kv agent).
 pub struct KvStore {
     path: PathBuf,
     limits: KvLimits,
-    db: OnceLock<Result<Database, KvError>>,
+    db: OnceLock<Database>,
+    /// One open at a time.
+    opening: std::sync::Mutex<()>,
 }
 
 impl KvStore {
@@ -77,6 +81,7 @@ impl KvStore {
             path: path.into(),
             limits,
             db: OnceLock::new(),
+            opening: std::sync::Mutex::new(()),
         }
     }
 
@@ -89,26 +94,29 @@ impl KvStore {
     }
 
     fn db(&self) -> Result<&Database, KvError> {
-        self.db
-            .get_or_init(|| {
-                if let Some(parent) = self.path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| self.open_error(e))?;
-                }
-                Database::builder()
-                    .set_cache_size(CACHE_SIZE)
-                    .create(&self.path)
-                    .map_err(|e| match e {
-                        // What a user meets: `orch run` of a kv agent while
-                        // a host runs on the same home.
-                        redb::DatabaseError::DatabaseAlreadyOpen => self.open_error(
-                            "another process has it open (a host running on this home? \
-                             Submit the task to it with `orch task submit`)",
-                        ),
-                        e => self.open_error(e),
-                    })
-            })
-            .as_ref()
-            .map_err(Clone::clone)
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let _one = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| self.open_error(e))?;
+        }
+        let db = Database::builder()
+            .set_cache_size(CACHE_SIZE)
+            .create(&self.path)
+            .map_err(|e| match e {
+                // What a user meets: `orch run` of a kv agent and a host
+                // on the same home.
+                redb::DatabaseError::DatabaseAlreadyOpen => self.open_error(
+                    "another process has it open (a host running on this home: submit \
+                     the task to it with `orch task submit`; or an `orch run` of a kv agent)",
+                ),
+                e => self.open_error(e),
+            })?;
+        Ok(self.db.get_or_init(|| db))
     }
 
     fn open_error(&self, e: impl std::fmt::Display) -> KvError {
@@ -264,6 +272,21 @@ fn after(namespace: &str) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// While another handle holds the file, use fails naming why; once it
+    /// is let go, the next use opens it (the failure is not kept).
+    #[test]
+    fn a_store_held_elsewhere_fails_with_why_then_opens_once_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.redb");
+        let holder = KvStore::new(&path);
+        holder.set("a", "k", b"1").unwrap();
+        let kv = KvStore::new(&path);
+        let err = kv.get("a", "k").unwrap_err().to_string();
+        assert!(err.contains("another process has it open"), "{err}");
+        drop(holder);
+        assert_eq!(kv.get("a", "k").unwrap(), Some(b"1".to_vec()));
+    }
 
     #[test]
     fn namespaces_are_isolated_and_values_persist() -> Result<(), Box<dyn std::error::Error>> {
