@@ -209,7 +209,7 @@ impl Workflows {
                 )],
             }));
         }
-        let checked = definition.clone().check()?;
+        let checked = definition.clone().check_new()?;
         let warnings = checked
             .capabilities
             .iter()
@@ -813,6 +813,29 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
                 lock(&shared.driving).remove(&run.id);
                 return Err(WorkflowError::store("a run's fence", e));
             }
+        };
+        // Then the run is written again, and driven only if that write
+        // wins too: a host paused between its first write and its fence,
+        // past its lease, may have raised its fence after the one of a host
+        // that took the run over meanwhile; its second write is refused, so
+        // it does not drive under a fence that a later taker's does not
+        // follow. (That taker, fenced by it, stops, and the run is taken up
+        // again when its lease ends.)
+        let rev = if fence.is_some() {
+            run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
+            match shared.store.update_run(&run, rev).await {
+                Ok(Some(rev)) => rev,
+                Ok(None) => {
+                    lock(&shared.driving).remove(&run.id);
+                    continue;
+                }
+                Err(e) => {
+                    lock(&shared.driving).remove(&run.id);
+                    return Err(e);
+                }
+            }
+        } else {
+            rev
         };
         tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
         let mut driver = run::Driver::new(shared.clone(), def, run, rev);
