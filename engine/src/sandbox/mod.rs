@@ -1019,16 +1019,9 @@ fn deadline(limits: &Limits) -> TaskError {
 /// A host call that could not do its work for a reason of the host's (its
 /// kv store cannot be read) and has no error case in the WIT to say so:
 /// the call traps, and the task fails with a `host` error naming it.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub(crate) struct HostFault(pub(crate) String);
-
-impl std::fmt::Display for HostFault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for HostFault {}
 
 /// Maps a wasmtime error (trap, instantiation failure, host error) to the
 /// typed error a user sees.

@@ -782,11 +782,10 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             Ok(None) => continue,
             Err(_) => return Ok(()),
         };
-        run.owner = Some(shared.owner_token());
-        run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
-        let rev = match shared.store.update_run(&run, rev).await {
-            Ok(Some(rev)) => rev,
-            // Another host took it first.
+        let taken = take_over(shared, &mut run, rev).await;
+        let (rev, fence) = match taken {
+            Ok(Some(taken)) => taken,
+            // Another host's write won.
             Ok(None) => {
                 lock(&shared.driving).remove(&run.id);
                 continue;
@@ -796,53 +795,61 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
                 return Err(e);
             }
         };
-        // The fence goes up once the run is this host's, and before this
-        // host submits anything for it: from then on, tasks the replaced
-        // driver submits are refused, also one it was about to submit after
-        // a write it made before the takeover (what it stored before the
-        // fence, this driver looks up by key). Raised only by the host whose
-        // write won, so two hosts taking the run at once do not fence each
-        // other. If it cannot be raised, this host does not drive the run,
-        // and the run is taken up again when the lease just written ends.
-        let fence = match shared.tasks.store().raise_fence(&fence_name(&run.id)).await {
-            Ok(f) => f.map(|sequence| Fence {
-                name: fence_name(&run.id),
-                sequence,
-            }),
-            Err(e) => {
-                lock(&shared.driving).remove(&run.id);
-                return Err(WorkflowError::store("a run's fence", e));
-            }
-        };
-        // Then the run is written again, and driven only if that write
-        // wins too: a host paused between its first write and its fence,
-        // past its lease, may have raised its fence after the one of a host
-        // that took the run over meanwhile; its second write is refused, so
-        // it does not drive under a fence that a later taker's does not
-        // follow. (That taker, fenced by it, stops, and the run is taken up
-        // again when its lease ends.)
-        let rev = if fence.is_some() {
-            run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
-            match shared.store.update_run(&run, rev).await {
-                Ok(Some(rev)) => rev,
-                Ok(None) => {
-                    lock(&shared.driving).remove(&run.id);
-                    continue;
-                }
-                Err(e) => {
-                    lock(&shared.driving).remove(&run.id);
-                    return Err(e);
-                }
-            }
-        } else {
-            rev
-        };
         tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
         let mut driver = run::Driver::new(shared.clone(), def, run, rev);
         driver.fence = fence;
         spawn_driver(shared.clone(), driver, poke);
     }
     Ok(())
+}
+
+/// Takes `run` (read at `rev`) over for this host: its revision and fence
+/// to drive it with, or `None` if another host's write won.
+async fn take_over(
+    shared: &Arc<Shared>,
+    run: &mut RunRecord,
+    rev: u64,
+) -> Result<Option<(u64, Option<Fence>)>, WorkflowError> {
+    run.owner = Some(shared.owner_token());
+    run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
+    let Some(rev) = shared.store.update_run(run, rev).await? else {
+        return Ok(None);
+    };
+    // The fence goes up once the run is this host's, and before this host
+    // submits anything for it: from then on, tasks the replaced driver
+    // submits are refused, also one it was about to submit after a write
+    // it made before the takeover (what it stored before the fence, this
+    // driver looks up by key). Raised only by the host whose write won, so
+    // two hosts taking the run at once do not fence each other. If it
+    // cannot be raised, this host does not drive the run, and the run is
+    // taken up again when the lease just written ends.
+    let Some(sequence) = shared
+        .tasks
+        .store()
+        .raise_fence(&fence_name(&run.id))
+        .await
+        .map_err(|e| WorkflowError::store("a run's fence", e))?
+    else {
+        // No fences in this store (a lone host): one write is enough.
+        return Ok(Some((rev, None)));
+    };
+    // Then the run is written again, and driven only if that write wins
+    // too: a host paused between its first write and its fence, past its
+    // lease, may have raised its fence after the one of a host that took
+    // the run over meanwhile; its second write is refused, so it does not
+    // drive under a fence that a later taker's does not follow. (That
+    // taker, fenced by it, stops, and the run is taken up again when its
+    // lease ends.)
+    run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
+    let fence = Fence {
+        name: fence_name(&run.id),
+        sequence,
+    };
+    Ok(shared
+        .store
+        .update_run(run, rev)
+        .await?
+        .map(|rev| (rev, Some(fence))))
 }
 
 /// Removes ended runs older than the host's retention.
