@@ -313,6 +313,9 @@ struct CallState {
     /// Fuel the sub-tasks used that the call hook has not yet taken from
     /// the caller's store.
     charge: u64,
+    /// How many host calls deep the guest is: the hook acts only on the
+    /// outermost (see [`on_host_call`]).
+    host_depth: u32,
     charged: u64,
     reports: Vec<CallReport>,
 }
@@ -702,6 +705,7 @@ impl Agent {
             started: 0,
             fuel_left: 0,
             charge: 0,
+            host_depth: 0,
             charged: 0,
             reports: Vec::new(),
         });
@@ -983,6 +987,13 @@ impl Agent {
 /// through this hook: on the way into the host it notes the fuel left (the
 /// budget for sub-tasks), and on the way back it takes what the sub-tasks
 /// used. A caller left with no fuel traps on its next instruction.
+///
+/// Only the outermost host call counts. Lowering a call's result runs the
+/// guest's allocator inside the host call, and its libcalls (`memory.grow`,
+/// an epoch check) enter the host again, without the compiled code saving
+/// its fuel first or loading it after: fuel set there is overwritten when
+/// the allocator returns, and the charge was lost (a caller whose callee
+/// used all its fuel ran on).
 fn on_host_call(
     mut store: wasmtime::StoreContextMut<'_, StoreData>,
     hook: CallHook,
@@ -991,15 +1002,21 @@ fn on_host_call(
         CallHook::CallingHost => {
             let fuel = store.get_fuel()?;
             if let Some(calls) = store.data_mut().calls.as_mut() {
-                calls.fuel_left = fuel;
+                calls.host_depth += 1;
+                if calls.host_depth == 1 {
+                    calls.fuel_left = fuel;
+                }
             }
         }
         CallHook::ReturningFromHost => {
-            let charge = store
-                .data_mut()
-                .calls
-                .as_mut()
-                .map_or(0, |c| std::mem::take(&mut c.charge));
+            let charge = store.data_mut().calls.as_mut().map_or(0, |c| {
+                c.host_depth = c.host_depth.saturating_sub(1);
+                if c.host_depth == 0 {
+                    std::mem::take(&mut c.charge)
+                } else {
+                    0
+                }
+            });
             if charge > 0 {
                 let fuel = store.get_fuel()?;
                 store.set_fuel(fuel.saturating_sub(charge))?;

@@ -251,6 +251,7 @@ async fn sub_task_fuel_is_charged_to_the_caller() {
             ("caller", 2, caller_limits),
             ("spin", 2, spin_limits),
             ("echo", 2, Limits::default()),
+            ("burn", 2, Limits::default()),
         ],
     )
     .await;
@@ -258,6 +259,20 @@ async fn sub_task_fuel_is_charged_to_the_caller() {
     let done = submit(&s, "test.call", "echo\nhi").await.unwrap();
     assert_eq!(text(&done), "hi");
     assert!(done.output.subtask_fuel > 0 && done.output.fuel_used < 5_000_000);
+    // A callee that uses a part of it and returns 1 MiB: lowering the result
+    // grows the caller's memory inside the call, which once lost the charge.
+    let done = submit(&s, "test.call", "test.burn\n50000 1048576")
+        .await
+        .unwrap();
+    assert_eq!(done.output.result.len(), 1 << 20);
+    assert!(
+        done.output.subtask_fuel > 1_000_000
+            && done.output.fuel_used > done.output.subtask_fuel
+            && done.output.fuel_used < 5_000_000,
+        "{} used, {} of it by the callee",
+        done.output.fuel_used,
+        done.output.subtask_fuel
+    );
     // Past it: spin may use only what the caller has left, and using it up
     // leaves the caller without fuel, although spin's own limit is unbounded.
     let failure = submit(&s, "test.call", "test.spin\n").await.unwrap_err();
