@@ -54,14 +54,27 @@ fn hosts_see_each_other_and_a_killed_host_turns_dead() {
     );
 
     // SIGKILL: no leave message; the others notice the silence.
-    hc.kill9();
     let killed = Instant::now();
+    hc.kill9();
+    let mut dead = Value::Null;
     ha.until("the killed host is reported dead", |h| {
-        state_of(h, &idc).as_deref() == Some("dead")
+        match hosts(h).into_iter().find(|m| m["host"] == idc) {
+            Some(m) if m["state"] == "dead" => {
+                dead = m;
+                true
+            }
+            _ => false,
+        }
     });
     let detected = killed.elapsed();
-    // Heartbeats every 250 ms, dead after 1 s of silence.
-    assert!(detected >= Duration::from_millis(700), "{detected:?}");
+    // Dead after 1 s without a heartbeat (they come every 250 ms), seen
+    // within 3 s of the kill. The silence is measured from the last
+    // heartbeat, which a loaded machine may have sent late: not from the
+    // kill.
+    assert!(
+        dead["last_heartbeat_ms"].as_u64().unwrap() >= 1000,
+        "{dead}"
+    );
     assert!(detected < Duration::from_secs(3), "{detected:?}");
     eprintln!("dead host detected after {detected:?}");
 
@@ -1030,9 +1043,16 @@ fn a_host_takes_as_many_tasks_as_its_slots_and_the_rest_wait_on_the_stream() {
     // Two slots: two tasks taken, three left on the stream for any host,
     // for as long as the first two run.
     h.until("two tasks taken", |_| nap_consumer(&nats) == (2, 3));
+    // Each sample is kept only if neither running task had ended after it
+    // was taken: the counts first, then the statuses.
+    let ended = |id: &String| h.get(&format!("/v1/tasks/{id}")).1["status"] == "completed";
     let mut seen = Vec::new();
-    while h.get(&format!("/v1/tasks/{}", ids[0])).1["status"] != "completed" {
-        seen.push(nap_consumer(&nats));
+    loop {
+        let counts = nap_consumer(&nats);
+        if ended(&ids[0]) || ended(&ids[1]) {
+            break;
+        }
+        seen.push(counts);
         std::thread::sleep(Duration::from_millis(50));
     }
     // (3, 2) only in the moment between the first task's end, which frees

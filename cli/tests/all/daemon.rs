@@ -226,7 +226,10 @@ fn sigterm_finishes_the_running_task_and_keeps_the_queued_ones() {
     orch.config("[host]\ninstances = 1\n");
     install_sleep(&orch);
     let mut host = HostProc::start(&orch);
-    let ids: Vec<String> = (0..6).map(|_| host.submit("test.sleep", "300")).collect();
+    // The first task long enough that the signal surely finds it running.
+    let ids: Vec<String> = (0..6)
+        .map(|i| host.submit("test.sleep", if i == 0 { "3000" } else { "300" }))
+        .collect();
     host.until("the first task runs", |h| {
         h.get(&format!("/v1/tasks/{}", ids[0])).1["status"] == "running"
     });
@@ -708,7 +711,7 @@ fn sigterm_ends_open_event_streams_and_the_host_exits() {
 }
 
 /// `[host] instance_slots`, as a pair: with 4 slots, 4 tasks that wait
-/// 600 ms in a host call (the `nap` fixture sleeps through WASI's clock)
+/// 1 s in a host call (the `nap` fixture sleeps through WASI's clock)
 /// all run at once; 8 at once wait for a free slot in turn, never more
 /// than 4 running, and none fails for lack of one.
 #[test]
@@ -722,17 +725,20 @@ fn tasks_past_the_instance_slots_wait_for_one_and_none_fails() {
     orch.ok(&["plugin", "install", "-y", &p("nap")]);
     let host = HostProc::start(&orch);
     let run = |n: usize| -> usize {
-        let lines = vec![json!({ "capability": "test.nap", "input": "600" }); n];
-        // Each task ran from its end less the time the agent slept.
+        let lines = vec![json!({ "capability": "test.nap", "input": "1000" }); n];
+        // Each task ran from its end less the time the agent slept. Its end
+        // is written after its slot is freed, so on a loaded machine the
+        // next task may start a little before it: 150 ms either side is
+        // not an overlap (two waves are 1 s apart, one wave overlaps by
+        // most of its second).
         let mut edges = Vec::new();
         for task in host.batch(&lines) {
             assert_eq!(task["status"], "completed", "{task}");
             let slept: u64 = task["result"].as_str().unwrap().parse().unwrap();
-            assert!(slept >= 600, "{task}");
+            assert!(slept >= 1000, "{task}");
             let end = task["finished_at_ms"].as_u64().unwrap();
-            // A millisecond's rounding either side is not an overlap.
-            edges.push((end - slept + 2, 1i32));
-            edges.push((end - 2, -1i32));
+            edges.push((end - slept + 150, 1i32));
+            edges.push((end - 150, -1i32));
         }
         edges.sort();
         let (mut now, mut most) = (0i32, 0i32);

@@ -276,10 +276,12 @@ async fn a_kept_instance_idle_past_keep_idle_is_dropped() {
     });
     let tally = h.load("tally").await;
     let limits = reuse(100);
+    // Taken before the instance is parked, so its idle time surely starts
+    // after it.
+    let waited = std::time::Instant::now();
     assert_eq!(counts(&tally, 2, &limits).await, ["1", "2"]);
     assert_eq!(h.engine.parked_instances(), 1);
     // Gone within a few ticks of 300 ms; the test gives it 10 s.
-    let waited = std::time::Instant::now();
     while h.engine.parked_instances() > 0 {
         assert!(waited.elapsed() < Duration::from_secs(10), "still kept");
         tokio::time::sleep(Duration::from_millis(20)).await;
