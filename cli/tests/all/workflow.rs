@@ -572,10 +572,15 @@ input = "fail"
         assert_eq!(b["status"], "failed", "{run}");
         assert_eq!(b["attempts"], 2, "{run}");
         let message = run["error"]["message"].as_str().unwrap();
+        // The lists, why b's compensation failed, and why the undoing began.
         assert!(
-            message.contains("undone: [a]") && message.contains("not undone: [b]"),
+            message.starts_with(
+                "undone: [a]; not undone: [b]; compensation of b: retryable failure: asked to fail; "
+            ) && message.ends_with("asked to fail")
+                && message.matches("asked to fail").count() == 2,
             "{run}"
         );
+        assert_eq!(run["error"]["step"], "c", "{run}");
         // The default compensation input: the step's input and result.
         let a_undo = d
             .api()

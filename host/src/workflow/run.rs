@@ -879,12 +879,15 @@ impl Driver {
             }
             self.save().await?;
         }
-        let (mut undone, mut not_undone) = (Vec::new(), Vec::new());
+        let (mut undone, mut not_undone, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
         for s in &self.run.steps {
-            match s.compensation.as_ref().map(|c| c.status) {
-                Some(CompensationStatus::Completed) => undone.push(s.id.as_str()),
-                Some(_) => not_undone.push(s.id.as_str()),
-                None => {}
+            let Some(c) = &s.compensation else { continue };
+            match c.status {
+                CompensationStatus::Completed => undone.push(s.id.as_str()),
+                _ => not_undone.push(s.id.as_str()),
+            }
+            if let Some(e) = &c.error {
+                reasons.push(format!("compensation of {}: {}", s.id, e.message));
             }
         }
         if not_undone.is_empty() {
@@ -896,16 +899,19 @@ impl Driver {
             self.finish(status);
         } else {
             let first = self.run.error.clone();
-            // The lists first: a long first error is cut when the record
-            // is written (`RunRecord::fit`), and they must stay.
+            // The lists first, then why each compensation failed, then what
+            // started the undoing: a long message is cut from its end when
+            // the record is written (`RunRecord::fit`), and the lists must
+            // stay.
+            reasons.extend(first.as_ref().map(|e| e.message.clone()));
             self.run.error = Some(RunError {
-                step: first.as_ref().and_then(|e| e.step.clone()),
+                step: first.and_then(|e| e.step),
                 kind: "compensation-failed".into(),
                 message: format!(
                     "undone: [{}]; not undone: [{}]; {}",
                     undone.join(", "),
                     not_undone.join(", "),
-                    first.map(|e| e.message).unwrap_or_default(),
+                    reasons.join("; "),
                 ),
             });
             self.finish(RunStatus::CompensationFailed);
