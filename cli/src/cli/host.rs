@@ -43,6 +43,12 @@ pub struct StartArgs {
     /// Verify the NATS server's TLS certificate against this CA (PEM).
     #[arg(long, requires = "nats")]
     nats_tls_ca: Option<PathBuf>,
+    /// Set the cluster's retention of finished tasks to this host's
+    /// [host] retention even when it is shorter: every host's finished
+    /// tasks older than it are dropped. Without it a host only lengthens
+    /// the cluster's retention.
+    #[arg(long, requires = "nats")]
+    shorten_retention: bool,
 }
 
 pub async fn run(home: &Path, cmd: Command) -> u8 {
@@ -114,6 +120,7 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
         token: args.nats_token.clone(),
         creds: args.nats_creds.clone(),
         tls_ca: args.nats_tls_ca.clone(),
+        shorten_retention: args.shorten_retention,
     });
     let options = NodeOptions {
         nats,

@@ -1010,6 +1010,76 @@ fn host_subscriptions(port: u16) -> Vec<(String, Vec<String>)> {
 
 /// A capability's consumer (`cap_test_nap` for `test.nap`), from the
 /// JetStream API: (delivered and not acked, not delivered).
+/// The retention (`max_age`, in seconds) of the streams behind the
+/// results, the queued records, the objects and the calls, and the results'
+/// duplicate window.
+fn retentions(nats: &NatsServer) -> ([u64; 4], u64) {
+    let rt = crate::common::runtime();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut ages = [0; 4];
+        let mut window = 0;
+        for (i, name) in [
+            "KV_ORCH_RESULTS",
+            "KV_ORCH_QUEUED",
+            "OBJ_ORCH_OBJECTS",
+            "KV_ORCH_CALLS",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let config = js
+                .get_stream(*name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .clone();
+            ages[i] = config.max_age.as_secs();
+            if i == 0 {
+                window = config.duplicate_window.as_secs();
+            }
+        }
+        (ages, window)
+    })
+}
+
+/// `[host] retention` in a cluster: a host that asks for more than the
+/// cluster keeps lengthens it for every host; one that asks for less keeps
+/// the cluster's and says so, unless started with `--shorten-retention`
+/// (then also below the 2 min duplicate window, which shortens with it).
+#[test]
+fn a_host_lengthens_the_clusters_retention_and_shortens_it_only_when_asked() {
+    let nats = NatsServer::start();
+    let args = ["--nats", nats.url.as_str()];
+    let a = Orch::new();
+    a.config("[host]\nretention = \"1h\"\n");
+    let _ha = HostProc::start_with(&a, &args);
+    assert_eq!(retentions(&nats), ([3600; 4], 120));
+
+    let b = Orch::new();
+    b.config("[host]\nretention = \"90s\"\n");
+    let hb = HostProc::start_with(&b, &args);
+    assert_eq!(retentions(&nats), ([3600; 4], 120));
+    let log = std::fs::read_to_string(b.work.path().join("host.log")).unwrap();
+    assert!(
+        log.contains("this host's [host] retention is 90s, the cluster's 3600s")
+            && log.contains("--shorten-retention"),
+        "{log}"
+    );
+    hb.kill9();
+    let _hb = HostProc::start_with(&b, &[args[0], args[1], "--shorten-retention"]);
+    assert_eq!(retentions(&nats), ([90; 4], 90));
+
+    let c = Orch::new();
+    c.config("[host]\nretention = \"3h\"\n");
+    let _hc = HostProc::start_with(&c, &args);
+    assert_eq!(retentions(&nats), ([3 * 3600; 4], 120));
+}
+
 fn consumer_counts(nats: &NatsServer, consumer: &str) -> (u64, u64) {
     let rt = crate::common::runtime();
     rt.block_on(async {

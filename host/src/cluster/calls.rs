@@ -21,7 +21,12 @@ impl KvCallLog {
     ) -> Result<KvCallLog, ClusterError> {
         let js = jetstream::new(cluster.client.clone());
         let bucket = match js.get_key_value(BUCKET).await {
-            Ok(b) => b,
+            Ok(b) => {
+                cluster
+                    .align_retention(&js, &format!("KV_{BUCKET}"), retention)
+                    .await?;
+                b
+            }
             Err(_) => js
                 .create_key_value(kv::Config {
                     bucket: BUCKET.to_string(),

@@ -101,6 +101,24 @@ pub struct NatsOptions {
     pub creds: Option<PathBuf>,
     /// A CA certificate (PEM) to verify the server's TLS certificate with.
     pub tls_ca: Option<PathBuf>,
+    /// Set the cluster's retention of finished tasks to this host's
+    /// `[host] retention` even when that is shorter than the cluster's: a
+    /// host otherwise only lengthens it (see [`retention_for`]).
+    pub shorten_retention: bool,
+}
+
+/// NATS's default duplicate window for a stream.
+pub(crate) const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The retention (`max_age`) a host sets on a cluster stream that has
+/// `current` when its own `[host] retention` is `mine`; `None` to leave
+/// it. The longest any host asked for wins, so one host's shorter setting
+/// cannot drop the results other hosts' clients still expect; `shorten`
+/// (`--shorten-retention`) applies `mine` in any case. `max_age` 0 is
+/// NATS's "no limit".
+pub fn retention_for(current: Duration, mine: Duration, shorten: bool) -> Option<Duration> {
+    let longer = !current.is_zero() && mine > current;
+    (current != mine && (shorten || longer)).then_some(mine)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +241,7 @@ pub struct Cluster {
     client: async_nats::Client,
     id: String,
     url: String,
+    shorten_retention: bool,
     members: Members,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Counts the connections made to the server, the first included: a
@@ -368,10 +387,71 @@ impl Cluster {
             client,
             id: id.to_string(),
             url: options.url.clone(),
+            shorten_retention: options.shorten_retention,
             members,
             tasks: Mutex::new(vec![listener, beater, watcher]),
             connects,
         })
+    }
+
+    /// Sets the retention of the stream whose `config` this is for this
+    /// host's `[host] retention` (see [`retention_for`]); whether it
+    /// changed. With `warn`, a longer retention kept is logged.
+    pub(crate) fn set_retention(
+        &self,
+        config: &mut async_nats::jetstream::stream::Config,
+        mine: Duration,
+        warn: bool,
+    ) -> bool {
+        let Some(age) = retention_for(config.max_age, mine, self.shorten_retention) else {
+            if warn && config.max_age != mine {
+                tracing::warn!(
+                    stream = %config.name,
+                    "this host's [host] retention is {mine:?}, the cluster's {:?} (the longest any host asked for):                      the cluster keeps {:?}; to shorten it for every host, start a host with --shorten-retention",
+                    config.max_age,
+                    config.max_age,
+                );
+            }
+            return false;
+        };
+        tracing::info!(stream = %config.name, "cluster retention set from {:?} to this host's {age:?}", config.max_age);
+        config.max_age = age;
+        // NATS's default window, but never longer than max_age: the server
+        // refuses that.
+        config.duplicate_window = match age.is_zero() {
+            true => DUPLICATE_WINDOW,
+            false => age.min(DUPLICATE_WINDOW),
+        };
+        true
+    }
+
+    /// [`Cluster::set_retention`] for stream `name`, written to the server
+    /// if it changed.
+    pub(crate) async fn align_retention(
+        &self,
+        js: &async_nats::jetstream::Context,
+        name: &str,
+        mine: Duration,
+    ) -> Result<(), ClusterError> {
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| {
+            ClusterError::new(
+                &self.url,
+                ClusterErrorKind::Request,
+                format!("stream {name}"),
+                e,
+            )
+        };
+        let mut stream = js.get_stream(name).await.map_err(|e| err(e.into()))?;
+        let mut config = stream
+            .info()
+            .await
+            .map_err(|e| err(e.into()))?
+            .config
+            .clone();
+        if self.set_retention(&mut config, mine, false) {
+            js.update_stream(config).await.map_err(|e| err(e.into()))?;
+        }
+        Ok(())
     }
 
     /// Every host heard from since this one joined, itself included.

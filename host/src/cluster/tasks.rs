@@ -47,8 +47,6 @@ pub const ACK_WAIT: Duration = Duration::from_secs(2);
 const PROGRESS_EVERY: Duration = Duration::from_millis(700);
 /// A task running longer than this gets a "running" record.
 const RUNNING_AFTER: Duration = Duration::from_millis(100);
-/// Submissions with the same `Nats-Msg-Id` within this window are dropped.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 pub const HEADER_TASK_ID: &str = "Orch-Task-Id";
 pub const HEADER_PRIORITY: &str = "Orch-Priority";
@@ -519,7 +517,9 @@ impl TaskRouter {
                 subjects: task_subjects.clone(),
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
-                duplicate_window: DUPLICATE_WINDOW,
+                // Submissions with the same `Nats-Msg-Id` within it are
+                // dropped.
+                duplicate_window: super::DUPLICATE_WINDOW,
                 ..Default::default()
             })
             .await
@@ -580,8 +580,8 @@ impl TaskRouter {
                 .map_err(|e| err("bucket ORCH_RESULTS", e.into()))?,
             ),
         };
-        // A bucket made before results were republished, or with another
-        // retention, gets this host's settings now.
+        // A bucket made before results were republished gets them now, and
+        // one with a shorter retention gets this host's (`set_retention`).
         for (name, republish) in [(RESULTS, Some(republish)), (QUEUED, None)] {
             let mut backing = js
                 .get_stream(format!("KV_{name}"))
@@ -595,22 +595,27 @@ impl TaskRouter {
                 .clone();
             // Per-message TTLs for the queued records' delete markers.
             let ttl = name == QUEUED;
+            let retention_set = cluster.set_retention(&mut config, retention, name == RESULTS);
             let stale = (republish.is_some() && config.republish != republish)
-                || config.max_age != retention
+                || retention_set
                 || (ttl && !config.allow_message_ttl);
             if stale {
                 config.allow_message_ttl |= ttl;
                 if republish.is_some() {
                     config.republish = republish;
                 }
-                config.max_age = retention;
                 js.update_stream(config)
                     .await
                     .map_err(|e| err(&format!("bucket {name}: update"), e.into()))?;
             }
         }
         let objects = match js.get_object_store(OBJECTS).await {
-            Ok(o) => o,
+            Ok(o) => {
+                cluster
+                    .align_retention(&js, &format!("OBJ_{OBJECTS}"), retention)
+                    .await?;
+                o
+            }
             Err(_) => js
                 .create_object_store(jetstream::object_store::Config {
                     bucket: OBJECTS.to_string(),
