@@ -68,6 +68,7 @@ impl Client {
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<(u16, Value), Failed> {
         let url = format!("{}{path}", self.base);
+        let size = body.as_ref().map_or(0, |(_, b)| b.len());
         let response = match (method, body) {
             ("POST", Some((content_type, body))) => self
                 .agent
@@ -77,14 +78,7 @@ impl Client {
             ("POST", None) => self.agent.post(&url).send_empty(),
             _ => self.agent.get(&url).call(),
         };
-        let mut response = response.map_err(|e| {
-            eprintln!(
-                "error: cannot reach the orch host API at {}: {e}\n\
-                 (start one with `orch host start`, or point --api / ORCH_API at it)",
-                self.base
-            );
-            Failed(exit::ERROR)
-        })?;
+        let mut response = response.map_err(|e| self.unsent(e, size))?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
@@ -108,6 +102,38 @@ impl Client {
         Ok((status, value))
     }
 
+    /// A request that got no answer, printed. A host refuses a body past
+    /// its limit (413) before reading all of it and closes the connection,
+    /// so a large body can end in a broken pipe before the answer is read:
+    /// if the host still answers, that is what happened.
+    fn unsent(&self, e: ureq::Error, size: usize) -> Failed {
+        use std::io::ErrorKind;
+        let cut = matches!(&e, ureq::Error::Io(io)
+            if matches!(io.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset));
+        if cut
+            && size > 0
+            && self
+                .agent
+                .get(&format!("{}/v1/status", self.base))
+                .call()
+                .is_ok()
+        {
+            eprintln!(
+                "error: the host at {} closed the connection while this request's {size} bytes were sent: \
+                 it refuses a request body past its limit before reading all of it \
+                 (a 16 MiB payload, base64-encoded, and room for the rest: docs/api.md)",
+                self.base
+            );
+            return Failed(exit_for_refusal("payload-too-large"));
+        }
+        eprintln!(
+            "error: cannot reach the orch host API at {}: {e}\n\
+             (start one with `orch host start`, or point --api / ORCH_API at it)",
+            self.base
+        );
+        Failed(exit::ERROR)
+    }
+
     /// POSTs `body` as JSON lines to `path` and calls `each` with every
     /// line of the answer as it arrives.
     pub fn post_lines(
@@ -123,13 +149,7 @@ impl Client {
             .post(&url)
             .header("content-type", "application/x-ndjson")
             .send(&body[..]);
-        let mut response = response.map_err(|e| {
-            eprintln!(
-                "error: cannot reach the orch host API at {}: {e}",
-                self.base
-            );
-            Failed(exit::ERROR)
-        })?;
+        let mut response = response.map_err(|e| self.unsent(e, body.len()))?;
         if response.status().as_u16() >= 400 {
             let text = response.body_mut().read_to_string().unwrap_or_default();
             let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);

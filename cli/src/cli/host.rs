@@ -203,6 +203,7 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
         "stopping: waiting up to {} ms for running tasks",
         grace.as_millis()
     );
+    let clustered = node.cluster().is_some();
     let cut = node.shutdown(grace).await;
     // Off the runtime: the exporter's last send blocks.
     let _ = tokio::task::spawn_blocking(super::telemetry::flush).await;
@@ -219,10 +220,17 @@ async fn start(home: &Path, args: StartArgs) -> u8 {
     if published_by_us(home) {
         let _ = std::fs::remove_file(address_file(home));
     }
-    eprintln!(
-        "stopped: {cut} running task(s) cut off; {} task(s) stay in the journal and run after the next start",
-        queued + cut as usize
-    );
+    if clustered {
+        // They were the stream's, not this host's: it redelivers them.
+        eprintln!(
+            "stopped: {cut} running task(s) cut off; this host's unfinished tasks stay on the NATS stream and run on any host that serves them"
+        );
+    } else {
+        eprintln!(
+            "stopped: {cut} running task(s) cut off; {} task(s) stay in the journal and run after the next start",
+            queued + cut as usize
+        );
+    }
     0
 }
 

@@ -67,19 +67,22 @@ pub async fn run(home: &Path, args: Args) -> u8 {
     let over = [
         (
             args.fuel.is_some_and(|f| f > max.max_fuel),
-            format!("--fuel is above this host's maximum of {}", max.max_fuel),
+            format!(
+                "--fuel is above this host's maximum of {} ([limits] max_fuel)",
+                max.max_fuel
+            ),
         ),
         (
             args.memory.is_some_and(|m| m > max.max_memory),
             format!(
-                "--memory is above this host's maximum of {}",
+                "--memory is above this host's maximum of {} ([limits] max_memory)",
                 format_size(max.max_memory)
             ),
         ),
         (
             args.timeout.is_some_and(|t| t > max.max_timeout),
             format!(
-                "--timeout is above this host's maximum of {}ms",
+                "--timeout is above this host's maximum of {} ms ([limits] max_timeout)",
                 max.max_timeout.as_millis()
             ),
         ),

@@ -85,10 +85,20 @@ fn hosts_see_each_other_and_a_killed_host_turns_dead() {
     });
 
     // SIGTERM: the host says goodbye and is shown as left at once.
+    let mut hb = hb;
     hb.signal("-TERM");
     ha.until("the stopped host is reported as left", |h| {
         state_of(h, &idb).as_deref() == Some("left")
     });
+    assert!(hb.child.wait().unwrap().success());
+    // Its tasks were the stream's, not in a journal of its own.
+    let log = std::fs::read_to_string(b.work.path().join("host.log")).unwrap();
+    assert!(
+        log.contains(
+            "unfinished tasks stay on the NATS stream and run on any host that serves them"
+        ),
+        "{log}"
+    );
     drop(hc);
 }
 

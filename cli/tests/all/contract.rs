@@ -671,6 +671,39 @@ contract!(
     }
 );
 
+contract!(
+    a_body_far_past_the_limit_is_refused_through_the_cli_with_exit_3,
+    |d| {
+        // The host answers 413 before it has read such a body and closes
+        // the connection, so the CLI may see a broken pipe instead of the
+        // answer: either way it is a refusal, exit 3, not "cannot reach".
+        let big = d.cli().home.path().join("big.bin");
+        std::fs::write(&big, vec![b'a'; 40 << 20]).unwrap();
+        let lines = d.cli().home.path().join("big.jsonl");
+        let line = json!({ "capability": "echo", "input": "a".repeat(1 << 20) }).to_string();
+        std::fs::write(&lines, vec![line; 24].join("\n")).unwrap();
+        for (flag, file) in [("--input", &big), ("--batch", &lines)] {
+            let mut args = vec![
+                "task",
+                "submit",
+                "--api",
+                &d.api().url,
+                flag,
+                file.to_str().unwrap(),
+            ];
+            if flag == "--input" {
+                args.extend(["--capability", "echo"]);
+            }
+            let out = d.cli().run(&args);
+            assert_eq!(out.status.code(), Some(3), "{flag}: {}", stderr(&out));
+            assert!(stderr(&out).contains("past"), "{flag}: {}", stderr(&out));
+        }
+        // The host still serves.
+        let id = d.api().submit("echo", "still here");
+        assert_eq!(d.api().wait(&id)["result"], "still here");
+    }
+);
+
 contract!(unknown_endpoints_and_methods_answer_a_json_error, |d| {
     let (code, body) = d.api().get("/v1/no-such-thing");
     assert_eq!(code, 404, "{body}");
@@ -833,6 +866,14 @@ contract!(
         let message = mixed[1]["error"]["message"].as_str().unwrap();
         assert!(message.starts_with("line 2: not UTF-8"), "{message}");
         assert_eq!(mixed[2]["task"]["priority"], 3, "{mixed:?}");
+        // A line of JSON that is not an object says what a task is.
+        let (code, array) = batch(d, "", &["[]".to_string()]);
+        assert_eq!(code, 200, "{array:?}");
+        let message = array[0]["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("line 1: invalid length 0, expected a task: a JSON object"),
+            "{message}"
+        );
         let indexes: Vec<u64> = answers
             .iter()
             .map(|a| a["index"].as_u64().unwrap())

@@ -364,7 +364,12 @@ fn parse_wait(wait: Option<&str>) -> Result<Option<Duration>, ApiError> {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+// serde reads a struct from a JSON array too; a message for `[]` should
+// not name a Rust type.
+#[serde(
+    deny_unknown_fields,
+    expecting = "a task: a JSON object such as {\"capability\": \"echo\", \"input\": \"hi\"}"
+)]
 struct SubmitBody {
     capability: String,
     #[serde(default)]
@@ -539,8 +544,8 @@ async fn submit_batch(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload-too-large",
             format!(
-                "the batch is larger than one request may be: {}",
-                e.body_text()
+                "the batch is past the limit of {} bytes of one request body (as for one submission); send it as several batches",
+                body_limit(state.tasks.store().max_payload())
             ),
         ),
         _ => bad_request(e.body_text()),

@@ -48,7 +48,7 @@ pub enum HostError {
     ShuttingDown,
     #[error("no capacity: {limit} accepted tasks have not ended on this host, its limit ([host] max_unfinished); retry later")]
     NoCapacity { limit: usize },
-    #[error("no capacity: {limit} requests wait for task results on this host, its limit; retry later or wait less")]
+    #[error("no capacity: {limit} requests wait for task results on this host, its limit ([host] max_waits); retry later or wait less")]
     TooManyWaits { limit: usize },
     /// Something the host depends on (the NATS server) failed; the request
     /// was fine and may succeed when retried.
