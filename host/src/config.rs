@@ -317,8 +317,12 @@ impl HostConfig {
                 .map_err(|e| err(format!("host.listen: {l:?}: {e}")))?;
         }
         if let Some(r) = file.host.retention {
-            config.host.retention =
-                parse_duration(&r).map_err(|e| err(format!("host.retention: {e}")))?;
+            let r = parse_duration(&r).map_err(|e| err(format!("host.retention: {e}")))?;
+            // 0 would mean "drop at once" alone and "no limit" to NATS.
+            if r < Duration::from_secs(1) {
+                return Err(err("host.retention: must be at least 1s".into()));
+            }
+            config.host.retention = r;
         }
         if let Some(g) = file.host.shutdown_grace {
             config.host.shutdown_grace =
@@ -459,6 +463,18 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn host_retention_is_taken_from_1s_and_refused_below() {
+        let config = load("[host]\nretention = \"1s\"\n").unwrap();
+        assert_eq!(config.host.retention, Duration::from_secs(1));
+        let e = load("[host]\nretention = \"999ms\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("host.retention: must be at least 1s"),
+            "{e}"
+        );
     }
 
     #[test]

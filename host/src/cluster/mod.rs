@@ -405,11 +405,15 @@ impl Cluster {
     ) -> bool {
         let Some(age) = retention_for(config.max_age, mine, self.shorten_retention) else {
             if warn && config.max_age != mine {
+                let cluster = match config.max_age.is_zero() {
+                    true => "with no limit".to_string(),
+                    false => format!("for {:?}", config.max_age),
+                };
                 tracing::warn!(
                     stream = %config.name,
-                    "this host's [host] retention is {mine:?}, the cluster's {:?} (the longest any host asked for):                      the cluster keeps {:?}; to shorten it for every host, start a host with --shorten-retention",
-                    config.max_age,
-                    config.max_age,
+                    "this host's [host] retention is {mine:?}; the cluster keeps finished tasks {cluster}, \
+                     the longest any host asked for, and keeps doing so; to shorten it for every host, \
+                     start a host with --shorten-retention"
                 );
             }
             return false;

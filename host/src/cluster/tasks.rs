@@ -2356,6 +2356,22 @@ impl TaskStore for TaskRouter {
         }
     }
 
+    fn retention(&self) -> BoxFuture<'_, Result<Option<Duration>, HostError>> {
+        Box::pin(async move {
+            let mut results = self
+                .js
+                .get_stream(format!("KV_{RESULTS}"))
+                .await
+                .map_err(|e| self.error("ORCH_RESULTS", e))?;
+            let info = results
+                .info()
+                .await
+                .map_err(|e| self.error("ORCH_RESULTS", e))?;
+            let age = info.config.max_age;
+            Ok((!age.is_zero()).then_some(age))
+        })
+    }
+
     fn find_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, HostError>> {
         Box::pin(async move {
             let id = id_for_key(key);

@@ -1103,6 +1103,11 @@ impl TaskStore for Host {
         self.new_task_id()
     }
 
+    fn retention(&self) -> BoxFuture<'_, Result<Option<Duration>, HostError>> {
+        let retention = self.config().host.retention;
+        Box::pin(async move { Ok(Some(retention)) })
+    }
+
     fn find_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, HostError>> {
         Box::pin(async move { Ok(self.inner.journal.task_for_key(key)?) })
     }

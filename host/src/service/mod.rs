@@ -104,6 +104,10 @@ pub trait TaskStore: Send + Sync {
         let _ = name;
         Box::pin(async { Ok(None) })
     }
+    /// How long finished tasks are kept, `None` for no limit: what a run's
+    /// record is kept for after its end too. A cluster's is the one its
+    /// streams have (the longest any host asked for), not this host's.
+    fn retention(&self) -> BoxFuture<'_, Result<Option<Duration>, HostError>>;
     /// Removes the fence `name` (its runs are gone).
     fn drop_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HostError>> {
         let _ = name;

@@ -852,9 +852,17 @@ async fn take_over(
         .map(|rev| (rev, Some(fence))))
 }
 
-/// Removes ended runs older than the host's retention.
+/// Removes ended runs older than the retention of finished tasks (in a
+/// cluster the cluster's, so that one host's shorter setting does not
+/// remove every host's runs).
 async fn retention(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
-    let keep = shared.tasks.host().config().host.retention.as_millis() as u64;
+    let retention = shared.tasks.store().retention().await;
+    let Some(keep) =
+        retention.map_err(|e| WorkflowError::store("the retention of finished tasks", e))?
+    else {
+        return Ok(());
+    };
+    let keep = keep.as_millis() as u64;
     let now = now_ms();
     for (run, _) in shared.store.runs().await? {
         if run
