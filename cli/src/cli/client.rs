@@ -104,27 +104,32 @@ impl Client {
 
     /// A request that got no answer, printed. A host refuses a body past
     /// its limit (413) before reading all of it and closes the connection,
-    /// so a large body can end in a broken pipe before the answer is read:
-    /// if the host still answers, that is what happened.
+    /// so such a body can end in a broken pipe before the answer is read:
+    /// if the body was past the limit and the host still answers, that is
+    /// what happened. Any other request cut off may or may not have been
+    /// taken, and the message says so.
     fn unsent(&self, e: ureq::Error, size: usize) -> Failed {
         use std::io::ErrorKind;
         let cut = matches!(&e, ureq::Error::Io(io)
             if matches!(io.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset));
-        if cut
-            && size > 0
-            && self
-                .agent
-                .get(&format!("{}/v1/status", self.base))
-                .call()
-                .is_ok()
-        {
+        let limit = orch::api::body_limit(orch::Limits::default().max_payload);
+        let status = format!("{}/v1/status", self.base);
+        if cut && size > limit && self.agent.get(&status).call().is_ok() {
             eprintln!(
                 "error: the host at {} closed the connection while this request's {size} bytes were sent: \
-                 it refuses a request body past its limit before reading all of it \
+                 it refuses a request body past its limit of {limit} bytes before reading all of it \
                  (a 16 MiB payload, base64-encoded, and room for the rest: docs/api.md)",
                 self.base
             );
             return Failed(exit_for_refusal("payload-too-large"));
+        }
+        if cut {
+            eprintln!(
+                "error: the host at {} closed the connection before it answered ({e}): \
+                 the request may or may not have been taken; look before sending it again",
+                self.base
+            );
+            return Failed(exit::ERROR);
         }
         eprintln!(
             "error: cannot reach the orch host API at {}: {e}\n\

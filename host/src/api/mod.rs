@@ -60,7 +60,7 @@ impl ApiState {
 
 /// The largest request body: a payload may come base64-encoded in JSON,
 /// 4/3 of its size, plus room for the rest of the body.
-fn body_limit(max_payload: u64) -> usize {
+pub fn body_limit(max_payload: u64) -> usize {
     usize::try_from(max_payload / 3 * 4 + (64 << 10)).unwrap_or(usize::MAX)
 }
 
@@ -575,6 +575,13 @@ async fn submit_batch(
             let request = std::str::from_utf8(line)
                 .map_err(|e| bad_request(format!("line {}: not UTF-8: {e}", n + 1)))
                 .and_then(|line| {
+                    // serde would read an array as the fields in order.
+                    if !line.trim_start().starts_with('{') {
+                        return Err(bad_request(format!(
+                            "line {}: expected a task: a JSON object such as {{\"capability\": \"echo\", \"input\": \"hi\"}}",
+                            n + 1
+                        )));
+                    }
                     serde_json::from_str::<SubmitBody>(line)
                         .map_err(|e| bad_request(format!("line {}: {e}", n + 1)))
                 })

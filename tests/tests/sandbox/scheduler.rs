@@ -242,8 +242,10 @@ async fn breaker_opens_probes_and_closes() {
     );
     assert_eq!(s.stats()[0].breaker, State::Closed);
 
-    // Open it again; a failed probe keeps it open.
+    // Open it again; a failed probe keeps it open. `opened` before the
+    // failure that opens it, as above.
     for _ in 0..3 {
+        opened = Instant::now();
         s.submit(task("test.flaky", "fail"))
             .unwrap()
             .wait()
@@ -259,13 +261,19 @@ async fn breaker_opens_probes_and_closes() {
 
     // A probe with bad input says nothing of the agent: it neither closes
     // nor opens the breaker, and the next task is the probe (the agent
-    // stayed shut to every task after such a probe).
+    // stayed shut to every task after such a probe). It waited two
+    // cool-downs: the failed probe's, and the one that probe opened again.
     let bad = s
         .submit(task("test.flaky", "no such payload"))
         .unwrap()
         .wait()
         .await
         .unwrap_err();
+    assert!(
+        opened.elapsed() >= Duration::from_millis(600),
+        "ran {:?} after the breaker opened",
+        opened.elapsed()
+    );
     assert!(matches!(bad.error, TaskError::InvalidInput(_)), "{bad:?}");
     assert_eq!(s.stats()[0].breaker, State::HalfOpen);
     let next = s.submit(task("test.flaky", "ok")).unwrap().wait();
