@@ -21,3 +21,10 @@ pub(crate) const SMALL_CACHE: usize = 16 << 20;
 pub(crate) fn open(path: &Path, cache: usize) -> Result<Database, DatabaseError> {
     Database::builder().set_cache_size(cache).create(path)
 }
+
+/// What a second process opening one of a home's files meets.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another process has it open: is a host already running on this home? (`orch status` finds it)"
+)]
+pub(crate) struct InUse;

@@ -88,8 +88,9 @@ pub enum Command {
         status: Option<String>,
         #[arg(long)]
         capability: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        /// How many at most, from 1 to 10000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+        limit: u16,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -387,14 +388,20 @@ fn status_once(home: &Path, api: &ApiArgs) -> u8 {
         );
     }
     if let Some(cluster) = value["cluster"].as_object() {
+        // Counts the host could not read (its NATS server is unreachable)
+        // come as null.
+        let count = |v: &Value| match v {
+            Value::Null => "unknown".to_string(),
+            v => v.to_string(),
+        };
         println!(
             "cluster ({}): {} tasks on the stream, {} running",
             cluster
                 .get("nats")
                 .and_then(Value::as_str)
                 .unwrap_or_default(),
-            value["cluster"]["tasks"]["on_stream"],
-            value["cluster"]["tasks"]["running"]
+            count(&value["cluster"]["tasks"]["on_stream"]),
+            count(&value["cluster"]["tasks"]["running"])
         );
         for h in cluster
             .get("hosts")

@@ -66,8 +66,9 @@ pub enum Command {
         status: Option<String>,
         #[arg(long)]
         workflow: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        /// How many at most, from 1 to 10000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+        limit: u16,
         #[command(flatten)]
         api: ApiArgs,
     },

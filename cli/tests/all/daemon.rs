@@ -71,6 +71,12 @@ fn the_cli_submits_waits_lists_and_installs_while_the_host_runs() {
         .collect();
     assert_eq!(ids.len(), 2);
     assert_eq!(ids[0], id, "newest first");
+    // --limit, as a pair: 1 lists the newest; 0 is refused, not "no tasks".
+    let newest = orch.json(&["task", "list", "--limit", "1", "--output", "json"]);
+    assert_eq!(newest["tasks"].as_array().unwrap().len(), 1, "{newest}");
+    let out = orch.run(&["task", "list", "--limit", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--limit"), "{}", stderr(&out));
 
     // A capability nobody provides is refused at submit, and nothing is kept.
     let submit_report = || {
@@ -777,4 +783,21 @@ fn a_kept_instance_holding_the_only_slot_serves_its_plugin_and_yields_to_others(
     assert_eq!(served, ["1", "2", "3", "1"]);
     assert_eq!(task("echo", "x"), "x");
     assert_eq!(task("test.tally", "count"), "1");
+}
+
+/// A second host on the home of a running one is refused, says why, and
+/// leaves the first one serving.
+#[test]
+fn a_second_host_on_the_same_home_is_refused_and_says_why() {
+    let orch = Orch::new();
+    let host = HostProc::start(&orch);
+    let out = orch.run(&["host", "start", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("another process has it open: is a host already running on this home?"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(host.get("/v1/status").0, 200);
 }

@@ -2182,7 +2182,13 @@ impl TaskRouter {
             // stands.
             router.counters.fenced.fetch_add(1, Ordering::Relaxed);
             router.host.events().record(EventKind::Fenced, &stored.task);
-            tracing::warn!(task = %id, "a late result was fenced: the task already has one");
+            // A cancelled attempt's end always finds the cancel's: nothing
+            // for an operator to look at.
+            if stored.task.status == Status::Cancelled {
+                tracing::debug!(task = %id, "a cancelled attempt's end was fenced by the cancel's");
+            } else {
+                tracing::warn!(task = %id, "a late result was fenced: the task already has one");
+            }
         }
         Ok(Settle::Ack)
     }

@@ -348,8 +348,12 @@ impl Journal {
                 .map_err(|e| JournalError::new(path, JournalErrorKind::Open, e))?;
         }
         let db = Arc::new(
-            crate::localdb::open(path, crate::localdb::JOURNAL_CACHE)
-                .map_err(|e| open(e.into()))?,
+            crate::localdb::open(path, crate::localdb::JOURNAL_CACHE).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    JournalError::new(path, JournalErrorKind::Open, crate::localdb::InUse)
+                }
+                e => open(e.into()),
+            })?,
         );
         // Create the tables up front so that readers never meet a missing
         // one, and index a journal written before the indexes.
