@@ -621,6 +621,77 @@ fn a_results_bucket_made_without_republish_gets_it() {
     assert_eq!(ha.wait(&id)["result"], "after the upgrade");
 }
 
+/// A stream and a consumer made by a host before tasks carried their id
+/// in the subject: the host adds the subject and the consumer's filter, and
+/// takes both kinds of task.
+#[test]
+fn a_tasks_stream_and_consumer_made_before_task_ids_get_their_subjects() {
+    use async_nats::jetstream::{consumer, stream};
+    let nats = NatsServer::start();
+    let rt = crate::common::runtime();
+    let js = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+        let tasks = js
+            .create_stream(stream::Config {
+                name: "ORCH_TASKS".into(),
+                subjects: vec!["orch.v1.task.>".into(), "orch.v1.fence.>".into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        tasks
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("cap_echo".into()),
+                filter_subject: "orch.v1.task.echo".into(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        js
+    });
+    let a = Orch::new();
+    a.ok(&["plugin", "install", "-y", &p("echo")]);
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "echo", 1);
+    let (subjects, filters) = rt.block_on(async {
+        let mut tasks = js.get_stream("ORCH_TASKS").await.unwrap();
+        let subjects = tasks.info().await.unwrap().config.subjects.clone();
+        let mut echo: consumer::PullConsumer = tasks.get_consumer("cap_echo").await.unwrap();
+        let config = echo.info().await.unwrap().config.clone();
+        (subjects, config.filter_subjects)
+    });
+    assert!(
+        subjects.contains(&"orch.v1.task-id.>".to_string()),
+        "{subjects:?}"
+    );
+    assert_eq!(filters, ["orch.v1.task.echo", "orch.v1.task-id.*.echo"]);
+    let id = ha.submit("echo", "after the upgrade");
+    assert_eq!(ha.wait(&id)["result"], "after the upgrade");
+    // Another client's task, on the subject without an id.
+    let republished = rt.block_on(async {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        let mut results = client.subscribe("orch.v1.results.outside-1").await.unwrap();
+        client.flush().await.unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "outside-1");
+        headers.insert("Orch-Task-Id", "outside-1");
+        js.publish_with_headers("orch.v1.task.echo", headers, "from outside".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let message = tokio::time::timeout(Duration::from_secs(30), results.next())
+            .await
+            .expect("no result republished within 30 s")
+            .unwrap();
+        serde_json::from_slice::<Value>(&message.payload).unwrap()
+    });
+    assert_eq!(republished["task"]["status"], "completed", "{republished}");
+}
+
 #[test]
 fn tasks_call_reaches_an_agent_on_another_host() {
     let nats = NatsServer::start();
@@ -1376,6 +1447,10 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
             "{stale:?}"
         );
         assert_eq!(store.find_key("wf/r1/b/1").await.unwrap(), None);
+        assert!(!store.key_used("wf/r1/b/1", "nobody.serves").await.unwrap());
+        // What it submitted before the fence went up is found, by the id
+        // in its subject in the tasks' stream.
+        assert!(store.key_used("wf/r1/a/1", "nobody.serves").await.unwrap());
         // The new driver's submission of the same step is taken.
         let taken = submit_under(store, "wf/r1/b/1", &new).await;
         assert!(
@@ -1383,6 +1458,7 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
             "{taken:?}"
         );
         assert!(store.find_key("wf/r1/b/1").await.unwrap().is_some());
+        assert!(store.key_used("wf/r1/b/1", "nobody.serves").await.unwrap());
         // A fence raised again stays one message, and still refuses the
         // first driver; so does the second now.
         let again = store.raise_fence("r1").await.unwrap().unwrap();

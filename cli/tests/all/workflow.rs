@@ -1194,6 +1194,79 @@ fn a_cluster_run_survives_kill_9_of_its_driving_host() {
     );
 }
 
+/// In a cluster too a step's task and the run's write that says the step
+/// started go at the same time, so a driving host that dies between them
+/// leaves the task stored and the step `pending`. This makes that state
+/// (the driving host killed, the run edited in its bucket before its lease
+/// ends, a cancel added) and checks that the host that takes the run over
+/// finds the task by its key, after raising the run's fence: the step is
+/// waited for, not left `not-run` with its task running on its own, and is
+/// undone; no second task runs for it.
+#[test]
+fn a_step_stored_but_not_written_as_started_is_found_by_the_host_that_takes_over() {
+    let mut t = Three::start();
+    registered(
+        t.a(),
+        "name = \"pair\"\nversion = 1\n\
+         [[steps]]\nid = \"a\"\ncapability = \"echo\"\ninput = \"a\"\n\
+         compensate = { capability = \"echo\", input = \"undo a\" }\n\
+         [[steps]]\nid = \"b\"\ncapability = \"test.sleep\"\nafter = [\"a\"]\ninput = \"1500\"\n\
+         compensate = { capability = \"echo\", input = \"undo b\" }\n\
+         [[steps]]\nid = \"c\"\ncapability = \"echo\"\nafter = [\"b\"]\ninput = \"c\"\n",
+    );
+    let run = start(t.a(), "pair", json!({ "input": null }), false);
+    let id = run["id"].as_str().unwrap().to_string();
+    t.a().until("step b runs", |h| {
+        let (_, run) = h.get(&format!("/v1/runs/{id}"));
+        step(&run, "b")["status"] == "running"
+    });
+    t.a.take().unwrap().kill9();
+    // The lease A wrote last has at least 1.3 s left: the edit lands first.
+    crate::common::runtime().block_on(async {
+        let client = async_nats::connect(t._nats.url.as_str()).await.unwrap();
+        let kv = async_nats::jetstream::new(client)
+            .get_key_value("ORCH_RUNS")
+            .await
+            .unwrap();
+        let entry = kv.entry(&id).await.unwrap().unwrap();
+        let mut record: Value = serde_json::from_slice(&entry.value).unwrap();
+        assert!(
+            record["lease_until_ms"].as_u64().unwrap() > orch::daemon::now_ms(),
+            "{record}"
+        );
+        let b = record["steps"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|s| s["id"] == "b")
+            .unwrap();
+        assert_eq!(b["status"], "running", "{b}");
+        b["status"] = json!("pending");
+        b["started_at_ms"] = Value::Null;
+        b["input"] = Value::Null;
+        b["task_id"] = Value::Null;
+        b["attempts"] = json!(0);
+        record["cancel_requested"] = json!(true);
+        let value = serde_json::to_vec(&record).unwrap();
+        kv.update(&id, value.into(), entry.revision).await.unwrap();
+    });
+    let run = wait_run(&t.c, &id);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    let b = step(&run, "b");
+    assert_eq!(b["status"], "completed", "{run}");
+    assert_eq!(step(&run, "c")["status"], "not-run", "{run}");
+    for s in ["b", "a"] {
+        assert_eq!(
+            step(&run, s)["compensation"]["status"],
+            "completed",
+            "{run}"
+        );
+    }
+    // b's task is the one A submitted: one task for its key.
+    let (_, tasks) = t.c.get("/v1/tasks?capability=test.sleep&limit=10");
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "{tasks}");
+}
+
 fn d_task(h: &HostProc, id: &str) -> Value {
     h.wait(id)
 }

@@ -59,9 +59,26 @@ pub mod subjects {
         format!("{PREFIX}.published.{subject}")
     }
 
-    /// Tasks for one capability (the JetStream stream's subjects).
+    /// Tasks for one capability, as other clients publish them (the
+    /// JetStream stream's subjects).
     pub fn task(capability: &str) -> String {
         format!("{PREFIX}.task.{capability}")
+    }
+
+    /// A task that an orch host publishes: its id in the subject, so that
+    /// the stream can be asked for it by id (`TaskStore::key_used`). The id
+    /// comes first: `task-id.*.<capability>` matches no other capability's
+    /// tasks, whose capabilities have other numbers of tokens or other
+    /// tokens. `None` when the id is not one subject token.
+    pub fn task_with_id(capability: &str, id: &str) -> Option<String> {
+        let token = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        (!id.is_empty() && id.chars().all(token))
+            .then(|| format!("{PREFIX}.task-id.{id}.{capability}"))
+    }
+
+    /// What a capability's consumer takes: both forms above.
+    pub fn task_filters(capability: &str) -> Vec<String> {
+        vec![task(capability), format!("{PREFIX}.task-id.*.{capability}")]
     }
 
     /// The fence of a workflow run (see `service::Fence`), in the tasks'

@@ -1,9 +1,11 @@
 //! Tasks through JetStream, for hosts in a cluster.
 //!
-//! - A submitted task is one message on `orch.v1.task.<capability>` in the
-//!   work-queue stream `ORCH_TASKS` (file storage), with `Nats-Msg-Id` set to
-//!   the task id so the stream drops a duplicate submission. Its queued record
-//!   goes to the KV bucket `ORCH_QUEUED` first, so any host can show it.
+//! - A submitted task is one message on `orch.v1.task-id.<id>.<capability>`
+//!   (other clients: `orch.v1.task.<capability>`) in the work-queue stream
+//!   `ORCH_TASKS` (file storage), with `Nats-Msg-Id` set to the task id so
+//!   the stream drops a duplicate submission. Its queued record
+//!   goes to the KV bucket `ORCH_QUEUED` at the same time, so any host can
+//!   show it.
 //! - Every host that serves a capability pulls from one durable consumer per
 //!   capability (`cap_<capability with . as _>`), only as many messages as it
 //!   has free slots for that capability, and runs each task once in its local
@@ -509,6 +511,7 @@ impl TaskRouter {
         // checked against (`service::Fence`); no consumer takes the fences.
         let task_subjects = vec![
             format!("{}.task.>", subjects::PREFIX),
+            format!("{}.task-id.>", subjects::PREFIX),
             format!("{}.fence.>", subjects::PREFIX),
         ];
         let mut stream = js
@@ -524,7 +527,7 @@ impl TaskRouter {
             })
             .await
             .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
-        // A stream made before fences gets their subjects.
+        // A stream made before fences or task ids gets their subjects.
         let config = stream
             .info()
             .await
@@ -882,19 +885,26 @@ impl TaskRouter {
     /// Tasks on the stream now: waiting for a host, or taken and not yet
     /// acked, over the whole cluster.
     pub async fn on_stream(&self) -> Result<u64, HostError> {
-        // Tasks only, summed over their subjects (one per capability): the
-        // stream holds workflow runs' fences too.
+        // Every message less the workflow runs' fences (one a run taken
+        // over): tasks have a subject each, fences are few.
+        let mut stream = self.stream.clone();
+        let messages = stream
+            .info()
+            .await
+            .map_err(|e| self.error("stream ORCH_TASKS", e))?
+            .state
+            .messages;
         let mut counts = self
             .stream
-            .info_with_subjects(format!("{}.task.>", subjects::PREFIX))
+            .info_with_subjects(format!("{}.fence.>", subjects::PREFIX))
             .await
             .map_err(|e| self.error("stream ORCH_TASKS", e))?;
-        let mut total = 0u64;
+        let mut fences = 0u64;
         while let Some(count) = counts.next().await {
             let (_, n) = count.map_err(|e| self.error("stream ORCH_TASKS", e))?;
-            total += n as u64;
+            fences += n as u64;
         }
-        Ok(total)
+        Ok(messages.saturating_sub(fences))
     }
 
     /// Task messages terminated for want of a valid task id.
@@ -1085,7 +1095,8 @@ impl TaskRouter {
         let publish = async {
             self.js
                 .send_publish(
-                    subjects::task(&record.capability),
+                    subjects::task_with_id(&record.capability, &record.id)
+                        .unwrap_or_else(|| subjects::task(&record.capability)),
                     jetstream::message::PublishMessage::build()
                         .payload(payload.into())
                         .headers(headers)
@@ -1559,22 +1570,21 @@ async fn pull_loop(router: Arc<TaskRouter>, capability: String) {
 async fn make_consumer(router: &TaskRouter, capability: &str) -> consumer::PullConsumer {
     let name = consumer_name(capability);
     loop {
+        // Created, or updated when an older host made it with other
+        // filters; its state (what is pending and acked) stays.
         let made = router
             .stream
-            .get_or_create_consumer(
-                &name,
-                consumer::pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: subjects::task(capability),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    // Unlimited: a delivery cut off by a host crash must
-                    // always get another; the attempt limit for failures is
-                    // applied here, from the delivery count.
-                    max_deliver: -1,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subjects: subjects::task_filters(capability),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                // Unlimited: a delivery cut off by a host crash must
+                // always get another; the attempt limit for failures is
+                // applied here, from the delivery count.
+                max_deliver: -1,
+                ..Default::default()
+            })
             .await;
         match made {
             Ok(c) => return c,
@@ -2428,6 +2438,33 @@ impl TaskStore for TaskRouter {
                 .await
                 .map_err(|e| self.error("fence purge", e))?;
             Ok(())
+        })
+    }
+
+    /// Looks in the tasks' stream itself, where the fence is: a task of
+    /// the key stored before the fence is there, by the id in its subject,
+    /// until a host acks it, and a host acks only after storing its result,
+    /// which is read second. (The key's queued record is in another stream
+    /// and may be written after its task, or not at all.) Both are read
+    /// from the streams' leaders.
+    fn key_used<'a>(
+        &'a self,
+        key: &'a str,
+        capability: &'a str,
+    ) -> BoxFuture<'a, Result<bool, HostError>> {
+        use jetstream::stream::LastRawMessageErrorKind;
+        Box::pin(async move {
+            let id = id_for_key(key);
+            let Some(subject) = subjects::task_with_id(capability, &id) else {
+                return Ok(self.read_result(&id).await?.is_some());
+            };
+            match self.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                    Ok(self.read_result(&id).await?.is_some())
+                }
+                Err(e) => Err(self.error("ORCH_TASKS key check", e)),
+            }
         })
     }
 

@@ -113,6 +113,17 @@ pub trait TaskStore: Send + Sync {
         let _ = name;
         Box::pin(async { Ok(()) })
     }
+    /// Whether a task was submitted under `key` for `capability`, asked
+    /// after [`TaskStore::raise_fence`]: the answer is final, since no
+    /// submission under an earlier fence can be stored after it.
+    fn key_used<'a>(
+        &'a self,
+        key: &'a str,
+        capability: &'a str,
+    ) -> BoxFuture<'a, Result<bool, HostError>> {
+        let _ = capability;
+        Box::pin(async move { Ok(self.find_key(key).await?.is_some()) })
+    }
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>>;
     /// Waits up to `timeout` for the task to end, then returns it as it is.
     /// `fresh`: this host has just accepted it (it cannot have ended yet).

@@ -458,23 +458,40 @@ impl Driver {
                 running_ids.insert(handle.id(), i);
             }
         }
-        // On a lone host a step's task may be stored while the run still
-        // says the step is pending (the two writes overlap, below): such a
-        // step started before a crash. It is started again whatever comes
-        // (a cancel, a failure, the deadline), so that its task is waited
-        // for and, completed, undone like any other.
+        // A step's task may be stored while the run still says the step
+        // is pending (the run's write and the step's submission overlap,
+        // below): such a step was started by the driver before this one (a
+        // crash, or in a cluster a host replaced). It is started again
+        // whatever comes (a cancel, a failure, the deadline), so that its
+        // task is waited for and, completed, undone like any other. In a
+        // cluster this driver raised its fence before it took the run, so
+        // no task of the replaced driver can be stored after this looks.
         let mut started_before = Vec::new();
-        if self.shared.store.exclusive() {
-            for i in 0..self.run.steps.len() {
-                if self.run.steps[i].status != StepStatus::Pending {
-                    continue;
-                }
-                let key = format!("wf/{}/{}/1", self.run.id, self.def.steps[i].step.id);
-                if let Ok(Some(_)) = self.shared.tasks.store().find_key(&key).await {
-                    started_before.push(i);
+        if !self.fresh {
+            let checks: Vec<_> = (0..self.run.steps.len())
+                .filter(|&i| self.run.steps[i].status == StepStatus::Pending)
+                .filter(|&i| self.def.steps[i].step.for_each.is_none())
+                .map(|i| {
+                    let step = &self.def.steps[i].step;
+                    let key = format!("wf/{}/{}/1", self.run.id, step.id);
+                    let (store, capability) = (self.shared.tasks.store(), step.capability.clone());
+                    async move { (i, store.key_used(&key, &capability).await) }
+                })
+                .collect();
+            let mut used = futures_util::stream::iter(checks).buffer_unordered(16);
+            while let Some((i, used)) = used.next().await {
+                match used {
+                    Ok(true) => started_before.push(i),
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Err(Stop::Store(WorkflowError::store("a step's task key", e)))
+                    }
                 }
             }
+            started_before.sort_unstable();
         }
+        // Their first attempts' keys are used: looked up when submitted.
+        let submitted_before = started_before.clone();
         let mut spawn: Vec<usize> = Vec::new();
         // The first renewal a third of a lease from now: the write that
         // made or took the run set its lease (an interval's first tick
@@ -505,22 +522,25 @@ impl Driver {
                 break;
             }
             // The checkpoint: every started step and ended one is written
-            // before a step that depends on it can start. On a lone host a
-            // step's task is a checkpoint of its own: the journal holds it
-            // under its key (`wf/RUN/STEP/N`), with its result, before
-            // anything depends on it, and a restarted driver that resubmits
-            // a step finds that task by the key. So there the run's write
-            // and the new steps' submissions overlap. In a cluster the write
-            // comes first: it is what fences a driver another host replaced.
-            // A cancel waiting to be read (a poke) keeps the order too, and
-            // so does a fan-out (its elements' keys are not looked up when a
-            // run is taken up again).
+            // before a step that depends on it can start. A step's task is
+            // a checkpoint of its own: stored under its key (`wf/RUN/STEP/N`)
+            // before anything depends on it, and found by that key by a
+            // driver that takes the run up again (above). So the run's write
+            // and the new steps' submissions overlap. In a cluster the
+            // tasks are stored under the run's fence, which a host that
+            // takes the run over raises first: a replaced driver's task is
+            // stored before it, and found, or refused. A cancel waiting to
+            // be read (a poke) keeps the order, and so does a fan-out (its
+            // elements' keys are not looked up when a run is taken up
+            // again).
             let plain = spawn
                 .iter()
                 .all(|&i| self.def.steps[i].step.for_each.is_none());
-            if self.shared.store.exclusive() && plain && !poke.has_changed().unwrap_or(true) {
+            let overlap = self.shared.store.exclusive() || self.fence.is_some();
+            if overlap && plain && !poke.has_changed().unwrap_or(true) {
                 for i in spawn.drain(..) {
-                    let handle = running.spawn(self.step(i, tx.clone(), true));
+                    let fresh = !submitted_before.contains(&i);
+                    let handle = running.spawn(self.step(i, tx.clone(), fresh));
                     running_ids.insert(handle.id(), i);
                 }
             }
@@ -541,7 +561,8 @@ impl Driver {
                 }
             }
             for i in spawn.drain(..) {
-                let handle = running.spawn(self.step(i, tx.clone(), true));
+                let fresh = !submitted_before.contains(&i);
+                let handle = running.spawn(self.step(i, tx.clone(), fresh));
                 running_ids.insert(handle.id(), i);
             }
             let deadline = self.run.deadline_ms.filter(|_| self.run.error.is_none());
