@@ -78,7 +78,7 @@ pub enum TaskError {
     #[error("table limit: the agent asked for a table of {requested} elements, past the limit of {limit} elements")]
     TableLimit { limit: u64, requested: u64 },
 
-    #[error("deadline exceeded: the task ran past its deadline of {ms} ms")]
+    #[error("deadline exceeded: the task did not end within its deadline of {ms} ms")]
     DeadlineExceeded { ms: u64 },
 
     #[error("payload too large: {size} bytes, past the limit of {limit} bytes")]

@@ -59,6 +59,10 @@ pub async fn run(home: &Path, args: Args) -> u8 {
         eprintln!("error: --timeout must be greater than zero");
         return exit::BAD_INPUT;
     }
+    if args.fuel == Some(0) {
+        eprintln!("error: --fuel must be greater than zero");
+        return exit::BAD_INPUT;
+    }
     let ctx = match Context::open(home) {
         Ok(c) => c,
         Err(code) => return code,

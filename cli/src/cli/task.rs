@@ -119,10 +119,19 @@ pub fn parse_wait(wait: bool, timeout: &str) -> Result<Option<Duration>, u8> {
     if !wait {
         return Ok(None);
     }
-    orch::units::parse_duration(timeout).map(Some).map_err(|e| {
-        eprintln!("error: --timeout: {e}");
-        exit::BAD_INPUT
-    })
+    match orch::units::parse_duration(timeout) {
+        // Checked before anything is submitted: a wait of nothing would
+        // submit the task and then report it unfinished.
+        Ok(t) if t.is_zero() => {
+            eprintln!("error: --timeout must be greater than zero");
+            Err(exit::BAD_INPUT)
+        }
+        Ok(t) => Ok(Some(t)),
+        Err(e) => {
+            eprintln!("error: --timeout: {e}");
+            Err(exit::BAD_INPUT)
+        }
+    }
 }
 
 /// A client of the API that waits `wait` for an answer, and 30 s more.
@@ -394,8 +403,13 @@ fn status_once(home: &Path, api: &ApiArgs) -> u8 {
             Value::Null => "unknown".to_string(),
             v => v.to_string(),
         };
+        let link = if cluster.get("connected") == Some(&Value::Bool(false)) {
+            ", not connected: other hosts as last heard"
+        } else {
+            ""
+        };
         println!(
-            "cluster ({}): {} tasks on the stream, {} running",
+            "cluster ({}{link}): {} tasks on the stream, {} running",
             cluster
                 .get("nats")
                 .and_then(Value::as_str)

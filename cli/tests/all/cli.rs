@@ -76,6 +76,17 @@ fn exit_codes_tell_bad_input_from_limits_from_agent_failures() {
         stderr(&out)
     );
 
+    // No fuel is a usage error, as no time is; one unit runs out at once.
+    let out = orch.run(&["run", &p("echo"), "--fuel", "0"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("--fuel must be greater than zero"),
+        "{}",
+        stderr(&out)
+    );
+    let out = orch.run(&["run", &p("echo"), "--fuel", "1"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+
     let out = orch.run(&["run", &p("spin"), "--fuel", "1000000"]);
     assert_eq!(out.status.code(), Some(4));
     assert!(
@@ -94,7 +105,8 @@ fn exit_codes_tell_bad_input_from_limits_from_agent_failures() {
     ]);
     assert_eq!(out.status.code(), Some(4));
     assert!(
-        stderr(&out).contains("deadline exceeded: the task ran past its deadline of 100 ms"),
+        stderr(&out)
+            .contains("deadline exceeded: the task did not end within its deadline of 100 ms"),
         "{}",
         stderr(&out)
     );

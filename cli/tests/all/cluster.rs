@@ -141,15 +141,42 @@ fn a_submission_while_the_server_is_down_is_unavailable_not_unknown() {
     let a = Orch::new();
     a.ok(&["plugin", "install", "-y", &p("echo")]);
     let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    // B serves nothing: it is there to be seen.
+    let b = Orch::new();
+    let _hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
+    let idb = host_id(&b);
+    ha.until("B alive", |h| state_of(h, &idb).as_deref() == Some("alive"));
     until_serving(&ha, "echo", 1);
     let (code, _) = ha.post("/v1/tasks", &json!({ "capability": "echo" }));
     assert_eq!(code, 201);
     drop(nats);
     // No heartbeat arrives, its own included: no host seems to serve echo.
+    // The host still shows itself alive, says it is not connected, and
+    // does not call B dead: it cannot tell.
     let ida = host_id(&a);
     ha.until("the host hears no one", |h| {
-        state_of(h, &ida).as_deref() == Some("dead")
+        let (_, status) = h.get("/v1/status");
+        let hosts = status["cluster"]["hosts"].as_array().unwrap().clone();
+        let silent = |m: &Value| m["last_heartbeat_ms"].as_u64().unwrap() > 1000;
+        status["cluster"]["connected"] == false
+            && hosts.len() == 2
+            && hosts.iter().all(|m| {
+                silent(m)
+                    && if m["host"] == ida.as_str() {
+                        m["state"] == "alive"
+                    } else {
+                        m["state"] == "unknown"
+                    }
+            })
     });
+    let out = a.run(&["status", "--api", &ha.url]);
+    assert_eq!(out.status.code(), Some(0));
+    let printed = crate::common::stdout(&out);
+    assert!(
+        printed.contains("not connected: other hosts as last heard")
+            && printed.contains("unknown tasks on the stream"),
+        "{printed}"
+    );
     let (code, answer) = ha.post("/v1/tasks", &json!({ "capability": "echo" }));
     assert_eq!(code, 503, "{answer}");
     assert_eq!(answer["error"]["kind"], "unavailable", "{answer}");
@@ -1491,6 +1518,21 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
         store.drop_fence("r1").await.unwrap();
         let mut fences = tasks.info_with_subjects("orch.v1.fence.r1").await.unwrap();
         assert!(fences.next().await.is_none(), "the fence is gone");
+        // A task that has left the stream is found by its result (a host
+        // acks a task after storing it), and only then. Here the messages
+        // go by a purge, as an ack takes them.
+        let ended = store.find_key("wf/r1/b/1").await.unwrap().unwrap();
+        store.cancel(&ended).await.unwrap();
+        let unended = store.find_key("wf/r2/a/1").await.unwrap().unwrap();
+        for id in [&ended, &unended] {
+            tasks
+                .purge()
+                .filter(format!("orch.v1.task-id.{id}.nobody.serves"))
+                .await
+                .unwrap();
+        }
+        assert!(store.key_used("wf/r1/b/1", "nobody.serves").await.unwrap());
+        assert!(!store.key_used("wf/r2/a/1", "nobody.serves").await.unwrap());
         node.shutdown(Duration::from_secs(5)).await;
     });
 }

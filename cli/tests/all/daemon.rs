@@ -97,6 +97,25 @@ fn the_cli_submits_waits_lists_and_installs_while_the_host_runs() {
         stderr(&out)
     );
     assert_eq!(host.count("queued") + host.count("completed"), 2);
+    // A wait of nothing is refused before anything is submitted.
+    let out = orch.run(&[
+        "task",
+        "submit",
+        "--capability",
+        "text.wordcount",
+        "--input",
+        input,
+        "--wait",
+        "--timeout",
+        "0s",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--timeout must be greater than zero"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(host.count("queued") + host.count("completed"), 2);
 
     // Installing while the host runs: the CLI tells the host, which serves
     // the plugin at once; the planner's sub-tasks run on wordcount.
@@ -362,6 +381,15 @@ fn the_api_reports_bad_requests_with_a_kind_and_message() {
     );
     let (code, v) = host.get("/v1/tasks?status=lost");
     assert_eq!(code, 400, "{v}");
+    // An array is not read as the fields in order; an object is a task.
+    let (code, v) = host.post("/v1/tasks", &json!(["echo", "hi"]));
+    assert_eq!(code, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("expected a task: a JSON object"),
+        "{message}"
+    );
+    assert_eq!(host.count("queued") + host.count("completed"), 0);
     let (code, v) = host.post(
         "/v1/tasks",
         &json!({ "capability": "echo", "input_base64": "AP8=" }),
@@ -484,7 +512,7 @@ fn a_missed_deadline_names_the_deadline_given() {
         assert_eq!(done["error"]["kind"], "deadline-exceeded", "{done}");
         assert_eq!(
             done["error"]["message"],
-            format!("deadline exceeded: the task ran past its deadline of {given} ms"),
+            format!("deadline exceeded: the task did not end within its deadline of {given} ms"),
             "{done}"
         );
     }

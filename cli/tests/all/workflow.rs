@@ -1267,6 +1267,57 @@ fn a_step_stored_but_not_written_as_started_is_found_by_the_host_that_takes_over
     assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "{tasks}");
 }
 
+/// A cancel through a host that does not drive the run raises the run's
+/// fence, so that the driver can store no task of the run after it (the
+/// driver reads the cancel only at its next write). The driver, still the
+/// run's owner, takes the new fence when its next submission (here the
+/// compensation's, at the latest) is refused, and goes on: the run is
+/// undone by the same driver, without waiting for a lease to end.
+#[test]
+fn a_cancel_through_another_host_fences_the_run_and_its_driver_goes_on() {
+    let t = Three::start();
+    registered(
+        t.a(),
+        "name = \"pair\"\nversion = 1\n\
+         [[steps]]\nid = \"a\"\ncapability = \"test.sleep\"\ninput = \"1000\"\n\
+         compensate = { capability = \"echo\", input = \"undo a\" }\n\
+         [[steps]]\nid = \"b\"\ncapability = \"echo\"\nafter = [\"a\"]\ninput = \"b\"\n",
+    );
+    let run = start(t.a(), "pair", json!({ "input": null }), false);
+    let id = run["id"].as_str().unwrap().to_string();
+    let owner = run["owner"].as_str().unwrap().to_string();
+    assert!(owner.starts_with(&host_id(t.a())), "{run}");
+    t.a().until("step a runs", |h| {
+        let (_, run) = h.get(&format!("/v1/runs/{id}"));
+        step(&run, "a")["status"] == "running"
+    });
+    let (code, cancelled) = t.c.post(&format!("/v1/runs/{id}/cancel"), &json!({}));
+    assert_eq!(code, 200, "{cancelled}");
+    // The fence is up once the cancel is answered.
+    let fence = crate::common::runtime().block_on(async {
+        let client = async_nats::connect(t._nats.url.as_str()).await.unwrap();
+        let tasks = async_nats::jetstream::new(client)
+            .get_stream("ORCH_TASKS")
+            .await
+            .unwrap();
+        tasks
+            .get_last_raw_message_by_subject(&format!("orch.v1.fence.{id}"))
+            .await
+            .map(|m| m.sequence)
+    });
+    assert!(fence.is_ok(), "no fence after the cancel: {fence:?}");
+    let run = wait_run(&t.c, &id);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(step(&run, "a")["status"], "completed", "{run}");
+    assert_eq!(
+        step(&run, "a")["compensation"]["status"],
+        "completed",
+        "{run}"
+    );
+    assert_eq!(step(&run, "b")["status"], "not-run", "{run}");
+    assert_eq!(run["owner"], owner.as_str(), "the same driver: {run}");
+}
+
 fn d_task(h: &HostProc, id: &str) -> Value {
     h.wait(id)
 }

@@ -385,6 +385,29 @@ struct SubmitBody {
     idempotency_key: Option<String>,
 }
 
+/// A submission's body: a JSON object only. serde reads a struct from an
+/// array too, as its fields in order, so `["echo", "hi"]` would be a task.
+struct TaskBody(SubmitBody);
+
+impl<'de> Deserialize<'de> for TaskBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = TaskBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a task: a JSON object such as {\"capability\": \"echo\", \"input\": \"hi\"}",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<TaskBody, A::Error> {
+                SubmitBody::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TaskBody)
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WaitQuery {
@@ -434,9 +457,9 @@ async fn submit(
     Client(by): Client,
     headers: axum::http::HeaderMap,
     q: Result<Query<WaitQuery>, QueryRejection>,
-    body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<TaskBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| match e.status() {
+    let Json(TaskBody(body)) = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
             let max = state.tasks.store().max_payload();
             ApiError(
@@ -857,6 +880,7 @@ async fn status(State(state): State<ApiState>) -> Json<Value> {
         "plugin_errors": errors,
         "cluster": cluster.map(|c| json!({
             "nats": c.url(),
+            "connected": c.connected(),
             "hosts": c.members(),
             "tasks": {
                 "on_stream": on_stream,

@@ -207,7 +207,10 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Member {
     pub host: String,
-    /// `alive`, `dead` (no heartbeat for a second) or `left` (stopped cleanly).
+    /// `alive`, `dead` (no heartbeat for a second) or `left` (stopped
+    /// cleanly); `unknown` for another host not heard from for a second
+    /// while this host is not connected to its NATS server (it hears no
+    /// one). This host itself is always `alive`.
     pub state: &'static str,
     /// Milliseconds since its last heartbeat arrived.
     pub last_heartbeat_ms: u64,
@@ -475,20 +478,34 @@ impl Cluster {
         Ok(())
     }
 
+    /// Whether this host's connection to its NATS server is up.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Every host heard from since this one joined, itself included.
     pub fn members(&self) -> Vec<Member> {
+        let connected = self.connected();
         lock(&self.members)
             .values()
             .map(|seen| {
                 let silent = seen.at.elapsed();
+                let h = &seen.heartbeat;
                 let state = if seen.left {
                     "left"
+                } else if h.host == self.id {
+                    // It answers; whether its heartbeats get through is
+                    // `connected`.
+                    "alive"
                 } else if silent > DEAD_AFTER {
-                    "dead"
+                    if connected {
+                        "dead"
+                    } else {
+                        "unknown"
+                    }
                 } else {
                     "alive"
                 };
-                let h = &seen.heartbeat;
                 Member {
                     host: h.host.clone(),
                     state,

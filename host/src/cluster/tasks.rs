@@ -527,20 +527,24 @@ impl TaskRouter {
             })
             .await
             .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
-        // A stream made before fences or task ids gets their subjects.
+        // A stream made before fences or task ids gets their subjects;
+        // subjects a later version added stay.
         let config = stream
             .info()
             .await
             .map_err(|e| err("stream ORCH_TASKS", e.into()))?
             .config
             .clone();
-        if config.subjects != task_subjects {
-            js.update_stream(stream::Config {
-                subjects: task_subjects,
-                ..config
-            })
-            .await
-            .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
+        let missing: Vec<String> = task_subjects
+            .into_iter()
+            .filter(|s| !config.subjects.contains(s))
+            .collect();
+        if !missing.is_empty() {
+            let mut subjects = config.subjects.clone();
+            subjects.extend(missing);
+            js.update_stream(stream::Config { subjects, ..config })
+                .await
+                .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
         }
         // Finished tasks are kept for `[host] retention`, as on a lone host:
         // the server drops results, records and claims older than that.
@@ -1589,7 +1593,7 @@ async fn make_consumer(router: &TaskRouter, capability: &str) -> consumer::PullC
         match made {
             Ok(c) => return c,
             Err(e) => {
-                tracing::warn!(capability = %capability, error = %e, "cannot create the consumer; retrying");
+                tracing::warn!(capability = %capability, error = %e, "cannot create or update the capability's consumer (a setting of it that cannot be updated: delete it, and a host makes it again); retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -2430,6 +2434,25 @@ impl TaskStore for TaskRouter {
         })
     }
 
+    /// From the stream's leader: a fence raised before this call is seen.
+    fn fence_sequence<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, HostError>> {
+        use jetstream::stream::LastRawMessageErrorKind;
+        Box::pin(async move {
+            match self
+                .stream
+                .get_last_raw_message_by_subject(&subjects::fence(name))
+                .await
+            {
+                Ok(m) => Ok(Some(m.sequence)),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(Some(0)),
+                Err(e) => Err(self.error("fence", e)),
+            }
+        })
+    }
+
     fn drop_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HostError>> {
         Box::pin(async move {
             self.stream
@@ -2455,15 +2478,26 @@ impl TaskStore for TaskRouter {
         use jetstream::stream::LastRawMessageErrorKind;
         Box::pin(async move {
             let id = id_for_key(key);
-            let Some(subject) = subjects::task_with_id(capability, &id) else {
-                return Ok(self.read_result(&id).await?.is_some());
-            };
-            match self.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                    Ok(self.read_result(&id).await?.is_some())
+            if let Some(subject) = subjects::task_with_id(capability, &id) {
+                match self.stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(_) => return Ok(true),
+                    Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                    Err(e) => return Err(self.error("ORCH_TASKS key check", e)),
                 }
-                Err(e) => Err(self.error("ORCH_TASKS key check", e)),
+            }
+            // Not a direct get, which a replica that lags could answer.
+            let results = self
+                .js
+                .get_stream_no_info(format!("KV_{RESULTS}"))
+                .await
+                .map_err(|e| self.error("ORCH_RESULTS", e))?;
+            match results
+                .get_last_raw_message_by_subject(&keys::result_of(RESULTS, &id))
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+                Err(e) => Err(self.error("ORCH_RESULTS key check", e)),
             }
         })
     }

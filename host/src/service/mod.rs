@@ -108,6 +108,15 @@ pub trait TaskStore: Send + Sync {
     /// record is kept for after its end too. A cluster's is the one its
     /// streams have (the longest any host asked for), not this host's.
     fn retention(&self) -> BoxFuture<'_, Result<Option<Duration>, HostError>>;
+    /// The fence `name` as it is now (0: never raised), or `None` when
+    /// this store needs no fences.
+    fn fence_sequence<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, HostError>> {
+        let _ = name;
+        Box::pin(async { Ok(None) })
+    }
     /// Removes the fence `name` (its runs are gone).
     fn drop_fence<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), HostError>> {
         let _ = name;
@@ -241,7 +250,7 @@ impl TaskService {
 
     /// [`TaskService::submit`]; `unused_key`: the caller knows that no
     /// earlier submission used the request's idempotency key (a workflow
-    /// driver that has just recorded the step as started), so a cluster
+    /// driver that has just started the step), so a cluster
     /// does not look the key up first. A second submission with it within
     /// the stream's duplicate window is still that task. `fence`: the
     /// task is stored only under it ([`Fence`]; `HostError::Fenced`

@@ -400,6 +400,15 @@ impl Workflows {
             poke();
             if self.shared.store.update_run(&run, rev).await?.is_some() {
                 poke();
+                // In a cluster the driver may be on another host, which
+                // reads the cancel at its next write of the run; meanwhile
+                // it could start a step. The run's fence, raised here,
+                // refuses every task it submits from now on; it then reads
+                // the run, finds the cancel, and takes the new fence
+                // (`run::Fencing`). A lone host needs none (the poke).
+                if let Err(e) = self.shared.tasks.store().raise_fence(&fence_name(id)).await {
+                    tracing::warn!(run = %id, error = %e, "cannot raise a cancelled run's fence: its driver reads the cancel at its next write");
+                }
                 return Ok(run);
             }
         }
@@ -488,7 +497,7 @@ impl Shared {
         // A new run has no fence yet: its tasks are stored while none is
         // raised, that is until another host takes the run over.
         if !self.store.exclusive() {
-            driver.fence = Some(Fence {
+            driver.set_fence(Fence {
                 name: fence_name(&driver.run.id),
                 sequence: 0,
             });
@@ -797,7 +806,9 @@ async fn scan(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
         };
         tracing::info!(run = %run.id, workflow = %run.workflow, "resuming a workflow run from its checkpoint");
         let mut driver = run::Driver::new(shared.clone(), def, run, rev);
-        driver.fence = fence;
+        if let Some(fence) = fence {
+            driver.set_fence(fence);
+        }
         spawn_driver(shared.clone(), driver, poke);
     }
     Ok(())
@@ -838,8 +849,8 @@ async fn take_over(
     // lease, may have raised its fence after the one of a host that took
     // the run over meanwhile; its second write is refused, so it does not
     // drive under a fence that a later taker's does not follow. (That
-    // taker, fenced by it, stops, and the run is taken up again when its
-    // lease ends.)
+    // taker, refused once under its own fence, finds itself still the
+    // run's owner and takes the newer one: `run::Fencing`.)
     run.lease_until_ms = now_ms() + LEASE.as_millis() as u64;
     let fence = Fence {
         name: fence_name(&run.id),

@@ -51,6 +51,70 @@ enum Outcome {
     },
     /// The host is stopping, or (`fenced`) another driver took the run.
     Stopping { fenced: bool },
+    /// A cancel raised the run's fence before the step's first task was
+    /// stored: the step did not start.
+    NotStarted,
+}
+
+/// The kind of a submission refused because a cancel came first (see
+/// [`Fencing::renew`]); never shown, it becomes [`Outcome::NotStarted`].
+const NOT_STARTED: &str = "not-started";
+
+/// In a cluster, the fence a driver's tasks are submitted under, shared by
+/// its steps. A cancel through any host raises it too (`Workflows::cancel`),
+/// so that no task of the run is stored after the cancel; a driver that
+/// finds its submission refused and is still the run's owner takes the new
+/// fence.
+#[derive(Clone)]
+pub(super) struct Fencing {
+    shared: Arc<Shared>,
+    run: String,
+    owner: Option<String>,
+    fence: Arc<std::sync::Mutex<Fence>>,
+}
+
+/// What [`Fencing::renew`] found.
+enum Renewed {
+    /// This driver still owns the run and now has the current fence.
+    Owner { cancel_requested: bool },
+    /// Another driver took the run, or the look failed.
+    Replaced,
+}
+
+impl Fencing {
+    fn current(&self) -> Fence {
+        self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a submission under `refused` was refused. The fence is read
+    /// before the run: a host takes a run over with a write before it
+    /// raises the fence, so a run read afterwards that still names this
+    /// driver's owner token means no takeover raised the fence read, and
+    /// any later raise refuses this driver again.
+    async fn renew(&self, refused: &Fence) -> Renewed {
+        let sequence = match self
+            .shared
+            .tasks
+            .store()
+            .fence_sequence(&refused.name)
+            .await
+        {
+            Ok(Some(s)) if s != refused.sequence => s,
+            _ => return Renewed::Replaced,
+        };
+        match self.shared.store.run(&self.run).await {
+            Ok(Some((run, _))) if run.owner == self.owner => {
+                self.fence
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sequence = sequence;
+                Renewed::Owner {
+                    cancel_requested: run.cancel_requested,
+                }
+            }
+            _ => Renewed::Replaced,
+        }
+    }
 }
 
 impl Outcome {
@@ -87,13 +151,16 @@ struct Spec {
     backoff: Duration,
     deadline_ms: Option<u64>,
     trace: Option<String>,
-    /// In a cluster, when this driver recorded the step as started: no
-    /// driver submitted its first attempt before, and none will while this
-    /// driver's lease lasts, until this time (see
-    /// `TaskService::submit_keyed`).
+    /// In a cluster, when this driver started the step and no driver
+    /// before it submitted its first attempt: none will while this
+    /// driver's lease lasts (a later one raises the fence first), until
+    /// this time (see `TaskService::submit_keyed`).
     unused_until_ms: Option<u64>,
     /// In a cluster, the fence its tasks are submitted under.
-    fence: Option<Fence>,
+    fence: Option<Fencing>,
+    /// A step's (or element's) attempts, which a cancel keeps from
+    /// starting; not a compensation's.
+    forward: bool,
 }
 
 pub(super) struct Driver {
@@ -109,7 +176,7 @@ pub(super) struct Driver {
     stop: CancellationToken,
     /// In a cluster, the fence this driver submits under: raised when it
     /// took the run over (sequence 0 for a run it created: none yet).
-    pub fence: Option<Fence>,
+    fence: Option<Fencing>,
 }
 
 fn error(kind: &str, message: impl Into<String>) -> ErrorInfo {
@@ -199,6 +266,16 @@ impl Driver {
         }
     }
 
+    /// In a cluster: the fence this driver submits under (see `Fencing`).
+    pub fn set_fence(&mut self, fence: Fence) {
+        self.fence = Some(Fencing {
+            shared: self.shared.clone(),
+            run: self.run.id.clone(),
+            owner: self.run.owner.clone(),
+            fence: Arc::new(std::sync::Mutex::new(fence)),
+        });
+    }
+
     /// Starts a new run's first steps in its record before the record is
     /// first stored: its creation is then their checkpoint, which saves a
     /// write per run (in a cluster, a round trip before the first step).
@@ -277,6 +354,7 @@ impl Driver {
             trace: self.run.trace.clone(),
             unused_until_ms: None,
             fence: self.fence.clone(),
+            forward: true,
         }
     }
 
@@ -705,6 +783,18 @@ impl Driver {
         let id = self.run.steps[i].id.clone();
         match outcome {
             Outcome::Stopping { fenced } => return Err(Outcome::stop(fenced)),
+            Outcome::NotStarted => {
+                // A cancel came first: the step is as if never started.
+                let r = &mut self.run.steps[i];
+                r.status = StepStatus::Pending;
+                r.started_at_ms = None;
+                r.attempts = 0;
+                r.input = None;
+                r.elements = None;
+                r.task_id = None;
+                self.run.cancel_requested = true;
+                self.stop.cancel();
+            }
             Outcome::Completed {
                 result,
                 task,
@@ -774,8 +864,9 @@ impl Driver {
     ) -> impl std::future::Future<Output = (usize, Outcome)> + Send + 'static {
         let tasks = self.shared.tasks.clone();
         let checked = &self.def.steps[i];
-        // In a cluster only: there the step was recorded as started before
-        // this runs (on a lone host the journal checks keys anyway).
+        // In a cluster only (on a lone host the journal checks keys
+        // anyway): a step this driver starts, and that no driver before it
+        // was found to have submitted (`key_used`), has an unused key.
         let spec = Spec {
             unused_until_ms: (started_here && !self.shared.store.exclusive())
                 .then_some(self.run.lease_until_ms),
@@ -855,6 +946,7 @@ impl Driver {
                 trace: self.run.trace.clone(),
                 unused_until_ms: None,
                 fence: self.fence.clone(),
+                forward: false,
             };
             self.set_compensation(i, |r| {
                 r.status = CompensationStatus::Running;
@@ -880,6 +972,8 @@ impl Driver {
             };
             match outcome {
                 Outcome::Stopping { fenced } => return Err(Outcome::stop(fenced)),
+                // Not for a compensation (`Spec::forward`).
+                Outcome::NotStarted => return Err(Stop::Fenced),
                 Outcome::Completed { task, attempts, .. } => self.set_compensation(i, |r| {
                     r.status = CompensationStatus::Completed;
                     r.attempts = attempts;
@@ -1026,6 +1120,16 @@ async fn fan_out_elements(
                 };
             }
             s @ Outcome::Stopping { .. } => return s,
+            Outcome::NotStarted => {
+                return Outcome::Failed {
+                    error: error(
+                        "cancelled",
+                        format!("element {n}: the run was cancelled before this element started"),
+                    ),
+                    task: None,
+                    attempts: most.max(1),
+                };
+            }
         }
     }
     Outcome::Completed {
@@ -1097,6 +1201,14 @@ async fn attempts(
             Err(None) => return Outcome::Stopping { fenced: false },
             Err(Some(error)) if error.kind == "fenced" => {
                 return Outcome::Stopping { fenced: true }
+            }
+            // No attempt starts after a cancel.
+            Err(Some(error)) if error.kind == NOT_STARTED => {
+                stop.cancel();
+                if attempt == 1 {
+                    return Outcome::NotStarted;
+                }
+                break;
             }
             Err(Some(error)) => {
                 last = Some((error, None));
@@ -1172,6 +1284,7 @@ async fn task(
 ) -> Result<crate::service::Stored, Option<ErrorInfo>> {
     let mut pause = Duration::from_millis(50);
     let mut host_errors = 0;
+    let mut renewals = 0;
     // A refusal may come after the task was accepted before a crash (the
     // deadline has passed since, or the agent is gone): then the task the
     // key names is the step's.
@@ -1205,14 +1318,29 @@ async fn task(
         };
         // Only the first try: one that failed may have stored the task.
         let unused = std::mem::take(&mut unused_key);
-        match tasks
-            .submit_keyed(request, unused, spec.fence.clone())
-            .await
-        {
+        let fence = spec.fence.as_ref().map(Fencing::current);
+        match tasks.submit_keyed(request, unused, fence.clone()).await {
             Ok(s) => break (s.task.id, !s.existing),
             Err(HostError::ShuttingDown) => return Err(None),
-            // Another driver took the run over.
-            Err(e @ HostError::Fenced(_)) => return Err(Some(error(e.kind(), e.to_string()))),
+            // Another driver took the run over, or a cancel raised the
+            // fence: nothing was stored.
+            Err(e @ HostError::Fenced(_)) => {
+                let (Some(fencing), Some(refused)) = (&spec.fence, fence) else {
+                    return Err(Some(error(e.kind(), e.to_string())));
+                };
+                renewals += 1;
+                match fencing.renew(&refused).await {
+                    Renewed::Owner {
+                        cancel_requested: true,
+                    } if spec.forward => {
+                        return Err(Some(error(NOT_STARTED, "the run was cancelled")))
+                    }
+                    // A fence is raised once per cancel and per takeover:
+                    // a few renewals in a row mean something else.
+                    Renewed::Owner { .. } if renewals <= 3 => {}
+                    _ => return Err(Some(error(e.kind(), e.to_string()))),
+                }
+            }
             Err(HostError::UnknownCapability(c)) => {
                 let id = earlier(error(
                     "unavailable",
