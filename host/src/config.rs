@@ -128,6 +128,23 @@ pub const MAX_INSTANCE_SLOTS: u32 = 10_000;
 /// crash.
 pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
 
+/// An address for the control API: an IP address and port, or
+/// `localhost:PORT` (127.0.0.1). Other host names are refused: what they
+/// resolve to is not known to be loopback.
+pub fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+    }
+    Err(format!(
+        "{text:?} is not an address: give an IP address and port such as 127.0.0.1:7878, or localhost:PORT"
+    ))
+}
+
 /// The API address when neither the config nor `--listen` names one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 
@@ -312,9 +329,7 @@ impl HostConfig {
                 .map_err(|reason| err(format!("plugins.trusted_keys: {key}: {reason}")))?;
         }
         if let Some(l) = file.host.listen {
-            config.host.listen = l
-                .parse()
-                .map_err(|e| err(format!("host.listen: {l:?}: {e}")))?;
+            config.host.listen = parse_listen(&l).map_err(|e| err(format!("host.listen: {e}")))?;
         }
         if let Some(r) = file.host.retention {
             let r = parse_duration(&r).map_err(|e| err(format!("host.retention: {e}")))?;
@@ -427,6 +442,30 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).unwrap();
         HostConfig::load(&path)
+    }
+
+    #[test]
+    fn listen_takes_an_ip_address_or_localhost_and_no_other_name() {
+        let config = load("[host]\nlisten = \"localhost:9000\"\n").unwrap();
+        assert_eq!(config.host.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(
+            parse_listen("[::1]:0").unwrap(),
+            "[::1]:0".parse::<std::net::SocketAddr>().unwrap()
+        );
+        for bad in [
+            "example.com:9000",
+            "localhost",
+            "localhost:99999",
+            "127.0.0.1",
+        ] {
+            let e = parse_listen(bad).unwrap_err();
+            assert!(e.contains("give an IP address and port"), "{bad}: {e}");
+        }
+        let e = load("[host]\nlisten = \"db.internal:80\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("host.listen: \"db.internal:80\""),
+            "{e}"
+        );
     }
 
     #[test]

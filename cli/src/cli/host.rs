@@ -24,10 +24,11 @@ pub struct StartArgs {
     /// Configuration file (default: $ORCH_HOME/config.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address of the HTTP control API; loopback only (it has no
-    /// authentication). Port 0 picks a free port. Default: [host] listen in the
-    /// config, else 127.0.0.1:7878.
-    #[arg(long)]
+    /// Address of the HTTP control API: an IP address and port, or
+    /// localhost:PORT; loopback only (it has no authentication). Port 0
+    /// picks a free port. Default: [host] listen in the config, else
+    /// 127.0.0.1:7878.
+    #[arg(long, value_parser = orch::config::parse_listen)]
     listen: Option<SocketAddr>,
     /// Join other hosts through this NATS server (nats-server 2.15.1 or
     /// later, the version tested; 2.9 does not work; several URLs

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::common::{p, HostProc, NatsServer, Orch};
@@ -1268,47 +1269,70 @@ fn a_step_stored_but_not_written_as_started_is_found_by_the_host_that_takes_over
 }
 
 /// A cancel through a host that does not drive the run raises the run's
-/// fence, so that the driver can store no task of the run after it (the
-/// driver reads the cancel only at its next write). The driver, still the
-/// run's owner, takes the new fence when its next submission (here the
-/// compensation's, at the latest) is refused, and goes on: the run is
-/// undone by the same driver, without waiting for a lease to end.
+/// fence, so that the driver, which reads the cancel only at its next write
+/// of the run, can store no task of the run after it. Here the step before
+/// ends right after the cancel is answered (its agent waits for a reply
+/// that this test sends then), and the driver starts the next step at once,
+/// at the same time as its write: that step's task is refused, the driver,
+/// still the run's owner, takes the new fence and the cancel, and the step
+/// stays `not-run`. The first step is undone by the same driver, under the
+/// new fence, without waiting for a lease to end.
 #[test]
-fn a_cancel_through_another_host_fences_the_run_and_its_driver_goes_on() {
-    let t = Three::start();
+fn a_cancel_through_another_host_fences_the_run_and_no_step_starts_after_it() {
+    let nats = NatsServer::start();
+    let (a, b) = (Orch::new(), Orch::new());
+    a.config(CONFIG);
+    b.config(CONFIG);
+    for plugin in ["echo", "messenger"] {
+        b.ok(&["plugin", "install", "-y", &p(plugin)]);
+    }
+    let args = ["--nats", nats.url.as_str()];
+    let hb = HostProc::start_with(&b, &args);
+    let ha = HostProc::start_with(&a, &args);
+    crate::common::until_serving(&ha, "test.request", 1);
     registered(
-        t.a(),
-        "name = \"pair\"\nversion = 1\n\
-         [[steps]]\nid = \"a\"\ncapability = \"test.sleep\"\ninput = \"1000\"\n\
+        &ha,
+        "name = \"held\"\nversion = 1\n\
+         [[steps]]\nid = \"a\"\ncapability = \"test.request\"\ninput = \"ping.hold\\nx\"\n\
          compensate = { capability = \"echo\", input = \"undo a\" }\n\
          [[steps]]\nid = \"b\"\ncapability = \"echo\"\nafter = [\"a\"]\ninput = \"b\"\n",
     );
-    let run = start(t.a(), "pair", json!({ "input": null }), false);
+    let rt = crate::common::runtime();
+    let client = rt.block_on(async_nats::connect(nats.url.as_str())).unwrap();
+    let mut requests = rt
+        .block_on(client.subscribe("orch.v1.msg.ping.hold"))
+        .unwrap();
+    rt.block_on(client.flush()).unwrap();
+    let run = start(&ha, "held", json!({ "input": null }), false);
     let id = run["id"].as_str().unwrap().to_string();
     let owner = run["owner"].as_str().unwrap().to_string();
-    assert!(owner.starts_with(&host_id(t.a())), "{run}");
-    t.a().until("step a runs", |h| {
-        let (_, run) = h.get(&format!("/v1/runs/{id}"));
-        step(&run, "a")["status"] == "running"
-    });
-    let (code, cancelled) = t.c.post(&format!("/v1/runs/{id}/cancel"), &json!({}));
+    assert!(owner.starts_with(&host_id(&ha)), "{run}");
+    let request = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(30), requests.next()).await })
+        .expect("step a's request within 30 s")
+        .unwrap();
+    let (code, cancelled) = hb.post(&format!("/v1/runs/{id}/cancel"), &json!({}));
     assert_eq!(code, 200, "{cancelled}");
     // The fence is up once the cancel is answered.
-    let fence = crate::common::runtime().block_on(async {
-        let client = async_nats::connect(t._nats.url.as_str()).await.unwrap();
-        let tasks = async_nats::jetstream::new(client)
+    rt.block_on(async {
+        let tasks = async_nats::jetstream::new(client.clone())
             .get_stream("ORCH_TASKS")
             .await
             .unwrap();
-        tasks
+        let fence = tasks
             .get_last_raw_message_by_subject(&format!("orch.v1.fence.{id}"))
+            .await;
+        assert!(fence.is_ok(), "no fence after the cancel: {fence:?}");
+        client
+            .publish(request.reply.unwrap(), "held".into())
             .await
-            .map(|m| m.sequence)
+            .unwrap();
+        client.flush().await.unwrap();
     });
-    assert!(fence.is_ok(), "no fence after the cancel: {fence:?}");
-    let run = wait_run(&t.c, &id);
+    let run = wait_run(&hb, &id);
     assert_eq!(run["status"], "cancelled", "{run}");
     assert_eq!(step(&run, "a")["status"], "completed", "{run}");
+    assert_eq!(step(&run, "a")["result"], "held", "{run}");
     assert_eq!(
         step(&run, "a")["compensation"]["status"],
         "completed",
@@ -1316,6 +1340,15 @@ fn a_cancel_through_another_host_fences_the_run_and_its_driver_goes_on() {
     );
     assert_eq!(step(&run, "b")["status"], "not-run", "{run}");
     assert_eq!(run["owner"], owner.as_str(), "the same driver: {run}");
+    // No task of b was stored.
+    let (_, tasks) = hb.get("/v1/tasks?capability=echo&limit=10");
+    let ids: Vec<&Value> = tasks["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["id"])
+        .collect();
+    assert_eq!(ids.len(), 1, "only a's compensation: {tasks}");
 }
 
 fn d_task(h: &HostProc, id: &str) -> Value {

@@ -884,7 +884,8 @@ async fn status(State(state): State<ApiState>) -> Json<Value> {
             "hosts": c.members(),
             "tasks": {
                 "on_stream": on_stream,
-                "running": c.members().iter().filter(|m| m.state == "alive").map(|m| m.running).sum::<u64>(),
+                // Unknown while this host hears no one.
+                "running": c.connected().then(|| c.members().iter().filter(|m| m.state == "alive").map(|m| m.running).sum::<u64>()),
             },
             "fenced": router.as_ref().map_or(0, |r| r.fenced()),
             "redelivered": router.as_ref().map_or(0, |r| r.redelivered()),

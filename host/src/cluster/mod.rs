@@ -391,11 +391,20 @@ impl Cluster {
             }
         });
         let watch_members = members.clone();
+        let (watch_client, own_id) = (client.clone(), id.to_string());
         let watcher = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(100));
             loop {
                 ticker.tick().await;
+                // Cut off from the server, this host hears no one: that
+                // says nothing of the others (their state is `unknown`).
+                if watch_client.connection_state() != async_nats::connection::State::Connected {
+                    continue;
+                }
                 for (host, seen) in lock(&watch_members).iter_mut() {
+                    if *host == own_id {
+                        continue;
+                    }
                     if !seen.left && !seen.reported_dead && seen.at.elapsed() > DEAD_AFTER {
                         seen.reported_dead = true;
                         tracing::warn!(host = %host, "host missed its heartbeats for 1 s: dead");

@@ -215,17 +215,24 @@ impl WorkflowStore for KvStore {
             if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
                 return Ok(None);
             }
+            // From the stream's leader, not a direct get, which a replica
+            // that lags could answer: a driver decides by this read whether
+            // it still owns the run (`run::Fencing`).
+            use async_nats::jetstream::stream::LastRawMessageErrorKind;
             match self
                 .runs
-                .entry(id)
+                .stream
+                .get_last_raw_message_by_subject(&format!("$KV.{RUNS}.{id}"))
                 .await
-                .map_err(|e| store_error(RUNS, e))?
             {
-                Some(e) if e.operation == kv::Operation::Put => Ok(Some((
-                    decode(&format!("{RUNS} key {id}"), &e.value)?,
-                    e.revision,
+                // A delete or purge marker.
+                Ok(m) if m.headers.get("KV-Operation").is_some() => Ok(None),
+                Ok(m) => Ok(Some((
+                    decode(&format!("{RUNS} key {id}"), &m.payload)?,
+                    m.sequence,
                 ))),
-                _ => Ok(None),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(store_error(RUNS, e)),
             }
         })
     }

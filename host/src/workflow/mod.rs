@@ -406,8 +406,14 @@ impl Workflows {
                 // refuses every task it submits from now on; it then reads
                 // the run, finds the cancel, and takes the new fence
                 // (`run::Fencing`). A lone host needs none (the poke).
-                if let Err(e) = self.shared.tasks.store().raise_fence(&fence_name(id)).await {
-                    tracing::warn!(run = %id, error = %e, "cannot raise a cancelled run's fence: its driver reads the cancel at its next write");
+                for pause in [100, 400, 0] {
+                    match self.shared.tasks.store().raise_fence(&fence_name(id)).await {
+                        Ok(_) => break,
+                        Err(e) if pause == 0 => {
+                            tracing::warn!(run = %id, error = %e, "cannot raise a cancelled run's fence: its driver reads the cancel at its next write");
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(pause)).await,
+                    }
                 }
                 return Ok(run);
             }
@@ -880,8 +886,9 @@ async fn retention(shared: &Arc<Shared>) -> Result<(), WorkflowError> {
             .ended_at_ms
             .is_some_and(|t| t.saturating_add(keep) < now)
         {
-            // Its fence first (there is one if a host took it over): a run
-            // whose fence stays is tried again at the next pass.
+            // Its fence first (there is one if a host took it over or it
+            // was cancelled): a run whose fence stays is tried again at
+            // the next pass.
             if let Err(e) = shared.tasks.store().drop_fence(&fence_name(&run.id)).await {
                 tracing::warn!(run = %run.id, error = %e, "cannot remove a run's fence");
                 continue;

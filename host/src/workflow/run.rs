@@ -71,14 +71,9 @@ pub(super) struct Fencing {
     run: String,
     owner: Option<String>,
     fence: Arc<std::sync::Mutex<Fence>>,
-}
-
-/// What [`Fencing::renew`] found.
-enum Renewed {
-    /// This driver still owns the run and now has the current fence.
-    Owner { cancel_requested: bool },
-    /// Another driver took the run, or the look failed.
-    Replaced,
+    /// A renewal found the run cancelled: no step or element submits
+    /// again, and the driver takes the cancel as its own.
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fencing {
@@ -86,34 +81,49 @@ impl Fencing {
         self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// After a submission under `refused` was refused. The fence is read
-    /// before the run: a host takes a run over with a write before it
-    /// raises the fence, so a run read afterwards that still names this
-    /// driver's owner token means no takeover raised the fence read, and
-    /// any later raise refuses this driver again.
-    async fn renew(&self, refused: &Fence) -> Renewed {
-        let sequence = match self
-            .shared
-            .tasks
-            .store()
-            .fence_sequence(&refused.name)
-            .await
-        {
-            Ok(Some(s)) if s != refused.sequence => s,
-            _ => return Renewed::Replaced,
-        };
-        match self.shared.store.run(&self.run).await {
-            Ok(Some((run, _))) if run.owner == self.owner => {
-                self.fence
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .sequence = sequence;
-                Renewed::Owner {
-                    cancel_requested: run.cancel_requested,
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// After a submission under `refused` was refused: whether this driver
+    /// still owns the run, and then it has the current fence. The fence is
+    /// read before the run: a host takes a run over with a write before it
+    /// raises the fence, so a run read afterwards (from the leader) that
+    /// still names this driver's owner token means no takeover raised the
+    /// fence read, and a later raise refuses this driver again. A failed
+    /// read is tried again a few times before the driver gives the run up.
+    async fn renew(&self, refused: &Fence) -> bool {
+        for pause in [100, 400, 1600] {
+            let store = self.shared.tasks.store();
+            let sequence = match store.fence_sequence(&refused.name).await {
+                Ok(Some(s)) if s != refused.sequence => s,
+                Ok(_) => return false,
+                Err(e) => {
+                    tracing::warn!(run = %self.run, error = %e, "cannot read a run's fence; retrying");
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    continue;
+                }
+            };
+            match self.shared.store.run(&self.run).await {
+                Ok(Some((run, _))) if run.owner == self.owner => {
+                    self.fence
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .sequence = sequence;
+                    if run.cancel_requested {
+                        self.cancelled
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return true;
+                }
+                Ok(_) => return false,
+                Err(e) => {
+                    tracing::warn!(run = %self.run, error = %e, "cannot read a fenced run; retrying");
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
             }
-            _ => Renewed::Replaced,
         }
+        false
     }
 }
 
@@ -273,6 +283,7 @@ impl Driver {
             run: self.run.id.clone(),
             owner: self.run.owner.clone(),
             fence: Arc::new(std::sync::Mutex::new(fence)),
+            cancelled: Arc::default(),
         });
     }
 
@@ -577,6 +588,7 @@ impl Driver {
         let mut renew =
             tokio::time::interval_at(tokio::time::Instant::now() + LEASE / 3, LEASE / 3);
         loop {
+            self.take_fenced_cancel();
             if self.run.error.is_none() {
                 if let Some(d) = self.run.deadline_ms.filter(|&d| now_ms() >= d) {
                     let left = d.saturating_sub(self.run.created_at_ms);
@@ -744,6 +756,16 @@ impl Driver {
         self.save().await
     }
 
+    /// A cancel that a renewal of the fence found (`Fencing`) is the
+    /// run's: no step starts after it.
+    fn take_fenced_cancel(&mut self) {
+        if !self.run.cancel_requested && self.fence.as_ref().is_some_and(Fencing::cancelled) {
+            self.run.cancel_requested = true;
+            self.stop.cancel();
+            self.dirty = true;
+        }
+    }
+
     /// Whether the run stopped for a cancel (and not a failure before it).
     fn was_cancelled(&self) -> bool {
         self.run
@@ -780,6 +802,9 @@ impl Driver {
     fn ended(&mut self, i: usize, outcome: Outcome) -> Result<(), Stop> {
         let now = now_ms();
         self.dirty = true;
+        // Before a failure is written: one that a cancel caused makes the
+        // run `cancelled` (`fail`).
+        self.take_fenced_cancel();
         let id = self.run.steps[i].id.clone();
         match outcome {
             Outcome::Stopping { fenced } => return Err(Outcome::stop(fenced)),
@@ -1208,6 +1233,9 @@ async fn attempts(
                 if attempt == 1 {
                     return Outcome::NotStarted;
                 }
+                // Ends with the error of the attempt before, as after any
+                // cancel; the driver then takes the cancel (`ended`).
+                ran = attempt - 1;
                 break;
             }
             Err(Some(error)) => {
@@ -1316,6 +1344,11 @@ async fn task(
             idempotency_key: Some(key.clone()),
             trace: spec.trace.clone(),
         };
+        // A renewal of the fence found the run cancelled (below, or in
+        // another step): no step's task is stored after that.
+        if spec.forward && spec.fence.as_ref().is_some_and(Fencing::cancelled) {
+            return Err(Some(error(NOT_STARTED, "the run was cancelled")));
+        }
         // Only the first try: one that failed may have stored the task.
         let unused = std::mem::take(&mut unused_key);
         let fence = spec.fence.as_ref().map(Fencing::current);
@@ -1329,16 +1362,11 @@ async fn task(
                     return Err(Some(error(e.kind(), e.to_string())));
                 };
                 renewals += 1;
-                match fencing.renew(&refused).await {
-                    Renewed::Owner {
-                        cancel_requested: true,
-                    } if spec.forward => {
-                        return Err(Some(error(NOT_STARTED, "the run was cancelled")))
-                    }
-                    // A fence is raised once per cancel and per takeover:
-                    // a few renewals in a row mean something else.
-                    Renewed::Owner { .. } if renewals <= 3 => {}
-                    _ => return Err(Some(error(e.kind(), e.to_string()))),
+                // A fence is raised once per cancel and per takeover: a
+                // few renewals in a row mean something else. After one,
+                // the loop's top sees a cancel it found.
+                if renewals > 3 || !fencing.renew(&refused).await {
+                    return Err(Some(error(e.kind(), e.to_string())));
                 }
             }
             Err(HostError::UnknownCapability(c)) => {
