@@ -210,7 +210,8 @@ pub struct Member {
     /// `alive`, `dead` (no heartbeat for a second) or `left` (stopped
     /// cleanly); `unknown` for another host not heard from for a second
     /// while this host is not connected to its NATS server (it hears no
-    /// one). This host itself is always `alive`.
+    /// one), or in the first second after it connects again. This host
+    /// itself is always `alive`.
     pub state: &'static str,
     /// Milliseconds since its last heartbeat arrived.
     pub last_heartbeat_ms: u64,
@@ -268,6 +269,10 @@ pub struct Cluster {
     /// change means the server may have forgotten this host's pull
     /// requests.
     connects: tokio::sync::watch::Receiver<u64>,
+    /// Milliseconds after `started` since when this host has been connected
+    /// (`u64::MAX` while it is not), as the watcher last saw.
+    hearing_since: Arc<std::sync::atomic::AtomicU64>,
+    started: Instant,
 }
 
 impl Drop for Cluster {
@@ -392,13 +397,32 @@ impl Cluster {
         });
         let watch_members = members.clone();
         let (watch_client, own_id) = (client.clone(), id.to_string());
+        let hearing_since = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let watch_since = hearing_since.clone();
+        let started = Instant::now();
         let watcher = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(100));
+            let mut was_connected = true;
             loop {
                 ticker.tick().await;
                 // Cut off from the server, this host hears no one: that
-                // says nothing of the others (their state is `unknown`).
+                // says nothing of the others (their state is `unknown`),
+                // nor in the first second after it is connected again,
+                // before their heartbeats come back.
                 if watch_client.connection_state() != async_nats::connection::State::Connected {
+                    was_connected = false;
+                    watch_since.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                if !was_connected {
+                    was_connected = true;
+                    let now = started.elapsed().as_millis() as u64;
+                    watch_since.store(now, std::sync::atomic::Ordering::Relaxed);
+                }
+                let since = watch_since.load(std::sync::atomic::Ordering::Relaxed);
+                if started.elapsed().as_millis() as u64
+                    <= since.saturating_add(DEAD_AFTER.as_millis() as u64)
+                {
                     continue;
                 }
                 for (host, seen) in lock(&watch_members).iter_mut() {
@@ -420,6 +444,8 @@ impl Cluster {
             members,
             tasks: Mutex::new(vec![listener, beater, watcher]),
             connects,
+            hearing_since,
+            started,
         })
     }
 
@@ -492,9 +518,20 @@ impl Cluster {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Whether this host has been connected for long enough to have heard
+    /// every live host's heartbeat.
+    fn hearing(&self) -> bool {
+        let since = self
+            .hearing_since
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.connected()
+            && self.started.elapsed().as_millis() as u64
+                > since.saturating_add(DEAD_AFTER.as_millis() as u64)
+    }
+
     /// Every host heard from since this one joined, itself included.
     pub fn members(&self) -> Vec<Member> {
-        let connected = self.connected();
+        let connected = self.hearing();
         lock(&self.members)
             .values()
             .map(|seen| {

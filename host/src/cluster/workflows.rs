@@ -215,10 +215,33 @@ impl WorkflowStore for KvStore {
             if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
                 return Ok(None);
             }
-            // From the stream's leader, not a direct get, which a replica
-            // that lags could answer: a driver decides by this read whether
-            // it still owns the run (`run::Fencing`).
-            use async_nats::jetstream::stream::LastRawMessageErrorKind;
+            match self
+                .runs
+                .entry(id)
+                .await
+                .map_err(|e| store_error(RUNS, e))?
+            {
+                Some(e) if e.operation == kv::Operation::Put => Ok(Some((
+                    decode(&format!("{RUNS} key {id}"), &e.value)?,
+                    e.revision,
+                ))),
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// From the stream's leader, not a direct get, which a replica that
+    /// lags could answer: a driver decides by it whether it still owns the
+    /// run (`run::Fencing`).
+    fn run_latest<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(RunRecord, u64)>, WorkflowError>> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        Box::pin(async move {
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Ok(None);
+            }
             match self
                 .runs
                 .stream

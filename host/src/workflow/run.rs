@@ -104,7 +104,7 @@ impl Fencing {
                     continue;
                 }
             };
-            match self.shared.store.run(&self.run).await {
+            match self.shared.store.run_latest(&self.run).await {
                 Ok(Some((run, _))) if run.owner == self.owner => {
                     self.fence
                         .lock()
@@ -1345,9 +1345,17 @@ async fn task(
             trace: spec.trace.clone(),
         };
         // A renewal of the fence found the run cancelled (below, or in
-        // another step): no step's task is stored after that.
+        // another step): no step's task is stored after that. One stored
+        // before under this key (by a driver before this one, or by a try
+        // whose answer was lost) is waited for, as after any cancel. A
+        // failed look gives the run up (it is taken up again).
         if spec.forward && spec.fence.as_ref().is_some_and(Fencing::cancelled) {
-            return Err(Some(error(NOT_STARTED, "the run was cancelled")));
+            let store = tasks.store();
+            match store.key_used(&key, &spec.capability).await {
+                Ok(true) => break (store.new_id(Some(&key)), false),
+                Ok(false) => return Err(Some(error(NOT_STARTED, "the run was cancelled"))),
+                Err(e) => return Err(Some(error("fenced", e.to_string()))),
+            }
         }
         // Only the first try: one that failed may have stored the task.
         let unused = std::mem::take(&mut unused_key);

@@ -51,6 +51,15 @@ pub trait WorkflowStore: Send + Sync {
         &'a self,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<(RunRecord, u64)>, WorkflowError>>;
+    /// [`WorkflowStore::run`], certain to see every write that was
+    /// acknowledged before it (in a cluster, read from the stream's
+    /// leader, not a replica that may lag).
+    fn run_latest<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<(RunRecord, u64)>, WorkflowError>> {
+        self.run(id)
+    }
     /// Replaces a run if its revision is still `rev`: the new revision, or
     /// `None` when someone else wrote it since.
     fn update_run<'a>(
