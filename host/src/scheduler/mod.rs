@@ -384,6 +384,15 @@ struct State {
     agents: Vec<Entry>,
     index: HashMap<Route, Vec<usize>>,
     queues: HashMap<Route, BinaryHeap<Queued>>,
+    /// The deadlines of queued tasks, earliest first, with the task's
+    /// `seq` and queue: the dispatcher wakes at the earliest and fails every
+    /// task of that queue past its deadline, wherever it is in the queue.
+    /// Entries of tasks that left the queue (not in `with_deadline`) are
+    /// skipped at their time; the heap is built again from the queues when
+    /// it holds many more than they do.
+    deadlines: BinaryHeap<std::cmp::Reverse<(Instant, u64, Route)>>,
+    /// The `seq` of each queued task that has a deadline.
+    with_deadline: std::collections::HashSet<u64>,
     dead: std::collections::VecDeque<Failure>,
     seq: u64,
     rng: u64,
@@ -594,6 +603,8 @@ impl Scheduler {
                 agents: Vec::new(),
                 index: HashMap::new(),
                 queues: HashMap::new(),
+                deadlines: BinaryHeap::new(),
+                with_deadline: std::collections::HashSet::new(),
                 dead: std::collections::VecDeque::new(),
                 seq: 0,
                 rng: seed,
@@ -843,6 +854,7 @@ impl Scheduler {
         let gone: Vec<Pending> = {
             let mut state = self.inner.state();
             let mut gone = Vec::new();
+            let mut seqs = Vec::new();
             let mut freed = 0;
             for queue in state.queues.values_mut() {
                 if !queue.iter().any(|q| q.task.cancelled()) {
@@ -853,6 +865,7 @@ impl Scheduler {
                     .filter_map(|q| {
                         if q.task.cancelled() {
                             freed += q.task.counted_bytes;
+                            seqs.push(q.seq);
                             gone.push(q.task);
                             None
                         } else {
@@ -863,6 +876,9 @@ impl Scheduler {
                 *queue = kept;
             }
             state.queued_bytes -= freed;
+            for seq in seqs {
+                state.with_deadline.remove(&seq);
+            }
             // No placement pass may follow to clear it.
             let waiting = state.queues.values().any(|q| !q.is_empty());
             state.waiting.store(waiting, AtomicOrdering::Relaxed);
@@ -993,6 +1009,24 @@ fn enqueue(state: &mut State, task: Pending) {
     state.seq += 1;
     state.waiting.store(true, AtomicOrdering::Relaxed);
     let seq = state.seq;
+    if let Some(d) = task.deadline {
+        if state.deadlines.len() > 2 * state.with_deadline.len() + 1024 {
+            state.deadlines = state
+                .queues
+                .iter()
+                .flat_map(|(route, q)| {
+                    q.iter().filter_map(|q| {
+                        let d = q.task.deadline?;
+                        Some(std::cmp::Reverse((d, q.seq, route.clone())))
+                    })
+                })
+                .collect();
+        }
+        state
+            .deadlines
+            .push(std::cmp::Reverse((d, seq, task.route.clone())));
+        state.with_deadline.insert(seq);
+    }
     state
         .queues
         .entry(task.route.clone())
@@ -1013,8 +1047,35 @@ async fn dispatch(inner: Arc<Inner>) {
         let mut expired = Vec::new();
         let mut orphaned = Vec::new();
         let draining = inner.draining.load(std::sync::atomic::Ordering::Relaxed);
-        let next_breaker = {
+        let (next_breaker, next_deadline) = {
             let mut state = inner.state();
+            // Tasks past their deadline anywhere in their queue (the
+            // placement below sees only each queue's head).
+            let mut past: Vec<Route> = Vec::new();
+            while let Some(std::cmp::Reverse((d, _, _))) = state.deadlines.peek() {
+                if *d > now {
+                    break;
+                }
+                if let Some(std::cmp::Reverse((_, seq, route))) = state.deadlines.pop() {
+                    if state.with_deadline.contains(&seq) && !past.contains(&route) {
+                        past.push(route);
+                    }
+                }
+            }
+            for route in past {
+                let Some(queue) = state.queues.get_mut(&route) else {
+                    continue;
+                };
+                let (gone, kept): (Vec<Queued>, Vec<Queued>) = std::mem::take(queue)
+                    .into_iter()
+                    .partition(|q| q.task.deadline.is_some_and(|d| d <= now));
+                *queue = kept.into_iter().collect();
+                for q in gone {
+                    state.queued_bytes -= q.task.counted_bytes;
+                    state.with_deadline.remove(&q.seq);
+                    expired.push(q.task);
+                }
+            }
             let caps: Vec<Route> = state.queues.keys().cloned().collect();
             for cap in caps {
                 if !state.index.contains_key(&cap) {
@@ -1022,6 +1083,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     if let Some(q) = state.queues.remove(&cap) {
                         for q in q {
                             state.queued_bytes -= q.task.counted_bytes;
+                            state.with_deadline.remove(&q.seq);
                             orphaned.push(q.task);
                         }
                     }
@@ -1034,6 +1096,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     if head.task.deadline.is_some_and(|d| d <= now) || head.task.cancelled() {
                         if let Some(q) = state.queues.get_mut(&cap).and_then(|q| q.pop()) {
                             state.queued_bytes -= q.task.counted_bytes;
+                            state.with_deadline.remove(&q.seq);
                             expired.push(q.task);
                         }
                         continue;
@@ -1058,6 +1121,7 @@ async fn dispatch(inner: Arc<Inner>) {
                         break;
                     };
                     state.queued_bytes -= q.task.counted_bytes;
+                    state.with_deadline.remove(&q.seq);
                     let e = &mut state.agents[i];
                     e.breaker.on_send(now);
                     starts.push(Job {
@@ -1073,7 +1137,7 @@ async fn dispatch(inner: Arc<Inner>) {
             }
             let waiting = state.queues.values().any(|q| !q.is_empty());
             state.waiting.store(waiting, AtomicOrdering::Relaxed);
-            if waiting {
+            let next_breaker = if waiting {
                 state
                     .agents
                     .iter()
@@ -1081,7 +1145,9 @@ async fn dispatch(inner: Arc<Inner>) {
                     .min()
             } else {
                 None
-            }
+            };
+            let next_deadline = state.deadlines.peek().map(|r| r.0 .0);
+            (next_breaker, next_deadline)
         };
         for task in expired {
             let error = if task.cancelled() {
@@ -1113,7 +1179,11 @@ async fn dispatch(inner: Arc<Inner>) {
             tokio::spawn(run_oldest(inner.clone()));
         }
         let notified = inner.wake.notified();
-        match next_breaker {
+        let until = match (next_breaker, next_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match until {
             Some(until) => {
                 let _ = tokio::time::timeout_at(until.into(), notified).await;
             }
