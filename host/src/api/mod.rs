@@ -860,9 +860,12 @@ async fn status(State(state): State<ApiState>) -> Json<Value> {
     let (queued, running) = state.tasks.store().counts();
     // In a cluster: the tasks on the stream (all hosts') and the attempts
     // the live hosts reported running in their last heartbeats.
+    // Not asked while cut off from the server: it would not answer, and
+    // the status would wait for the request's timeout.
+    let connected = cluster.as_ref().is_some_and(|c| c.connected());
     let on_stream = match &router {
-        Some(r) => r.on_stream().await.ok(),
-        None => None,
+        Some(r) if connected => r.on_stream().await.ok(),
+        _ => None,
     };
     let errors: Vec<Value> = host
         .plugin_errors()
