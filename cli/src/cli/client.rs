@@ -51,6 +51,15 @@ impl Client {
         self.send(method, path, body)
     }
 
+    /// Whether a host answers at all (an HTTP answer of any status), asked
+    /// before a request whose caller prints its own note when none does.
+    pub fn answers(&self) -> bool {
+        self.agent
+            .get(&format!("{}/v1/status", self.base))
+            .call()
+            .is_ok()
+    }
+
     /// POSTs `body` with its content type; the answer as for `request`.
     pub fn post_text(
         &self,

@@ -122,6 +122,12 @@ fn notify_host(home: &Path) {
         return;
     };
     let client = super::client::Client::new(api.clone(), Duration::from_secs(60));
+    // A stale host.json (the host died) is not an error of this command:
+    // a note, not the client's "error: cannot reach".
+    if !client.answers() {
+        eprintln!("note: no host answered at {api}; the change applies when one starts");
+        return;
+    }
     match client.request("POST", "/v1/plugins/sync", None) {
         Ok((_, report)) => {
             let list = |k: &str| -> String {
@@ -150,8 +156,8 @@ fn notify_host(home: &Path) {
                 );
             }
         }
-        // A stale host.json (the host died) is not an error of this command.
-        Err(_) => eprintln!("note: no host answered at {api}; the change applies when one starts"),
+        // Printed by the client; the change stays installed.
+        Err(_) => eprintln!("note: the host at {api} picks the change up within a second"),
     }
 }
 

@@ -82,6 +82,34 @@ fn install_run_upgrade_rollback_remove() {
     assert!(stderr(&out).contains("no plugin named counter is installed"));
 }
 
+/// A host.json left by a host that died is no error of an install: the
+/// plugin is installed, and a note says the change applies when a host
+/// starts.
+#[test]
+fn an_install_beside_a_stale_host_address_succeeds_with_a_note() {
+    let orch = Orch::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        orch.home.path().join("host.json"),
+        format!("{{\"api\": \"http://127.0.0.1:{port}\"}}"),
+    )
+    .unwrap();
+    let out = orch.run(&["plugin", "install", "-y", &p("echo")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(!err.contains("error"), "{err}");
+    assert!(
+        err.contains("no host answered at") && err.contains("the change applies when one starts"),
+        "{err}"
+    );
+    let list = orch.json(&["plugin", "list", "--output", "json"]);
+    assert!(list.to_string().contains("echo"), "{list}");
+}
+
 #[test]
 fn install_asks_before_granting() {
     let orch = Orch::new();
