@@ -476,29 +476,7 @@ fn a_plain_nats_client_can_submit_a_task_as_documented() {
     until_serving(&ha, "echo", 1);
     // docs/cluster.md: a JetStream publish on orch.v1.task.<capability>
     // with Nats-Msg-Id and Orch-Task-Id, the payload as the body.
-    let rt = crate::common::runtime();
-    let republished = rt.block_on(async {
-        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
-        // The result is republished on orch.v1.results.<task id> once stored.
-        let mut results = client.subscribe("orch.v1.results.job-42").await.unwrap();
-        client.flush().await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        for _ in 0..2 {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", "job-42");
-            headers.insert("Orch-Task-Id", "job-42");
-            js.publish_with_headers("orch.v1.task.echo", headers, "from outside".into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-        let message = tokio::time::timeout(Duration::from_secs(30), results.next())
-            .await
-            .expect("no result republished within 30 s")
-            .unwrap();
-        serde_json::from_slice::<Value>(&message.payload).unwrap()
-    });
+    let republished = submit_from_outside(&nats, "job-42", 2);
     assert_eq!(republished["task"]["status"], "completed", "{republished}");
     // "from outside", base64.
     assert_eq!(republished["result_base64"], "ZnJvbSBvdXRzaWRl");
@@ -698,25 +676,39 @@ fn a_tasks_stream_and_consumer_made_before_task_ids_get_their_subjects() {
     let id = ha.submit("echo", "after the upgrade");
     assert_eq!(ha.wait(&id)["result"], "after the upgrade");
     // Another client's task, on the subject without an id.
-    let republished = rt.block_on(async {
+    let republished = submit_from_outside(&nats, "outside-1", 1);
+    assert_eq!(republished["task"]["status"], "completed", "{republished}");
+}
+
+/// Publishes an echo task "from outside" `times` times as docs/cluster.md
+/// describes (a JetStream publish on orch.v1.task.echo with Nats-Msg-Id and
+/// Orch-Task-Id `id`), and returns the result the server republishes on
+/// orch.v1.results.<id> once it is stored.
+fn submit_from_outside(nats: &NatsServer, id: &str, times: usize) -> Value {
+    crate::common::runtime().block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
-        let mut results = client.subscribe("orch.v1.results.outside-1").await.unwrap();
-        client.flush().await.unwrap();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", "outside-1");
-        headers.insert("Orch-Task-Id", "outside-1");
-        js.publish_with_headers("orch.v1.task.echo", headers, "from outside".into())
-            .await
-            .unwrap()
+        let mut results = client
+            .subscribe(format!("orch.v1.results.{id}"))
             .await
             .unwrap();
+        client.flush().await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        for _ in 0..times {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id);
+            headers.insert("Orch-Task-Id", id);
+            js.publish_with_headers("orch.v1.task.echo", headers, "from outside".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
         let message = tokio::time::timeout(Duration::from_secs(30), results.next())
             .await
             .expect("no result republished within 30 s")
             .unwrap();
         serde_json::from_slice::<Value>(&message.payload).unwrap()
-    });
-    assert_eq!(republished["task"]["status"], "completed", "{republished}");
+    })
 }
 
 #[test]

@@ -63,6 +63,11 @@ fn def_key(name: &str, version: u32) -> String {
     format!("def.{name}.v{version}")
 }
 
+/// A run id is a ulid; anything else is no key of `ORCH_RUNS`.
+fn is_run_key(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
 fn store_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> WorkflowError {
     WorkflowError::store(format!("NATS bucket {what}"), e)
 }
@@ -211,8 +216,7 @@ impl WorkflowStore for KvStore {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<(RunRecord, u64)>, WorkflowError>> {
         Box::pin(async move {
-            // A run id is a ulid; anything else is no key of this bucket.
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            if !is_run_key(id) {
                 return Ok(None);
             }
             match self
@@ -239,7 +243,7 @@ impl WorkflowStore for KvStore {
     ) -> BoxFuture<'a, Result<Option<(RunRecord, u64)>, WorkflowError>> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
         Box::pin(async move {
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            if !is_run_key(id) {
                 return Ok(None);
             }
             match self

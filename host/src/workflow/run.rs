@@ -641,13 +641,7 @@ impl Driver {
                 // stop token ends their attempts).
                 self.stop.cancel();
                 for i in spawn.drain(..) {
-                    let r = &mut self.run.steps[i];
-                    r.status = StepStatus::Pending;
-                    r.started_at_ms = None;
-                    r.attempts = 0;
-                    r.input = None;
-                    r.elements = None;
-                    self.dirty = true;
+                    self.unstart(i);
                 }
             }
             for i in spawn.drain(..) {
@@ -756,6 +750,19 @@ impl Driver {
         self.save().await
     }
 
+    /// Step `i`, marked started, did not start (a cancel came first): it is
+    /// as if never started.
+    fn unstart(&mut self, i: usize) {
+        let r = &mut self.run.steps[i];
+        r.status = StepStatus::Pending;
+        r.started_at_ms = None;
+        r.attempts = 0;
+        r.input = None;
+        r.elements = None;
+        r.task_id = None;
+        self.dirty = true;
+    }
+
     /// A cancel that a renewal of the fence found (`Fencing`) is the
     /// run's: no step starts after it.
     fn take_fenced_cancel(&mut self) {
@@ -809,14 +816,8 @@ impl Driver {
         match outcome {
             Outcome::Stopping { fenced } => return Err(Outcome::stop(fenced)),
             Outcome::NotStarted => {
-                // A cancel came first: the step is as if never started.
-                let r = &mut self.run.steps[i];
-                r.status = StepStatus::Pending;
-                r.started_at_ms = None;
-                r.attempts = 0;
-                r.input = None;
-                r.elements = None;
-                r.task_id = None;
+                // A cancel came first.
+                self.unstart(i);
                 self.run.cancel_requested = true;
                 self.stop.cancel();
             }
