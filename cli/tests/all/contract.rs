@@ -273,6 +273,49 @@ contract!(
     }
 );
 
+// A task waiting for a slot (on a lone host in its scheduler's queue, in a
+// cluster on the stream: host B's one test.sleep slot is busy) fails at its
+// deadline, not when the slot frees; one with a later deadline runs.
+contract!(
+    a_queued_task_fails_at_its_deadline_not_when_a_slot_frees,
+    |d| {
+        let (code, holder) = submit(d, json!({ "capability": "test.sleep", "input": "3000" }));
+        assert_eq!(code, 201, "{holder}");
+        let holder = holder["id"].as_str().unwrap().to_string();
+        d.api().until("the sleep holds the slot", |h| {
+            h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
+        });
+        let queue = |deadline: &str| -> String {
+            let (code, task) = submit(
+                d,
+                json!({ "capability": "test.sleep", "input": "1", "deadline": deadline }),
+            );
+            assert_eq!(code, 201, "{task}");
+            task["id"].as_str().unwrap().to_string()
+        };
+        let (short, long) = (queue("300ms"), queue("30s"));
+        let short = d.api().wait(&short);
+        assert_eq!(short["status"], "failed", "{short}");
+        assert_eq!(short["error"]["kind"], "deadline-exceeded", "{short}");
+        assert!(
+            short["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("deadline of 300 ms"),
+            "{short}"
+        );
+        assert_eq!(short["attempts"], 0, "{short}");
+        let waited =
+            short["finished_at_ms"].as_u64().unwrap() - short["submitted_at_ms"].as_u64().unwrap();
+        assert!(
+        (300..2000).contains(&waited),
+        "failed {waited} ms after its submission, against a deadline of 300 ms and a slot busy for 3 s"
+    );
+        assert_eq!(d.api().wait(&long)["status"], "completed");
+        assert_eq!(d.api().wait(&holder)["status"], "completed");
+    }
+);
+
 contract!(
     a_resubmission_with_the_same_idempotency_key_is_the_same_task,
     |d| {

@@ -748,45 +748,6 @@ fn sigterm_ends_open_event_streams_and_the_host_exits() {
 /// 1 s in a host call (the `nap` fixture sleeps through WASI's clock)
 /// all run at once; 8 at once wait for a free slot in turn, never more
 /// than 4 running, and none fails for lack of one.
-/// A task waiting for a slot fails when its deadline passes, not when the
-/// slot frees (the nap holds it for 3 s); one whose deadline is later than
-/// the wait runs.
-#[test]
-fn a_queued_task_fails_at_its_deadline_not_when_a_slot_frees() {
-    let orch = Orch::new();
-    orch.config("[host]\ninstances = 1\n");
-    orch.ok(&["plugin", "install", "-y", &p("nap")]);
-    let host = HostProc::start(&orch);
-    let (_, holder) = host.post(
-        "/v1/tasks",
-        &json!({ "capability": "test.nap", "input": "3000" }),
-    );
-    let holder = holder["id"].as_str().unwrap().to_string();
-    host.until("the nap holds the slot", |h| {
-        h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
-    });
-    let submit = |deadline: &str| -> String {
-        let (code, task) = host.post(
-            "/v1/tasks",
-            &json!({ "capability": "test.nap", "input": "10", "deadline": deadline }),
-        );
-        assert_eq!(code, 201, "{task}");
-        task["id"].as_str().unwrap().to_string()
-    };
-    let (short, long) = (submit("300ms"), submit("20s"));
-    let short = host.wait(&short);
-    assert_eq!(short["error"]["kind"], "deadline-exceeded", "{short}");
-    assert_eq!(short["attempts"], 0, "{short}");
-    let waited =
-        short["finished_at_ms"].as_u64().unwrap() - short["submitted_at_ms"].as_u64().unwrap();
-    assert!(
-        (300..2000).contains(&waited),
-        "failed {waited} ms after its submission, against a deadline of 300 ms and a slot busy for 3 s"
-    );
-    assert_eq!(host.wait(&long)["status"], "completed");
-    assert_eq!(host.wait(&holder)["status"], "completed");
-}
-
 #[test]
 fn tasks_past_the_instance_slots_wait_for_one_and_none_fails() {
     const SLOTS: usize = 4;

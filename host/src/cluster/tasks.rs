@@ -238,6 +238,13 @@ pub struct TaskRouter {
     connects: tokio::sync::watch::Receiver<u64>,
     /// Subscriptions to the result notices of the tasks waited for here.
     notices: Notices,
+    /// The deadlines of the tasks published here, earliest first, so that
+    /// one still waiting on the stream fails at its deadline (see
+    /// [`TaskRouter::expire`]). Entries of ended tasks (no longer in
+    /// `pending`) are skipped, and dropped when they outnumber the rest.
+    deadlines: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<(u64, String)>>>,
+    /// Told when a deadline earlier than the ones waited for is added.
+    deadline_added: Arc<tokio::sync::Notify>,
 }
 
 /// Forgets a wait of `id` when dropped: see [`TaskRouter::forget_closed_waiters`].
@@ -665,12 +672,15 @@ impl TaskRouter {
             },
             waiters,
             pending,
+            deadlines: Mutex::default(),
+            deadline_added: Arc::default(),
         });
         router
             .host
             .scheduler()
             .set_remote(Arc::new(RemoteCalls(Arc::downgrade(&router))));
         router.follow_capabilities();
+        router.follow_deadlines();
         router.follow_cancels(&cluster.client).await?;
         Ok(router)
     }
@@ -1166,7 +1176,124 @@ impl TaskRouter {
             }
         }
         put?;
-        Ok(ack?.duplicate)
+        let duplicate = ack?.duplicate;
+        if let (false, Some(deadline)) = (duplicate, record.deadline_ms) {
+            self.add_deadline(deadline, &record.id);
+        }
+        Ok(duplicate)
+    }
+
+    fn add_deadline(&self, deadline: u64, id: &str) {
+        let unfinished = self.pending.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let mut heap = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        if heap.len() > 2 * unfinished + 1024 {
+            // Locks in the order deadlines, pending; never the other way.
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            heap.retain(|std::cmp::Reverse((_, id))| pending.contains_key(id));
+        }
+        let earliest = heap
+            .peek()
+            .is_none_or(|std::cmp::Reverse((d, _))| deadline < *d);
+        heap.push(std::cmp::Reverse((deadline, id.to_string())));
+        if earliest {
+            self.deadline_added.notify_one();
+        }
+    }
+
+    /// Fails, at its deadline, a task published here that is still waiting
+    /// on the stream (every slot of the hosts serving it busy, or none
+    /// serving it), as a lone host fails a task waiting for a slot. The
+    /// check comes [`DEADLINE_GRACE`] after the deadline, so that a task
+    /// that ended just in time has its result stored first; a task a host
+    /// has taken is left to that host, which stops it at its deadline.
+    fn follow_deadlines(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let added = self.deadline_added.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(router) = weak.upgrade() else { return };
+                let now = now_ms();
+                let (due, next) = {
+                    let mut heap = router.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut due = Vec::new();
+                    while let Some(std::cmp::Reverse((d, _))) = heap.peek() {
+                        if d.saturating_add(DEADLINE_GRACE.as_millis() as u64) > now {
+                            break;
+                        }
+                        if let Some(std::cmp::Reverse(entry)) = heap.pop() {
+                            due.push(entry);
+                        }
+                    }
+                    (due, heap.peek().map(|std::cmp::Reverse((d, _))| *d))
+                };
+                let due: Vec<(u64, String)> = {
+                    let pending = router.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    due.into_iter()
+                        .filter(|(_, id)| pending.contains_key(id))
+                        .collect()
+                };
+                futures_util::stream::iter(due)
+                    .for_each_concurrent(32, |(deadline, id)| {
+                        let router = &router;
+                        async move {
+                            if let Err(e) = router.expire(&id, deadline).await {
+                                tracing::warn!(task = %id, error = %e, "cannot fail a task waiting past its deadline; a host that takes it fails it");
+                            }
+                        }
+                    })
+                    .await;
+                drop(router);
+                let sleep = match next {
+                    Some(d) => Duration::from_millis(
+                        d.saturating_add(DEADLINE_GRACE.as_millis() as u64)
+                            .saturating_sub(now_ms()),
+                    ),
+                    None => Duration::from_secs(60),
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(sleep) => {}
+                    () = added.notified() => {}
+                }
+            }
+        });
+    }
+
+    /// Ends a task that waits on the stream past its deadline as failed
+    /// with `deadline-exceeded`, with a create-only write of its result: a
+    /// host that takes it later fails it too (the deadline has passed) and
+    /// its write is fenced.
+    async fn expire(&self, id: &str, deadline: u64) -> Result<(), HostError> {
+        let current = match self.fetch(id).await {
+            Ok(current) => current,
+            Err(HostError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if current.record.status != Status::Queued {
+            return Ok(());
+        }
+        let mut record = current.record;
+        let error = TaskError::DeadlineExceeded {
+            ms: deadline.saturating_sub(record.submitted_at_ms),
+        };
+        record.end(Status::Failed, &error);
+        let stored = StoredResult {
+            task: record,
+            result_base64: None,
+            result_object: None,
+            error: Some(error),
+        };
+        let json = serde_json::to_vec(&stored).map_err(|e| self.error("encode", e))?;
+        if !self.create_result(&stored.task, json).await? {
+            return Ok(());
+        }
+        self.host.events().ended(&stored.task);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.forget_closed_waiters(id);
+        self.forget_queued(&stored.task.capability, id).await;
+        Ok(())
     }
 
     /// Puts an admitted task on the stream; returns once the stream has
@@ -1513,6 +1640,11 @@ type Pending = Arc<
 /// after this long (a later wait reads the bucket), so that lost
 /// notifications cannot grow the map.
 const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// How long after a task's deadline its submitting host looks whether it
+/// still waits on the stream: a host that took it just in time stops it at
+/// the deadline and stores its end well within this.
+const DEADLINE_GRACE: Duration = Duration::from_millis(250);
 
 /// Hands a stored result to the requests waiting for it.
 fn wake(waiters: &Waiters, pending: &Pending, key: &str, value: &bytes::Bytes) {
@@ -2200,6 +2332,11 @@ impl TaskRouter {
             // for an operator to look at.
             if stored.task.status == Status::Cancelled {
                 tracing::debug!(task = %id, "a cancelled attempt's end was fenced by the cancel's");
+            } else if stored.task.agent.is_none()
+                && matches!(stored.error, Some(TaskError::DeadlineExceeded { .. }))
+            {
+                // Taken past its deadline, after its submitter failed it.
+                tracing::debug!(task = %id, "a task taken past its deadline had been failed for it");
             } else {
                 tracing::warn!(task = %id, "a late result was fenced: the task already has one");
             }
