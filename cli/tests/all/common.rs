@@ -218,10 +218,15 @@ impl HostProc {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, &body.to_string())
+    }
+
+    /// A POST of a body as given, JSON or not.
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
         let mut r = Self::agent()
             .post(&format!("{}{path}", self.url))
             .header("content-type", "application/json")
-            .send(body.to_string())
+            .send(body)
             .unwrap();
         let status = r.status().as_u16();
         (

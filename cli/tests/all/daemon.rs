@@ -386,7 +386,17 @@ fn the_api_reports_bad_requests_with_a_kind_and_message() {
     assert_eq!(code, 400, "{v}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("expected a task: a JSON object"),
+        message.starts_with(
+            "the request body: invalid type: sequence, expected a task: a JSON object"
+        ),
+        "{message}"
+    );
+    let (code, v) = host.post_raw("/v1/tasks", "{\"capability\": ");
+    assert_eq!(code, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the request body is not valid JSON: ")
+            && message.contains("EOF while parsing a value at line 1 column 15"),
         "{message}"
     );
     assert_eq!(host.count("queued") + host.count("completed"), 0);

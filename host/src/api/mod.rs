@@ -274,6 +274,22 @@ fn query_error(e: QueryRejection) -> ApiError {
     bad_request(e.body_text())
 }
 
+/// A JSON body that does not decode, in serde's words (where and what),
+/// without axum's preamble ("Failed to deserialize the JSON body into the
+/// target type").
+fn json_error(e: &axum::extract::rejection::JsonRejection) -> ApiError {
+    use axum::extract::rejection::JsonRejection as R;
+    use std::error::Error as _;
+    let message = match e {
+        R::JsonDataError(e) => e.source().map(|s| format!("the request body: {s}")),
+        R::JsonSyntaxError(e) => e
+            .source()
+            .map(|s| format!("the request body is not valid JSON: {s}")),
+        _ => None,
+    };
+    bad_request(message.unwrap_or_else(|| e.body_text()))
+}
+
 fn bad_request(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, "invalid-request", message)
 }
@@ -471,7 +487,7 @@ async fn submit(
                 ),
             )
         }
-        _ => bad_request(e.body_text()),
+        _ => json_error(&e),
     })?;
     let Query(q) = q.map_err(query_error)?;
     let wait = parse_wait(q.wait.as_deref())?;
