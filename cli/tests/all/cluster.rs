@@ -147,8 +147,9 @@ fn a_submission_while_the_server_is_down_is_unavailable_not_unknown() {
     let idb = host_id(&b);
     ha.until("B alive", |h| state_of(h, &idb).as_deref() == Some("alive"));
     until_serving(&ha, "echo", 1);
-    let (code, _) = ha.post("/v1/tasks", &json!({ "capability": "echo" }));
+    let (code, first) = ha.post("/v1/tasks", &json!({ "capability": "echo" }));
     assert_eq!(code, 201);
+    let first = first["id"].as_str().unwrap().to_string();
     drop(nats);
     // No heartbeat arrives, its own included: no host seems to serve echo.
     // The host still shows itself alive, says it is not connected, and
@@ -187,6 +188,24 @@ fn a_submission_while_the_server_is_down_is_unavailable_not_unknown() {
         "{}",
         crate::common::stderr(&out)
     );
+    // Reads answer at once that the server is not reachable, rather than
+    // after the NATS client's request timeout.
+    for path in [
+        "/v1/tasks".to_string(),
+        format!("/v1/tasks/{first}"),
+        "/v1/tasks?status=queued".to_string(),
+    ] {
+        let (code, answer) = ha.get(&path);
+        assert_eq!(code, 503, "{path}: {answer}");
+        assert_eq!(answer["error"]["kind"], "unavailable", "{answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not connected"),
+            "{answer}"
+        );
+    }
     // A capability nobody ever served is unavailable too: the host cannot
     // tell while it hears no one.
     let (code, answer) = ha.post("/v1/tasks", &json!({ "capability": "no.such" }));

@@ -442,7 +442,11 @@ impl TaskService {
         Ok((stored, submitted.existing))
     }
 
+    /// Reads and a cancel answer at once while the store cannot be reached
+    /// (a cluster's connection is down), rather than after the NATS
+    /// client's request timeout.
     pub async fn get(&self, id: &str) -> Result<Stored, HostError> {
+        self.store.reachable()?;
         self.store.get(id).await
     }
 
@@ -452,6 +456,7 @@ impl TaskService {
     }
 
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, HostError> {
+        self.store.reachable()?;
         self.store.list(query).await
     }
 
@@ -461,6 +466,7 @@ impl TaskService {
     /// host hears of it; whatever it returns is fenced. A task that has
     /// ended is returned as it is.
     pub async fn cancel(&self, id: &str) -> Result<Stored, HostError> {
+        self.store.reachable()?;
         let (stored, cancelled) = self.store.cancel(id).await?;
         if cancelled {
             self.events().ended(&stored.record);
