@@ -109,8 +109,8 @@ pub(crate) struct Shared {
     tasks: TaskService,
     store: Arc<dyn WorkflowStore>,
     /// Runs this host drives, with the sender that tells a driver to read
-    /// its run again (a cancel).
-    driving: Mutex<HashMap<String, watch::Sender<()>>>,
+    /// its run again (a cancel), and the run's cancel gate.
+    driving: Mutex<HashMap<String, Driving>>,
     definitions: Mutex<HashMap<(String, u32), Arc<Checked>>>,
     /// A run this host drove stopped: its id, and its record when it ended
     /// (a waiter needs no read then).
@@ -126,6 +126,12 @@ impl Shared {
             serde_json::json!({ "run": run.id, "workflow": run.workflow, "version": run.version }),
         );
     }
+}
+
+/// A run driven on this host.
+struct Driving {
+    poke: watch::Sender<()>,
+    gate: run::Gate,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -390,15 +396,29 @@ impl Workflows {
             }
             run.cancel_requested = true;
             let poke = || {
-                if let Some(poke) = lock(&self.shared.driving).get(id) {
-                    let _ = poke.send(());
+                if let Some(driving) = lock(&self.shared.driving).get(id) {
+                    let _ = driving.poke.send(());
                 }
+            };
+            // A driver on this host submits a step's task only while it
+            // holds the gate to read, and not once it is closed: the write
+            // waits for submissions under way, and none starts after the
+            // cancel is stored (in a cluster the fence, below, does that
+            // for a driver on another host).
+            let gate = lock(&self.shared.driving).get(id).map(|d| d.gate.clone());
+            let mut closed = match &gate {
+                Some(gate) => Some(gate.write().await),
+                None => None,
             };
             // Before the write too: a driver with a poke waiting writes the
             // run before it starts a step (see `run.rs`), so the steps it was
             // about to start wait for this cancel.
             poke();
             if self.shared.store.update_run(&run, rev).await?.is_some() {
+                if let Some(closed) = closed.as_deref_mut() {
+                    *closed = true;
+                }
+                drop(closed);
                 poke();
                 // In a cluster the driver may be on another host, which
                 // reads the cancel at its next write of the run; meanwhile
@@ -557,7 +577,13 @@ impl Shared {
             return Err(WorkflowError::NoCapacity { limit: MAX_RUNS });
         }
         let (tx, rx) = watch::channel(());
-        driving.insert(id.to_string(), tx);
+        driving.insert(
+            id.to_string(),
+            Driving {
+                poke: tx,
+                gate: run::Gate::default(),
+            },
+        );
         Ok(Some(rx))
     }
 

@@ -60,6 +60,13 @@ enum Outcome {
 /// [`Fencing::renew`]); never shown, it becomes [`Outcome::NotStarted`].
 const NOT_STARTED: &str = "not-started";
 
+/// A run's cancel gate on the host that drives it: a step's task is
+/// submitted while the gate is held to read and open (`false`); a cancel
+/// made on this host closes it with its write of the run, after the
+/// submissions under way. On a lone host this keeps every step from
+/// starting after a cancel is answered, as the fence does in a cluster.
+pub(super) type Gate = Arc<tokio::sync::RwLock<bool>>;
+
 /// In a cluster, the fence a driver's tasks are submitted under, shared by
 /// its steps. A cancel through any host raises it too (`Workflows::cancel`),
 /// so that no task of the run is stored after the cancel; a driver that
@@ -171,6 +178,8 @@ struct Spec {
     /// A step's (or element's) attempts, which a cancel keeps from
     /// starting; not a compensation's.
     forward: bool,
+    /// The run's cancel gate (forward attempts only).
+    gate: Gate,
 }
 
 pub(super) struct Driver {
@@ -187,6 +196,7 @@ pub(super) struct Driver {
     /// In a cluster, the fence this driver submits under: raised when it
     /// took the run over (sequence 0 for a run it created: none yet).
     fence: Option<Fencing>,
+    gate: Gate,
 }
 
 fn error(kind: &str, message: impl Into<String>) -> ErrorInfo {
@@ -264,8 +274,15 @@ impl Scope<'_> {
 
 impl Driver {
     pub fn new(shared: Arc<Shared>, def: Arc<Checked>, run: RunRecord, rev: u64) -> Driver {
+        // The gate of the run's entry among the runs driven here (made when
+        // the run was claimed); a lone one otherwise.
+        let gate = super::lock(&shared.driving)
+            .get(&run.id)
+            .map(|d| d.gate.clone())
+            .unwrap_or_default();
         Driver {
             shared,
+            gate,
             def,
             run,
             rev,
@@ -366,6 +383,7 @@ impl Driver {
             unused_until_ms: None,
             fence: self.fence.clone(),
             forward: true,
+            gate: self.gate.clone(),
         }
     }
 
@@ -973,6 +991,7 @@ impl Driver {
                 unused_until_ms: None,
                 fence: self.fence.clone(),
                 forward: false,
+                gate: self.gate.clone(),
             };
             self.set_compensation(i, |r| {
                 r.status = CompensationStatus::Running;
@@ -1350,7 +1369,12 @@ async fn task(
         // before under this key (by a driver before this one, or by a try
         // whose answer was lost) is waited for, as after any cancel. A
         // failed look gives the run up (it is taken up again).
-        if spec.forward && spec.fence.as_ref().is_some_and(Fencing::cancelled) {
+        let gate = match spec.forward {
+            true => Some(spec.gate.read().await),
+            false => None,
+        };
+        let closed = gate.as_deref() == Some(&true);
+        if closed || spec.forward && spec.fence.as_ref().is_some_and(Fencing::cancelled) {
             let store = tasks.store();
             match store.key_used(&key, &spec.capability).await {
                 Ok(true) => break (store.new_id(Some(&key)), false),
@@ -1361,7 +1385,9 @@ async fn task(
         // Only the first try: one that failed may have stored the task.
         let unused = std::mem::take(&mut unused_key);
         let fence = spec.fence.as_ref().map(Fencing::current);
-        match tasks.submit_keyed(request, unused, fence.clone()).await {
+        let submitted = tasks.submit_keyed(request, unused, fence.clone()).await;
+        drop(gate);
+        match submitted {
             Ok(s) => break (s.task.id, !s.existing),
             Err(HostError::ShuttingDown) => return Err(None),
             // Another driver took the run over, or a cancel raised the
