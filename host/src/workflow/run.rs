@@ -1122,7 +1122,8 @@ async fn fan_out_elements(
             async move {
                 // As for an attempt: an element a driver before this one
                 // submitted is waited for.
-                if stop.is_cancelled() && !submitted_before(tasks, &format!("{key}/1")).await {
+                if stop.is_cancelled() && !submitted_before(tasks, spec, &format!("{key}/1")).await
+                {
                     let e = error(
                         "cancelled",
                         "the run was cancelled before this element started",
@@ -1212,13 +1213,15 @@ async fn attempts(
             // No attempt starts after a cancel, but one that a driver
             // before this one submitted (before a crash, or a takeover) is
             // waited for: completed, it is undone like any other.
-            if stop.is_cancelled() && !submitted_before(tasks, &format!("{key}/{attempt}")).await {
+            if stop.is_cancelled()
+                && !submitted_before(tasks, spec, &format!("{key}/{attempt}")).await
+            {
                 break;
             }
             // The run's deadline passed while the step waited to retry: the
             // step fails with it, and with what the attempt before said.
             if spec.deadline_ms.is_some_and(|d| now_ms() >= d)
-                && !submitted_before(tasks, &format!("{key}/{attempt}")).await
+                && !submitted_before(tasks, spec, &format!("{key}/{attempt}")).await
             {
                 if let Some((e, _)) = &mut last {
                     *e = error(
@@ -1288,7 +1291,7 @@ async fn attempts(
         // Past the run's deadline no attempt starts either, with the same
         // exception.
         if spec.deadline_ms.is_some_and(|d| now_ms() >= d)
-            && !submitted_before(tasks, &format!("{key}/{}", attempt + 1)).await
+            && !submitted_before(tasks, spec, &format!("{key}/{}", attempt + 1)).await
         {
             break;
         }
@@ -1310,9 +1313,14 @@ async fn attempts(
 }
 
 /// Whether a task was submitted under `key` already (by a driver before
-/// this one). A failed look counts as no.
-async fn submitted_before(tasks: &TaskService, key: &str) -> bool {
-    matches!(tasks.store().find_key(key).await, Ok(Some(_)))
+/// this one): `TaskStore::key_used`, which in a cluster finds the task on
+/// the stream by its id, and reads from the leader. A failed look counts
+/// as no.
+async fn submitted_before(tasks: &TaskService, spec: &Spec, key: &str) -> bool {
+    matches!(
+        tasks.store().key_used(key, &spec.capability).await,
+        Ok(true)
+    )
 }
 
 /// How many times a submission refused for a reason of the host's own
