@@ -14,6 +14,9 @@ pub struct NatsServer {
     child: Child,
     pub port: u16,
     pub url: String,
+    /// The HTTP monitoring port, when started with `-m` (`-m -1`: the
+    /// server picks it).
+    pub monitor_port: Option<u16>,
     store: tempfile::TempDir,
 }
 
@@ -36,20 +39,18 @@ impl NatsServer {
         NatsServer::start_with(&[])
     }
 
-    /// With more server arguments, such as `--auth TOKEN`.
+    /// With more server arguments, such as `--auth TOKEN`. The server picks
+    /// a free port itself (`-p -1`) and names it in its log: no port is
+    /// chosen here and left for another process to take meanwhile.
     pub fn start_with(args: &[&str]) -> NatsServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let store = tempfile::tempdir().unwrap();
-        NatsServer::start_on(port, store, args)
+        NatsServer::start_on(None, store, args)
     }
 
-    fn start_on(port: u16, store: tempfile::TempDir, args: &[&str]) -> NatsServer {
+    fn start_on(port: Option<u16>, store: tempfile::TempDir, args: &[&str]) -> NatsServer {
+        let asked = port.map_or_else(|| "-1".to_string(), |p| p.to_string());
         let mut child = Command::new(nats_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .args(["-js", "-a", "127.0.0.1", "-p", &asked, "-sd"])
             .arg(store.path())
             .args(args)
             .stdout(Stdio::null())
@@ -61,22 +62,34 @@ impl NatsServer {
         let mut log = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
         let mut seen = String::new();
+        let mut port = port;
+        let mut monitor_port = None;
+        let named = |at: &str| at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
         loop {
             line.clear();
             assert!(
                 log.read_line(&mut line).unwrap() > 0,
-                "nats-server on port {port} exited before it was ready:\n{seen}"
+                "nats-server (port {asked}) exited before it was ready:\n{seen}"
             );
             if line.contains("Server is ready") {
                 break;
             }
+            // "[INF] Listening for client connections on 127.0.0.1:34299"
+            if let Some((_, at)) = line.split_once("Listening for client connections on ") {
+                port = named(at);
+            }
+            if let Some((_, at)) = line.split_once("Starting http monitor on ") {
+                monitor_port = named(at);
+            }
             seen.push_str(&line);
         }
+        let port = port.unwrap_or_else(|| panic!("nats-server named no client port:\n{seen}"));
         std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
         NatsServer {
             child,
             port,
             url: format!("nats://127.0.0.1:{port}"),
+            monitor_port,
             store,
         }
     }
@@ -86,7 +99,7 @@ impl NatsServer {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let store = std::mem::replace(&mut self.store, tempfile::tempdir().unwrap());
-        NatsServer::start_on(self.port, store, &[])
+        NatsServer::start_on(Some(self.port), store, &[])
     }
 }
 

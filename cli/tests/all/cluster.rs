@@ -1089,12 +1089,11 @@ fn a_remote_callees_limit_reaches_the_caller_as_the_same_typed_error() {
 
 /// A nats-server with its monitoring port on, and that port.
 fn monitored_nats() -> (NatsServer, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    (NatsServer::start_with(&["-m", &port.to_string()]), port)
+    let nats = NatsServer::start_with(&["-m", "-1"]);
+    let port = nats
+        .monitor_port
+        .expect("the server names its monitoring port");
+    (nats, port)
 }
 
 fn monitor(port: u16, path: &str) -> Value {
