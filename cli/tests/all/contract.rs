@@ -313,6 +313,15 @@ contract!(
     );
         assert_eq!(d.api().wait(&long)["status"], "completed");
         assert_eq!(d.api().wait(&holder)["status"], "completed");
+        // In a cluster the runner took the failed task before the later one
+        // (the stream's order) and acked it as it was: no fenced outcome, and
+        // the task still has no attempt.
+        let (_, status) = d.runner().get("/v1/status");
+        if !status["cluster"].is_null() {
+            assert_eq!(status["cluster"]["fenced"], 0, "{status}");
+        }
+        let id = short["id"].as_str().unwrap();
+        assert_eq!(d.api().wait(id)["attempts"], 0);
     }
 );
 

@@ -724,17 +724,34 @@ impl TaskRouter {
     /// Drops the pending results older than [`PENDING_MAX_AGE`], with
     /// their waiters.
     fn forget_stale_pending(&self) {
+        let old: Vec<String> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() > PENDING_MAX_AGE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        // A task whose deadline is still ahead stays: it is failed at its
+        // deadline if it is still waiting then (`follow_deadlines`).
+        let mut old: std::collections::HashSet<String> = old.into_iter().collect();
+        {
+            let now = now_ms();
+            let heap = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+            for std::cmp::Reverse((d, id)) in heap.iter() {
+                if d.saturating_add(DEADLINE_GRACE.as_millis() as u64) >= now {
+                    old.remove(id);
+                }
+            }
+        }
         let stale: Vec<String> = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let stale: Vec<String> = pending
-                .iter()
-                .filter(|(_, (since, _))| since.elapsed() > PENDING_MAX_AGE)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in &stale {
-                pending.remove(k);
-            }
-            stale
+            old.into_iter()
+                .filter(|k| pending.remove(k).is_some())
+                .collect()
         };
         for id in stale {
             self.forget_closed_waiters(&id);
@@ -1237,7 +1254,15 @@ impl TaskRouter {
                         let router = &router;
                         async move {
                             if let Err(e) = router.expire(&id, deadline).await {
-                                tracing::warn!(task = %id, error = %e, "cannot fail a task waiting past its deadline; a host that takes it fails it");
+                                // Looked at again in a second, while the
+                                // task is unfinished here.
+                                tracing::debug!(task = %id, error = %e, "cannot fail a task waiting past its deadline yet");
+                                let again = now_ms() + 1000 - DEADLINE_GRACE.as_millis() as u64;
+                                router
+                                    .deadlines
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(std::cmp::Reverse((again, id)));
                             }
                         }
                     })
@@ -1263,6 +1288,8 @@ impl TaskRouter {
     /// host that takes it later fails it too (the deadline has passed) and
     /// its write is fenced.
     async fn expire(&self, id: &str, deadline: u64) -> Result<(), HostError> {
+        use crate::service::TaskStore as _;
+        self.reachable()?;
         let current = match self.fetch(id).await {
             Ok(current) => current,
             Err(HostError::NotFound(_)) => return Ok(()),
@@ -1273,9 +1300,15 @@ impl TaskRouter {
         }
         let mut record = current.record;
         let error = TaskError::DeadlineExceeded {
-            ms: deadline.saturating_sub(record.submitted_at_ms),
+            ms: record
+                .deadline_ms
+                .unwrap_or(deadline)
+                .saturating_sub(record.submitted_at_ms),
         };
+        // As a lone host records a task that never left its queue: no
+        // attempt, so no host or agent ran it.
         record.end(Status::Failed, &error);
+        record.fuel_used = Some(0);
         let stored = StoredResult {
             task: record,
             result_base64: None,
@@ -2009,6 +2042,14 @@ async fn run_and_store(
     } else {
         None
     };
+    // Taken past its deadline: its submitter may have failed it for that
+    // while it waited (`TaskRouter::expire`); then it is acked as it is.
+    let late = header(message, HEADER_DEADLINE)
+        .and_then(|d| d.parse::<u64>().ok())
+        .is_some_and(|d| d <= now_ms());
+    if late && delivered == 1 && router.read_result(&id).await.ok().flatten().is_some() {
+        return Ok(Settle::Ack);
+    }
     // A stored record that does not decode (another version wrote it, or it
     // was damaged) is replaced by one built from the headers, rather than
     // failing the delivery again and again.
@@ -2065,9 +2106,18 @@ async fn run_and_store(
         let queued = router.queued.clone();
         let key = keys::queued(capability, &id);
         let json = serde_json::to_vec(&record).ok();
+        // A task taken close to its deadline is shown running at once, so
+        // that its submitter, which fails a task still queued
+        // DEADLINE_GRACE after its deadline, leaves it to this host.
+        let show_after = match record.deadline_ms {
+            Some(d) if d < now_ms() + (RUNNING_AFTER + DEADLINE_GRACE).as_millis() as u64 => {
+                Duration::ZERO
+            }
+            _ => RUNNING_AFTER,
+        };
         tokio::spawn(async move {
             tokio::select! {
-                () = tokio::time::sleep(RUNNING_AFTER) => {
+                () = tokio::time::sleep(show_after) => {
                     if let Some(json) = json {
                         // Said even if the write failed: it may have been
                         // stored all the same.
