@@ -194,6 +194,7 @@ fn a_submission_while_the_server_is_down_is_unavailable_not_unknown() {
         "/v1/tasks".to_string(),
         format!("/v1/tasks/{first}"),
         "/v1/tasks?status=queued".to_string(),
+        "/v1/runs?limit=1".to_string(),
     ] {
         let (code, answer) = ha.get(&path);
         assert_eq!(code, 503, "{path}: {answer}");

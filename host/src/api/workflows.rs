@@ -34,13 +34,17 @@ impl From<WorkflowError> for ApiError {
 }
 
 fn service(state: &ApiState) -> Result<&Workflows, ApiError> {
-    state.workflows.as_ref().ok_or_else(|| {
+    let workflows = state.workflows.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "this host serves no workflows".into(),
         )
-    })
+    })?;
+    // Every workflow request reads or writes the store: while a cluster
+    // host is cut off from NATS it answers at once, not after a timeout.
+    state.tasks.store().reachable()?;
+    Ok(workflows)
 }
 
 /// `POST /v1/workflows`: a definition as TOML (`content-type:

@@ -450,6 +450,8 @@ impl TaskService {
         self.store.get(id).await
     }
 
+    /// A wait, unlike a read, goes on while the store cannot be reached:
+    /// its client asked to wait, and a reconnect is usually soon.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Stored, HostError> {
         let _waiting = self.wait_slot()?;
         self.store.wait(id, timeout, false).await
