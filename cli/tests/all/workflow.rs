@@ -708,6 +708,50 @@ after = ["slow"]
     assert_eq!(again["status"], "cancelled");
 });
 
+// The cancel comes while the last step runs: that step is waited for, and
+// then every completed step is undone (the run did not do all it had to
+// before the cancel).
+both!(
+    a_cancel_during_the_last_step_waits_for_it_then_undoes_every_step,
+    |d| {
+        registered(
+            d.api(),
+            r#"
+name = "cancellast"
+version = 1
+[[steps]]
+id = "first"
+capability = "echo"
+input = "one"
+compensate = { capability = "echo" }
+[[steps]]
+id = "last"
+capability = "test.sleep"
+input = "1000"
+after = ["first"]
+compensate = { capability = "echo" }
+"#,
+        );
+        let events = Events::open(d.runner(), "capability=test.sleep");
+        let run = start(d.api(), "cancellast", json!({}), false);
+        events.next("started");
+        let id = run["id"].as_str().unwrap();
+        let (code, cancelled) = d.api().post(&format!("/v1/runs/{id}/cancel"), &json!({}));
+        assert_eq!(code, 200, "{cancelled}");
+        assert_eq!(cancelled["cancel_requested"], true, "{cancelled}");
+        let run = wait_run(d.api(), id);
+        assert_eq!(run["status"], "cancelled", "{run}");
+        for name in ["first", "last"] {
+            assert_eq!(step(&run, name)["status"], "completed", "{run}");
+            assert_eq!(
+                step(&run, name)["compensation"]["status"],
+                "completed",
+                "{run}"
+            );
+        }
+    }
+);
+
 both!(
     a_cancel_during_a_retry_backoff_ends_the_run_cancelled,
     |d| {

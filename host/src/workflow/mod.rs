@@ -394,6 +394,15 @@ impl Workflows {
             if run.status != RunStatus::Running || run.error.is_some() || run.cancel_requested {
                 return Ok(run);
             }
+            // Every step ended: the run is completing, and a cancel is too
+            // late (it would undo a run that did all it had to).
+            if run
+                .steps
+                .iter()
+                .all(|s| matches!(s.status, StepStatus::Completed | StepStatus::Skipped))
+            {
+                return Ok(run);
+            }
             run.cancel_requested = true;
             let poke = || {
                 if let Some(driving) = lock(&self.shared.driving).get(id) {

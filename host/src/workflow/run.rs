@@ -725,14 +725,10 @@ impl Driver {
                 r.ended_at_ms = Some(now);
             }
         }
-        // A cancel that came after every step ended is too late: the run
-        // completed.
-        let all_ended = self
-            .run
-            .steps
-            .iter()
-            .all(|s| matches!(s.status, StepStatus::Completed | StepStatus::Skipped));
-        if self.run.cancel_requested && self.run.error.is_none() && !all_ended {
+        // A cancel is stored only while a step has not ended
+        // (`Workflows::cancel`): the run is cancelled, even if the steps
+        // that were running then have completed since.
+        if self.run.cancel_requested && self.run.error.is_none() {
             self.fail(None, &error("cancelled", "the run was cancelled"));
         }
         let undo = self.undo_order();
