@@ -197,6 +197,9 @@ pub(super) struct Driver {
     /// took the run over (sequence 0 for a run it created: none yet).
     fence: Option<Fencing>,
     gate: Gate,
+    /// The run's end as `completed` met a cancel stored before it: it is
+    /// decided again (see `write`).
+    reopened: bool,
 }
 
 fn error(kind: &str, message: impl Into<String>) -> ErrorInfo {
@@ -290,6 +293,7 @@ impl Driver {
             fresh: false,
             stop: CancellationToken::new(),
             fence: None,
+            reopened: false,
         }
     }
 
@@ -355,8 +359,16 @@ impl Driver {
             match result {
                 Ok(Some((theirs, rev))) if theirs.owner == self.run.owner => {
                     // A cancel request came in through another writer.
+                    let new_cancel = theirs.cancel_requested && !self.run.cancel_requested;
                     self.run.cancel_requested |= theirs.cancel_requested;
                     self.rev = rev;
+                    if new_cancel && self.run.status == RunStatus::Completed {
+                        // Stored while a step still ran (`Workflows::cancel`)
+                        // and read only now: the run is not written
+                        // completed but ended again, cancelled.
+                        self.reopened = true;
+                        return Ok(());
+                    }
                 }
                 Ok(_) => return Err(Stop::Fenced),
                 Err(e) => {
@@ -725,6 +737,20 @@ impl Driver {
                 r.ended_at_ms = Some(now);
             }
         }
+        self.end_forward();
+        self.save().await?;
+        if std::mem::take(&mut self.reopened) {
+            self.run.status = RunStatus::Running;
+            self.run.ended_at_ms = None;
+            self.end_forward();
+            self.save().await?;
+        }
+        Ok(())
+    }
+
+    /// Decides how the run goes on once no step runs: it ends (completed,
+    /// failed or cancelled) or its completed steps are undone.
+    fn end_forward(&mut self) {
         // A cancel is stored only while a step has not ended
         // (`Workflows::cancel`): the run is cancelled, even if the steps
         // that were running then have completed since.
@@ -761,7 +787,6 @@ impl Driver {
                 });
             }
         }
-        self.save().await
     }
 
     /// Step `i`, marked started, did not start (a cancel came first): it is
