@@ -1547,3 +1547,49 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
         node.shutdown(Duration::from_secs(5)).await;
     });
 }
+
+/// A cancelled task still waiting on the stream is taken off it: a host
+/// that was not there to hear the cancel (it starts after it) never runs
+/// it. (Without that, such a host ran the task and only its outcome was
+/// fenced.) B's one slot is held meanwhile, so that B, which heard the
+/// cancel, does not take the task first; C's later task shows that C has
+/// taken everything before it.
+#[test]
+fn a_cancelled_task_waiting_on_the_stream_is_not_run_by_a_host_that_missed_the_cancel() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    let b = Orch::new();
+    install_fixture(
+        &b,
+        "nap",
+        "test.nap",
+        "[limits]\nmax_instances = 1\ntimeout = \"60s\"\n",
+    );
+    let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "test.nap", 1);
+    let holder = ha.submit("test.nap", "30000");
+    ha.until("the nap holds B's slot", |h| {
+        h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
+    });
+    let waiting = ha.submit("test.nap", "10");
+    let (code, cancelled) = ha.post(&format!("/v1/tasks/{waiting}/cancel"), &json!({}));
+    assert_eq!(code, 200, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let c = Orch::new();
+    install_fixture(&c, "nap", "test.nap", "");
+    let hc = HostProc::start_with(&c, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "test.nap", 2);
+    let after = ha.submit("test.nap", "10");
+    let after = ha.wait(&after);
+    assert_eq!(after["status"], "completed", "{after}");
+    assert_eq!(after["host"], host_id(&c), "{after}");
+    let (_, status) = hc.get("/v1/status");
+    assert_eq!(status["cluster"]["fenced"], 0, "{status}");
+    let task = ha.wait(&waiting);
+    assert_eq!(task["status"], "cancelled", "{task}");
+    assert_eq!(task["attempts"], 0, "{task}");
+    let (code, _) = ha.post(&format!("/v1/tasks/{holder}/cancel"), &json!({}));
+    assert_eq!(code, 200);
+    drop(hb);
+}

@@ -1381,6 +1381,7 @@ impl TaskRouter {
             return Ok((self.fetch(id).await?.stored(), false));
         }
         note_cancel(&self.running, &self.cancelled, id);
+        self.drop_task_message(&stored.task.capability, id).await;
         // Ended: no longer unfinished here, whenever its notification comes.
         self.pending
             .lock()
@@ -1398,6 +1399,27 @@ impl TaskRouter {
             tracing::warn!(task = %id, error = %e, "cannot announce a cancel");
         }
         Ok((decode_stored(stored).stored(), true))
+    }
+
+    /// Removes a cancelled task's message from the stream, found by the
+    /// task id in its subject, so that no host takes it any more: a host
+    /// that missed the cancel's announcement (disconnected, or started
+    /// since) would otherwise run it, and only its outcome would be fenced.
+    /// A delivery under way is not recalled (the announcement stops it).
+    /// Another client's message has no id in its subject and stays: the
+    /// host that takes it runs it, unless it heard the cancel.
+    async fn drop_task_message(&self, capability: &str, id: &str) {
+        let Some(subject) = subjects::task_with_id(capability, id) else {
+            return;
+        };
+        let sequence = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message.sequence,
+            // Taken and acked already, or never published with its id.
+            Err(_) => return,
+        };
+        if let Err(e) = self.stream.delete_message(sequence).await {
+            tracing::debug!(task = %id, error = %e, "cannot remove a cancelled task's message; a host that missed the cancel may still run it (its outcome is fenced)");
+        }
     }
 
     /// The task's final record with its result, or its queued record.
