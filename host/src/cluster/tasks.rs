@@ -245,6 +245,11 @@ pub struct TaskRouter {
     deadlines: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<(u64, String)>>>,
     /// Told when a deadline earlier than the ones waited for is added.
     deadline_added: Arc<tokio::sync::Notify>,
+    /// Tasks published here whose result notice did not come within
+    /// [`PENDING_MAX_AGE`] (it may have been lost) and whose deadline is
+    /// ahead: no longer counted unfinished here, but still failed at their
+    /// deadline if they wait then. Each leaves at its deadline.
+    deadline_only: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Forgets a wait of `id` when dropped: see [`TaskRouter::forget_closed_waiters`].
@@ -674,6 +679,7 @@ impl TaskRouter {
             pending,
             deadlines: Mutex::default(),
             deadline_added: Arc::default(),
+            deadline_only: Mutex::default(),
         });
         router
             .host
@@ -735,24 +741,30 @@ impl TaskRouter {
         if old.is_empty() {
             return;
         }
-        // A task whose deadline is still ahead stays: it is failed at its
-        // deadline if it is still waiting then (`follow_deadlines`).
-        let mut old: std::collections::HashSet<String> = old.into_iter().collect();
-        {
+        // A task whose deadline is still ahead is still failed at its
+        // deadline if it waits then (`follow_deadlines`), without counting
+        // as unfinished here.
+        let ahead: std::collections::HashSet<String> = {
             let now = now_ms();
+            let old: std::collections::HashSet<&String> = old.iter().collect();
             let heap = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
-            for std::cmp::Reverse((d, id)) in heap.iter() {
-                if d.saturating_add(DEADLINE_GRACE.as_millis() as u64) >= now {
-                    old.remove(id);
-                }
-            }
-        }
+            heap.iter()
+                .filter(|std::cmp::Reverse((d, id))| {
+                    d.saturating_add(DEADLINE_GRACE.as_millis() as u64) >= now && old.contains(id)
+                })
+                .map(|std::cmp::Reverse((_, id))| id.clone())
+                .collect()
+        };
         let stale: Vec<String> = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             old.into_iter()
                 .filter(|k| pending.remove(k).is_some())
                 .collect()
         };
+        self.deadline_only
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ahead);
         for id in stale {
             self.forget_closed_waiters(&id);
         }
@@ -1204,9 +1216,11 @@ impl TaskRouter {
         let unfinished = self.pending.lock().unwrap_or_else(|p| p.into_inner()).len();
         let mut heap = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
         if heap.len() > 2 * unfinished + 1024 {
-            // Locks in the order deadlines, pending; never the other way.
+            // Locks in the order deadlines, pending, deadline_only; never
+            // the other way.
             let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            heap.retain(|std::cmp::Reverse((_, id))| pending.contains_key(id));
+            let only = self.deadline_only.lock().unwrap_or_else(|p| p.into_inner());
+            heap.retain(|std::cmp::Reverse((_, id))| pending.contains_key(id) || only.contains(id));
         }
         let earliest = heap
             .peek()
@@ -1245,8 +1259,12 @@ impl TaskRouter {
                 };
                 let due: Vec<(u64, String)> = {
                     let pending = router.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut only = router
+                        .deadline_only
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
                     due.into_iter()
-                        .filter(|(_, id)| pending.contains_key(id))
+                        .filter(|(_, id)| only.remove(id) | pending.contains_key(id))
                         .collect()
                 };
                 futures_util::stream::iter(due)
@@ -1259,6 +1277,11 @@ impl TaskRouter {
                                 tracing::debug!(task = %id, error = %e, "cannot fail a task waiting past its deadline yet");
                                 let again = now_ms() + 1000 - DEADLINE_GRACE.as_millis() as u64;
                                 router
+                                    .deadline_only
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(id.clone());
+                                router
                                     .deadlines
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
@@ -1267,6 +1290,14 @@ impl TaskRouter {
                         }
                     })
                     .await;
+                // Retries pushed meanwhile may come first.
+                let next = router
+                    .deadlines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .peek()
+                    .map(|std::cmp::Reverse((d, _))| *d)
+                    .or(next);
                 drop(router);
                 let sleep = match next {
                     Some(d) => Duration::from_millis(
@@ -1295,6 +1326,15 @@ impl TaskRouter {
             Err(HostError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
+        if current.record.status.is_final() {
+            // Its notice was lost: it is not unfinished any more.
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            self.forget_closed_waiters(id);
+            return Ok(());
+        }
         if current.record.status != Status::Queued {
             return Ok(());
         }
@@ -1326,6 +1366,8 @@ impl TaskRouter {
             .remove(id);
         self.forget_closed_waiters(id);
         self.forget_queued(&stored.task.capability, id).await;
+        // Off the stream, so that it does not wait there for a host.
+        self.drop_task_message(&stored.task.capability, id).await;
         Ok(())
     }
 
@@ -1381,7 +1423,6 @@ impl TaskRouter {
             return Ok((self.fetch(id).await?.stored(), false));
         }
         note_cancel(&self.running, &self.cancelled, id);
-        self.drop_task_message(&stored.task.capability, id).await;
         // Ended: no longer unfinished here, whenever its notification comes.
         self.pending
             .lock()
@@ -1398,6 +1439,7 @@ impl TaskRouter {
         {
             tracing::warn!(task = %id, error = %e, "cannot announce a cancel");
         }
+        self.drop_task_message(&stored.task.capability, id).await;
         Ok((decode_stored(stored).stored(), true))
     }
 
@@ -1412,13 +1454,30 @@ impl TaskRouter {
         let Some(subject) = subjects::task_with_id(capability, id) else {
             return;
         };
-        let sequence = match self.stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(message) => message.sequence,
+        use jetstream::stream::LastRawMessageErrorKind;
+        let message = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
             // Taken and acked already, or never published with its id.
-            Err(_) => return,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return,
+            Err(e) => {
+                tracing::debug!(task = %id, error = %e, "cannot find an ended task's message on the stream");
+                return;
+            }
         };
-        if let Err(e) = self.stream.delete_message(sequence).await {
-            tracing::debug!(task = %id, error = %e, "cannot remove a cancelled task's message; a host that missed the cancel may still run it (its outcome is fenced)");
+        if let Err(e) = self.stream.delete_message(message.sequence).await {
+            tracing::debug!(task = %id, error = %e, "cannot remove an ended task's message; a host that takes it and missed the cancel runs it (its outcome is fenced)");
+            return;
+        }
+        // A payload too large for the message is in the object store, and
+        // no host will take and delete it now.
+        let object = message
+            .headers
+            .get(HEADER_PAYLOAD_OBJECT)
+            .map(|v| v.to_string());
+        if let Some(name) = object {
+            if let Err(e) = self.objects.delete(&name).await {
+                tracing::debug!(object = %name, error = %e, "cannot delete a payload object; it expires with the retention time");
+            }
         }
     }
 

@@ -564,6 +564,13 @@ impl Driver {
     /// The steps, until all have ended or the run stops (a failure, a
     /// cancel, its deadline) and the running ones have ended.
     async fn forward(&mut self, mut poke: watch::Receiver<()>) -> Result<(), Stop> {
+        // A run taken up with a cancel already stored: no step's task is
+        // submitted from now on, those recorded running included (a task
+        // the driver before stored under their keys is still waited for).
+        if self.run.cancel_requested {
+            self.stop.cancel();
+            *self.gate.write().await = true;
+        }
         let (tx, mut progress) = mpsc::channel::<Progress>(64);
         let mut running: JoinSet<(usize, Outcome)> = JoinSet::new();
         // Which step each spawned future runs, for one that panics.
@@ -1406,7 +1413,12 @@ async fn task(
         if closed || spec.forward && spec.fence.as_ref().is_some_and(Fencing::cancelled) {
             let store = tasks.store();
             match store.key_used(&key, &spec.capability).await {
-                Ok(true) => break (store.new_id(Some(&key)), false),
+                // A lone host's journal maps the key to the task's id; in
+                // a cluster the id is made from the key.
+                Ok(true) => match store.find_key(&key).await {
+                    Ok(Some(id)) => break (id, false),
+                    _ => break (store.new_id(Some(&key)), false),
+                },
                 Ok(false) => return Err(Some(error(NOT_STARTED, "the run was cancelled"))),
                 Err(e) => return Err(Some(error("fenced", e.to_string()))),
             }
