@@ -219,11 +219,7 @@ fn a_submission_while_the_server_is_down_is_unavailable_not_unknown() {
 #[test]
 fn a_host_without_a_reachable_server_says_so() {
     let orch = Orch::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::unused_port();
     let url = format!("nats://127.0.0.1:{port}");
     let out = orch.run(&["host", "start", "--listen", "127.0.0.1:0", "--nats", &url]);
     assert_eq!(out.status.code(), Some(1));

@@ -328,6 +328,16 @@ pub fn until_serving(h: &HostProc, capability: &str, n: usize) {
 }
 
 /// Installs a fixture without a manifest of its own, with one written here.
+/// A loopback port that nothing listens on now (bound, then let go), for
+/// an address that must not answer or for a server told its port.
+pub fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn install_fixture(orch: &Orch, plugin: &str, capability: &str, extra: &str) {
     let manifest = format!(
         "[plugin]\nname = \"{plugin}\"\nversion = \"0.1.0\"\ncapabilities = [\"{capability}\"]\n{extra}"

@@ -88,11 +88,7 @@ fn install_run_upgrade_rollback_remove() {
 #[test]
 fn an_install_beside_a_stale_host_address_succeeds_with_a_note() {
     let orch = Orch::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::unused_port();
     std::fs::write(
         orch.home.path().join("host.json"),
         format!("{{\"api\": \"http://127.0.0.1:{port}\"}}"),

@@ -1328,11 +1328,7 @@ impl TaskRouter {
         };
         if current.record.status.is_final() {
             // Its notice was lost: it is not unfinished any more.
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
-            self.forget_closed_waiters(id);
+            self.forget_pending(id);
             return Ok(());
         }
         if current.record.status != Status::Queued {
@@ -1349,6 +1345,24 @@ impl TaskRouter {
         // attempt, so no host or agent ran it.
         record.end(Status::Failed, &error);
         record.fuel_used = Some(0);
+        if let Some(stored) = self.end_here(record, error).await? {
+            self.host.events().ended(&stored.task);
+            // Off the stream, so that it does not wait there for a host.
+            self.drop_task_message(&stored.task.capability, id).await;
+        }
+        Ok(())
+    }
+
+    /// Stores the end of a task that no attempt here ends (a cancel, a
+    /// deadline passed on the stream) with the create-only write of its
+    /// result; `None` when it had an end already. Written, the task is no
+    /// longer unfinished here, whenever its notification comes, and its
+    /// queued record goes.
+    async fn end_here(
+        &self,
+        record: TaskRecord,
+        error: TaskError,
+    ) -> Result<Option<StoredResult>, HostError> {
         let stored = StoredResult {
             task: record,
             result_base64: None,
@@ -1357,18 +1371,22 @@ impl TaskRouter {
         };
         let json = serde_json::to_vec(&stored).map_err(|e| self.error("encode", e))?;
         if !self.create_result(&stored.task, json).await? {
-            return Ok(());
+            return Ok(None);
         }
-        self.host.events().ended(&stored.task);
+        self.forget_pending(&stored.task.id);
+        self.forget_queued(&stored.task.capability, &stored.task.id)
+            .await;
+        Ok(Some(stored))
+    }
+
+    /// A task submitted here that has ended: its waiters that stopped
+    /// waiting, and its notice subscription if none waits, go too.
+    fn forget_pending(&self, id: &str) {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         self.forget_closed_waiters(id);
-        self.forget_queued(&stored.task.capability, id).await;
-        // Off the stream, so that it does not wait there for a host.
-        self.drop_task_message(&stored.task.capability, id).await;
-        Ok(())
     }
 
     /// Puts an admitted task on the stream; returns once the stream has
@@ -1412,24 +1430,10 @@ impl TaskRouter {
         }
         let mut record = current.record;
         record.end(Status::Cancelled, &TaskError::Cancelled);
-        let stored = StoredResult {
-            task: record,
-            result_base64: None,
-            result_object: None,
-            error: Some(TaskError::Cancelled),
-        };
-        let json = serde_json::to_vec(&stored).map_err(|e| self.error("encode", e))?;
-        if !self.create_result(&stored.task, json).await? {
+        let Some(stored) = self.end_here(record, TaskError::Cancelled).await? else {
             return Ok((self.fetch(id).await?.stored(), false));
-        }
+        };
         note_cancel(&self.running, &self.cancelled, id);
-        // Ended: no longer unfinished here, whenever its notification comes.
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.forget_closed_waiters(id);
-        self.forget_queued(&stored.task.capability, id).await;
         // At most once: a host that misses it runs the task to its end and
         // its result is fenced.
         if let Err(e) = self
@@ -1577,11 +1581,7 @@ impl TaskRouter {
         match self.fetch(id).await {
             Ok(current) if current.record.status.is_final() => {
                 drop(rx);
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
-                self.forget_closed_waiters(id);
+                self.forget_pending(id);
                 return Ok(current);
             }
             Ok(_) | Err(HostError::NotFound(_)) => {}
