@@ -761,10 +761,11 @@ impl TaskRouter {
                 .filter(|k| pending.remove(k).is_some())
                 .collect()
         };
-        self.deadline_only
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(ahead);
+        // Bounded: past the limit a task's deadline is applied when a host
+        // takes it, as for another client's task.
+        let mut only = self.deadline_only.lock().unwrap_or_else(|p| p.into_inner());
+        let room = MAX_DEADLINE_ONLY.saturating_sub(only.len());
+        only.extend(ahead.into_iter().take(room));
         for id in stale {
             self.forget_closed_waiters(&id);
         }
@@ -1759,6 +1760,9 @@ const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
 /// still waits on the stream: a host that took it just in time stops it at
 /// the deadline and stores its end well within this.
 const DEADLINE_GRACE: Duration = Duration::from_millis(250);
+
+/// Most tasks kept for their deadline alone (see `TaskRouter::deadline_only`).
+const MAX_DEADLINE_ONLY: usize = 65_536;
 
 /// Hands a stored result to the requests waiting for it.
 fn wake(waiters: &Waiters, pending: &Pending, key: &str, value: &bytes::Bytes) {
