@@ -22,10 +22,18 @@ use tokio::sync::oneshot;
 
 /// id → task record (JSON).
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-/// id → payload; removed when the task ends.
-const PAYLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("payloads");
-/// id → result bytes.
-const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
+/// id → the task's payload while it is unfinished, then its result (if it
+/// has one), behind a tag byte ([`PAYLOAD`], [`RESULT`]). One table, so
+/// that a task's end replaces one entry instead of removing one and
+/// inserting another in two tables: each table a commit touches costs it
+/// copies of that table's B-tree pages.
+const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
+const PAYLOAD: u8 = b'p';
+const RESULT: u8 = b'r';
+/// Where payloads and results were kept before [`BODIES`]; moved into it
+/// when a journal from then is opened.
+const OLD_PAYLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("payloads");
+const OLD_RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 /// idempotency key → id.
 const KEYS: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 /// (status, id): the tasks in each stored status, newest last. The journal
@@ -37,6 +45,7 @@ const BY_CAPABILITY: TableDefinition<(&str, &str), ()> = TableDefinition::new("b
 const BY_FINISH: TableDefinition<(u64, &str), ()> = TableDefinition::new("by_finish");
 /// "index" → the version of the index tables; they are rebuilt from
 /// `tasks` when it is not [`INDEX_VERSION`] (a journal from before them).
+/// "bodies" → 1 once payloads and results are in [`BODIES`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_VERSION: u64 = 1;
 /// Sorts after every character of a task id.
@@ -491,21 +500,24 @@ impl Journal {
     }
 
     pub fn result(&self, id: &str) -> Result<Option<Vec<u8>>, JournalError> {
-        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
-        let table = txn.open_table(RESULTS).map_err(|e| self.error(e))?;
-        Ok(table
-            .get(id)
-            .map_err(|e| self.error(e))?
-            .map(|v| v.value().to_vec()))
+        self.body(id, RESULT)
     }
 
     pub fn payload(&self, id: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        self.body(id, PAYLOAD)
+    }
+
+    /// The task's body if it is of kind `tag`.
+    fn body(&self, id: &str, tag: u8) -> Result<Option<Vec<u8>>, JournalError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
-        let table = txn.open_table(PAYLOADS).map_err(|e| self.error(e))?;
-        Ok(table
-            .get(id)
-            .map_err(|e| self.error(e))?
-            .map(|v| v.value().to_vec()))
+        let table = txn.open_table(BODIES).map_err(|e| self.error(e))?;
+        let Some(value) = table.get(id).map_err(|e| self.error(e))? else {
+            return Ok(None);
+        };
+        Ok(match value.value().split_first() {
+            Some((t, body)) if *t == tag => Some(body.to_vec()),
+            _ => None,
+        })
     }
 
     /// Records newest first (ids sort by submission time), at most
@@ -585,14 +597,18 @@ impl Journal {
     }
 }
 
-/// Creates every table, and builds the indexes when the journal has none
-/// of this version. Returns how many tasks were indexed.
+/// Creates every table, moves payloads and results into [`BODIES`] and
+/// builds the indexes when the journal has them elsewhere or none of this
+/// version. Returns how many tasks were indexed.
 fn prepare(txn: &redb::WriteTransaction) -> Result<usize, CommitError> {
-    txn.open_table(PAYLOADS).map_err(write_err)?;
-    txn.open_table(RESULTS).map_err(write_err)?;
+    txn.open_table(BODIES).map_err(write_err)?;
     txn.open_table(KEYS).map_err(write_err)?;
-    let tasks = txn.open_table(TASKS).map_err(write_err)?;
     let mut meta = txn.open_table(META).map_err(write_err)?;
+    if meta.get("bodies").map_err(write_err)?.is_none() {
+        move_bodies(txn)?;
+        meta.insert("bodies", 1).map_err(write_err)?;
+    }
+    let tasks = txn.open_table(TASKS).map_err(write_err)?;
     let mut index = Indexes::open(txn)?;
     let version = meta.get("index").map_err(write_err)?.map(|v| v.value());
     if version == Some(INDEX_VERSION) {
@@ -613,6 +629,49 @@ fn prepare(txn: &redb::WriteTransaction) -> Result<usize, CommitError> {
     }
     meta.insert("index", INDEX_VERSION).map_err(write_err)?;
     Ok(n)
+}
+
+/// Moves the payloads and results of a journal from before [`BODIES`]
+/// into it and drops their tables.
+fn move_bodies(txn: &redb::WriteTransaction) -> Result<(), CommitError> {
+    let mut bodies = txn.open_table(BODIES).map_err(write_err)?;
+    for (old, tag) in [(OLD_PAYLOADS, PAYLOAD), (OLD_RESULTS, RESULT)] {
+        let table = txn.open_table(old).map_err(write_err)?;
+        for entry in table.iter().map_err(write_err)? {
+            let (id, body) = entry.map_err(write_err)?;
+            bodies
+                .insert(id.value(), tagged(tag, body.value()).as_slice())
+                .map_err(write_err)?;
+        }
+        drop(table);
+        txn.delete_table(old).map_err(write_err)?;
+    }
+    Ok(())
+}
+
+fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(body.len() + 1);
+    v.push(tag);
+    v.extend_from_slice(body);
+    v
+}
+
+/// The fields of a stored record that its index entries and its
+/// idempotency key come from: what a commit reads of the record it
+/// replaces, without decoding the rest.
+#[derive(Deserialize)]
+struct Indexed {
+    capability: String,
+    status: Status,
+    finished_at_ms: Option<u64>,
+    idempotency_key: Option<String>,
+}
+
+impl Indexed {
+    /// The `by_finish` entry of a record in `status`, if it has one.
+    fn finish_key(status: Status, at: Option<u64>) -> Option<u64> {
+        at.filter(|_| status.is_final())
+    }
 }
 
 /// The index tables of one write transaction.
@@ -639,14 +698,13 @@ impl<'t> Indexes<'t> {
         self.capability
             .insert((r.capability.as_str(), id), ())
             .map_err(write_err)?;
-        if let Some(at) = r.finished_at_ms.filter(|_| r.status.is_final()) {
+        if let Some(at) = Indexed::finish_key(r.status, r.finished_at_ms) {
             self.finish.insert((at, id), ()).map_err(write_err)?;
         }
         Ok(())
     }
 
-    fn remove(&mut self, r: &TaskRecord) -> Result<(), CommitError> {
-        let id = r.id.as_str();
+    fn remove(&mut self, id: &str, r: &Indexed) -> Result<(), CommitError> {
         self.status
             .remove((r.status.as_str(), id))
             .map_err(write_err)?;
@@ -655,6 +713,40 @@ impl<'t> Indexes<'t> {
             .map_err(write_err)?;
         if let Some(at) = r.finished_at_ms {
             self.finish.remove((at, id)).map_err(write_err)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the entries of the record `old` was to those of `new`,
+    /// touching only the tables whose entry changes (a task's end changes
+    /// its status and finish entries, never its capability's).
+    fn update(&mut self, old: &Indexed, new: &TaskRecord) -> Result<(), CommitError> {
+        let id = new.id.as_str();
+        if old.status != new.status {
+            self.status
+                .remove((old.status.as_str(), id))
+                .map_err(write_err)?;
+            self.status
+                .insert((new.status.as_str(), id), ())
+                .map_err(write_err)?;
+        }
+        if old.capability != new.capability {
+            self.capability
+                .remove((old.capability.as_str(), id))
+                .map_err(write_err)?;
+            self.capability
+                .insert((new.capability.as_str(), id), ())
+                .map_err(write_err)?;
+        }
+        let was = Indexed::finish_key(old.status, old.finished_at_ms);
+        let is = Indexed::finish_key(new.status, new.finished_at_ms);
+        if was != is {
+            if let Some(at) = old.finished_at_ms {
+                self.finish.remove((at, id)).map_err(write_err)?;
+            }
+            if let Some(at) = is {
+                self.finish.insert((at, id), ()).map_err(write_err)?;
+            }
         }
         Ok(())
     }
@@ -766,8 +858,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Accepted>, CommitError> {
     let mut accepted = Vec::new();
     {
         let mut tasks = txn.open_table(TASKS).map_err(write_err)?;
-        let mut payloads = txn.open_table(PAYLOADS).map_err(write_err)?;
-        let mut results = txn.open_table(RESULTS).map_err(write_err)?;
+        let mut bodies = txn.open_table(BODIES).map_err(write_err)?;
         let mut keys = txn.open_table(KEYS).map_err(write_err)?;
         let mut index = Indexes::open(&txn)?;
         for op in batch {
@@ -791,8 +882,8 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Accepted>, CommitError> {
                     tasks
                         .insert(record.id.as_str(), json.as_slice())
                         .map_err(write_err)?;
-                    payloads
-                        .insert(record.id.as_str(), payload.as_slice())
+                    bodies
+                        .insert(record.id.as_str(), tagged(PAYLOAD, payload).as_slice())
                         .map_err(write_err)?;
                     index.insert(record)?;
                     accepted.push(Accepted::New);
@@ -802,32 +893,32 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Accepted>, CommitError> {
                     let old = tasks
                         .insert(record.id.as_str(), json.as_slice())
                         .map_err(write_err)?
-                        .and_then(|v| serde_json::from_slice::<TaskRecord>(v.value()).ok());
-                    if let Some(old) = old {
-                        index.remove(&old)?;
+                        .and_then(|v| serde_json::from_slice::<Indexed>(v.value()).ok());
+                    match old {
+                        Some(old) => index.update(&old, record)?,
+                        None => index.insert(record)?,
                     }
-                    index.insert(record)?;
-                    payloads.remove(record.id.as_str()).map_err(write_err)?;
-                    if let Some(result) = result {
-                        results
-                            .insert(record.id.as_str(), result.as_slice())
-                            .map_err(write_err)?;
+                    match result {
+                        Some(result) => bodies
+                            .insert(record.id.as_str(), tagged(RESULT, result).as_slice())
+                            .map(drop),
+                        None => bodies.remove(record.id.as_str()).map(drop),
                     }
+                    .map_err(write_err)?;
                 }
                 Op::Forget { ids, .. } => {
                     for id in ids {
                         let old = tasks
                             .remove(id.as_str())
                             .map_err(write_err)?
-                            .and_then(|v| serde_json::from_slice::<TaskRecord>(v.value()).ok());
+                            .and_then(|v| serde_json::from_slice::<Indexed>(v.value()).ok());
                         if let Some(old) = &old {
-                            index.remove(old)?;
+                            index.remove(id, old)?;
                             if let Some(key) = &old.idempotency_key {
                                 keys.remove(key.as_str()).map_err(write_err)?;
                             }
                         }
-                        payloads.remove(id.as_str()).map_err(write_err)?;
-                        results.remove(id.as_str()).map_err(write_err)?;
+                        bodies.remove(id.as_str()).map_err(write_err)?;
                     }
                 }
             }
@@ -1026,6 +1117,60 @@ mod tests {
             .list(Some(Status::Completed), None, 10, all)
             .unwrap()
             .is_empty());
+    }
+
+    /// A journal from before the bodies table keeps its payloads and
+    /// results: they are moved into it when it is opened, and the old
+    /// tables go.
+    #[tokio::test]
+    async fn payloads_and_results_of_an_older_journal_are_moved_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.redb");
+        {
+            let j = Journal::open(&path).unwrap();
+            j.accept(record("queued", None), Vec::new()).await.unwrap();
+            j.accept(record("done", None), Vec::new()).await.unwrap();
+            finish(&j, "done", "echo", Status::Completed, 100).await;
+        }
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(BODIES).unwrap();
+            txn.open_table(OLD_PAYLOADS)
+                .unwrap()
+                .insert("queued", b"in".as_slice())
+                .unwrap();
+            txn.open_table(OLD_RESULTS)
+                .unwrap()
+                .insert("done", b"out".as_slice())
+                .unwrap();
+            txn.open_table(META).unwrap().remove("bodies").unwrap();
+            txn.commit().unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.payload("queued").unwrap().unwrap(), b"in");
+        assert_eq!(j.result("queued").unwrap(), None);
+        assert_eq!(j.result("done").unwrap().unwrap(), b"out");
+        assert_eq!(j.payload("done").unwrap(), None);
+        drop(j);
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(txn.open_table(OLD_PAYLOADS).is_err());
+        assert!(txn.open_table(OLD_RESULTS).is_err());
+    }
+
+    /// A task that ends without a result keeps neither payload nor result.
+    #[tokio::test]
+    async fn an_end_without_a_result_drops_the_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("tasks.redb")).unwrap();
+        j.accept(record("a", None), b"in".to_vec()).await.unwrap();
+        let mut failed = record("a", None);
+        failed.status = Status::Failed;
+        j.finish(failed, None).await.unwrap();
+        assert_eq!(j.payload("a").unwrap(), None);
+        assert_eq!(j.result("a").unwrap(), None);
+        assert_eq!(j.get("a").unwrap().unwrap().status, Status::Failed);
     }
 
     /// A journal written before the indexes (no `meta` entry) is indexed
