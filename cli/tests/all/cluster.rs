@@ -1544,6 +1544,54 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
     });
 }
 
+/// A task waiting on the stream fails at its deadline when the host it was
+/// submitted through is gone by then (killed here before the deadline):
+/// the server's schedule of the deadline brings it to another host. A task
+/// whose deadline is still ahead keeps waiting.
+#[test]
+fn a_queued_task_fails_at_its_deadline_after_the_host_it_was_submitted_through_is_killed() {
+    let nats = NatsServer::start();
+    let a = Orch::new();
+    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
+    let b = Orch::new();
+    install_fixture(
+        &b,
+        "nap",
+        "test.nap",
+        "[limits]\nmax_instances = 1\ntimeout = \"60s\"\n",
+    );
+    let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
+    until_serving(&ha, "test.nap", 1);
+    let holder = hb.submit("test.nap", "30000");
+    hb.until("the nap holds B's slot", |h| {
+        h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
+    });
+    let submit = |deadline: &str| {
+        let (code, task) = ha.post(
+            "/v1/tasks",
+            &json!({ "capability": "test.nap", "input": "10", "deadline": deadline }),
+        );
+        assert_eq!(code, 201, "{task}");
+        task["id"].as_str().unwrap().to_string()
+    };
+    let soon = submit("1s");
+    let later = submit("60s");
+    ha.kill9();
+    let task = hb.wait(&soon);
+    assert_eq!(task["status"], "failed", "{task}");
+    assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
+    assert_eq!(task["attempts"], 0, "{task}");
+    // B never took it: its slot is still held.
+    let (_, held) = hb.get(&format!("/v1/tasks/{holder}"));
+    assert_eq!(held["status"], "running", "{held}");
+    let (_, waiting) = hb.get(&format!("/v1/tasks/{later}"));
+    assert_eq!(waiting["status"], "queued", "{waiting}");
+    let (_, status) = hb.get("/v1/status");
+    assert_eq!(status["cluster"]["fenced"], 0, "{status}");
+    let (code, _) = hb.post(&format!("/v1/tasks/{holder}/cancel"), &json!({}));
+    assert_eq!(code, 200);
+}
+
 /// A cancelled task still waiting on the stream is taken off it: a host
 /// that was not there to hear the cancel (it starts after it) never runs
 /// it. (Without that, such a host ran the task and only its outcome was

@@ -71,9 +71,26 @@ pub mod subjects {
     /// tasks, whose capabilities have other numbers of tokens or other
     /// tokens. `None` when the id is not one subject token.
     pub fn task_with_id(capability: &str, id: &str) -> Option<String> {
+        is_token(id).then(|| format!("{PREFIX}.task-id.{id}.{capability}"))
+    }
+
+    /// Whether `id` is one subject token of the characters orch's ids use.
+    fn is_token(id: &str) -> bool {
         let token = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
-        (!id.is_empty() && id.chars().all(token))
-            .then(|| format!("{PREFIX}.task-id.{id}.{capability}"))
+        !id.is_empty() && id.chars().all(token)
+    }
+
+    /// The schedule the server keeps for a task with a deadline (see
+    /// `tasks::TaskRouter::schedule_deadline`); `None` when the id is not
+    /// one subject token.
+    pub fn deadline_schedule(id: &str) -> Option<String> {
+        is_token(id).then(|| format!("{PREFIX}.deadline.at.{id}"))
+    }
+
+    /// Where the server publishes a task's schedule when it is due; the
+    /// last token is the task id.
+    pub fn deadlines_due() -> String {
+        format!("{PREFIX}.deadline.due")
     }
 
     /// What a capability's consumer takes: both forms above.

@@ -40,6 +40,11 @@ pub const QUEUED: &str = "ORCH_QUEUED";
 pub const RESULTS: &str = "ORCH_RESULTS";
 /// Object store for payloads and results too large for one NATS message.
 pub const OBJECTS: &str = "ORCH_OBJECTS";
+/// The schedules that fail a queued task at its deadline whatever became
+/// of the host it was submitted through (NATS 2.12 message schedules).
+pub const DEADLINES: &str = "ORCH_DEADLINES";
+/// The durable consumer, shared by every host, of the schedules due.
+const DEADLINES_CONSUMER: &str = "deadlines";
 /// Set on a task whose payload is in [`OBJECTS`]: the object's name. The
 /// message's body is empty then.
 pub const HEADER_PAYLOAD_OBJECT: &str = "Orch-Payload-Object";
@@ -250,6 +255,8 @@ pub struct TaskRouter {
     /// ahead: no longer counted unfinished here, but still failed at their
     /// deadline if they wait then. Each leaves at its deadline.
     deadline_only: Mutex<std::collections::HashSet<String>>,
+    /// [`DEADLINES`]; `None` on a server older than 2.12.
+    deadline_stream: Option<stream::Stream>,
 }
 
 /// Forgets a wait of `id` when dropped: see [`TaskRouter::forget_closed_waiters`].
@@ -645,6 +652,27 @@ impl TaskRouter {
                 .await
                 .map_err(|e| err("object store ORCH_OBJECTS", e.into()))?,
         };
+        let deadline_stream = if server_is_at_least(&version, 2, 12) {
+            let config = stream::Config {
+                name: DEADLINES.to_string(),
+                subjects: vec![
+                    format!("{}.deadline.at.>", subjects::PREFIX),
+                    format!("{}.>", subjects::deadlines_due()),
+                ],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                allow_message_schedules: true,
+                ..Default::default()
+            };
+            Some(
+                js.get_or_create_stream(config)
+                    .await
+                    .map_err(|e| err("stream ORCH_DEADLINES", e.into()))?,
+            )
+        } else {
+            tracing::warn!(version = %version, "nats-server is older than 2.12: a task waiting on the stream fails at its deadline only while the host it was submitted through runs");
+            None
+        };
         let waiters: Waiters = Arc::default();
         let pending: Pending = Arc::default();
         let watch_limit = host.config().host.max_waits.clamp(1, MAX_WATCHED);
@@ -680,6 +708,7 @@ impl TaskRouter {
             deadlines: Mutex::default(),
             deadline_added: Arc::default(),
             deadline_only: Mutex::default(),
+            deadline_stream,
         });
         router
             .host
@@ -687,6 +716,7 @@ impl TaskRouter {
             .set_remote(Arc::new(RemoteCalls(Arc::downgrade(&router))));
         router.follow_capabilities();
         router.follow_deadlines();
+        router.follow_due_deadlines();
         router.follow_cancels(&cluster.client).await?;
         Ok(router)
     }
@@ -1183,7 +1213,12 @@ impl TaskRouter {
             self.forget_closed_waiters(&key);
             return Err(e);
         }
-        let (put, ack) = tokio::join!(put, publish);
+        let schedule = async {
+            if let Some(deadline) = record.deadline_ms {
+                self.schedule_deadline(&record.id, deadline).await;
+            }
+        };
+        let (put, ack, ()) = tokio::join!(put, publish, schedule);
         if put.is_err() || ack.is_err() {
             self.pending
                 .lock()
@@ -1229,6 +1264,143 @@ impl TaskRouter {
         heap.push(std::cmp::Reverse((deadline, id.to_string())));
         if earliest {
             self.deadline_added.notify_one();
+        }
+    }
+
+    /// Has the server publish the task's id on [`subjects::deadlines_due`]
+    /// [`DEADLINE_BACKSTOP`] after this host's own look at its deadline
+    /// would be (a NATS 2.12 message schedule in [`DEADLINES`]), so that
+    /// some host fails it if it still waits on the stream then, also when
+    /// this host has stopped, restarted or lost the server by then. One
+    /// schedule per task: its subject is the task id, and publishing it
+    /// again (a resubmission) replaces it. Best effort: without it, this
+    /// host's own look still applies.
+    async fn schedule_deadline(&self, id: &str, deadline: u64) {
+        let (Some(_), Some(subject)) = (&self.deadline_stream, subjects::deadline_schedule(id))
+        else {
+            return;
+        };
+        let due = deadline
+            .saturating_add((DEADLINE_GRACE + DEADLINE_BACKSTOP).as_millis() as u64)
+            .min(i64::MAX as u64);
+        let Some(at) = chrono::DateTime::from_timestamp_millis(due as i64) else {
+            return;
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Nats-Schedule",
+            format!(
+                "@at {}",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            )
+            .as_str(),
+        );
+        headers.insert(
+            "Nats-Schedule-Target",
+            format!("{}.{id}", subjects::deadlines_due()).as_str(),
+        );
+        let sent = async {
+            self.js
+                .send_publish(
+                    subject,
+                    jetstream::message::PublishMessage::build()
+                        .payload(deadline.to_string().into())
+                        .headers(headers),
+                )
+                .await?
+                .await
+                .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+        };
+        if let Err(e) = sent.await {
+            tracing::debug!(task = %id, error = %e, "cannot schedule the task's deadline at the server; this host's own look still applies");
+        }
+    }
+
+    /// Takes the deadline schedules as they come due (any host may get
+    /// one) and fails each task still waiting on the stream, as
+    /// [`TaskRouter::expire`] does for this host's own deadlines.
+    fn follow_due_deadlines(self: &Arc<Self>) {
+        let Some(stream) = self.deadline_stream.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let prefix = format!("{}.", subjects::deadlines_due());
+            loop {
+                let consumer = stream
+                    .get_or_create_consumer(
+                        DEADLINES_CONSUMER,
+                        consumer::pull::Config {
+                            durable_name: Some(DEADLINES_CONSUMER.to_string()),
+                            filter_subject: format!("{prefix}>"),
+                            ack_policy: consumer::AckPolicy::Explicit,
+                            ack_wait: Duration::from_secs(30),
+                            max_deliver: -1,
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                let messages = match consumer {
+                    Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let mut messages = match messages {
+                    Ok(m) => m,
+                    Err(e) => {
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                        tracing::warn!(error = %e, "cannot take the deadline schedules due; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(message) = messages.next().await {
+                    let Some(router) = weak.upgrade() else { return };
+                    match message {
+                        Ok(message) => router.due_deadline(&prefix, message).await,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "while taking the deadline schedules due")
+                        }
+                    }
+                }
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// One due deadline schedule: the task fails if it still waits on the
+    /// stream; the schedule is acked, or looked at again a second later
+    /// when that cannot be told (at most [`DEADLINE_TRIES`] times).
+    async fn due_deadline(&self, prefix: &str, message: jetstream::Message) {
+        let id = message.subject.as_str().strip_prefix(prefix).unwrap_or("");
+        let deadline = std::str::from_utf8(&message.payload)
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok());
+        let outcome = match deadline {
+            Some(deadline) if !id.is_empty() => self.expire(id, deadline).await,
+            _ => {
+                tracing::warn!(subject = %message.subject, "a deadline schedule without a task id or deadline; dropped");
+                Ok(())
+            }
+        };
+        let tries = message.info().map(|i| i.delivered as u64).unwrap_or(0);
+        let ack = match outcome {
+            Ok(()) => AckKind::Ack,
+            Err(e) if tries >= DEADLINE_TRIES => {
+                tracing::warn!(task = %id, error = %e, tries, "cannot tell whether a task waits past its deadline; its schedule is dropped (a host that takes it fails it)");
+                AckKind::Ack
+            }
+            Err(e) => {
+                tracing::debug!(task = %id, error = %e, "cannot fail a task waiting past its deadline yet");
+                AckKind::Nak(Some(Duration::from_secs(1)))
+            }
+        };
+        if let Err(e) = message.ack_with(ack).await {
+            tracing::debug!(task = %id, error = %e, "cannot acknowledge a deadline schedule; it comes again");
         }
     }
 
@@ -1763,6 +1935,16 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(250);
 
 /// Most tasks kept for their deadline alone (see `TaskRouter::deadline_only`).
 const MAX_DEADLINE_ONLY: usize = 65_536;
+
+/// How long after the submitting host's own look ([`DEADLINE_GRACE`]) the
+/// server's schedule of a deadline is due: while that host runs, it has
+/// failed the task by then, and the schedule's delivery finds it ended.
+const DEADLINE_BACKSTOP: Duration = Duration::from_secs(1);
+
+/// Deliveries of one due schedule before it is dropped (it is looked at
+/// again a second after each failed look, e.g. while the host is cut off
+/// from the server).
+const DEADLINE_TRIES: u64 = 120;
 
 /// Hands a stored result to the requests waiting for it.
 fn wake(waiters: &Waiters, pending: &Pending, key: &str, value: &bytes::Bytes) {
