@@ -513,6 +513,11 @@ contract!(every_transition_is_one_event_with_the_tasks_figures, |d| {
         &["started", "completed"]
     };
     assert_eq!(kinds, expected, "{ran:?}");
+    // Every event of the task says when it was submitted, also where it
+    // runs on a host it was not submitted through.
+    for event in ran.iter().filter(|e| e["task"] == task["id"]) {
+        assert_eq!(event["submitted_at_ms"], task["submitted_at_ms"], "{event}");
+    }
     let completed = ran.last().unwrap();
     assert_eq!(completed["agent"], "echo@0.1.0");
     assert_eq!(completed["attempt"], 1);
@@ -537,6 +542,9 @@ contract!(every_transition_is_one_event_with_the_tasks_figures, |d| {
     }
     assert_eq!(kinds, expected, "{ran:?}");
     assert_eq!(ran.last().unwrap()["error"], "trap");
+    for event in ran.iter().filter(|e| e["task"] == dead["id"]) {
+        assert_eq!(event["submitted_at_ms"], dead["submitted_at_ms"], "{event}");
+    }
 });
 
 contract!(listing_filters_by_status_and_capability, |d| {

@@ -385,11 +385,10 @@ fn the_api_reports_bad_requests_with_a_kind_and_message() {
     let (code, v) = host.post("/v1/tasks", &json!(["echo", "hi"]));
     assert_eq!(code, 400, "{v}");
     let message = v["error"]["message"].as_str().unwrap();
-    assert!(
-        message.starts_with(
-            "the request body: invalid type: sequence, expected a task: a JSON object"
-        ),
-        "{message}"
+    assert_eq!(
+        message,
+        "the request body: invalid type: sequence, expected a task: a JSON object \
+         such as {\"capability\": \"echo\", \"input\": \"hi\"}"
     );
     let (code, v) = host.post_raw("/v1/tasks", "{\"capability\": ");
     assert_eq!(code, 400, "{v}");

@@ -281,7 +281,15 @@ fn json_error(e: &axum::extract::rejection::JsonRejection) -> ApiError {
     use axum::extract::rejection::JsonRejection as R;
     use std::error::Error as _;
     let message = match e {
-        R::JsonDataError(e) => e.source().map(|s| format!("the request body: {s}")),
+        // A body of the wrong type altogether (an array, say) fails
+        // before its first character: no position to name.
+        R::JsonDataError(e) => e.source().map(|s| {
+            let s = s.to_string();
+            format!(
+                "the request body: {}",
+                s.strip_suffix(" at line 1 column 0").unwrap_or(&s)
+            )
+        }),
         R::JsonSyntaxError(e) => e
             .source()
             .map(|s| format!("the request body is not valid JSON: {s}")),

@@ -2506,6 +2506,7 @@ async fn run_and_store(
                     e.agent = record.agent.clone();
                     e.attempt = record.attempts;
                     e.error = Some(last.kind.clone());
+                    e.submitted_at_ms = Some(record.submitted_at_ms);
                 });
         }
         return Ok(Settle::Nak(backoff));

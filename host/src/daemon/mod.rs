@@ -241,6 +241,7 @@ impl Host {
                     agent,
                     attempt,
                     waited,
+                    submitted_at_ms,
                 } => {
                     if let Some(l) = lock(&hook_live).get_mut(id) {
                         l.record.status = Status::Running;
@@ -251,6 +252,7 @@ impl Host {
                         e.agent = Some(agent.to_string());
                         e.attempt = attempt;
                         e.waited_us = waited.map(|w| w.as_micros() as u64);
+                        e.submitted_at_ms = submitted_at_ms;
                     });
                 }
                 AttemptEvent::Ended {
@@ -268,6 +270,7 @@ impl Host {
                     agent,
                     attempt,
                     error,
+                    submitted_at_ms,
                 } => {
                     if let Some(l) = lock(&hook_live).get_mut(id) {
                         l.record.status = Status::Queued;
@@ -276,6 +279,7 @@ impl Host {
                         e.agent = Some(agent.to_string());
                         e.attempt = attempt;
                         e.error = Some(error.kind().to_string());
+                        e.submitted_at_ms = submitted_at_ms;
                     });
                 }
             }),

@@ -123,6 +123,8 @@ pub struct Submit {
     /// The task's trace context (a W3C `traceparent`): its attempts' spans
     /// are children of it.
     pub trace: Option<String>,
+    /// When the task was accepted (Unix ms), for the `started` event.
+    pub submitted_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -165,6 +167,8 @@ pub enum AttemptEvent<'a> {
         /// For the first attempt in this scheduler: since the task entered
         /// it (its queue wait, then for a slot).
         waited: Option<Duration>,
+        /// When the task was accepted (Unix ms), if it was submitted with it.
+        submitted_at_ms: Option<u64>,
     },
     /// An attempt ended (before `Retrying`, or the task's end): how long
     /// it ran, the most linear memory it had, and its error if it failed.
@@ -182,6 +186,7 @@ pub enum AttemptEvent<'a> {
         agent: &'a str,
         attempt: u32,
         error: &'a TaskError,
+        submitted_at_ms: Option<u64>,
     },
 }
 
@@ -274,6 +279,7 @@ struct Pending {
     cancel: Option<CancellationToken>,
     attempts_before: u32,
     trace: Option<String>,
+    submitted_at_ms: Option<u64>,
     /// Payload bytes counted against `max_queued_bytes` while queued: a
     /// message's or sub-task's (guest-made); 0 for a submitted task, which
     /// whoever accepted it bounds.
@@ -997,6 +1003,7 @@ fn submit(
             submitted: Instant::now(),
             cancel: task.cancel,
             trace: task.trace,
+            submitted_at_ms: task.submitted_at_ms,
         };
         enqueue(&mut state, pending);
     }
@@ -1268,6 +1275,7 @@ async fn run(inner: &Arc<Inner>) {
                 .attempts
                 .is_empty()
                 .then(|| started.saturating_duration_since(task.submitted)),
+            submitted_at_ms: task.submitted_at_ms,
         });
     }
     // A message for a subscription reaches the agent with its subject as
@@ -1443,6 +1451,7 @@ async fn run(inner: &Arc<Inner>) {
                             agent: &last.agent,
                             attempt: task.attempts_before + task.attempts.len() as u32,
                             error: &last.error,
+                            submitted_at_ms: task.submitted_at_ms,
                         });
                     }
                 }
@@ -1566,6 +1575,7 @@ impl Router {
             cancel: self.cancel.as_ref().map(CancellationToken::child_token),
             attempts_before: 0,
             trace,
+            submitted_at_ms: Some(crate::daemon::now_ms()),
         };
         let submitted = submit(
             &self.inner,

@@ -72,6 +72,7 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
         cancel,
         attempts_before: record.attempts,
         trace: record.trace.clone(),
+        submitted_at_ms: Some(record.submitted_at_ms),
     };
     let submitted = match sub_task {
         Some((depth, fuel)) => scheduler.submit_sub_task(submit, depth, fuel),
