@@ -118,6 +118,7 @@ async fn queue_order_is_priority_then_deadline_then_arrival() {
                 cancel: None,
                 attempts_before: 0,
                 trace: None,
+                submitted_at_ms: None,
             })
             .unwrap();
         let order = order.clone();
