@@ -133,6 +133,24 @@ struct RecentCancels {
     ids: std::collections::HashSet<String>,
 }
 
+/// Makes (or opens) the stream of the deadline schedules; one made
+/// without `allow_msg_schedules` gets it.
+async fn deadline_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, Box<dyn std::error::Error + Send + Sync>> {
+    let mut stream = js.get_or_create_stream(config).await?;
+    let current = stream.info().await?.config.clone();
+    if !current.allow_message_schedules {
+        js.update_stream(stream::Config {
+            allow_message_schedules: true,
+            ..current
+        })
+        .await?;
+    }
+    Ok(stream)
+}
+
 /// The consumer for a capability. Consumer names may not contain dots.
 pub fn consumer_name(capability: &str) -> String {
     let safe: String = capability
@@ -255,8 +273,13 @@ pub struct TaskRouter {
     /// ahead: no longer counted unfinished here, but still failed at their
     /// deadline if they wait then. Each leaves at its deadline.
     deadline_only: Mutex<std::collections::HashSet<String>>,
-    /// [`DEADLINES`]; `None` on a server older than 2.12.
+    /// [`DEADLINES`]; `None` on a server older than 2.12, or when it
+    /// could not be made.
     deadline_stream: Option<stream::Stream>,
+    /// Deadline schedules being written (see `schedule_deadline`).
+    scheduling: Arc<tokio::sync::Semaphore>,
+    /// The loop taking the schedules due; stopped with the pull loops.
+    due_loop: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Forgets a wait of `id` when dropped: see [`TaskRouter::forget_closed_waiters`].
@@ -664,11 +687,13 @@ impl TaskRouter {
                 allow_message_schedules: true,
                 ..Default::default()
             };
-            Some(
-                js.get_or_create_stream(config)
-                    .await
-                    .map_err(|e| err("stream ORCH_DEADLINES", e.into()))?,
-            )
+            match deadline_stream(&js, config).await {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make the stream ORCH_DEADLINES: a task waiting on the stream fails at its deadline only while the host it was submitted through runs");
+                    None
+                }
+            }
         } else {
             tracing::warn!(version = %version, "nats-server is older than 2.12: a task waiting on the stream fails at its deadline only while the host it was submitted through runs");
             None
@@ -709,6 +734,8 @@ impl TaskRouter {
             deadline_added: Arc::default(),
             deadline_only: Mutex::default(),
             deadline_stream,
+            scheduling: Arc::new(tokio::sync::Semaphore::new(MAX_SCHEDULING)),
+            due_loop: Mutex::default(),
         });
         router
             .host
@@ -948,6 +975,14 @@ impl TaskRouter {
     /// elsewhere after the ack wait.
     pub fn stop(&self) {
         for (_, handle) in self.loops.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            handle.abort();
+        }
+        if let Some(handle) = self
+            .due_loop
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             handle.abort();
         }
     }
@@ -1213,12 +1248,7 @@ impl TaskRouter {
             self.forget_closed_waiters(&key);
             return Err(e);
         }
-        let schedule = async {
-            if let Some(deadline) = record.deadline_ms {
-                self.schedule_deadline(&record.id, deadline).await;
-            }
-        };
-        let (put, ack, ()) = tokio::join!(put, publish, schedule);
+        let (put, ack) = tokio::join!(put, publish);
         if put.is_err() || ack.is_err() {
             self.pending
                 .lock()
@@ -1244,6 +1274,7 @@ impl TaskRouter {
         let duplicate = ack?.duplicate;
         if let (false, Some(deadline)) = (duplicate, record.deadline_ms) {
             self.add_deadline(deadline, &record.id);
+            self.schedule_deadline(&record.id, deadline);
         }
         Ok(duplicate)
     }
@@ -1273,11 +1304,17 @@ impl TaskRouter {
     /// some host fails it if it still waits on the stream then, also when
     /// this host has stopped, restarted or lost the server by then. One
     /// schedule per task: its subject is the task id, and publishing it
-    /// again (a resubmission) replaces it. Best effort: without it, this
-    /// host's own look still applies.
-    async fn schedule_deadline(&self, id: &str, deadline: u64) {
+    /// again replaces it. Best effort, and off the submission's path: sent
+    /// after the task is on the stream, by a task of its own (at most
+    /// [`MAX_SCHEDULING`] at once; past that, and when the write fails,
+    /// this host's own look still applies).
+    fn schedule_deadline(&self, id: &str, deadline: u64) {
         let (Some(_), Some(subject)) = (&self.deadline_stream, subjects::deadline_schedule(id))
         else {
+            return;
+        };
+        let Ok(permit) = self.scheduling.clone().try_acquire_owned() else {
+            tracing::debug!(task = %id, "too many deadline schedules being written; this host's own look at the deadline still applies");
             return;
         };
         let due = deadline
@@ -1299,9 +1336,11 @@ impl TaskRouter {
             "Nats-Schedule-Target",
             format!("{}.{id}", subjects::deadlines_due()).as_str(),
         );
-        let sent = async {
-            self.js
-                .send_publish(
+        let js = self.js.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let sent = async {
+                js.send_publish(
                     subject,
                     jetstream::message::PublishMessage::build()
                         .payload(deadline.to_string().into())
@@ -1310,10 +1349,12 @@ impl TaskRouter {
                 .await?
                 .await
                 .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
-        };
-        if let Err(e) = sent.await {
-            tracing::debug!(task = %id, error = %e, "cannot schedule the task's deadline at the server; this host's own look still applies");
-        }
+            };
+            if let Err(e) = sent.await {
+                tracing::debug!(task = %id, error = %e, "cannot schedule the task's deadline at the server; this host's own look still applies");
+            }
+            drop(permit);
+        });
     }
 
     /// Takes the deadline schedules as they come due (any host may get
@@ -1324,7 +1365,7 @@ impl TaskRouter {
             return;
         };
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let handle = tokio::spawn(async move {
             let prefix = format!("{}.", subjects::deadlines_due());
             loop {
                 let consumer = stream
@@ -1334,14 +1375,21 @@ impl TaskRouter {
                             durable_name: Some(DEADLINES_CONSUMER.to_string()),
                             filter_subject: format!("{prefix}>"),
                             ack_policy: consumer::AckPolicy::Explicit,
-                            ack_wait: Duration::from_secs(30),
+                            // A host that stops with schedules taken
+                            // leaves them to the others this soon.
+                            ack_wait: Duration::from_secs(5),
                             max_deliver: -1,
                             ..Default::default()
                         },
                     )
                     .await;
                 let messages = match consumer {
-                    Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+                    Ok(c) => c
+                        .stream()
+                        .max_messages_per_batch(16)
+                        .messages()
+                        .await
+                        .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 let mut messages = match messages {
@@ -1360,7 +1408,9 @@ impl TaskRouter {
                     match message {
                         Ok(message) => router.due_deadline(&prefix, message).await,
                         Err(e) => {
-                            tracing::debug!(error = %e, "while taking the deadline schedules due")
+                            tracing::debug!(error = %e, "while taking the deadline schedules due");
+                            drop(router);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                     }
                 }
@@ -1370,6 +1420,7 @@ impl TaskRouter {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
+        *self.due_loop.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
     }
 
     /// One due deadline schedule: the task fails if it still waits on the
@@ -1505,6 +1556,12 @@ impl TaskRouter {
             return Ok(());
         }
         if current.record.status != Status::Queued {
+            return Ok(());
+        }
+        // The record's deadline decides: a schedule of an earlier task
+        // under the same id (a keyed resubmission after the first one was
+        // removed) must not fail one with a later deadline, or none.
+        if current.record.deadline_ms.is_none_or(|d| d > now_ms()) {
             return Ok(());
         }
         let mut record = current.record;
@@ -1945,6 +2002,9 @@ const DEADLINE_BACKSTOP: Duration = Duration::from_secs(1);
 /// again a second after each failed look, e.g. while the host is cut off
 /// from the server).
 const DEADLINE_TRIES: u64 = 120;
+
+/// Most deadline schedules written at once by one host.
+const MAX_SCHEDULING: usize = 1024;
 
 /// Hands a stored result to the requests waiting for it.
 fn wake(waiters: &Waiters, pending: &Pending, key: &str, value: &bytes::Bytes) {

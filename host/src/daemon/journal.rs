@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -45,7 +45,6 @@ const BY_CAPABILITY: TableDefinition<(&str, &str), ()> = TableDefinition::new("b
 const BY_FINISH: TableDefinition<(u64, &str), ()> = TableDefinition::new("by_finish");
 /// "index" → the version of the index tables; they are rebuilt from
 /// `tasks` when it is not [`INDEX_VERSION`] (a journal from before them).
-/// "bodies" → 1 once payloads and results are in [`BODIES`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_VERSION: u64 = 1;
 /// Sorts after every character of a task id.
@@ -603,11 +602,16 @@ impl Journal {
 fn prepare(txn: &redb::WriteTransaction) -> Result<usize, CommitError> {
     txn.open_table(BODIES).map_err(write_err)?;
     txn.open_table(KEYS).map_err(write_err)?;
-    let mut meta = txn.open_table(META).map_err(write_err)?;
-    if meta.get("bodies").map_err(write_err)?.is_none() {
+    // Whenever the old tables are there, also after an older version
+    // wrote to them again.
+    let old = txn
+        .list_tables()
+        .map_err(write_err)?
+        .any(|t| [OLD_PAYLOADS.name(), OLD_RESULTS.name()].contains(&t.name()));
+    if old {
         move_bodies(txn)?;
-        meta.insert("bodies", 1).map_err(write_err)?;
     }
+    let mut meta = txn.open_table(META).map_err(write_err)?;
     let tasks = txn.open_table(TASKS).map_err(write_err)?;
     let mut index = Indexes::open(txn)?;
     let version = meta.get("index").map_err(write_err)?.map(|v| v.value());
@@ -1144,7 +1148,6 @@ mod tests {
                 .unwrap()
                 .insert("done", b"out".as_slice())
                 .unwrap();
-            txn.open_table(META).unwrap().remove("bodies").unwrap();
             txn.commit().unwrap();
         }
         let j = Journal::open(&path).unwrap();
