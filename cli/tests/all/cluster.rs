@@ -1544,12 +1544,18 @@ fn a_submission_under_a_replaced_fence_is_refused_and_leaves_nothing() {
     });
 }
 
-/// A task waiting on the stream fails at its deadline when the host it was
-/// submitted through is gone by then (killed here before the deadline):
-/// the server's schedule of the deadline brings it to another host. A task
-/// whose deadline is still ahead keeps waiting.
-#[test]
-fn a_queued_task_fails_at_its_deadline_after_the_host_it_was_submitted_through_is_killed() {
+/// Hosts A (no agents) and B (one `test.nap` slot) on one server, and the
+/// id of a 30 s nap that holds B's slot: a task for `test.nap` submitted
+/// now waits on the stream.
+struct BusySlot {
+    nats: NatsServer,
+    ha: HostProc,
+    hb: HostProc,
+    holder: String,
+    _homes: (Orch, Orch),
+}
+
+fn busy_slot() -> BusySlot {
     let nats = NatsServer::start();
     let a = Orch::new();
     let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
@@ -1562,10 +1568,32 @@ fn a_queued_task_fails_at_its_deadline_after_the_host_it_was_submitted_through_i
     );
     let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
     until_serving(&ha, "test.nap", 1);
-    let holder = hb.submit("test.nap", "30000");
-    hb.until("the nap holds B's slot", |h| {
+    let holder = ha.submit("test.nap", "30000");
+    ha.until("the nap holds B's slot", |h| {
         h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
     });
+    BusySlot {
+        nats,
+        ha,
+        hb,
+        holder,
+        _homes: (a, b),
+    }
+}
+
+/// A task waiting on the stream fails at its deadline when the host it was
+/// submitted through is gone by then (killed here before the deadline):
+/// the server's schedule of the deadline brings it to another host. A task
+/// whose deadline is still ahead keeps waiting.
+#[test]
+fn a_queued_task_fails_at_its_deadline_after_the_host_it_was_submitted_through_is_killed() {
+    let BusySlot {
+        nats: _nats,
+        ha,
+        hb,
+        holder,
+        _homes,
+    } = busy_slot();
     let submit = |deadline: &str| {
         let (code, task) = ha.post(
             "/v1/tasks",
@@ -1600,22 +1628,13 @@ fn a_queued_task_fails_at_its_deadline_after_the_host_it_was_submitted_through_i
 /// taken everything before it.
 #[test]
 fn a_cancelled_task_waiting_on_the_stream_is_not_run_by_a_host_that_missed_the_cancel() {
-    let nats = NatsServer::start();
-    let a = Orch::new();
-    let ha = HostProc::start_with(&a, &["--nats", nats.url.as_str()]);
-    let b = Orch::new();
-    install_fixture(
-        &b,
-        "nap",
-        "test.nap",
-        "[limits]\nmax_instances = 1\ntimeout = \"60s\"\n",
-    );
-    let hb = HostProc::start_with(&b, &["--nats", nats.url.as_str()]);
-    until_serving(&ha, "test.nap", 1);
-    let holder = ha.submit("test.nap", "30000");
-    ha.until("the nap holds B's slot", |h| {
-        h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
-    });
+    let BusySlot {
+        nats,
+        ha,
+        hb,
+        holder,
+        _homes,
+    } = busy_slot();
     let waiting = ha.submit("test.nap", "10");
     let (code, cancelled) = ha.post(&format!("/v1/tasks/{waiting}/cancel"), &json!({}));
     assert_eq!(code, 200, "{cancelled}");

@@ -726,22 +726,13 @@ impl<'t> Indexes<'t> {
     /// its status and finish entries, never its capability's).
     fn update(&mut self, old: &Indexed, new: &TaskRecord) -> Result<(), CommitError> {
         let id = new.id.as_str();
-        if old.status != new.status {
-            self.status
-                .remove((old.status.as_str(), id))
-                .map_err(write_err)?;
-            self.status
-                .insert((new.status.as_str(), id), ())
-                .map_err(write_err)?;
-        }
-        if old.capability != new.capability {
-            self.capability
-                .remove((old.capability.as_str(), id))
-                .map_err(write_err)?;
-            self.capability
-                .insert((new.capability.as_str(), id), ())
-                .map_err(write_err)?;
-        }
+        move_entry(
+            &mut self.status,
+            id,
+            old.status.as_str(),
+            new.status.as_str(),
+        )?;
+        move_entry(&mut self.capability, id, &old.capability, &new.capability)?;
         let was = Indexed::finish_key(old.status, old.finished_at_ms);
         let is = Indexed::finish_key(new.status, new.finished_at_ms);
         if was != is {
@@ -754,6 +745,21 @@ impl<'t> Indexes<'t> {
         }
         Ok(())
     }
+}
+
+/// Moves `id`'s entry in a `(key, id)` index from `old` to `new`, if they
+/// differ.
+fn move_entry(
+    table: &mut redb::Table<'_, (&'static str, &'static str), ()>,
+    id: &str,
+    old: &str,
+    new: &str,
+) -> Result<(), CommitError> {
+    if old != new {
+        table.remove((old, id)).map_err(write_err)?;
+        table.insert((new, id), ()).map_err(write_err)?;
+    }
+    Ok(())
 }
 
 /// A result (or retention's removal): what a commit may hold back.
