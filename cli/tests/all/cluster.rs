@@ -1620,6 +1620,45 @@ fn a_queued_task_fails_at_its_deadline_after_the_host_it_was_submitted_through_i
     assert_eq!(code, 200);
 }
 
+/// The same while the submitting host is frozen (SIGSTOP: its connection
+/// stays open and its pull requests stay at the server until they
+/// expire): each task fails within about 3 s past the 1.25 s the
+/// schedule is due, not only when that host wakes (before the requests
+/// expired within a second, schedules handed to it came back in steps of
+/// the ack wait: 6-16 s late).
+#[test]
+fn a_queued_task_fails_at_its_deadline_while_the_host_it_was_submitted_through_is_frozen() {
+    let BusySlot {
+        nats: _nats,
+        ha,
+        hb,
+        holder,
+        _homes,
+    } = busy_slot();
+    let ids: Vec<String> = (1..=5)
+        .map(|s| {
+            let (code, task) = ha.post(
+                "/v1/tasks",
+                &json!({ "capability": "test.nap", "input": "10", "deadline": format!("{s}s") }),
+            );
+            assert_eq!(code, 201, "{task}");
+            task["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ha.signal("-STOP");
+    for id in &ids {
+        let task = hb.wait(id);
+        assert_eq!(task["status"], "failed", "{task}");
+        assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
+        assert_eq!(task["attempts"], 0, "{task}");
+        let late = task["finished_at_ms"].as_u64().unwrap() - task["deadline_ms"].as_u64().unwrap();
+        assert!(late < 4500, "{late} ms past its deadline: {task}");
+    }
+    ha.signal("-CONT");
+    let (code, _) = hb.post(&format!("/v1/tasks/{holder}/cancel"), &json!({}));
+    assert_eq!(code, 200);
+}
+
 /// A cancelled task still waiting on the stream is taken off it: a host
 /// that was not there to hear the cancel (it starts after it) never runs
 /// it. (Without that, such a host ran the task and only its outcome was

@@ -1375,18 +1375,23 @@ impl TaskRouter {
                             durable_name: Some(DEADLINES_CONSUMER.to_string()),
                             filter_subject: format!("{prefix}>"),
                             ack_policy: consumer::AckPolicy::Explicit,
-                            // A host that stops with schedules taken
-                            // leaves them to the others this soon.
-                            ack_wait: Duration::from_secs(5),
+                            // A host that stops or freezes with
+                            // schedules taken leaves them to the others
+                            // this soon.
+                            ack_wait: DEADLINE_ACK_WAIT,
                             max_deliver: -1,
                             ..Default::default()
                         },
                     )
                     .await;
                 let messages = match consumer {
+                    // Requests that expire within a second, so that the
+                    // server stops handing schedules to a host that froze
+                    // or lost its network without closing its connection.
                     Ok(c) => c
                         .stream()
-                        .max_messages_per_batch(16)
+                        .max_messages_per_batch(4)
+                        .expires(Duration::from_secs(1))
                         .messages()
                         .await
                         .map_err(|e| e.to_string()),
@@ -2002,6 +2007,10 @@ const DEADLINE_BACKSTOP: Duration = Duration::from_secs(1);
 /// again a second after each failed look, e.g. while the host is cut off
 /// from the server).
 const DEADLINE_TRIES: u64 = 120;
+
+/// How long a host has to ack a due schedule before the server gives it to
+/// another (see `follow_due_deadlines`).
+const DEADLINE_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Most deadline schedules written at once by one host.
 const MAX_SCHEDULING: usize = 1024;
