@@ -272,9 +272,9 @@ struct Pending {
     /// For sub-tasks: the caller's remaining fuel, which caps the callee's.
     fuel_cap: Option<u64>,
     max_attempts: Option<u32>,
-    /// For sub-tasks: the agents of the callers above it, one entry per
-    /// caller, each holding one slot of that agent while it waits.
-    chain: Arc<[usize]>,
+    /// For sub-tasks: the agents (`Entry::id`) of the callers above it, one
+    /// entry per caller, each holding one slot of that agent while it waits.
+    chain: Arc<[u64]>,
     submitted: Instant,
     cancel: Option<CancellationToken>,
     attempts_before: u32,
@@ -351,6 +351,10 @@ impl PartialEq for Queued {
 impl Eq for Queued {}
 
 struct Entry {
+    /// Unique for the scheduler's life: a retired entry's place in
+    /// `State::agents` is given to the next agent added, so an attempt and a
+    /// caller chain name their agent by this, not by the place.
+    id: u64,
     label: String,
     /// `None` once retired: its running attempts hold their own handle, so
     /// the compiled component is freed when the last of them ends.
@@ -401,6 +405,8 @@ struct State {
     with_deadline: std::collections::HashSet<u64>,
     dead: std::collections::VecDeque<Failure>,
     seq: u64,
+    /// The next `Entry::id`.
+    next_entry: u64,
     rng: u64,
     /// Payload bytes of the messages and sub-tasks in `queues`.
     queued_bytes: u64,
@@ -495,11 +501,12 @@ impl State {
 
     /// Whether a sub-task for `route` can never be placed because the
     /// callers above it hold every slot of every agent that could take it.
-    fn held_by_callers(&self, route: &Route, chain: &[usize]) -> Option<u32> {
+    fn held_by_callers(&self, route: &Route, chain: &[u64]) -> Option<u32> {
         let agents = self.index.get(route)?;
         let mut slots = 0;
         for &i in agents {
-            let held = chain.iter().filter(|&&j| j == i).count() as u32;
+            let id = self.agents[i].id;
+            let held = chain.iter().filter(|&&j| j == id).count() as u32;
             let max = self.agents[i].max_in_flight;
             if held < max {
                 return None;
@@ -513,6 +520,7 @@ impl State {
 /// A task placed on an agent, waiting for a runner.
 struct Job {
     agent_index: usize,
+    agent_id: u64,
     agent: Arc<Agent>,
     label: String,
     limits: Limits,
@@ -613,6 +621,7 @@ impl Scheduler {
                 with_deadline: std::collections::HashSet::new(),
                 dead: std::collections::VecDeque::new(),
                 seq: 0,
+                next_entry: 0,
                 rng: seed,
                 queued_bytes: 0,
                 waiting: Arc::new(AtomicBool::new(false)),
@@ -664,7 +673,7 @@ impl Scheduler {
             state.index.retain(|_, list| !list.is_empty());
         }
         if let Some((label, agent, limits, max_in_flight)) = new {
-            let i = state.agents.len();
+            let i = self.push_entry(&mut state, label, &agent, limits, max_in_flight);
             for c in &agent.descriptor().capabilities {
                 state
                     .index
@@ -679,31 +688,47 @@ impl Scheduler {
                     .or_default()
                     .push(i);
             }
-            self.push_entry(&mut state, label, agent, limits, max_in_flight);
+        }
+        // Retired places no attempt holds are dropped from the end (a
+        // place in the middle waits for the next agent added).
+        while state
+            .agents
+            .last()
+            .is_some_and(|e| e.retired && e.in_flight() == 0)
+        {
+            state.agents.pop();
         }
         drop(state);
         self.inner.wake.notify_one();
         found
     }
 
+    /// Adds an entry for `agent` and returns its place. The place of a
+    /// retired entry that no attempt holds any more is taken first, so
+    /// that upgrades and removals do not grow the table: it is never longer
+    /// than the most agents it had at once, live or retired and still
+    /// running a task.
     fn push_entry(
         &self,
         state: &mut State,
         label: &str,
-        agent: Arc<Agent>,
+        agent: &Arc<Agent>,
         limits: Limits,
         max_in_flight: u32,
-    ) {
+    ) -> usize {
         let capabilities = agent
             .descriptor()
             .capabilities
             .iter()
             .map(|c| c.name.clone())
             .collect();
-        state.agents.push(Entry {
+        let id = state.next_entry;
+        state.next_entry += 1;
+        let entry = Entry {
+            id,
             label: label.to_string(),
             engine: agent.engine().clone(),
-            agent: Some(agent),
+            agent: Some(agent.clone()),
             capabilities,
             limits,
             max_in_flight: max_in_flight.max(1),
@@ -717,7 +742,28 @@ impl Scheduler {
             completed: 0,
             failed: 0,
             retired: false,
-        });
+        };
+        match state
+            .agents
+            .iter()
+            .position(|e| e.retired && e.in_flight() == 0)
+        {
+            Some(i) => {
+                state.agents[i] = entry;
+                i
+            }
+            None => {
+                state.agents.push(entry);
+                state.agents.len() - 1
+            }
+        }
+    }
+
+    /// How many places the scheduler's agent table has: the live agents,
+    /// the removed or replaced ones whose tasks have not all ended, and
+    /// places of ended ones not yet given to an agent added since.
+    pub fn entries(&self) -> usize {
+        self.inner.state().agents.len()
     }
 
     /// Whether some agent provides `capability` now.
@@ -947,7 +993,7 @@ fn submit(
     route: Route,
     depth: u32,
     fuel_cap: Option<u64>,
-    chain: Arc<[usize]>,
+    chain: Arc<[u64]>,
     bounded: bool,
 ) -> Result<TaskHandle, SubmitError> {
     if inner.draining.load(AtomicOrdering::Relaxed) {
@@ -1133,6 +1179,7 @@ async fn dispatch(inner: Arc<Inner>) {
                     e.breaker.on_send(now);
                     starts.push(Job {
                         agent_index: i,
+                        agent_id: e.id,
                         agent,
                         label: e.label.clone(),
                         limits: e.limits.clone(),
@@ -1240,6 +1287,7 @@ async fn run(inner: &Arc<Inner>) {
         .pop_front();
     let Some(Job {
         agent_index: i,
+        agent_id,
         agent,
         label,
         mut limits,
@@ -1285,7 +1333,7 @@ async fn run(inner: &Arc<Inner>) {
         Route::Capability(c) => (c.clone(), "application/octet-stream"),
     };
     let mut chain = task.chain.to_vec();
-    chain.push(i);
+    chain.push(agent_id);
     // A durable agent's calls are recorded and replayed; a replayed call
     // that does not match its record fails the task, whatever it returns.
     let durable_log = if limits.durable {
@@ -1392,24 +1440,27 @@ async fn run(inner: &Arc<Inner>) {
     let now = Instant::now();
     let backoff = {
         let mut state = inner.state();
-        let e = &mut state.agents[i];
-        e.latency_ms = 0.9 * e.latency_ms + 0.1 * elapsed_ms;
-        match &result {
-            Ok(_) => {
-                e.completed += 1;
-                e.success = 0.9 * e.success + 0.1;
-                e.breaker.on_success();
-            }
-            // Bad input says nothing about the agent's health; a half-open
-            // probe with bad input leaves the next task to probe.
-            Err(TaskError::InvalidInput(_)) => {
-                e.completed += 1;
-                e.breaker.on_inconclusive();
-            }
-            Err(_) => {
-                e.failed += 1;
-                e.success *= 0.9;
-                e.breaker.on_failure(now);
+        // The entry's place holds another agent once this one was retired
+        // and its last slot freed (the instance gave it back above).
+        if let Some(e) = state.agents.get_mut(i).filter(|e| e.id == agent_id) {
+            e.latency_ms = 0.9 * e.latency_ms + 0.1 * elapsed_ms;
+            match &result {
+                Ok(_) => {
+                    e.completed += 1;
+                    e.success = 0.9 * e.success + 0.1;
+                    e.breaker.on_success();
+                }
+                // Bad input says nothing about the agent's health; a half-open
+                // probe with bad input leaves the next task to probe.
+                Err(TaskError::InvalidInput(_)) => {
+                    e.completed += 1;
+                    e.breaker.on_inconclusive();
+                }
+                Err(_) => {
+                    e.failed += 1;
+                    e.success *= 0.9;
+                    e.breaker.on_failure(now);
+                }
             }
         }
         let attempt = task.attempts.len() as u32 + 1;
@@ -1469,8 +1520,9 @@ async fn run(inner: &Arc<Inner>) {
 #[derive(Clone)]
 struct Router {
     inner: Arc<Inner>,
-    /// The agents of this task and of its callers, one entry each.
-    chain: Arc<[usize]>,
+    /// The agents (`Entry::id`) of this task and of its callers, one
+    /// entry each.
+    chain: Arc<[u64]>,
     priority: i32,
     seq: Arc<AtomicU64>,
     /// The caller's: cancelling a task cancels its sub-tasks.

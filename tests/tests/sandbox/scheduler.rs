@@ -548,6 +548,72 @@ async fn a_removed_agent_is_freed_once_its_running_task_ends() {
     assert!(weak.upgrade().is_none(), "freed after its last task");
 }
 
+/// Upgrades and removals do not grow the scheduler: a replaced agent's
+/// entry stays while a task it runs has not ended (it is listed, busy), and
+/// its place goes to the next agent added once that task ends. An agent
+/// upgraded 1,000 times leaves one entry. The upgrade that takes the place
+/// comes between the old task's end and its bookkeeping (from the attempt
+/// hook), and the new agent is not charged with the old one's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_agent_leaves_no_entry_once_its_tasks_end() {
+    let h = Harness::new();
+    let echo = Arc::new(h.load("echo").await);
+    // Taken by the hook at the spin task's end: a handle to the scheduler
+    // and the agent to upgrade echo with.
+    let upgrade: Arc<Mutex<Option<(Scheduler, Arc<orch::Agent>)>>> = Arc::default();
+    let hook_upgrade = upgrade.clone();
+    let s = Scheduler::with_attempt_hook(
+        SchedulerConfig::default(),
+        Arc::new(move |event| {
+            if let orch::scheduler::AttemptEvent::Ended { agent: "spin", .. } = event {
+                if let Some((s, echo)) = hook_upgrade.lock().unwrap().take() {
+                    s.replace_agent(Some("echo"), Some(("echo", echo, Limits::default(), 4)));
+                }
+            }
+        }),
+    );
+    let limits = Limits {
+        timeout: Duration::from_millis(300),
+        ..generous()
+    };
+    s.add_agent("spin", Arc::new(h.load("spin").await), limits, 1);
+    let running = s.submit(task("test.spin", "x")).unwrap();
+    until_in_flight(&s, "spin", 1).await;
+    assert!(s.remove_agent("spin"));
+    s.add_agent("echo", echo.clone(), Limits::default(), 4);
+    for _ in 0..1_000 {
+        s.replace_agent(
+            Some("echo"),
+            Some(("echo", echo.clone(), Limits::default(), 4)),
+        );
+    }
+    // Inside: the removed agent's task still runs, so its entry stays.
+    assert_eq!(s.entries(), 2);
+    let busy: Vec<_> = s
+        .stats()
+        .into_iter()
+        .map(|a| (a.label, a.in_flight))
+        .collect();
+    assert_eq!(busy, [("spin".to_string(), 1), ("echo".to_string(), 0)]);
+    *upgrade.lock().unwrap() = Some((s.clone(), echo.clone()));
+    assert!(
+        running.wait().await.is_err(),
+        "the spin task ends at its timeout"
+    );
+    // Past: its task ended, so the upgrade made at that moment took its
+    // place (and the place it left at the end was dropped).
+    assert!(upgrade.lock().unwrap().is_none(), "the hook upgraded echo");
+    assert_eq!(s.entries(), 1);
+    let stats = s.stats();
+    assert_eq!(
+        (stats[0].label.as_str(), stats[0].failed, stats.len()),
+        ("echo", 0, 1)
+    );
+    let done = s.submit(task("echo", "after")).unwrap().wait().await;
+    assert_eq!(done.unwrap().output.result, b"after");
+    assert_eq!(s.stats()[0].completed, 1);
+}
+
 /// `Scheduler::backlog` (what the journal asks before it holds results):
 /// false with nothing queued, true while a task waits for a slot, false
 /// again once the waiting task is cancelled out of its queue, with no
