@@ -1659,6 +1659,77 @@ fn a_queued_task_fails_at_its_deadline_while_the_host_it_was_submitted_through_i
     assert_eq!(code, 200);
 }
 
+/// Deadline schedules that are not what a host writes fail no task and do
+/// not stay: one whose body says the deadline passed while the task's own
+/// record says it is a minute ahead, one whose body is not a deadline, one
+/// for a task that does not exist, one for a running task. The hosts take
+/// and drop them all, and the waiting task runs once a slot frees.
+#[test]
+fn forged_or_malformed_deadline_schedules_fail_no_task_and_are_dropped() {
+    let s = busy_slot();
+    let (code, task) = s.ha.post(
+        "/v1/tasks",
+        &json!({ "capability": "test.nap", "input": "10", "deadline": "60s" }),
+    );
+    assert_eq!(code, 201, "{task}");
+    let later = task["id"].as_str().unwrap().to_string();
+    crate::common::runtime().block_on(async {
+        let client = async_nats::connect(s.nats.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let forged = [
+            (later.as_str(), "1"),
+            (later.as_str(), "not a deadline"),
+            ("no-such-task", "1"),
+            (s.holder.as_str(), "1"),
+        ];
+        for (id, body) in forged {
+            js.publish(
+                format!("orch.v1.deadline.due.{id}"),
+                body.to_string().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        // The stream keeps a schedule until a host acks it (work-queue
+        // retention), so an empty subject means all four were handled.
+        let stream = js.get_stream("ORCH_DEADLINES").await.unwrap();
+        let started = Instant::now();
+        loop {
+            let mut left = stream
+                .info_with_subjects("orch.v1.deadline.due.>")
+                .await
+                .unwrap();
+            let mut waiting = Vec::new();
+            while let Some(subject) = left.next().await {
+                waiting.push(subject.unwrap());
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "forged schedules still on the stream: {waiting:?}"
+            );
+            // The hosts take them within a pull request's second.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    for h in [&s.ha, &s.hb] {
+        let (_, waiting) = h.get(&format!("/v1/tasks/{later}"));
+        assert_eq!(waiting["status"], "queued", "{waiting}");
+        let (_, held) = h.get(&format!("/v1/tasks/{}", s.holder));
+        assert_eq!(held["status"], "running", "{held}");
+    }
+    let (code, _) =
+        s.hb.post(&format!("/v1/tasks/{}/cancel", s.holder), &json!({}));
+    assert_eq!(code, 200);
+    let task = s.ha.wait(&later);
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["attempts"], 1, "{task}");
+}
+
 /// A cancelled task still waiting on the stream is taken off it: a host
 /// that was not there to hear the cancel (it starts after it) never runs
 /// it. (Without that, such a host ran the task and only its outcome was
