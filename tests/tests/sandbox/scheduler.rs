@@ -558,16 +558,18 @@ async fn a_removed_agent_is_freed_once_its_running_task_ends() {
 async fn a_replaced_agent_leaves_no_entry_once_its_tasks_end() {
     let h = Harness::new();
     let echo = Arc::new(h.load("echo").await);
-    // Taken by the hook at the spin task's end: a handle to the scheduler
-    // and the agent to upgrade echo with.
-    let upgrade: Arc<Mutex<Option<(Scheduler, Arc<orch::Agent>)>>> = Arc::default();
-    let hook_upgrade = upgrade.clone();
+    // Taken by the hook at the spin task's end, to upgrade echo with.
+    let upgrade: Arc<Mutex<Option<Scheduler>>> = Arc::default();
+    let (hook_upgrade, hook_echo) = (upgrade.clone(), echo.clone());
     let s = Scheduler::with_attempt_hook(
         SchedulerConfig::default(),
         Arc::new(move |event| {
             if let orch::scheduler::AttemptEvent::Ended { agent: "spin", .. } = event {
-                if let Some((s, echo)) = hook_upgrade.lock().unwrap().take() {
-                    s.replace_agent(Some("echo"), Some(("echo", echo, Limits::default(), 4)));
+                if let Some(s) = hook_upgrade.lock().unwrap().take() {
+                    s.replace_agent(
+                        Some("echo"),
+                        Some(("echo", hook_echo.clone(), Limits::default(), 4)),
+                    );
                 }
             }
         }),
@@ -595,7 +597,7 @@ async fn a_replaced_agent_leaves_no_entry_once_its_tasks_end() {
         .map(|a| (a.label, a.in_flight))
         .collect();
     assert_eq!(busy, [("spin".to_string(), 1), ("echo".to_string(), 0)]);
-    *upgrade.lock().unwrap() = Some((s.clone(), echo.clone()));
+    *upgrade.lock().unwrap() = Some(s.clone());
     assert!(
         running.wait().await.is_err(),
         "the spin task ends at its timeout"
