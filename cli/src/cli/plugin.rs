@@ -283,13 +283,30 @@ async fn install(ctx: &Context, args: InstallArgs, mode: Mode, upgrade_name: Opt
         eprintln!("not installed");
         return exit::BAD_INPUT;
     }
+    // Which version was active, when the upgrade is to a kept version (its
+    // record is then the one made active again, not a new one).
+    let switched_from = ctx.store.get(name).ok().and_then(|r| {
+        r.versions
+            .iter()
+            .any(|v| {
+                v.version == checked.manifest.manifest.plugin.version && v.sha256 == checked.sha256
+            })
+            .then_some(r.active)
+    });
     match ctx.store.commit(&checked, mode) {
         Ok(record) => {
-            println!(
-                "installed {name} {} ({})",
-                record.version,
-                &record.sha256[..12]
-            );
+            match switched_from {
+                Some(from) => println!(
+                    "{name}: {from} -> {} (a kept version, active again; {})",
+                    record.version,
+                    &record.sha256[..12]
+                ),
+                None => println!(
+                    "installed {name} {} ({})",
+                    record.version,
+                    &record.sha256[..12]
+                ),
+            }
             0
         }
         Err(e) => plugin_error(&e.into()),

@@ -69,6 +69,49 @@ fn install_run_upgrade_rollback_remove() {
     let out = orch.run(&["plugin", "rollback", "counter"]);
     assert_eq!(out.status.code(), Some(3));
 
+    // The kept 0.2.0 becomes active again by an upgrade with the same
+    // component and manifest, as often as the operator switches; the
+    // history keeps each version once.
+    for _ in 0..3 {
+        let switched = orch.ok(&["plugin", "upgrade", "counter", &v2, "--yes"]);
+        assert!(
+            switched.contains("counter: 0.1.0 -> 0.2.0 (a kept version, active again"),
+            "{switched}"
+        );
+        let out = orch.json(&["run", "counter", "--output", "json"]);
+        assert_eq!(out["version"], "0.2.0");
+        assert_eq!(
+            orch.ok(&["plugin", "rollback", "counter"]).trim(),
+            "counter: 0.2.0 -> 0.1.0"
+        );
+    }
+    // Forward to 0.2.0 and back to 0.1.0 by upgrades: 0.1.0 moves to the
+    // end of the history rather than appearing twice.
+    orch.ok(&["plugin", "upgrade", "counter", &v2, "--yes"]);
+    let back = orch.ok(&["plugin", "upgrade", "counter", &v1, "--yes"]);
+    assert!(
+        back.contains("counter: 0.2.0 -> 0.1.0 (a kept version"),
+        "{back}"
+    );
+    let info = orch.json(&["plugin", "inspect", "counter", "--output", "json"]);
+    assert_eq!(info["history"], serde_json::json!(["0.2.0", "0.1.0"]));
+    assert_eq!(info["versions"].as_array().unwrap().len(), 2);
+    // Other contents under a kept version's number are refused.
+    let other = orch.stage("counter-next", "counter-other", |m| {
+        format!("{m}\n# another manifest, the same version\n")
+    });
+    let out = orch.run(&["plugin", "upgrade", "counter", &other, "--yes"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains(
+            "plugin counter 0.2.0 is already installed; a new version needs a new version number"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let info = orch.json(&["plugin", "inspect", "counter", "--output", "json"]);
+    assert_eq!(info["active"], "0.1.0");
+
     assert!(orch
         .ok(&["plugin", "remove", "counter"])
         .contains("removed counter (0.1.0, 0.2.0)"));

@@ -87,6 +87,15 @@ impl PluginRecord {
     pub fn active_version(&self) -> Option<&VersionRecord> {
         self.versions.iter().find(|v| v.version == self.active)
     }
+
+    /// Makes `version` active. It appears in the history once, where it
+    /// was made active last, so the history is never longer than the
+    /// versions kept, however often an operator switches between them.
+    fn activate(&mut self, version: &str) {
+        self.history.retain(|v| v != version);
+        self.history.push(version.to_string());
+        self.active = version.to_string();
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -278,10 +287,33 @@ impl PluginStore {
                 })
             }
             (Mode::Upgrade, None) => return Err(StoreError::NotInstalled { name }),
-            (Mode::Upgrade, Some(existing))
-                if existing.versions.iter().any(|v| v.version == version) =>
-            {
-                return Err(StoreError::DuplicateVersion { name, version })
+            (Mode::Upgrade, Some(existing)) => {
+                if let Some(kept) = existing.versions.iter().find(|v| v.version == version) {
+                    // A version kept from before, the same component and
+                    // manifest, becomes active again (after a rollback, say);
+                    // other contents under its number are refused.
+                    let same = kept.sha256 == checked.sha256
+                        && kept.manifest == checked.manifest.text
+                        && existing.active != version;
+                    if !same {
+                        return Err(StoreError::DuplicateVersion { name, version });
+                    }
+                    let mut kept = kept.clone();
+                    // The same contents: a signature checked now holds for
+                    // the kept version too.
+                    if checked.signed_by.is_some() {
+                        kept.signed_by = checked.signed_by.clone();
+                    }
+                    if let Some(entry) = registry.plugins.get_mut(&name) {
+                        for v in entry.versions.iter_mut().filter(|v| v.version == version) {
+                            *v = kept.clone();
+                        }
+                        entry.activate(&version);
+                    }
+                    registry.note("upgrade", &name, Some(&kept));
+                    self.write(&registry)?;
+                    return Ok(kept);
+                }
             }
             _ => {}
         }
@@ -318,8 +350,7 @@ impl PluginStore {
                 history: Vec::new(),
             });
         entry.versions.push(record.clone());
-        entry.active = version.clone();
-        entry.history.push(version);
+        entry.activate(&version);
         let op = match mode {
             Mode::Install => "install",
             Mode::Upgrade => "upgrade",
