@@ -346,6 +346,35 @@ contract!(
     }
 );
 
+// Within the retention a key's second submission is the first task; once
+// the task is dropped (3 s here), the key makes a new task that runs. (In a
+// cluster the task stream's duplicate window dropped that publish as a
+// repeat: the task was answered `queued` and never existed.)
+contract!(
+    a_key_resubmitted_after_the_retention_is_a_new_task,
+    config = "retention = \"3s\"",
+    |d| {
+        let body = |input: &str| json!({ "capability": "echo", "input": input, "idempotency_key": "order-19" });
+        let (code, first) = d.api().post("/v1/tasks?wait=60s", &body("first"));
+        assert_eq!(code, 201, "{first}");
+        assert_eq!(first["result"], "first", "{first}");
+        let id = first["id"].as_str().unwrap().to_string();
+        // Inside the retention: the same task.
+        let (code, again) = d.api().post("/v1/tasks?wait=60s", &body("second"));
+        assert_eq!(code, 200, "{again}");
+        assert_eq!(again["result"], "first", "{again}");
+        d.api()
+            .until("the task is dropped after its retention", |h| {
+                h.get(&format!("/v1/tasks/{id}")).0 == 404
+            });
+        // Past it: a new task, run.
+        let (code, new) = d.api().post("/v1/tasks?wait=60s", &body("second"));
+        assert_eq!(code, 201, "{new}");
+        assert_eq!(new["status"], "completed", "{new}");
+        assert_eq!(new["result"], "second", "{new}");
+    }
+);
+
 contract!(
     an_idempotency_key_is_taken_up_to_256_bytes_and_refused_past_it_or_empty,
     |d| {
@@ -544,6 +573,10 @@ contract!(every_transition_is_one_event_with_the_tasks_figures, |d| {
     assert_eq!(ran.last().unwrap()["error"], "trap");
     for event in ran.iter().filter(|e| e["task"] == dead["id"]) {
         assert_eq!(event["submitted_at_ms"], dead["submitted_at_ms"], "{event}");
+        // The wait in the scheduler is the first attempt's alone (a
+        // cluster's retry, a new delivery, carried one too).
+        let first_start = event["kind"] == "started" && event["attempt"] == 1;
+        assert_eq!(event["waited_us"].is_u64(), first_start, "{event}");
     }
 });
 
@@ -880,6 +913,43 @@ fn batch_bytes(d: &Deployment, query: &str, body: Vec<u8>) -> (u16, Vec<Value>) 
     };
     (code, answers)
 }
+
+// A batch with one idempotency key on two lines: both lines answer with
+// the task once it has ended, the second as `existing`. (On a lone host the
+// second line's wait could come between the first's journal commit and
+// its tracking, and answered `queued` at once: 2 in 20 batches.)
+contract!(
+    a_batch_with_a_key_on_two_lines_answers_both_when_the_task_ends,
+    |d| {
+        for i in 0..40 {
+            let key = format!("twice-{i}");
+            let lines = vec![
+                json!({ "capability": "echo", "input": "a" }).to_string(),
+                json!({ "capability": "echo", "input": "b", "idempotency_key": key }).to_string(),
+                json!({ "capability": "echo", "input": "c", "idempotency_key": key }).to_string(),
+            ];
+            let (code, answers) = batch(d, "?wait=60s", &lines);
+            assert_eq!(code, 200, "{answers:?}");
+            assert_eq!(answers.len(), 3, "{answers:?}");
+            let keyed: Vec<&Value> = answers.iter().filter(|a| a["index"] != 0).collect();
+            for a in answers.iter() {
+                assert_eq!(a["task"]["status"], "completed", "batch {i}: {answers:?}");
+            }
+            assert_eq!(
+                keyed[0]["task"]["id"], keyed[1]["task"]["id"],
+                "{answers:?}"
+            );
+            let existing: Vec<bool> = keyed
+                .iter()
+                .map(|a| a["existing"].as_bool().unwrap())
+                .collect();
+            assert!(
+                existing.contains(&true) && existing.contains(&false),
+                "{answers:?}"
+            );
+        }
+    }
+);
 
 /// `orch task submit --batch FILE --wait` of `lines`.
 fn cli_batch_wait(d: &Deployment, lines: &[String]) -> std::process::Output {

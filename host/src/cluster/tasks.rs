@@ -631,6 +631,7 @@ impl TaskRouter {
         };
         // A bucket made before results were republished gets them now, and
         // one with a shorter retention gets this host's (`set_retention`).
+        let mut kept_for = retention;
         for (name, republish) in [(RESULTS, Some(republish)), (QUEUED, None)] {
             let mut backing = js
                 .get_stream(format!("KV_{name}"))
@@ -645,6 +646,9 @@ impl TaskRouter {
             // Per-message TTLs for the queued records' delete markers.
             let ttl = name == QUEUED;
             let retention_set = cluster.set_retention(&mut config, retention, name == RESULTS);
+            if name == RESULTS {
+                kept_for = config.max_age;
+            }
             let stale = (republish.is_some() && config.republish != republish)
                 || retention_set
                 || (ttl && !config.allow_message_ttl);
@@ -657,6 +661,29 @@ impl TaskRouter {
                     .await
                     .map_err(|e| err(&format!("bucket {name}: update"), e.into()))?;
             }
+        }
+        // A keyed task resubmitted once the cluster has dropped the first
+        // (after the retention) is a new task, as on a lone host: the task
+        // stream's duplicate window, within which the server would drop its
+        // publish as a repeat of the first, is never longer than the
+        // retention.
+        let window = match kept_for.is_zero() {
+            true => super::DUPLICATE_WINDOW,
+            false => kept_for.min(super::DUPLICATE_WINDOW),
+        };
+        let config = stream
+            .info()
+            .await
+            .map_err(|e| err("stream ORCH_TASKS", e.into()))?
+            .config
+            .clone();
+        if config.duplicate_window != window {
+            js.update_stream(stream::Config {
+                duplicate_window: window,
+                ..config
+            })
+            .await
+            .map_err(|e| err("stream ORCH_TASKS: duplicate window", e.into()))?;
         }
         let objects = match js.get_object_store(OBJECTS).await {
             Ok(o) => {
@@ -1270,8 +1297,20 @@ impl TaskRouter {
                 tracing::warn!(task = %record.id, error = %e, "cannot delete the record of a task that was not published");
             }
         }
-        put?;
+        let rev = put?;
         let duplicate = ack?.duplicate;
+        if let (true, Some(rev)) = (duplicate, rev) {
+            // A repeat (the same key submitted twice at once) whose task may
+            // have ended before this write of its record landed: then
+            // nothing would delete the record, and the task would be listed
+            // as queued. A task that ends after it deletes it itself.
+            if matches!(self.read_result(&record.id).await, Ok(Some(_))) {
+                let key = keys::queued(&record.capability, &record.id);
+                if let Err(e) = self.queued.delete_expect_revision(&key, Some(rev)).await {
+                    tracing::debug!(task = %record.id, error = %e, "the record of a repeated submission was deleted or rewritten meanwhile");
+                }
+            }
+        }
         if let (false, Some(deadline)) = (duplicate, record.deadline_ms) {
             self.add_deadline(deadline, &record.id);
             self.schedule_deadline(&record.id, deadline);
@@ -1749,7 +1788,16 @@ impl TaskRouter {
                 result: None,
                 error: None,
             }),
-            None => Err(HostError::NotFound(id.to_string())),
+            // The task may have ended between the two reads: its result is
+            // stored before its record goes, so it is there now.
+            None => match self.read_result(id).await? {
+                Some(bytes) => {
+                    let stored: StoredResult = serde_json::from_slice(&bytes)
+                        .map_err(|e| corrupt(id, "ORCH_RESULTS", e))?;
+                    self.decode(stored).await
+                }
+                None => Err(HostError::NotFound(id.to_string())),
+            },
         }
     }
 

@@ -176,6 +176,9 @@ struct Inner {
     scheduler: Scheduler,
     journal: Journal,
     live: LiveMap,
+    /// Woken each time a task enters `live`, for a wait that came between
+    /// its journal commit and that (see [`Host::wait`]).
+    tracked: tokio::sync::Notify,
     served: Mutex<BTreeMap<String, ServedPlugin>>,
     load_errors: Mutex<BTreeMap<String, String>>,
     sync_lock: tokio::sync::Mutex<()>,
@@ -297,6 +300,7 @@ impl Host {
                 scheduler,
                 journal,
                 live,
+                tracked: tokio::sync::Notify::new(),
                 served: Mutex::new(BTreeMap::new()),
                 load_errors: Mutex::new(BTreeMap::new()),
                 sync_lock: tokio::sync::Mutex::new(()),
@@ -410,6 +414,7 @@ impl Host {
                 ending: false,
             },
         );
+        self.inner.tracked.notify_waiters();
     }
 
     /// The id of a task that delivers a message: like a task id, with `m`.
@@ -572,23 +577,42 @@ impl Host {
 
     /// Waits up to `timeout` for the task to end, then returns its state.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<TaskRecord, HostError> {
-        let rx = {
-            let mut live = lock(&self.inner.live);
-            match live.get_mut(id) {
-                Some(l) => {
-                    // Requests that stopped waiting leave closed senders.
-                    l.waiters.retain(|w| !w.is_closed());
-                    let (tx, rx) = oneshot::channel();
-                    l.waiters.push(tx);
-                    Some(rx)
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let tracked = self.inner.tracked.notified();
+            tokio::pin!(tracked);
+            // Before the look, so that a task tracked right after it is not
+            // missed.
+            tracked.as_mut().enable();
+            let rx = {
+                let mut live = lock(&self.inner.live);
+                match live.get_mut(id) {
+                    Some(l) => {
+                        // Requests that stopped waiting leave closed senders.
+                        l.waiters.retain(|w| !w.is_closed());
+                        let (tx, rx) = oneshot::channel();
+                        l.waiters.push(tx);
+                        Some(rx)
+                    }
+                    None => None,
                 }
-                None => None,
+            };
+            if let Some(rx) = rx {
+                let _ = tokio::time::timeout_at(until, rx).await;
+                return self.get(id);
             }
-        };
-        if let Some(rx) = rx {
-            let _ = tokio::time::timeout(timeout, rx).await;
+            let record = self.get(id)?;
+            if record.status.is_final() {
+                return Ok(record);
+            }
+            // Committed but not tracked yet: a second submission with the
+            // same idempotency key, in the same journal commit as the
+            // first, asks before the first's accept has tracked the task
+            // (it answered `queued` at once before). It is tracked next.
+            if tokio::time::timeout_at(until, tracked).await.is_err() {
+                return self.get(id);
+            }
         }
-        self.get(id)
     }
 
     /// Newest first, filtered by status and capability: queued and

@@ -164,8 +164,8 @@ pub enum AttemptEvent<'a> {
         capability: &'a str,
         agent: &'a str,
         attempt: u32,
-        /// For the first attempt in this scheduler: since the task entered
-        /// it (its queue wait, then for a slot).
+        /// For the task's first attempt: since the task entered this
+        /// scheduler (its queue wait, then for a slot).
         waited: Option<Duration>,
         /// When the task was accepted (Unix ms), if it was submitted with it.
         submitted_at_ms: Option<u64>,
@@ -1319,10 +1319,10 @@ async fn run(inner: &Arc<Inner>) {
             capability: task.route.name(),
             agent: &label,
             attempt,
-            waited: task
-                .attempts
-                .is_empty()
-                .then(|| started.saturating_duration_since(task.submitted)),
+            // The first attempt only, as on a lone host: a cluster's
+            // retry comes to a scheduler as a new delivery, with the
+            // attempts before it counted in `attempts_before`.
+            waited: (attempt == 1).then(|| started.saturating_duration_since(task.submitted)),
             submitted_at_ms: task.submitted_at_ms,
         });
     }
