@@ -264,6 +264,9 @@ contract!(
         assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
         let message = task["error"]["message"].as_str().unwrap();
         assert!(message.contains("deadline of 300 ms"), "{message}");
+        // The attempt it stopped names the same deadline (it said what was
+        // left of it when the attempt started, 298 ms or so).
+        assert_eq!(task["attempt_errors"][0]["message"], message, "{task}");
         // Inside the deadline: completed.
         let (_, task) = d.api().post(
             "/v1/tasks?wait=60s",
