@@ -680,11 +680,11 @@ impl Check {
 pub fn local_user() -> String {
     // SAFETY: getuid cannot fail and touches no memory.
     let uid = unsafe { libc::getuid() };
-    match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
-        Ok(name) if !name.is_empty() => {
-            format!("uid:{uid} user:{}", crate::text::escape_capped(&name, 64))
-        }
-        _ => format!("uid:{uid}"),
+    // An empty value counts as unset.
+    let named = |var| std::env::var(var).ok().filter(|n: &String| !n.is_empty());
+    match named("USER").or_else(|| named("LOGNAME")) {
+        Some(name) => format!("uid:{uid} user:{}", crate::text::escape_capped(&name, 64)),
+        None => format!("uid:{uid}"),
     }
 }
 

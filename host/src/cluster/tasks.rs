@@ -667,16 +667,18 @@ impl TaskRouter {
         // stream's duplicate window, within which the server would drop its
         // publish as a repeat of the first, is never longer than the
         // retention.
-        let window = match kept_for.is_zero() {
-            true => super::DUPLICATE_WINDOW,
-            false => kept_for.min(super::DUPLICATE_WINDOW),
-        };
         let config = stream
             .info()
             .await
             .map_err(|e| err("stream ORCH_TASKS", e.into()))?
             .config
             .clone();
+        // Never past the stream's own max_age either (the server refuses
+        // that), should an operator have given it one.
+        let window = [kept_for, config.max_age]
+            .into_iter()
+            .filter(|d| !d.is_zero())
+            .fold(super::DUPLICATE_WINDOW, Duration::min);
         if config.duplicate_window != window {
             js.update_stream(stream::Config {
                 duplicate_window: window,
@@ -1676,7 +1678,9 @@ impl TaskRouter {
         fence: Option<&Fence>,
     ) -> Result<Accepted, HostError> {
         if record.idempotency_key.is_some() && !unused_key {
-            match self.fetch(&record.id).await {
+            // A task that ends between fetch's reads is found by the
+            // publish below (a repeat within the duplicate window).
+            match self.fetch_with(&record.id, false).await {
                 Ok(_) => return Ok(Accepted::Existing(record.id)),
                 Err(HostError::NotFound(_)) => {}
                 Err(e) => return Err(e),
@@ -1772,6 +1776,13 @@ impl TaskRouter {
     }
 
     async fn fetch(&self, id: &str) -> Result<Fetched, HostError> {
+        self.fetch_with(id, true).await
+    }
+
+    /// [`TaskRouter::fetch`]; without `reread`, a task that ended between
+    /// its two reads reads as not found (for a caller that has another
+    /// check for it, and would pay a third round trip on every miss).
+    async fn fetch_with(&self, id: &str, reread: bool) -> Result<Fetched, HostError> {
         // Not a key the buckets can hold: no such task (and not a NATS fault).
         if !is_task_id(id) {
             return Err(HostError::NotFound(id.to_string()));
@@ -1790,6 +1801,7 @@ impl TaskRouter {
             }),
             // The task may have ended between the two reads: its result is
             // stored before its record goes, so it is there now.
+            None if !reread => Err(HostError::NotFound(id.to_string())),
             None => match self.read_result(id).await? {
                 Some(bytes) => {
                     let stored: StoredResult = serde_json::from_slice(&bytes)
@@ -2479,6 +2491,9 @@ async fn run_and_store(
     record.status = Status::Running;
     record.attempts = delivered;
     record.host = Some(router.host.id().to_string());
+    // A retry's record names the agent of the attempt before, maybe on
+    // another host; this attempt's is not known until it ends.
+    record.agent = None;
     // A task still running after RUNNING_AFTER is shown as running (a
     // short task does not write it: that saves a write per task), and
     // progress acks keep the message from being redelivered until it is

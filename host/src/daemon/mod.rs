@@ -1185,6 +1185,10 @@ impl TaskStore for Host {
             if !cancelled {
                 // Ended, or ending now: its end is what the caller gets.
                 let record = Host::wait(self, id, Duration::from_secs(5)).await?;
+                // Or accepted and not tracked yet when asked: tracked now.
+                if !record.status.is_final() && self.cancel_live(id).await? {
+                    return Ok((self.stored(Host::get(self, id)?)?, true));
+                }
                 return Ok((self.stored(record)?, false));
             }
             Ok((self.stored(Host::get(self, id)?)?, true))

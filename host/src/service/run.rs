@@ -129,9 +129,10 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
                 }
             }
             record.name_given_deadline(&mut failure.error);
-            // The attempt the deadline stopped says the same deadline.
-            for attempt in &mut failure.attempts {
-                record.name_given_deadline(&mut attempt.error);
+            // The attempt the deadline stopped (the last) says the same
+            // deadline.
+            if let Some(last) = failure.attempts.last_mut() {
+                record.name_given_deadline(&mut last.error);
             }
             record.attempts += failure.attempts.len() as u32;
             if let Some(last) = failure.attempts.last() {
