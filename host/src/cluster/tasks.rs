@@ -183,6 +183,13 @@ struct Counters {
     duplicates: AtomicU64,
 }
 
+/// A stream's configuration as the server has it now.
+async fn current_config(
+    stream: &mut jetstream::stream::Stream,
+) -> Result<stream::Config, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(stream.info().await?.config.clone())
+}
+
 /// Whether a server version (`2.15.1`, `2.12.0-beta.1`) is at least
 /// `major.minor`; an unreadable one is not.
 fn server_is_at_least(version: &str, major: u64, minor: u64) -> bool {
@@ -571,12 +578,9 @@ impl TaskRouter {
             .map_err(|e| err("stream ORCH_TASKS", e.into()))?;
         // A stream made before fences or task ids gets their subjects;
         // subjects a later version added stay.
-        let config = stream
-            .info()
+        let config = current_config(&mut stream)
             .await
-            .map_err(|e| err("stream ORCH_TASKS", e.into()))?
-            .config
-            .clone();
+            .map_err(|e| err("stream ORCH_TASKS", e))?;
         let missing: Vec<String> = task_subjects
             .into_iter()
             .filter(|s| !config.subjects.contains(s))
@@ -667,12 +671,9 @@ impl TaskRouter {
         // stream's duplicate window, within which the server would drop its
         // publish as a repeat of the first, is never longer than the
         // retention.
-        let config = stream
-            .info()
+        let config = current_config(&mut stream)
             .await
-            .map_err(|e| err("stream ORCH_TASKS", e.into()))?
-            .config
-            .clone();
+            .map_err(|e| err("stream ORCH_TASKS", e))?;
         // Never past the stream's own max_age either (the server refuses
         // that), should an operator have given it one.
         let window = [kept_for, config.max_age]
