@@ -1628,34 +1628,29 @@ fn a_queued_task_fails_at_its_deadline_after_the_host_it_was_submitted_through_i
 /// the ack wait: 6-16 s late).
 #[test]
 fn a_queued_task_fails_at_its_deadline_while_the_host_it_was_submitted_through_is_frozen() {
-    let BusySlot {
-        nats: _nats,
-        ha,
-        hb,
-        holder,
-        _homes,
-    } = busy_slot();
+    let s = busy_slot();
     let ids: Vec<String> = (1..=5)
-        .map(|s| {
-            let (code, task) = ha.post(
+        .map(|secs| {
+            let (code, task) = s.ha.post(
                 "/v1/tasks",
-                &json!({ "capability": "test.nap", "input": "10", "deadline": format!("{s}s") }),
+                &json!({ "capability": "test.nap", "input": "10", "deadline": format!("{secs}s") }),
             );
             assert_eq!(code, 201, "{task}");
             task["id"].as_str().unwrap().to_string()
         })
         .collect();
-    ha.signal("-STOP");
+    s.ha.signal("-STOP");
     for id in &ids {
-        let task = hb.wait(id);
+        let task = s.hb.wait(id);
         assert_eq!(task["status"], "failed", "{task}");
         assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
         assert_eq!(task["attempts"], 0, "{task}");
         let late = task["finished_at_ms"].as_u64().unwrap() - task["deadline_ms"].as_u64().unwrap();
         assert!(late < 4500, "{late} ms past its deadline: {task}");
     }
-    ha.signal("-CONT");
-    let (code, _) = hb.post(&format!("/v1/tasks/{holder}/cancel"), &json!({}));
+    s.ha.signal("-CONT");
+    let (code, _) =
+        s.hb.post(&format!("/v1/tasks/{}/cancel", s.holder), &json!({}));
     assert_eq!(code, 200);
 }
 

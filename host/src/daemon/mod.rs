@@ -579,40 +579,42 @@ impl Host {
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<TaskRecord, HostError> {
         let until = tokio::time::Instant::now() + timeout;
         loop {
-            let tracked = self.inner.tracked.notified();
-            tokio::pin!(tracked);
-            // Before the look, so that a task tracked right after it is not
-            // missed.
-            tracked.as_mut().enable();
-            let rx = {
-                let mut live = lock(&self.inner.live);
-                match live.get_mut(id) {
-                    Some(l) => {
-                        // Requests that stopped waiting leave closed senders.
-                        l.waiters.retain(|w| !w.is_closed());
-                        let (tx, rx) = oneshot::channel();
-                        l.waiters.push(tx);
-                        Some(rx)
-                    }
-                    None => None,
-                }
-            };
-            if let Some(rx) = rx {
+            if let Some(rx) = self.add_waiter(id) {
                 let _ = tokio::time::timeout_at(until, rx).await;
                 return self.get(id);
+            }
+            // Not live: ended, or committed but not tracked yet (a second
+            // submission with the same idempotency key, in the same journal
+            // commit as the first, asks before the first's accept has
+            // tracked the task; it answered `queued` at once before).
+            let tracked = self.inner.tracked.notified();
+            tokio::pin!(tracked);
+            // Before the second look, so that a task tracked right after it
+            // is not missed.
+            tracked.as_mut().enable();
+            if lock(&self.inner.live).contains_key(id) {
+                continue;
             }
             let record = self.get(id)?;
             if record.status.is_final() {
                 return Ok(record);
             }
-            // Committed but not tracked yet: a second submission with the
-            // same idempotency key, in the same journal commit as the
-            // first, asks before the first's accept has tracked the task
-            // (it answered `queued` at once before). It is tracked next.
             if tokio::time::timeout_at(until, tracked).await.is_err() {
                 return self.get(id);
             }
         }
+    }
+
+    /// A receiver woken when the live task `id` ends; `None` when it is not
+    /// live.
+    fn add_waiter(&self, id: &str) -> Option<oneshot::Receiver<()>> {
+        let mut live = lock(&self.inner.live);
+        let l = live.get_mut(id)?;
+        // Requests that stopped waiting leave closed senders.
+        l.waiters.retain(|w| !w.is_closed());
+        let (tx, rx) = oneshot::channel();
+        l.waiters.push(tx);
+        Some(rx)
     }
 
     /// Newest first, filtered by status and capability: queued and
