@@ -98,8 +98,8 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct WaitArgs {
-    /// Wait for the task to end, then print it (`submit` prints the result,
-    /// with the exit code of `orch run`).
+    /// Wait for the task to end, then print it (`submit` prints the result)
+    /// and exit with the exit code of `orch run` for its outcome.
     #[arg(long)]
     wait: bool,
     /// How long --wait waits.
@@ -233,12 +233,20 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
                 None => format!("/v1/tasks/{}", segment(&id)),
             };
             let (_, task) = client.request("GET", &path, None).map_err(|Failed(c)| c)?;
-            Ok(match api.output {
+            match api.output {
                 Output::Json => print_json(&task),
                 Output::Text => {
                     print_task(&task);
                     0
                 }
+            };
+            // A wait is for the task's outcome, so it exits as `submit
+            // --wait` (and `workflow get --wait`) do; a plain read that
+            // found the task succeeded.
+            Ok(if wait.is_some() {
+                waited_code(&task)
+            } else {
+                0
             })
         })(),
         Command::Cancel { id, api } => (|| {

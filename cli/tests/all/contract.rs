@@ -228,7 +228,36 @@ contract!(
             if json {
                 let task: Value = serde_json::from_slice(&late.stdout).unwrap();
                 assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
+                // `get --wait` exits by the outcome as `submit --wait`
+                // does, in either output; a plain `get` that found it is 0.
+                let id = task["id"].as_str().unwrap();
+                for (args, code) in [
+                    (&["--wait"][..], 4),
+                    (&["--wait", "--output", "json"][..], 4),
+                    (&[][..], 0),
+                    (&["--output", "json"][..], 0),
+                ] {
+                    let mut get = vec!["task", "get", "--api", &d.api().url, id];
+                    get.extend(args);
+                    let out = d.cli().run(&get);
+                    assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+                }
             }
+        }
+        // A completed task's `get --wait` is 0; a cancelled one's is 1.
+        let post = |body: Value| d.api().post("/v1/tasks", &body).1;
+        let done = post(json!({ "capability": "echo", "input": "x" }));
+        let cancelled = post(json!({ "capability": "test.sleep", "input": "60000" }));
+        let cancelled = cancelled["id"].as_str().unwrap();
+        let (code, _) = d
+            .api()
+            .post(&format!("/v1/tasks/{cancelled}/cancel"), &json!({}));
+        assert_eq!(code, 200);
+        for (id, code) in [(done["id"].as_str().unwrap(), 0), (cancelled, 1)] {
+            let out = d
+                .cli()
+                .run(&["task", "get", "--api", &d.api().url, id, "--wait"]);
+            assert_eq!(out.status.code(), Some(code), "{id}: {}", stderr(&out));
         }
     }
 );
