@@ -506,16 +506,23 @@ contract!(a_cancelled_task_ends_cancelled_and_frees_its_slot, |d| {
     let (code, queued) = submit(d, json!({ "capability": "test.sleep", "input": "60000" }));
     assert_eq!(code, 201, "{queued}");
     let queued = queued["id"].as_str().unwrap().to_string();
-    // Cancel the queued one, then the running one.
-    for id in [&queued, &long] {
-        let (code, cancelled) = d.api().post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
+    // Cancel the queued one, then the running one through the host that
+    // runs it (in a cluster, a host's stream has only its own events).
+    for (host, id) in [(d.api(), &queued), (d.runner(), &long)] {
+        let (code, cancelled) = host.post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
         assert_eq!(code, 200, "{cancelled}");
         assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
         assert_eq!(cancelled["error"]["kind"], "cancelled", "{cancelled}");
     }
-    // The running attempt was stopped and its outcome fenced.
+    // The running attempt was stopped and its outcome fenced, after the
+    // task's end: `cancelled`, then `fenced`.
     let fenced = runner.until("fenced");
-    assert_eq!(fenced.last().unwrap()["task"], long.as_str(), "{fenced:?}");
+    let of_long: Vec<&Value> = fenced
+        .iter()
+        .filter(|e| e["task"] == long.as_str())
+        .map(|e| &e["kind"])
+        .collect();
+    assert_eq!(of_long, ["cancelled", "fenced"], "{fenced:?}");
     let ended = submitter.until("cancelled");
     assert!(ended.iter().any(|e| e["kind"] == "cancelled"));
     // The instance is free: a short task completes well within the long

@@ -1702,16 +1702,19 @@ impl TaskRouter {
     /// Ends a task as cancelled with a create-only write of its result, so
     /// that it is that or the result of an attempt that finished first;
     /// then tells every host, so that one running it stops.
-    async fn cancel(&self, id: &str) -> Result<(Stored, bool), HostError> {
+    async fn cancel(&self, id: &str) -> Result<Stored, HostError> {
         let current = self.fetch(id).await?;
         if current.record.status.is_final() {
-            return Ok((current.stored(), false));
+            return Ok(current.stored());
         }
         let mut record = current.record;
         record.end(Status::Cancelled, &TaskError::Cancelled);
         let Some(stored) = self.end_here(record, TaskError::Cancelled).await? else {
-            return Ok((self.fetch(id).await?.stored(), false));
+            return Ok(self.fetch(id).await?.stored());
         };
+        // Told before the attempt is stopped, so that its `fenced` on this
+        // host comes after.
+        self.host.events().ended(&stored.task);
         note_cancel(&self.running, &self.cancelled, id);
         // At most once: a host that misses it runs the task to its end and
         // its result is fenced.
@@ -1723,7 +1726,7 @@ impl TaskRouter {
             tracing::warn!(task = %id, error = %e, "cannot announce a cancel");
         }
         self.drop_task_message(&stored.task.capability, id).await;
-        Ok((decode_stored(stored).stored(), true))
+        Ok(decode_stored(stored).stored())
     }
 
     /// Removes a cancelled task's message from the stream, found by the
@@ -3115,7 +3118,7 @@ impl TaskStore for TaskRouter {
         ))
     }
 
-    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>> {
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>> {
         Box::pin(TaskRouter::cancel(self, id))
     }
 }

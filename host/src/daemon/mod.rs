@@ -156,6 +156,10 @@ struct Live {
     /// Its end is being written (by its driver or a cancel): only one
     /// of them writes it.
     ending: bool,
+    /// The outcome of an attempt that ended while a cancel wrote the
+    /// task's end: told as `fenced` after the cancel's `cancelled`, or
+    /// written as the task's end if the cancel's write fails.
+    fenced: Option<(TaskRecord, Option<Vec<u8>>)>,
 }
 
 type LiveMap = Arc<Mutex<HashMap<String, Live>>>;
@@ -412,6 +416,7 @@ impl Host {
                 waiters: Vec::new(),
                 cancel: CancellationToken::new(),
                 ending: false,
+                fenced: None,
             },
         );
         self.inner.tracked.notify_waiters();
@@ -520,8 +525,9 @@ impl Host {
         &self.inner.events
     }
 
-    /// Ends a live task as cancelled: stops it in the scheduler and writes
-    /// its final record. `false` when it had ended (or is ending) already.
+    /// Ends a live task as cancelled: stops it in the scheduler, writes its
+    /// final record and emits `cancelled` (then `fenced`, when its attempt
+    /// ended meanwhile). `false` when it had ended (or is ending) already.
     async fn cancel_live(&self, id: &str) -> Result<bool, HostError> {
         let record = {
             let mut live = lock(&self.inner.live);
@@ -540,15 +546,26 @@ impl Host {
         // Its payload leaves the scheduler's queue now, not when it would
         // have reached the head.
         self.inner.scheduler.forget_cancelled();
-        if let Err(e) = self.inner.journal.finish(record, None).await {
+        if let Err(e) = self.inner.journal.finish(record.clone(), None).await {
             // Not ended: its driver, whose attempt the token stopped,
-            // writes the cancelled end instead.
-            if let Some(l) = lock(&self.inner.live).get_mut(id) {
+            // writes the cancelled end instead (or has handed it over).
+            let handed = lock(&self.inner.live).get_mut(id).and_then(|l| {
                 l.ending = false;
+                l.fenced.take()
+            });
+            if let Some((ended, result)) = handed {
+                tokio::spawn(write_end(self.inner.clone(), ended, result));
             }
             return Err(e.into());
         }
+        self.inner.events.ended(&record);
+        let fenced = lock(&self.inner.live)
+            .get_mut(id)
+            .and_then(|l| l.fenced.take());
         end_live(&self.inner, id);
+        if let Some((attempt, _)) = fenced.filter(|(r, _)| r.attempts > 0) {
+            self.inner.events.record(EventKind::Fenced, &attempt);
+        }
         Ok(true)
     }
 
@@ -957,9 +974,15 @@ async fn write_end(inner: Arc<Inner>, record: TaskRecord, result: Option<Vec<u8>
         let mut live = lock(&inner.live);
         match live.get_mut(&id) {
             Some(l) if !l.ending => l.ending = true,
+            // A cancel is writing the task's end: it tells of this outcome
+            // after its own event.
+            Some(l) => {
+                l.fenced = Some((record, result));
+                return;
+            }
             // Cancelled meanwhile: the cancel wrote the task's end, and an
             // attempt that ran is fenced.
-            _ => {
+            None => {
                 drop(live);
                 if record.attempts > 0 {
                     inner.events.record(EventKind::Fenced, &record);
@@ -1181,7 +1204,7 @@ impl TaskStore for Host {
         )
     }
 
-    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>> {
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>> {
         Box::pin(async move {
             let cancelled = self.cancel_live(id).await?;
             if !cancelled {
@@ -1189,11 +1212,11 @@ impl TaskStore for Host {
                 let record = Host::wait(self, id, Duration::from_secs(5)).await?;
                 // Or accepted and not tracked yet when asked: tracked now.
                 if !record.status.is_final() && self.cancel_live(id).await? {
-                    return Ok((self.stored(Host::get(self, id)?)?, true));
+                    return self.stored(Host::get(self, id)?);
                 }
-                return Ok((self.stored(record)?, false));
+                return self.stored(record);
             }
-            Ok((self.stored(Host::get(self, id)?)?, true))
+            self.stored(Host::get(self, id)?)
         })
     }
 }

@@ -146,9 +146,10 @@ pub trait TaskStore: Send + Sync {
         &'a self,
         query: &'a ListQuery,
     ) -> BoxFuture<'a, Result<Vec<TaskRecord>, HostError>>;
-    /// Ends the task as cancelled, unless it has ended already. Returns the
-    /// task, and whether this call cancelled it.
-    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(Stored, bool), HostError>>;
+    /// Ends the task as cancelled, unless it has ended already, and emits
+    /// its `cancelled` event before any `fenced` of the attempt it stops.
+    /// Returns the task as it is then.
+    fn cancel<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stored, HostError>>;
 }
 
 /// A condition a submission is stored under, checked by the store in the
@@ -469,11 +470,7 @@ impl TaskService {
     /// ended is returned as it is.
     pub async fn cancel(&self, id: &str) -> Result<Stored, HostError> {
         self.store.reachable()?;
-        let (stored, cancelled) = self.store.cancel(id).await?;
-        if cancelled {
-            self.events().ended(&stored.record);
-        }
-        Ok(stored)
+        self.store.cancel(id).await
     }
 }
 
