@@ -1127,20 +1127,21 @@ fn host_subscriptions(port: u16) -> Vec<(String, Vec<String>)> {
 /// A capability's consumer (`cap_test_nap` for `test.nap`), from the
 /// JetStream API: (delivered and not acked, not delivered).
 /// The retention (`max_age`, in seconds) of the streams behind the
-/// results, the queued records, the objects and the calls, and the results'
-/// duplicate window.
-fn retentions(nats: &NatsServer) -> ([u64; 4], u64) {
+/// results, the queued records, the objects and the calls, and of the
+/// deadline schedules, and the results' duplicate window.
+fn retentions(nats: &NatsServer) -> ([u64; 5], u64) {
     let rt = crate::common::runtime();
     rt.block_on(async {
         let client = async_nats::connect(nats.url.as_str()).await.unwrap();
         let js = async_nats::jetstream::new(client);
-        let mut ages = [0; 4];
+        let mut ages = [0; 5];
         let mut window = 0;
         for (i, name) in [
             "KV_ORCH_RESULTS",
             "KV_ORCH_QUEUED",
             "OBJ_ORCH_OBJECTS",
             "KV_ORCH_CALLS",
+            "ORCH_DEADLINES",
         ]
         .iter()
         .enumerate()
@@ -1174,12 +1175,12 @@ fn a_host_lengthens_the_clusters_retention_and_shortens_it_only_when_asked() {
     let a = Orch::new();
     a.config("[host]\nretention = \"1h\"\n");
     let _ha = HostProc::start_with(&a, &args);
-    assert_eq!(retentions(&nats), ([3600; 4], 120));
+    assert_eq!(retentions(&nats), ([3600; 5], 120));
 
     let b = Orch::new();
     b.config("[host]\nretention = \"90s\"\n");
     let hb = HostProc::start_with(&b, &args);
-    assert_eq!(retentions(&nats), ([3600; 4], 120));
+    assert_eq!(retentions(&nats), ([3600; 5], 120));
     let log = std::fs::read_to_string(b.work.path().join("host.log")).unwrap();
     assert!(
         log.contains(
@@ -1189,12 +1190,12 @@ fn a_host_lengthens_the_clusters_retention_and_shortens_it_only_when_asked() {
     );
     hb.kill9();
     let _hb = HostProc::start_with(&b, &[args[0], args[1], "--shorten-retention"]);
-    assert_eq!(retentions(&nats), ([90; 4], 90));
+    assert_eq!(retentions(&nats), ([90; 5], 90));
 
     let c = Orch::new();
     c.config("[host]\nretention = \"3h\"\n");
     let _hc = HostProc::start_with(&c, &args);
-    assert_eq!(retentions(&nats), ([3 * 3600; 4], 120));
+    assert_eq!(retentions(&nats), ([3 * 3600; 5], 120));
 }
 
 fn consumer_counts(nats: &NatsServer, consumer: &str) -> (u64, u64) {

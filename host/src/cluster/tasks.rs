@@ -715,9 +715,21 @@ impl TaskRouter {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 allow_message_schedules: true,
+                // A schedule outlives its task's records by no more than the
+                // tasks' retention: one further ahead is dropped with them,
+                // so the stream holds at most one per task of the retention.
+                max_age: retention,
                 ..Default::default()
             };
-            match deadline_stream(&js, config).await {
+            let made = match deadline_stream(&js, config).await {
+                Ok(stream) => cluster
+                    .align_retention(&js, DEADLINES, retention)
+                    .await
+                    .map(|()| stream)
+                    .map_err(|e| e.into()),
+                Err(e) => Err(e),
+            };
+            match made {
                 Ok(stream) => Some(stream),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot make the stream ORCH_DEADLINES: a task waiting on the stream fails at its deadline only while the host it was submitted through runs");
