@@ -31,7 +31,8 @@ fn config(host_keys: &str) -> String {
 
 /// Plugins every deployment serves: echo, sleep (one instance, so a
 /// second task waits for the first), panic (traps every time), tally (an
-/// instance serves 3 tasks in a row, and counts them).
+/// instance serves 3 tasks in a row, and counts them), nap-lean (waits in
+/// a host call, so that a cancel stops it at once).
 fn install(orch: &Orch, config: &str) {
     orch.config(config);
     orch.ok(&["plugin", "install", "-y", &p("echo")]);
@@ -44,6 +45,7 @@ fn install(orch: &Orch, config: &str) {
         ),
         ("panic", "test.panic", ""),
         ("tally", "test.tally", "[limits]\nreuse = 3\n"),
+        ("nap-lean", "test.nap-lean", ""),
     ] {
         crate::common::install_fixture(orch, plugin, capability, extra);
     }
@@ -555,6 +557,35 @@ contract!(a_cancelled_task_ends_cancelled_and_frees_its_slot, |d| {
         .run(&["task", "cancel", "--api", &d.api().url, "tnosuchtask"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 });
+
+// An attempt waiting in a host call stops as soon as the cancel reaches
+// it, before the cancel's write of the task's end is durable: the host
+// that took the cancel (and runs the task) still tells of the end first.
+contract!(
+    a_cancel_is_told_before_the_fenced_outcome_of_the_attempt_it_stops,
+    |d| {
+        let runner = Watch::open(d.runner(), "capability=test.nap-lean");
+        for _ in 0..5 {
+            let (code, task) = submit(
+                d,
+                json!({ "capability": "test.nap-lean", "input": "60000", "deadline": "90s" }),
+            );
+            assert_eq!(code, 201, "{task}");
+            let id = task["id"].as_str().unwrap();
+            let started = runner.until("started");
+            assert_eq!(started.last().unwrap()["task"], id, "{started:?}");
+            let (code, cancelled) = d
+                .runner()
+                .post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
+            assert_eq!(code, 200, "{cancelled}");
+            assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+            let seen = runner.until("fenced");
+            let kinds: Vec<&Value> = seen.iter().map(|e| &e["kind"]).collect();
+            assert_eq!(kinds, ["cancelled", "fenced"], "{seen:?}");
+            assert!(seen.iter().all(|e| e["task"] == id), "{seen:?}");
+        }
+    }
+);
 
 contract!(every_transition_is_one_event_with_the_tasks_figures, |d| {
     let submitter = Watch::open(d.api(), "capability=echo");
