@@ -234,12 +234,9 @@ pub fn run(home: &Path, cmd: Command) -> u8 {
             };
             let (_, task) = client.request("GET", &path, None).map_err(|Failed(c)| c)?;
             match api.output {
-                Output::Json => print_json(&task),
-                Output::Text => {
-                    print_task(&task);
-                    0
-                }
-            };
+                Output::Json => println!("{task}"),
+                Output::Text => print_task(&task),
+            }
             // A wait is for the task's outcome, so it exits as `submit
             // --wait` (and `workflow get --wait`) do; a plain read that
             // found the task succeeded.

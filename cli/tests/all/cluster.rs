@@ -1124,8 +1124,6 @@ fn host_subscriptions(port: u16) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// A capability's consumer (`cap_test_nap` for `test.nap`), from the
-/// JetStream API: (delivered and not acked, not delivered).
 /// The retention (`max_age`, in seconds) of the streams behind the
 /// results, the queued records, the objects and the calls, and of the
 /// deadline schedules, and the results' duplicate window.
@@ -1171,6 +1169,24 @@ fn retentions(nats: &NatsServer) -> ([u64; 5], u64) {
 #[test]
 fn a_host_lengthens_the_clusters_retention_and_shortens_it_only_when_asked() {
     let nats = NatsServer::start();
+    // ORCH_DEADLINES as hosts made it before it had a retention: no
+    // max_age, which a host sets to the cluster's.
+    crate::common::runtime().block_on(async {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "ORCH_DEADLINES".into(),
+                subjects: vec![
+                    "orch.v1.deadline.at.>".into(),
+                    "orch.v1.deadline.due.>".into(),
+                ],
+                retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+                allow_message_schedules: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
     let args = ["--nats", nats.url.as_str()];
     let a = Orch::new();
     a.config("[host]\nretention = \"1h\"\n");
@@ -1198,6 +1214,8 @@ fn a_host_lengthens_the_clusters_retention_and_shortens_it_only_when_asked() {
     assert_eq!(retentions(&nats), ([3 * 3600; 5], 120));
 }
 
+/// A capability's consumer (`cap_test_nap` for `test.nap`), from the
+/// JetStream API: (delivered and not acked, not delivered).
 fn consumer_counts(nats: &NatsServer, consumer: &str) -> (u64, u64) {
     let rt = crate::common::runtime();
     rt.block_on(async {

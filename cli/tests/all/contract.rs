@@ -256,10 +256,24 @@ contract!(
             .post(&format!("/v1/tasks/{cancelled}/cancel"), &json!({}));
         assert_eq!(code, 200);
         for (id, code) in [(done["id"].as_str().unwrap(), 0), (cancelled, 1)] {
-            let out = d
-                .cli()
-                .run(&["task", "get", "--api", &d.api().url, id, "--wait"]);
-            assert_eq!(out.status.code(), Some(code), "{id}: {}", stderr(&out));
+            for output in ["text", "json"] {
+                let out = d.cli().run(&[
+                    "task",
+                    "get",
+                    "--api",
+                    &d.api().url,
+                    id,
+                    "--wait",
+                    "--output",
+                    output,
+                ]);
+                assert_eq!(
+                    out.status.code(),
+                    Some(code),
+                    "{id} {output}: {}",
+                    stderr(&out)
+                );
+            }
         }
     }
 );

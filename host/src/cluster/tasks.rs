@@ -134,19 +134,28 @@ struct RecentCancels {
 }
 
 /// Makes (or opens) the stream of the deadline schedules; one made
-/// without `allow_msg_schedules` gets it.
+/// without `allow_msg_schedules` gets it, and one made without a
+/// `max_age` (by hosts from before it had one) gets the cluster's
+/// retention, `kept_for`.
 async fn deadline_stream(
     js: &jetstream::Context,
     config: stream::Config,
+    kept_for: Duration,
 ) -> Result<stream::Stream, Box<dyn std::error::Error + Send + Sync>> {
     let mut stream = js.get_or_create_stream(config).await?;
     let current = stream.info().await?.config.clone();
-    if !current.allow_message_schedules {
-        js.update_stream(stream::Config {
+    let unbounded = current.max_age.is_zero() && !kept_for.is_zero();
+    if !current.allow_message_schedules || unbounded {
+        let mut config = stream::Config {
             allow_message_schedules: true,
             ..current
-        })
-        .await?;
+        };
+        if unbounded {
+            config.max_age = kept_for;
+            // Never longer than max_age: the server refuses that.
+            config.duplicate_window = config.duplicate_window.min(kept_for);
+        }
+        js.update_stream(config).await?;
     }
     Ok(stream)
 }
@@ -721,16 +730,13 @@ impl TaskRouter {
                 max_age: retention,
                 ..Default::default()
             };
-            let made = match deadline_stream(&js, config).await {
-                Ok(stream) => cluster
-                    .align_retention(&js, DEADLINES, retention)
-                    .await
-                    .map(|()| stream)
-                    .map_err(|e| e.into()),
-                Err(e) => Err(e),
-            };
-            match made {
-                Ok(stream) => Some(stream),
+            match deadline_stream(&js, config, kept_for).await {
+                Ok(stream) => {
+                    if let Err(e) = cluster.align_retention(&js, DEADLINES, retention).await {
+                        tracing::warn!(error = %e, "cannot set the retention of ORCH_DEADLINES; its schedules are kept as before");
+                    }
+                    Some(stream)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot make the stream ORCH_DEADLINES: a task waiting on the stream fails at its deadline only while the host it was submitted through runs");
                     None
@@ -1635,7 +1641,6 @@ impl TaskRouter {
         record.end(Status::Failed, &error);
         record.fuel_used = Some(0);
         if let Some(stored) = self.end_here(record, error).await? {
-            self.host.events().ended(&stored.task);
             // Off the stream, so that it does not wait there for a host.
             self.drop_task_message(&stored.task.capability, id).await;
         }
@@ -1644,9 +1649,10 @@ impl TaskRouter {
 
     /// Stores the end of a task that no attempt here ends (a cancel, a
     /// deadline passed on the stream) with the create-only write of its
-    /// result; `None` when it had an end already. Written, the task is no
-    /// longer unfinished here, whenever its notification comes, and its
-    /// queued record goes.
+    /// result, and emits its event at once (an attempt this host stops or
+    /// fences later is told after it); `None` when it had an end already.
+    /// Written, the task is no longer unfinished here, whenever its
+    /// notification comes, and its queued record goes.
     async fn end_here(
         &self,
         record: TaskRecord,
@@ -1662,6 +1668,7 @@ impl TaskRouter {
         if !self.create_result(&stored.task, json).await? {
             return Ok(None);
         }
+        self.host.events().ended(&stored.task);
         self.forget_pending(&stored.task.id);
         self.forget_queued(&stored.task.capability, &stored.task.id)
             .await;
@@ -1724,9 +1731,6 @@ impl TaskRouter {
         let Some(stored) = self.end_here(record, TaskError::Cancelled).await? else {
             return Ok(self.fetch(id).await?.stored());
         };
-        // Told before the attempt is stopped, so that its `fenced` on this
-        // host comes after.
-        self.host.events().ended(&stored.task);
         note_cancel(&self.running, &self.cancelled, id);
         // At most once: a host that misses it runs the task to its end and
         // its result is fenced.

@@ -559,10 +559,9 @@ impl Host {
             return Err(e.into());
         }
         self.inner.events.ended(&record);
-        let fenced = lock(&self.inner.live)
-            .get_mut(id)
-            .and_then(|l| l.fenced.take());
-        end_live(&self.inner, id);
+        // Taken with the entry's removal: an outcome handed over later
+        // finds no entry and is told as fenced by its driver.
+        let fenced = end_live(&self.inner, id).and_then(|l| l.fenced);
         if let Some((attempt, _)) = fenced.filter(|(r, _)| r.attempts > 0) {
             self.inner.events.record(EventKind::Fenced, &attempt);
         }
@@ -1004,14 +1003,15 @@ async fn write_end(inner: Arc<Inner>, record: TaskRecord, result: Option<Vec<u8>
     inner.events.ended(&record);
 }
 
-/// Drops a task that ended from the live map and wakes its waiters.
-fn end_live(inner: &Inner, id: &str) {
-    if let Some(live) = lock(&inner.live).remove(id) {
-        for waiter in live.waiters {
-            let _ = waiter.send(());
-        }
+/// Drops a task that ended from the live map and wakes its waiters;
+/// returns what is left of its entry.
+fn end_live(inner: &Inner, id: &str) -> Option<Live> {
+    let mut live = lock(&inner.live).remove(id);
+    for waiter in live.iter_mut().flat_map(|l| l.waiters.drain(..)) {
+        let _ = waiter.send(());
     }
     inner.written.notify_waiters();
+    live
 }
 
 /// Where a running host publishes its API address, so that CLI commands

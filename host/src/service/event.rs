@@ -1,8 +1,9 @@
 //! Task events: one typed event per transition of a task's life, built
-//! here and emitted in three places only: the task service (accepted,
-//! cancelled), the scheduler's attempt hook (started, retried) and the code
-//! that writes a run's outcome to its store (completed, failed, dead,
-//! fenced). The host's metrics count every one; watchers (the API's
+//! here and emitted in four places only: the task service (accepted), the
+//! stores where they write an end no attempt gave (a cancel; in a cluster
+//! also a task failed for its deadline while it waited on the stream), the
+//! scheduler's attempt hook (started, retried) and the code that writes a
+//! run's outcome to its store (completed, failed, dead, fenced). The host's metrics count every one; watchers (the API's
 //! `/v1/events`, and later traces, the audit trail, the dashboard and
 //! workflows) subscribe to them instead of reading the stores' records.
 
