@@ -312,6 +312,25 @@ contract!(
         // The attempt it stopped names the same deadline (it said what was
         // left of it when the attempt started, 298 ms or so).
         assert_eq!(task["attempt_errors"][0]["message"], message, "{task}");
+        // So does one that first waited 500 ms for the one slot (in a
+        // cluster on the stream, and its delivery's scheduler had only
+        // about 1,000 ms of it left).
+        let (code, holder) = submit(d, json!({ "capability": "test.sleep", "input": "500" }));
+        assert_eq!(code, 201, "{holder}");
+        let holder = holder["id"].as_str().unwrap().to_string();
+        d.api().until("the sleep holds the slot", |h| {
+            h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
+        });
+        let (code, task) = d.api().post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": "test.sleep", "input": "5000", "deadline": "1500ms" }),
+        );
+        assert_eq!(code, 201, "{task}");
+        assert_eq!(task["error"]["kind"], "deadline-exceeded", "{task}");
+        assert_eq!(task["attempts"], 1, "{task}");
+        let message = task["error"]["message"].as_str().unwrap();
+        assert!(message.contains("deadline of 1500 ms"), "{message}");
+        assert_eq!(task["attempt_errors"][0]["message"], message, "{task}");
         // Inside the deadline: completed.
         let (_, task) = d.api().post(
             "/v1/tasks?wait=60s",

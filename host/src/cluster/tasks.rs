@@ -2641,6 +2641,8 @@ async fn run_and_store(
         record.status = Status::Queued;
         record.finished_at_ms = None;
         record.error = None;
+        // Null until the task ends, as on a lone host.
+        record.fuel_used = None;
         // After the running record, if one is being written, so that this
         // one stays.
         let _ = shown_rx.await;
@@ -2796,8 +2798,12 @@ impl TaskRouter {
             // Another host finished this task first (it was redelivered while
             // this one was slow or paused), or it was cancelled: that result
             // stands.
-            router.counters.fenced.fetch_add(1, Ordering::Relaxed);
-            router.host.events().record(EventKind::Fenced, &stored.task);
+            // Only an attempt's outcome is fenced (as on a lone host): not
+            // a task cancelled while it waited in this host's scheduler.
+            if crate::service::run::attempt_outcome(&stored.task) {
+                router.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                router.host.events().record(EventKind::Fenced, &stored.task);
+            }
             // A cancelled attempt's end always finds the cancel's: nothing
             // for an operator to look at.
             if stored.task.status == Status::Cancelled {

@@ -227,15 +227,20 @@ fn anonymous() -> String {
 }
 
 impl TaskRecord {
-    /// Makes a deadline error name the deadline the submitter gave. The
-    /// scheduler measures it from its own submission, a few ms later; a
-    /// figure far from the given one was the agent's own timeout and stays.
-    pub fn name_given_deadline(&self, error: &mut crate::error::TaskError) {
+    /// Makes a deadline error that came at `now_ms` name the deadline the
+    /// submitter gave. The scheduler measures it from its own submission
+    /// (in a cluster, from the delivery: later still when the task waited
+    /// on the stream or was retried); a figure far from the given one that
+    /// came before the task's deadline was the agent's own timeout and
+    /// stays.
+    pub fn name_given_deadline(&self, error: &mut crate::error::TaskError, now_ms: u64) {
         if let (crate::error::TaskError::DeadlineExceeded { ms }, Some(deadline)) =
             (error, self.deadline_ms)
         {
             let given = deadline.saturating_sub(self.submitted_at_ms);
-            if ms.abs_diff(given) <= 100 {
+            // The scheduler's deadline is an Instant made from the wall
+            // clock's milliseconds: it may come a millisecond early.
+            if now_ms.saturating_add(1) >= deadline || ms.abs_diff(given) <= 100 {
                 *ms = given;
             }
         }

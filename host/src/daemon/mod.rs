@@ -281,6 +281,14 @@ impl Host {
                 } => {
                     if let Some(l) = lock(&hook_live).get_mut(id) {
                         l.record.status = Status::Queued;
+                        // Shown while it waits for the next attempt, as a
+                        // cluster's record of a retry shows it.
+                        l.record.attempt_errors.push(AttemptInfo {
+                            agent: agent.to_string(),
+                            host: None,
+                            kind: error.kind().to_string(),
+                            message: error.to_string(),
+                        });
                     }
                     hook_events.emit(EventKind::Retried, id, capability, |e| {
                         e.agent = Some(agent.to_string());
@@ -562,7 +570,7 @@ impl Host {
         // Taken with the entry's removal: an outcome handed over later
         // finds no entry and is told as fenced by its driver.
         let fenced = end_live(&self.inner, id).and_then(|l| l.fenced);
-        if let Some((attempt, _)) = fenced.filter(|(r, _)| r.attempts > 0) {
+        if let Some((attempt, _)) = fenced.filter(|(r, _)| run::attempt_outcome(r)) {
             self.inner.events.record(EventKind::Fenced, &attempt);
         }
         Ok(true)
@@ -983,7 +991,7 @@ async fn write_end(inner: Arc<Inner>, record: TaskRecord, result: Option<Vec<u8>
             // attempt that ran is fenced.
             None => {
                 drop(live);
-                if record.attempts > 0 {
+                if run::attempt_outcome(&record) {
                     inner.events.record(EventKind::Fenced, &record);
                 }
                 return;

@@ -94,7 +94,15 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
             fuel_used: 0,
         }),
     };
-    record.host = host.clone();
+    // The host that ran an attempt; a task that ended before one (taken
+    // past its deadline) names none, as when it fails on the stream.
+    let ran = match &outcome {
+        Ok(_) => true,
+        Err(failure) => !failure.attempts.is_empty(),
+    };
+    if ran {
+        record.host = host.clone();
+    }
     record.finished_at_ms = Some(now_ms());
     let infos = |attempts: &[crate::scheduler::AttemptError]| -> Vec<AttemptInfo> {
         attempts
@@ -128,11 +136,12 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
                         .map_or(0, |d| d.saturating_sub(record.submitted_at_ms));
                 }
             }
-            record.name_given_deadline(&mut failure.error);
+            let now = now_ms();
+            record.name_given_deadline(&mut failure.error, now);
             // The attempt the deadline stopped (the last) says the same
             // deadline.
             if let Some(last) = failure.attempts.last_mut() {
-                record.name_given_deadline(&mut last.error);
+                record.name_given_deadline(&mut last.error, now);
             }
             record.attempts += failure.attempts.len() as u32;
             if let Some(last) = failure.attempts.last() {
@@ -156,6 +165,21 @@ pub async fn execute(scheduler: &Scheduler, run: Run) -> Result<Ended, NotRun> {
                 error: Some(failure.error),
             })
         }
+    }
+}
+
+/// Whether an outcome that comes after its task already ended is an
+/// attempt's, told as `fenced`: one that ended on its own, or one a
+/// cancel stopped. A task cancelled while it waited (for a slot, or
+/// between attempts) or failed before an attempt (taken past its
+/// deadline) had none, in either mode.
+pub fn attempt_outcome(record: &TaskRecord) -> bool {
+    match record.status {
+        Status::Cancelled => record
+            .attempt_errors
+            .last()
+            .is_some_and(|a| a.kind == TaskError::Cancelled.kind()),
+        _ => record.agent.is_some(),
     }
 }
 
