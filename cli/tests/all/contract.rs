@@ -442,6 +442,74 @@ contract!(
     }
 );
 
+// Two submissions of one key at once, with different bodies: one task,
+// whose record while it waits is the body that runs (in a cluster both
+// wrote a record; the second overwrote the first), and the other body
+// leaves no record behind, also under another capability.
+contract!(
+    a_key_submitted_twice_at_once_is_one_task_recorded_as_the_body_that_runs,
+    |d| {
+        let (code, holder) = submit(d, json!({ "capability": "test.sleep", "input": "60000" }));
+        assert_eq!(code, 201, "{holder}");
+        let holder = holder["id"].as_str().unwrap().to_string();
+        d.api().until("the sleep holds the slot", |h| {
+            h.get(&format!("/v1/tasks/{holder}")).1["status"] == "running"
+        });
+        let mut ids = Vec::new();
+        for round in 0..20 {
+            let key = format!("race-{round}");
+            let first = json!({ "capability": "test.sleep", "input": "1", "priority": 1, "idempotency_key": key });
+            let other = match round % 2 {
+                0 => "test.sleep",
+                _ => "echo",
+            };
+            let second = json!({ "capability": other, "input": "22", "priority": 2, "idempotency_key": key });
+            let barrier = std::sync::Barrier::new(2);
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| {
+                    barrier.wait();
+                    submit(d, first)
+                });
+                let b = s.spawn(|| {
+                    barrier.wait();
+                    submit(d, second)
+                });
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            let mut codes = [a.0, b.0];
+            codes.sort();
+            assert_eq!(codes, [200, 201], "{a:?} {b:?}");
+            assert_eq!(a.1["id"], b.1["id"], "{a:?} {b:?}");
+            ids.push(a.1["id"].as_str().unwrap().to_string());
+        }
+        let fields = |t: &Value| {
+            (
+                t["capability"].clone(),
+                t["priority"].clone(),
+                t["payload_bytes"].clone(),
+            )
+        };
+        let waiting: Vec<Value> = ids
+            .iter()
+            .map(|id| d.api().get(&format!("/v1/tasks/{id}")).1)
+            .collect();
+        let (code, _) = d
+            .api()
+            .post(&format!("/v1/tasks/{holder}/cancel"), &json!({}));
+        assert_eq!(code, 200);
+        for (id, seen) in ids.iter().zip(&waiting) {
+            let ended = d.api().wait(id);
+            assert_eq!(ended["status"], "completed", "{ended}");
+            assert_eq!(fields(seen), fields(&ended), "{seen} then {ended}");
+        }
+        d.api().until("no record of a losing body is left", |h| {
+            h.get("/v1/tasks?status=queued").1["tasks"]
+                .as_array()
+                .is_some_and(|t| t.is_empty())
+        });
+    }
+);
+
 contract!(
     an_idempotency_key_is_taken_up_to_256_bytes_and_refused_past_it_or_empty,
     |d| {

@@ -1187,7 +1187,9 @@ impl TaskRouter {
         extra: async_nats::HeaderMap,
         fence: Option<&Fence>,
     ) -> Result<bool, HostError> {
-        let json = serde_json::to_vec(record).map_err(|e| self.error("encode", e))?;
+        let json: bytes::Bytes = serde_json::to_vec(record)
+            .map_err(|e| self.error("encode", e))?
+            .into();
         let mut headers = extra;
         if payload.len() > self.max_value {
             // Too large for one message: the message carries the object's
@@ -1230,20 +1232,21 @@ impl TaskRouter {
         // that lands after the result is read second (results are read
         // first). The write is sent before the task on this connection, so
         // it lands long before the task can end and its record be deleted.
-        // Under a fence the record is created, not overwritten: another
-        // driver's record of the same task (same key, same id) stays.
-        // `None`: that record was there.
+        // Under a fence or a key the record is created, not overwritten:
+        // another submission's record of the same task (same key, same id)
+        // stays, and the publish below settles whose it is. `None`: that
+        // record was there.
         let put = async {
             let key = keys::queued(&record.capability, &record.id);
-            if fence.is_none() {
+            if fence.is_none() && record.idempotency_key.is_none() {
                 return self
                     .queued
-                    .put(key, json.into())
+                    .put(key, json.clone())
                     .await
                     .map(Some)
                     .map_err(|e| self.error("ORCH_QUEUED", e));
             }
-            match self.queued.create(key, json.into()).await {
+            match self.queued.create(key, json.clone()).await {
                 Ok(rev) => Ok(Some(rev)),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(self.error("ORCH_QUEUED", e)),
@@ -1320,17 +1323,39 @@ impl TaskRouter {
         }
         let rev = put?;
         let duplicate = ack?.duplicate;
-        if let (true, Some(rev)) = (duplicate, rev) {
-            // A repeat (the same key submitted twice at once) whose task may
-            // have ended before this write of its record landed: then
-            // nothing would delete the record, and the task would be listed
-            // as queued. A task that ends after it deletes it itself.
-            if matches!(self.read_result(&record.id).await, Ok(Some(_))) {
-                let key = keys::queued(&record.capability, &record.id);
-                if let Err(e) = self.queued.delete_expect_revision(&key, Some(rev)).await {
-                    tracing::debug!(task = %record.id, error = %e, "the record of a repeated submission was deleted or rewritten meanwhile");
+        let queued_key = keys::queued(&record.capability, &record.id);
+        match (duplicate, rev) {
+            // The same key submitted twice at once: the stream took the
+            // other submission's task, so this record (its body, maybe
+            // its capability) is not the task's. The other one writes its
+            // own (below) when this one was there first.
+            (true, Some(rev)) => {
+                if let Err(e) = self
+                    .queued
+                    .delete_expect_revision(&queued_key, Some(rev))
+                    .await
+                {
+                    tracing::debug!(task = %record.id, error = %e, "the record of a repeated submission was rewritten meanwhile");
                 }
             }
+            // The stream took this task, but another submission of the key
+            // wrote its record first: this one's replaces it, unless the
+            // task has ended by now (then nothing would delete it, and the
+            // task would be listed as queued).
+            (false, None) if fence.is_none() => {
+                if let Ok(rev) = self.queued.put(&queued_key, json).await {
+                    if matches!(self.read_result(&record.id).await, Ok(Some(_))) {
+                        if let Err(e) = self
+                            .queued
+                            .delete_expect_revision(&queued_key, Some(rev))
+                            .await
+                        {
+                            tracing::debug!(task = %record.id, error = %e, "the record of a task that ended was rewritten meanwhile");
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
         if let (false, Some(deadline)) = (duplicate, record.deadline_ms) {
             self.add_deadline(deadline, &record.id);
