@@ -1252,11 +1252,12 @@ impl TaskRouter {
                 Err(e) => Err(self.error("ORCH_QUEUED", e)),
             }
         };
+        let subject = subjects::task_with_id(&record.capability, &record.id)
+            .unwrap_or_else(|| subjects::task(&record.capability));
         let publish = async {
             self.js
                 .send_publish(
-                    subjects::task_with_id(&record.capability, &record.id)
-                        .unwrap_or_else(|| subjects::task(&record.capability)),
+                    subject.clone(),
                     jetstream::message::PublishMessage::build()
                         .payload(payload.into())
                         .headers(headers)
@@ -1322,20 +1323,32 @@ impl TaskRouter {
             }
         }
         let rev = put?;
-        let duplicate = ack?.duplicate;
+        let ack = ack?;
+        let duplicate = ack.duplicate;
         let queued_key = keys::queued(&record.capability, &record.id);
         match (duplicate, rev) {
-            // The same key submitted twice at once: the stream took the
-            // other submission's task, so this record (its body, maybe
-            // its capability) is not the task's. The other one writes its
-            // own (below) when this one was there first.
+            // The same key submitted twice at once, and this record was
+            // written first: the stream took the other submission's task,
+            // so this record (its body, maybe its capability) is not the
+            // task's. Under the same capability the other one overwrites
+            // it (below); deleting it first would leave the task with no
+            // record until then, read as "no such task". Under another
+            // capability it goes. The server answers a duplicate with the
+            // sequence of the message it kept, which names the capability;
+            // a message gone has been acked, so its task has ended.
             (true, Some(rev)) => {
-                if let Err(e) = self
-                    .queued
-                    .delete_expect_revision(&queued_key, Some(rev))
-                    .await
-                {
-                    tracing::debug!(task = %record.id, error = %e, "the record of a repeated submission was rewritten meanwhile");
+                let same = matches!(
+                    self.stream.get_raw_message(ack.sequence).await,
+                    Ok(kept) if kept.subject.as_str() == subject
+                );
+                if !same {
+                    if let Err(e) = self
+                        .queued
+                        .delete_expect_revision(&queued_key, Some(rev))
+                        .await
+                    {
+                        tracing::debug!(task = %record.id, error = %e, "the record of a repeated submission was rewritten meanwhile");
+                    }
                 }
             }
             // The stream took this task, but another submission of the key
@@ -2891,14 +2904,26 @@ impl TaskRouter {
 
     /// The queued or running record of `id`, if it has not ended.
     async fn read_queued(&self, id: &str) -> Result<Option<bytes::Bytes>, HostError> {
-        let entry = keys::last(
-            &self.client,
-            &format!("KV_{QUEUED}"),
-            &keys::queued_of(QUEUED, id),
-        )
-        .await
-        .map_err(|e| self.error("ORCH_QUEUED", e))?;
-        Ok(entry.filter(|e| !e.deleted).map(|e| e.payload))
+        let (stream, filter) = (format!("KV_{QUEUED}"), keys::queued_of(QUEUED, id));
+        let entry = keys::last(&self.client, &stream, &filter)
+            .await
+            .map_err(|e| self.error("ORCH_QUEUED", e))?;
+        match entry {
+            None => Ok(None),
+            Some(entry) if !entry.deleted => Ok(Some(entry.payload)),
+            // The newest write of the id is a removal: of the task's own
+            // record (it has ended), or of the record of a repeated
+            // submission under another capability, which can come after the
+            // task's (see `publish`). The newest record not removed is the
+            // task's; with one value kept per key there is none once it
+            // has ended.
+            Some(_) => keys::newest(&self.client, &stream, &filter, 1, |e| {
+                (!e.deleted).then_some(e.payload)
+            })
+            .await
+            .map(|found| found.into_iter().next())
+            .map_err(|e| self.error("ORCH_QUEUED", e)),
+        }
     }
 
     /// Removes the queued or running record of a task that has ended: a
