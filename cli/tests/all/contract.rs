@@ -688,6 +688,61 @@ contract!(
     }
 );
 
+// A task cancelled while it waits in the scheduler of the host that is to
+// run it (for the one engine slot, which a sleep holds; in a cluster that
+// host has pulled it) had no attempt: nothing of it is fenced. (On a lone
+// host the runner is the host that accepted it.)
+contract!(
+    a_task_cancelled_while_it_waits_for_a_slot_has_nothing_fenced,
+    config = "instance_slots = 1",
+    |d| {
+        let runner = Watch::open(d.runner(), "");
+        let (code, holder) = submit(d, json!({ "capability": "test.sleep", "input": "60000" }));
+        assert_eq!(code, 201, "{holder}");
+        let holder = holder["id"].as_str().unwrap().to_string();
+        let started = runner.until("started");
+        assert_eq!(started.last().unwrap()["task"], holder.as_str());
+        let (code, waiting) = submit(d, json!({ "capability": "echo", "input": "x" }));
+        assert_eq!(code, 201, "{waiting}");
+        let waiting = waiting["id"].as_str().unwrap().to_string();
+        d.runner()
+            .until("the echo waits in the runner's scheduler", |h| {
+                h.get("/v1/status").1["queues"]["echo"] == 1
+            });
+        for id in [&waiting, &holder] {
+            let (code, cancelled) = d
+                .runner()
+                .post(&format!("/v1/tasks/{id}/cancel"), &json!({}));
+            assert_eq!(cancelled["status"], "cancelled", "{code} {cancelled}");
+        }
+        // Everything of the cancelled echo comes before this task's end.
+        let (_, after) = d.api().post(
+            "/v1/tasks?wait=60s",
+            &json!({ "capability": "echo", "input": "after" }),
+        );
+        assert_eq!(after["status"], "completed", "{after}");
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|e: &Value| e["kind"] == "completed" && e["task"] == after["id"])
+        {
+            seen.extend(runner.until("completed"));
+        }
+        let of_waiting: Vec<&Value> = seen
+            .iter()
+            .filter(|e| e["task"] == waiting.as_str() && e["kind"] != "accepted")
+            .map(|e| &e["kind"])
+            .collect();
+        assert_eq!(of_waiting, ["cancelled"], "{seen:?}");
+        // The holder's attempt was running: its outcome is fenced.
+        assert!(
+            seen.iter()
+                .any(|e| e["task"] == holder.as_str() && e["kind"] == "fenced"),
+            "{seen:?}"
+        );
+    }
+);
+
 contract!(every_transition_is_one_event_with_the_tasks_figures, |d| {
     let submitter = Watch::open(d.api(), "capability=echo");
     let runner = Watch::open(d.runner(), "capability=echo");
