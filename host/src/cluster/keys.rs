@@ -143,6 +143,51 @@ pub async fn last(
     entry(&subject, answer)
 }
 
+/// The last message of each subject of `stream` matching `filter`, at most
+/// `most` of them, in one batched direct get (`multi_last`, NATS 2.11).
+pub async fn last_each(
+    client: &async_nats::Client,
+    stream: &str,
+    filter: &str,
+    most: usize,
+) -> Result<Vec<Entry>, ReadError> {
+    let subject = format!("$JS.API.DIRECT.GET.{stream}");
+    let request_error = |e: async_nats::Error| ReadError::Request {
+        subject: subject.clone(),
+        source: e,
+    };
+    let inbox = client.new_inbox();
+    let mut answers = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| request_error(e.into()))?;
+    let body = serde_json::json!({ "multi_last": [filter], "batch": most }).to_string();
+    client
+        .publish_with_reply(subject.clone(), inbox, body.into())
+        .await
+        .map_err(|e| request_error(e.into()))?;
+    let mut found = Vec::new();
+    // Bounded by `most`: a server that sent more is not read further.
+    while found.len() <= most {
+        let answer = tokio::time::timeout(READ_TIMEOUT, answers.next())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| ReadError::TimedOut {
+                subject: subject.clone(),
+            })?;
+        // The end of the batch (204), or no subject matched (404).
+        if matches!(answer.status.map(|s| s.as_u16()), Some(204 | 404)) {
+            break;
+        }
+        match entry(&subject, answer)? {
+            Some(entry) => found.push(entry),
+            None => break,
+        }
+    }
+    Ok(found)
+}
+
 /// Most messages one batch read asks for.
 const BATCH: u64 = 256;
 

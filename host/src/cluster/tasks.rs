@@ -1254,28 +1254,44 @@ impl TaskRouter {
         };
         let subject = subjects::task_with_id(&record.capability, &record.id)
             .unwrap_or_else(|| subjects::task(&record.capability));
+        let payload: bytes::Bytes = payload.into();
         let publish = async {
-            self.js
-                .send_publish(
-                    subject.clone(),
-                    jetstream::message::PublishMessage::build()
-                        .payload(payload.into())
-                        .headers(headers)
-                        .message_id(&record.id),
-                )
-                .await
-                .map_err(|e| self.error("publish", e))?
-                .await
-                .map_err(|e| match e.kind() {
-                    jetstream::context::PublishErrorKind::WrongLastSequence => {
-                        HostError::Fenced(format!(
-                            "task {}: another driver raised the fence of {}",
-                            record.id,
-                            fence.map_or("", |f| f.name.as_str())
-                        ))
+            let mut tries = 0;
+            loop {
+                let ack = self
+                    .js
+                    .send_publish(
+                        subject.clone(),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload.clone())
+                            .headers(headers.clone())
+                            .message_id(&record.id),
+                    )
+                    .await
+                    .map_err(|e| self.error("publish", e))?
+                    .await;
+                // A replicated stream answers a repeat of an id whose first
+                // message it has not stored yet with 10158, not with the
+                // duplicate ack (which names the kept message): asked again
+                // shortly, it answers that.
+                match ack {
+                    Err(e) if tries < IN_PROCESS_TRIES && id_in_process(&e) => {
+                        tries += 1;
+                        tokio::time::sleep(IN_PROCESS_PAUSE).await;
                     }
-                    _ => self.error("publish ack", e),
-                })
+                    ack => break ack,
+                }
+            }
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    HostError::Fenced(format!(
+                        "task {}: another driver raised the fence of {}",
+                        record.id,
+                        fence.map_or("", |f| f.name.as_str())
+                    ))
+                }
+                _ => self.error("publish ack", e),
+            })
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = record.id.clone();
@@ -1334,14 +1350,28 @@ impl TaskRouter {
             // it (below); deleting it first would leave the task with no
             // record until then, read as "no such task". Under another
             // capability it goes. The server answers a duplicate with the
-            // sequence of the message it kept, which names the capability;
-            // a message gone has been acked, so its task has ended.
+            // sequence of the message it kept, whose subject names the
+            // capability; a message no longer there has been acked, so its
+            // task has ended.
             (true, Some(rev)) => {
-                let same = matches!(
-                    self.stream.get_raw_message(ack.sequence).await,
-                    Ok(kept) if kept.subject.as_str() == subject
-                );
-                if !same {
+                use jetstream::stream::RawMessageErrorKind;
+                let keep = match self.stream.get_raw_message(ack.sequence).await {
+                    // Also not when the task has ended meanwhile and this
+                    // record was created after its record's removal.
+                    Ok(kept) if kept.subject.as_str() == subject => {
+                        !matches!(self.read_result(&record.id).await, Ok(Some(_)))
+                    }
+                    Ok(_) => false,
+                    Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => false,
+                    // Unknown: a record left under another capability would
+                    // be listed until the retention time, while one deleted
+                    // under this one is rewritten by the other submission.
+                    Err(e) => {
+                        tracing::debug!(task = %record.id, error = %e, "cannot read the task a repeated submission was dropped for");
+                        false
+                    }
+                };
+                if !keep {
                     if let Err(e) = self
                         .queued
                         .delete_expect_revision(&queued_key, Some(rev))
@@ -2912,17 +2942,21 @@ impl TaskRouter {
             None => Ok(None),
             Some(entry) if !entry.deleted => Ok(Some(entry.payload)),
             // The newest write of the id is a removal: of the task's own
-            // record (it has ended), or of the record of a repeated
-            // submission under another capability, which can come after the
-            // task's (see `publish`). The newest record not removed is the
-            // task's; with one value kept per key there is none once it
-            // has ended.
-            Some(_) => keys::newest(&self.client, &stream, &filter, 1, |e| {
-                (!e.deleted).then_some(e.payload)
-            })
-            .await
-            .map(|found| found.into_iter().next())
-            .map_err(|e| self.error("ORCH_QUEUED", e)),
+            // record (it has ended, or its publish failed), or of the
+            // record of a repeated submission under another capability,
+            // which can come after the task's (see `publish`). The task's
+            // record, if any, is the newest last write of a key that is
+            // not a removal; a task id has a key under one capability, two
+            // when its key was submitted twice at once with two.
+            Some(_) => keys::last_each(&self.client, &stream, &filter, 4)
+                .await
+                .map(|each| {
+                    each.into_iter()
+                        .filter(|e| !e.deleted)
+                        .max_by_key(|e| e.sequence)
+                        .map(|e| e.payload)
+                })
+                .map_err(|e| self.error("ORCH_QUEUED", e)),
         }
     }
 
@@ -2948,6 +2982,19 @@ impl TaskRouter {
             tracing::debug!(task = %id, error = %e, "cannot remove the queued record of an ended task");
         }
     }
+}
+
+/// How many times a publish answered "duplicate message id is in process"
+/// is sent again, [`IN_PROCESS_PAUSE`] apart.
+const IN_PROCESS_TRIES: u32 = 50;
+const IN_PROCESS_PAUSE: Duration = Duration::from_millis(20);
+
+/// Whether a replicated stream refused a publish because another message
+/// with its id is being stored (JetStream error 10158).
+fn id_in_process(e: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|e| e.error_code() == jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
 }
 
 /// How long the delete marker of an ended task's queued record stays.
