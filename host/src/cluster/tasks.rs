@@ -1252,37 +1252,43 @@ impl TaskRouter {
                 Err(e) => Err(self.error("ORCH_QUEUED", e)),
             }
         };
-        let subject = subjects::task_with_id(&record.capability, &record.id)
-            .unwrap_or_else(|| subjects::task(&record.capability));
+        let subject = || {
+            subjects::task_with_id(&record.capability, &record.id)
+                .unwrap_or_else(|| subjects::task(&record.capability))
+        };
+        // A replicated stream answers a repeat of an id whose first message
+        // it has not stored yet with 10158, not with the duplicate ack
+        // (which names the kept message); asked again shortly, it answers
+        // that. Only a keyed task's id can be sent twice at once, so only
+        // then are the headers kept to send again.
+        let resend = record.idempotency_key.is_some().then(|| headers.clone());
         let payload: bytes::Bytes = payload.into();
         let publish = async {
-            let mut tries = 0;
-            loop {
-                let ack = self
+            let send = async |headers: async_nats::HeaderMap| {
+                let sent = self
                     .js
                     .send_publish(
-                        subject.clone(),
+                        subject(),
                         jetstream::message::PublishMessage::build()
                             .payload(payload.clone())
-                            .headers(headers.clone())
+                            .headers(headers)
                             .message_id(&record.id),
                     )
                     .await
-                    .map_err(|e| self.error("publish", e))?
-                    .await;
-                // A replicated stream answers a repeat of an id whose first
-                // message it has not stored yet with 10158, not with the
-                // duplicate ack (which names the kept message): asked again
-                // shortly, it answers that.
-                match ack {
-                    Err(e) if tries < IN_PROCESS_TRIES && id_in_process(&e) => {
-                        tries += 1;
-                        tokio::time::sleep(IN_PROCESS_PAUSE).await;
-                    }
-                    ack => break ack,
+                    .map_err(|e| self.error("publish", e))?;
+                Ok::<_, HostError>(sent.await)
+            };
+            let mut ack = send(headers).await?;
+            let mut tries = 0;
+            while let (Err(e), Some(headers)) = (&ack, &resend) {
+                if tries == IN_PROCESS_TRIES || !id_in_process(e) {
+                    break;
                 }
+                tries += 1;
+                tokio::time::sleep(IN_PROCESS_PAUSE).await;
+                ack = send(headers.clone()).await?;
             }
-            .map_err(|e| match e.kind() {
+            ack.map_err(|e| match e.kind() {
                 jetstream::context::PublishErrorKind::WrongLastSequence => {
                     HostError::Fenced(format!(
                         "task {}: another driver raised the fence of {}",
@@ -1358,7 +1364,7 @@ impl TaskRouter {
                 let keep = match self.stream.get_raw_message(ack.sequence).await {
                     // Also not when the task has ended meanwhile and this
                     // record was created after its record's removal.
-                    Ok(kept) if kept.subject.as_str() == subject => {
+                    Ok(kept) if kept.subject.as_str() == subject() => {
                         !matches!(self.read_result(&record.id).await, Ok(Some(_)))
                     }
                     Ok(_) => false,
